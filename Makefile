@@ -1,0 +1,40 @@
+# llmkit: `make demo` and `make test` set everything up on a fresh machine.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+# A pinned CPU-capable torch keeps set-up fast; override on a GPU node, e.g. `make TORCH_SPEC=torch demo`.
+TORCH_SPEC ?= torch==2.13.0
+DEMO_DIR ?= demo-out
+
+.PHONY: install demo test lint format clean
+
+$(BIN)/llmkit: pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet "$(TORCH_SPEC)"
+	$(BIN)/python -m pip install --quiet -e ".[dev,deepspeed]"
+	touch $(BIN)/llmkit
+
+install: $(BIN)/llmkit
+
+demo: install
+	$(BIN)/llmkit data-prep --config recipes/tiny-cpu.yaml --out $(DEMO_DIR)/data
+	$(BIN)/llmkit pretrain --config recipes/tiny-cpu.yaml --set data.dataset_dir=$(DEMO_DIR)/data --out $(DEMO_DIR)/run --overwrite
+	$(BIN)/llmkit eval $(DEMO_DIR)/run --data $(DEMO_DIR)/data --report $(DEMO_DIR)/eval.json
+	$(BIN)/llmkit export $(DEMO_DIR)/run --out $(DEMO_DIR)/export --overwrite
+	$(BIN)/llmkit generate $(DEMO_DIR)/export --prompt "Once upon a time" --max-new-tokens 60 --seed 0
+
+test: install
+	$(BIN)/python -m pytest -q
+
+lint: install
+	$(BIN)/ruff check llmkit tests bench
+	$(BIN)/ruff format --check llmkit tests bench
+	$(BIN)/mypy llmkit
+
+format: install
+	$(BIN)/ruff format llmkit tests bench
+	$(BIN)/ruff check --fix llmkit tests bench
+
+clean:
+	rm -rf $(DEMO_DIR) .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,53 @@
+"""Atomic outputs: build a directory or file beside its target, then rename it into place.
+
+A reader never sees a half-written dataset, checkpoint or model: either the old one or the new one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+
+@contextmanager
+def atomic_directory(target: str | Path) -> Iterator[Path]:
+    """Yield a fresh temporary directory; on success it replaces `target`, on error it is removed."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = target.parent / f".{target.name}.tmp-{uuid.uuid4().hex[:8]}"
+    staging.mkdir()
+    try:
+        yield staging
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    replace_directory(staging, target)
+
+
+def replace_directory(staging: Path, target: Path) -> None:
+    """Move `staging` to `target`, replacing what was there with two renames (never a half state)."""
+    retired = None
+    if target.exists():
+        retired = target.parent / f".{target.name}.old-{uuid.uuid4().hex[:8]}"
+        os.replace(target, retired)
+    os.replace(staging, target)
+    if retired is not None:
+        shutil.rmtree(retired, ignore_errors=True)
+
+
+def write_json(path: str | Path, data: Any) -> None:
+    """Write JSON to a temporary file, fsync it, then rename it over `path`."""
+    path = Path(path)
+    staging = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
+    with staging.open("w", encoding="utf-8") as handle:
+        json.dump(data, handle, indent=2, sort_keys=False)
+        handle.write("\n")
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(staging, path)

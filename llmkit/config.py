@@ -1,0 +1,275 @@
+"""Typed configuration: the single source of truth for every command.
+
+A recipe (`recipes/*.yaml`) is a saved `RunConfig`. Values are resolved in this order, later wins:
+field defaults < the YAML file < `--set dotted.key=value` overrides < typed command-line flags.
+Every field's description is the documentation of that key (`llmkit config show` prints it resolved).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from llmkit.errors import UserError, did_you_mean
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(Section):
+    """The network: built from these numbers, or continued from an existing checkpoint."""
+
+    arch: Literal["llama", "gpt2"] = Field("llama", description="Decoder family built through transformers.")
+    n_layers: int = Field(2, ge=1, description="Number of transformer blocks.")
+    hidden_size: int = Field(128, ge=8, description="Width of the residual stream.")
+    n_heads: int = Field(4, ge=1, description="Attention heads.")
+    n_kv_heads: int | None = Field(
+        None, ge=1, description="Key/value heads for grouped-query attention (llama); default n_heads."
+    )
+    intermediate_size: int | None = Field(
+        None, ge=8, description="MLP width; default 8/3*hidden rounded up to 64 (llama) or 4*hidden (gpt2)."
+    )
+    context_length: int = Field(256, ge=8, description="Maximum sequence length (position embeddings).")
+    rope_theta: float = Field(10000.0, gt=0, description="RoPE base frequency (llama).")
+    tie_embeddings: bool = Field(True, description="Share input embedding and output head weights.")
+    dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on attention and residual paths.")
+    init_from: str | None = Field(
+        None, description="Continue from an existing HF model (local directory or hub name) instead of building."
+    )
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = Field(
+        "sdpa", description="Attention kernel; sdpa uses PyTorch's fused attention."
+    )
+    trust_remote_code: bool = Field(False, description="Allow model code from the hub; off unless you ask.")
+
+    @model_validator(mode="after")
+    def _heads_fit(self) -> ModelConfig:
+        if self.hidden_size % self.n_heads:
+            raise ValueError(f"hidden_size {self.hidden_size} is not divisible by n_heads {self.n_heads}")
+        kv = self.n_kv_heads or self.n_heads
+        if self.n_heads % kv:
+            raise ValueError(f"n_heads {self.n_heads} is not divisible by n_kv_heads {kv}")
+        if self.arch == "gpt2" and kv != self.n_heads:
+            raise ValueError("gpt2 has no grouped-query attention: leave n_kv_heads unset")
+        return self
+
+
+class DataConfig(Section):
+    """Where text comes from, how it is cleaned, tokenized and packed, and where the result lives."""
+
+    sources: list[str] = Field(
+        default_factory=lambda: ["builtin:stories"],
+        description="Files, globs or folders (.txt .jsonl .json .csv .parquet), 'hf:NAME' hub datasets, "
+        "or 'builtin:stories' (the built-in corpus with a known entropy).",
+    )
+    text_field: str = Field("text", description="Column or key holding the text in jsonl/json/csv/parquet.")
+    txt_mode: Literal["file", "line", "blank_line"] = Field(
+        "file", description="How a .txt file splits into documents: whole file, each line, or blank-line blocks."
+    )
+    dataset_dir: str = Field("data/dataset", description="Prepared dataset directory (data-prep writes it).")
+    tokenizer: str | None = Field(
+        None, description="Existing tokenizer (HF directory or hub name); unset trains a byte-level BPE."
+    )
+    vocab_size: int = Field(8192, ge=260, description="Vocabulary size when training a tokenizer.")
+    block_size: int = Field(256, ge=8, description="Tokens per packed training sequence.")
+    val_fraction: float = Field(0.05, ge=0, lt=1, description="Fraction of documents held out for validation.")
+    normalize: Literal["NFC", "NFKC", "none"] = Field("NFC", description="Unicode normalization form.")
+    min_chars: int = Field(1, ge=0, description="Drop documents shorter than this after cleaning.")
+    max_chars: int | None = Field(None, ge=1, description="Drop documents longer than this after cleaning.")
+    dedup: bool = Field(True, description="Drop exact duplicate documents (after cleaning).")
+    builtin_docs: int = Field(20000, ge=1, description="Documents drawn from a builtin: source.")
+    seed: int = Field(0, description="Seed for the built-in corpus and the train/validation split.")
+    num_proc: int = Field(1, ge=1, description="Tokenizer worker processes (each also uses Rust threads).")
+    batch_docs: int = Field(2000, ge=1, description="Documents per tokenization batch.")
+    tokenizer_train_docs: int | None = Field(
+        200_000, ge=1, description="Documents used to train a new tokenizer (unset: all of them)."
+    )
+
+
+class TrainConfig(Section):
+    """Batch shape, budget, validation and early stopping."""
+
+    micro_batch_size: int = Field(8, ge=1, description="Sequences per process per forward pass.")
+    grad_accum_steps: int = Field(1, ge=1, description="Micro-batches accumulated into one optimizer step.")
+    max_steps: int | None = Field(None, ge=1, description="Budget in optimizer steps.")
+    max_tokens: int | None = Field(None, ge=1, description="Budget in training tokens (converted to steps).")
+    max_epochs: float | None = Field(None, gt=0, description="Budget in passes over the training split.")
+    eval_every: int = Field(100, ge=1, description="Validate every N optimizer steps (and at the end).")
+    eval_batches: int | None = Field(
+        20, ge=1, description="Validation micro-batches per evaluation (unset: the whole split)."
+    )
+    early_stopping_patience: int | None = Field(
+        None, ge=1, description="Stop after this many validations without improvement (unset: never)."
+    )
+    early_stopping_min_delta: float = Field(0.0, ge=0, description="Improvement needed to reset patience.")
+    seed: int = Field(0, description="Seed for initialization and data order.")
+
+    @model_validator(mode="after")
+    def _one_budget(self) -> TrainConfig:
+        budgets = [b for b in (self.max_steps, self.max_tokens, self.max_epochs) if b is not None]
+        if len(budgets) > 1:
+            raise ValueError("set only one of max_steps, max_tokens, max_epochs")
+        return self
+
+
+class OptimizerConfig(Section):
+    """The optimizer and gradient clipping."""
+
+    name: Literal["adamw", "adam", "sgd"] = Field("adamw", description="Optimizer.")
+    lr: float = Field(3e-4, gt=0, description="Peak learning rate.")
+    weight_decay: float = Field(0.1, ge=0, description="Decoupled weight decay (not on norms and biases).")
+    betas: tuple[float, float] = Field((0.9, 0.95), description="Adam betas.")
+    eps: float = Field(1e-8, gt=0, description="Adam epsilon.")
+    momentum: float = Field(0.9, ge=0, description="SGD momentum.")
+    grad_clip: float | None = Field(1.0, gt=0, description="Clip the global gradient norm (unset: no clip).")
+
+
+class ScheduleConfig(Section):
+    """Learning-rate schedule: linear warmup, then a decay to min_lr_ratio * lr."""
+
+    name: Literal["cosine", "linear", "exponential", "constant"] = Field("cosine", description="Decay shape.")
+    warmup_steps: int = Field(0, ge=0, description="Linear warmup steps from 0 to the peak.")
+    min_lr_ratio: float = Field(0.1, ge=0, le=1, description="Final learning rate as a fraction of the peak.")
+
+
+class PrecisionConfig(Section):
+    """Numeric precision of the forward and backward pass."""
+
+    dtype: Literal["fp32", "bf16", "fp16"] = Field(
+        "fp32", description="fp32, or mixed precision bf16 (CPU and GPU) / fp16 (GPU, with loss scaling)."
+    )
+
+
+class CheckpointConfig(Section):
+    """Periodic checkpoints under RUN/checkpoints/."""
+
+    every_steps: int | None = Field(None, ge=1, description="Save every N optimizer steps (unset: only at end).")
+    keep_last: int = Field(2, ge=1, description="Checkpoints kept; older ones are pruned after a new one is saved.")
+
+
+class LoggingConfig(Section):
+    """Metrics: JSONL always, TensorBoard and a loss-curve plot by default."""
+
+    every_steps: int = Field(10, ge=1, description="Log training metrics every N optimizer steps.")
+    tensorboard: bool = Field(True, description="Write TensorBoard event files under RUN/tensorboard/.")
+    plot: bool = Field(True, description="Write RUN/loss.png at the end.")
+
+
+class RunConfig(Section):
+    """A whole recipe: everything data-prep and pretrain need."""
+
+    about: str = Field("", description="What this recipe is for and the hardware it expects.")
+    out_dir: str = Field("runs/run", description="Run directory (checkpoints, metrics, final model).")
+    model: ModelConfig = Field(default_factory=ModelConfig)  # type: ignore[arg-type]
+    data: DataConfig = Field(default_factory=DataConfig)  # type: ignore[arg-type]
+    train: TrainConfig = Field(default_factory=TrainConfig)  # type: ignore[arg-type]
+    optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)  # type: ignore[arg-type]
+    schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)  # type: ignore[arg-type]
+    precision: PrecisionConfig = Field(default_factory=PrecisionConfig)  # type: ignore[arg-type]
+    checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)  # type: ignore[arg-type]
+    logging: LoggingConfig = Field(default_factory=LoggingConfig)  # type: ignore[arg-type]
+
+    @model_validator(mode="after")
+    def _block_fits_context(self) -> RunConfig:
+        if self.model.init_from is None and self.data.block_size > self.model.context_length:
+            raise ValueError(
+                f"data.block_size {self.data.block_size} exceeds model.context_length {self.model.context_length}"
+            )
+        return self
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    """Read a YAML mapping, with a one-line error for a missing file or bad syntax."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: config file not found")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f":{mark.line + 1}" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or "invalid YAML"
+        raise UserError(f"{path}{where}: {problem}") from None
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise UserError(f"{path}: a config file must be a mapping of sections, got {type(raw).__name__}")
+    return raw
+
+
+def apply_override(raw: dict[str, Any], assignment: str) -> None:
+    """Apply one `dotted.key=value` override in place; the value is parsed as YAML (numbers, lists, null)."""
+    key, sep, text = assignment.partition("=")
+    key = key.strip()
+    if not sep or not key:
+        raise UserError(f"--set {assignment!r}: expected dotted.key=value, e.g. --set train.max_steps=100")
+    try:
+        value = yaml.safe_load(text) if text.strip() else ""
+    except yaml.YAMLError:
+        value = text
+    node = raw
+    parts = key.split(".")
+    for part in parts[:-1]:
+        child = node.get(part)
+        if not isinstance(child, dict):
+            child = {}
+            node[part] = child
+        node = child
+    node[parts[-1]] = value
+
+
+def build_config(raw: dict[str, Any], source: str = "config") -> RunConfig:
+    """Validate a raw mapping into a RunConfig; errors name the dotted key and suggest the closest one."""
+    try:
+        return RunConfig.model_validate(raw)
+    except ValidationError as exc:
+        raise UserError(_describe(exc, source)) from None
+
+
+def load_config(
+    path: str | Path | None, overrides: list[str] | None = None, flags: dict[str, Any] | None = None
+) -> RunConfig:
+    """Resolve defaults < YAML < --set overrides < typed flags (dotted keys; None means 'not given')."""
+    raw = read_yaml(path) if path is not None else {}
+    for assignment in overrides or []:
+        apply_override(raw, assignment)
+    for key, value in (flags or {}).items():
+        if value is not None:
+            apply_override(raw, f"{key}={yaml.safe_dump(value, default_flow_style=True).strip()}")
+    return build_config(raw, str(path) if path is not None else "config")
+
+
+def dump_config(config: RunConfig) -> str:
+    """The resolved config as YAML, in schema order."""
+    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)
+
+
+def _describe(exc: ValidationError, source: str) -> str:
+    """One line for the first validation error."""
+    error = exc.errors()[0]
+    loc = [str(part) for part in error["loc"]]
+    key = ".".join(loc)
+    if error["type"] == "extra_forbidden":
+        valid = _fields_at(loc[:-1])
+        return f"{source}: unknown config key '{key}'{did_you_mean(loc[-1], valid)}"
+    message = error["msg"].removeprefix("Value error, ")
+    if not key:
+        return f"{source}: {message}"
+    given = error.get("input")
+    shown = "" if isinstance(given, dict) or given is None else f" (got {given!r})"
+    return f"{source}: config key '{key}': {message}{shown}"
+
+
+def _fields_at(path: list[str]) -> list[str]:
+    """The valid field names of the section at a dotted path."""
+    model: type[BaseModel] = RunConfig
+    for part in path:
+        field = model.model_fields.get(part)
+        annotation = field.annotation if field else None
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            return []
+        model = annotation
+    return list(model.model_fields)

@@ -1,0 +1,79 @@
+"""Terminal output: rich progress on a terminal, plain lines when piped or in CI."""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TaskProgressColumn,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+
+console = Console(stderr=False, highlight=False)
+err_console = Console(stderr=True, highlight=False)
+
+
+def interactive() -> bool:
+    """True when output goes to a person at a terminal rather than to a log or CI."""
+    return console.is_terminal and not os.environ.get("CI")
+
+
+def info(message: str) -> None:
+    console.print(message)
+
+
+@contextmanager
+def progress_bar(description: str, total: float | None, unit: str = "it", **fields: Any) -> Iterator[Any]:
+    """A progress bar with a custom stats field; yields `update(advance, **fields)`.
+
+    On a terminal it is a rich bar with ETA; otherwise it prints a plain line at most every 10 seconds
+    and once at the end, so CI logs stay short and readable.
+    """
+    if interactive():
+        columns = [
+            TextColumn("[bold]{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn() if total else TaskProgressColumn(),
+            TextColumn("{task.fields[stats]}"),
+            TimeElapsedColumn(),
+            TextColumn("ETA"),
+            TimeRemainingColumn(),
+        ]
+        with Progress(*columns, console=console, transient=False) as progress:
+            task = progress.add_task(description, total=total, stats="")
+
+            def update(advance: float = 1, stats: str = "") -> None:
+                progress.update(task, advance=advance, stats=stats)
+
+            yield update
+        return
+
+    state = {"done": 0.0, "last": time.monotonic(), "stats": ""}
+    start = time.monotonic()
+
+    def plain_update(advance: float = 1, stats: str = "") -> None:
+        state["done"] += advance
+        state["stats"] = stats
+        now = time.monotonic()
+        if now - state["last"] >= 10:
+            state["last"] = now
+            _print_plain(description, state["done"], total, stats, now - start)
+
+    yield plain_update
+    _print_plain(description, state["done"], total, str(state["stats"]), time.monotonic() - start)
+
+
+def _print_plain(description: str, done: float, total: float | None, stats: str, elapsed: float) -> None:
+    of = f"/{total:.0f}" if total else ""
+    print(f"{description}: {done:.0f}{of} {stats} [{elapsed:.1f}s]", file=sys.stdout, flush=True)

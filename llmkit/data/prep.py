@@ -1,0 +1,301 @@
+"""`llmkit data-prep`: sources -> cleaned, deduplicated, tokenized, packed dataset with a manifest.
+
+The work streams in batches of documents, so memory is bounded by one batch per tokenizer worker plus
+the dedup digests (16 bytes per document), never by the corpus size. Output is built in a staging
+directory and renamed into place at the end, so an interrupted run leaves nothing that looks complete.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import multiprocessing
+import time
+from collections import deque
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from itertools import chain
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from llmkit import __version__
+from llmkit.atomic import atomic_directory, write_json
+from llmkit.config import DataConfig
+from llmkit.console import console, progress_bar
+from llmkit.data.cleaning import DocumentFilter, clean_text, is_validation
+from llmkit.data.corpus import BUILTIN_CORPORA, entropy_rate
+from llmkit.data.readers import RawDocument, Source, read_documents, resolve_sources
+from llmkit.data.store import FORMAT_VERSION, MANIFEST, SPLITS, ShardWriter, token_dtype
+from llmkit.data.tokenizer import load_tokenizer, tokenizer_hash, train_bpe
+from llmkit.errors import UserError
+
+BLOCKS_PER_SHARD_TARGET_BYTES = 256 * 2**20
+
+# Settings that change the output; worker counts and batch sizes do not.
+_FINGERPRINT_FIELDS = (
+    "text_field txt_mode tokenizer vocab_size block_size val_fraction normalize min_chars max_chars dedup "
+    "builtin_docs seed tokenizer_train_docs"
+).split()
+
+
+@dataclass
+class SplitStats:
+    documents: int = 0
+    chars: int = 0
+    bits: float = 0.0  # exact information content, for built-in corpora
+
+
+@dataclass
+class PrepResult:
+    path: Path
+    manifest: dict[str, Any]
+    reused: bool
+    seconds: float = 0.0
+    stats: dict[str, SplitStats] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class CleanDocument:
+    text: str
+    split: str
+    bits: float | None
+
+
+def prepare_dataset(cfg: DataConfig, out: str | Path, overwrite: bool = False) -> PrepResult:
+    """Build (or reuse) the prepared dataset for `cfg` at `out`."""
+    out = Path(out)
+    sources = resolve_sources(cfg.sources)
+    existing_tokenizer = load_tokenizer(cfg.tokenizer) if cfg.tokenizer else None
+    fingerprint = _fingerprint(cfg, sources, existing_tokenizer)
+
+    if out.exists() and not out.is_dir():
+        raise UserError(f"{out}: exists and is a file; choose another --out")
+    manifest_path = out / MANIFEST
+    if manifest_path.is_file() and not overwrite:
+        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+        if manifest.get("fingerprint") == fingerprint:
+            return PrepResult(out, manifest, reused=True)
+    elif out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise UserError(f"{out}: directory is not empty and holds no llmkit dataset; pass --overwrite to replace it")
+
+    start = time.perf_counter()
+    with atomic_directory(out) as staging:
+        if existing_tokenizer is not None:
+            tokenizer, tokenizer_source = existing_tokenizer, cfg.tokenizer
+        else:
+            tokenizer, tokenizer_source = _train_tokenizer(cfg, sources), "trained"
+        tokenizer.save_pretrained(staging / "tokenizer")
+        result = _tokenize_and_pack(cfg, sources, tokenizer, staging)
+        manifest = _manifest(cfg, sources, tokenizer, str(tokenizer_source), fingerprint, result)
+        write_json(staging / MANIFEST, manifest)
+    return PrepResult(out, manifest, reused=False, seconds=time.perf_counter() - start, stats=result["stats"])
+
+
+def _fingerprint(cfg: DataConfig, sources: list[Source], tokenizer: Any) -> str:
+    spec = {
+        "format_version": FORMAT_VERSION,
+        "sources": [source.describe() for source in sources],
+        "settings": {name: getattr(cfg, name) for name in _FINGERPRINT_FIELDS},
+        "tokenizer_hash": tokenizer_hash(tokenizer) if tokenizer is not None else None,
+        "builtin_grammars": {
+            s.name: hashlib.sha256(repr(BUILTIN_CORPORA[s.name]).encode()).hexdigest()
+            for s in sources
+            if s.kind == "builtin"
+        },
+    }
+    return hashlib.sha256(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def clean_documents(cfg: DataConfig, sources: list[Source], doc_filter: DocumentFilter) -> Iterator[CleanDocument]:
+    """Read, clean, filter and split every document of every source, in order."""
+    for source in sources:
+        raw: RawDocument
+        for raw in read_documents(source, cfg.text_field, cfg.txt_mode, cfg.builtin_docs, cfg.seed):
+            text = clean_text(raw.text, cfg.normalize)
+            if not doc_filter.keep(text):
+                continue
+            split = "val" if is_validation(text, cfg.val_fraction, cfg.seed) else "train"
+            yield CleanDocument(text, split, raw.bits)
+
+
+def _new_filter(cfg: DataConfig) -> DocumentFilter:
+    return DocumentFilter(min_chars=cfg.min_chars, max_chars=cfg.max_chars, dedup=cfg.dedup)
+
+
+def _train_tokenizer(cfg: DataConfig, sources: list[Source]) -> Any:
+    """Train a byte-level BPE on the cleaned training split (the validation split stays unseen)."""
+    doc_filter = _new_filter(cfg)
+    limit = cfg.tokenizer_train_docs
+
+    def texts() -> Iterator[str]:
+        used = 0
+        for doc in clean_documents(cfg, sources, doc_filter):
+            if doc.split != "train":
+                continue
+            yield doc.text
+            used += 1
+            if limit is not None and used >= limit:
+                return
+
+    with console.status(f"training a byte-level BPE tokenizer (vocab {cfg.vocab_size})"):
+        tokenizer = train_bpe(texts(), cfg.vocab_size)
+    if doc_filter.kept == 0:
+        raise UserError(_nothing_left(doc_filter))
+    return tokenizer
+
+
+def _tokenize_and_pack(cfg: DataConfig, sources: list[Source], tokenizer: Any, staging: Path) -> dict[str, Any]:
+    dtype = token_dtype(len(tokenizer))
+    blocks_per_shard = max(1, BLOCKS_PER_SHARD_TARGET_BYTES // (cfg.block_size * dtype.itemsize))
+    writers = {split: ShardWriter(staging / split, cfg.block_size, dtype, blocks_per_shard) for split in SPLITS}
+    stats = {split: SplitStats() for split in SPLITS}
+    doc_filter = _new_filter(cfg)
+    tokenizer_file = staging / "tokenizer" / "tokenizer.json"
+    total_docs = cfg.builtin_docs if all(s.kind == "builtin" for s in sources) else None
+
+    def batches() -> Iterator[tuple[str, list[str]]]:
+        pending: dict[str, list[str]] = {split: [] for split in SPLITS}
+        for doc in clean_documents(cfg, sources, doc_filter):
+            split_stats = stats[doc.split]
+            split_stats.documents += 1
+            split_stats.chars += len(doc.text)
+            split_stats.bits += doc.bits or 0.0
+            pending[doc.split].append(doc.text)
+            if len(pending[doc.split]) >= cfg.batch_docs:
+                yield doc.split, pending[doc.split]
+                pending[doc.split] = []
+        for split in SPLITS:
+            if pending[split]:
+                yield split, pending[split]
+
+    start = time.perf_counter()
+    docs_done = tokens_done = 0
+    with progress_bar("tokenizing", total_docs, unit="docs") as update:
+        for split, count, tokens in _encode_stream(batches(), tokenizer, tokenizer_file, cfg.num_proc):
+            writers[split].add(tokens)
+            docs_done += count
+            tokens_done += len(tokens)
+            elapsed = max(time.perf_counter() - start, 1e-9)
+            update(count, f"{docs_done / elapsed:,.0f} docs/s {tokens_done / elapsed:,.0f} tok/s")
+
+    if doc_filter.kept == 0:
+        raise UserError(_nothing_left(doc_filter))
+    if writers["train"].blocks == 0:
+        raise UserError(
+            f"only {writers['train'].tokens} training tokens after cleaning, fewer than one block of "
+            f"{cfg.block_size}; lower data.block_size or add data"
+        )
+    return {"writers": writers, "stats": stats, "filter": doc_filter, "dtype": dtype}
+
+
+def _encode_stream(
+    batches: Iterator[tuple[str, list[str]]], tokenizer: Any, tokenizer_file: Path, num_proc: int
+) -> Iterator[tuple[str, int, np.ndarray]]:
+    """Tokenize batches in order: in this process, or in `num_proc` workers with a bounded queue."""
+    eos = int(tokenizer.eos_token_id)
+    if num_proc <= 1:
+        backend = tokenizer.backend_tokenizer
+        for split, texts in batches:
+            yield split, len(texts), encode_batch(backend, texts, eos)
+        return
+    context = multiprocessing.get_context("spawn")
+    with context.Pool(num_proc, initializer=_init_worker, initargs=(str(tokenizer_file), eos)) as pool:
+        window: deque[tuple[str, int, Any]] = deque()
+        for split, texts in batches:
+            window.append((split, len(texts), pool.apply_async(_encode_in_worker, (texts,))))
+            if len(window) >= 2 * num_proc:
+                first_split, count, job = window.popleft()
+                yield first_split, count, job.get()
+        while window:
+            first_split, count, job = window.popleft()
+            yield first_split, count, job.get()
+
+
+def encode_batch(backend: Any, texts: list[str], eos: int) -> np.ndarray:
+    """Token ids of `texts`, each followed by EOS, as one flat array (the packing stream)."""
+    encodings = backend.encode_batch_fast(texts, add_special_tokens=False)
+    total = sum(len(encoding.ids) for encoding in encodings) + len(encodings)
+    stream = chain.from_iterable(chain(encoding.ids, (eos,)) for encoding in encodings)
+    return np.fromiter(stream, dtype=np.uint32, count=total)
+
+
+_worker: dict[str, Any] = {}
+
+
+def _init_worker(tokenizer_file: str, eos: int) -> None:
+    from tokenizers import Tokenizer
+
+    _worker["backend"] = Tokenizer.from_file(tokenizer_file)
+    _worker["eos"] = eos
+
+
+def _encode_in_worker(texts: list[str]) -> np.ndarray:
+    return encode_batch(_worker["backend"], texts, _worker["eos"])
+
+
+def _nothing_left(doc_filter: DocumentFilter) -> str:
+    reasons = ", ".join(f"{n} {reason}" for reason, n in sorted(doc_filter.dropped.items())) or "no documents read"
+    return f"nothing left after filtering ({reasons}); check data.min_chars/max_chars and the text field"
+
+
+def _manifest(
+    cfg: DataConfig, sources: list[Source], tokenizer: Any, tokenizer_source: str, fingerprint: str, result: Any
+) -> dict[str, Any]:
+    writers: dict[str, ShardWriter] = result["writers"]
+    stats: dict[str, SplitStats] = result["stats"]
+    doc_filter: DocumentFilter = result["filter"]
+    splits = {
+        split: {
+            "documents": stats[split].documents,
+            "chars": stats[split].chars,
+            "tokens": writers[split].tokens,
+            "blocks": writers[split].blocks,
+            "remainder_tokens": writers[split].remainder,
+            "shards": writers[split].shards,
+        }
+        for split in SPLITS
+    }
+    return {
+        "format_version": FORMAT_VERSION,
+        "llmkit_version": __version__,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "fingerprint": fingerprint,
+        "sources": [source.describe() for source in sources],
+        "settings": {name: getattr(cfg, name) for name in _FINGERPRINT_FIELDS},
+        "tokenizer": {
+            "source": tokenizer_source,
+            "hash": tokenizer_hash(tokenizer),
+            "vocab_size": len(tokenizer),
+            "eos_token_id": tokenizer.eos_token_id,
+            "pad_token_id": tokenizer.pad_token_id,
+        },
+        "block_size": cfg.block_size,
+        "dtype": result["dtype"].name,
+        "documents": {
+            "kept": doc_filter.kept,
+            "dropped": dict(sorted(doc_filter.dropped.items())),
+            "read": doc_filter.kept + sum(doc_filter.dropped.values()),
+        },
+        "splits": splits,
+        "entropy": _entropy_floor(sources, stats),
+    }
+
+
+def _entropy_floor(sources: list[Source], stats: dict[str, SplitStats]) -> dict[str, Any] | None:
+    """For a corpus made only of one built-in grammar: its exact entropy rate and each split's floor."""
+    names = {source.name for source in sources if source.kind == "builtin"}
+    if len(names) != 1 or len(names) != len(sources):
+        return None
+    name = names.pop()
+    rate = entropy_rate(BUILTIN_CORPORA[name])
+    floor = {
+        split: (stats[split].bits / stats[split].chars if stats[split].chars else math.nan) for split in SPLITS
+    }
+    return {
+        "corpus": f"builtin:{name}",
+        "bits_per_char_expected": rate.bits_per_char,
+        "bits_per_char": {split: value for split, value in floor.items() if not math.isnan(value)},
+    }

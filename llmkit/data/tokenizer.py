@@ -1,0 +1,103 @@
+"""Tokenizers: train a byte-level BPE, load an existing one, fingerprint it, count characters per token."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from llmkit.errors import UserError
+
+EOS = "<|endoftext|>"
+PAD = "<|pad|>"
+
+
+def train_bpe(texts: Iterable[str], vocab_size: int) -> Any:
+    """Train a byte-level BPE (GPT-2 style) on `texts`.
+
+    Documents are separated by `<|endoftext|>`, which is also the BOS token (the GPT-2 convention:
+    it marks a document boundary); `<|pad|>` pads batches. Byte-level means any input round-trips.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=[EOS, PAD],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    backend.train_from_iterator(texts, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=backend, bos_token=EOS, eos_token=EOS, pad_token=PAD)
+
+
+def load_tokenizer(name_or_path: str | Path, trust_remote_code: bool = False) -> Any:
+    """Load a fast tokenizer from a local directory or the hub, with a clear error when it cannot."""
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(name_or_path), trust_remote_code=trust_remote_code)
+    except Exception as exc:  # OSError offline, ValueError for unknown types, HTTP errors from the hub
+        where = "local directory" if Path(name_or_path).exists() else "hub name (offline or not found?)"
+        raise UserError(f"{name_or_path}: cannot load a tokenizer from this {where}: {type(exc).__name__}") from None
+    if not getattr(tokenizer, "is_fast", False):
+        raise UserError(f"{name_or_path}: llmkit needs a fast (Rust `tokenizers`) tokenizer")
+    if tokenizer.eos_token_id is None:
+        raise UserError(f"{name_or_path}: tokenizer has no EOS token; documents cannot be separated")
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def tokenizer_hash(tokenizer: Any) -> str:
+    """A fingerprint of what the tokenizer does: its vocabulary, rules and special tokens."""
+    spec = {
+        "backend": json.loads(tokenizer.backend_tokenizer.to_str()),
+        "special": {k: str(v) for k, v in sorted(tokenizer.special_tokens_map.items())},
+    }
+    return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()
+
+
+def char_counts(tokenizer: Any) -> np.ndarray:
+    """Characters each token id stands for, so bits per character can be summed token by token.
+
+    For byte-level vocabularies this is exact: a token's characters are its bytes that start a UTF-8
+    character. Special tokens count zero. Other vocabularies use the length of the decoded token.
+    """
+    size = max(len(tokenizer), max(tokenizer.get_vocab().values()) + 1)
+    counts = np.zeros(size, dtype=np.int64)
+    special = set(tokenizer.all_special_ids)
+    byte_decoder = _byte_decoder() if _is_byte_level(tokenizer) else None
+    for token, index in tokenizer.get_vocab().items():
+        if index in special:
+            continue
+        if byte_decoder is not None and all(ch in byte_decoder for ch in token):
+            counts[index] = sum(1 for ch in token if (byte_decoder[ch] & 0xC0) != 0x80)
+        else:
+            counts[index] = len(tokenizer.convert_tokens_to_string([token]).strip() or token)
+    return counts
+
+
+def _is_byte_level(tokenizer: Any) -> bool:
+    decoder = json.loads(tokenizer.backend_tokenizer.to_str()).get("decoder") or {}
+    return decoder.get("type") == "ByteLevel"
+
+
+def _byte_decoder() -> dict[str, int]:
+    """The inverse of GPT-2's byte-to-printable-character map used by byte-level BPE."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(0xA1, 0xAD)) + list(range(0xAE, 0x100))
+    chars = list(printable)
+    extra = 0
+    for byte in range(256):
+        if byte not in printable:
+            printable.append(byte)
+            chars.append(256 + extra)
+            extra += 1
+    return {chr(c): b for b, c in zip(printable, chars, strict=True)}

@@ -1,0 +1,100 @@
+"""Models: build a decoder from the recipe, or load an existing Hugging Face checkpoint."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+from llmkit.config import ModelConfig
+from llmkit.errors import UserError
+
+
+def build_model(cfg: ModelConfig, tokenizer: Any) -> Any:
+    """A freshly initialized causal LM whose vocabulary and special tokens come from `tokenizer`."""
+    from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig
+
+    special = {
+        "bos_token_id": tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id,
+        "eos_token_id": tokenizer.eos_token_id,
+        "pad_token_id": tokenizer.pad_token_id,
+    }
+    vocab = padded_vocab_size(len(tokenizer))
+    config: Any
+    if cfg.arch == "llama":
+        config = LlamaConfig(
+            vocab_size=vocab,
+            hidden_size=cfg.hidden_size,
+            intermediate_size=cfg.intermediate_size or _llama_mlp_width(cfg.hidden_size),
+            num_hidden_layers=cfg.n_layers,
+            num_attention_heads=cfg.n_heads,
+            num_key_value_heads=cfg.n_kv_heads or cfg.n_heads,
+            max_position_embeddings=cfg.context_length,
+            rope_theta=cfg.rope_theta,
+            tie_word_embeddings=cfg.tie_embeddings,
+            attention_dropout=cfg.dropout,
+            **special,
+        )
+    else:
+        config = GPT2Config(
+            vocab_size=vocab,
+            n_embd=cfg.hidden_size,
+            n_inner=cfg.intermediate_size or 4 * cfg.hidden_size,
+            n_layer=cfg.n_layers,
+            n_head=cfg.n_heads,
+            n_positions=cfg.context_length,
+            tie_word_embeddings=cfg.tie_embeddings,
+            resid_pdrop=cfg.dropout,
+            embd_pdrop=cfg.dropout,
+            attn_pdrop=cfg.dropout,
+            **special,
+        )
+    config._attn_implementation = cfg.attn_implementation
+    return AutoModelForCausalLM.from_config(config, attn_implementation=cfg.attn_implementation)
+
+
+def load_model(name_or_path: str | Path, trust_remote_code: bool = False, dtype: Any = None) -> Any:
+    """Load a causal LM from safetensors (a local directory or a hub name), with one-line errors."""
+    from transformers import AutoModelForCausalLM
+
+    try:
+        return AutoModelForCausalLM.from_pretrained(
+            str(name_or_path), trust_remote_code=trust_remote_code, use_safetensors=True, dtype=dtype
+        )
+    except Exception as exc:  # OSError offline or missing files, ValueError for unknown architectures
+        where = "directory" if Path(name_or_path).exists() else "hub name (offline or not found?)"
+        reason = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
+        raise UserError(f"{name_or_path}: cannot load a causal LM from this {where}: {reason}") from None
+
+
+def check_vocab_fits(model: Any, tokenizer: Any, where: str) -> None:
+    """Refuse a tokenizer with ids the model's embedding cannot hold."""
+    embedding_rows = model.get_input_embeddings().weight.shape[0]
+    if len(tokenizer) > embedding_rows:
+        raise UserError(
+            f"{where}: tokenizer has {len(tokenizer)} tokens but the model's embedding has {embedding_rows} rows; "
+            "use the tokenizer the model was trained with"
+        )
+
+
+def padded_vocab_size(size: int, multiple: int = 64) -> int:
+    """Round the embedding up to a multiple of 64: faster matmuls, and unused rows are never sampled."""
+    return int(math.ceil(size / multiple) * multiple)
+
+
+def _llama_mlp_width(hidden: int) -> int:
+    return int(math.ceil(8 * hidden / 3 / 64) * 64)
+
+
+def count_parameters(model: Any) -> tuple[int, int]:
+    """(trainable, total) parameters, counting tied weights once."""
+    seen: set[int] = set()
+    trainable = total = 0
+    for parameter in model.parameters():
+        if id(parameter) in seen:
+            continue
+        seen.add(id(parameter))
+        total += parameter.numel()
+        if parameter.requires_grad:
+            trainable += parameter.numel()
+    return trainable, total

@@ -1,0 +1,256 @@
+"""The `llmkit` command line. This file only wires: each command's work lives in its own module.
+
+Heavy libraries (torch, transformers) are imported inside commands, so `llmkit --help` stays fast.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+import typer
+
+from llmkit.errors import GATE_FAILED_EXIT, USER_ERROR_EXIT, UserError
+
+app = typer.Typer(
+    name="llmkit",
+    help="From your own raw text to a trained, evaluated and exported language model.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_show_locals=False,
+)
+config_app = typer.Typer(help="Inspect recipes and configuration.", no_args_is_help=True)
+app.add_typer(config_app, name="config")
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+# Options shared by several commands, defined once.
+ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", help="Recipe YAML file (see recipes/).")]
+SetOpt = Annotated[
+    list[str] | None,
+    typer.Option("--set", "-s", help="Override a config key: --set train.max_steps=100 (repeatable)."),
+]
+OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Replace an existing output directory.")]
+SeedOpt = Annotated[int | None, typer.Option("--seed", help="Random seed.")]
+
+
+def user_errors_exit_2(fn: F) -> F:
+    """Turn a UserError into one line on stderr and exit code 2; let every other exception surface."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        _quiet_libraries()
+        try:
+            return fn(*args, **kwargs)
+        except UserError as exc:
+            print(f"error: {' '.join(str(exc).split())}", file=sys.stderr, flush=True)
+            raise typer.Exit(USER_ERROR_EXIT) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+def _quiet_libraries() -> None:
+    """Keep library chatter (download bars, accelerator probing) out of llmkit's output, unless set."""
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")
+    if "DS_ACCELERATOR" not in os.environ and not _has_cuda():
+        os.environ["DS_ACCELERATOR"] = "cpu"
+
+
+def _has_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+@app.command("data-prep")
+@user_errors_exit_2
+def data_prep_command(
+    sources: Annotated[
+        list[str] | None,
+        typer.Argument(help="Files, folders, globs, hf:NAME or builtin:stories (default: the recipe's sources)."),
+    ] = None,
+    config: ConfigOpt = None,
+    overrides: SetOpt = None,
+    out: Annotated[str | None, typer.Option("--out", "-o", help="Dataset directory to write.")] = None,
+    tokenizer: Annotated[
+        str | None, typer.Option(help="Existing tokenizer (HF directory or hub name); default trains a BPE.")
+    ] = None,
+    vocab_size: Annotated[int | None, typer.Option(help="Vocabulary size of a trained tokenizer.")] = None,
+    block_size: Annotated[int | None, typer.Option(help="Tokens per packed block.")] = None,
+    text_field: Annotated[str | None, typer.Option(help="Field holding the text (jsonl/json/csv/parquet).")] = None,
+    val_fraction: Annotated[float | None, typer.Option(help="Fraction of documents for validation.")] = None,
+    num_proc: Annotated[int | None, typer.Option(help="Tokenizer worker processes.")] = None,
+    seed: SeedOpt = None,
+    overwrite: OverwriteOpt = False,
+) -> None:
+    """Clean, deduplicate, tokenize and pack text into a dataset directory with a manifest.
+
+    Same inputs and settings reuse the existing output; changed inputs rebuild it.
+    """
+    from llmkit.config import load_config
+    from llmkit.data.prep import prepare_dataset
+    from llmkit.reports import print_prep_summary
+
+    flags = {
+        "data.sources": list(sources) if sources else None,
+        "data.dataset_dir": out,
+        "data.tokenizer": tokenizer,
+        "data.vocab_size": vocab_size,
+        "data.block_size": block_size,
+        "data.text_field": text_field,
+        "data.val_fraction": val_fraction,
+        "data.num_proc": num_proc,
+        "data.seed": seed,
+    }
+    cfg = load_config(config, overrides, flags)
+    print_prep_summary(prepare_dataset(cfg.data, cfg.data.dataset_dir, overwrite=overwrite))
+
+
+@app.command("pretrain")
+@user_errors_exit_2
+def pretrain_command(
+    config: ConfigOpt = None,
+    overrides: SetOpt = None,
+    out: Annotated[str | None, typer.Option("--out", "-o", help="Run directory to create.")] = None,
+    data: Annotated[str | None, typer.Option(help="Prepared dataset directory (from data-prep).")] = None,
+    init_from: Annotated[str | None, typer.Option(help="Continue from an HF model directory or hub name.")] = None,
+    max_steps: Annotated[int | None, typer.Option(help="Budget in optimizer steps.")] = None,
+    max_tokens: Annotated[int | None, typer.Option(help="Budget in training tokens.")] = None,
+    lr: Annotated[float | None, typer.Option(help="Peak learning rate.")] = None,
+    micro_batch_size: Annotated[int | None, typer.Option(help="Sequences per process per forward pass.")] = None,
+    precision: Annotated[str | None, typer.Option(help="fp32, bf16 or fp16.")] = None,
+    seed: SeedOpt = None,
+    overwrite: OverwriteOpt = False,
+) -> None:
+    """Train a decoder language model on a prepared dataset.
+
+    Writes RUN/config.yaml, metrics.jsonl, tensorboard/, checkpoints/, loss.png and final/ (an HF model).
+    """
+    from llmkit.config import load_config
+    from llmkit.reports import print_fit_summary
+    from llmkit.train.pretrain import pretrain
+
+    flags = {
+        "out_dir": out,
+        "data.dataset_dir": data,
+        "model.init_from": init_from,
+        "train.max_steps": max_steps,
+        "train.max_tokens": max_tokens,
+        "optimizer.lr": lr,
+        "train.micro_batch_size": micro_batch_size,
+        "precision.dtype": precision,
+        "train.seed": seed,
+    }
+    cfg = load_config(config, overrides, flags)
+    print_fit_summary(pretrain(cfg, overwrite=overwrite))
+
+
+EVAL_HELP = "Score a model on held-out text: loss, perplexity, bits per token and per character."
+
+
+def eval_command(
+    model: Annotated[str, typer.Argument(help="Run directory, checkpoint, or HF model directory/hub name.")],
+    data: Annotated[str, typer.Option(help="Prepared dataset (its validation split) or a raw text/JSONL file.")],
+    report: Annotated[Path | None, typer.Option(help="Write the JSON report here.")] = None,
+    max_perplexity: Annotated[
+        float | None, typer.Option(help="CI gate: exit 1 if perplexity is above this.")
+    ] = None,
+    batch_size: Annotated[int, typer.Option(help="Sequences per forward pass.")] = 8,
+    seq_len: Annotated[int | None, typer.Option(help="Window length for raw text (default: model context).")] = None,
+    max_batches: Annotated[int | None, typer.Option(help="Score at most this many batches.")] = None,
+    text_field: Annotated[str, typer.Option(help="Field holding the text in JSONL/CSV/parquet.")] = "text",
+) -> None:
+    """Score a model on held-out text: loss, perplexity, bits per token and per character.
+
+    Exit codes: 0 pass, 1 a gate failed, 2 bad input.
+    """
+    from llmkit.atomic import write_json
+    from llmkit.eval.perplexity import evaluate, failed_gates
+    from llmkit.reports import print_eval_report
+
+    result = evaluate(model, data, batch_size=batch_size, seq_len=seq_len, max_batches=max_batches,
+                      text_field=text_field)
+    if report is not None:
+        report.parent.mkdir(parents=True, exist_ok=True)
+        write_json(report, result)
+    print_eval_report(result)
+    failures = failed_gates(result, max_perplexity)
+    for failure in failures:
+        print(f"gate failed: {failure}", file=sys.stderr)
+    if failures:
+        raise typer.Exit(GATE_FAILED_EXIT)
+
+
+app.command("eval", help=EVAL_HELP)(user_errors_exit_2(eval_command))
+app.command("evaluate", help="Alias of `llmkit eval`.")(user_errors_exit_2(eval_command))
+
+
+@app.command("export")
+@user_errors_exit_2
+def export_command(
+    source: Annotated[str, typer.Argument(help="Run directory, checkpoint or HF model directory.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Directory to write.")],
+    dtype: Annotated[str, typer.Option(help="float32, bfloat16 or float16.")] = "float32",
+    overwrite: OverwriteOpt = False,
+) -> None:
+    """Write a standalone Hugging Face model directory, verified against the source's logits."""
+    from llmkit.export.hf import export_hf
+    from llmkit.reports import print_export_report
+
+    print_export_report(export_hf(source, out, dtype=dtype, overwrite=overwrite))
+
+
+@app.command("generate")
+@user_errors_exit_2
+def generate_command(
+    model: Annotated[str, typer.Argument(help="Run directory, checkpoint, or HF model directory/hub name.")],
+    prompt: Annotated[str, typer.Option("--prompt", "-p", help="Text to continue.")],
+    max_new_tokens: Annotated[int, typer.Option(help="Tokens to generate at most.")] = 100,
+    temperature: Annotated[float, typer.Option(help="Sampling temperature; 0 is greedy.")] = 0.8,
+    top_k: Annotated[int, typer.Option(help="Sample from the k most likely tokens (0: all).")] = 50,
+    top_p: Annotated[float, typer.Option(help="Nucleus sampling mass.")] = 1.0,
+    seed: SeedOpt = None,
+) -> None:
+    """Continue a prompt, streaming tokens to the terminal."""
+    from llmkit.generate import generate_text
+
+    generate_text(model, prompt, max_new_tokens, temperature, top_k, top_p, seed)
+    print()
+
+
+@app.command("env")
+@user_errors_exit_2
+def env_command(as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False) -> None:
+    """Versions of Python, torch, transformers, datasets, accelerate, deepspeed and the CUDA devices."""
+    from llmkit.env import environment
+
+    info = environment()
+    if as_json:
+        print(json.dumps(info, indent=2))
+    else:
+        width = max(map(len, info))
+        for key, value in info.items():
+            print(f"{key:<{width}}  {value}")
+
+
+@config_app.command("show")
+@user_errors_exit_2
+def config_show_command(
+    file: Annotated[Path, typer.Argument(help="Recipe YAML file.")],
+    overrides: SetOpt = None,
+) -> None:
+    """Print a recipe fully resolved: every key with its value after defaults and overrides."""
+    from llmkit.config import dump_config, load_config
+
+    print(dump_config(load_config(file, overrides)), end="")
+
+
+def main() -> None:
+    app()

@@ -1,0 +1,88 @@
+"""Terminal summaries printed at the end of each command (the JSON files hold the same figures)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from rich.table import Table
+
+from llmkit.console import console
+
+
+def _table(title: str, rows: list[tuple[str, str]]) -> Table:
+    table = Table(title=title, show_header=False, title_justify="left", box=None, padding=(0, 2))
+    table.add_column(style="bold")
+    table.add_column()
+    for key, value in rows:
+        table.add_row(key, value)
+    return table
+
+
+def print_prep_summary(result: Any) -> None:
+    manifest = result.manifest
+    if result.reused:
+        console.print(f"{result.path}: inputs and settings unchanged, reusing the prepared dataset")
+    docs = manifest["documents"]
+    dropped = ", ".join(f"{n:,} {reason}" for reason, n in docs["dropped"].items()) or "none"
+    rows = [
+        ("documents", f"{docs['read']:,} read, {docs['kept']:,} kept; dropped: {dropped}"),
+        ("tokenizer", f"{manifest['tokenizer']['source']} ({manifest['tokenizer']['vocab_size']:,} tokens)"),
+    ]
+    for split, info in manifest["splits"].items():
+        rows.append(
+            (
+                split,
+                f"{info['documents']:,} docs, {info['tokens']:,} tokens -> {info['blocks']:,} blocks of "
+                f"{manifest['block_size']} ({info['remainder_tokens']:,} remainder tokens dropped)",
+            )
+        )
+    entropy = manifest.get("entropy")
+    if entropy:
+        rows.append(("entropy floor", f"{entropy['bits_per_char_expected']:.4f} bits/char (exact, from the grammar)"))
+    if not result.reused and result.seconds:
+        tokens = sum(info["tokens"] for info in manifest["splits"].values())
+        rows.append(("time", f"{result.seconds:.1f}s, {docs['read'] / result.seconds:,.0f} docs/s, "
+                             f"{tokens / result.seconds:,.0f} tokens/s"))
+    console.print(_table(f"dataset {result.path}", rows))
+
+
+def print_fit_summary(result: Any) -> None:
+    rows = [
+        ("steps", f"{result.steps:,}" + (" (stopped early)" if result.stopped_early else "")),
+        ("tokens", f"{result.tokens:,} in {result.seconds:.1f}s ({result.tokens_per_second:,.0f} tokens/s)"),
+        ("train loss", f"{result.train_loss:.4f}"),
+    ]
+    if result.val_loss is not None:
+        rows.append(("val loss", f"{result.val_loss:.4f} (best {result.best_val_loss:.4f})"))
+    rows.append(("final model", str(result.final_dir)))
+    console.print(_table("training finished", rows))
+
+
+def print_eval_report(report: dict[str, Any]) -> None:
+    rows = [
+        ("loss", f"{report['loss']:.4f} nats/token"),
+        ("perplexity", f"{report['perplexity']:.3f}"),
+        ("bits/token", f"{report['bits_per_token']:.4f}"),
+    ]
+    if report.get("bits_per_char") is not None:
+        rows.append(("bits/char", f"{report['bits_per_char']:.4f}"))
+    if "entropy_floor_bits_per_char" in report:
+        rows.append(
+            (
+                "entropy floor",
+                f"{report['entropy_floor_bits_per_char']:.4f} bits/char "
+                f"(model is {report['bits_per_char_over_floor']:.3f}x the floor)",
+            )
+        )
+    rows.append(("tokens", f"{report['tokens']:,} in {report['seconds']:.1f}s"))
+    console.print(_table(f"eval {report['model']} on {report['data']}", rows))
+
+
+def print_export_report(report: dict[str, Any]) -> None:
+    rows = [
+        ("dtype", report["dtype"]),
+        ("size", f"{report['size_bytes'] / 2**20:.2f} MiB"),
+        ("max |logit diff|", f"{report['max_abs_logit_diff']:.3g} vs source"),
+        ("greedy agreement", f"{report['greedy_agreement']:.1%} of {report['probe_tokens']} probe tokens"),
+    ]
+    console.print(_table(f"exported {report['out']}", rows))

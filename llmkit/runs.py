@@ -1,0 +1,35 @@
+"""Where things live in a run directory, and how a path given by the user maps to a model."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from llmkit.errors import UserError
+
+
+def resolve_model_dir(path: str | Path) -> Path:
+    """A run directory means its final model; a checkpoint means its model/ folder; else the path itself.
+
+    A string that does not exist on disk but looks like `owner/name` is passed on as a hub name.
+    """
+    path = Path(path)
+    if not path.exists():
+        text = str(path)
+        if text.count("/") == 1 and not text.startswith((".", "/", "~")):
+            return path
+        raise UserError(f"{path}: model not found (give a run directory, a checkpoint or an HF model directory)")
+    for candidate in (path / "final", path / "model", path):
+        if (candidate / "config.json").is_file():
+            return candidate
+    raise UserError(f"{path}: no config.json here, in final/ or in model/; is this a model directory?")
+
+
+def find_tokenizer_dir(model_dir: Path) -> Path:
+    """The tokenizer saved with a model: beside it, or in the run's tokenizer/ for a checkpoint."""
+    candidates = [model_dir, model_dir.parent / "tokenizer"]
+    if len(model_dir.parents) >= 3:
+        candidates.append(model_dir.parents[2] / "tokenizer")  # RUN/checkpoints/step-N/model
+    for candidate in candidates:
+        if (candidate / "tokenizer_config.json").is_file() or (candidate / "tokenizer.json").is_file():
+            return candidate
+    return model_dir  # a hub name, or a directory without one: loading reports it

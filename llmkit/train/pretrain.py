@@ -1,0 +1,110 @@
+"""`llmkit pretrain`: set up a run from a recipe and a prepared dataset, then `fit` it.
+
+Every check that can fail on user input runs before the run directory is created, so a bad
+invocation leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from llmkit.config import RunConfig, dump_config
+from llmkit.console import info
+from llmkit.data.store import open_dataset
+from llmkit.data.tokenizer import load_tokenizer, tokenizer_hash
+from llmkit.errors import UserError
+from llmkit.models import build_model, check_vocab_fits, count_parameters, load_model
+from llmkit.train.loader import BlockLoader, validation_batches
+from llmkit.train.loop import FitResult, TrainJob, fit
+from llmkit.train.setup import build_optimizer, claim_run_dir, make_accelerator, steps_for_budget
+
+
+def pretrain(cfg: RunConfig, overwrite: bool = False) -> FitResult:
+    """Train a causal LM on the prepared dataset named in `cfg.data.dataset_dir`."""
+    dataset = open_dataset(cfg.data.dataset_dir)
+    tokenizer = load_tokenizer(dataset.tokenizer_dir)
+    block_size = int(dataset.manifest["block_size"])
+    train_split, val_split = dataset.split("train"), dataset.split("val")
+    _check_init_tokenizer(cfg, dataset.manifest["tokenizer"]["hash"])
+
+    accelerator = make_accelerator(cfg.precision)
+    world, micro = accelerator.num_processes, cfg.train.micro_batch_size
+    if len(train_split) < micro * world:
+        raise UserError(
+            f"{dataset.root}: {len(train_split)} training blocks cannot fill one micro-batch of {micro * world}; "
+            "lower train.micro_batch_size or add data"
+        )
+
+    from accelerate.utils import set_seed
+
+    set_seed(cfg.train.seed)
+    if cfg.model.init_from:
+        model = load_model(cfg.model.init_from, trust_remote_code=cfg.model.trust_remote_code)
+    else:
+        model = build_model(cfg.model, tokenizer)
+    check_vocab_fits(model, tokenizer, str(dataset.root))
+    context = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
+    if context is not None and block_size > context:
+        raise UserError(
+            f"{dataset.root}: blocks of {block_size} tokens exceed the model's context of {context}; "
+            "re-run data-prep with a smaller data.block_size"
+        )
+
+    run_dir = claim_run_dir(cfg.out_dir, overwrite)
+    if accelerator.is_main_process:
+        (run_dir / "config.yaml").write_text(dump_config(cfg), encoding="utf-8")
+        tokenizer.save_pretrained(run_dir / "tokenizer")
+
+    optimizer = build_optimizer(model, cfg.optimizer)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    loader = BlockLoader(train_split, micro, cfg.train.seed, accelerator.process_index, world)
+    val_batches = validation_batches(
+        val_split, micro, cfg.train.eval_batches, accelerator.process_index, world
+    ) if len(val_split) >= micro * world else []
+    tokens_per_step = micro * cfg.train.grad_accum_steps * world * block_size
+    total_steps = steps_for_budget(cfg.train, loader.batches_per_epoch, tokens_per_step)
+
+    trainable, total = count_parameters(model)
+    info(
+        f"model: {cfg.model.arch if not cfg.model.init_from else cfg.model.init_from}, "
+        f"{total / 1e6:.2f}M parameters ({trainable / 1e6:.2f}M trainable); "
+        f"data: {len(train_split):,} train / {len(val_split):,} val blocks of {block_size}; "
+        f"{total_steps:,} steps of {tokens_per_step:,} tokens on {world} process(es), {accelerator.device}"
+    )
+    if not val_batches:
+        info("no validation split large enough for one batch: validation and early stopping are off")
+
+    job = TrainJob(
+        cfg=cfg,
+        run_dir=run_dir,
+        accelerator=accelerator,
+        model=model,
+        optimizer=optimizer,
+        loader=loader,
+        val_batches=val_batches,
+        total_steps=total_steps,
+        tokens_per_step=tokens_per_step,
+        tokenizer=tokenizer,
+        fingerprints={
+            "dataset_fingerprint": dataset.manifest["fingerprint"],
+            "tokenizer_hash": dataset.manifest["tokenizer"]["hash"],
+            "global_batch_size": micro * cfg.train.grad_accum_steps * world,
+            "block_size": block_size,
+        },
+    )
+    return fit(job)
+
+
+def _check_init_tokenizer(cfg: RunConfig, dataset_tokenizer_hash: str) -> None:
+    """A model continued from a checkpoint must see data tokenized with that checkpoint's tokenizer."""
+    if not cfg.model.init_from:
+        return
+    source = Path(cfg.model.init_from)
+    if not (source / "tokenizer.json").is_file() and not (source / "tokenizer_config.json").is_file():
+        return  # no tokenizer beside the weights: the embedding-size check still applies
+    model_tokenizer = load_tokenizer(source, trust_remote_code=cfg.model.trust_remote_code)
+    if tokenizer_hash(model_tokenizer) != dataset_tokenizer_hash:
+        raise UserError(
+            f"{cfg.data.dataset_dir}: dataset was tokenized with a different tokenizer than {source}; "
+            f"re-run data-prep with data.tokenizer={source}"
+        )

@@ -172,14 +172,6 @@ class RunConfig(Section):
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)  # type: ignore[arg-type]
     logging: LoggingConfig = Field(default_factory=LoggingConfig)  # type: ignore[arg-type]
 
-    @model_validator(mode="after")
-    def _block_fits_context(self) -> RunConfig:
-        if self.model.init_from is None and self.data.block_size > self.model.context_length:
-            raise ValueError(
-                f"data.block_size {self.data.block_size} exceeds model.context_length {self.model.context_length}"
-            )
-        return self
-
 
 def read_yaml(path: str | Path) -> dict[str, Any]:
     """Read a YAML mapping, with a one-line error for a missing file or bad syntax."""

@@ -75,7 +75,8 @@ def _file_sources(spec: str) -> list[Source]:
     elif path.is_file():
         paths = [path]
     else:
-        hint = f" (for a Hugging Face Hub dataset write {HUB_PREFIX}{spec})" if "/" in spec else ""
+        looks_like_hub = spec.count("/") == 1 and not spec.startswith((".", "/", "~")) and not path.suffix
+        hint = f" (for a Hugging Face Hub dataset write {HUB_PREFIX}{spec})" if looks_like_hub else ""
         raise UserError(f"{spec}: file not found{hint}")
     sources = []
     for p in paths:

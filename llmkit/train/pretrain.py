@@ -24,6 +24,9 @@ def pretrain(cfg: RunConfig, overwrite: bool = False) -> FitResult:
     dataset = open_dataset(cfg.data.dataset_dir)
     tokenizer = load_tokenizer(dataset.tokenizer_dir)
     block_size = int(dataset.manifest["block_size"])
+    if block_size != cfg.data.block_size:
+        info(f"{dataset.root}: using the dataset's blocks of {block_size} tokens (the recipe says {cfg.data.block_size})")
+        cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"block_size": block_size})})
     train_split, val_split = dataset.split("train"), dataset.split("val")
     _check_init_tokenizer(cfg, dataset.manifest["tokenizer"]["hash"])
 

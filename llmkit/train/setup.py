@@ -33,10 +33,14 @@ def claim_run_dir(path: str | Path, overwrite: bool) -> Path:
 def make_accelerator(precision: PrecisionConfig) -> Any:
     """An Accelerator for the chosen precision; fp16 needs CUDA (it relies on a loss scaler)."""
     from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
 
     if precision.dtype == "fp16" and not torch.cuda.is_available():
         raise UserError("precision.dtype=fp16 needs a CUDA GPU; use bf16 or fp32 on CPU")
     mixed = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[precision.dtype]
+    # Accelerate keeps its settings in a process-wide singleton; a second run in the same Python process
+    # (a notebook, the test suite) may ask for another precision. The process group (PartialState) is kept.
+    AcceleratorState._reset_state()
     return Accelerator(mixed_precision=mixed)
 
 

@@ -1,0 +1,156 @@
+"""Bad input: one line naming the file, line, field or key; exit code 2; no traceback; nothing left on disk."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import run_cli, tiny_data_args, tiny_train_args
+
+
+def assert_user_error(result, *fragments: str) -> str:
+    assert result.exit_code == 2, (result.exit_code, result.stdout, result.stderr, result.exception)
+    assert result.exception is None, result.exception
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("error: ")
+    assert "Traceback" not in result.stderr + result.stdout
+    for fragment in fragments:
+        assert fragment in lines[0], (fragment, lines[0])
+    return lines[0]
+
+
+def assert_nothing_written(parent: Path, name: str) -> None:
+    assert not (parent / name).exists()
+    assert not [p for p in parent.iterdir() if p.name.startswith(f".{name}.")], list(parent.iterdir())
+
+
+def test_missing_file(tmp_path: Path) -> None:
+    result = run_cli("data-prep", tmp_path / "nope.jsonl", "--out", tmp_path / "ds")
+    assert_user_error(result, "nope.jsonl", "file not found")
+    assert_nothing_written(tmp_path, "ds")
+
+
+def test_nothing_left_after_filtering(tmp_path: Path) -> None:
+    source = tmp_path / "in.jsonl"
+    source.write_text('{"text": "short"}\n{"text": "tiny"}\n{"text": "   "}\n')
+    result = run_cli("data-prep", source, "--out", tmp_path / "ds", "--set", "data.min_chars=100")
+    assert_user_error(result, "nothing left after filtering", "2 too_short", "1 empty")
+    assert_nothing_written(tmp_path, "ds")
+
+
+def test_malformed_json_line_names_file_and_line(tmp_path: Path) -> None:
+    source = tmp_path / "in.jsonl"
+    source.write_text('{"text": "fine"}\n{"text": "also fine"}\n{"text": broken\n')
+    result = run_cli("data-prep", source, "--out", tmp_path / "ds")
+    assert_user_error(result, f"{source}:3", "malformed JSON")
+    assert_nothing_written(tmp_path, "ds")
+
+
+def test_missing_text_field_lists_the_fields(tmp_path: Path) -> None:
+    source = tmp_path / "in.jsonl"
+    source.write_text(json.dumps({"content": "x", "id": 1}) + "\n")
+    result = run_cli("data-prep", source, "--out", tmp_path / "ds")
+    assert_user_error(result, f"{source}:1", "no 'text' field", "content, id", "--text-field")
+    assert_nothing_written(tmp_path, "ds")
+
+
+def test_missing_csv_column_lists_the_columns(tmp_path: Path) -> None:
+    source = tmp_path / "in.csv"
+    source.write_text("title,body\na,b\n")
+    result = run_cli("data-prep", source, "--out", tmp_path / "ds")
+    assert_user_error(result, "in.csv", "no 'text' column", "title, body")
+    assert_nothing_written(tmp_path, "ds")
+
+
+def test_unknown_config_key_in_a_file_and_in_set(tmp_path: Path) -> None:
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("optimizer:\n  lrr: 0.1\n")
+    assert_user_error(run_cli("pretrain", "--config", recipe), "unknown config key 'optimizer.lrr'", "'lr'")
+    assert_user_error(run_cli("pretrain", "--set", "trian.max_steps=3"), "'trian'", "did you mean 'train'")
+
+
+def test_output_directory_holding_a_run_is_refused(tiny_dataset: Path, tiny_run: Path) -> None:
+    before = sorted(p.name for p in tiny_run.iterdir())
+    metrics = (tiny_run / "metrics.jsonl").read_bytes()
+    result = run_cli("pretrain", *tiny_train_args(tiny_dataset, tiny_run, steps=2))
+    assert_user_error(result, str(tiny_run), "already holds a run", "--overwrite")
+    assert sorted(p.name for p in tiny_run.iterdir()) == before
+    assert (tiny_run / "metrics.jsonl").read_bytes() == metrics
+
+
+def test_non_dataset_output_directory_is_refused(tmp_path: Path) -> None:
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "notes.txt").write_text("precious")
+    result = run_cli("data-prep", *tiny_data_args(out, docs=50))
+    assert_user_error(result, "not empty", "--overwrite")
+    assert (out / "notes.txt").read_text() == "precious"
+
+
+def test_missing_dataset_for_pretrain(tmp_path: Path) -> None:
+    result = run_cli("pretrain", *tiny_train_args(tmp_path / "no-data", tmp_path / "run"))
+    assert_user_error(result, "no-data", "data-prep")
+    assert_nothing_written(tmp_path, "run")
+
+
+def test_tokenizer_that_does_not_match_the_model(tiny_dataset: Path, tmp_path: Path) -> None:
+    other = tmp_path / "other"
+    source = tmp_path / "in.jsonl"
+    source.write_text("".join(json.dumps({"text": f"completely different text number {i}"}) + "\n" for i in range(400)))
+    assert run_cli("data-prep", source, "--out", other, "--block-size", "16", "--vocab-size", "300").exit_code == 0
+    run_dir = tmp_path / "base"
+    assert run_cli("pretrain", *tiny_train_args(tiny_dataset, run_dir, steps=1)).exit_code == 0
+    result = run_cli("pretrain", *tiny_train_args(other, tmp_path / "run2", steps=1), "--init-from", run_dir / "final")
+    assert_user_error(result, "different tokenizer")
+    assert_nothing_written(tmp_path, "run2")
+    result = run_cli("eval", run_dir, "--data", other)
+    assert_user_error(result, "different tokenizer")
+
+
+def test_fp16_on_cpu_is_refused(tiny_dataset: Path, tmp_path: Path) -> None:
+    if shutil.which("nvidia-smi"):
+        pytest.skip("machine has a GPU")
+    result = run_cli("pretrain", *tiny_train_args(tiny_dataset, tmp_path / "run"), "--precision", "fp16")
+    assert_user_error(result, "fp16 needs a CUDA GPU")
+    assert_nothing_written(tmp_path, "run")
+
+
+def test_hub_names_fail_clearly_offline(tmp_path: Path) -> None:
+    result = run_cli("data-prep", "hf:someone/some-dataset", "--out", tmp_path / "ds")
+    assert_user_error(result, "hf:someone/some-dataset", "cannot load")
+    result = run_cli("data-prep", "builtin:stories", "--tokenizer", "someone/some-tokenizer", "--out", tmp_path / "ds")
+    assert_user_error(result, "someone/some-tokenizer", "cannot load a tokenizer")
+    assert_user_error(run_cli("data-prep", "builtin:storys", "--out", tmp_path / "ds"), "did you mean 'stories'")
+    assert_nothing_written(tmp_path, "ds")
+
+
+def test_eval_export_generate_on_missing_models(tmp_path: Path, tiny_dataset: Path) -> None:
+    assert_user_error(run_cli("eval", tmp_path / "nothing", "--data", tiny_dataset), "model not found")
+    assert_user_error(run_cli("export", tmp_path, "--out", tmp_path / "x"), "no config.json")
+    assert_user_error(run_cli("generate", tmp_path / "nothing", "--prompt", "hi"), "model not found")
+
+
+def test_export_into_a_non_empty_directory_is_refused(tiny_run: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("x")
+    assert_user_error(run_cli("export", tiny_run, "--out", out), "not empty", "--overwrite")
+    assert (out / "keep.txt").read_text() == "x"
+
+
+def test_the_installed_console_script_prints_one_line_and_exits_2(tmp_path: Path) -> None:
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "llmkit", "data-prep", str(tmp_path / "missing.jsonl"), "--out", str(tmp_path / "o")],
+        capture_output=True, text=True, env=env, timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [f"error: {tmp_path / 'missing.jsonl'}: file not found"]
+    assert "Traceback" not in proc.stdout + proc.stderr

@@ -1,0 +1,98 @@
+"""Configuration: recipes validate, unknown keys are named with a suggestion, overrides resolve in order."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from llmkit.config import RunConfig, apply_override, load_config
+from llmkit.errors import UserError
+from tests.conftest import run_cli
+
+RECIPES = sorted(Path(__file__).parent.parent.joinpath("recipes").glob("*.yaml"))
+
+
+def test_there_are_the_three_required_recipes() -> None:
+    names = {p.name for p in RECIPES}
+    assert {"tiny-cpu.yaml", "gpt2-124m.yaml", "llama-1b.yaml"} <= names
+
+
+@pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: p.name)
+def test_every_recipe_validates_and_says_its_hardware(recipe: Path) -> None:
+    cfg = load_config(recipe)
+    assert isinstance(cfg, RunConfig)
+    assert cfg.about, f"{recipe.name} must say what hardware it is for in `about`"
+
+
+def test_unknown_top_level_key_suggests_the_closest(tmp_path: Path) -> None:
+    path = tmp_path / "r.yaml"
+    path.write_text("trian:\n  max_steps: 3\n")
+    with pytest.raises(UserError, match=r"unknown config key 'trian' \(did you mean 'train'\?\)"):
+        load_config(path)
+
+
+def test_unknown_nested_key_suggests_the_closest(tmp_path: Path) -> None:
+    with pytest.raises(UserError, match=r"unknown config key 'optimizer.learning_rat'"):
+        load_config(None, ["optimizer.learning_rat=0.1"])
+    with pytest.raises(UserError, match=r"'train.max_step' \(did you mean 'max_steps'\?\)"):
+        load_config(None, ["train.max_step=5"])
+
+
+def test_wrong_value_names_the_key_and_value() -> None:
+    with pytest.raises(UserError, match=r"config key 'train.micro_batch_size'.*got -1"):
+        load_config(None, ["train.micro_batch_size=-1"])
+    with pytest.raises(UserError, match=r"'precision.dtype'"):
+        load_config(None, ["precision.dtype=fp8"])
+
+
+def test_cross_field_rules() -> None:
+    with pytest.raises(UserError, match="not divisible by n_heads"):
+        load_config(None, ["model.hidden_size=30", "model.n_heads=4"])
+    with pytest.raises(UserError, match="only one of max_steps, max_tokens, max_epochs"):
+        load_config(None, ["train.max_steps=5", "train.max_tokens=100"])
+
+
+def test_precedence_defaults_yaml_set_flags(tmp_path: Path) -> None:
+    path = tmp_path / "r.yaml"
+    path.write_text("optimizer:\n  lr: 0.01\ntrain:\n  max_steps: 7\n")
+    assert load_config(path).optimizer.lr == 0.01
+    assert load_config(path, ["optimizer.lr=0.02"]).optimizer.lr == 0.02
+    assert load_config(path, ["optimizer.lr=0.02"], {"optimizer.lr": 0.03}).optimizer.lr == 0.03
+    assert load_config(path, [], {"optimizer.lr": None}).optimizer.lr == 0.01
+    assert load_config(path).optimizer.weight_decay == RunConfig().optimizer.weight_decay
+
+
+def test_override_values_parse_as_yaml() -> None:
+    raw: dict = {}
+    apply_override(raw, "data.sources=[a.txt, b.jsonl]")
+    apply_override(raw, "optimizer.betas=[0.9, 0.99]")
+    apply_override(raw, "data.max_chars=null")
+    apply_override(raw, "train.max_steps=12")
+    assert raw == {
+        "data": {"sources": ["a.txt", "b.jsonl"], "max_chars": None},
+        "optimizer": {"betas": [0.9, 0.99]},
+        "train": {"max_steps": 12},
+    }
+    with pytest.raises(UserError, match="expected dotted.key=value"):
+        apply_override(raw, "train.max_steps")
+
+
+def test_yaml_syntax_error_names_file_and_line(tmp_path: Path) -> None:
+    path = tmp_path / "broken.yaml"
+    path.write_text("train:\n  max_steps: 3\n  lr: [1, 2\n")
+    with pytest.raises(UserError, match=rf"{path}:\d+"):
+        load_config(path)
+    with pytest.raises(UserError, match="config file not found"):
+        load_config(tmp_path / "missing.yaml")
+
+
+def test_config_show_prints_the_resolved_recipe() -> None:
+    recipe = Path(__file__).parent.parent / "recipes" / "tiny-cpu.yaml"
+    result = run_cli("config", "show", recipe, "--set", "train.max_steps=9")
+    assert result.exit_code == 0, result.stderr
+    resolved = yaml.safe_load(result.stdout)
+    assert resolved["train"]["max_steps"] == 9
+    assert resolved["optimizer"]["eps"] == RunConfig().optimizer.eps  # defaults are filled in
+    assert set(resolved) == set(RunConfig.model_fields)

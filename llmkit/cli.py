@@ -163,9 +163,7 @@ def eval_command(
     model: Annotated[str, typer.Argument(help="Run directory, checkpoint, or HF model directory/hub name.")],
     data: Annotated[str, typer.Option(help="Prepared dataset (its validation split) or a raw text/JSONL file.")],
     report: Annotated[Path | None, typer.Option(help="Write the JSON report here.")] = None,
-    max_perplexity: Annotated[
-        float | None, typer.Option(help="CI gate: exit 1 if perplexity is above this.")
-    ] = None,
+    max_perplexity: Annotated[float | None, typer.Option(help="CI gate: exit 1 if perplexity is above this.")] = None,
     batch_size: Annotated[int, typer.Option(help="Sequences per forward pass.")] = 8,
     seq_len: Annotated[int | None, typer.Option(help="Window length for raw text (default: model context).")] = None,
     max_batches: Annotated[int | None, typer.Option(help="Score at most this many batches.")] = None,
@@ -179,8 +177,9 @@ def eval_command(
     from llmkit.eval.perplexity import evaluate, failed_gates
     from llmkit.reports import print_eval_report
 
-    result = evaluate(model, data, batch_size=batch_size, seq_len=seq_len, max_batches=max_batches,
-                      text_field=text_field)
+    result = evaluate(
+        model, data, batch_size=batch_size, seq_len=seq_len, max_batches=max_batches, text_field=text_field
+    )
     if report is not None:
         report.parent.mkdir(parents=True, exist_ok=True)
         write_json(report, result)

@@ -38,7 +38,8 @@ class ModelConfig(Section):
     tie_embeddings: bool = Field(True, description="Share input embedding and output head weights.")
     dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on attention and residual paths.")
     init_from: str | None = Field(
-        None, description="Continue from an existing HF model (local directory or hub name) instead of building."
+        None,
+        description="Continue from an existing HF model (local directory or hub name) instead of building.",
     )
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = Field(
         "sdpa", description="Attention kernel; sdpa uses PyTorch's fused attention."
@@ -67,7 +68,8 @@ class DataConfig(Section):
     )
     text_field: str = Field("text", description="Column or key holding the text in jsonl/json/csv/parquet.")
     txt_mode: Literal["file", "line", "blank_line"] = Field(
-        "file", description="How a .txt file splits into documents: whole file, each line, or blank-line blocks."
+        "file",
+        description="How a .txt file splits into documents: whole file, each line, or blank-line blocks.",
     )
     dataset_dir: str = Field("data/dataset", description="Prepared dataset directory (data-prep writes it).")
     tokenizer: str | None = Field(

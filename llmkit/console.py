@@ -59,19 +59,20 @@ def progress_bar(description: str, total: float | None, unit: str = "it", **fiel
             yield update
         return
 
-    state = {"done": 0.0, "last": time.monotonic(), "stats": ""}
-    start = time.monotonic()
+    done, last, last_stats = 0.0, time.monotonic(), ""
+    start = last
 
     def plain_update(advance: float = 1, stats: str = "") -> None:
-        state["done"] += advance
-        state["stats"] = stats
+        nonlocal done, last, last_stats
+        done += advance
+        last_stats = stats
         now = time.monotonic()
-        if now - state["last"] >= 10:
-            state["last"] = now
-            _print_plain(description, state["done"], total, stats, now - start)
+        if now - last >= 10:
+            last = now
+            _print_plain(description, done, total, stats, now - start)
 
     yield plain_update
-    _print_plain(description, state["done"], total, str(state["stats"]), time.monotonic() - start)
+    _print_plain(description, done, total, last_stats, time.monotonic() - start)
 
 
 def _print_plain(description: str, done: float, total: float | None, stats: str, elapsed: float) -> None:

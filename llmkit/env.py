@@ -6,7 +6,16 @@ import importlib.metadata
 import platform
 import sys
 
-PACKAGES = ("torch", "transformers", "datasets", "tokenizers", "accelerate", "deepspeed", "peft", "safetensors")
+PACKAGES = (
+    "torch",
+    "transformers",
+    "datasets",
+    "tokenizers",
+    "accelerate",
+    "deepspeed",
+    "peft",
+    "safetensors",
+)
 
 
 def environment() -> dict[str, str]:

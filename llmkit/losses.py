@@ -16,7 +16,10 @@ def causal_lm_nll(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Ten
     targets = labels[:, 1:]
     predictions = logits[:, :-1, :].float()
     total = F.cross_entropy(
-        predictions.reshape(-1, predictions.shape[-1]), targets.reshape(-1), ignore_index=IGNORE, reduction="sum"
+        predictions.reshape(-1, predictions.shape[-1]),
+        targets.reshape(-1),
+        ignore_index=IGNORE,
+        reduction="sum",
     )
     return total, (targets != IGNORE).sum()
 

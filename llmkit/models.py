@@ -30,7 +30,7 @@ def build_model(cfg: ModelConfig, tokenizer: Any) -> Any:
             num_attention_heads=cfg.n_heads,
             num_key_value_heads=cfg.n_kv_heads or cfg.n_heads,
             max_position_embeddings=cfg.context_length,
-            rope_theta=cfg.rope_theta,
+            rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_theta},
             tie_word_embeddings=cfg.tie_embeddings,
             attention_dropout=cfg.dropout,
             **special,

@@ -41,8 +41,13 @@ def print_prep_summary(result: Any) -> None:
         rows.append(("entropy floor", f"{entropy['bits_per_char_expected']:.4f} bits/char (exact, from the grammar)"))
     if not result.reused and result.seconds:
         tokens = sum(info["tokens"] for info in manifest["splits"].values())
-        rows.append(("time", f"{result.seconds:.1f}s, {docs['read'] / result.seconds:,.0f} docs/s, "
-                             f"{tokens / result.seconds:,.0f} tokens/s"))
+        rows.append(
+            (
+                "time",
+                f"{result.seconds:.1f}s, {docs['read'] / result.seconds:,.0f} docs/s, "
+                f"{tokens / result.seconds:,.0f} tokens/s",
+            )
+        )
     console.print(_table(f"dataset {result.path}", rows))
 
 

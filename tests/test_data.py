@@ -19,7 +19,20 @@ from llmkit.data.readers import read_documents, resolve_sources
 from llmkit.data.store import ShardWriter, open_dataset
 from llmkit.data.tokenizer import char_counts, train_bpe
 
-WORDS = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu".split()
+WORDS = [
+    "alpha",
+    "beta",
+    "gamma",
+    "delta",
+    "epsilon",
+    "zeta",
+    "eta",
+    "theta",
+    "iota",
+    "kappa",
+    "lambda",
+    "mu",
+]
 
 
 def corpus(n: int, seed: int = 0) -> list[str]:
@@ -124,7 +137,11 @@ def test_prepare_writes_manifest_shards_and_tokenizer(tmp_path: Path) -> None:
     source = write_jsonl(tmp_path / "in.jsonl", texts + texts[:20])  # 20 exact duplicates
     result = prepare_dataset(data_config(source), tmp_path / "ds")
     manifest = result.manifest
-    assert manifest["documents"] == {"read": 520, "kept": len(set(texts)), "dropped": {"duplicate": 20 + 500 - len(set(texts))}}
+    assert manifest["documents"] == {
+        "read": 520,
+        "kept": len(set(texts)),
+        "dropped": {"duplicate": 20 + 500 - len(set(texts))},
+    }
     assert manifest["sources"][0]["sha256"] and manifest["sources"][0]["size"] == source.stat().st_size
     splits = manifest["splits"]
     assert splits["train"]["documents"] + splits["val"]["documents"] == len(set(texts))

@@ -49,7 +49,14 @@ def test_checkpoints_are_complete_and_pruned(tiny_run: Path) -> None:
         assert {"model/model.safetensors", "optimizer.pt", "rng.pt", "trainer_state.json"} <= set(seal["sha256"])
         assert all(_sha256(checkpoint / name) == digest for name, digest in seal["sha256"].items())
         state = json.loads((checkpoint / "trainer_state.json").read_text())
-        assert {"step", "tokens", "data", "dataset_fingerprint", "tokenizer_hash", "global_batch_size"} <= set(state)
+        assert {
+            "step",
+            "tokens",
+            "data",
+            "dataset_fingerprint",
+            "tokenizer_hash",
+            "global_batch_size",
+        } <= set(state)
         torch.load(checkpoint / "optimizer.pt", weights_only=True)
         torch.load(checkpoint / "rng.pt", weights_only=True)
     final = load_file(tiny_run / "final" / "model.safetensors")
@@ -91,7 +98,7 @@ def test_eval_reports_bits_per_char_against_the_floor(tiny_run: Path, tiny_datas
 def test_eval_gate_fails_with_exit_1_naming_the_metric(tiny_run: Path, tiny_dataset: Path) -> None:
     failed = run_cli("eval", tiny_run, "--data", tiny_dataset, "--max-perplexity", "1.01")
     assert failed.exit_code == 1
-    assert failed.stderr.strip().splitlines() == [l for l in failed.stderr.strip().splitlines() if "perplexity" in l]
+    assert len(failed.stderr.strip().splitlines()) == 1
     assert "gate failed: perplexity" in failed.stderr
     passed = run_cli("evaluate", tiny_run, "--data", tiny_dataset, "--max-perplexity", "1e9")
     assert passed.exit_code == 0
@@ -125,7 +132,10 @@ def test_export_logits_equal_the_trained_model(tiny_run: Path, tmp_path: Path) -
     assert report["max_abs_logit_diff"] == 0.0 and report["greedy_agreement"] == 1.0
 
     half = tmp_path / "bf16"
-    assert run_cli("export", tiny_run / "checkpoints" / "step-00000030", "--out", half, "--dtype", "bfloat16").exit_code == 0
+    assert (
+        run_cli("export", tiny_run / "checkpoints" / "step-00000030", "--out", half, "--dtype", "bfloat16").exit_code
+        == 0
+    )
     assert AutoModelForCausalLM.from_pretrained(half).dtype == torch.bfloat16
     assert json.loads((half / "export_report.json").read_text())["greedy_agreement"] > 0.8
 
@@ -140,14 +150,29 @@ def test_exported_model_loads_without_llmkit(tiny_run: Path, tmp_path: Path) -> 
         "ids = t('Once upon a time', return_tensors='pt').input_ids\n"
         "print(t.decode(m.generate(ids, max_new_tokens=5, do_sample=False)[0]))\n"
     )
-    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
-                          env={**os.environ, "PYTHONPATH": ""}, cwd=tmp_path)
+    proc = subprocess.run(
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "PYTHONPATH": ""},
+        cwd=tmp_path,
+    )
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.startswith("Once upon a time")
 
 
 def test_generate_streams_and_is_seeded(tiny_run: Path) -> None:
-    args = ["generate", str(tiny_run), "--prompt", "Once upon a time", "--max-new-tokens", "12", "--seed", "7"]
+    args = [
+        "generate",
+        str(tiny_run),
+        "--prompt",
+        "Once upon a time",
+        "--max-new-tokens",
+        "12",
+        "--seed",
+        "7",
+    ]
     first, second = run_cli(*args), run_cli(*args)
     assert first.exit_code == 0, first.stderr
     assert first.stdout.startswith("Once upon a time") and first.stdout == second.stdout
@@ -157,8 +182,16 @@ def test_generate_streams_and_is_seeded(tiny_run: Path) -> None:
 
 def test_init_from_continues_training(tiny_run: Path, tiny_dataset: Path, tmp_path: Path) -> None:
     out = tmp_path / "continued"
-    result = run_cli("pretrain", *tiny_train_args(tiny_dataset, out, steps=5), "--init-from", tiny_run / "final",
-                     "--set", "logging.every_steps=1", "--lr", "1e-4")
+    result = run_cli(
+        "pretrain",
+        *tiny_train_args(tiny_dataset, out, steps=5),
+        "--init-from",
+        tiny_run / "final",
+        "--set",
+        "logging.every_steps=1",
+        "--lr",
+        "1e-4",
+    )
     assert result.exit_code == 0, result.stderr
     first = read_metrics(out)[0]["loss"]
     fresh = [r["loss"] for r in read_metrics(tiny_run) if "loss" in r][0]
@@ -174,8 +207,14 @@ def test_bf16_autocast_trains_on_cpu(tiny_dataset: Path, tmp_path: Path) -> None
 def test_early_stopping_stops_when_validation_stalls(tiny_dataset: Path, tmp_path: Path) -> None:
     out = tmp_path / "early"
     args = tiny_train_args(tiny_dataset, out, steps=40)
-    result = run_cli("pretrain", *args, "--set", "train.early_stopping_patience=1",
-                     "--set", "train.early_stopping_min_delta=100")  # nothing counts as an improvement
+    result = run_cli(
+        "pretrain",
+        *args,
+        "--set",
+        "train.early_stopping_patience=1",
+        "--set",
+        "train.early_stopping_min_delta=100",
+    )  # nothing counts as an improvement
     assert result.exit_code == 0, result.stderr
     summary = json.loads((out / "summary.json").read_text())
     assert summary["stopped_early"] and summary["steps"] == 20  # evals at 10 (best) and 20 (no improvement)
@@ -183,10 +222,30 @@ def test_early_stopping_stops_when_validation_stalls(tiny_dataset: Path, tmp_pat
 
 
 def test_gradient_accumulation_matches_a_bigger_batch(tiny_dataset: Path, tmp_path: Path) -> None:
-    common = ["--set", "train.eval_every=1000", "--set", "logging.every_steps=1", "--set", "checkpoint.every_steps=1000"]
-    big = run_cli("pretrain", *tiny_train_args(tiny_dataset, tmp_path / "big", steps=3), "--micro-batch-size", "8", *common)
-    acc = run_cli("pretrain", *tiny_train_args(tiny_dataset, tmp_path / "acc", steps=3), *common,
-                  "--micro-batch-size", "4", "--set", "train.grad_accum_steps=2")
+    common = [
+        "--set",
+        "train.eval_every=1000",
+        "--set",
+        "logging.every_steps=1",
+        "--set",
+        "checkpoint.every_steps=1000",
+    ]
+    big = run_cli(
+        "pretrain",
+        *tiny_train_args(tiny_dataset, tmp_path / "big", steps=3),
+        "--micro-batch-size",
+        "8",
+        *common,
+    )
+    acc = run_cli(
+        "pretrain",
+        *tiny_train_args(tiny_dataset, tmp_path / "acc", steps=3),
+        *common,
+        "--micro-batch-size",
+        "4",
+        "--set",
+        "train.grad_accum_steps=2",
+    )
     assert big.exit_code == acc.exit_code == 0
     # Same blocks in each step? No: the loader shuffles per micro-batch size; compare the first step's loss,
     # which sees different blocks, only loosely, and the token accounting exactly.

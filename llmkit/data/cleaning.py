@@ -7,6 +7,7 @@ import re
 import unicodedata
 from collections import Counter
 from dataclasses import dataclass, field
+from typing import Literal
 
 _CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
 _SPACES = re.compile(r"[ \t\u00a0]+")
@@ -14,10 +15,10 @@ _TRAILING = re.compile(r" +\n")
 _BLANK_LINES = re.compile(r"\n{3,}")
 
 
-def clean_text(text: str, normalize: str) -> str:
+def clean_text(text: str, normalize: Literal["NFC", "NFKC", "none"] | str) -> str:
     """Normalize Unicode, drop control characters, collapse runs of spaces and of blank lines."""
     if normalize != "none":
-        text = unicodedata.normalize(normalize, text)
+        text = unicodedata.normalize(normalize, text)  # type: ignore[arg-type]
     text = text.replace("\r\n", "\n").replace("\r", "\n")
     text = _CONTROL.sub("", text)
     text = _SPACES.sub(" ", text)

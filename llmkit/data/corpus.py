@@ -131,13 +131,107 @@ def entropy_rate(grammar: Grammar) -> EntropyRate:
 # which no fixed word equals), slots are single words from disjoint lists, and ending sentences are
 # distinct from body sentences. So each story has exactly one derivation and p(story) is exact.
 
-_NAMES = "Tom Anna Ben Lily Max Mia Sam Zoe Leo Ella Jack Ruby Finn Ivy Noah Lucy".split()
-_ANIMALS = "cat dog bird fox rabbit bear mouse duck frog owl horse lion tiger sheep goat pig".split()
-_ADJECTIVES = "big small happy sad red blue green old young kind brave shy quiet funny soft warm".split()
-_PLACES = "park forest garden river house school farm beach hill lake town field".split()
-_OBJECTS = "ball apple box kite hat cake book boat drum cup stone flower leaf shell coin bell".split()
-_VERBS = "found took saw liked wanted painted carried lost hid dropped shared opened".split()
-_FEELINGS = "happy sad tired hungry scared proud calm excited".split()
+_NAMES = [
+    "Tom",
+    "Anna",
+    "Ben",
+    "Lily",
+    "Max",
+    "Mia",
+    "Sam",
+    "Zoe",
+    "Leo",
+    "Ella",
+    "Jack",
+    "Ruby",
+    "Finn",
+    "Ivy",
+    "Noah",
+    "Lucy",
+]
+_ANIMALS = [
+    "cat",
+    "dog",
+    "bird",
+    "fox",
+    "rabbit",
+    "bear",
+    "mouse",
+    "duck",
+    "frog",
+    "owl",
+    "horse",
+    "lion",
+    "tiger",
+    "sheep",
+    "goat",
+    "pig",
+]
+_ADJECTIVES = [
+    "big",
+    "small",
+    "happy",
+    "sad",
+    "red",
+    "blue",
+    "green",
+    "old",
+    "young",
+    "kind",
+    "brave",
+    "shy",
+    "quiet",
+    "funny",
+    "soft",
+    "warm",
+]
+_PLACES = [
+    "park",
+    "forest",
+    "garden",
+    "river",
+    "house",
+    "school",
+    "farm",
+    "beach",
+    "hill",
+    "lake",
+    "town",
+    "field",
+]
+_OBJECTS = [
+    "ball",
+    "apple",
+    "box",
+    "kite",
+    "hat",
+    "cake",
+    "book",
+    "boat",
+    "drum",
+    "cup",
+    "stone",
+    "flower",
+    "leaf",
+    "shell",
+    "coin",
+    "bell",
+]
+_VERBS = [
+    "found",
+    "took",
+    "saw",
+    "liked",
+    "wanted",
+    "painted",
+    "carried",
+    "lost",
+    "hid",
+    "dropped",
+    "shared",
+    "opened",
+]
+_FEELINGS = ["happy", "sad", "tired", "hungry", "scared", "proud", "calm", "excited"]
 
 STORIES = Grammar(
     start="STORY",

@@ -35,10 +35,21 @@ from llmkit.errors import UserError
 BLOCKS_PER_SHARD_TARGET_BYTES = 256 * 2**20
 
 # Settings that change the output; worker counts and batch sizes do not.
-_FINGERPRINT_FIELDS = (
-    "text_field txt_mode tokenizer vocab_size block_size val_fraction normalize min_chars max_chars dedup "
-    "builtin_docs seed tokenizer_train_docs"
-).split()
+_FINGERPRINT_FIELDS = [
+    "text_field",
+    "txt_mode",
+    "tokenizer",
+    "vocab_size",
+    "block_size",
+    "val_fraction",
+    "normalize",
+    "min_chars",
+    "max_chars",
+    "dedup",
+    "builtin_docs",
+    "seed",
+    "tokenizer_train_docs",
+]
 
 
 @dataclass
@@ -242,7 +253,12 @@ def _nothing_left(doc_filter: DocumentFilter) -> str:
 
 
 def _manifest(
-    cfg: DataConfig, sources: list[Source], tokenizer: Any, tokenizer_source: str, fingerprint: str, result: Any
+    cfg: DataConfig,
+    sources: list[Source],
+    tokenizer: Any,
+    tokenizer_source: str,
+    fingerprint: str,
+    result: Any,
 ) -> dict[str, Any]:
     writers: dict[str, ShardWriter] = result["writers"]
     stats: dict[str, SplitStats] = result["stats"]
@@ -291,9 +307,7 @@ def _entropy_floor(sources: list[Source], stats: dict[str, SplitStats]) -> dict[
         return None
     name = names.pop()
     rate = entropy_rate(BUILTIN_CORPORA[name])
-    floor = {
-        split: (stats[split].bits / stats[split].chars if stats[split].chars else math.nan) for split in SPLITS
-    }
+    floor = {split: (stats[split].bits / stats[split].chars if stats[split].chars else math.nan) for split in SPLITS}
     return {
         "corpus": f"builtin:{name}",
         "bits_per_char_expected": rate.bits_per_char,

@@ -49,8 +49,8 @@ def evaluate(
     tokenizer = load_tokenizer(find_tokenizer_dir(model_dir))
     model = load_model(model_dir)
     check_vocab_fits(model, tokenizer, str(model_dir))
-    context = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", 1024)
-    eval_data = _load_eval_data(data, tokenizer, seq_len or min(int(context), 1024), text_field)
+    context = int(getattr(model.config, "max_position_embeddings", 0) or getattr(model.config, "n_positions", 0))
+    eval_data = _load_eval_data(data, tokenizer, seq_len or min(context or 1024, 1024), text_field)
     if not eval_data.blocks:
         raise UserError(f"{data}: no text to evaluate")
 
@@ -113,7 +113,9 @@ def _load_eval_data(data: str | Path, tokenizer: Any, seq_len: int, text_field: 
             )
         split = dataset.split("val")
         if len(split) == 0:
-            raise UserError(f"{path}: the dataset has no validation blocks; re-run data-prep with data.val_fraction > 0")
+            raise UserError(
+                f"{path}: the dataset has no validation blocks; re-run data-prep with data.val_fraction > 0"
+            )
         blocks = list(split.blocks(np.arange(len(split))))
         entropy = dataset.manifest.get("entropy") or {}
         floor = (entropy.get("bits_per_char") or {}).get("val")

@@ -67,10 +67,10 @@ def prune_checkpoints(checkpoints_dir: Path, keep_last: int) -> None:
 def rng_state() -> dict[str, Any]:
     """RNG states as tensors, lists and numbers, so they load with torch.load(weights_only=True)."""
     version, keys, position = random.getstate()
-    numpy_state = np.random.get_state()
+    kind, numpy_keys, numpy_pos, has_gauss, cached_gauss = np.random.get_state(legacy=True)
     state: dict[str, Any] = {
         "python": [version, list(keys), position],
-        "numpy": [numpy_state[0], torch.from_numpy(numpy_state[1].astype(np.int64)), *numpy_state[2:]],
+        "numpy": [kind, torch.from_numpy(np.asarray(numpy_keys, dtype=np.int64)), numpy_pos, has_gauss, cached_gauss],
         "torch": torch.get_rng_state(),
     }
     if torch.cuda.is_available():

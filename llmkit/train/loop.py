@@ -175,8 +175,10 @@ def fit(job: TrainJob) -> FitResult:
         final_dir=final_dir,
     )
     if acc.is_main_process:
-        write_json(job.run_dir / "summary.json", {**result.__dict__, "final_dir": str(final_dir),
-                                                  "tokens_per_second": result.tokens_per_second})
+        write_json(
+            job.run_dir / "summary.json",
+            {**result.__dict__, "final_dir": str(final_dir), "tokens_per_second": result.tokens_per_second},
+        )
     return result
 
 

@@ -29,8 +29,9 @@ class MetricsLog:
             step = int(record["step"])
             for key, value in record.items():
                 if key != "step" and isinstance(value, int | float) and math.isfinite(value):
-                    self.writer.add_scalar(key.replace("_", "/", 1) if key.startswith("val_") else f"train/{key}",
-                                           value, step)
+                    self.writer.add_scalar(
+                        key.replace("_", "/", 1) if key.startswith("val_") else f"train/{key}", value, step
+                    )
 
     def close(self) -> None:
         if self.writer is not None:

@@ -25,7 +25,9 @@ def pretrain(cfg: RunConfig, overwrite: bool = False) -> FitResult:
     tokenizer = load_tokenizer(dataset.tokenizer_dir)
     block_size = int(dataset.manifest["block_size"])
     if block_size != cfg.data.block_size:
-        info(f"{dataset.root}: using the dataset's blocks of {block_size} tokens (the recipe says {cfg.data.block_size})")
+        info(
+            f"{dataset.root}: using the dataset's blocks of {block_size} tokens (the recipe says {cfg.data.block_size})"
+        )
         cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"block_size": block_size})})
     train_split, val_split = dataset.split("train"), dataset.split("val")
     _check_init_tokenizer(cfg, dataset.manifest["tokenizer"]["hash"])
@@ -61,9 +63,11 @@ def pretrain(cfg: RunConfig, overwrite: bool = False) -> FitResult:
     optimizer = build_optimizer(model, cfg.optimizer)
     model, optimizer = accelerator.prepare(model, optimizer)
     loader = BlockLoader(train_split, micro, cfg.train.seed, accelerator.process_index, world)
-    val_batches = validation_batches(
-        val_split, micro, cfg.train.eval_batches, accelerator.process_index, world
-    ) if len(val_split) >= micro * world else []
+    val_batches = (
+        validation_batches(val_split, micro, cfg.train.eval_batches, accelerator.process_index, world)
+        if len(val_split) >= micro * world
+        else []
+    )
     tokens_per_step = micro * cfg.train.grad_accum_steps * world * block_size
     total_steps = steps_for_budget(cfg.train, loader.batches_per_epoch, tokens_per_step)
 

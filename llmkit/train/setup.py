@@ -24,7 +24,9 @@ def claim_run_dir(path: str | Path, overwrite: bool) -> Path:
         holds_run = any((run_dir / marker).exists() for marker in RUN_MARKERS)
         if not overwrite:
             what = "already holds a run" if holds_run else "is not empty"
-            raise UserError(f"{run_dir}: output directory {what}; pass --overwrite to replace it or choose another --out")
+            raise UserError(
+                f"{run_dir}: output directory {what}; pass --overwrite to replace it or choose another --out"
+            )
         shutil.rmtree(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     return run_dir
@@ -46,7 +48,8 @@ def make_accelerator(precision: PrecisionConfig) -> Any:
 
 def build_optimizer(model: Any, cfg: OptimizerConfig) -> torch.optim.Optimizer:
     """AdamW/Adam/SGD with weight decay on matrices only (not on norms and biases)."""
-    decay, no_decay = [], []
+    decay: list[torch.nn.Parameter] = []
+    no_decay: list[torch.nn.Parameter] = []
     for parameter in model.parameters():
         if parameter.requires_grad:
             (decay if parameter.dim() >= 2 else no_decay).append(parameter)

@@ -13,13 +13,10 @@ def causal_lm_nll(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Ten
 
     Position t predicts labels[t+1]; labels equal to -100 are not targets.
     """
-    targets = labels[:, 1:]
-    predictions = logits[:, :-1, :].float()
+    # Shift the labels, not the logits: slicing the logits would copy the largest tensor of the step.
+    targets = F.pad(labels[:, 1:], (0, 1), value=IGNORE)
     total = F.cross_entropy(
-        predictions.reshape(-1, predictions.shape[-1]),
-        targets.reshape(-1),
-        ignore_index=IGNORE,
-        reduction="sum",
+        logits.float().view(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=IGNORE, reduction="sum"
     )
     return total, (targets != IGNORE).sum()
 

@@ -57,7 +57,7 @@ def build_optimizer(model: Any, cfg: OptimizerConfig) -> torch.optim.Optimizer:
         {"params": decay, "weight_decay": cfg.weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
     ]
-    fused = True if torch.cuda.is_available() else None
+    fused = True  # one fused kernel over all parameters, on CUDA and on CPU alike
     if cfg.name == "adamw":
         return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, fused=fused)
     if cfg.name == "adam":

@@ -255,5 +255,14 @@ def config_show_command(
     print(dump_config(load_config(file, overrides)), end="")
 
 
+@config_app.command("keys")
+@user_errors_exit_2
+def config_keys_command() -> None:
+    """Every config key with its default and description, as Markdown (docs/config.md is this output)."""
+    from llmkit.config import describe_keys
+
+    print(describe_keys(), end="")
+
+
 def main() -> None:
     app()

@@ -267,3 +267,33 @@ def _fields_at(path: list[str]) -> list[str]:
             return []
         model = annotation
     return list(model.model_fields)
+
+
+def describe_keys() -> str:
+    """Every config key as a Markdown table per section: key, default, description (the reference docs)."""
+    lines: list[str] = []
+    top = [(name, field) for name, field in RunConfig.model_fields.items() if not _is_section(field.annotation)]
+    sections = [(name, field) for name, field in RunConfig.model_fields.items() if _is_section(field.annotation)]
+    for title, fields in [("top level", top)] + [(name, _section_fields(field.annotation)) for name, field in sections]:
+        prefix = "" if title == "top level" else f"{title}."
+        doc = "" if title == "top level" else (_section_doc(RunConfig.model_fields[title].annotation))
+        lines += [f"## {title}", ""] + ([doc, ""] if doc else [])
+        lines += ["| key | default | description |", "| --- | --- | --- |"]
+        for name, field in fields:
+            default = field.get_default(call_default_factory=True)
+            shown = yaml.safe_dump(default, default_flow_style=True).strip().removesuffix("...").strip()
+            lines.append(f"| `{prefix}{name}` | `{shown}` | {field.description or ''} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def _is_section(annotation: Any) -> bool:
+    return isinstance(annotation, type) and issubclass(annotation, Section)
+
+
+def _section_fields(annotation: Any) -> list[tuple[str, Any]]:
+    return list(annotation.model_fields.items())
+
+
+def _section_doc(annotation: Any) -> str:
+    return " ".join((annotation.__doc__ or "").split())

@@ -1,0 +1,21 @@
+"""The docs that are generated from code stay in step with it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from llmkit.config import describe_keys
+
+ROOT = Path(__file__).parent.parent
+
+
+def test_config_reference_matches_the_schema() -> None:
+    text = (ROOT / "docs" / "config.md").read_text()
+    assert describe_keys() in text, "docs/config.md is stale: regenerate it with `llmkit config keys`"
+
+
+def test_readme_shows_the_two_commands_and_links_docs() -> None:
+    readme = (ROOT / "README.md").read_text()
+    assert "make demo" in readme and "make test" in readme
+    for link in ["docs/data-prep.md", "docs/pretrain.md", "docs/eval.md", "docs/config.md", "docs/benchmarks.md"]:
+        assert link in readme and (ROOT / link).is_file(), link

@@ -6,7 +6,7 @@ BIN    := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 DEMO_DIR ?= demo-out
 
-.PHONY: install demo test lint format clean
+.PHONY: install demo test lint format docs clean
 
 $(BIN)/llmkit: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -35,6 +35,9 @@ lint: install
 format: install
 	$(BIN)/ruff format llmkit tests bench
 	$(BIN)/ruff check --fix llmkit tests bench
+
+docs: install
+	$(BIN)/llmkit config keys > docs/config.md
 
 clean:
 	rm -rf $(DEMO_DIR) .pytest_cache .mypy_cache .ruff_cache

@@ -15,7 +15,7 @@ from typing import Annotated, Any, TypeVar
 
 import typer
 
-from llmkit.errors import GATE_FAILED_EXIT, USER_ERROR_EXIT, UserError
+from llmkit.errors import GATE_FAILED_EXIT, PREEMPTED_EXIT, UserError, parse_duration
 
 app = typer.Typer(
     name="llmkit",
@@ -49,7 +49,7 @@ def user_errors_exit_2(fn: F) -> F:
             return fn(*args, **kwargs)
         except UserError as exc:
             print(f"error: {' '.join(str(exc).split())}", file=sys.stderr, flush=True)
-            raise typer.Exit(USER_ERROR_EXIT) from None
+            raise typer.Exit(exc.exit_code) from None
 
     return wrapper  # type: ignore[return-value]
 
@@ -131,11 +131,27 @@ def pretrain_command(
     micro_batch_size: Annotated[int | None, typer.Option(help="Sequences per process per forward pass.")] = None,
     precision: Annotated[str | None, typer.Option(help="fp32, bf16 or fp16.")] = None,
     seed: SeedOpt = None,
+    keep_last: Annotated[int | None, typer.Option(help="Checkpoints to keep (older ones pruned).")] = None,
+    max_time: Annotated[
+        str | None, typer.Option(help="Wall-clock limit (3600, 90m, 2h, 1:30:00): checkpoint, then exit 75.")
+    ] = None,
+    resume: Annotated[
+        str | None,
+        typer.Option(help="'auto' (newest valid checkpoint of --out; a fresh start if none) or a checkpoint path."),
+    ] = None,
+    resume_fallback: Annotated[
+        bool, typer.Option(help="If the newest checkpoint is corrupted, resume from the previous valid one.")
+    ] = False,
+    allow_config_change: Annotated[
+        bool, typer.Option(help="Resume even if batch size, sequence length, tokenizer or dataset changed.")
+    ] = False,
     overwrite: OverwriteOpt = False,
 ) -> None:
     """Train a decoder language model on a prepared dataset.
 
     Writes RUN/config.yaml, metrics.jsonl, tensorboard/, checkpoints/, loss.png and final/ (an HF model).
+    Exit codes: 0 done; 2 bad input; 3 non-finite loss; 75 stopped by SIGTERM/SIGUSR1 or --max-time after a
+    checkpoint (continue with --resume auto).
     """
     from llmkit.config import load_config
     from llmkit.reports import print_fit_summary
@@ -151,9 +167,19 @@ def pretrain_command(
         "train.micro_batch_size": micro_batch_size,
         "precision.dtype": precision,
         "train.seed": seed,
+        "checkpoint.keep_last": keep_last,
+        "train.max_time": parse_duration(max_time) if max_time else None,
     }
     cfg = load_config(config, overrides, flags)
-    print_fit_summary(pretrain(cfg, overwrite=overwrite))
+    result = pretrain(cfg, overwrite, resume, resume_fallback, allow_config_change)
+    print_fit_summary(result)
+    if result.interrupted:
+        print(
+            f"stopped ({result.interrupted}) at step {result.steps}; checkpoint {result.checkpoint}; "
+            "continue with --resume auto",
+            file=sys.stderr,
+        )
+        raise typer.Exit(PREEMPTED_EXIT)
 
 
 EVAL_HELP = "Score a model on held-out text: loss, perplexity, bits per token and per character."

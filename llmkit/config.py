@@ -7,11 +7,12 @@ Every field's description is the documentation of that key (`llmkit config show`
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
 
 from llmkit.errors import UserError, did_you_mean
 
@@ -45,6 +46,9 @@ class ModelConfig(Section):
         "sdpa", description="Attention kernel; sdpa uses PyTorch's fused attention."
     )
     trust_remote_code: bool = Field(False, description="Allow model code from the hub; off unless you ask.")
+    hub_token: SecretStr | None = Field(
+        None, description="Token for private hub models (else HF_TOKEN is used); never written to disk or logs."
+    )
 
     @model_validator(mode="after")
     def _heads_fit(self) -> ModelConfig:
@@ -108,6 +112,15 @@ class TrainConfig(Section):
     )
     early_stopping_min_delta: float = Field(0.0, ge=0, description="Improvement needed to reset patience.")
     seed: int = Field(0, description="Seed for initialization and data order.")
+    max_bad_steps: int = Field(
+        0, ge=0, description="Skip up to this many steps with a non-finite loss or gradient norm instead of stopping."
+    )
+    loss_spike_factor: float | None = Field(
+        3.0, gt=1, description="Report a step whose loss exceeds this multiple of the running mean (unset: off)."
+    )
+    max_time: float | None = Field(
+        None, gt=0, description="Wall-clock limit in seconds: checkpoint and exit (code 75) when reached."
+    )
 
     @model_validator(mode="after")
     def _one_budget(self) -> TrainConfig:
@@ -158,6 +171,9 @@ class LoggingConfig(Section):
     every_steps: int = Field(10, ge=1, description="Log training metrics every N optimizer steps.")
     tensorboard: bool = Field(True, description="Write TensorBoard event files under RUN/tensorboard/.")
     plot: bool = Field(True, description="Write RUN/loss.png at the end.")
+    data_trace: bool = Field(
+        False, description="Write RUN/data_trace.jsonl: the block indices of every micro-batch (for audits)."
+    )
 
 
 class RunConfig(Section):
@@ -236,9 +252,20 @@ def load_config(
     return build_config(raw, str(path) if path is not None else "config")
 
 
+SECRET_NAME = re.compile(r"(token|secret|password|api_?key)$", re.IGNORECASE)
+
+
 def dump_config(config: RunConfig) -> str:
-    """The resolved config as YAML, in schema order."""
-    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)
+    """The resolved config as YAML, in schema order, with every secret-like field removed (null)."""
+    return yaml.safe_dump(_redact(config.model_dump(mode="json")), sort_keys=False)
+
+
+def _redact(node: Any) -> Any:
+    if isinstance(node, dict):
+        return {key: None if SECRET_NAME.search(str(key)) else _redact(value) for key, value in node.items()}
+    if isinstance(node, list):
+        return [_redact(value) for value in node]
+    return node
 
 
 def _describe(exc: ValidationError, source: str) -> str:
@@ -253,7 +280,8 @@ def _describe(exc: ValidationError, source: str) -> str:
     if not key:
         return f"{source}: {message}"
     given = error.get("input")
-    shown = "" if isinstance(given, dict) or given is None else f" (got {given!r})"
+    secret = SECRET_NAME.search(loc[-1])
+    shown = "" if isinstance(given, dict) or given is None or secret else f" (got {given!r})"
     return f"{source}: config key '{key}': {message}{shown}"
 
 
@@ -269,9 +297,20 @@ def _fields_at(path: list[str]) -> list[str]:
     return list(model.model_fields)
 
 
+REFERENCE_HEADER = """# Configuration reference
+
+Every training command reads one typed configuration (`llmkit/config.py`). A recipe YAML sets any of these keys;
+`--set dotted.key=value` overrides them; typed flags (`--lr`, `--max-steps`, ...) override both. An unknown key is an
+error that names it and suggests the closest valid key. See a recipe fully resolved with
+`llmkit config show recipes/tiny-cpu.yaml`.
+
+This page is generated from the schema by `make docs` (`llmkit config keys`); a test checks it is current.
+"""
+
+
 def describe_keys() -> str:
     """Every config key as a Markdown table per section: key, default, description (the reference docs)."""
-    lines: list[str] = []
+    lines: list[str] = [REFERENCE_HEADER]
     top = [(name, field) for name, field in RunConfig.model_fields.items() if not _is_section(field.annotation)]
     sections = [(name, field) for name, field in RunConfig.model_fields.items() if _is_section(field.annotation)]
     for title, fields in [("top level", top)] + [(name, _section_fields(field.annotation)) for name, field in sections]:

@@ -12,8 +12,20 @@ USER_ERROR_EXIT = 2
 GATE_FAILED_EXIT = 1
 
 
+PREEMPTED_EXIT = 75  # EX_TEMPFAIL: stopped by a signal or --max-time after a checkpoint; resume with --resume auto
+DIVERGED_EXIT = 3
+
+
 class UserError(Exception):
     """Bad input from the user: a path, a file's content, a config key or an option."""
+
+    exit_code = USER_ERROR_EXIT
+
+
+class TrainingDiverged(UserError):
+    """A non-finite loss or gradient stopped the run before the optimizer step."""
+
+    exit_code = DIVERGED_EXIT
 
 
 def closest(word: str, options: Iterable[str]) -> str | None:
@@ -26,3 +38,20 @@ def did_you_mean(word: str, options: Iterable[str]) -> str:
     """A ' (did you mean X?)' suffix, or '' when nothing is close."""
     match = closest(word, options)
     return f" (did you mean '{match}'?)" if match else ""
+
+
+def parse_duration(text: str) -> float:
+    """Seconds from '3600', '90s', '90m', '2h' or 'H:MM:SS'."""
+    value = text.strip().lower()
+    try:
+        if ":" in value:
+            seconds = 0.0
+            for part in value.split(":"):
+                seconds = seconds * 60 + float(part)
+            return seconds
+        units = {"s": 1, "m": 60, "h": 3600}
+        if value and value[-1] in units:
+            return float(value[:-1]) * units[value[-1]]
+        return float(value)
+    except ValueError:
+        raise UserError(f"--max-time {text!r}: expected seconds, 90m, 2h or H:MM:SS") from None

@@ -53,13 +53,15 @@ def build_model(cfg: ModelConfig, tokenizer: Any) -> Any:
     return AutoModelForCausalLM.from_config(config, attn_implementation=cfg.attn_implementation)
 
 
-def load_model(name_or_path: str | Path, trust_remote_code: bool = False, dtype: Any = None) -> Any:
+def load_model(
+    name_or_path: str | Path, trust_remote_code: bool = False, dtype: Any = None, token: str | None = None
+) -> Any:
     """Load a causal LM from safetensors (a local directory or a hub name), with one-line errors."""
     from transformers import AutoModelForCausalLM
 
     try:
         return AutoModelForCausalLM.from_pretrained(
-            str(name_or_path), trust_remote_code=trust_remote_code, use_safetensors=True, dtype=dtype
+            str(name_or_path), trust_remote_code=trust_remote_code, use_safetensors=True, dtype=dtype, token=token
         )
     except Exception as exc:  # OSError offline or missing files, ValueError for unknown architectures
         where = "directory" if Path(name_or_path).exists() else "hub name (offline or not found?)"

@@ -59,8 +59,9 @@ def print_fit_summary(result: Any) -> None:
     ]
     if result.val_loss is not None:
         rows.append(("val loss", f"{result.val_loss:.4f} (best {result.best_val_loss:.4f})"))
-    rows.append(("final model", str(result.final_dir)))
-    console.print(_table("training finished", rows))
+    if result.final_dir is not None:
+        rows.append(("final model", str(result.final_dir)))
+    console.print(_table("training stopped" if result.interrupted else "training finished", rows))
 
 
 def print_eval_report(report: dict[str, Any]) -> None:

@@ -80,7 +80,7 @@ def test_output_directory_holding_a_run_is_refused(tiny_dataset: Path, tiny_run:
     before = sorted(p.name for p in tiny_run.iterdir())
     metrics = (tiny_run / "metrics.jsonl").read_bytes()
     result = run_cli("pretrain", *tiny_train_args(tiny_dataset, tiny_run, steps=2))
-    assert_user_error(result, str(tiny_run), "already holds a run", "--overwrite")
+    assert_user_error(result, str(tiny_run), "holds checkpoints", "--resume auto", "--overwrite")
     assert sorted(p.name for p in tiny_run.iterdir()) == before
     assert (tiny_run / "metrics.jsonl").read_bytes() == metrics
 

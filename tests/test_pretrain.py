@@ -46,8 +46,9 @@ def test_checkpoints_are_complete_and_pruned(tiny_run: Path) -> None:
     assert [p.name for p in checkpoints] == ["step-00000020", "step-00000030"]  # keep_last=2
     for checkpoint in checkpoints:
         seal = json.loads((checkpoint / COMPLETE).read_text())
-        assert {"model/model.safetensors", "optimizer.pt", "rng.pt", "trainer_state.json"} <= set(seal["sha256"])
-        assert all(_sha256(checkpoint / name) == digest for name, digest in seal["sha256"].items())
+        expected = {"model/model.safetensors", "optimizer.pt", "rng.pt", "trainer_state.json", "config.yaml"}
+        assert expected <= set(seal["files"])
+        assert all(_sha256(checkpoint / name) == entry["sha256"] for name, entry in seal["files"].items())
         state = json.loads((checkpoint / "trainer_state.json").read_text())
         assert {
             "step",

@@ -4,20 +4,24 @@ A checkpoint directory ``RUN/checkpoints/step-00000200/`` holds::
 
     model/              the model in Hugging Face layout (config.json, model.safetensors)
     optimizer.pt        optimizer state (tensors and numbers only: loads with weights_only=True)
-    rng.pt              Python, NumPy and torch RNG states
+    rng.pt              Python, NumPy, torch CPU and CUDA RNG states, one entry per process
+    scaler.pt           the fp16 loss scaler's state (only when one is used)
     trainer_state.json  step, tokens, data position, early-stopping state, fingerprints
-    COMPLETE            sha256 of every file above; written last, so only a whole checkpoint has it
+    config.yaml         the resolved config of the run (secrets removed)
+    COMPLETE            size and sha256 of every file above; written last, so only a whole checkpoint has it
 
-It is built in a staging directory and renamed into place, so a save cut off midway leaves no
-directory that looks like a checkpoint.
+It is built in a staging directory and renamed into place, so a save cut off midway leaves no directory
+that looks like a checkpoint. Loading verifies every checksum first and names the file that is wrong.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import pickle
 import random
 import shutil
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -25,9 +29,12 @@ import numpy as np
 import torch
 
 from llmkit.atomic import atomic_directory, write_json
+from llmkit.errors import UserError
+from llmkit.train import faults
 
 COMPLETE = "COMPLETE"
 PREFIX = "step-"
+REQUIRED = ("model/model.safetensors", "model/config.json", "optimizer.pt", "rng.pt", "trainer_state.json")
 
 
 def checkpoint_name(step: int) -> str:
@@ -35,18 +42,29 @@ def checkpoint_name(step: int) -> str:
 
 
 def save_checkpoint(
-    checkpoints_dir: Path, step: int, model: Any, optimizer: Any, trainer_state: dict[str, Any]
+    checkpoints_dir: Path,
+    step: int,
+    model: Any,
+    optimizer: Any,
+    trainer_state: dict[str, Any],
+    rng_states: list[dict[str, Any]],
+    config_yaml: str,
+    scaler: Any = None,
 ) -> Path:
-    """Write a complete checkpoint for `step` (the unwrapped model) and return its path."""
+    """Write a complete checkpoint for `step` and return its path (main process only)."""
     target = checkpoints_dir / checkpoint_name(step)
     with atomic_directory(target) as staging:
         model.save_pretrained(staging / "model", safe_serialization=True)
+        faults.maybe_kill("save", step)
         torch.save(optimizer.state_dict(), staging / "optimizer.pt")
-        torch.save(rng_state(), staging / "rng.pt")
+        torch.save(rng_states, staging / "rng.pt")
+        if scaler is not None:
+            torch.save(scaler.state_dict(), staging / "scaler.pt")
         write_json(staging / "trainer_state.json", trainer_state)
+        (staging / "config.yaml").write_text(config_yaml, encoding="utf-8")
         files = sorted(p for p in staging.rglob("*") if p.is_file())
-        checksums = {str(p.relative_to(staging)): _sha256(p) for p in files}
-        write_json(staging / COMPLETE, {"step": step, "sha256": checksums})
+        seal = {str(p.relative_to(staging)): {"bytes": p.stat().st_size, "sha256": _sha256(p)} for p in files}
+        write_json(staging / COMPLETE, {"step": step, "files": seal})
     return target
 
 
@@ -64,8 +82,67 @@ def prune_checkpoints(checkpoints_dir: Path, keep_last: int) -> None:
         shutil.rmtree(old)
 
 
+def verify_checkpoint(checkpoint: Path) -> None:
+    """Raise a UserError naming the first file that is missing, truncated or altered."""
+    seal_path = checkpoint / COMPLETE
+    if not seal_path.is_file():
+        raise UserError(f"{checkpoint}: incomplete checkpoint (no {COMPLETE} marker: its save was cut off)")
+    try:
+        seal = json.loads(seal_path.read_text(encoding="utf-8"))["files"]
+    except (ValueError, KeyError):
+        raise UserError(f"{seal_path}: unreadable checkpoint seal") from None
+    for name in REQUIRED:
+        if name not in seal:
+            raise UserError(f"{checkpoint / name}: missing from the checkpoint seal")
+    for name, expected in seal.items():
+        path = checkpoint / name
+        if not path.is_file():
+            raise UserError(f"{path}: checkpoint file is missing")
+        size = path.stat().st_size
+        if size != expected["bytes"]:
+            raise UserError(f"{path}: checkpoint file is truncated or altered ({size} bytes, sealed with {expected['bytes']})")
+        if _sha256(path) != expected["sha256"]:
+            raise UserError(f"{path}: checkpoint file is corrupted (sha256 does not match its seal)")
+
+
+def select_checkpoint(run_dir: Path, resume: str, fallback: bool) -> Path | None:
+    """The checkpoint to resume from: `auto` means the newest valid one (None when the run has none yet).
+
+    A newest checkpoint that fails verification is an error naming the bad file, unless `fallback` is
+    set, in which case older checkpoints are tried in turn.
+    """
+    if resume != "auto":
+        path = Path(resume)
+        if not (path / COMPLETE).is_file() and not (path / "trainer_state.json").is_file():
+            raise UserError(f"{path}: not a checkpoint directory (expected {COMPLETE} and trainer_state.json)")
+        verify_checkpoint(path)
+        return path
+    candidates = list(reversed(complete_checkpoints(run_dir / "checkpoints")))
+    for i, candidate in enumerate(candidates):
+        try:
+            verify_checkpoint(candidate)
+            return candidate
+        except UserError as exc:
+            if not fallback:
+                raise UserError(f"{exc} (pass --resume-fallback to use the previous valid checkpoint)") from None
+            older = candidates[i + 1].name if i + 1 < len(candidates) else "none left"
+            print(f"warning: {exc}; falling back to {older}", file=sys.stderr, flush=True)
+    if candidates:
+        raise UserError(f"{run_dir / 'checkpoints'}: no valid checkpoint left to resume from")
+    return None
+
+
+def safe_torch_load(path: Path) -> Any:
+    """torch.load that accepts tensors, numbers and containers only: a pickle carrying code is refused."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        first = str(exc).splitlines()[0][:160] if str(exc) else "unsupported content"
+        raise UserError(f"{path}: refused to load: not a plain tensor file, it may carry code ({first})") from None
+
+
 def rng_state() -> dict[str, Any]:
-    """RNG states as tensors, lists and numbers, so they load with torch.load(weights_only=True)."""
+    """This process's RNG states as tensors, lists and numbers (loadable with weights_only=True)."""
     version, keys, position = random.getstate()
     kind, numpy_keys, numpy_pos, has_gauss, cached_gauss = np.random.get_state(legacy=True)
     state: dict[str, Any] = {
@@ -78,13 +155,23 @@ def rng_state() -> dict[str, Any]:
     return state
 
 
+def restore_rng_state(state: dict[str, Any]) -> None:
+    version, keys, position = state["python"]
+    random.setstate((version, tuple(keys), position))
+    kind, numpy_keys, numpy_pos, has_gauss, cached_gauss = state["numpy"]
+    np.random.set_state((kind, numpy_keys.numpy().astype(np.uint32), numpy_pos, has_gauss, cached_gauss))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def read_trainer_state(checkpoint: Path) -> dict[str, Any]:
+    return dict(json.loads((checkpoint / "trainer_state.json").read_text(encoding="utf-8")))
+
+
 def _sha256(path: Path) -> str:
     digest = hashlib.sha256()
     with path.open("rb") as handle:
         for chunk in iter(lambda: handle.read(1 << 20), b""):
             digest.update(chunk)
     return digest.hexdigest()
-
-
-def read_trainer_state(checkpoint: Path) -> dict[str, Any]:
-    return dict(json.loads((checkpoint / "trainer_state.json").read_text(encoding="utf-8")))

@@ -51,8 +51,9 @@ class BlockLoader:
         return indices
 
     def next_batch(self) -> dict[str, torch.Tensor]:
-        tokens = torch.from_numpy(self.dataset.blocks(self.next_indices()))
-        return {"input_ids": tokens, "labels": tokens}
+        indices = self.next_indices()
+        tokens = torch.from_numpy(self.dataset.blocks(indices))
+        return {"input_ids": tokens, "labels": tokens, "block_indices": torch.from_numpy(indices)}
 
     @property
     def epochs_done(self) -> float:

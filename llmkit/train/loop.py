@@ -6,7 +6,11 @@ validates, checkpoints and writes the final model. Nothing else hides behind cal
 
 from __future__ import annotations
 
+import json
 import math
+import signal
+import sys
+import threading
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -18,10 +22,11 @@ import torch
 from llmkit.atomic import atomic_directory, write_json
 from llmkit.config import RunConfig
 from llmkit.console import info, progress_bar
-from llmkit.errors import UserError
+from llmkit.errors import TrainingDiverged
 from llmkit.losses import causal_lm_nll, count_targets
-from llmkit.train.checkpoint import prune_checkpoints, save_checkpoint
-from llmkit.train.metrics import MetricsLog, plot_loss
+from llmkit.train import faults
+from llmkit.train.checkpoint import checkpoint_name, prune_checkpoints, restore_rng_state, rng_state, save_checkpoint
+from llmkit.train.metrics import MetricsLog, plot_loss, truncate_records
 from llmkit.train.schedules import lr_at
 
 
@@ -30,6 +35,18 @@ class BatchSource(Protocol):
     def state_dict(self) -> dict[str, Any]: ...
     @property
     def epochs_done(self) -> float: ...
+
+
+@dataclass
+class ResumeState:
+    """Where a resumed run continues: read from a checkpoint by the setup function."""
+
+    checkpoint: Path
+    step: int
+    tokens: int
+    best_val_loss: float
+    bad_evals: int
+    rng: dict[str, Any]  # this process's RNG states at the checkpoint
 
 
 @dataclass
@@ -46,7 +63,9 @@ class TrainJob:
     total_steps: int
     tokens_per_step: int
     tokenizer: Any
+    config_yaml: str
     fingerprints: dict[str, Any] = field(default_factory=dict)
+    resume: ResumeState | None = None
 
 
 @dataclass
@@ -58,7 +77,9 @@ class FitResult:
     val_loss: float | None
     best_val_loss: float | None
     stopped_early: bool
-    final_dir: Path
+    final_dir: Path | None
+    interrupted: str | None = None  # "SIGTERM", "SIGUSR1" or "time limit": a checkpoint was saved, resume it
+    checkpoint: Path | None = None
 
     @property
     def tokens_per_second(self) -> float:
@@ -80,18 +101,55 @@ class _EarlyStopping:
         return self.patience is not None and self.bad_evals >= self.patience
 
 
+class _StopSignals:
+    """SIGTERM or SIGUSR1 asks the run to stop after the current step; a second signal changes nothing."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+    def __init__(self) -> None:
+        self.reason: str | None = None
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> _StopSignals:
+        if threading.current_thread() is threading.main_thread():
+            for sig in self.SIGNALS:
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        name = signal.Signals(signum).name
+        if self.reason is None:
+            self.reason = name
+            print(f"{name} received: finishing this step, then saving a checkpoint", file=sys.stderr, flush=True)
+        else:
+            print(f"{name} received: already stopping", file=sys.stderr, flush=True)
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
 def fit(job: TrainJob) -> FitResult:
     cfg, acc, model, optimizer = job.cfg, job.accelerator, job.model, job.optimizer
     train_cfg = cfg.train
-    metrics = MetricsLog(job.run_dir, cfg.logging.tensorboard, enabled=acc.is_main_process)
+    resume = job.resume
+    step, tokens = (resume.step, resume.tokens) if resume else (0, 0)
+    metrics = MetricsLog(job.run_dir, cfg.logging.tensorboard, enabled=acc.is_main_process, resume_step=step if resume else None)
+    trace = DataTrace(job.run_dir, acc.process_index, acc.num_processes, cfg.logging.data_trace, step if resume else None)
     stopping = _EarlyStopping(train_cfg.early_stopping_patience, train_cfg.early_stopping_min_delta)
-    step, tokens = 0, 0
-    window_loss, window_tokens, window_start = 0.0, 0, time.perf_counter()
-    loss_value, val_loss, stopped_early = math.nan, None, False
+    if resume:
+        stopping.best, stopping.bad_evals = resume.best_val_loss, resume.bad_evals
+        restore_rng_state(resume.rng)
+    window_loss, window_steps, window_start = 0.0, 0, time.perf_counter()
+    loss_value, val_loss, stopped_early, interrupted = math.nan, None, False, None
+    running_loss: float | None = None
+    bad_steps, last_saved = 0, resume.step if resume else -1
     start = time.perf_counter()
+    deadline = time.monotonic() + train_cfg.max_time if train_cfg.max_time else None
     model.train()
 
-    with progress_bar("training", job.total_steps, unit="steps") as update:
+    with _StopSignals() as signals, progress_bar("training", job.total_steps, unit="steps") as update:
+        update(step, "resuming" if resume else "")
         while step < job.total_steps:
             lr = lr_at(step, job.total_steps, cfg.optimizer.lr, cfg.schedule)
             for group in optimizer.param_groups:
@@ -100,6 +158,7 @@ def fit(job: TrainJob) -> FitResult:
             # One optimizer step: the micro-batches are fetched first so the loss can be normalized by the
             # number of target tokens in the whole step (exact under accumulation and across processes).
             micro_batches = [job.loader.next_batch() for _ in range(train_cfg.grad_accum_steps)]
+            trace.record(step + 1, micro_batches)
             step_targets = _global_sum(acc, sum(count_targets(b["labels"]) for b in micro_batches))
             step_loss = torch.zeros((), device=acc.device)
             for i, batch in enumerate(micro_batches):
@@ -111,56 +170,75 @@ def fit(job: TrainJob) -> FitResult:
                     loss = nll_sum * acc.num_processes / step_targets
                     acc.backward(loss)
                 step_loss += loss.detach() / acc.num_processes
+                faults.maybe_kill("step", step + 1, i)
 
-            grad_norm = acc.clip_grad_norm_(model.parameters(), cfg.optimizer.grad_clip or math.inf)
+            grad_norm = float(acc.clip_grad_norm_(model.parameters(), cfg.optimizer.grad_clip or math.inf))
             loss_value = float(acc.reduce(step_loss, reduction="sum"))
-            if not (math.isfinite(loss_value) and math.isfinite(float(grad_norm))):
-                raise UserError(
-                    f"step {step + 1}: non-finite loss ({loss_value}) or gradient norm ({float(grad_norm)}); "
-                    "weights are those of the previous step. Lower optimizer.lr or check the data"
-                )
-            optimizer.step()
+            finite = math.isfinite(loss_value) and math.isfinite(grad_norm)
+            if not finite:
+                bad_steps += 1
+                problem = f"step {step + 1}: non-finite loss ({loss_value}) or gradient norm ({grad_norm})"
+                if bad_steps > train_cfg.max_bad_steps:
+                    saved = _checkpoint(job, step, tokens, stopping) if last_saved != step else None
+                    where = f"; saved as {saved}" if saved else ""
+                    raise TrainingDiverged(
+                        f"{problem}; stopped before the optimizer step: the weights are those of step {step}{where}. "
+                        "Lower optimizer.lr, check the data, or allow skips with train.max_bad_steps"
+                    )
+                info(f"{problem}: skipped ({bad_steps} of {train_cfg.max_bad_steps} allowed)")
+                metrics.log({"step": step + 1, "tokens": tokens, "skipped_step": 1})
+            else:
+                if train_cfg.loss_spike_factor and running_loss and loss_value > train_cfg.loss_spike_factor * running_loss:
+                    info(f"loss spike at step {step + 1}: {loss_value:.4f} vs running mean {running_loss:.4f}")
+                    metrics.log({"step": step + 1, "tokens": tokens, "loss_spike": loss_value})
+                running_loss = loss_value if running_loss is None else 0.9 * running_loss + 0.1 * loss_value
+                optimizer.step()
+                window_loss += loss_value
+                window_steps += 1
             optimizer.zero_grad(set_to_none=True)
             step += 1
             tokens += job.tokens_per_step
-            window_loss += loss_value
-            window_tokens += job.tokens_per_step
 
-            if step % cfg.logging.every_steps == 0 or step == job.total_steps:
+            if (step % cfg.logging.every_steps == 0 or step == job.total_steps) and window_steps:
                 elapsed = time.perf_counter() - window_start
-                steps_in_window = window_tokens // job.tokens_per_step
                 metrics.log(
                     {
                         "step": step,
                         "tokens": tokens,
-                        "loss": window_loss / steps_in_window,
+                        "loss": window_loss / window_steps,
                         "lr": lr,
-                        "grad_norm": float(grad_norm),
-                        "tokens_per_s": window_tokens / elapsed,
+                        "grad_norm": grad_norm,
+                        "tokens_per_s": window_steps * job.tokens_per_step / elapsed,
                         "epoch": job.loader.epochs_done,
                         "elapsed_s": time.perf_counter() - start,
                     }
                 )
-                window_loss, window_tokens, window_start = 0.0, 0, time.perf_counter()
+                window_loss, window_steps, window_start = 0.0, 0, time.perf_counter()
 
             if job.val_batches and (step % train_cfg.eval_every == 0 or step == job.total_steps):
                 val_loss = evaluate_loss(model, job.val_batches, acc)
                 metrics.log({"step": step, "tokens": tokens, "val_loss": val_loss, "val_ppl": math.exp(val_loss)})
                 stopped_early = stopping.should_stop(val_loss) and step < job.total_steps
 
+            timed_out = deadline is not None and time.monotonic() >= deadline
+            interrupted = _agree(acc, signals.reason or ("time limit" if timed_out else None))
             every = cfg.checkpoint.every_steps
-            if (every and step % every == 0) or step == job.total_steps or stopped_early:
+            if (every and step % every == 0) or step == job.total_steps or stopped_early or interrupted:
                 _checkpoint(job, step, tokens, stopping)
+                last_saved = step
 
-            rate = tokens / (time.perf_counter() - start)
+            rate = (tokens - (resume.tokens if resume else 0)) / (time.perf_counter() - start)
             val_text = f" val {val_loss:.3f}" if val_loss is not None else ""
             update(1, f"loss {loss_value:.3f}{val_text} lr {lr:.1e} {rate:,.0f} tok/s")
             if stopped_early:
                 info(f"early stopping at step {step}: no validation improvement in {stopping.patience} evaluations")
                 break
+            if interrupted:
+                break
 
     seconds = time.perf_counter() - start
-    final_dir = save_final_model(job)
+    checkpoint = job.run_dir / "checkpoints" / checkpoint_name(step)
+    final_dir = None if interrupted else save_final_model(job)
     metrics.close()
     if acc.is_main_process and cfg.logging.plot:
         plot_loss(metrics.path, job.run_dir / "loss.png")
@@ -173,18 +251,50 @@ def fit(job: TrainJob) -> FitResult:
         best_val_loss=stopping.best if math.isfinite(stopping.best) else None,
         stopped_early=stopped_early,
         final_dir=final_dir,
+        interrupted=interrupted,
+        checkpoint=checkpoint if checkpoint.exists() else None,
     )
     if acc.is_main_process:
-        write_json(
-            job.run_dir / "summary.json",
-            {**result.__dict__, "final_dir": str(final_dir), "tokens_per_second": result.tokens_per_second},
-        )
+        summary = {key: str(value) if isinstance(value, Path) else value for key, value in result.__dict__.items()}
+        write_json(job.run_dir / "summary.json", {**summary, "tokens_per_second": result.tokens_per_second})
     return result
+
+
+def _agree(acc: Any, reason: str | None) -> str | None:
+    """Every process stops at the same step: if any one was asked to stop, all stop."""
+    if acc.num_processes == 1:
+        return reason
+    flags = torch.tensor([reason not in (None, "time limit"), reason == "time limit"], device=acc.device).float()
+    signalled, timed_out = acc.reduce(flags, reduction="sum").tolist()
+    if reason is not None:
+        return reason
+    return "signal on another process" if signalled else ("time limit" if timed_out else None)
+
+
+MODEL_INPUTS = ("input_ids", "attention_mask", "position_ids")
 
 
 def _model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """What the model's forward takes; labels stay with the loop, which computes the loss itself."""
-    return {key: value for key, value in batch.items() if key != "labels"}
+    return {key: value for key, value in batch.items() if key in MODEL_INPUTS}
+
+
+class DataTrace:
+    """RUN/data_trace.jsonl: which blocks every micro-batch of every step used (one file per process)."""
+
+    def __init__(self, run_dir: Path, rank: int, world: int, enabled: bool, resume_step: int | None) -> None:
+        self.enabled = enabled
+        self.path = run_dir / ("data_trace.jsonl" if world == 1 else f"data_trace-rank{rank}.jsonl")
+        if enabled and resume_step is not None:
+            truncate_records(self.path, resume_step)
+
+    def record(self, step: int, micro_batches: list[dict[str, torch.Tensor]]) -> None:
+        if not self.enabled:
+            return
+        with self.path.open("a", encoding="utf-8") as handle:
+            for micro, batch in enumerate(micro_batches):
+                blocks = batch["block_indices"].tolist()
+                handle.write(json.dumps({"step": step, "micro": micro, "blocks": blocks}) + "\n")
 
 
 def _global_sum(acc: Any, value: int) -> int:
@@ -209,9 +319,14 @@ def evaluate_loss(model: Any, batches: list[dict[str, torch.Tensor]], acc: Any) 
     return float(total / count)
 
 
-def _checkpoint(job: TrainJob, step: int, tokens: int, stopping: _EarlyStopping) -> None:
+def _checkpoint(job: TrainJob, step: int, tokens: int, stopping: _EarlyStopping) -> Path:
+    """Save a checkpoint of the state after `step` optimizer steps (every process takes part)."""
+    from accelerate.utils import gather_object
+
     acc = job.accelerator
     state_dict = acc.get_state_dict(job.model)
+    rng_states = gather_object([rng_state()]) if acc.num_processes > 1 else [rng_state()]
+    checkpoints = job.run_dir / "checkpoints"
     acc.wait_for_everyone()
     if acc.is_main_process:
         trainer_state = {
@@ -220,16 +335,19 @@ def _checkpoint(job: TrainJob, step: int, tokens: int, stopping: _EarlyStopping)
             "total_steps": job.total_steps,
             "data": job.loader.state_dict(),
             "early_stopping": {"best": stopping.best, "bad_evals": stopping.bad_evals},
+            "num_processes": acc.num_processes,
             **job.fingerprints,
         }
-        checkpoints = job.run_dir / "checkpoints"
-        model = acc.unwrap_model(job.model)
-        save_checkpoint(checkpoints, step, _with_state(model, state_dict), job.optimizer, trainer_state)
+        model = _WithState(acc.unwrap_model(job.model), state_dict)
+        save_checkpoint(
+            checkpoints, step, model, job.optimizer, trainer_state, rng_states, job.config_yaml, acc.scaler
+        )
         prune_checkpoints(checkpoints, job.cfg.checkpoint.keep_last)
     acc.wait_for_everyone()
+    return checkpoints / checkpoint_name(step)
 
 
-class _with_state:
+class _WithState:
     """Save a model with an explicitly gathered state dict (needed when parameters are sharded)."""
 
     def __init__(self, model: Any, state_dict: dict[str, torch.Tensor]) -> None:

@@ -11,14 +11,17 @@ from typing import Any
 class MetricsLog:
     """Appends one JSON object per event to RUN/metrics.jsonl and mirrors scalars to TensorBoard."""
 
-    def __init__(self, run_dir: Path, tensorboard: bool, enabled: bool = True) -> None:
+    def __init__(self, run_dir: Path, tensorboard: bool, enabled: bool = True, resume_step: int | None = None) -> None:
         self.path = run_dir / "metrics.jsonl"
         self.enabled = enabled
         self.writer: Any = None
+        if enabled and resume_step is not None:
+            truncate_records(self.path, resume_step)  # records after the checkpoint are logged again
         if enabled and tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.writer = SummaryWriter(log_dir=str(run_dir / "tensorboard"))
+            purge = resume_step + 1 if resume_step is not None else None
+            self.writer = SummaryWriter(log_dir=str(run_dir / "tensorboard"), purge_step=purge)
 
     def log(self, record: dict[str, Any]) -> None:
         if not self.enabled:
@@ -36,6 +39,16 @@ class MetricsLog:
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()
+
+
+def truncate_records(path: Path, last_step: int) -> None:
+    """Keep only the JSONL records of steps up to `last_step` (a resumed run logs the rest again)."""
+    if not path.is_file():
+        return
+    kept = [line for line in path.read_text(encoding="utf-8").splitlines() if json.loads(line)["step"] <= last_step]
+    staging = path.with_name(f".{path.name}.tmp")
+    staging.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+    staging.replace(path)
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:

@@ -1,33 +1,48 @@
 """`llmkit pretrain`: set up a run from a recipe and a prepared dataset, then `fit` it.
 
-Every check that can fail on user input runs before the run directory is created, so a bad
-invocation leaves nothing behind.
+Every check that can fail on user input runs before the run directory is touched, so a bad invocation
+leaves nothing behind. With `resume`, the run continues from a verified checkpoint exactly where it was.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from llmkit.config import RunConfig, dump_config
 from llmkit.console import info
-from llmkit.data.store import open_dataset
+from llmkit.data.store import PreparedDataset, open_dataset
 from llmkit.data.tokenizer import load_tokenizer, tokenizer_hash
 from llmkit.errors import UserError
 from llmkit.models import build_model, check_vocab_fits, count_parameters, load_model
+from llmkit.train.checkpoint import read_trainer_state, safe_torch_load, select_checkpoint
 from llmkit.train.loader import BlockLoader, validation_batches
-from llmkit.train.loop import FitResult, TrainJob, fit
+from llmkit.train.loop import FitResult, ResumeState, TrainJob, fit
 from llmkit.train.setup import build_optimizer, claim_run_dir, make_accelerator, steps_for_budget
 
+# Changing these under a resumed run would silently change what the run means.
+GUARDED_FIELDS = ("global_batch_size", "block_size", "tokenizer_hash", "dataset_fingerprint")
 
-def pretrain(cfg: RunConfig, overwrite: bool = False) -> FitResult:
-    """Train a causal LM on the prepared dataset named in `cfg.data.dataset_dir`."""
+
+def pretrain(
+    cfg: RunConfig,
+    overwrite: bool = False,
+    resume: str | None = None,
+    resume_fallback: bool = False,
+    allow_config_change: bool = False,
+) -> FitResult:
+    """Train a causal LM on the prepared dataset named in `cfg.data.dataset_dir`.
+
+    `resume` is "auto" (the newest valid checkpoint of the run, or a fresh start when it has none) or a
+    checkpoint directory.
+    """
+    if resume and overwrite:
+        raise UserError("--resume and --overwrite contradict each other: choose one")
     dataset = open_dataset(cfg.data.dataset_dir)
     tokenizer = load_tokenizer(dataset.tokenizer_dir)
     block_size = int(dataset.manifest["block_size"])
     if block_size != cfg.data.block_size:
-        info(
-            f"{dataset.root}: using the dataset's blocks of {block_size} tokens (the recipe says {cfg.data.block_size})"
-        )
+        info(f"{dataset.root}: using the dataset's blocks of {block_size} tokens (the recipe says {cfg.data.block_size})")
         cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"block_size": block_size})})
     train_split, val_split = dataset.split("train"), dataset.split("val")
     _check_init_tokenizer(cfg, dataset.manifest["tokenizer"]["hash"])
@@ -39,12 +54,25 @@ def pretrain(cfg: RunConfig, overwrite: bool = False) -> FitResult:
             f"{dataset.root}: {len(train_split)} training blocks cannot fill one micro-batch of {micro * world}; "
             "lower train.micro_batch_size or add data"
         )
+    fingerprints = {
+        "dataset_fingerprint": dataset.manifest["fingerprint"],
+        "tokenizer_hash": dataset.manifest["tokenizer"]["hash"],
+        "global_batch_size": micro * cfg.train.grad_accum_steps * world,
+        "block_size": block_size,
+    }
+    run_dir = Path(cfg.out_dir)
+    checkpoint = select_checkpoint(run_dir, resume, resume_fallback) if resume else None
+    saved_state = read_trainer_state(checkpoint) if checkpoint else None
+    if saved_state is not None:
+        _refuse_silent_changes(saved_state, fingerprints, checkpoint, allow_config_change)
 
     from accelerate.utils import set_seed
 
     set_seed(cfg.train.seed)
-    if cfg.model.init_from:
-        model = load_model(cfg.model.init_from, trust_remote_code=cfg.model.trust_remote_code)
+    if checkpoint is not None:
+        model = load_model(checkpoint / "model")
+    elif cfg.model.init_from:
+        model = load_model(cfg.model.init_from, trust_remote_code=cfg.model.trust_remote_code, token=_token(cfg))
     else:
         model = build_model(cfg.model, tokenizer)
     check_vocab_fits(model, tokenizer, str(dataset.root))
@@ -55,13 +83,20 @@ def pretrain(cfg: RunConfig, overwrite: bool = False) -> FitResult:
             "re-run data-prep with a smaller data.block_size"
         )
 
-    run_dir = claim_run_dir(cfg.out_dir, overwrite)
+    if checkpoint is None:
+        _refuse_to_restart(run_dir, resume, overwrite)
+        run_dir = claim_run_dir(run_dir, overwrite, restart_unsaved_run=resume == "auto")
+    config_yaml = dump_config(cfg)
     if accelerator.is_main_process:
-        (run_dir / "config.yaml").write_text(dump_config(cfg), encoding="utf-8")
+        (run_dir / "config.yaml").write_text(config_yaml, encoding="utf-8")
         tokenizer.save_pretrained(run_dir / "tokenizer")
 
     optimizer = build_optimizer(model, cfg.optimizer)
+    if checkpoint is not None:
+        optimizer.load_state_dict(safe_torch_load(checkpoint / "optimizer.pt"))
     model, optimizer = accelerator.prepare(model, optimizer)
+    if checkpoint is not None and accelerator.scaler is not None and (checkpoint / "scaler.pt").is_file():
+        accelerator.scaler.load_state_dict(safe_torch_load(checkpoint / "scaler.pt"))
     loader = BlockLoader(train_split, micro, cfg.train.seed, accelerator.process_index, world)
     val_batches = (
         validation_batches(val_split, micro, cfg.train.eval_batches, accelerator.process_index, world)
@@ -70,14 +105,11 @@ def pretrain(cfg: RunConfig, overwrite: bool = False) -> FitResult:
     )
     tokens_per_step = micro * cfg.train.grad_accum_steps * world * block_size
     total_steps = steps_for_budget(cfg.train, loader.batches_per_epoch, tokens_per_step)
+    resume_state = _resume_state(checkpoint, saved_state, loader, accelerator.process_index) if checkpoint else None
 
-    trainable, total = count_parameters(model)
-    info(
-        f"model: {cfg.model.arch if not cfg.model.init_from else cfg.model.init_from}, "
-        f"{total / 1e6:.2f}M parameters ({trainable / 1e6:.2f}M trainable); "
-        f"data: {len(train_split):,} train / {len(val_split):,} val blocks of {block_size}; "
-        f"{total_steps:,} steps of {tokens_per_step:,} tokens on {world} process(es), {accelerator.device}"
-    )
+    _print_plan(cfg, model, dataset, train_split, val_split, total_steps, tokens_per_step, accelerator)
+    if resume_state is not None:
+        info(f"resuming from {checkpoint} at step {resume_state.step:,} of {total_steps:,}")
     if not val_batches:
         info("no validation split large enough for one batch: validation and early stopping are off")
 
@@ -92,14 +124,66 @@ def pretrain(cfg: RunConfig, overwrite: bool = False) -> FitResult:
         total_steps=total_steps,
         tokens_per_step=tokens_per_step,
         tokenizer=tokenizer,
-        fingerprints={
-            "dataset_fingerprint": dataset.manifest["fingerprint"],
-            "tokenizer_hash": dataset.manifest["tokenizer"]["hash"],
-            "global_batch_size": micro * cfg.train.grad_accum_steps * world,
-            "block_size": block_size,
-        },
+        config_yaml=config_yaml,
+        fingerprints=fingerprints,
+        resume=resume_state,
     )
     return fit(job)
+
+
+def _refuse_to_restart(run_dir: Path, resume: str | None, overwrite: bool) -> None:
+    """A run directory with checkpoints is never restarted from scratch by accident."""
+    checkpoints = run_dir / "checkpoints"
+    if overwrite or not checkpoints.is_dir() or not any(checkpoints.iterdir()):
+        return
+    if resume == "auto":
+        raise UserError(f"{checkpoints}: holds no complete checkpoint to resume; pass --overwrite to start fresh")
+    raise UserError(
+        f"{run_dir}: holds checkpoints of an earlier run; pass --resume auto to continue it "
+        "or --overwrite to start fresh"
+    )
+
+
+def _refuse_silent_changes(
+    saved: dict[str, Any], current: dict[str, Any], checkpoint: Path, allow_config_change: bool
+) -> None:
+    changed = [f"{name} {saved.get(name)} -> {current[name]}" for name in GUARDED_FIELDS if saved.get(name) != current[name]]
+    if changed and not allow_config_change:
+        raise UserError(
+            f"{checkpoint}: resuming would change {'; '.join(changed)}; "
+            "restore the original settings or pass --allow-config-change"
+        )
+    for change in changed:
+        info(f"warning: resuming with a changed setting: {change}")
+
+
+def _resume_state(checkpoint: Path, saved: Any, loader: BlockLoader, rank: int) -> ResumeState:
+    loader.load_state_dict(saved["data"])
+    rng_states = safe_torch_load(checkpoint / "rng.pt")
+    if not isinstance(rng_states, list) or not rng_states:
+        raise UserError(f"{checkpoint / 'rng.pt'}: unexpected content")
+    return ResumeState(
+        checkpoint=checkpoint,
+        step=int(saved["step"]),
+        tokens=int(saved["tokens"]),
+        best_val_loss=float(saved["early_stopping"]["best"]),
+        bad_evals=int(saved["early_stopping"]["bad_evals"]),
+        rng=rng_states[rank] if rank < len(rng_states) else rng_states[0],
+    )
+
+
+def _print_plan(cfg, model, dataset: PreparedDataset, train_split, val_split, total_steps, tokens_per_step, acc) -> None:  # type: ignore[no-untyped-def]
+    trainable, total = count_parameters(model)
+    source = cfg.model.init_from or cfg.model.arch
+    info(
+        f"model: {source}, {total / 1e6:.2f}M parameters ({trainable / 1e6:.2f}M trainable); "
+        f"data: {len(train_split):,} train / {len(val_split):,} val blocks of {dataset.manifest['block_size']}; "
+        f"{total_steps:,} steps of {tokens_per_step:,} tokens on {acc.num_processes} process(es), {acc.device}"
+    )
+
+
+def _token(cfg: RunConfig) -> str | None:
+    return cfg.model.hub_token.get_secret_value() if cfg.model.hub_token else None
 
 
 def _check_init_tokenizer(cfg: RunConfig, dataset_tokenizer_hash: str) -> None:

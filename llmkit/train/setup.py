@@ -15,14 +15,17 @@ from llmkit.errors import UserError
 RUN_MARKERS = ("config.yaml", "metrics.jsonl", "checkpoints", "final")
 
 
-def claim_run_dir(path: str | Path, overwrite: bool) -> Path:
-    """Create the run directory; refuse one that already holds a run unless `overwrite` is given."""
+def claim_run_dir(path: str | Path, overwrite: bool, restart_unsaved_run: bool = False) -> Path:
+    """Create the run directory; refuse one that already holds a run unless `overwrite` is given.
+
+    `restart_unsaved_run` (from `--resume auto`) replaces a run that never saved a checkpoint.
+    """
     run_dir = Path(path)
     if run_dir.exists() and not run_dir.is_dir():
         raise UserError(f"{run_dir}: exists and is a file; choose another --out")
     if run_dir.is_dir() and any(run_dir.iterdir()):
         holds_run = any((run_dir / marker).exists() for marker in RUN_MARKERS)
-        if not overwrite:
+        if not overwrite and not (holds_run and restart_unsaved_run):
             what = "already holds a run" if holds_run else "is not empty"
             raise UserError(
                 f"{run_dir}: output directory {what}; pass --overwrite to replace it or choose another --out"

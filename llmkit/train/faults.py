@@ -1,0 +1,31 @@
+"""Fault injection for the resume tests: kill this process with SIGKILL at an exact point of a run.
+
+Set ``LLMKIT_FAULT_INJECT`` to one of:
+
+* ``kill@STEP.MICRO``  after micro-batch MICRO (0-based) of optimizer step STEP (1-based) has run backward;
+* ``kill-in-save@STEP`` while the checkpoint of STEP is half written (model saved, nothing else).
+
+It is read once at import, is meant for tests and for users who want to check their own recovery, and
+does nothing when unset. SIGKILL cannot be caught: this is a real crash, not a simulated one.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+
+_SPEC = os.environ.get("LLMKIT_FAULT_INJECT", "")
+
+
+def _kill() -> None:
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def maybe_kill(point: str, step: int, micro: int = 0) -> None:
+    if not _SPEC:
+        return
+    kind, _, where = _SPEC.partition("@")
+    if point == "step" and kind == "kill" and where == f"{step}.{micro}":
+        _kill()
+    if point == "save" and kind == "kill-in-save" and where == str(step):
+        _kill()

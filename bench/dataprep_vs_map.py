@@ -43,7 +43,10 @@ def main() -> None:
     size = sum(p.stat().st_size for p in files)
     tokenizer = train_bpe(texts[:20_000], vocab_size=2048)
     tokenizer.save_pretrained(work / "tokenizer")
-    print(f"{args.docs:,} documents in {args.files} JSONL files ({size / 2**20:.1f} MiB), tokenizer vocab {len(tokenizer)}")
+    print(
+        f"{args.docs:,} documents in {args.files} JSONL files ({size / 2**20:.1f} MiB), "
+        f"tokenizer vocab {len(tokenizer)}"
+    )
 
     for num_proc in sorted({1, args.num_proc}):
         map_seconds, map_tokens = run_datasets_map(files, work / "tokenizer", work / f"hf-cache-{num_proc}", num_proc)

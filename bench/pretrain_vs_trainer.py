@@ -52,9 +52,15 @@ def main() -> None:
     print(f"model: llama {args.layers}x{args.hidden}, {args.steps} steps x {args.batch} x {args.block} tokens")
 
     trainer_seconds, trainer_loss = run_trainer(cfg, work, args)
-    print(f"transformers.Trainer: {tokens / trainer_seconds:>9,.0f} tokens/s  ({trainer_seconds:.1f}s, last logged loss {trainer_loss:.3f})")
+    print(
+        f"transformers.Trainer: {tokens / trainer_seconds:>9,.0f} tokens/s  "
+        f"({trainer_seconds:.1f}s, last logged loss {trainer_loss:.3f})"
+    )
     result = pretrain(cfg, overwrite=True)
-    print(f"llmkit pretrain:      {result.tokens_per_second:>9,.0f} tokens/s  ({result.seconds:.1f}s, last step loss {result.train_loss:.3f})")
+    print(
+        f"llmkit pretrain:      {result.tokens_per_second:>9,.0f} tokens/s  "
+        f"({result.seconds:.1f}s, last step loss {result.train_loss:.3f})"
+    )
     print(f"ratio llmkit / Trainer: {result.tokens_per_second / (tokens / trainer_seconds):.2f}x")
 
 

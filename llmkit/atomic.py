@@ -30,6 +30,18 @@ def atomic_directory(target: str | Path) -> Iterator[Path]:
     replace_directory(staging, target)
 
 
+def remove_stale_staging(parent: Path, pattern: str) -> int:
+    """Delete staging directories left by a process that was killed (e.g. `.data.tmp-*`); returns the count.
+
+    Two processes writing the same output at once are not supported, so any staging directory found before
+    a new one is made belongs to a dead process.
+    """
+    stale = [p for p in parent.glob(pattern) if p.is_dir()] if parent.is_dir() else []
+    for path in stale:
+        shutil.rmtree(path, ignore_errors=True)
+    return len(stale)
+
+
 def replace_directory(staging: Path, target: Path) -> None:
     """Move `staging` to `target`, replacing what was there with two renames (never a half state)."""
     retired = None

@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from llmkit import __version__
-from llmkit.atomic import atomic_directory, write_json
+from llmkit.atomic import atomic_directory, remove_stale_staging, write_json
 from llmkit.config import DataConfig
 from llmkit.console import console, progress_bar
 from llmkit.data.cleaning import DocumentFilter, clean_text, is_validation
@@ -93,6 +93,7 @@ def prepare_dataset(cfg: DataConfig, out: str | Path, overwrite: bool = False) -
         raise UserError(f"{out}: directory is not empty and holds no llmkit dataset; pass --overwrite to replace it")
 
     start = time.perf_counter()
+    remove_stale_staging(out.parent, f".{out.name}.tmp-*")  # left by an interrupted run
     with atomic_directory(out) as staging:
         if existing_tokenizer is not None:
             tokenizer, tokenizer_source = existing_tokenizer, cfg.tokenizer

@@ -100,7 +100,9 @@ def verify_checkpoint(checkpoint: Path) -> None:
             raise UserError(f"{path}: checkpoint file is missing")
         size = path.stat().st_size
         if size != expected["bytes"]:
-            raise UserError(f"{path}: checkpoint file is truncated or altered ({size} bytes, sealed with {expected['bytes']})")
+            raise UserError(
+                f"{path}: checkpoint file is truncated or altered ({size} bytes, sealed with {expected['bytes']})"
+            )
         if _sha256(path) != expected["sha256"]:
             raise UserError(f"{path}: checkpoint file is corrupted (sha256 does not match its seal)")
 

@@ -134,8 +134,12 @@ def fit(job: TrainJob) -> FitResult:
     train_cfg = cfg.train
     resume = job.resume
     step, tokens = (resume.step, resume.tokens) if resume else (0, 0)
-    metrics = MetricsLog(job.run_dir, cfg.logging.tensorboard, enabled=acc.is_main_process, resume_step=step if resume else None)
-    trace = DataTrace(job.run_dir, acc.process_index, acc.num_processes, cfg.logging.data_trace, step if resume else None)
+    metrics = MetricsLog(
+        job.run_dir, cfg.logging.tensorboard, enabled=acc.is_main_process, resume_step=step if resume else None
+    )
+    trace = DataTrace(
+        job.run_dir, acc.process_index, acc.num_processes, cfg.logging.data_trace, step if resume else None
+    )
     stopping = _EarlyStopping(train_cfg.early_stopping_patience, train_cfg.early_stopping_min_delta)
     if resume:
         stopping.best, stopping.bad_evals = resume.best_val_loss, resume.bad_evals
@@ -188,7 +192,11 @@ def fit(job: TrainJob) -> FitResult:
                 info(f"{problem}: skipped ({bad_steps} of {train_cfg.max_bad_steps} allowed)")
                 metrics.log({"step": step + 1, "tokens": tokens, "skipped_step": 1})
             else:
-                if train_cfg.loss_spike_factor and running_loss and loss_value > train_cfg.loss_spike_factor * running_loss:
+                if (
+                    train_cfg.loss_spike_factor
+                    and running_loss
+                    and loss_value > train_cfg.loss_spike_factor * running_loss
+                ):
                     info(f"loss spike at step {step + 1}: {loss_value:.4f} vs running mean {running_loss:.4f}")
                     metrics.log({"step": step + 1, "tokens": tokens, "loss_spike": loss_value})
                 running_loss = loss_value if running_loss is None else 0.9 * running_loss + 0.1 * loss_value
@@ -339,9 +347,7 @@ def _checkpoint(job: TrainJob, step: int, tokens: int, stopping: _EarlyStopping)
             **job.fingerprints,
         }
         model = _WithState(acc.unwrap_model(job.model), state_dict)
-        save_checkpoint(
-            checkpoints, step, model, job.optimizer, trainer_state, rng_states, job.config_yaml, acc.scaler
-        )
+        save_checkpoint(checkpoints, step, model, job.optimizer, trainer_state, rng_states, job.config_yaml, acc.scaler)
         prune_checkpoints(checkpoints, job.cfg.checkpoint.keep_last)
     acc.wait_for_everyone()
     return checkpoints / checkpoint_name(step)

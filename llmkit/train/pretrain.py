@@ -9,6 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from llmkit.atomic import remove_stale_staging
 from llmkit.config import RunConfig, dump_config
 from llmkit.console import info
 from llmkit.data.store import PreparedDataset, open_dataset
@@ -42,7 +43,9 @@ def pretrain(
     tokenizer = load_tokenizer(dataset.tokenizer_dir)
     block_size = int(dataset.manifest["block_size"])
     if block_size != cfg.data.block_size:
-        info(f"{dataset.root}: using the dataset's blocks of {block_size} tokens (the recipe says {cfg.data.block_size})")
+        info(
+            f"{dataset.root}: using the dataset's blocks of {block_size} tokens (the recipe says {cfg.data.block_size})"
+        )
         cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"block_size": block_size})})
     train_split, val_split = dataset.split("train"), dataset.split("val")
     _check_init_tokenizer(cfg, dataset.manifest["tokenizer"]["hash"])
@@ -63,7 +66,7 @@ def pretrain(
     run_dir = Path(cfg.out_dir)
     checkpoint = select_checkpoint(run_dir, resume, resume_fallback) if resume else None
     saved_state = read_trainer_state(checkpoint) if checkpoint else None
-    if saved_state is not None:
+    if checkpoint is not None and saved_state is not None:
         _refuse_silent_changes(saved_state, fingerprints, checkpoint, allow_config_change)
 
     from accelerate.utils import set_seed
@@ -88,6 +91,7 @@ def pretrain(
         run_dir = claim_run_dir(run_dir, overwrite, restart_unsaved_run=resume == "auto")
     config_yaml = dump_config(cfg)
     if accelerator.is_main_process:
+        remove_stale_staging(run_dir / "checkpoints", ".step-*.tmp-*")  # saves cut off by a kill
         (run_dir / "config.yaml").write_text(config_yaml, encoding="utf-8")
         tokenizer.save_pretrained(run_dir / "tokenizer")
 
@@ -147,7 +151,9 @@ def _refuse_to_restart(run_dir: Path, resume: str | None, overwrite: bool) -> No
 def _refuse_silent_changes(
     saved: dict[str, Any], current: dict[str, Any], checkpoint: Path, allow_config_change: bool
 ) -> None:
-    changed = [f"{name} {saved.get(name)} -> {current[name]}" for name in GUARDED_FIELDS if saved.get(name) != current[name]]
+    changed = [
+        f"{name} {saved.get(name)} -> {current[name]}" for name in GUARDED_FIELDS if saved.get(name) != current[name]
+    ]
     if changed and not allow_config_change:
         raise UserError(
             f"{checkpoint}: resuming would change {'; '.join(changed)}; "
@@ -172,7 +178,16 @@ def _resume_state(checkpoint: Path, saved: Any, loader: BlockLoader, rank: int) 
     )
 
 
-def _print_plan(cfg, model, dataset: PreparedDataset, train_split, val_split, total_steps, tokens_per_step, acc) -> None:  # type: ignore[no-untyped-def]
+def _print_plan(
+    cfg: RunConfig,
+    model: Any,
+    dataset: PreparedDataset,
+    train_split: Any,
+    val_split: Any,
+    total_steps: int,
+    tokens_per_step: int,
+    acc: Any,
+) -> None:
     trainable, total = count_parameters(model)
     source = cfg.model.init_from or cfg.model.arch
     info(

@@ -154,3 +154,64 @@ def test_the_installed_console_script_prints_one_line_and_exits_2(tmp_path: Path
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [f"error: {tmp_path / 'missing.jsonl'}: file not found"]
     assert "Traceback" not in proc.stdout + proc.stderr
+
+
+
+def _write(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path
+
+
+# case -> (arguments built from (scratch directory, prepared dataset), fragments the one line must contain)
+CASES = {
+    "glob matches nothing": (
+        lambda d, data: ["data-prep", d / "raw" / "*.jsonl", "--out", d / "ds"], ["no files match this pattern"]),
+    "unsupported file type": (
+        lambda d, data: ["data-prep", _write(d / "notes.docx", "x"), "--out", d / "ds"], ["unsupported file type"]),
+    "non-text field value": (
+        lambda d, data: ["data-prep", _write(d / "n.jsonl", '{"text": "ok"}\n{"text": 5}\n'), "--out", d / "ds"],
+        ["n.jsonl:2", "field 'text' is int"]),
+    "too little data for one block": (
+        lambda d, data: ["data-prep", _write(d / "s.jsonl", '{"text": "tiny doc"}\n'), "--out", d / "ds",
+                         "--val-fraction", "0"], ["fewer than one block of 256"]),
+    "bad config value": (
+        lambda d, data: ["pretrain", "--set", "train.micro_batch_size=-1", "--out", d / "ds"],
+        ["'train.micro_batch_size'", "got -1"]),
+    "bad YAML": (
+        lambda d, data: ["pretrain", "--config", _write(d / "b.yaml", "train: [1, 2\n"), "--out", d / "ds"],
+        ["b.yaml:"]),
+    "missing config file": (
+        lambda d, data: ["pretrain", "--config", d / "none.yaml", "--out", d / "ds"], ["config file not found"]),
+    "bad --max-time": (
+        lambda d, data: ["pretrain", "--max-time", "soon", "--out", d / "ds"], ["--max-time 'soon'"]),
+    "resume and overwrite together": (
+        lambda d, data: ["pretrain", "--data", data, "--resume", "auto", "--overwrite", "--out", d / "ds"],
+        ["contradict"]),
+    "resume path is not a checkpoint": (
+        lambda d, data: ["pretrain", "--data", data, "--resume", d, "--out", d / "ds"], ["not a checkpoint"]),
+    "bad sampling options": (
+        lambda d, data: ["generate", d, "--prompt", "x", "--top-p", "0"], ["top-p"]),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_error_matrix(case: str, tmp_path: Path, tiny_dataset: Path) -> None:
+    make_args, fragments = CASES[case]
+    assert_user_error(run_cli(*make_args(tmp_path, tiny_dataset)), *fragments)
+    assert_nothing_written(tmp_path, "ds")
+
+
+def test_every_documented_error_names_an_existing_test() -> None:
+    root = Path(__file__).parent.parent
+    tests = "".join(p.read_text() for p in (root / "tests").glob("test_*.py"))
+    errors_table = (root / "docs" / "errors.md").read_text().split("## Exit codes")[0]
+    rows = [line for line in errors_table.splitlines() if line.startswith("| ")]
+    assert len(rows) > 20
+    for row in rows:
+        cells = [cell.strip() for cell in row.strip().strip("|").split("|")]
+        if cells[0] in ("case", "---"):
+            continue
+        test, _, case = cells[-1].strip("`").partition("[")
+        assert test, f"docs/errors.md: '{cells[0]}' names no test"
+        assert f"def {test}(" in tests, f"docs/errors.md: test {test} does not exist"
+        assert not case or f'"{case.rstrip("]")}"' in tests, f"docs/errors.md: no case {case} in {test}"

@@ -172,13 +172,15 @@ def pretrain_command(
     }
     cfg = load_config(config, overrides, flags)
     result = pretrain(cfg, overwrite, resume, resume_fallback, allow_config_change)
-    print_fit_summary(result)
-    if result.interrupted:
+    if result.main_process:
+        print_fit_summary(result)
+    if result.interrupted and result.main_process:
         print(
             f"stopped ({result.interrupted}) at step {result.steps}; checkpoint {result.checkpoint}; "
             "continue with --resume auto",
             file=sys.stderr,
         )
+    if result.interrupted:
         raise typer.Exit(PREEMPTED_EXIT)
 
 

@@ -34,12 +34,15 @@ def info(message: str) -> None:
 
 
 @contextmanager
-def progress_bar(description: str, total: float | None, unit: str = "it", **fields: Any) -> Iterator[Any]:
+def progress_bar(description: str, total: float | None, unit: str = "it", enabled: bool = True) -> Iterator[Any]:
     """A progress bar with a custom stats field; yields `update(advance, **fields)`.
 
     On a terminal it is a rich bar with ETA; otherwise it prints a plain line at most every 10 seconds
     and once at the end, so CI logs stay short and readable.
     """
+    if not enabled:
+        yield lambda advance=1, stats="": None
+        return
     if interactive():
         columns = [
             TextColumn("[bold]{task.description}"),

@@ -156,7 +156,6 @@ def test_the_installed_console_script_prints_one_line_and_exits_2(tmp_path: Path
     assert "Traceback" not in proc.stdout + proc.stderr
 
 
-
 def _write(path: Path, text: str) -> Path:
     path.write_text(text)
     return path

@@ -80,6 +80,7 @@ class FitResult:
     final_dir: Path | None
     interrupted: str | None = None  # "SIGTERM", "SIGUSR1" or "time limit": a checkpoint was saved, resume it
     checkpoint: Path | None = None
+    main_process: bool = True
 
     @property
     def tokens_per_second(self) -> float:
@@ -152,7 +153,8 @@ def fit(job: TrainJob) -> FitResult:
     deadline = time.monotonic() + train_cfg.max_time if train_cfg.max_time else None
     model.train()
 
-    with _StopSignals() as signals, progress_bar("training", job.total_steps, unit="steps") as update:
+    bar = progress_bar("training", job.total_steps, unit="steps", enabled=acc.is_main_process)
+    with _StopSignals() as signals, bar as update:
         update(step, "resuming" if resume else "")
         while step < job.total_steps:
             lr = lr_at(step, job.total_steps, cfg.optimizer.lr, cfg.schedule)
@@ -238,7 +240,7 @@ def fit(job: TrainJob) -> FitResult:
             rate = (tokens - (resume.tokens if resume else 0)) / (time.perf_counter() - start)
             val_text = f" val {val_loss:.3f}" if val_loss is not None else ""
             update(1, f"loss {loss_value:.3f}{val_text} lr {lr:.1e} {rate:,.0f} tok/s")
-            if stopped_early:
+            if stopped_early and acc.is_main_process:
                 info(f"early stopping at step {step}: no validation improvement in {stopping.patience} evaluations")
                 break
             if interrupted:
@@ -261,9 +263,11 @@ def fit(job: TrainJob) -> FitResult:
         final_dir=final_dir,
         interrupted=interrupted,
         checkpoint=checkpoint if checkpoint.exists() else None,
+        main_process=acc.is_main_process,
     )
     if acc.is_main_process:
         summary = {key: str(value) if isinstance(value, Path) else value for key, value in result.__dict__.items()}
+        summary.pop("main_process")
         write_json(job.run_dir / "summary.json", {**summary, "tokens_per_second": result.tokens_per_second})
     return result
 

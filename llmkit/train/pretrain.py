@@ -42,11 +42,8 @@ def pretrain(
     dataset = open_dataset(cfg.data.dataset_dir)
     tokenizer = load_tokenizer(dataset.tokenizer_dir)
     block_size = int(dataset.manifest["block_size"])
-    if block_size != cfg.data.block_size:
-        info(
-            f"{dataset.root}: using the dataset's blocks of {block_size} tokens (the recipe says {cfg.data.block_size})"
-        )
-        cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"block_size": block_size})})
+    recipe_block_size = cfg.data.block_size
+    cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"block_size": block_size})})
     train_split, val_split = dataset.split("train"), dataset.split("val")
     _check_init_tokenizer(cfg, dataset.manifest["tokenizer"]["hash"])
 
@@ -88,7 +85,7 @@ def pretrain(
 
     if checkpoint is None:
         _refuse_to_restart(run_dir, resume, overwrite)
-        run_dir = claim_run_dir(run_dir, overwrite, restart_unsaved_run=resume == "auto")
+        run_dir = claim_run_dir(run_dir, overwrite, accelerator, restart_unsaved_run=resume == "auto")
     config_yaml = dump_config(cfg)
     if accelerator.is_main_process:
         remove_stale_staging(run_dir / "checkpoints", ".step-*.tmp-*")  # saves cut off by a kill
@@ -111,11 +108,14 @@ def pretrain(
     total_steps = steps_for_budget(cfg.train, loader.batches_per_epoch, tokens_per_step)
     resume_state = _resume_state(checkpoint, saved_state, loader, accelerator.process_index) if checkpoint else None
 
-    _print_plan(cfg, model, dataset, train_split, val_split, total_steps, tokens_per_step, accelerator)
-    if resume_state is not None:
-        info(f"resuming from {checkpoint} at step {resume_state.step:,} of {total_steps:,}")
-    if not val_batches:
-        info("no validation split large enough for one batch: validation and early stopping are off")
+    if accelerator.is_main_process:
+        if block_size != recipe_block_size:
+            info(f"{dataset.root}: using the dataset's blocks of {block_size} (the recipe says {recipe_block_size})")
+        _print_plan(cfg, model, dataset, train_split, val_split, total_steps, tokens_per_step, accelerator)
+        if resume_state is not None:
+            info(f"resuming from {checkpoint} at step {resume_state.step:,} of {total_steps:,}")
+        if not val_batches:
+            info("no validation split large enough for one batch: validation and early stopping are off")
 
     job = TrainJob(
         cfg=cfg,

@@ -15,14 +15,16 @@ from llmkit.errors import UserError
 RUN_MARKERS = ("config.yaml", "metrics.jsonl", "checkpoints", "final")
 
 
-def claim_run_dir(path: str | Path, overwrite: bool, restart_unsaved_run: bool = False) -> Path:
+def claim_run_dir(path: str | Path, overwrite: bool, accelerator: Any, restart_unsaved_run: bool = False) -> Path:
     """Create the run directory; refuse one that already holds a run unless `overwrite` is given.
 
-    `restart_unsaved_run` (from `--resume auto`) replaces a run that never saved a checkpoint.
+    `restart_unsaved_run` (from `--resume auto`) replaces a run that never saved a checkpoint. Every process
+    checks before the main process changes anything, so all of them reach the same decision.
     """
     run_dir = Path(path)
     if run_dir.exists() and not run_dir.is_dir():
         raise UserError(f"{run_dir}: exists and is a file; choose another --out")
+    replace = False
     if run_dir.is_dir() and any(run_dir.iterdir()):
         holds_run = any((run_dir / marker).exists() for marker in RUN_MARKERS)
         if not overwrite and not (holds_run and restart_unsaved_run):
@@ -30,8 +32,13 @@ def claim_run_dir(path: str | Path, overwrite: bool, restart_unsaved_run: bool =
             raise UserError(
                 f"{run_dir}: output directory {what}; pass --overwrite to replace it or choose another --out"
             )
-        shutil.rmtree(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
+        replace = True
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        if replace:
+            shutil.rmtree(run_dir)
+        run_dir.mkdir(parents=True, exist_ok=True)
+    accelerator.wait_for_everyone()
     return run_dir
 
 
@@ -46,7 +53,8 @@ def make_accelerator(precision: PrecisionConfig) -> Any:
     # Accelerate keeps its settings in a process-wide singleton; a second run in the same Python process
     # (a notebook, the test suite) may ask for another precision. The process group (PartialState) is kept.
     AcceleratorState._reset_state()
-    return Accelerator(mixed_precision=mixed)
+    # Without a GPU, Accelerate treats a torchrun/accelerate launch as multi-process (gloo) only when asked for CPU.
+    return Accelerator(mixed_precision=mixed, cpu=not torch.cuda.is_available())
 
 
 def build_optimizer(model: Any, cfg: OptimizerConfig) -> torch.optim.Optimizer:

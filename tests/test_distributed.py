@@ -1,0 +1,70 @@
+"""Several processes on CPU (torchrun, gloo): ranks agree on stopping, and the step's work is split across them."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from llmkit.train.checkpoint import complete_checkpoints
+from tests.conftest import TINY_MODEL
+
+pytestmark = pytest.mark.slow
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533"]
+
+
+def train_args(data: Path, out: Path, steps: int) -> list[str]:
+    return [
+        "-m", "llmkit", "pretrain", "--data", str(data), "--out", str(out), "--max-steps", str(steps),
+        "--micro-batch-size", "4", *TINY_MODEL, "--set", "checkpoint.every_steps=100000",
+        "--set", "logging.every_steps=1", "--set", "train.eval_every=100000", "--set", "logging.tensorboard=false",
+    ]  # fmt: skip
+
+
+def worker_with_rank(launcher: psutil.Process, rank: int, timeout: float = 120) -> psutil.Process:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for child in launcher.children(recursive=True):
+            try:
+                if child.environ().get("RANK") == str(rank) and "llmkit" in " ".join(child.cmdline()):
+                    return child
+            except psutil.Error:
+                continue
+        time.sleep(0.1)
+    raise AssertionError(f"no worker with RANK={rank}")
+
+
+def test_a_signal_to_one_rank_stops_every_rank_at_the_same_step(tiny_dataset: Path, tmp_path: Path) -> None:
+    if shutil.which("nvidia-smi"):
+        pytest.skip("this test runs the CPU (gloo) path")
+    run = tmp_path / "run"
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
+    launcher = subprocess.Popen([*TORCHRUN, *train_args(tiny_dataset, run, steps=3000)], env=env,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    metrics = run / "metrics.jsonl"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and not (metrics.is_file() and len(metrics.read_text().splitlines()) >= 3):
+        time.sleep(0.05)
+    worker_with_rank(psutil.Process(launcher.pid), rank=1).send_signal(signal.SIGUSR1)
+    stdout, stderr = launcher.communicate(timeout=180)
+    summary = json.loads((run / "summary.json").read_text())  # written by rank 0, which got no signal itself
+    assert summary["interrupted"] == "signal on another process", stderr[-2000:]
+    (checkpoint,) = complete_checkpoints(run / "checkpoints")
+    assert checkpoint.name == f"step-{summary['steps']:08d}" and summary["steps"] < 3000
+    state = json.loads((checkpoint / "trainer_state.json").read_text())
+    assert state["num_processes"] == 2 and state["global_batch_size"] == 8
+    assert summary["tokens"] == summary["steps"] * 8 * 32  # each token counted once, not once per rank
+
+    resumed = subprocess.run([*TORCHRUN, *train_args(tiny_dataset, run, steps=summary["steps"] + 3),
+                              "--resume", "auto"], env=env, capture_output=True, text=True, timeout=180)  # fmt: skip
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert f"resuming from {checkpoint}" in resumed.stdout
+    assert json.loads((run / "summary.json").read_text())["steps"] == summary["steps"] + 3

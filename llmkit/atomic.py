@@ -1,10 +1,12 @@
-"""Atomic outputs: build a directory or file beside its target, then rename it into place.
+"""Files on disk: atomic outputs and content checksums.
 
-A reader never sees a half-written dataset, checkpoint or model: either the old one or the new one.
+Outputs are built beside their target and renamed into place, so a reader never sees a half-written dataset,
+checkpoint or model: either the old one or the new one.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -63,3 +65,12 @@ def write_json(path: str | Path, data: Any) -> None:
         handle.flush()
         os.fsync(handle.fileno())
     os.replace(staging, path)
+
+
+def file_sha256(path: Path) -> str:
+    """sha256 of a file's content, read in 1 MiB chunks."""
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()

@@ -15,9 +15,10 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from llmkit.atomic import file_sha256
 from llmkit.config import ScheduleConfig, TrainConfig, load_config
 from llmkit.data.store import open_dataset
-from llmkit.train.checkpoint import COMPLETE, _sha256, complete_checkpoints
+from llmkit.train.checkpoint import COMPLETE, complete_checkpoints
 from llmkit.train.loader import BlockLoader
 from llmkit.train.schedules import lr_at
 from llmkit.train.setup import steps_for_budget
@@ -48,7 +49,7 @@ def test_checkpoints_are_complete_and_pruned(tiny_run: Path) -> None:
         seal = json.loads((checkpoint / COMPLETE).read_text())
         expected = {"model/model.safetensors", "optimizer.pt", "rng.pt", "trainer_state.json", "config.yaml"}
         assert expected <= set(seal["files"])
-        assert all(_sha256(checkpoint / name) == entry["sha256"] for name, entry in seal["files"].items())
+        assert all(file_sha256(checkpoint / name) == entry["sha256"] for name, entry in seal["files"].items())
         state = json.loads((checkpoint / "trainer_state.json").read_text())
         assert {
             "step",

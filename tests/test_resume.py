@@ -20,7 +20,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from llmkit.train.checkpoint import COMPLETE, _sha256, complete_checkpoints
+from llmkit.atomic import file_sha256
+from llmkit.train.checkpoint import COMPLETE, complete_checkpoints
 from tests.conftest import TINY_MODEL, run_cli, tiny_data_args
 
 pytestmark = pytest.mark.slow
@@ -153,7 +154,7 @@ def test_a_second_signal_does_no_harm(small_dataset: Path, tmp_path: Path) -> No
     assert "already stopping" in stderr or stderr.count("SIGUSR1 received") == 1
     (checkpoint,) = complete_checkpoints(tmp_path / "run" / "checkpoints")
     seal = json.loads((checkpoint / COMPLETE).read_text())
-    assert all(_sha256(checkpoint / name) == entry["sha256"] for name, entry in seal["files"].items())
+    assert all(file_sha256(checkpoint / name) == entry["sha256"] for name, entry in seal["files"].items())
 
 
 def test_max_time_checkpoints_and_exits_75(small_dataset: Path, tmp_path: Path) -> None:
@@ -243,7 +244,7 @@ def test_a_pickle_with_a_code_payload_is_refused(finished_run: Path, small_datas
     seal = json.loads((newest / COMPLETE).read_text())  # re-seal, as an attacker would
     seal["files"]["optimizer.pt"] = {
         "bytes": (newest / "optimizer.pt").stat().st_size,
-        "sha256": _sha256(newest / "optimizer.pt"),
+        "sha256": file_sha256(newest / "optimizer.pt"),
     }
     (newest / COMPLETE).write_text(json.dumps(seal))
     result = run_cli("pretrain", *resume_args(small_dataset, finished_run, steps=18), "--resume", "auto")

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import csv
 import glob
-import hashlib
 import json
 import sys
 from collections.abc import Iterator
@@ -16,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from llmkit.atomic import file_sha256
 from llmkit.data.corpus import BUILTIN_CORPORA, generate
 from llmkit.errors import UserError, did_you_mean
 
@@ -84,14 +84,6 @@ def _file_sources(spec: str) -> list[Source]:
             raise UserError(f"{p}: unsupported file type '{p.suffix}' (use {', '.join(sorted(SUFFIXES))})")
         sources.append(Source("file", str(p), p.stat().st_size, file_sha256(p)))
     return sources
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def read_documents(

@@ -16,7 +16,6 @@ that looks like a checkpoint. Loading verifies every checksum first and names th
 
 from __future__ import annotations
 
-import hashlib
 import json
 import pickle
 import random
@@ -28,7 +27,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from llmkit.atomic import atomic_directory, write_json
+from llmkit.atomic import atomic_directory, file_sha256, write_json
 from llmkit.errors import UserError
 from llmkit.train import faults
 
@@ -63,7 +62,7 @@ def save_checkpoint(
         write_json(staging / "trainer_state.json", trainer_state)
         (staging / "config.yaml").write_text(config_yaml, encoding="utf-8")
         files = sorted(p for p in staging.rglob("*") if p.is_file())
-        seal = {str(p.relative_to(staging)): {"bytes": p.stat().st_size, "sha256": _sha256(p)} for p in files}
+        seal = {str(p.relative_to(staging)): {"bytes": p.stat().st_size, "sha256": file_sha256(p)} for p in files}
         write_json(staging / COMPLETE, {"step": step, "files": seal})
     return target
 
@@ -103,7 +102,7 @@ def verify_checkpoint(checkpoint: Path) -> None:
             raise UserError(
                 f"{path}: checkpoint file is truncated or altered ({size} bytes, sealed with {expected['bytes']})"
             )
-        if _sha256(path) != expected["sha256"]:
+        if file_sha256(path) != expected["sha256"]:
             raise UserError(f"{path}: checkpoint file is corrupted (sha256 does not match its seal)")
 
 
@@ -169,11 +168,3 @@ def restore_rng_state(state: dict[str, Any]) -> None:
 
 def read_trainer_state(checkpoint: Path) -> dict[str, Any]:
     return dict(json.loads((checkpoint / "trainer_state.json").read_text(encoding="utf-8")))
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()

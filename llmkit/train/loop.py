@@ -168,7 +168,11 @@ def fit(job: TrainJob) -> FitResult:
             step_targets = _global_sum(acc, sum(count_targets(b["labels"]) for b in micro_batches))
             step_loss = torch.zeros((), device=acc.device)
             for i, batch in enumerate(micro_batches):
-                batch = {key: value.to(acc.device, non_blocking=True) for key, value in batch.items()}
+                batch = {
+                    key: value.to(acc.device, non_blocking=True)
+                    for key, value in batch.items()
+                    if key != "block_indices"
+                }
                 last = i == len(micro_batches) - 1
                 with nullcontext() if last or acc.num_processes == 1 else acc.no_sync(model):
                     logits = model(**_model_inputs(batch)).logits

@@ -176,6 +176,45 @@ class LoggingConfig(Section):
     )
 
 
+class LoraConfig(Section):
+    """LoRA adapters through peft (methods lora and qlora)."""
+
+    r: int = Field(16, ge=1, description="Adapter rank.")
+    alpha: int = Field(32, ge=1, description="Scaling numerator: updates are scaled by alpha / r.")
+    dropout: float = Field(0.05, ge=0, lt=1, description="Dropout on the adapter input.")
+    target_modules: list[str] | None = Field(
+        None, description="Module names to adapt; unset detects the attention and MLP projections."
+    )
+    dora: bool = Field(False, description="Weight-decomposed LoRA (DoRA).")
+
+
+class FinetuneConfig(Section):
+    """`llmkit finetune`: task, data format, chat template, packing and training method."""
+
+    task: Literal["sft", "classify"] = Field("sft", description="Supervised fine-tuning or text classification.")
+    format: Literal["auto", "messages", "sharegpt", "alpaca", "prompt_completion", "classification", "text"] = Field(
+        "auto", description="Data format; auto detects it from the first row's fields."
+    )
+    columns: dict[str, str] = Field(
+        default_factory=dict, description="Rename your fields to llmkit's: {instruction: question, output: answer}."
+    )
+    val_file: str | None = Field(None, description="Validation file; unset holds out data.val_fraction of rows.")
+    max_length: int = Field(1024, ge=8, description="Longest example in tokens; longer ones are truncated.")
+    chat_template: Literal["auto", "chatml", "llama3", "alpaca"] = Field(
+        "auto", description="The tokenizer's own template (auto, falling back to chatml) or a built-in one."
+    )
+    train_on_prompt: bool = Field(False, description="Train on every token, not only assistant/completion tokens.")
+    packing: bool = Field(True, description="Pack examples into full rows (no cross-attention); off pads instead.")
+    method: Literal["full", "lora", "qlora", "freeze"] = Field("full", description="What is trained.")
+    lora: LoraConfig = Field(default_factory=LoraConfig)  # type: ignore[arg-type]
+    freeze_top_layers: int | None = Field(
+        None, ge=1, description="Method freeze: train only the top N transformer layers (and the head)."
+    )
+    trainable_modules: list[str] = Field(
+        default_factory=list, description="Method freeze: also train parameters whose names contain these strings."
+    )
+
+
 class RunConfig(Section):
     """A whole recipe: everything data-prep and pretrain need."""
 
@@ -189,6 +228,7 @@ class RunConfig(Section):
     precision: PrecisionConfig = Field(default_factory=PrecisionConfig)  # type: ignore[arg-type]
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)  # type: ignore[arg-type]
     logging: LoggingConfig = Field(default_factory=LoggingConfig)  # type: ignore[arg-type]
+    finetune: FinetuneConfig = Field(default_factory=FinetuneConfig)  # type: ignore[arg-type]
 
 
 def read_yaml(path: str | Path) -> dict[str, Any]:
@@ -311,28 +351,29 @@ This page is generated from the schema by `make docs` (`llmkit config keys`); a 
 def describe_keys() -> str:
     """Every config key as a Markdown table per section: key, default, description (the reference docs)."""
     lines: list[str] = [REFERENCE_HEADER]
-    top = [(name, field) for name, field in RunConfig.model_fields.items() if not _is_section(field.annotation)]
-    sections = [(name, field) for name, field in RunConfig.model_fields.items() if _is_section(field.annotation)]
-    for title, fields in [("top level", top)] + [(name, _section_fields(field.annotation)) for name, field in sections]:
-        prefix = "" if title == "top level" else f"{title}."
-        doc = "" if title == "top level" else (_section_doc(RunConfig.model_fields[title].annotation))
+    fields = RunConfig.model_fields
+    top = [(name, field) for name, field in fields.items() if not _is_section(field.annotation)]
+    sections: list[tuple[str, Any]] = [(n, f.annotation) for n, f in fields.items() if _is_section(f.annotation)]
+    for title, rows, doc in [("top level", _rows("", top), "")] + [
+        (name, _rows(f"{name}.", list(model.model_fields.items())), " ".join((model.__doc__ or "").split()))
+        for name, model in sections
+    ]:
         lines += [f"## {title}", ""] + ([doc, ""] if doc else [])
-        lines += ["| key | default | description |", "| --- | --- | --- |"]
-        for name, field in fields:
-            default = field.get_default(call_default_factory=True)
-            shown = yaml.safe_dump(default, default_flow_style=True).strip().removesuffix("...").strip()
-            lines.append(f"| `{prefix}{name}` | `{shown}` | {field.description or ''} |")
-        lines.append("")
+        lines += ["| key | default | description |", "| --- | --- | --- |", *rows, ""]
     return "\n".join(lines)
+
+
+def _rows(prefix: str, fields: list[tuple[str, Any]]) -> list[str]:
+    rows = []
+    for name, field in fields:
+        if _is_section(field.annotation):  # a nested section, e.g. finetune.lora
+            rows += _rows(f"{prefix}{name}.", list(field.annotation.model_fields.items()))
+            continue
+        default = field.get_default(call_default_factory=True)
+        shown = yaml.safe_dump(default, default_flow_style=True).strip().removesuffix("...").strip()
+        rows.append(f"| `{prefix}{name}` | `{shown}` | {field.description or ''} |")
+    return rows
 
 
 def _is_section(annotation: Any) -> bool:
     return isinstance(annotation, type) and issubclass(annotation, Section)
-
-
-def _section_fields(annotation: Any) -> list[tuple[str, Any]]:
-    return list(annotation.model_fields.items())
-
-
-def _section_doc(annotation: Any) -> str:
-    return " ".join((annotation.__doc__ or "").split())

@@ -100,3 +100,75 @@ def count_parameters(model: Any) -> tuple[int, int]:
         if parameter.requires_grad:
             trainable += parameter.numel()
     return trainable, total
+
+
+# Projection names of common architectures: Llama/Mistral/Qwen, GPT-2, BERT-style encoders.
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj",
+                "c_attn", "c_proj", "c_fc", "query", "key", "value", "dense")  # fmt: skip
+
+
+def lora_target_modules(model: Any) -> list[str]:
+    """The leaf projection names present in `model` that LoRA should adapt."""
+    found = {name.rsplit(".", 1)[-1] for name, module in model.named_modules() if not list(module.children())}
+    targets = [name for name in LORA_TARGETS if name in found]
+    if not targets:
+        raise UserError("cannot detect LoRA target modules for this architecture; set finetune.lora.target_modules")
+    return targets
+
+
+def attach_lora(model: Any, cfg: Any, task_type: str, new_token_ids: list[int]) -> Any:
+    """Wrap `model` with LoRA (or DoRA) adapters; newly added tokens get trainable embedding rows."""
+    from peft import LoraConfig, get_peft_model
+
+    embedding_name = _embedding_module_name(model)
+    config = LoraConfig(
+        r=cfg.r,
+        lora_alpha=cfg.alpha,
+        lora_dropout=cfg.dropout,
+        target_modules=cfg.target_modules or lora_target_modules(model),
+        use_dora=cfg.dora,
+        task_type=task_type,
+        trainable_token_indices={embedding_name: new_token_ids} if new_token_ids else None,
+    )
+    return get_peft_model(model, config)
+
+
+def _embedding_module_name(model: Any) -> str:
+    embedding = model.get_input_embeddings()
+    for name, module in model.named_modules():
+        if module is embedding:
+            return name.rsplit(".", 1)[-1]
+    return "embed_tokens"
+
+
+def freeze_except(model: Any, top_layers: int | None, name_parts: list[str]) -> None:
+    """Train only the top `top_layers` transformer blocks, the final norm and head, and named parameters."""
+    if top_layers is None and not name_parts:
+        raise UserError("method freeze needs finetune.freeze_top_layers or finetune.trainable_modules")
+    layers = _block_list(model)
+    if top_layers is not None and top_layers > len(layers):
+        raise UserError(f"finetune.freeze_top_layers={top_layers} but the model has {len(layers)} layers")
+    for parameter in model.parameters():
+        parameter.requires_grad = False
+    trained = list(layers[len(layers) - top_layers :]) if top_layers else []
+    output = model.get_output_embeddings()
+    head = [output] if output is not None else []
+    for module in trained + head:
+        for parameter in module.parameters():
+            parameter.requires_grad = True
+    for name, parameter in model.named_parameters():
+        if any(part in name for part in name_parts) or (top_layers and _is_final_norm_or_head(name)):
+            parameter.requires_grad = True
+
+
+def _block_list(model: Any) -> Any:
+    import torch
+
+    lists = [m for m in model.modules() if isinstance(m, torch.nn.ModuleList) and len(m) > 0]
+    if not lists:
+        raise UserError("cannot find the transformer layers of this model; use finetune.trainable_modules")
+    return max(lists, key=len)
+
+
+def _is_final_norm_or_head(name: str) -> bool:
+    return name.startswith(("model.norm", "transformer.ln_f", "classifier", "score", "lm_head", "pooler"))

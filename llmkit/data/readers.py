@@ -89,26 +89,39 @@ def _file_sources(spec: str) -> list[Source]:
 def read_documents(
     source: Source, text_field: str, txt_mode: str, builtin_docs: int, seed: int
 ) -> Iterator[RawDocument]:
-    """Stream the documents of one source."""
+    """Stream the documents (one text each) of one source."""
     if source.kind == "builtin":
         for i, doc in enumerate(generate(BUILTIN_CORPORA[source.name], builtin_docs, seed)):
             yield RawDocument(doc.text, f"builtin:{source.name}[{i}]", doc.bits)
         return
+    if source.kind == "file" and Path(source.name).suffix.lower() not in RECORD_SUFFIXES:
+        yield from _read_txt(Path(source.name), txt_mode)
+        return
+    for record, where in read_records(source, required_column=text_field):
+        yield RawDocument(_text_of(record, text_field, where), where)
+
+
+RECORD_SUFFIXES = {".jsonl", ".json", ".csv", ".parquet"}
+
+
+def read_records(source: Source, required_column: str | None = None) -> Iterator[tuple[dict[str, Any], str]]:
+    """Stream the records (field -> value) of a jsonl/json/csv/parquet file or hub dataset, each with its
+    location for messages. For csv and parquet a `required_column` is checked against the header first."""
     if source.kind == "hub":
-        yield from _read_hub(source.name, text_field)
+        yield from _read_hub(source.name)
         return
     path = Path(source.name)
     suffix = path.suffix.lower()
     if suffix == ".jsonl":
-        yield from _read_jsonl(path, text_field)
+        yield from _read_jsonl(path)
     elif suffix == ".json":
-        yield from _read_json(path, text_field)
+        yield from _read_json(path)
     elif suffix == ".csv":
-        yield from _read_csv(path, text_field)
+        yield from _read_csv(path, required_column)
     elif suffix == ".parquet":
-        yield from _read_parquet(path, text_field)
+        yield from _read_parquet(path, required_column)
     else:
-        yield from _read_txt(path, txt_mode)
+        raise UserError(f"{path}: holds plain text, not records; use .jsonl, .json, .csv or .parquet")
 
 
 def _text_of(record: Any, field: str, where: str) -> str:
@@ -125,7 +138,7 @@ def _text_of(record: Any, field: str, where: str) -> str:
     return value
 
 
-def _read_jsonl(path: Path, field: str) -> Iterator[RawDocument]:
+def _read_jsonl(path: Path) -> Iterator[tuple[dict[str, Any], str]]:
     with path.open(encoding="utf-8", errors="replace") as handle:
         for number, line in enumerate(handle, start=1):
             if not line.strip():
@@ -135,10 +148,10 @@ def _read_jsonl(path: Path, field: str) -> Iterator[RawDocument]:
                 record = json.loads(line)
             except json.JSONDecodeError as exc:
                 raise UserError(f"{where}: malformed JSON ({exc.msg} at column {exc.colno})") from None
-            yield RawDocument(_text_of(record, field, where), where)
+            yield record, where
 
 
-def _read_json(path: Path, field: str) -> Iterator[RawDocument]:
+def _read_json(path: Path) -> Iterator[tuple[dict[str, Any], str]]:
     text = path.read_text(encoding="utf-8", errors="replace")
     try:
         data = json.loads(text)
@@ -146,23 +159,22 @@ def _read_json(path: Path, field: str) -> Iterator[RawDocument]:
         raise UserError(f"{path}:{exc.lineno}: malformed JSON ({exc.msg})") from None
     records = data if isinstance(data, list) else [data]
     for i, record in enumerate(records):
-        where = f"{path}[{i}]"
-        yield RawDocument(_text_of(record, field, where), where)
+        yield record, f"{path}[{i}]"
 
 
-def _read_csv(path: Path, field: str) -> Iterator[RawDocument]:
+def _read_csv(path: Path, required: str | None) -> Iterator[tuple[dict[str, Any], str]]:
     csv.field_size_limit(sys.maxsize)
     with path.open(encoding="utf-8", errors="replace", newline="") as handle:
         reader = csv.DictReader(handle)
         columns = reader.fieldnames or []
-        if field not in columns:
+        if required is not None and required not in columns:
             found = ", ".join(columns) or "none"
-            raise UserError(f"{path}:1: no '{field}' column (columns found: {found}); choose one with --text-field")
+            raise UserError(f"{path}:1: no '{required}' column (columns found: {found}); choose one with --text-field")
         for row in reader:
-            yield RawDocument(row[field] or "", f"{path}:{reader.line_num}")
+            yield dict(row), f"{path}:{reader.line_num}"
 
 
-def _read_parquet(path: Path, field: str) -> Iterator[RawDocument]:
+def _read_parquet(path: Path, required: str | None) -> Iterator[tuple[dict[str, Any], str]]:
     import pyarrow.parquet as pq
 
     try:
@@ -170,13 +182,13 @@ def _read_parquet(path: Path, field: str) -> Iterator[RawDocument]:
     except Exception as exc:  # pyarrow raises several types for a file that is not parquet
         raise UserError(f"{path}: not a readable parquet file ({exc})") from None
     columns = parquet.schema_arrow.names
-    if field not in columns:
+    if required is not None and required not in columns:
         found = ", ".join(columns) or "none"
-        raise UserError(f"{path}: no '{field}' column (columns found: {found}); choose one with --text-field")
+        raise UserError(f"{path}: no '{required}' column (columns found: {found}); choose one with --text-field")
     row = 0
-    for batch in parquet.iter_batches(columns=[field], batch_size=4096):
-        for value in batch.column(0).to_pylist():
-            yield RawDocument(value or "", f"{path}[row {row}]")
+    for batch in parquet.iter_batches(columns=[required] if required else None, batch_size=4096):
+        for record in batch.to_pylist():
+            yield record, f"{path}[row {row}]"
             row += 1
 
 
@@ -203,8 +215,8 @@ def _read_txt(path: Path, mode: str) -> Iterator[RawDocument]:
             yield RawDocument("".join(block), f"{path}:{start}")
 
 
-def _read_hub(name: str, field: str) -> Iterator[RawDocument]:
-    """Stream a hub dataset: `hf:owner/name`, optionally `hf:owner/name:config`."""
+def _read_hub(name: str) -> Iterator[tuple[dict[str, Any], str]]:
+    """Stream a hub dataset: `hf:owner/name`, optionally `hf:owner/name:config` (its train split)."""
     import datasets
 
     repo, _, config = name.partition(":")
@@ -219,6 +231,6 @@ def _read_hub(name: str, field: str) -> Iterator[RawDocument]:
         ) from None
     if first is None:
         return
-    yield RawDocument(_text_of(first, field, f"hf:{name}[0]"), f"hf:{name}[0]")
+    yield dict(first), f"hf:{name}[0]"
     for i, record in enumerate(iterator, start=1):
-        yield RawDocument(_text_of(record, field, f"hf:{name}[{i}]"), f"hf:{name}[{i}]")
+        yield dict(record), f"hf:{name}[{i}]"

@@ -53,7 +53,7 @@ class BlockLoader:
     def next_batch(self) -> dict[str, torch.Tensor]:
         indices = self.next_indices()
         tokens = torch.from_numpy(self.dataset.blocks(indices))
-        return {"input_ids": tokens, "labels": tokens, "block_indices": torch.from_numpy(indices)}
+        return {"input_ids": tokens, "labels": tokens, "sample_indices": torch.from_numpy(indices)}
 
     @property
     def epochs_done(self) -> float:

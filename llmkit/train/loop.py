@@ -171,7 +171,7 @@ def fit(job: TrainJob) -> FitResult:
                 batch = {
                     key: value.to(acc.device, non_blocking=True)
                     for key, value in batch.items()
-                    if key != "block_indices"
+                    if key != "sample_indices"
                 }
                 last = i == len(micro_batches) - 1
                 with nullcontext() if last or acc.num_processes == 1 else acc.no_sync(model):
@@ -309,7 +309,7 @@ class DataTrace:
             return
         with self.path.open("a", encoding="utf-8") as handle:
             for micro, batch in enumerate(micro_batches):
-                blocks = batch["block_indices"].tolist()
+                blocks = batch["sample_indices"].tolist()
                 handle.write(json.dumps({"step": step, "micro": micro, "blocks": blocks}) + "\n")
 
 

@@ -9,20 +9,16 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from llmkit.atomic import remove_stale_staging
-from llmkit.config import RunConfig, dump_config
+from llmkit.config import RunConfig
 from llmkit.console import info
 from llmkit.data.store import PreparedDataset, open_dataset
 from llmkit.data.tokenizer import load_tokenizer, tokenizer_hash
 from llmkit.errors import UserError
 from llmkit.models import build_model, check_vocab_fits, count_parameters, load_model
-from llmkit.train.checkpoint import read_trainer_state, safe_torch_load, select_checkpoint
 from llmkit.train.loader import BlockLoader, validation_batches
-from llmkit.train.loop import FitResult, ResumeState, TrainJob, fit
-from llmkit.train.setup import build_optimizer, claim_run_dir, make_accelerator, steps_for_budget
-
-# Changing these under a resumed run would silently change what the run means.
-GUARDED_FIELDS = ("global_batch_size", "block_size", "tokenizer_hash", "dataset_fingerprint")
+from llmkit.train.loop import FitResult, TrainJob, fit
+from llmkit.train.resume import find_checkpoint, open_run_dir, restore_state
+from llmkit.train.setup import build_optimizer, make_accelerator, steps_for_budget
 
 
 def pretrain(
@@ -37,8 +33,6 @@ def pretrain(
     `resume` is "auto" (the newest valid checkpoint of the run, or a fresh start when it has none) or a
     checkpoint directory.
     """
-    if resume and overwrite:
-        raise UserError("--resume and --overwrite contradict each other: choose one")
     dataset = open_dataset(cfg.data.dataset_dir)
     tokenizer = load_tokenizer(dataset.tokenizer_dir)
     block_size = int(dataset.manifest["block_size"])
@@ -60,11 +54,9 @@ def pretrain(
         "global_batch_size": micro * cfg.train.grad_accum_steps * world,
         "block_size": block_size,
     }
-    run_dir = Path(cfg.out_dir)
-    checkpoint = select_checkpoint(run_dir, resume, resume_fallback) if resume else None
-    saved_state = read_trainer_state(checkpoint) if checkpoint else None
-    if checkpoint is not None and saved_state is not None:
-        _refuse_silent_changes(saved_state, fingerprints, checkpoint, allow_config_change)
+    checkpoint, saved_state = find_checkpoint(
+        Path(cfg.out_dir), resume, resume_fallback, overwrite, fingerprints, allow_config_change
+    )
 
     from accelerate.utils import set_seed
 
@@ -83,21 +75,10 @@ def pretrain(
             "re-run data-prep with a smaller data.block_size"
         )
 
-    if checkpoint is None:
-        _refuse_to_restart(run_dir, resume, overwrite)
-        run_dir = claim_run_dir(run_dir, overwrite, accelerator, restart_unsaved_run=resume == "auto")
-    config_yaml = dump_config(cfg)
-    if accelerator.is_main_process:
-        remove_stale_staging(run_dir / "checkpoints", ".step-*.tmp-*")  # saves cut off by a kill
-        (run_dir / "config.yaml").write_text(config_yaml, encoding="utf-8")
-        tokenizer.save_pretrained(run_dir / "tokenizer")
+    run_dir, config_yaml = open_run_dir(cfg, checkpoint, resume, overwrite, accelerator, tokenizer)
 
     optimizer = build_optimizer(model, cfg.optimizer)
-    if checkpoint is not None:
-        optimizer.load_state_dict(safe_torch_load(checkpoint / "optimizer.pt"))
     model, optimizer = accelerator.prepare(model, optimizer)
-    if checkpoint is not None and accelerator.scaler is not None and (checkpoint / "scaler.pt").is_file():
-        accelerator.scaler.load_state_dict(safe_torch_load(checkpoint / "scaler.pt"))
     loader = BlockLoader(train_split, micro, cfg.train.seed, accelerator.process_index, world)
     val_batches = (
         validation_batches(val_split, micro, cfg.train.eval_batches, accelerator.process_index, world)
@@ -106,7 +87,9 @@ def pretrain(
     )
     tokens_per_step = micro * cfg.train.grad_accum_steps * world * block_size
     total_steps = steps_for_budget(cfg.train, loader.batches_per_epoch, tokens_per_step)
-    resume_state = _resume_state(checkpoint, saved_state, loader, accelerator.process_index) if checkpoint else None
+    resume_state = None
+    if checkpoint is not None and saved_state is not None:
+        resume_state = restore_state(checkpoint, saved_state, optimizer, loader, accelerator)
 
     if accelerator.is_main_process:
         if block_size != recipe_block_size:
@@ -133,49 +116,6 @@ def pretrain(
         resume=resume_state,
     )
     return fit(job)
-
-
-def _refuse_to_restart(run_dir: Path, resume: str | None, overwrite: bool) -> None:
-    """A run directory with checkpoints is never restarted from scratch by accident."""
-    checkpoints = run_dir / "checkpoints"
-    if overwrite or not checkpoints.is_dir() or not any(checkpoints.iterdir()):
-        return
-    if resume == "auto":
-        raise UserError(f"{checkpoints}: holds no complete checkpoint to resume; pass --overwrite to start fresh")
-    raise UserError(
-        f"{run_dir}: holds checkpoints of an earlier run; pass --resume auto to continue it "
-        "or --overwrite to start fresh"
-    )
-
-
-def _refuse_silent_changes(
-    saved: dict[str, Any], current: dict[str, Any], checkpoint: Path, allow_config_change: bool
-) -> None:
-    changed = [
-        f"{name} {saved.get(name)} -> {current[name]}" for name in GUARDED_FIELDS if saved.get(name) != current[name]
-    ]
-    if changed and not allow_config_change:
-        raise UserError(
-            f"{checkpoint}: resuming would change {'; '.join(changed)}; "
-            "restore the original settings or pass --allow-config-change"
-        )
-    for change in changed:
-        info(f"warning: resuming with a changed setting: {change}")
-
-
-def _resume_state(checkpoint: Path, saved: Any, loader: BlockLoader, rank: int) -> ResumeState:
-    loader.load_state_dict(saved["data"])
-    rng_states = safe_torch_load(checkpoint / "rng.pt")
-    if not isinstance(rng_states, list) or not rng_states:
-        raise UserError(f"{checkpoint / 'rng.pt'}: unexpected content")
-    return ResumeState(
-        checkpoint=checkpoint,
-        step=int(saved["step"]),
-        tokens=int(saved["tokens"]),
-        best_val_loss=float(saved["early_stopping"]["best"]),
-        bad_evals=int(saved["early_stopping"]["bad_evals"]),
-        rng=rng_states[rank] if rank < len(rng_states) else rng_states[0],
-    )
 
 
 def _print_plan(

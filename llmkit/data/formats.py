@@ -1,0 +1,130 @@
+"""Fine-tuning data formats: detect or declare them, and normalize every row into one `Example`.
+
+| format             | fields                                                                 |
+| ------------------ | ---------------------------------------------------------------------- |
+| messages           | `messages`: [{role: system/user/assistant, content}]                    |
+| sharegpt           | `conversations`: [{from: system/human/gpt, value}]                       |
+| alpaca             | `instruction`, optional `input`, `output` (optional `system`)           |
+| prompt_completion  | `prompt`, `completion`                                                   |
+| classification     | `text`, `label` (string or int)                                          |
+| text               | `text` (continued pretraining: every token is trained)                  |
+
+A column mapping (`finetune.columns: {instruction: question, output: answer}`) renames your fields to these.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from llmkit.errors import UserError
+
+FORMATS: dict[str, tuple[str, ...]] = {
+    "messages": ("messages",),
+    "sharegpt": ("conversations",),
+    "alpaca": ("instruction", "output"),
+    "prompt_completion": ("prompt", "completion"),
+    "classification": ("text", "label"),
+    "text": ("text",),
+}
+ROLES = {"system": "system", "user": "user", "human": "user", "assistant": "assistant", "gpt": "assistant",
+         "model": "assistant", "bot": "assistant"}  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Example:
+    """One training row, whatever its source format."""
+
+    where: str  # file:line, for messages
+    messages: tuple[dict[str, str], ...] = ()  # chat formats
+    prompt: str = ""  # prompt_completion
+    completion: str = ""
+    text: str = ""  # text and classification
+    label: Any = None  # classification
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def is_chat(self) -> bool:
+        return bool(self.messages)
+
+
+def detect_format(record: dict[str, Any], where: str) -> str:
+    """The first format whose required fields the record has."""
+    for name, required in FORMATS.items():
+        if all(key in record for key in required):
+            return name
+    found = ", ".join(sorted(map(str, record))) or "none"
+    raise UserError(
+        f"{where}: cannot detect the data format from fields ({found}); expected one of "
+        + "; ".join(f"{name}: {', '.join(fields)}" for name, fields in FORMATS.items())
+        + ". Map your fields with finetune.columns or declare finetune.format"
+    )
+
+
+def normalize(
+    records: Iterator[tuple[dict[str, Any], str]], fmt: str, columns: dict[str, str]
+) -> Iterator[tuple[str, Example]]:
+    """Yield (format, Example) for every record; the format is detected from the first when `fmt` is auto."""
+    rename = {theirs: ours for ours, theirs in columns.items()}
+    for record, where in records:
+        if not isinstance(record, dict):
+            raise UserError(f"{where}: expected an object with named fields, got {type(record).__name__}")
+        if rename:
+            record = {rename.get(key, key): value for key, value in record.items()}
+        if fmt == "auto":
+            fmt = detect_format(record, where)
+        missing = [key for key in FORMATS[fmt] if key not in record]
+        if missing:
+            found = ", ".join(sorted(map(str, record))) or "none"
+            raise UserError(f"{where}: no '{missing[0]}' field for the {fmt} format (fields found: {found})")
+        yield fmt, _example(record, fmt, where)
+
+
+def _example(record: dict[str, Any], fmt: str, where: str) -> Example:
+    if fmt == "messages":
+        return Example(where, messages=_turns(record["messages"], "role", "content", where))
+    if fmt == "sharegpt":
+        return Example(where, messages=_turns(record["conversations"], "from", "value", where))
+    if fmt == "alpaca":
+        user = _text(record, "instruction", where)
+        if record.get("input"):
+            user = f"{user}\n\n{_text(record, 'input', where)}"
+        turns = [{"role": "system", "content": _text(record, "system", where)}] if record.get("system") else []
+        turns += [{"role": "user", "content": user}, {"role": "assistant", "content": _text(record, "output", where)}]
+        return Example(where, messages=tuple(turns))
+    if fmt == "prompt_completion":
+        return Example(where, prompt=_text(record, "prompt", where), completion=_text(record, "completion", where))
+    if fmt == "classification":
+        label = record["label"]
+        if label is None or isinstance(label, float | bool) or not isinstance(label, str | int):
+            raise UserError(f"{where}: field 'label' is {label!r}; labels are strings or integers")
+        return Example(where, text=_text(record, "text", where), label=label)
+    return Example(where, text=_text(record, "text", where))
+
+
+def _text(record: dict[str, Any], key: str, where: str) -> str:
+    value = record.get(key)
+    if value is None:
+        return ""
+    if not isinstance(value, str):
+        raise UserError(f"{where}: field '{key}' is {type(value).__name__}, expected text")
+    return value
+
+
+def _turns(turns: Any, role_key: str, content_key: str, where: str) -> tuple[dict[str, str], ...]:
+    if not isinstance(turns, list) or not turns:
+        raise UserError(f"{where}: expected a non-empty list of turns")
+    out = []
+    for i, turn in enumerate(turns):
+        if not isinstance(turn, dict) or role_key not in turn or content_key not in turn:
+            found = ", ".join(sorted(map(str, turn))) if isinstance(turn, dict) else type(turn).__name__
+            raise UserError(f"{where}: turn {i} needs '{role_key}' and '{content_key}' (found: {found})")
+        role = ROLES.get(str(turn[role_key]).lower())
+        if role is None:
+            raise UserError(f"{where}: turn {i} has unknown role {turn[role_key]!r} (use system, user or assistant)")
+        content = turn[content_key]
+        if not isinstance(content, str):
+            raise UserError(f"{where}: turn {i} content is {type(content).__name__}, expected text")
+        out.append({"role": role, "content": content})
+    return tuple(out)

@@ -37,6 +37,19 @@ SetOpt = Annotated[
 ]
 OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Replace an existing output directory.")]
 SeedOpt = Annotated[int | None, typer.Option("--seed", help="Random seed.")]
+ResumeOpt = Annotated[
+    str | None,
+    typer.Option(help="'auto' (newest valid checkpoint of --out; a fresh start if none) or a checkpoint path."),
+]
+ResumeFallbackOpt = Annotated[
+    bool, typer.Option(help="If the newest checkpoint is corrupted, resume from the previous valid one.")
+]
+AllowChangeOpt = Annotated[
+    bool, typer.Option(help="Resume even if batch size, sequence length, tokenizer or dataset changed.")
+]
+MaxTimeOpt = Annotated[
+    str | None, typer.Option(help="Wall-clock limit (3600, 90m, 2h, 1:30:00): checkpoint, then exit 75.")
+]
 
 
 def user_errors_exit_2(fn: F) -> F:
@@ -132,19 +145,10 @@ def pretrain_command(
     precision: Annotated[str | None, typer.Option(help="fp32, bf16 or fp16.")] = None,
     seed: SeedOpt = None,
     keep_last: Annotated[int | None, typer.Option(help="Checkpoints to keep (older ones pruned).")] = None,
-    max_time: Annotated[
-        str | None, typer.Option(help="Wall-clock limit (3600, 90m, 2h, 1:30:00): checkpoint, then exit 75.")
-    ] = None,
-    resume: Annotated[
-        str | None,
-        typer.Option(help="'auto' (newest valid checkpoint of --out; a fresh start if none) or a checkpoint path."),
-    ] = None,
-    resume_fallback: Annotated[
-        bool, typer.Option(help="If the newest checkpoint is corrupted, resume from the previous valid one.")
-    ] = False,
-    allow_config_change: Annotated[
-        bool, typer.Option(help="Resume even if batch size, sequence length, tokenizer or dataset changed.")
-    ] = False,
+    max_time: MaxTimeOpt = None,
+    resume: ResumeOpt = None,
+    resume_fallback: ResumeFallbackOpt = False,
+    allow_config_change: AllowChangeOpt = False,
     overwrite: OverwriteOpt = False,
 ) -> None:
     """Train a decoder language model on a prepared dataset.
@@ -154,7 +158,6 @@ def pretrain_command(
     checkpoint (continue with --resume auto).
     """
     from llmkit.config import load_config
-    from llmkit.reports import print_fit_summary
     from llmkit.train.pretrain import pretrain
 
     flags = {
@@ -171,7 +174,78 @@ def pretrain_command(
         "train.max_time": parse_duration(max_time) if max_time else None,
     }
     cfg = load_config(config, overrides, flags)
-    result = pretrain(cfg, overwrite, resume, resume_fallback, allow_config_change)
+    _finish_training(pretrain(cfg, overwrite, resume, resume_fallback, allow_config_change))
+
+
+@app.command("finetune")
+@user_errors_exit_2
+def finetune_command(
+    config: ConfigOpt = None,
+    overrides: SetOpt = None,
+    model: Annotated[str | None, typer.Option(help="Base model: HF directory, run directory or hub name.")] = None,
+    data: Annotated[
+        list[str] | None, typer.Option(help="Training rows: jsonl/json/csv/parquet files, folders or hf:NAME.")
+    ] = None,
+    val_file: Annotated[str | None, typer.Option(help="Validation rows (default: hold out data.val_fraction).")] = None,
+    out: Annotated[str | None, typer.Option("--out", "-o", help="Run directory to create.")] = None,
+    method: Annotated[str | None, typer.Option(help="full, lora, qlora or freeze.")] = None,
+    data_format: Annotated[
+        str | None,
+        typer.Option("--format", help="auto, messages, sharegpt, alpaca, prompt_completion or text."),
+    ] = None,
+    template: Annotated[str | None, typer.Option(help="Chat template: auto, chatml, llama3 or alpaca.")] = None,
+    max_length: Annotated[int | None, typer.Option(help="Longest example in tokens.")] = None,
+    packing: Annotated[bool | None, typer.Option("--packing/--no-packing", help="Pack examples, or pad.")] = None,
+    train_on_prompt: Annotated[
+        bool | None, typer.Option("--train-on-prompt", help="Train on every token, not only the answers.")
+    ] = None,
+    max_steps: Annotated[int | None, typer.Option(help="Budget in optimizer steps.")] = None,
+    epochs: Annotated[float | None, typer.Option(help="Budget in passes over the training rows.")] = None,
+    lr: Annotated[float | None, typer.Option(help="Peak learning rate.")] = None,
+    micro_batch_size: Annotated[int | None, typer.Option(help="Rows per process per forward pass.")] = None,
+    precision: Annotated[str | None, typer.Option(help="fp32, bf16 or fp16.")] = None,
+    seed: SeedOpt = None,
+    max_time: MaxTimeOpt = None,
+    resume: ResumeOpt = None,
+    resume_fallback: ResumeFallbackOpt = False,
+    allow_config_change: AllowChangeOpt = False,
+    overwrite: OverwriteOpt = False,
+) -> None:
+    """Fine-tune a model on your own rows: chat/instruction SFT with full, LoRA, QLoRA or freeze.
+
+    The loss covers assistant and completion tokens only; packed examples never attend to each other.
+    Exit codes as for pretrain: 0 done, 2 bad input, 3 non-finite loss, 75 stopped after a checkpoint.
+    """
+    from llmkit.config import load_config
+    from llmkit.train.finetune import finetune
+
+    flags = {
+        "model.init_from": model,
+        "data.sources": list(data) if data else None,
+        "finetune.val_file": val_file,
+        "out_dir": out,
+        "finetune.method": method,
+        "finetune.format": data_format,
+        "finetune.chat_template": template,
+        "finetune.max_length": max_length,
+        "finetune.packing": packing,
+        "finetune.train_on_prompt": train_on_prompt,
+        "train.max_steps": max_steps,
+        "train.max_epochs": epochs,
+        "optimizer.lr": lr,
+        "train.micro_batch_size": micro_batch_size,
+        "precision.dtype": precision,
+        "train.seed": seed,
+        "train.max_time": parse_duration(max_time) if max_time else None,
+    }
+    cfg = load_config(config, overrides, flags)
+    _finish_training(finetune(cfg, overwrite, resume, resume_fallback, allow_config_change))
+
+
+def _finish_training(result: Any) -> None:
+    """Print the summary (main process) and exit 75 when the run stopped early to be resumed."""
+    from llmkit.reports import print_fit_summary
+
     if result.main_process:
         print_fit_summary(result)
     if result.interrupted and result.main_process:

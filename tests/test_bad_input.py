@@ -11,24 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import run_cli, tiny_data_args, tiny_train_args
-
-
-def assert_user_error(result, *fragments: str) -> str:
-    assert result.exit_code == 2, (result.exit_code, result.stdout, result.stderr, result.exception)
-    assert result.exception is None, result.exception
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1, result.stderr
-    assert lines[0].startswith("error: ")
-    assert "Traceback" not in result.stderr + result.stdout
-    for fragment in fragments:
-        assert fragment in lines[0], (fragment, lines[0])
-    return lines[0]
-
-
-def assert_nothing_written(parent: Path, name: str) -> None:
-    assert not (parent / name).exists()
-    assert not [p for p in parent.iterdir() if p.name.startswith(f".{name}.")], list(parent.iterdir())
+from tests.conftest import assert_nothing_written, assert_user_error, run_cli, tiny_data_args, tiny_train_args
 
 
 def test_missing_file(tmp_path: Path) -> None:

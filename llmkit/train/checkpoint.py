@@ -33,7 +33,12 @@ from llmkit.train import faults
 
 COMPLETE = "COMPLETE"
 PREFIX = "step-"
-REQUIRED = ("model/model.safetensors", "model/config.json", "optimizer.pt", "rng.pt", "trainer_state.json")
+REQUIRED = ("optimizer.pt", "rng.pt", "trainer_state.json")
+# A full model, or (LoRA runs) an adapter: one of these pairs must be sealed.
+MODEL_FILES = (
+    ("model/model.safetensors", "model/config.json"),
+    ("model/adapter_model.safetensors", "model/adapter_config.json"),
+)
 
 
 def checkpoint_name(step: int) -> str:
@@ -93,6 +98,8 @@ def verify_checkpoint(checkpoint: Path) -> None:
     for name in REQUIRED:
         if name not in seal:
             raise UserError(f"{checkpoint / name}: missing from the checkpoint seal")
+    if not any(all(name in seal for name in pair) for pair in MODEL_FILES):
+        raise UserError(f"{checkpoint / 'model'}: no model or adapter weights in the checkpoint seal")
     for name, expected in seal.items():
         path = checkpoint / name
         if not path.is_file():

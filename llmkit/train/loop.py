@@ -145,7 +145,7 @@ def fit(job: TrainJob) -> FitResult:
     if resume:
         stopping.best, stopping.bad_evals = resume.best_val_loss, resume.bad_evals
         restore_rng_state(resume.rng)
-    window_loss, window_steps, window_start = 0.0, 0, time.perf_counter()
+    window_loss, window_steps, window_tokens, window_start = 0.0, 0, 0, time.perf_counter()
     loss_value, val_loss, stopped_early, interrupted = math.nan, None, False, None
     running_loss: float | None = None
     bad_steps, last_saved = 0, resume.step if resume else -1
@@ -165,13 +165,15 @@ def fit(job: TrainJob) -> FitResult:
             # number of target tokens in the whole step (exact under accumulation and across processes).
             micro_batches = [job.loader.next_batch() for _ in range(train_cfg.grad_accum_steps)]
             trace.record(step + 1, micro_batches)
-            step_targets = _global_sum(acc, sum(count_targets(b["labels"]) for b in micro_batches))
+            step_targets, step_tokens = _global_sums(
+                acc, sum(count_targets(b["labels"]) for b in micro_batches), sum(real_tokens(b) for b in micro_batches)
+            )
             step_loss = torch.zeros((), device=acc.device)
             for i, batch in enumerate(micro_batches):
                 batch = {
                     key: value.to(acc.device, non_blocking=True)
                     for key, value in batch.items()
-                    if key != "sample_indices"
+                    if key not in NOT_ON_DEVICE
                 }
                 last = i == len(micro_batches) - 1
                 with nullcontext() if last or acc.num_processes == 1 else acc.no_sync(model):
@@ -211,7 +213,8 @@ def fit(job: TrainJob) -> FitResult:
                 window_steps += 1
             optimizer.zero_grad(set_to_none=True)
             step += 1
-            tokens += job.tokens_per_step
+            tokens += step_tokens
+            window_tokens += step_tokens
 
             if (step % cfg.logging.every_steps == 0 or step == job.total_steps) and window_steps:
                 elapsed = time.perf_counter() - window_start
@@ -222,12 +225,12 @@ def fit(job: TrainJob) -> FitResult:
                         "loss": window_loss / window_steps,
                         "lr": lr,
                         "grad_norm": grad_norm,
-                        "tokens_per_s": window_steps * job.tokens_per_step / elapsed,
+                        "tokens_per_s": window_tokens / elapsed,
                         "epoch": job.loader.epochs_done,
                         "elapsed_s": time.perf_counter() - start,
                     }
                 )
-                window_loss, window_steps, window_start = 0.0, 0, time.perf_counter()
+                window_loss, window_steps, window_tokens, window_start = 0.0, 0, 0, time.perf_counter()
 
             if job.val_batches and (step % train_cfg.eval_every == 0 or step == job.total_steps):
                 val_loss = evaluate_loss(model, job.val_batches, acc)
@@ -288,6 +291,7 @@ def _agree(acc: Any, reason: str | None) -> str | None:
 
 
 MODEL_INPUTS = ("input_ids", "attention_mask", "position_ids")
+NOT_ON_DEVICE = ("sample_indices", "num_tokens")
 
 
 def _model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -313,10 +317,17 @@ class DataTrace:
                 handle.write(json.dumps({"step": step, "micro": micro, "blocks": blocks}) + "\n")
 
 
-def _global_sum(acc: Any, value: int) -> int:
+def real_tokens(batch: dict[str, torch.Tensor]) -> int:
+    """Tokens that are not padding: padded batches say so with `num_tokens`, packed blocks are all real."""
+    return int(batch["num_tokens"]) if "num_tokens" in batch else batch["input_ids"].numel()
+
+
+def _global_sums(acc: Any, *values: int) -> list[int]:
+    """Sums over all processes, in one collective."""
     if acc.num_processes == 1:
-        return value
-    return int(acc.reduce(torch.tensor(value, device=acc.device), reduction="sum"))
+        return list(values)
+    summed = acc.reduce(torch.tensor(values, device=acc.device, dtype=torch.float64), reduction="sum")
+    return [int(v) for v in summed.tolist()]
 
 
 @torch.no_grad()

@@ -38,8 +38,9 @@ def first_fit_decreasing(lengths: np.ndarray, capacity: int) -> list[list[int]]:
 class ExampleLoader:
     """Shuffled micro-batches of examples; position = (epoch, batch index, seed), like BlockLoader.
 
-    Each epoch draws a permutation from (seed, epoch), packs (or chunks) it into rows, and shuffles the rows;
-    process `rank` takes its share of every global micro-batch.
+    Each epoch draws a permutation from (seed, epoch) and packs it into rows (or one example per row); rows of
+    similar length are grouped into global micro-batches, whose order is shuffled. Process `rank` takes its
+    share of every global micro-batch.
     """
 
     def __init__(
@@ -73,9 +74,13 @@ class ExampleLoader:
             if self.packing:
                 bins = first_fit_decreasing(self.lengths[order], self.max_length)
                 rows = [[int(order[i]) for i in row] for row in bins]
-                self._rows = [rows[i] for i in rng.permutation(len(rows))]
             else:
-                self._rows = [[int(i)] for i in order]
+                rows = [[int(i)] for i in order]
+            # Rows of similar length share a micro-batch (little padding); the groups are shuffled.
+            rows.sort(key=lambda row: -int(self.lengths[row].sum()))
+            size = self.micro_batch_size * self.world
+            groups = [rows[i : i + size] for i in range(0, len(rows), size)]
+            self._rows = [row for g in rng.permutation(len(groups)) for row in groups[g]]
             self._rows_epoch = self.epoch
         return self._rows
 
@@ -136,6 +141,7 @@ def collate_rows(
         "input_ids": torch.from_numpy(ids),
         "labels": torch.from_numpy(labels),
         "position_ids": torch.from_numpy(positions),
+        "num_tokens": torch.tensor(int((segments >= 0).sum())),
     }
     if attn_implementation != "flash_attention_2":
         batch["attention_mask"] = block_causal_mask(torch.from_numpy(segments), attn_implementation)

@@ -1,0 +1,242 @@
+"""`llmkit finetune`: supervised fine-tuning of an existing model on your own file, then `fit`.
+
+It shares the loop, config, logging, checkpoints, exact resume and run-directory layout of pretrain.
+Every check that can fail on user input runs before the run directory is touched.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from llmkit.config import RunConfig
+from llmkit.console import info
+from llmkit.data.cleaning import is_validation
+from llmkit.data.formats import Example, normalize
+from llmkit.data.readers import read_records, resolve_sources
+from llmkit.data.templates import ChatSetup, Encoded, encode_example, setup_chat_template
+from llmkit.data.tokenizer import load_tokenizer, tokenizer_hash
+from llmkit.errors import UserError
+from llmkit.models import attach_lora, count_parameters, freeze_except, load_model, padded_vocab_size
+from llmkit.runs import find_tokenizer_dir, resolve_model_dir
+from llmkit.train.loop import FitResult, TrainJob, fit
+from llmkit.train.packing import ExampleLoader, collate_rows
+from llmkit.train.resume import find_checkpoint, open_run_dir, restore_state
+from llmkit.train.setup import build_optimizer, make_accelerator, steps_for_budget
+
+
+@dataclass
+class SftData:
+    train: list[Encoded]
+    val: list[Encoded]
+    fmt: str
+    fingerprint: str
+    truncated: int
+
+
+def finetune(
+    cfg: RunConfig,
+    overwrite: bool = False,
+    resume: str | None = None,
+    resume_fallback: bool = False,
+    allow_config_change: bool = False,
+) -> FitResult:
+    """Fine-tune `cfg.model.init_from` on `cfg.data.sources` (SFT: chat, instructions, completions, text)."""
+    ft = cfg.finetune
+    if not cfg.model.init_from:
+        raise UserError("finetune needs a base model: pass --model PATH_OR_HUB_NAME (model.init_from)")
+    if ft.method == "qlora" and not torch.cuda.is_available():
+        raise UserError("method qlora needs a CUDA GPU (4-bit bitsandbytes); use --method lora on CPU")
+    token = cfg.model.hub_token.get_secret_value() if cfg.model.hub_token else None
+    base_dir = resolve_model_dir(cfg.model.init_from)
+    tokenizer = load_tokenizer(find_tokenizer_dir(base_dir), cfg.model.trust_remote_code)
+    chat = setup_chat_template(tokenizer, ft.chat_template)
+    data = load_sft_data(cfg, tokenizer)
+
+    accelerator = make_accelerator(cfg.precision)
+    world, micro = accelerator.num_processes, cfg.train.micro_batch_size
+    fingerprints = {
+        "dataset_fingerprint": data.fingerprint,
+        "tokenizer_hash": tokenizer_hash(tokenizer),
+        "global_batch_size": micro * cfg.train.grad_accum_steps * world,
+        "block_size": ft.max_length,
+    }
+    checkpoint, saved_state = find_checkpoint(
+        Path(cfg.out_dir), resume, resume_fallback, overwrite, fingerprints, allow_config_change
+    )
+
+    from accelerate.utils import set_seed
+
+    set_seed(cfg.train.seed)
+    model = _load_base(base_dir if base_dir.exists() else cfg.model.init_from, cfg, token)
+    rows = model.get_input_embeddings().weight.shape[0]
+    if len(tokenizer) > rows:
+        model.resize_token_embeddings(padded_vocab_size(len(tokenizer)))
+    model.generation_config.eos_token_id = list(chat.stop_token_ids)
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model = _apply_method(model, cfg, chat, tokenizer, checkpoint)
+
+    run_dir, config_yaml = open_run_dir(cfg, checkpoint, resume, overwrite, accelerator, tokenizer)
+    optimizer = build_optimizer(model, cfg.optimizer)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    attn = getattr(model.config, "_attn_implementation", None) or "sdpa"
+    try:
+        loader = ExampleLoader(data.train, micro, ft.max_length, cfg.train.seed, ft.packing,
+                               int(tokenizer.pad_token_id), attn, accelerator.process_index, world)  # fmt: skip
+    except ValueError:
+        raise UserError(
+            f"{len(data.train)} training examples cannot fill one micro-batch of {micro * world}; "
+            "lower train.micro_batch_size or add data"
+        ) from None
+    val_batches = _validation_batches(data.val, micro, cfg.train.eval_batches, int(tokenizer.pad_token_id), attn)
+    tokens_per_step = micro * cfg.train.grad_accum_steps * world * ft.max_length  # an upper bound, for budgets
+    total_steps = steps_for_budget(cfg.train, loader.batches_per_epoch, tokens_per_step)
+    resume_state = None
+    if checkpoint is not None and saved_state is not None:
+        resume_state = restore_state(checkpoint, saved_state, optimizer, loader, accelerator)
+
+    if accelerator.is_main_process:
+        trainable, total = count_parameters(model)
+        efficiency = loader.efficiency()
+        info(
+            f"finetune ({ft.method}): {total / 1e6:.2f}M parameters, {trainable / 1e6:.3f}M trainable "
+            f"({trainable / total:.2%}); format {data.fmt}, template {chat.name}; {len(data.train):,} train / "
+            f"{len(data.val):,} val examples ({data.truncated} truncated to {ft.max_length}); "
+            f"{'packing' if ft.packing else 'padding'} efficiency {efficiency:.3f} (real tokens / slots); "
+            f"{total_steps:,} steps on {world} process(es)"
+        )
+        if resume_state is not None:
+            info(f"resuming from {checkpoint} at step {resume_state.step:,} of {total_steps:,}")
+        (run_dir / "data_stats.json").write_text(json.dumps({
+            "format": data.fmt, "template": chat.name, "train_examples": len(data.train),
+            "val_examples": len(data.val), "truncated": data.truncated, "packing": ft.packing,
+            "efficiency": efficiency, "trainable_parameters": trainable, "total_parameters": total,
+        }, indent=2) + "\n")  # fmt: skip
+
+    job = TrainJob(
+        cfg=cfg,
+        run_dir=run_dir,
+        accelerator=accelerator,
+        model=model,
+        optimizer=optimizer,
+        loader=loader,
+        val_batches=val_batches,
+        total_steps=total_steps,
+        tokens_per_step=tokens_per_step,
+        tokenizer=tokenizer,
+        config_yaml=config_yaml,
+        fingerprints=fingerprints,
+        resume=resume_state,
+    )
+    return fit(job)
+
+
+def load_sft_data(cfg: RunConfig, tokenizer: Any) -> SftData:
+    """Read, normalize, split and encode the fine-tuning rows; refuse data with nothing to learn."""
+    ft = cfg.finetune
+    sources = resolve_sources(cfg.data.sources)
+    examples, fmt = _read_examples(sources, ft.format, ft.columns)
+    if ft.val_file:
+        val_examples, _ = _read_examples(resolve_sources([ft.val_file]), fmt, ft.columns)
+        train_examples = examples
+    else:
+        key = cfg.data.seed
+        held_out = [is_validation(_identity(e), cfg.data.val_fraction, key) for e in examples]
+        train_examples = [e for e, out in zip(examples, held_out, strict=True) if not out]
+        val_examples = [e for e, out in zip(examples, held_out, strict=True) if out]
+    if fmt == "classification":
+        raise UserError(f"{sources[0].name}: rows are text + label (classification); llmkit finetune trains "
+                        "generation (SFT) in this release")  # fmt: skip
+    train = [encode_example(tokenizer, e, ft.max_length, ft.train_on_prompt) for e in train_examples]
+    val = [encode_example(tokenizer, e, ft.max_length, ft.train_on_prompt) for e in val_examples]
+    trainable = sum(e.trainable for e in train)
+    truncated = sum(e.truncated for e in train)
+    if trainable == 0:
+        total = sum(len(e.ids) for e in train)
+        raise UserError(
+            f"no trainable tokens: {len(train)} training examples, {total} tokens, {truncated} truncated to "
+            f"finetune.max_length={ft.max_length}, 0 assistant/completion tokens left after masking; "
+            "raise max_length, check the assistant turns, or set finetune.train_on_prompt"
+        )
+    digest = hashlib.sha256()
+    for source in sources + (resolve_sources([ft.val_file]) if ft.val_file else []):
+        digest.update(json.dumps(source.describe(), sort_keys=True).encode())
+    settings = ft.model_dump(mode="json", include={"format", "columns", "max_length", "chat_template",
+                                                   "train_on_prompt"})  # fmt: skip
+    digest.update(json.dumps([settings, cfg.data.val_fraction, cfg.data.seed], sort_keys=True).encode())
+    return SftData(train, val, fmt, digest.hexdigest(), truncated)
+
+
+def _read_examples(sources: list[Any], fmt: str, columns: dict[str, str]) -> tuple[list[Example], str]:
+    examples: list[Example] = []
+    for source in sources:
+        if source.kind == "builtin":
+            raise UserError(f"builtin:{source.name}: a pretraining corpus; finetune needs rows of a dataset file")
+        for detected, example in normalize(read_records(source), fmt, columns):
+            fmt = detected
+            examples.append(example)
+    if not examples:
+        raise UserError(f"{', '.join(s.name for s in sources)}: no rows")
+    return examples, fmt
+
+
+def _identity(example: Example) -> str:
+    """The text a row is split by: the same row always lands in the same split."""
+    return json.dumps([example.messages, example.prompt, example.completion, example.text], sort_keys=True)
+
+
+def _load_base(source: str | Path, cfg: RunConfig, token: str | None) -> Any:
+    if cfg.finetune.method != "qlora":
+        return load_model(Path(source).resolve() if Path(source).exists() else source,
+                          trust_remote_code=cfg.model.trust_remote_code, token=token)  # fmt: skip
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    quantization = BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16, bnb_4bit_use_double_quant=True
+    )
+    try:
+        model = AutoModelForCausalLM.from_pretrained(str(source), quantization_config=quantization, token=token)
+    except ImportError as exc:
+        raise UserError(f"method qlora needs bitsandbytes: pip install bitsandbytes ({exc})") from None
+    from peft import prepare_model_for_kbit_training
+
+    return prepare_model_for_kbit_training(model)
+
+
+def _apply_method(model: Any, cfg: RunConfig, chat: ChatSetup, tokenizer: Any, checkpoint: Path | None) -> Any:
+    ft = cfg.finetune
+    if ft.method in ("lora", "qlora"):
+        new_ids = list(range(len(tokenizer) - chat.added_tokens, len(tokenizer))) if chat.added_tokens else []
+        model = attach_lora(model, ft.lora, "CAUSAL_LM", new_ids)
+        if checkpoint is not None:
+            from peft import set_peft_model_state_dict
+            from safetensors.torch import load_file
+
+            set_peft_model_state_dict(model, load_file(checkpoint / "model" / "adapter_model.safetensors"))
+        return model
+    if checkpoint is not None:
+        from safetensors.torch import load_file
+
+        model.load_state_dict(load_file(checkpoint / "model" / "model.safetensors"), strict=False)
+        if hasattr(model, "tie_weights"):
+            model.tie_weights()
+    if ft.method == "freeze":
+        freeze_except(model, ft.freeze_top_layers, ft.trainable_modules)
+    return model
+
+
+def _validation_batches(
+    examples: list[Encoded], micro: int, max_batches: int | None, pad_id: int, attn: str
+) -> list[dict[str, torch.Tensor]]:
+    """Fixed validation batches: examples in order, one per row, padded (packing changes nothing in the loss)."""
+    batches = []
+    for start in range(0, len(examples), micro):
+        if max_batches is not None and len(batches) >= max_batches:
+            break
+        batches.append(collate_rows([[e] for e in examples[start : start + micro]], pad_id, attn))
+    return batches

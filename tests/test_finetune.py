@@ -1,0 +1,223 @@
+"""Fine-tuning: formats, chat templates and the loss mask, packing without cross-contamination, methods."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from llmkit.data.formats import Example, normalize
+from llmkit.data.templates import encode_example, setup_chat_template
+from llmkit.data.tokenizer import train_bpe
+from llmkit.losses import IGNORE, causal_lm_nll
+from llmkit.train.packing import collate_rows, first_fit_decreasing
+from tests.conftest import assert_nothing_written, assert_user_error, run_cli
+
+ANIMALS = [
+    "cat",
+    "dog",
+    "bird",
+    "fox",
+    "rabbit",
+    "bear",
+    "mouse",
+    "duck",
+    "frog",
+    "owl",
+    "horse",
+    "lion",
+    "tiger",
+    "sheep",
+    "goat",
+    "pig",
+]
+COLORS = [
+    "red",
+    "blue",
+    "green",
+    "yellow",
+    "black",
+    "white",
+    "brown",
+    "gray",
+    "orange",
+    "pink",
+    "purple",
+    "gold",
+    "silver",
+    "teal",
+    "navy",
+    "beige",
+]
+
+
+def write_chat_rows(path: Path, n: int, seed: int = 0) -> Path:
+    rng = random.Random(seed)
+    color = dict(zip(ANIMALS, COLORS, strict=True))
+    with path.open("w") as handle:
+        for _ in range(n):
+            a, b = rng.choice(ANIMALS), rng.choice(ANIMALS)
+            turns = [{"role": "user", "content": f"What color is the {a}?"},
+                     {"role": "assistant", "content": f"The {a} is {color[a]}."}]  # fmt: skip
+            if rng.random() < 0.5:
+                turns += [{"role": "user", "content": f"And the {b}?"},
+                          {"role": "assistant", "content": f"The {b} is {color[b]}."}]  # fmt: skip
+            handle.write(json.dumps({"messages": turns}) + "\n")
+    return path
+
+
+@pytest.fixture(scope="module")
+def chat_rows(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_chat_rows(tmp_path_factory.mktemp("sft") / "chat.jsonl", 240)
+
+
+def ft_args(model: Path, data: Path, out: Path, *extra: str, steps: int = 12) -> list[str]:
+    return ["finetune", "--model", str(model), "--data", str(data), "--out", str(out), "--max-steps", str(steps),
+            "--micro-batch-size", "4", "--max-length", "64", "--lr", "1e-3", "--set", "train.eval_every=6",
+            "--set", "train.eval_batches=2", "--set", "logging.every_steps=3", *extra]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    texts = [f"What color is the {a}? The {a} is {c}." for a, c in zip(ANIMALS, COLORS, strict=True)] * 20
+    return train_bpe(texts, vocab_size=320)
+
+
+def test_the_label_mask_covers_exactly_the_assistant_turns(tokenizer) -> None:
+    setup_chat_template(tokenizer, "chatml")
+    example = Example("x.jsonl:1", messages=(
+        {"role": "system", "content": "Answer briefly."},
+        {"role": "user", "content": "What color is the cat?"},
+        {"role": "assistant", "content": "The cat is red."},
+        {"role": "user", "content": "And the dog?"},
+        {"role": "assistant", "content": "The dog is blue."},
+    ))  # fmt: skip
+    encoded = encode_example(tokenizer, example, max_length=512, train_on_prompt=False)
+    tokens = tokenizer.convert_ids_to_tokens(encoded.ids.tolist())
+    trained = [tok for tok, label in zip(tokens, encoded.labels, strict=True) if label != IGNORE]
+    expected = tokenizer.convert_ids_to_tokens(
+        tokenizer("The cat is red.<|im_end|>\nThe dog is blue.<|im_end|>\n", add_special_tokens=False)["input_ids"]
+    )
+    assert trained == expected  # token by token: both answers with their end-of-turn, nothing else
+    assert all(
+        label == token_id for label, token_id in zip(encoded.labels, encoded.ids, strict=True) if label != IGNORE
+    )
+    everything = encode_example(tokenizer, example, max_length=512, train_on_prompt=True)
+    assert (everything.labels == everything.ids).all()
+
+
+def test_prompt_completion_and_text_masks(tokenizer) -> None:
+    pair = encode_example(tokenizer, Example("x", prompt="What color is the cat?", completion=" red"), 512, False)
+    prompt_len = len(tokenizer("What color is the cat?", add_special_tokens=False)["input_ids"])
+    assert (pair.labels[:prompt_len] == IGNORE).all() and (pair.labels[prompt_len:] != IGNORE).all()
+    assert pair.ids[-1] == tokenizer.eos_token_id
+    text = encode_example(tokenizer, Example("x", text="The cat is red."), 512, False)
+    assert (text.labels == text.ids).all()
+    cut = encode_example(tokenizer, Example("x", text="The cat is red. " * 20), 10, False)
+    assert cut.truncated and len(cut.ids) == 10
+
+
+def test_formats_are_detected_and_normalized() -> None:
+    rows = [
+        ({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}, "f:1"),
+        ({"conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}]}, "f:1"),
+        ({"instruction": "q", "input": "ctx", "output": "a"}, "f:1"),
+        ({"prompt": "q", "completion": "a"}, "f:1"),
+        ({"text": "t"}, "f:1"),
+        ({"question": "q", "answer": "a"}, "f:1"),
+    ]
+    detected = [next(normalize(iter([row]), "auto", {}))[0] for row in rows[:5]]
+    assert detected == ["messages", "sharegpt", "alpaca", "prompt_completion", "text"]
+    sharegpt = next(normalize(iter([rows[1]]), "auto", {}))[1]
+    assert sharegpt.messages == ({"role": "user", "content": "q"}, {"role": "assistant", "content": "a"})
+    alpaca = next(normalize(iter([rows[2]]), "auto", {}))[1]
+    assert alpaca.messages[0]["content"] == "q\n\nctx"
+    mapped = next(normalize(iter([rows[5]]), "auto", {"instruction": "question", "output": "answer"}))
+    assert mapped[0] == "alpaca" and mapped[1].messages[1]["content"] == "a"
+
+
+def test_packed_loss_equals_the_unpacked_loss(tokenizer) -> None:
+    torch.manual_seed(0)
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=384, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)  # fmt: skip
+    examples = [encode_example(tokenizer, Example("x", text=f"The {a} is {c}. " * (i % 3 + 1)), 64, False)
+                for i, (a, c) in enumerate(zip(ANIMALS, COLORS, strict=True))]  # fmt: skip
+    for attn in ("sdpa", "eager"):
+        model = LlamaForCausalLM(config).eval()
+        model.config._attn_implementation = attn
+        with torch.no_grad():
+            separate = sum(float(causal_lm_nll(model(torch.from_numpy(e.ids)[None]).logits, torch.from_numpy(e.labels)[None])[0])
+                           for e in examples)  # fmt: skip
+            rows = first_fit_decreasing(np.array([len(e.ids) for e in examples]), 64)
+            assert len(rows) < len(examples)  # really packed
+            batch = collate_rows([[examples[i] for i in row] for row in rows], int(tokenizer.pad_token_id), attn)
+            inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids")}
+            packed, count = causal_lm_nll(model(**inputs).logits, batch["labels"])
+        assert float(packed) == pytest.approx(separate, rel=1e-5), attn
+        assert int(count) == sum(e.trainable for e in examples)
+
+
+def test_finetune_full_writes_a_chat_model_with_its_template(tiny_run: Path, chat_rows: Path, tmp_path: Path) -> None:
+    out = tmp_path / "full"
+    result = run_cli(*ft_args(tiny_run, chat_rows, out))
+    assert result.exit_code == 0, result.stderr + result.stdout
+    assert "packing efficiency" in result.stdout and "template chatml" in result.stdout
+    stats = json.loads((out / "data_stats.json").read_text())
+    assert stats["efficiency"] >= 0.95 and stats["trainable_parameters"] == stats["total_parameters"]
+    tokenizer = AutoTokenizer.from_pretrained(out / "final")
+    assert "<|im_start|>" in tokenizer.chat_template  # inference formats prompts as training did
+    model = AutoModelForCausalLM.from_pretrained(out / "final")
+    assert model.get_input_embeddings().weight.shape[0] >= len(tokenizer)
+    im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    assert im_end in model.generation_config.eos_token_id  # generation stops at the end of the turn
+    losses = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["val_loss"] for r in losses if "val_loss" in r][-1] < [r["val_loss"] for r in losses if "val_loss" in r][
+        0
+    ]
+
+
+@pytest.mark.parametrize(
+    ("method", "extra", "max_share"),
+    [("lora", ["--set", "finetune.lora.r=4"], 0.5), ("freeze", ["--set", "finetune.freeze_top_layers=1"], 0.9)],
+)
+def test_lora_and_freeze_train_a_fraction(
+    method: str, extra: list[str], max_share: float, tiny_run: Path, chat_rows: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / method
+    result = run_cli(*ft_args(tiny_run, chat_rows, out, "--method", method, *extra))
+    assert result.exit_code == 0, result.stderr + result.stdout
+    stats = json.loads((out / "data_stats.json").read_text())
+    assert 0 < stats["trainable_parameters"] < max_share * stats["total_parameters"]
+    assert f"finetune ({method})" in result.stdout
+    if method == "lora":
+        assert (out / "final" / "adapter_config.json").is_file()
+
+
+def test_padding_is_still_available(tiny_run: Path, chat_rows: Path, tmp_path: Path) -> None:
+    result = run_cli(*ft_args(tiny_run, chat_rows, tmp_path / "pad", "--no-packing", steps=4))
+    assert result.exit_code == 0, result.stderr
+    assert "padding efficiency" in result.stdout
+
+
+def test_finetune_bad_input(tiny_run: Path, tmp_path: Path) -> None:
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text(json.dumps({"prompt": "a", "completion": "b"}) + "\n" + json.dumps({"prompt": "c"}) + "\n")
+    assert_user_error(run_cli(*ft_args(tiny_run, rows, tmp_path / "o")), f"{rows}:2", "'completion'", "prompt")
+    odd = tmp_path / "odd.jsonl"
+    odd.write_text(json.dumps({"q": "a", "a": "b"}) + "\n")
+    assert_user_error(run_cli(*ft_args(tiny_run, odd, tmp_path / "o")), f"{odd}:1", "cannot detect", "q")
+    empty_answers = tmp_path / "empty.jsonl"
+    empty_answers.write_text("".join(json.dumps({"prompt": "What color is the cat? " * 30, "completion": "red"}) + "\n"
+                                     for _ in range(8)))  # fmt: skip
+    assert_user_error(run_cli(*ft_args(tiny_run, empty_answers, tmp_path / "o")), "no trainable tokens",
+                      "8 training examples", "truncated")  # fmt: skip
+    assert_user_error(run_cli(*ft_args(tiny_run, odd, tmp_path / "o", "--method", "qlora")), "qlora needs a CUDA")
+    assert_user_error(run_cli("finetune", "--data", str(rows), "--out", str(tmp_path / "o")), "needs a base model")
+    assert_nothing_written(tmp_path, "o")

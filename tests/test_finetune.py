@@ -153,8 +153,10 @@ def test_packed_loss_equals_the_unpacked_loss(tokenizer) -> None:
         model = LlamaForCausalLM(config).eval()
         model.config._attn_implementation = attn
         with torch.no_grad():
-            separate = sum(float(causal_lm_nll(model(torch.from_numpy(e.ids)[None]).logits, torch.from_numpy(e.labels)[None])[0])
-                           for e in examples)  # fmt: skip
+            separate = sum(
+                float(causal_lm_nll(model(torch.from_numpy(e.ids)[None]).logits, torch.from_numpy(e.labels)[None])[0])
+                for e in examples
+            )
             rows = first_fit_decreasing(np.array([len(e.ids) for e in examples]), 64)
             assert len(rows) < len(examples)  # really packed
             batch = collate_rows([[examples[i] for i in row] for row in rows], int(tokenizer.pad_token_id), attn)

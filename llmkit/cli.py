@@ -37,6 +37,10 @@ SetOpt = Annotated[
 ]
 OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Replace an existing output directory.")]
 SeedOpt = Annotated[int | None, typer.Option("--seed", help="Random seed.")]
+MaxNewTokensOpt = Annotated[int, typer.Option(help="Tokens to generate at most.")]
+TemperatureOpt = Annotated[float, typer.Option(help="Sampling temperature; 0 is greedy.")]
+TopKOpt = Annotated[int, typer.Option(help="Sample from the k most likely tokens (0: all).")]
+TopPOpt = Annotated[float, typer.Option(help="Nucleus sampling mass.")]
 ResumeOpt = Annotated[
     str | None,
     typer.Option(help="'auto' (newest valid checkpoint of --out; a fresh start if none) or a checkpoint path."),
@@ -303,31 +307,55 @@ def export_command(
     source: Annotated[str, typer.Argument(help="Run directory, checkpoint or HF model directory.")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Directory to write.")],
     dtype: Annotated[str, typer.Option(help="float32, bfloat16 or float16.")] = "float32",
+    merge_lora: Annotated[
+        bool, typer.Option("--merge-lora", help="Fold a LoRA run's adapter into a standalone model.")
+    ] = False,
     overwrite: OverwriteOpt = False,
 ) -> None:
-    """Write a standalone Hugging Face model directory, verified against the source's logits."""
+    """Write a standalone Hugging Face model directory, verified against the source's logits.
+
+    A LoRA run exports as its PEFT adapter directory, or with --merge-lora as a merged full model.
+    """
     from llmkit.export.hf import export_hf
     from llmkit.reports import print_export_report
 
-    print_export_report(export_hf(source, out, dtype=dtype, overwrite=overwrite))
+    print_export_report(export_hf(source, out, dtype=dtype, overwrite=overwrite, merge_lora=merge_lora))
 
 
 @app.command("generate")
 @user_errors_exit_2
 def generate_command(
     model: Annotated[str, typer.Argument(help="Run directory, checkpoint, or HF model directory/hub name.")],
-    prompt: Annotated[str, typer.Option("--prompt", "-p", help="Text to continue.")],
-    max_new_tokens: Annotated[int, typer.Option(help="Tokens to generate at most.")] = 100,
-    temperature: Annotated[float, typer.Option(help="Sampling temperature; 0 is greedy.")] = 0.8,
-    top_k: Annotated[int, typer.Option(help="Sample from the k most likely tokens (0: all).")] = 50,
-    top_p: Annotated[float, typer.Option(help="Nucleus sampling mass.")] = 1.0,
+    prompt: Annotated[str, typer.Option("--prompt", "-p", help="Text to continue, or a chat model's question.")],
+    max_new_tokens: MaxNewTokensOpt = 100,
+    temperature: TemperatureOpt = 0.8,
+    top_k: TopKOpt = 50,
+    top_p: TopPOpt = 1.0,
+    raw: Annotated[bool, typer.Option("--raw", help="Continue the prompt as is, without the chat template.")] = False,
     seed: SeedOpt = None,
 ) -> None:
-    """Continue a prompt, streaming tokens to the terminal."""
-    from llmkit.generate import generate_text
+    """Continue a prompt (or answer it, for a model with a chat template), streaming tokens to the terminal."""
+    from llmkit.generate import Sampling, generate_text
 
-    generate_text(model, prompt, max_new_tokens, temperature, top_k, top_p, seed)
+    generate_text(model, prompt, Sampling(max_new_tokens, temperature, top_k, top_p), seed, raw)
     print()
+
+
+@app.command("chat")
+@user_errors_exit_2
+def chat_command(
+    model: Annotated[str, typer.Argument(help="A fine-tuned run, checkpoint or HF chat model directory.")],
+    system: Annotated[str | None, typer.Option(help="System message for the conversation.")] = None,
+    max_new_tokens: MaxNewTokensOpt = 200,
+    temperature: TemperatureOpt = 0.7,
+    top_k: TopKOpt = 50,
+    top_p: TopPOpt = 1.0,
+    seed: SeedOpt = None,
+) -> None:
+    """Talk to a chat model in the terminal, through the chat template it was trained with (/reset, /exit)."""
+    from llmkit.generate import Sampling, chat_loop
+
+    chat_loop(model, Sampling(max_new_tokens, temperature, top_k, top_p), system, seed=seed)
 
 
 @app.command("env")

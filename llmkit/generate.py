@@ -1,57 +1,134 @@
-"""`llmkit generate`: sample a continuation from a model, streaming tokens to the terminal."""
+"""`llmkit generate` and `llmkit chat`: sample from a model, streaming tokens to the terminal.
+
+A model whose tokenizer carries a chat template (every `llmkit finetune` run) is prompted through that
+template, exactly as it was trained; a pretrained model continues the raw prompt.
+"""
 
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from llmkit.data.tokenizer import load_tokenizer
 from llmkit.errors import UserError
-from llmkit.models import load_model
+from llmkit.models import load_trained_model
 from llmkit.runs import find_tokenizer_dir, resolve_model_dir
+
+END_OF_TURN = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>")
+
+
+@dataclass(frozen=True)
+class Sampling:
+    max_new_tokens: int = 100
+    temperature: float = 0.8
+    top_k: int = 50
+    top_p: float = 1.0
+
+    def check(self) -> None:
+        if self.temperature < 0 or not 0 < self.top_p <= 1 or self.top_k < 0 or self.max_new_tokens < 1:
+            raise UserError("need temperature >= 0, 0 < top-p <= 1, top-k >= 0 and max-new-tokens >= 1")
+
+
+@dataclass
+class Generator:
+    model: Any
+    tokenizer: Any
+    stop_ids: list[int]
+
+    @property
+    def is_chat(self) -> bool:
+        return bool(getattr(self.tokenizer, "chat_template", None))
+
+    def prompt_ids(self, prompt: str, raw: bool) -> list[int]:
+        if self.is_chat and not raw:
+            return list(self.chat_ids([{"role": "user", "content": prompt}]))
+        ids = self.tokenizer(prompt)["input_ids"]
+        # Trained documents follow a boundary token; start the prompt the same way when the tokenizer does not.
+        bos = self.tokenizer.bos_token_id
+        return [bos, *ids] if bos is not None and (not ids or ids[0] != bos) else list(ids)
+
+    def chat_ids(self, messages: list[dict[str, str]]) -> list[int]:
+        text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def complete(self, ids: list[int], sampling: Sampling, stream: bool) -> str:
+        from transformers import TextStreamer
+
+        input_ids = torch.tensor([ids])
+        streamer = TextStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True) if stream else None
+        options = {"do_sample": True, "temperature": sampling.temperature, "top_k": sampling.top_k,
+                   "top_p": sampling.top_p} if sampling.temperature > 0 else {"do_sample": False}  # fmt: skip
+        output = self.model.generate(
+            input_ids,
+            attention_mask=torch.ones_like(input_ids),
+            max_new_tokens=sampling.max_new_tokens,
+            pad_token_id=self.tokenizer.pad_token_id,
+            eos_token_id=self.stop_ids,
+            streamer=streamer,
+            **options,
+        )
+        return str(self.tokenizer.decode(output[0, len(ids) :], skip_special_tokens=True))
+
+
+def load_generator(model_path: str | Path) -> Generator:
+    model_dir = resolve_model_dir(model_path)
+    tokenizer = load_tokenizer(find_tokenizer_dir(model_dir))
+    model = load_trained_model(model_dir).eval()
+    vocab = tokenizer.get_vocab()
+    stops = {int(tokenizer.eos_token_id)} | {vocab[token] for token in END_OF_TURN if token in vocab}
+    return Generator(model, tokenizer, sorted(stops))
 
 
 def generate_text(
-    model_path: str | Path,
-    prompt: str,
-    max_new_tokens: int = 100,
-    temperature: float = 0.8,
-    top_k: int = 50,
-    top_p: float = 1.0,
-    seed: int | None = None,
+    model_path: str | Path, prompt: str, sampling: Sampling, seed: int | None = None, raw: bool = False,
     stream: bool = True,
-) -> str:
-    """The prompt's continuation. Temperature 0 is greedy decoding."""
-    from transformers import TextStreamer
-
-    if temperature < 0 or not 0 < top_p <= 1 or top_k < 0 or max_new_tokens < 1:
-        raise UserError("need temperature >= 0, 0 < top-p <= 1, top-k >= 0 and max-new-tokens >= 1")
-    model_dir = resolve_model_dir(model_path)
-    tokenizer = load_tokenizer(find_tokenizer_dir(model_dir))
-    model = load_model(model_dir).eval()
+) -> str:  # fmt: skip
+    """The model's answer to `prompt` (chat models) or its continuation (pretrained models)."""
+    sampling.check()
+    generator = load_generator(model_path)
     if seed is not None:
         torch.manual_seed(seed)
-
-    ids = tokenizer(prompt)["input_ids"]
-    # Trained documents follow a boundary token; start the prompt the same way when the tokenizer does not.
-    if tokenizer.bos_token_id is not None and (not ids or ids[0] != tokenizer.bos_token_id):
-        ids = [tokenizer.bos_token_id, *ids]
-    input_ids = torch.tensor([ids])
-    streamer = None
+    ids = generator.prompt_ids(prompt, raw)
     if stream:
-        sys.stdout.write(prompt)
+        sys.stdout.write(prompt if raw or not generator.is_chat else "")
         sys.stdout.flush()
-        streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
-    sampling = {"do_sample": True, "temperature": temperature, "top_k": top_k, "top_p": top_p}
-    output = model.generate(
-        input_ids,
-        attention_mask=torch.ones_like(input_ids),
-        max_new_tokens=max_new_tokens,
-        pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        streamer=streamer,
-        **(sampling if temperature > 0 else {"do_sample": False}),
-    )
-    return str(tokenizer.decode(output[0, len(ids) :], skip_special_tokens=True))
+    return generator.complete(ids, sampling, stream)
+
+
+def chat_loop(
+    model_path: str | Path, sampling: Sampling, system: str | None, read: Callable[[str], str] = input,
+    seed: int | None = None,
+) -> int:  # fmt: skip
+    """A REPL over the model's own chat template; returns the number of turns. /reset clears, /exit leaves."""
+    sampling.check()
+    generator = load_generator(model_path)
+    if not generator.is_chat:
+        raise UserError(f"{model_path}: the tokenizer has no chat template; use `llmkit generate` for this model")
+    if seed is not None:
+        torch.manual_seed(seed)
+    history: list[dict[str, str]] = [{"role": "system", "content": system}] if system else []
+    turns = 0
+    while True:
+        try:
+            line = read("you> ").strip()
+        except EOFError:
+            break
+        if line in ("/exit", "/quit"):
+            break
+        if line == "/reset":
+            history = history[:1] if system else []
+            continue
+        if not line:
+            continue
+        history.append({"role": "user", "content": line})
+        sys.stdout.write("model> ")
+        sys.stdout.flush()
+        answer = generator.complete(generator.chat_ids(history), sampling, stream=True)
+        history.append({"role": "assistant", "content": answer.strip()})
+        turns += 1
+    return turns

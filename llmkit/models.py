@@ -172,3 +172,30 @@ def _block_list(model: Any) -> Any:
 
 def _is_final_norm_or_head(name: str) -> bool:
     return name.startswith(("model.norm", "transformer.ln_f", "classifier", "score", "lm_head", "pooler"))
+
+
+def load_trained_model(model_dir: Path, dtype: Any = None, merge: bool = False) -> Any:
+    """A model directory from llmkit or any HF tool: full weights, or a PEFT adapter over its base model.
+
+    For an adapter, the base named in adapter_config.json is loaded (its embedding grown to the adapter's
+    tokenizer when fine-tuning added tokens) and the adapter applied; `merge` folds it into the weights.
+    """
+    import json
+
+    from llmkit.data.tokenizer import load_tokenizer
+    from llmkit.runs import find_tokenizer_dir
+
+    adapter_config = Path(model_dir) / "adapter_config.json"
+    if not adapter_config.is_file():
+        return load_model(model_dir, dtype=dtype)
+    from peft import PeftModel
+
+    base_name = json.loads(adapter_config.read_text(encoding="utf-8")).get("base_model_name_or_path")
+    if not base_name:
+        raise UserError(f"{adapter_config}: names no base model (base_model_name_or_path)")
+    base = load_model(base_name, dtype=dtype)
+    tokenizer = load_tokenizer(find_tokenizer_dir(Path(model_dir)))
+    if len(tokenizer) > base.get_input_embeddings().weight.shape[0]:
+        base.resize_token_embeddings(padded_vocab_size(len(tokenizer)))
+    model = PeftModel.from_pretrained(base, str(model_dir))
+    return model.merge_and_unload() if merge else model

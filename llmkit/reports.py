@@ -86,6 +86,7 @@ def print_eval_report(report: dict[str, Any]) -> None:
 
 def print_export_report(report: dict[str, Any]) -> None:
     rows = [
+        ("kind", report.get("kind", "full")),
         ("dtype", report["dtype"]),
         ("size", f"{report['size_bytes'] / 2**20:.2f} MiB"),
         ("max |logit diff|", f"{report['max_abs_logit_diff']:.3g} vs source"),

@@ -19,7 +19,7 @@ def resolve_model_dir(path: str | Path) -> Path:
             return path
         raise UserError(f"{path}: model not found (give a run directory, a checkpoint or an HF model directory)")
     for candidate in (path / "final", path / "model", path):
-        if (candidate / "config.json").is_file():
+        if (candidate / "config.json").is_file() or (candidate / "adapter_config.json").is_file():
             return candidate
     raise UserError(f"{path}: no config.json here, in final/ or in model/; is this a model directory?")
 

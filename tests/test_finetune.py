@@ -10,7 +10,9 @@ import numpy as np
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
+from typer.testing import CliRunner
 
+from llmkit.cli import app
 from llmkit.data.formats import Example, normalize
 from llmkit.data.templates import encode_example, setup_chat_template
 from llmkit.data.tokenizer import train_bpe
@@ -223,3 +225,56 @@ def test_finetune_bad_input(tiny_run: Path, tmp_path: Path) -> None:
     assert_user_error(run_cli(*ft_args(tiny_run, odd, tmp_path / "o", "--method", "qlora")), "qlora needs a CUDA")
     assert_user_error(run_cli("finetune", "--data", str(rows), "--out", str(tmp_path / "o")), "needs a base model")
     assert_nothing_written(tmp_path, "o")
+
+
+@pytest.fixture(scope="module")
+def lora_run(tiny_run: Path, chat_rows: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("lora") / "run"
+    result = run_cli(*ft_args(tiny_run, chat_rows, out, "--method", "lora", "--lr", "5e-3", steps=10))
+    assert result.exit_code == 0, result.stderr + result.stdout
+    return out
+
+
+def test_merged_lora_export_has_the_logits_of_base_plus_adapter(lora_run: Path, tmp_path: Path) -> None:
+    from peft import PeftModel
+
+    merged_dir = tmp_path / "merged"
+    result = run_cli("export", lora_run, "--out", merged_dir, "--merge-lora")
+    assert result.exit_code == 0, result.stderr
+    adapter_config = json.loads((lora_run / "final" / "adapter_config.json").read_text())
+    tokenizer = AutoTokenizer.from_pretrained(lora_run / "final")
+    base = AutoModelForCausalLM.from_pretrained(adapter_config["base_model_name_or_path"])
+    base.resize_token_embeddings(AutoModelForCausalLM.from_pretrained(merged_dir).get_input_embeddings().num_embeddings)
+    with_adapter = PeftModel.from_pretrained(base, lora_run / "final").eval()
+    merged = AutoModelForCausalLM.from_pretrained(merged_dir).eval()
+    assert not (merged_dir / "adapter_config.json").exists()
+    question = [{"role": "user", "content": "What color is the cat?"}]
+    ids = torch.tensor([tokenizer.apply_chat_template(question, add_generation_prompt=True, tokenize=True)["input_ids"]])
+    with torch.no_grad():
+        torch.testing.assert_close(merged(ids).logits, with_adapter(ids).logits, atol=1e-4, rtol=1e-4)
+
+    adapter_dir = tmp_path / "adapter"
+    assert run_cli("export", lora_run, "--out", adapter_dir).exit_code == 0
+    assert (adapter_dir / "adapter_config.json").is_file() and not (adapter_dir / "model.safetensors").exists()
+    assert json.loads((adapter_dir / "export_report.json").read_text())["max_abs_logit_diff"] == 0.0
+    full_run = run_cli("export", tmp_path / "merged", "--out", tmp_path / "again", "--merge-lora")
+    assert_user_error(full_run, "not a LoRA adapter")
+
+
+def test_generate_and_chat_use_the_runs_template(lora_run: Path) -> None:
+    answer = run_cli("generate", lora_run, "--prompt", "What color is the cat?", "--temperature", "0",
+                     "--max-new-tokens", "6")  # fmt: skip
+    assert answer.exit_code == 0, answer.stderr
+    assert "<|im_start|>" not in answer.stdout and "What color" not in answer.stdout  # an answer, not an echo
+    result = CliRunner().invoke(app, ["chat", str(lora_run), "--temperature", "0", "--max-new-tokens", "5"],
+                                input="What color is the cat?\nAnd the dog?\n/exit\n")  # fmt: skip
+    assert result.exit_code == 0, result.stderr
+    assert result.stdout.count("model> ") == 2
+
+
+def test_eval_scores_a_lora_run(lora_run: Path, chat_rows: Path, tmp_path: Path) -> None:
+    text_rows = tmp_path / "text.jsonl"
+    text_rows.write_text("".join(json.dumps({"text": f"The {a} is {c}."}) + "\n" for a, c in zip(ANIMALS, COLORS)))
+    result = run_cli("eval", lora_run, "--data", text_rows)
+    assert result.exit_code == 0, result.stderr
+    assert "perplexity" in result.stdout

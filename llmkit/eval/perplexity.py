@@ -23,7 +23,7 @@ from llmkit.data.store import MANIFEST, open_dataset
 from llmkit.data.tokenizer import char_counts, load_tokenizer, tokenizer_hash
 from llmkit.errors import UserError
 from llmkit.losses import IGNORE
-from llmkit.models import check_vocab_fits, load_model
+from llmkit.models import check_vocab_fits, load_trained_model
 from llmkit.runs import find_tokenizer_dir, resolve_model_dir
 
 LN2 = math.log(2)
@@ -47,7 +47,7 @@ def evaluate(
     """Score a causal LM on held-out text and return the report."""
     model_dir = resolve_model_dir(model_path)
     tokenizer = load_tokenizer(find_tokenizer_dir(model_dir))
-    model = load_model(model_dir)
+    model = load_trained_model(model_dir)
     check_vocab_fits(model, tokenizer, str(model_dir))
     context = int(getattr(model.config, "max_position_embeddings", 0) or getattr(model.config, "n_positions", 0))
     eval_data = _load_eval_data(data, tokenizer, seq_len or min(context or 1024, 1024), text_field)

@@ -197,7 +197,10 @@ def _load_base(source: str | Path, cfg: RunConfig, token: str | None) -> Any:
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     quantization = BitsAndBytesConfig(
-        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16, bnb_4bit_use_double_quant=True
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_compute_dtype=torch.bfloat16,
+        bnb_4bit_use_double_quant=True,
     )
     try:
         model = AutoModelForCausalLM.from_pretrained(str(source), quantization_config=quantization, token=token)
@@ -234,7 +237,7 @@ def _validation_batches(
     examples: list[Encoded], micro: int, max_batches: int | None, pad_id: int, attn: str
 ) -> list[dict[str, torch.Tensor]]:
     """Fixed validation batches: examples in order, one per row, padded (packing changes nothing in the loss)."""
-    batches = []
+    batches: list[dict[str, torch.Tensor]] = []
     for start in range(0, len(examples), micro):
         if max_batches is not None and len(batches) >= max_batches:
             break

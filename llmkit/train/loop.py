@@ -392,5 +392,7 @@ def save_final_model(job: TrainJob) -> Path:
         with atomic_directory(final_dir) as staging:
             model.save_pretrained(staging, state_dict=state_dict, safe_serialization=True)
             job.tokenizer.save_pretrained(staging)
+            if getattr(model, "peft_config", None) and getattr(model, "generation_config", None) is not None:
+                model.generation_config.save_pretrained(staging)  # adapters do not save it themselves
     acc.wait_for_everyone()
     return final_dir

@@ -249,7 +249,8 @@ def test_merged_lora_export_has_the_logits_of_base_plus_adapter(lora_run: Path, 
     merged = AutoModelForCausalLM.from_pretrained(merged_dir).eval()
     assert not (merged_dir / "adapter_config.json").exists()
     question = [{"role": "user", "content": "What color is the cat?"}]
-    ids = torch.tensor([tokenizer.apply_chat_template(question, add_generation_prompt=True, tokenize=True)["input_ids"]])
+    encoded = tokenizer.apply_chat_template(question, add_generation_prompt=True, tokenize=True)
+    ids = torch.tensor([encoded["input_ids"]])
     with torch.no_grad():
         torch.testing.assert_close(merged(ids).logits, with_adapter(ids).logits, atol=1e-4, rtol=1e-4)
 
@@ -274,7 +275,9 @@ def test_generate_and_chat_use_the_runs_template(lora_run: Path) -> None:
 
 def test_eval_scores_a_lora_run(lora_run: Path, chat_rows: Path, tmp_path: Path) -> None:
     text_rows = tmp_path / "text.jsonl"
-    text_rows.write_text("".join(json.dumps({"text": f"The {a} is {c}."}) + "\n" for a, c in zip(ANIMALS, COLORS)))
+    text_rows.write_text(
+        "".join(json.dumps({"text": f"The {a} is {c}."}) + "\n" for a, c in zip(ANIMALS, COLORS, strict=True))
+    )
     result = run_cli("eval", lora_run, "--data", text_rows)
     assert result.exit_code == 0, result.stderr
     assert "perplexity" in result.stdout

@@ -267,30 +267,41 @@ EVAL_HELP = "Score a model on held-out text: loss, perplexity, bits per token an
 
 def eval_command(
     model: Annotated[str, typer.Argument(help="Run directory, checkpoint, or HF model directory/hub name.")],
-    data: Annotated[str, typer.Option(help="Prepared dataset (its validation split) or a raw text/JSONL file.")],
+    data: Annotated[
+        str, typer.Option(help="Prepared dataset (its validation split), a raw text/JSONL file, or text+label rows.")
+    ],
     report: Annotated[Path | None, typer.Option(help="Write the JSON report here.")] = None,
     max_perplexity: Annotated[float | None, typer.Option(help="CI gate: exit 1 if perplexity is above this.")] = None,
+    min_accuracy: Annotated[float | None, typer.Option(help="CI gate (classifiers): exit 1 below this.")] = None,
+    min_f1: Annotated[float | None, typer.Option(help="CI gate (classifiers): exit 1 if macro F1 is below.")] = None,
     batch_size: Annotated[int, typer.Option(help="Sequences per forward pass.")] = 8,
     seq_len: Annotated[int | None, typer.Option(help="Window length for raw text (default: model context).")] = None,
     max_batches: Annotated[int | None, typer.Option(help="Score at most this many batches.")] = None,
     text_field: Annotated[str, typer.Option(help="Field holding the text in JSONL/CSV/parquet.")] = "text",
 ) -> None:
-    """Score a model on held-out text: loss, perplexity, bits per token and per character.
+    """Score a model on held-out data: loss, perplexity, bits per token and per character; for classifiers
+    accuracy, macro precision/recall/F1, the confusion matrix and ROC-AUC.
 
     Exit codes: 0 pass, 1 a gate failed, 2 bad input.
     """
     from llmkit.atomic import write_json
+    from llmkit.eval.classification import evaluate_classifier, is_classifier
     from llmkit.eval.perplexity import evaluate, failed_gates
-    from llmkit.reports import print_eval_report
+    from llmkit.reports import print_classification_report, print_eval_report
+    from llmkit.runs import resolve_model_dir
 
-    result = evaluate(
-        model, data, batch_size=batch_size, seq_len=seq_len, max_batches=max_batches, text_field=text_field
-    )
+    model_dir = resolve_model_dir(model)
+    if is_classifier(model_dir):
+        result = evaluate_classifier(model_dir, data, batch_size=max(batch_size, 32))
+        print_classification_report(result)
+    else:
+        result = evaluate(model, data, batch_size=batch_size, seq_len=seq_len, max_batches=max_batches,
+                          text_field=text_field)  # fmt: skip
+        print_eval_report(result)
     if report is not None:
         report.parent.mkdir(parents=True, exist_ok=True)
         write_json(report, result)
-    print_eval_report(result)
-    failures = failed_gates(result, max_perplexity)
+    failures = failed_gates(result, max_perplexity, min_accuracy, min_f1)
     for failure in failures:
         print(f"gate failed: {failure}", file=sys.stderr)
     if failures:

@@ -188,6 +188,16 @@ class LoraConfig(Section):
     dora: bool = Field(False, description="Weight-decomposed LoRA (DoRA).")
 
 
+class AugmentConfig(Section):
+    """Seeded text augmentation of training rows (classification and plain text); off unless copies > 0."""
+
+    copies: int = Field(0, ge=0, description="Augmented variants added per training row (0: off).")
+    swap: float = Field(0.1, ge=0, le=1, description="Chance that a word swaps places with the next one.")
+    insert: float = Field(0.1, ge=0, le=1, description="Chance of inserting a word of the row after each word.")
+    delete: float = Field(0.1, ge=0, le=1, description="Chance of deleting each word.")
+    seed: int = Field(0, description="Seed of the augmentation.")
+
+
 class FinetuneConfig(Section):
     """`llmkit finetune`: task, data format, chat template, packing and training method."""
 
@@ -213,6 +223,10 @@ class FinetuneConfig(Section):
     trainable_modules: list[str] = Field(
         default_factory=list, description="Method freeze: also train parameters whose names contain these strings."
     )
+    class_weights: Literal["none", "balanced"] | list[float] = Field(
+        "none", description="Task classify: loss weight per class: none, balanced (inverse frequency) or a list."
+    )
+    augment: AugmentConfig = Field(default_factory=AugmentConfig)  # type: ignore[arg-type]
 
 
 class RunConfig(Section):

@@ -199,3 +199,25 @@ def load_trained_model(model_dir: Path, dtype: Any = None, merge: bool = False) 
         base.resize_token_embeddings(padded_vocab_size(len(tokenizer)))
     model = PeftModel.from_pretrained(base, str(model_dir))
     return model.merge_and_unload() if merge else model
+
+
+def load_classifier(source: str | Path, labels: Any, trust_remote_code: bool = False, token: str | None = None) -> Any:
+    """A sequence-classification model on any HF encoder or decoder, with the label map in its config."""
+    from transformers import AutoModelForSequenceClassification
+
+    try:
+        model = AutoModelForSequenceClassification.from_pretrained(
+            str(source),
+            num_labels=len(labels.names),
+            id2label=dict(enumerate(labels.names)),
+            label2id={name: i for i, name in enumerate(labels.names)},
+            trust_remote_code=trust_remote_code,
+            use_safetensors=True,
+            token=token,
+        )
+    except Exception as exc:  # OSError offline or missing files, ValueError for unsupported architectures
+        reason = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
+        raise UserError(f"{source}: cannot load a sequence classifier from this model: {reason}") from None
+    if model.config.pad_token_id is None:  # decoders find each row's last token through the pad id
+        model.config.pad_token_id = model.config.eos_token_id
+    return model

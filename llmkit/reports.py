@@ -93,3 +93,25 @@ def print_export_report(report: dict[str, Any]) -> None:
         ("greedy agreement", f"{report['greedy_agreement']:.1%} of {report['probe_tokens']} probe tokens"),
     ]
     console.print(_table(f"exported {report['out']}", rows))
+
+
+def print_classification_report(report: dict[str, Any]) -> None:
+    rows = [
+        ("accuracy", f"{report['accuracy']:.4f}"),
+        (
+            "macro P / R / F1",
+            f"{report['macro_precision']:.4f} / {report['macro_recall']:.4f} / {report['macro_f1']:.4f}",
+        ),
+    ]
+    if report.get("roc_auc") is not None:
+        rows.append(("ROC-AUC", f"{report['roc_auc']:.4f}"))
+    rows.append(("examples", f"{report['examples']:,} in {report['seconds']:.1f}s"))
+    console.print(_table(f"eval {report['model']} on {report['data']}", rows))
+    matrix = report["confusion_matrix"]
+    table = Table(title="confusion matrix (rows: true, columns: predicted)", title_justify="left")
+    table.add_column("")
+    for name in matrix["labels"]:
+        table.add_column(name, justify="right")
+    for name, counts in zip(matrix["labels"], matrix["rows_true_columns_predicted"], strict=True):
+        table.add_row(name, *map(str, counts))
+    console.print(table)

@@ -38,8 +38,12 @@ def train_bpe(texts: Iterable[str], vocab_size: int) -> Any:
     return PreTrainedTokenizerFast(tokenizer_object=backend, bos_token=EOS, eos_token=EOS, pad_token=PAD)
 
 
-def load_tokenizer(name_or_path: str | Path, trust_remote_code: bool = False) -> Any:
-    """Load a fast tokenizer from a local directory or the hub, with a clear error when it cannot."""
+def load_tokenizer(name_or_path: str | Path, trust_remote_code: bool = False, require_eos: bool = True) -> Any:
+    """Load a fast tokenizer from a local directory or the hub, with a clear error when it cannot.
+
+    Language modelling separates documents with EOS, so it is required unless `require_eos` is off
+    (classification with an encoder's tokenizer).
+    """
     from transformers import AutoTokenizer
 
     try:
@@ -49,9 +53,9 @@ def load_tokenizer(name_or_path: str | Path, trust_remote_code: bool = False) ->
         raise UserError(f"{name_or_path}: cannot load a tokenizer from this {where}: {type(exc).__name__}") from None
     if not getattr(tokenizer, "is_fast", False):
         raise UserError(f"{name_or_path}: llmkit needs a fast (Rust `tokenizers`) tokenizer")
-    if tokenizer.eos_token_id is None:
+    if require_eos and tokenizer.eos_token_id is None:
         raise UserError(f"{name_or_path}: tokenizer has no EOS token; documents cannot be separated")
-    if tokenizer.pad_token_id is None:
+    if tokenizer.pad_token_id is None and tokenizer.eos_token is not None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
 

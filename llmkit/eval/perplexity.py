@@ -146,9 +146,25 @@ def _pad(rows: list[np.ndarray], pad_id: int) -> tuple[torch.Tensor, torch.Tenso
     return ids, labels
 
 
-def failed_gates(report: dict[str, Any], max_perplexity: float | None) -> list[str]:
+def failed_gates(
+    report: dict[str, Any],
+    max_perplexity: float | None = None,
+    min_accuracy: float | None = None,
+    min_f1: float | None = None,
+) -> list[str]:
     """One line per failed gate, naming the metric, its value and the limit."""
+    checks = [
+        ("perplexity", max_perplexity, "--max-perplexity", lambda value, limit: value <= limit),
+        ("accuracy", min_accuracy, "--min-accuracy", lambda value, limit: value >= limit),
+        ("macro_f1", min_f1, "--min-f1", lambda value, limit: value >= limit),
+    ]
     failures = []
-    if max_perplexity is not None and report["perplexity"] > max_perplexity:
-        failures.append(f"perplexity {report['perplexity']:.4g} > --max-perplexity {max_perplexity:g}")
+    for metric, limit, flag, passes in checks:
+        if limit is None:
+            continue
+        if metric not in report:
+            failures.append(f"{flag}: this report has no {metric} (it applies to the other kind of model)")
+        elif not passes(report[metric], limit):
+            sign = ">" if flag.startswith("--max") else "<"
+            failures.append(f"{metric} {report[metric]:.4g} {sign} {flag} {limit:g}")
     return failures

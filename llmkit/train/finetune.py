@@ -19,11 +19,21 @@ from llmkit.console import info
 from llmkit.data.cleaning import is_validation
 from llmkit.data.formats import Example, normalize
 from llmkit.data.readers import read_records, resolve_sources
-from llmkit.data.templates import ChatSetup, Encoded, encode_example, setup_chat_template
+from llmkit.data.templates import Encoded, encode_example, setup_chat_template
 from llmkit.data.tokenizer import load_tokenizer, tokenizer_hash
 from llmkit.errors import UserError
-from llmkit.models import attach_lora, count_parameters, freeze_except, load_model, padded_vocab_size
+from llmkit.models import attach_lora, count_parameters, freeze_except, load_classifier, load_model, padded_vocab_size
 from llmkit.runs import find_tokenizer_dir, resolve_model_dir
+from llmkit.train.classify import (
+    LabelMap,
+    augment_examples,
+    class_weights,
+    collate_classification,
+    count_examples,
+    encode_classification,
+    make_evaluation,
+    make_loss,
+)
 from llmkit.train.loop import FitResult, TrainJob, fit
 from llmkit.train.packing import ExampleLoader, collate_rows
 from llmkit.train.resume import find_checkpoint, open_run_dir, restore_state
@@ -31,12 +41,13 @@ from llmkit.train.setup import build_optimizer, make_accelerator, steps_for_budg
 
 
 @dataclass
-class SftData:
+class FinetuneData:
     train: list[Encoded]
     val: list[Encoded]
     fmt: str
     fingerprint: str
     truncated: int
+    labels: LabelMap | None = None  # classification only
 
 
 def finetune(
@@ -46,7 +57,8 @@ def finetune(
     resume_fallback: bool = False,
     allow_config_change: bool = False,
 ) -> FitResult:
-    """Fine-tune `cfg.model.init_from` on `cfg.data.sources` (SFT: chat, instructions, completions, text)."""
+    """Fine-tune `cfg.model.init_from` on `cfg.data.sources`: SFT (chat, instructions, completions, text) or
+    text classification (`finetune.task: classify`)."""
     ft = cfg.finetune
     if not cfg.model.init_from:
         raise UserError("finetune needs a base model: pass --model PATH_OR_HUB_NAME (model.init_from)")
@@ -54,9 +66,10 @@ def finetune(
         raise UserError("method qlora needs a CUDA GPU (4-bit bitsandbytes); use --method lora on CPU")
     token = cfg.model.hub_token.get_secret_value() if cfg.model.hub_token else None
     base_dir = resolve_model_dir(cfg.model.init_from)
-    tokenizer = load_tokenizer(find_tokenizer_dir(base_dir), cfg.model.trust_remote_code)
-    chat = setup_chat_template(tokenizer, ft.chat_template)
-    data = load_sft_data(cfg, tokenizer)
+    classify = ft.task == "classify"
+    tokenizer = load_tokenizer(find_tokenizer_dir(base_dir), cfg.model.trust_remote_code, require_eos=not classify)
+    chat = None if classify else setup_chat_template(tokenizer, ft.chat_template)
+    data = load_classification_data(cfg, tokenizer) if classify else load_sft_data(cfg, tokenizer)
 
     accelerator = make_accelerator(cfg.precision)
     world, micro = accelerator.num_processes, cfg.train.micro_batch_size
@@ -73,27 +86,35 @@ def finetune(
     from accelerate.utils import set_seed
 
     set_seed(cfg.train.seed)
-    model = _load_base(base_dir if base_dir.exists() else cfg.model.init_from, cfg, token)
-    rows = model.get_input_embeddings().weight.shape[0]
-    if len(tokenizer) > rows:
+    source = base_dir if base_dir.exists() else cfg.model.init_from
+    model = _load_base(source, cfg, token, data.labels)
+    if data.labels is not None:
+        model.config.pad_token_id = tokenizer.pad_token_id  # decoders find each row's last token by it
+    if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
         model.resize_token_embeddings(padded_vocab_size(len(tokenizer)))
-    model.generation_config.eos_token_id = list(chat.stop_token_ids)
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
-    model = _apply_method(model, cfg, chat, tokenizer, checkpoint)
+    if chat is not None:
+        model.generation_config.eos_token_id = list(chat.stop_token_ids)
+        model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model = _apply_method(model, cfg, chat.added_tokens if chat else 0, tokenizer, checkpoint)
 
     run_dir, config_yaml = open_run_dir(cfg, checkpoint, resume, overwrite, accelerator, tokenizer)
     optimizer = build_optimizer(model, cfg.optimizer)
     model, optimizer = accelerator.prepare(model, optimizer)
     attn = getattr(model.config, "_attn_implementation", None) or "sdpa"
+    pad_id = int(tokenizer.pad_token_id)
+    if classify:
+        collate: Any = lambda rows, indices=None: collate_classification(rows, pad_id, indices)  # noqa: E731
+    else:
+        collate = lambda rows, indices=None: collate_rows(rows, pad_id, attn, indices)  # noqa: E731
     try:
-        loader = ExampleLoader(data.train, micro, ft.max_length, cfg.train.seed, ft.packing,
-                               int(tokenizer.pad_token_id), attn, accelerator.process_index, world)  # fmt: skip
+        loader = ExampleLoader(data.train, micro, ft.max_length, cfg.train.seed, ft.packing and not classify,
+                               pad_id, attn, accelerator.process_index, world, collate)  # fmt: skip
     except ValueError:
         raise UserError(
             f"{len(data.train)} training examples cannot fill one micro-batch of {micro * world}; "
             "lower train.micro_batch_size or add data"
         ) from None
-    val_batches = _validation_batches(data.val, micro, cfg.train.eval_batches, int(tokenizer.pad_token_id), attn)
+    val_batches = _validation_batches(data.val, micro, cfg.train.eval_batches, collate)
     tokens_per_step = micro * cfg.train.grad_accum_steps * world * ft.max_length  # an upper bound, for budgets
     total_steps = steps_for_budget(cfg.train, loader.batches_per_epoch, tokens_per_step)
     resume_state = None
@@ -103,18 +124,20 @@ def finetune(
     if accelerator.is_main_process:
         trainable, total = count_parameters(model)
         efficiency = loader.efficiency()
+        what = f"classes {', '.join(data.labels.names)}" if data.labels else f"template {chat.name if chat else '-'}"
         info(
-            f"finetune ({ft.method}): {total / 1e6:.2f}M parameters, {trainable / 1e6:.3f}M trainable "
-            f"({trainable / total:.2%}); format {data.fmt}, template {chat.name}; {len(data.train):,} train / "
+            f"finetune {ft.task} ({ft.method}): {total / 1e6:.2f}M parameters, {trainable / 1e6:.3f}M trainable "
+            f"({trainable / total:.2%}); format {data.fmt}, {what}; {len(data.train):,} train / "
             f"{len(data.val):,} val examples ({data.truncated} truncated to {ft.max_length}); "
-            f"{'packing' if ft.packing else 'padding'} efficiency {efficiency:.3f} (real tokens / slots); "
+            f"{'packing' if loader.packing else 'padding'} efficiency {efficiency:.3f} (real tokens / slots); "
             f"{total_steps:,} steps on {world} process(es)"
         )
         if resume_state is not None:
             info(f"resuming from {checkpoint} at step {resume_state.step:,} of {total_steps:,}")
         (run_dir / "data_stats.json").write_text(json.dumps({
-            "format": data.fmt, "template": chat.name, "train_examples": len(data.train),
-            "val_examples": len(data.val), "truncated": data.truncated, "packing": ft.packing,
+            "task": ft.task, "format": data.fmt, "template": chat.name if chat else None,
+            "labels": data.labels.names if data.labels else None, "train_examples": len(data.train),
+            "val_examples": len(data.val), "truncated": data.truncated, "packing": loader.packing,
             "efficiency": efficiency, "trainable_parameters": trainable, "total_parameters": total,
         }, indent=2) + "\n")  # fmt: skip
 
@@ -133,25 +156,21 @@ def finetune(
         fingerprints=fingerprints,
         resume=resume_state,
     )
+    if data.labels is not None:
+        weights = class_weights(ft.class_weights, data.train, len(data.labels.names))
+        job.loss_fn, job.count_targets = make_loss(weights), count_examples
+        job.eval_fn = make_evaluation(data.labels, weights)
     return fit(job)
 
 
-def load_sft_data(cfg: RunConfig, tokenizer: Any) -> SftData:
+def load_sft_data(cfg: RunConfig, tokenizer: Any) -> FinetuneData:
     """Read, normalize, split and encode the fine-tuning rows; refuse data with nothing to learn."""
     ft = cfg.finetune
-    sources = resolve_sources(cfg.data.sources)
-    examples, fmt = _read_examples(sources, ft.format, ft.columns)
-    if ft.val_file:
-        val_examples, _ = _read_examples(resolve_sources([ft.val_file]), fmt, ft.columns)
-        train_examples = examples
-    else:
-        key = cfg.data.seed
-        held_out = [is_validation(_identity(e), cfg.data.val_fraction, key) for e in examples]
-        train_examples = [e for e, out in zip(examples, held_out, strict=True) if not out]
-        val_examples = [e for e, out in zip(examples, held_out, strict=True) if out]
+    train_examples, val_examples, fmt = _split_examples(cfg)
     if fmt == "classification":
-        raise UserError(f"{sources[0].name}: rows are text + label (classification); llmkit finetune trains "
-                        "generation (SFT) in this release")  # fmt: skip
+        raise UserError(f"{cfg.data.sources[0]}: rows are text + label; train a classifier with --task classify")
+    if fmt == "text":
+        train_examples = augment_examples(train_examples, ft.augment)
     train = [encode_example(tokenizer, e, ft.max_length, ft.train_on_prompt) for e in train_examples]
     val = [encode_example(tokenizer, e, ft.max_length, ft.train_on_prompt) for e in val_examples]
     trainable = sum(e.trainable for e in train)
@@ -163,13 +182,45 @@ def load_sft_data(cfg: RunConfig, tokenizer: Any) -> SftData:
             f"finetune.max_length={ft.max_length}, 0 assistant/completion tokens left after masking; "
             "raise max_length, check the assistant turns, or set finetune.train_on_prompt"
         )
+    return FinetuneData(train, val, fmt, _fingerprint(cfg), truncated)
+
+
+def load_classification_data(cfg: RunConfig, tokenizer: Any) -> FinetuneData:
+    """Text + label rows: the label map from the training rows, then encoding with the model's tokenizer."""
+    ft = cfg.finetune
+    train_examples, val_examples, fmt = _split_examples(cfg)
+    if fmt != "classification":
+        raise UserError(f"{cfg.data.sources[0]}: --task classify needs text + label rows, found the {fmt} format")
+    labels = LabelMap.from_examples(train_examples)
+    train_examples = augment_examples(train_examples, ft.augment)
+    train = encode_classification(tokenizer, train_examples, labels, ft.max_length)
+    val = encode_classification(tokenizer, val_examples, labels, ft.max_length)
+    return FinetuneData(train, val, fmt, _fingerprint(cfg), sum(e.truncated for e in train), labels)
+
+
+def _split_examples(cfg: RunConfig) -> tuple[list[Example], list[Example], str]:
+    """Training and validation rows: a validation file, or a fraction held out by row content."""
+    ft = cfg.finetune
+    examples, fmt = _read_examples(resolve_sources(cfg.data.sources), ft.format, ft.columns)
+    if ft.val_file:
+        val_examples, _ = _read_examples(resolve_sources([ft.val_file]), fmt, ft.columns)
+        return examples, val_examples, fmt
+    held_out = [is_validation(_identity(e), cfg.data.val_fraction, cfg.data.seed) for e in examples]
+    train = [e for e, out in zip(examples, held_out, strict=True) if not out]
+    val = [e for e, out in zip(examples, held_out, strict=True) if out]
+    return train, val, fmt
+
+
+def _fingerprint(cfg: RunConfig) -> str:
+    """What the training rows are: source files' content, split and encoding settings."""
+    ft = cfg.finetune
     digest = hashlib.sha256()
-    for source in sources + (resolve_sources([ft.val_file]) if ft.val_file else []):
+    for source in resolve_sources(cfg.data.sources) + (resolve_sources([ft.val_file]) if ft.val_file else []):
         digest.update(json.dumps(source.describe(), sort_keys=True).encode())
-    settings = ft.model_dump(mode="json", include={"format", "columns", "max_length", "chat_template",
-                                                   "train_on_prompt"})  # fmt: skip
+    settings = ft.model_dump(mode="json", include={"task", "format", "columns", "max_length", "chat_template",
+                                                   "train_on_prompt", "augment"})  # fmt: skip
     digest.update(json.dumps([settings, cfg.data.val_fraction, cfg.data.seed], sort_keys=True).encode())
-    return SftData(train, val, fmt, digest.hexdigest(), truncated)
+    return digest.hexdigest()
 
 
 def _read_examples(sources: list[Any], fmt: str, columns: dict[str, str]) -> tuple[list[Example], str]:
@@ -187,13 +238,15 @@ def _read_examples(sources: list[Any], fmt: str, columns: dict[str, str]) -> tup
 
 def _identity(example: Example) -> str:
     """The text a row is split by: the same row always lands in the same split."""
-    return json.dumps([example.messages, example.prompt, example.completion, example.text], sort_keys=True)
+    return json.dumps([example.messages, example.prompt, example.completion, example.text, example.label], default=str)
 
 
-def _load_base(source: str | Path, cfg: RunConfig, token: str | None) -> Any:
+def _load_base(source: str | Path, cfg: RunConfig, token: str | None, labels: LabelMap | None) -> Any:
+    source = Path(source).resolve() if Path(source).exists() else source
+    if labels is not None:
+        return load_classifier(source, labels, cfg.model.trust_remote_code, token)
     if cfg.finetune.method != "qlora":
-        return load_model(Path(source).resolve() if Path(source).exists() else source,
-                          trust_remote_code=cfg.model.trust_remote_code, token=token)  # fmt: skip
+        return load_model(source, trust_remote_code=cfg.model.trust_remote_code, token=token)
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     quantization = BitsAndBytesConfig(
@@ -211,11 +264,12 @@ def _load_base(source: str | Path, cfg: RunConfig, token: str | None) -> Any:
     return prepare_model_for_kbit_training(model)
 
 
-def _apply_method(model: Any, cfg: RunConfig, chat: ChatSetup, tokenizer: Any, checkpoint: Path | None) -> Any:
+def _apply_method(model: Any, cfg: RunConfig, added_tokens: int, tokenizer: Any, checkpoint: Path | None) -> Any:
     ft = cfg.finetune
     if ft.method in ("lora", "qlora"):
-        new_ids = list(range(len(tokenizer) - chat.added_tokens, len(tokenizer))) if chat.added_tokens else []
-        model = attach_lora(model, ft.lora, "CAUSAL_LM", new_ids)
+        new_ids = list(range(len(tokenizer) - added_tokens, len(tokenizer))) if added_tokens else []
+        task_type = "SEQ_CLS" if ft.task == "classify" else "CAUSAL_LM"
+        model = attach_lora(model, ft.lora, task_type, new_ids)
         if checkpoint is not None:
             from peft import set_peft_model_state_dict
             from safetensors.torch import load_file
@@ -234,12 +288,12 @@ def _apply_method(model: Any, cfg: RunConfig, chat: ChatSetup, tokenizer: Any, c
 
 
 def _validation_batches(
-    examples: list[Encoded], micro: int, max_batches: int | None, pad_id: int, attn: str
+    examples: list[Encoded], micro: int, max_batches: int | None, collate: Any
 ) -> list[dict[str, torch.Tensor]]:
     """Fixed validation batches: examples in order, one per row, padded (packing changes nothing in the loss)."""
     batches: list[dict[str, torch.Tensor]] = []
     for start in range(0, len(examples), micro):
         if max_batches is not None and len(batches) >= max_batches:
             break
-        batches.append(collate_rows([[e] for e in examples[start : start + micro]], pad_id, attn))
+        batches.append(collate([[e] for e in examples[start : start + micro]]))
     return batches

@@ -12,6 +12,7 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -49,6 +50,19 @@ class ResumeState:
     rng: dict[str, Any]  # this process's RNG states at the checkpoint
 
 
+LossFn = Callable[[torch.Tensor, dict[str, torch.Tensor]], tuple[torch.Tensor, torch.Tensor]]
+EvalFn = Callable[[Any, list[dict[str, torch.Tensor]], Any], dict[str, Any]]
+
+
+def next_token_loss(logits: torch.Tensor, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The language-modelling objective: (sum of next-token losses, target tokens)."""
+    return causal_lm_nll(logits, batch["labels"])
+
+
+def next_token_targets(batch: dict[str, torch.Tensor]) -> int:
+    return count_targets(batch["labels"])
+
+
 @dataclass
 class TrainJob:
     """Everything `fit` needs; built by a command's setup function."""
@@ -66,6 +80,10 @@ class TrainJob:
     config_yaml: str
     fingerprints: dict[str, Any] = field(default_factory=dict)
     resume: ResumeState | None = None
+    # The objective: language modelling unless a command supplies another (classification does).
+    loss_fn: LossFn = next_token_loss
+    count_targets: Callable[[dict[str, torch.Tensor]], int] = next_token_targets
+    eval_fn: EvalFn | None = None
 
 
 @dataclass
@@ -166,7 +184,7 @@ def fit(job: TrainJob) -> FitResult:
             micro_batches = [job.loader.next_batch() for _ in range(train_cfg.grad_accum_steps)]
             trace.record(step + 1, micro_batches)
             step_targets, step_tokens = _global_sums(
-                acc, sum(count_targets(b["labels"]) for b in micro_batches), sum(real_tokens(b) for b in micro_batches)
+                acc, sum(job.count_targets(b) for b in micro_batches), sum(real_tokens(b) for b in micro_batches)
             )
             step_loss = torch.zeros((), device=acc.device)
             for i, batch in enumerate(micro_batches):
@@ -178,7 +196,7 @@ def fit(job: TrainJob) -> FitResult:
                 last = i == len(micro_batches) - 1
                 with nullcontext() if last or acc.num_processes == 1 else acc.no_sync(model):
                     logits = model(**_model_inputs(batch)).logits
-                    nll_sum, _ = causal_lm_nll(logits, batch["labels"])
+                    nll_sum, _ = job.loss_fn(logits, batch)
                     loss = nll_sum * acc.num_processes / step_targets
                     acc.backward(loss)
                 step_loss += loss.detach() / acc.num_processes
@@ -233,8 +251,9 @@ def fit(job: TrainJob) -> FitResult:
                 window_loss, window_steps, window_tokens, window_start = 0.0, 0, 0, time.perf_counter()
 
             if job.val_batches and (step % train_cfg.eval_every == 0 or step == job.total_steps):
-                val_loss = evaluate_loss(model, job.val_batches, acc)
-                metrics.log({"step": step, "tokens": tokens, "val_loss": val_loss, "val_ppl": math.exp(val_loss)})
+                evaluation = (job.eval_fn or evaluate_language_model)(model, job.val_batches, acc)
+                val_loss = float(evaluation["val_loss"])
+                metrics.log({"step": step, "tokens": tokens, **evaluation})
                 stopped_early = stopping.should_stop(val_loss) and step < job.total_steps
 
             timed_out = deadline is not None and time.monotonic() >= deadline
@@ -330,15 +349,22 @@ def _global_sums(acc: Any, *values: int) -> list[int]:
     return [int(v) for v in summed.tolist()]
 
 
+def evaluate_language_model(model: Any, batches: list[dict[str, torch.Tensor]], acc: Any) -> dict[str, Any]:
+    loss = evaluate_loss(model, batches, acc)
+    return {"val_loss": loss, "val_ppl": math.exp(loss)}
+
+
 @torch.no_grad()
-def evaluate_loss(model: Any, batches: list[dict[str, torch.Tensor]], acc: Any) -> float:
-    """Mean next-token loss (nats) over fixed validation batches, across all processes."""
+def evaluate_loss(
+    model: Any, batches: list[dict[str, torch.Tensor]], acc: Any, loss_fn: LossFn = next_token_loss
+) -> float:
+    """Mean loss over fixed validation batches, across all processes."""
     model.eval()
     total = torch.zeros((), device=acc.device, dtype=torch.float64)
     count = torch.zeros((), device=acc.device, dtype=torch.float64)
     for batch in batches:
-        batch = {key: value.to(acc.device) for key, value in batch.items()}
-        nll_sum, targets = causal_lm_nll(model(**_model_inputs(batch)).logits, batch["labels"])
+        batch = {key: value.to(acc.device) for key, value in batch.items() if key not in NOT_ON_DEVICE}
+        nll_sum, targets = loss_fn(model(**_model_inputs(batch)).logits, batch)
         total += nll_sum.double()
         count += targets.double()
     model.train()

@@ -54,8 +54,11 @@ class ExampleLoader:
         attn_implementation: str,
         rank: int = 0,
         world: int = 1,
+        collate: Any = None,
     ) -> None:
+        """`collate(rows_of_examples, sample_indices)` builds a batch; the default packs causal-LM rows."""
         self.examples = examples
+        self._collate = collate
         self.lengths = np.asarray([len(e.ids) for e in examples])
         self.micro_batch_size, self.max_length, self.seed = micro_batch_size, max_length, seed
         self.packing, self.pad_id, self.attn_implementation = packing, pad_id, attn_implementation
@@ -104,8 +107,11 @@ class ExampleLoader:
         return self.collate(rows[start : start + self.micro_batch_size])
 
     def collate(self, rows: list[list[int]]) -> dict[str, torch.Tensor]:
-        return collate_rows([[self.examples[i] for i in row] for row in rows], self.pad_id,
-                            self.attn_implementation, [i for row in rows for i in row])  # fmt: skip
+        examples = [[self.examples[i] for i in row] for row in rows]
+        indices = [i for row in rows for i in row]
+        if self._collate is not None:
+            return dict(self._collate(examples, indices))
+        return collate_rows(examples, self.pad_id, self.attn_implementation, indices)
 
     @property
     def epochs_done(self) -> float:

@@ -1,0 +1,154 @@
+"""Text classification (`llmkit finetune --task classify`): the pieces that differ from SFT.
+
+Rows are `text` + `label` (strings or integers). The label <-> id map comes from the training rows (sorted)
+and is stored in the model's config (`id2label`, `label2id`), so every tool that loads the model knows it.
+A validation label never seen in training is an error naming the row: the model has no output for it, and
+silently dropping the row would overstate accuracy.
+"""
+
+from __future__ import annotations
+
+import random
+from collections import Counter
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from llmkit.config import AugmentConfig
+from llmkit.data.formats import Example
+from llmkit.data.templates import Encoded
+from llmkit.errors import UserError
+from llmkit.eval.classification import classification_metrics
+
+
+@dataclass(frozen=True)
+class LabelMap:
+    names: list[str]  # id -> label as text
+    ids: dict[Any, int]  # label as given -> id
+
+    @classmethod
+    def from_examples(cls, examples: list[Example]) -> LabelMap:
+        labels = {e.label for e in examples}
+        if len({type(label) for label in labels}) > 1:
+            raise UserError("labels mix strings and integers; use one kind for every row")
+        ordered = sorted(labels)
+        if len(ordered) < 2:
+            raise UserError(f"classification needs at least 2 labels in the training rows, found {ordered}")
+        return cls([str(label) for label in ordered], {label: i for i, label in enumerate(ordered)})
+
+    def id_of(self, example: Example) -> int:
+        if example.label not in self.ids:
+            known = ", ".join(self.names)
+            raise UserError(
+                f"{example.where}: label {example.label!r} never appears in the training rows ({known}); "
+                "fix the row or add training rows with this label"
+            )
+        return self.ids[example.label]
+
+
+def encode_classification(tokenizer: Any, examples: list[Example], labels: LabelMap, max_length: int) -> list[Encoded]:
+    encoded = tokenizer([e.text for e in examples], truncation=True, max_length=max_length)
+    return [
+        Encoded(np.asarray(ids, dtype=np.int64), np.asarray([labels.id_of(e)], dtype=np.int64), len(ids) >= max_length)
+        for ids, e in zip(encoded["input_ids"], examples, strict=True)
+    ]
+
+
+def collate_classification(rows: list[list[Encoded]], pad_id: int, sample_indices: list[int] | None = None) -> dict:
+    """One example per row, padded right, with a 2D attention mask (encoders attend both ways)."""
+    examples = [row[0] for row in rows]
+    width = max(len(e.ids) for e in examples)
+    ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(examples), width), dtype=torch.long)
+    for i, example in enumerate(examples):
+        ids[i, : len(example.ids)] = torch.from_numpy(example.ids)
+        mask[i, : len(example.ids)] = 1
+    batch = {
+        "input_ids": ids,
+        "attention_mask": mask,
+        "labels": torch.tensor([int(e.labels[0]) for e in examples]),
+        "num_tokens": mask.sum(),
+    }
+    if sample_indices is not None:
+        batch["sample_indices"] = torch.tensor(sample_indices)
+    return batch
+
+
+def class_weights(setting: str | list[float], train: list[Encoded], classes: int) -> torch.Tensor | None:
+    """None, inverse-frequency ('balanced': n / (k * count)), or weights given per class."""
+    if setting == "none":
+        return None
+    if isinstance(setting, list):
+        if len(setting) != classes:
+            raise UserError(f"finetune.class_weights has {len(setting)} weights for {classes} classes")
+        return torch.tensor(setting, dtype=torch.float32)
+    counts = Counter(int(e.labels[0]) for e in train)
+    return torch.tensor([len(train) / (classes * max(counts[c], 1)) for c in range(classes)], dtype=torch.float32)
+
+
+def make_loss(weights: torch.Tensor | None) -> Any:
+    def loss_fn(logits: torch.Tensor, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        weight = weights.to(logits.device) if weights is not None else None
+        total = F.cross_entropy(logits.float(), batch["labels"], weight=weight, reduction="sum")
+        return total, torch.tensor(batch["labels"].numel(), device=logits.device)
+
+    return loss_fn
+
+
+def count_examples(batch: dict[str, torch.Tensor]) -> int:
+    return int(batch["labels"].numel())
+
+
+def make_evaluation(labels: LabelMap, weights: torch.Tensor | None) -> Any:
+    loss_fn = make_loss(weights)
+
+    @torch.no_grad()
+    def evaluate(model: Any, batches: list[dict[str, torch.Tensor]], acc: Any) -> dict[str, Any]:
+        model.eval()
+        total, count, probabilities, targets = 0.0, 0, [], []
+        for batch in batches:
+            inputs = {k: batch[k].to(acc.device) for k in ("input_ids", "attention_mask")}
+            logits = model(**inputs).logits.float()
+            loss_sum, n = loss_fn(logits, {"labels": batch["labels"].to(acc.device)})
+            total, count = total + float(loss_sum), count + int(n)
+            probabilities.append(torch.softmax(logits, dim=-1).cpu().numpy())
+            targets.append(batch["labels"].numpy())
+        model.train()
+        metrics = classification_metrics(np.concatenate(probabilities), np.concatenate(targets), labels.names)
+        result = {"val_loss": total / max(count, 1)}
+        result.update({f"val_{key}": value for key, value in metrics.items() if key not in ("per_class", "examples")})
+        return result
+
+    return evaluate
+
+
+def augment_examples(examples: list[Example], cfg: AugmentConfig) -> list[Example]:
+    """Append `cfg.copies` seeded variants of every row: random word swaps, insertions and deletions."""
+    if cfg.copies == 0:
+        return examples
+    rng = random.Random(cfg.seed)
+    out = list(examples)
+    for example in examples:
+        for _ in range(cfg.copies):
+            out.append(Example(example.where, text=augment_text(example.text, cfg, rng), label=example.label))
+    return out
+
+
+def augment_text(text: str, cfg: AugmentConfig, rng: random.Random) -> str:
+    words = text.split()
+    if len(words) < 2:
+        return text
+    result: list[str] = []
+    for word in words:
+        if rng.random() < cfg.delete and len(words) > 2:
+            continue
+        result.append(word)
+        if rng.random() < cfg.insert:
+            result.append(rng.choice(words))
+    for i in range(len(result) - 1):
+        if rng.random() < cfg.swap:
+            result[i], result[i + 1] = result[i + 1], result[i]
+    return " ".join(result) if result else text

@@ -1,0 +1,123 @@
+"""SFT throughput: llmkit packed vs transformers.Trainer padded, on the same rows and the same base model.
+
+Both train one epoch over the same chat rows, encoded once by llmkit (same tokens, same assistant-only labels),
+from the same saved base model, on whatever device is present. Prints real-token throughput (padding does
+not count) of each, the ratio llmkit / Trainer, and llmkit's packing efficiency (real tokens / slots).
+
+    python bench/sft_packing.py [--rows 1500] [--max-length 256]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+
+import torch  # noqa: E402
+
+from llmkit.config import load_config  # noqa: E402
+from llmkit.data.templates import setup_chat_template  # noqa: E402
+from llmkit.data.tokenizer import train_bpe  # noqa: E402
+from llmkit.models import build_model  # noqa: E402
+from llmkit.train.finetune import finetune, load_sft_data  # noqa: E402
+
+ANIMALS = "cat dog bird fox rabbit bear mouse duck frog owl horse lion tiger sheep goat pig".split()
+COLORS = "red blue green yellow black white brown gray orange pink purple gold silver teal navy beige".split()
+
+
+def write_rows(path: Path, n: int, seed: int) -> None:
+    """Conversations of 1 to 8 question/answer turns: a wide spread of lengths, as real chat data has."""
+    rng = random.Random(seed)
+    color = dict(zip(ANIMALS, COLORS, strict=True))
+    with path.open("w") as handle:
+        for _ in range(n):
+            turns = []
+            for _ in range(rng.randint(1, 8)):
+                animal = rng.choice(ANIMALS)
+                turns += [{"role": "user", "content": f"What color is the {animal}?"},
+                          {"role": "assistant", "content": f"The {animal} is {color[animal]}."}]  # fmt: skip
+            handle.write(json.dumps({"messages": turns}) + "\n")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rows", type=int, default=1500)
+    parser.add_argument("--max-length", type=int, default=256)
+    parser.add_argument("--batch", type=int, default=8, help="examples per Trainer batch; llmkit rows per batch / 2")
+    args = parser.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="llmkit-bench-"))
+    write_rows(work / "chat.jsonl", args.rows, seed=0)
+
+    # One base model for both: a 4 x 128 Llama with a BPE tokenizer, saved like any HF model.
+    texts = [f"What color is the {a}? The {a} is {c}." for a, c in zip(ANIMALS, COLORS, strict=True)] * 50
+    tokenizer = train_bpe(texts, vocab_size=512)
+    base_cfg = load_config(None, ["model.n_layers=4", "model.hidden_size=128", "model.n_heads=4",
+                                  f"model.context_length={args.max_length}"])  # fmt: skip
+    torch.manual_seed(0)
+    build_model(base_cfg.model, tokenizer).save_pretrained(work / "base")
+    tokenizer.save_pretrained(work / "base")
+
+    cfg = load_config(None, [
+        f"model.init_from={work / 'base'}", f"data.sources=[{work / 'chat.jsonl'}]", "data.val_fraction=0.02",
+        f"out_dir={work / 'llmkit'}", f"finetune.max_length={args.max_length}", "train.max_epochs=1",
+        f"train.micro_batch_size={max(1, args.batch // 2)}", "train.eval_every=100000", "train.eval_batches=1",
+        "optimizer.lr=1e-3", "logging.tensorboard=false", "logging.plot=false",
+    ])  # fmt: skip
+    trainer_tokens, trainer_seconds, trainer_efficiency = run_trainer(cfg, work, args.batch)
+    result = finetune(cfg)
+    efficiency = json.loads((work / "llmkit" / "data_stats.json").read_text())["efficiency"]
+    llmkit_rate, trainer_rate = result.tokens / result.seconds, trainer_tokens / trainer_seconds
+    print(f"rows: {args.rows}, max length {args.max_length}, device {'cuda' if torch.cuda.is_available() else 'cpu'}")
+    print(f"transformers.Trainer (padded):  {trainer_rate:>8,.0f} real tokens/s  ({trainer_seconds:.1f}s, "
+          f"padding efficiency {trainer_efficiency:.3f})")  # fmt: skip
+    print(f"llmkit finetune (packed):       {llmkit_rate:>8,.0f} real tokens/s  ({result.seconds:.1f}s, "
+          f"packing efficiency {efficiency:.3f})")  # fmt: skip
+    print(f"ratio llmkit / Trainer: {llmkit_rate / trainer_rate:.2f}x")
+
+
+def run_trainer(cfg, work: Path, batch: int) -> tuple[int, float, float]:
+    from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainingArguments
+
+    tokenizer = AutoTokenizer.from_pretrained(work / "base")
+    setup_chat_template(tokenizer, "chatml")
+    data = load_sft_data(cfg, tokenizer)  # the very same encoded rows llmkit trains on
+    model = AutoModelForCausalLM.from_pretrained(work / "base")
+    model.resize_token_embeddings(len(tokenizer), pad_to_multiple_of=64)
+    rows = [{"input_ids": e.ids.tolist(), "labels": e.labels.tolist()} for e in data.train]
+
+    def collate(features: list[dict]) -> dict[str, torch.Tensor]:
+        width = max(len(f["input_ids"]) for f in features)
+        pad = tokenizer.pad_token_id
+        return {
+            "input_ids": torch.tensor([f["input_ids"] + [pad] * (width - len(f["input_ids"])) for f in features]),
+            "labels": torch.tensor([f["labels"] + [-100] * (width - len(f["labels"])) for f in features]),
+            "attention_mask": torch.tensor(
+                [[1] * len(f["input_ids"]) + [0] * (width - len(f["input_ids"])) for f in features]
+            ),  # fmt: skip
+        }
+
+    arguments = TrainingArguments(
+        output_dir=str(work / "trainer"), per_device_train_batch_size=batch, num_train_epochs=1, learning_rate=1e-3,
+        lr_scheduler_type="cosine", weight_decay=0.1, save_strategy="no", report_to=[], logging_steps=50,
+        dataloader_num_workers=0, disable_tqdm=True, use_cpu=not torch.cuda.is_available(), remove_unused_columns=False,
+    )  # fmt: skip
+    trainer = Trainer(model=model, args=arguments, train_dataset=rows, data_collator=collate)
+    start = time.perf_counter()
+    trainer.train()
+    seconds = time.perf_counter() - start
+    real = sum(len(r["input_ids"]) for r in rows)
+    # Padding efficiency of the Trainer's batches (real tokens / padded slots), on one draw of its shuffle.
+    batches = list(trainer.get_train_dataloader().batch_sampler)
+    slots = sum(max(len(rows[i]["input_ids"]) for i in batch) * len(batch) for batch in batches)
+    return real, seconds, real / slots
+
+
+if __name__ == "__main__":
+    main()

@@ -26,9 +26,20 @@ from llmkit.config import load_config  # noqa: E402
 from llmkit.eval.classification import evaluate_classifier  # noqa: E402
 from llmkit.train.finetune import finetune, load_classification_data  # noqa: E402
 
-POSITIVE = "great wonderful excellent lovely fantastic superb delightful brilliant fine nice".split()
-NEGATIVE = "terrible awful horrible dreadful poor disappointing bad miserable dull weak".split()
-THINGS = "movie meal service hotel book trip concert phone room show team game".split()
+POSITIVE = [
+    "great",
+    "wonderful",
+    "excellent",
+    "lovely",
+    "fantastic",
+    "superb",
+    "delightful",
+    "brilliant",
+    "fine",
+    "nice",
+]
+NEGATIVE = ["terrible", "awful", "horrible", "dreadful", "poor", "disappointing", "bad", "miserable", "dull", "weak"]
+THINGS = ["movie", "meal", "service", "hotel", "book", "trip", "concert", "phone", "room", "show", "team", "game"]
 TEMPLATES = ["The {t} was {w}.", "What a {w} {t}!", "I found the {t} {w}, to be honest.",
              "Honestly, a {w} {t}; I would tell my friends about it and about what happened there.",
              "{w}."]  # fmt: skip
@@ -72,7 +83,8 @@ def main() -> None:
     print(f"transformers.Trainer: {trainer_seconds:6.1f}s  accuracy {trainer['accuracy']:.3f}  "
           f"macro F1 {trainer['macro_f1']:.3f}")  # fmt: skip
     print(
-        f"llmkit finetune:      {result.seconds:6.1f}s  accuracy {ours['accuracy']:.3f}  macro F1 {ours['macro_f1']:.3f}"
+        f"llmkit finetune:      {result.seconds:6.1f}s  accuracy {ours['accuracy']:.3f}  "
+        f"macro F1 {ours['macro_f1']:.3f}"
     )
     print(f"time ratio llmkit / Trainer: {result.seconds / trainer_seconds:.2f}x "
           f"(accuracy {ours['accuracy'] - trainer['accuracy']:+.3f})")  # fmt: skip

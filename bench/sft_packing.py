@@ -28,8 +28,42 @@ from llmkit.data.tokenizer import train_bpe  # noqa: E402
 from llmkit.models import build_model  # noqa: E402
 from llmkit.train.finetune import finetune, load_sft_data  # noqa: E402
 
-ANIMALS = "cat dog bird fox rabbit bear mouse duck frog owl horse lion tiger sheep goat pig".split()
-COLORS = "red blue green yellow black white brown gray orange pink purple gold silver teal navy beige".split()
+ANIMALS = [
+    "cat",
+    "dog",
+    "bird",
+    "fox",
+    "rabbit",
+    "bear",
+    "mouse",
+    "duck",
+    "frog",
+    "owl",
+    "horse",
+    "lion",
+    "tiger",
+    "sheep",
+    "goat",
+    "pig",
+]
+COLORS = [
+    "red",
+    "blue",
+    "green",
+    "yellow",
+    "black",
+    "white",
+    "brown",
+    "gray",
+    "orange",
+    "pink",
+    "purple",
+    "gold",
+    "silver",
+    "teal",
+    "navy",
+    "beige",
+]
 
 
 def write_rows(path: Path, n: int, seed: int) -> None:

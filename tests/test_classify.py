@@ -108,3 +108,16 @@ def test_augmentation_is_seeded_and_off_by_default() -> None:
     assert len(first) == 9 and [e.text for e in first] == [e.text for e in second]
     assert any(e.text != rows[0].text for e in first[3:]) and all(e.label == "a" for e in first)
     assert [e.text for e in augment_examples(rows, settings.model_copy(update={"seed": 6}))] != [e.text for e in first]
+
+
+def test_class_weights() -> None:
+    from llmkit.data.templates import Encoded
+    from llmkit.errors import UserError
+    from llmkit.train.classify import class_weights
+
+    rows = [Encoded(np.array([1]), np.array([label]), False) for label in [0, 0, 0, 1]]
+    assert class_weights("none", rows, 2) is None
+    assert class_weights("balanced", rows, 2).tolist() == pytest.approx([4 / (2 * 3), 4 / (2 * 1)])
+    assert class_weights([1.0, 5.0], rows, 2).tolist() == [1.0, 5.0]
+    with pytest.raises(UserError, match="2 classes"):
+        class_weights([1.0], rows, 2)

@@ -199,7 +199,7 @@ def test_lora_and_freeze_train_a_fraction(
     assert result.exit_code == 0, result.stderr + result.stdout
     stats = json.loads((out / "data_stats.json").read_text())
     assert 0 < stats["trainable_parameters"] < max_share * stats["total_parameters"]
-    assert f"finetune ({method})" in result.stdout
+    assert f"finetune sft ({method})" in result.stdout
     if method == "lora":
         assert (out / "final" / "adapter_config.json").is_file()
 
@@ -281,3 +281,29 @@ def test_eval_scores_a_lora_run(lora_run: Path, chat_rows: Path, tmp_path: Path)
     result = run_cli("eval", lora_run, "--data", text_rows)
     assert result.exit_code == 0, result.stderr
     assert "perplexity" in result.stdout
+
+
+@pytest.mark.slow
+def test_a_killed_lora_run_resumes_bitwise_exactly(tiny_run: Path, chat_rows: Path, tmp_path: Path) -> None:
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file
+
+    args = ft_args(tiny_run, chat_rows, tmp_path / "run", "--method", "lora", "--set", "checkpoint.every_steps=4",
+                   "--set", "train.grad_accum_steps=2", "--set", "logging.data_trace=true", steps=10)  # fmt: skip
+    reference = run_cli(*ft_args(tiny_run, chat_rows, tmp_path / "ref", *args[args.index("--method") :], steps=10))
+    assert reference.exit_code == 0, reference.stderr
+    env = {**os.environ, "LLMKIT_FAULT_INJECT": "kill@6.1", "PYTHONWARNINGS": "ignore"}
+    killed = subprocess.run([sys.executable, "-m", "llmkit", *args], env=env, capture_output=True, timeout=300)
+    assert killed.returncode == -signal.SIGKILL
+    resumed = run_cli(*args, "--resume", "auto")
+    assert resumed.exit_code == 0, resumed.stderr
+    assert "step-00000004" in resumed.stdout
+    final = load_file(tmp_path / "run" / "final" / "adapter_model.safetensors")
+    expected = load_file(tmp_path / "ref" / "final" / "adapter_model.safetensors")
+    assert final.keys() == expected.keys() and all(torch.equal(final[k], expected[k]) for k in final)
+    trace = (tmp_path / "run" / "data_trace.jsonl").read_text()
+    assert trace == (tmp_path / "ref" / "data_trace.jsonl").read_text()

@@ -2,12 +2,40 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 
 from llmkit.data.store import PackedDataset
+
+
+@dataclass
+class LoaderPosition:
+    """Where a loader is: epoch, micro-batch index within it, and the shuffle seed. Resume needs nothing else."""
+
+    seed: int
+    batches_per_epoch: int
+    epoch: int = 0
+    index: int = 0
+
+    def advance(self) -> tuple[int, int]:
+        """(epoch, index) of the next global micro-batch, moving past it; a finished epoch rolls over."""
+        if self.index >= self.batches_per_epoch:
+            self.epoch, self.index = self.epoch + 1, 0
+        self.index += 1
+        return self.epoch, self.index - 1
+
+    @property
+    def epochs_done(self) -> float:
+        return self.epoch + self.index / self.batches_per_epoch
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"epoch": self.epoch, "index": self.index, "seed": self.seed}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.epoch, self.index, self.seed = int(state["epoch"]), int(state["index"]), int(state["seed"])
 
 
 class BlockLoader:
@@ -22,33 +50,30 @@ class BlockLoader:
     def __init__(self, dataset: PackedDataset, micro_batch_size: int, seed: int, rank: int = 0, world: int = 1):
         self.dataset = dataset
         self.micro_batch_size = micro_batch_size
-        self.seed = seed
         self.rank = rank
         self.world = world
-        self.batches_per_epoch = len(dataset) // (micro_batch_size * world)
-        if self.batches_per_epoch == 0:
+        batches_per_epoch = len(dataset) // (micro_batch_size * world)
+        if batches_per_epoch == 0:
             raise ValueError(f"{len(dataset)} blocks cannot fill one batch of {micro_batch_size * world}")
-        self.epoch = 0
-        self.index = 0
+        self.position = LoaderPosition(seed, batches_per_epoch)
         self._order_epoch = -1
         self._order = np.empty(0, dtype=np.int64)
 
-    def _permutation(self) -> np.ndarray:
-        if self._order_epoch != self.epoch:
-            self._order = np.random.default_rng([self.seed, self.epoch]).permutation(len(self.dataset))
-            self._order_epoch = self.epoch
+    @property
+    def batches_per_epoch(self) -> int:
+        return self.position.batches_per_epoch
+
+    def _permutation(self, epoch: int) -> np.ndarray:
+        if self._order_epoch != epoch:
+            rng = np.random.default_rng([self.position.seed, epoch])
+            self._order, self._order_epoch = rng.permutation(len(self.dataset)), epoch
         return self._order
 
     def next_indices(self) -> np.ndarray:
         """Block indices of this process's next micro-batch, advancing the position."""
-        if self.index >= self.batches_per_epoch:
-            self.epoch += 1
-            self.index = 0
-        global_size = self.micro_batch_size * self.world
-        start = self.index * global_size + self.rank * self.micro_batch_size
-        indices = self._permutation()[start : start + self.micro_batch_size]
-        self.index += 1
-        return indices
+        epoch, index = self.position.advance()
+        start = (index * self.world + self.rank) * self.micro_batch_size
+        return self._permutation(epoch)[start : start + self.micro_batch_size]
 
     def next_batch(self) -> dict[str, torch.Tensor]:
         indices = self.next_indices()
@@ -57,13 +82,13 @@ class BlockLoader:
 
     @property
     def epochs_done(self) -> float:
-        return self.epoch + self.index / self.batches_per_epoch
+        return self.position.epochs_done
 
     def state_dict(self) -> dict[str, Any]:
-        return {"epoch": self.epoch, "index": self.index, "seed": self.seed}
+        return self.position.state_dict()
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.epoch, self.index, self.seed = int(state["epoch"]), int(state["index"]), int(state["seed"])
+        self.position.load_state_dict(state)
 
 
 def validation_batches(

@@ -16,6 +16,7 @@ import torch
 
 from llmkit.data.templates import Encoded
 from llmkit.losses import IGNORE
+from llmkit.train.loader import LoaderPosition
 
 
 def first_fit_decreasing(lengths: np.ndarray, capacity: int) -> list[list[int]]:
@@ -60,19 +61,24 @@ class ExampleLoader:
         self.examples = examples
         self._collate = collate
         self.lengths = np.asarray([len(e.ids) for e in examples])
-        self.micro_batch_size, self.max_length, self.seed = micro_batch_size, max_length, seed
+        self.micro_batch_size, self.max_length = micro_batch_size, max_length
         self.packing, self.pad_id, self.attn_implementation = packing, pad_id, attn_implementation
         self.rank, self.world = rank, world
-        self.epoch, self.index = 0, 0
+        self.position = LoaderPosition(seed, batches_per_epoch=0)
         self._rows_epoch = -1
         self._rows: list[list[int]] = []
-        self.batches_per_epoch = len(self._epoch_rows()) // (micro_batch_size * world)
-        if self.batches_per_epoch == 0:
-            raise ValueError(f"{len(self._epoch_rows())} rows cannot fill one batch of {micro_batch_size * world}")
+        rows = len(self._epoch_rows(0))
+        self.position.batches_per_epoch = rows // (micro_batch_size * world)
+        if self.position.batches_per_epoch == 0:
+            raise ValueError(f"{rows} rows cannot fill one batch of {micro_batch_size * world}")
 
-    def _epoch_rows(self) -> list[list[int]]:
-        if self._rows_epoch != self.epoch:
-            rng = np.random.default_rng([self.seed, self.epoch])
+    @property
+    def batches_per_epoch(self) -> int:
+        return self.position.batches_per_epoch
+
+    def _epoch_rows(self, epoch: int) -> list[list[int]]:
+        if self._rows_epoch != epoch:
+            rng = np.random.default_rng([self.position.seed, epoch])
             order = rng.permutation(len(self.examples))
             if self.packing:
                 bins = first_fit_decreasing(self.lengths[order], self.max_length)
@@ -84,12 +90,12 @@ class ExampleLoader:
             size = self.micro_batch_size * self.world
             groups = [rows[i : i + size] for i in range(0, len(rows), size)]
             self._rows = [row for g in rng.permutation(len(groups)) for row in groups[g]]
-            self._rows_epoch = self.epoch
+            self._rows_epoch = epoch
         return self._rows
 
     def efficiency(self) -> float:
         """Real tokens / token slots over this epoch's micro-batches (padding counted as waste)."""
-        rows = self._epoch_rows()
+        rows = self._epoch_rows(self.position.epoch)
         real = slots = 0
         group = self.micro_batch_size
         for start in range(0, len(rows) - group + 1, group):
@@ -99,12 +105,9 @@ class ExampleLoader:
         return real / slots if slots else 0.0
 
     def next_batch(self) -> dict[str, torch.Tensor]:
-        if self.index >= self.batches_per_epoch:
-            self.epoch, self.index = self.epoch + 1, 0
-        rows = self._epoch_rows()
-        start = (self.index * self.world + self.rank) * self.micro_batch_size
-        self.index += 1
-        return self.collate(rows[start : start + self.micro_batch_size])
+        epoch, index = self.position.advance()
+        start = (index * self.world + self.rank) * self.micro_batch_size
+        return self.collate(self._epoch_rows(epoch)[start : start + self.micro_batch_size])
 
     def collate(self, rows: list[list[int]]) -> dict[str, torch.Tensor]:
         examples = [[self.examples[i] for i in row] for row in rows]
@@ -115,13 +118,13 @@ class ExampleLoader:
 
     @property
     def epochs_done(self) -> float:
-        return self.epoch + self.index / self.batches_per_epoch
+        return self.position.epochs_done
 
     def state_dict(self) -> dict[str, Any]:
-        return {"epoch": self.epoch, "index": self.index, "seed": self.seed}
+        return self.position.state_dict()
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.epoch, self.index, self.seed = int(state["epoch"]), int(state["index"]), int(state["seed"])
+        self.position.load_state_dict(state)
 
 
 def collate_rows(

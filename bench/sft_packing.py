@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import random
 import tempfile
 import time
 from pathlib import Path
@@ -23,61 +22,16 @@ os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 import torch  # noqa: E402
 
 from llmkit.config import load_config  # noqa: E402
+from llmkit.data.corpus import ANIMAL_COLORS, color_chats  # noqa: E402
 from llmkit.data.templates import setup_chat_template  # noqa: E402
 from llmkit.data.tokenizer import train_bpe  # noqa: E402
 from llmkit.models import build_model  # noqa: E402
 from llmkit.train.finetune import finetune, load_sft_data  # noqa: E402
 
-ANIMALS = [
-    "cat",
-    "dog",
-    "bird",
-    "fox",
-    "rabbit",
-    "bear",
-    "mouse",
-    "duck",
-    "frog",
-    "owl",
-    "horse",
-    "lion",
-    "tiger",
-    "sheep",
-    "goat",
-    "pig",
-]
-COLORS = [
-    "red",
-    "blue",
-    "green",
-    "yellow",
-    "black",
-    "white",
-    "brown",
-    "gray",
-    "orange",
-    "pink",
-    "purple",
-    "gold",
-    "silver",
-    "teal",
-    "navy",
-    "beige",
-]
-
 
 def write_rows(path: Path, n: int, seed: int) -> None:
     """Conversations of 1 to 8 question/answer turns: a wide spread of lengths, as real chat data has."""
-    rng = random.Random(seed)
-    color = dict(zip(ANIMALS, COLORS, strict=True))
-    with path.open("w") as handle:
-        for _ in range(n):
-            turns = []
-            for _ in range(rng.randint(1, 8)):
-                animal = rng.choice(ANIMALS)
-                turns += [{"role": "user", "content": f"What color is the {animal}?"},
-                          {"role": "assistant", "content": f"The {animal} is {color[animal]}."}]  # fmt: skip
-            handle.write(json.dumps({"messages": turns}) + "\n")
+    path.write_text("".join(json.dumps(row) + "\n" for row in color_chats(n, seed, max_turns=8)))
 
 
 def main() -> None:
@@ -90,7 +44,7 @@ def main() -> None:
     write_rows(work / "chat.jsonl", args.rows, seed=0)
 
     # One base model for both: a 4 x 128 Llama with a BPE tokenizer, saved like any HF model.
-    texts = [f"What color is the {a}? The {a} is {c}." for a, c in zip(ANIMALS, COLORS, strict=True)] * 50
+    texts = [f"What color is the {a}? The {a} is {c}." for a, c in ANIMAL_COLORS.items()] * 50
     tokenizer = train_bpe(texts, vocab_size=512)
     base_cfg = load_config(None, ["model.n_layers=4", "model.hidden_size=128", "model.n_heads=4",
                                   f"model.context_length={args.max_length}"])  # fmt: skip

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import random
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +12,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from typer.testing import CliRunner
 
 from llmkit.cli import app
+from llmkit.data.corpus import ANIMAL_COLORS, color_chats
 from llmkit.data.formats import Example, normalize
 from llmkit.data.templates import encode_example, setup_chat_template
 from llmkit.data.tokenizer import train_bpe
@@ -20,56 +20,11 @@ from llmkit.losses import IGNORE, causal_lm_nll
 from llmkit.train.packing import collate_rows, first_fit_decreasing
 from tests.conftest import assert_nothing_written, assert_user_error, run_cli
 
-ANIMALS = [
-    "cat",
-    "dog",
-    "bird",
-    "fox",
-    "rabbit",
-    "bear",
-    "mouse",
-    "duck",
-    "frog",
-    "owl",
-    "horse",
-    "lion",
-    "tiger",
-    "sheep",
-    "goat",
-    "pig",
-]
-COLORS = [
-    "red",
-    "blue",
-    "green",
-    "yellow",
-    "black",
-    "white",
-    "brown",
-    "gray",
-    "orange",
-    "pink",
-    "purple",
-    "gold",
-    "silver",
-    "teal",
-    "navy",
-    "beige",
-]
+ANIMALS, COLORS = list(ANIMAL_COLORS), list(ANIMAL_COLORS.values())
 
 
 def write_chat_rows(path: Path, n: int, seed: int = 0) -> Path:
-    rng = random.Random(seed)
-    color = dict(zip(ANIMALS, COLORS, strict=True))
-    with path.open("w") as handle:
-        for _ in range(n):
-            a, b = rng.choice(ANIMALS), rng.choice(ANIMALS)
-            turns = [{"role": "user", "content": f"What color is the {a}?"},
-                     {"role": "assistant", "content": f"The {a} is {color[a]}."}]  # fmt: skip
-            if rng.random() < 0.5:
-                turns += [{"role": "user", "content": f"And the {b}?"},
-                          {"role": "assistant", "content": f"The {b} is {color[b]}."}]  # fmt: skip
-            handle.write(json.dumps({"messages": turns}) + "\n")
+    path.write_text("".join(json.dumps(row) + "\n" for row in color_chats(n, seed)))
     return path
 
 

@@ -267,3 +267,42 @@ STORIES = Grammar(
 )
 
 BUILTIN_CORPORA: dict[str, Grammar] = {"stories": STORIES}
+
+
+# --- A synthetic chat dataset with a known answer --------------------------------------------------
+# Every animal has one colour, so a fine-tuned model's answers can be checked, and conversations of 1 to
+# `max_turns` question/answer pairs give the spread of lengths that real chat data has.
+
+_COLORS = [
+    "red",
+    "blue",
+    "green",
+    "yellow",
+    "black",
+    "white",
+    "brown",
+    "gray",
+    "orange",
+    "pink",
+    "purple",
+    "gold",
+    "silver",
+    "teal",
+    "navy",
+    "beige",
+]
+ANIMAL_COLORS = dict(zip(_ANIMALS, _COLORS, strict=True))
+
+
+def color_chats(n_rows: int, seed: int, max_turns: int = 2) -> Iterator[dict[str, list[dict[str, str]]]]:
+    """Rows in the `messages` format: "What color is the fox?" / "The fox is yellow.", 1 to max_turns pairs."""
+    rng = random.Random(seed)
+    for _ in range(n_rows):
+        turns = []
+        for _ in range(rng.randint(1, max_turns)):
+            animal = rng.choice(_ANIMALS)
+            turns += [
+                {"role": "user", "content": f"What color is the {animal}?"},
+                {"role": "assistant", "content": f"The {animal} is {ANIMAL_COLORS[animal]}."},
+            ]
+        yield {"messages": turns}

@@ -37,6 +37,13 @@ SetOpt = Annotated[
 ]
 OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Replace an existing output directory.")]
 SeedOpt = Annotated[int | None, typer.Option("--seed", help="Random seed.")]
+NumProcessesOpt = Annotated[
+    int | None, typer.Option(help="Processes per machine: relaunches this command under `accelerate launch`.")
+]
+NumMachinesOpt = Annotated[int | None, typer.Option(help="Machines in a multi-node run.")]
+MachineRankOpt = Annotated[int | None, typer.Option(help="This machine's rank (0 on the main one).")]
+MainProcessIpOpt = Annotated[str | None, typer.Option(help="Address of machine rank 0 (multi-node).")]
+MainProcessPortOpt = Annotated[int | None, typer.Option(help="Port on machine rank 0 (default 29500).")]
 MaxNewTokensOpt = Annotated[int, typer.Option(help="Tokens to generate at most.")]
 TemperatureOpt = Annotated[float, typer.Option(help="Sampling temperature; 0 is greedy.")]
 TopKOpt = Annotated[int, typer.Option(help="Sample from the k most likely tokens (0: all).")]
@@ -153,6 +160,11 @@ def pretrain_command(
     resume: ResumeOpt = None,
     resume_fallback: ResumeFallbackOpt = False,
     allow_config_change: AllowChangeOpt = False,
+    num_processes: NumProcessesOpt = None,
+    num_machines: NumMachinesOpt = None,
+    machine_rank: MachineRankOpt = None,
+    main_process_ip: MainProcessIpOpt = None,
+    main_process_port: MainProcessPortOpt = None,
     overwrite: OverwriteOpt = False,
 ) -> None:
     """Train a decoder language model on a prepared dataset.
@@ -161,6 +173,11 @@ def pretrain_command(
     Exit codes: 0 done; 2 bad input; 3 non-finite loss; 75 stopped by SIGTERM/SIGUSR1 or --max-time after a
     checkpoint (continue with --resume auto).
     """
+    from llmkit.train.launch import relaunch
+
+    code = relaunch(sys.argv[1:], num_processes, num_machines, machine_rank, main_process_ip, main_process_port)
+    if code is not None:
+        raise typer.Exit(code)
     from llmkit.config import load_config
     from llmkit.train.pretrain import pretrain
 
@@ -213,6 +230,11 @@ def finetune_command(
     resume: ResumeOpt = None,
     resume_fallback: ResumeFallbackOpt = False,
     allow_config_change: AllowChangeOpt = False,
+    num_processes: NumProcessesOpt = None,
+    num_machines: NumMachinesOpt = None,
+    machine_rank: MachineRankOpt = None,
+    main_process_ip: MainProcessIpOpt = None,
+    main_process_port: MainProcessPortOpt = None,
     overwrite: OverwriteOpt = False,
 ) -> None:
     """Fine-tune a model on your own rows: chat/instruction SFT with full, LoRA, QLoRA or freeze.
@@ -220,6 +242,11 @@ def finetune_command(
     The loss covers assistant and completion tokens only; packed examples never attend to each other.
     Exit codes as for pretrain: 0 done, 2 bad input, 3 non-finite loss, 75 stopped after a checkpoint.
     """
+    from llmkit.train.launch import relaunch
+
+    code = relaunch(sys.argv[1:], num_processes, num_machines, machine_rank, main_process_ip, main_process_port)
+    if code is not None:
+        raise typer.Exit(code)
     from llmkit.config import load_config
     from llmkit.train.finetune import finetune
 

@@ -1,0 +1,66 @@
+"""`--num-processes` and friends: relaunch the same command under `accelerate launch` (no launcher of our own).
+
+`llmkit pretrain --num-processes 8 ...` runs `accelerate launch --multi_gpu --num_processes 8 ... -m llmkit
+pretrain ...` with the launch options removed, and returns its exit code. Without CUDA the processes talk over
+gloo on the CPU. A command already running under a launcher (accelerate launch, torchrun, Slurm's srun with
+torchrun) is left alone, so `accelerate launch -m llmkit pretrain ...` and `torchrun -m llmkit ...` work as well.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+from llmkit.errors import UserError
+
+LAUNCH_OPTIONS = ("--num-processes", "--num-machines", "--machine-rank", "--main-process-ip", "--main-process-port")
+
+
+def under_launcher() -> bool:
+    return "LOCAL_RANK" in os.environ or int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def relaunch(
+    argv: list[str],
+    num_processes: int | None,
+    num_machines: int | None,
+    machine_rank: int | None,
+    main_process_ip: str | None,
+    main_process_port: int | None,
+) -> int | None:
+    """Run `argv` (this command's arguments) under accelerate launch; None when no relaunch is needed."""
+    processes, machines = num_processes or 1, num_machines or 1
+    if processes < 1 or machines < 1:
+        raise UserError("--num-processes and --num-machines must be at least 1")
+    if (processes == 1 and machines == 1) or under_launcher():
+        return None
+    if machines > 1 and main_process_ip is None:
+        raise UserError("--num-machines > 1 needs --main-process-ip (the address of machine rank 0)")
+    command = [
+        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu",
+        "--num_processes", str(processes * machines), "--num_machines", str(machines),
+        "--machine_rank", str(machine_rank or 0), "--mixed_precision", "no", "--dynamo_backend", "no",
+        "--main_process_port", str(main_process_port or 29500),
+    ]  # fmt: skip
+    if main_process_ip:
+        command += ["--main_process_ip", main_process_ip]
+    command += ["-m", "llmkit", *strip_launch_options(argv)]
+    print(f"launching {processes * machines} processes: {' '.join(command[2:])}", file=sys.stderr, flush=True)
+    return subprocess.call(command)
+
+
+def strip_launch_options(argv: list[str]) -> list[str]:
+    """`argv` without the launch options (as `--opt value` or `--opt=value`)."""
+    out: list[str] = []
+    skip = False
+    for arg in argv:
+        if skip:
+            skip = False
+            continue
+        name = arg.split("=", 1)[0]
+        if name in LAUNCH_OPTIONS:
+            skip = "=" not in arg
+            continue
+        out.append(arg)
+    return out

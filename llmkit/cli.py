@@ -396,6 +396,36 @@ def chat_command(
     chat_loop(model, Sampling(max_new_tokens, temperature, top_k, top_p), system, seed=seed)
 
 
+@app.command("plan")
+@user_errors_exit_2
+def plan_command(
+    recipe: Annotated[Path, typer.Argument(help="Recipe YAML file.")],
+    overrides: SetOpt = None,
+    gpus: Annotated[int, typer.Option(help="GPUs in the run.")] = 1,
+    gpu_type: Annotated[str, typer.Option(help="h100, h200, a100, a100-40, l40s, a10, rtx4090 or v100.")] = "h100",
+    strategy: Annotated[
+        str, typer.Option(help="ddp, zero1, zero2, fsdp, zero3, zero2-offload or zero3-offload.")
+    ] = "ddp",
+    mfu: Annotated[float, typer.Option(help="Model FLOPs utilization assumed for the time estimate.")] = 0.4,
+    price_per_gpu_hour: Annotated[float | None, typer.Option(help="Price of one GPU-hour, for the cost.")] = None,
+    gradient_checkpointing: Annotated[bool, typer.Option(help="Estimate with activation checkpointing.")] = False,
+    train_tokens: Annotated[int | None, typer.Option(help="Tokens per epoch, when the recipe budgets epochs.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """Before a run: parameters, FLOPs per token, memory per GPU by strategy, time and cost; suggests the
+    cheapest strategy that fits. Every formula is in llmkit/plan.py and docs/plan.md."""
+    from llmkit.config import load_config
+    from llmkit.plan import plan_run
+    from llmkit.reports import print_plan
+
+    cfg = load_config(recipe, overrides)
+    plan = plan_run(cfg, gpus, gpu_type, strategy, mfu, price_per_gpu_hour, gradient_checkpointing, train_tokens)
+    if as_json:
+        print(json.dumps(plan.as_dict(), indent=2))
+    else:
+        print_plan(plan)
+
+
 @app.command("env")
 @user_errors_exit_2
 def env_command(as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False) -> None:

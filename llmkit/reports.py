@@ -115,3 +115,31 @@ def print_classification_report(report: dict[str, Any]) -> None:
     for name, counts in zip(matrix["labels"], matrix["rows_true_columns_predicted"], strict=True):
         table.add_row(name, *map(str, counts))
     console.print(table)
+
+
+def print_plan(plan: Any) -> None:
+    gib = 2**30
+    memory = plan.memory
+    rows = [
+        ("parameters", f"{plan.parameters / 1e6:,.1f}M total, {plan.trainable / 1e6:,.2f}M trainable"),
+        ("FLOPs per token", f"{plan.flops_per_token / 1e9:,.2f} GFLOP (training: forward + backward)"),
+        ("tokens per step", f"{plan.tokens_per_step:,} on {plan.gpus} x {plan.gpu_type}"),
+        (
+            f"memory per GPU ({plan.strategy})",
+            f"{memory.total / gib:.1f} GiB = weights {memory.weights / gib:.1f}"
+            f" + gradients {memory.gradients / gib:.1f}"
+            f" + optimizer {memory.optimizer / gib:.1f} + activations {memory.activations / gib:.1f}"
+            f" + CUDA context {memory.overhead / gib:.1f}" + ("" if plan.fits else "  (does not fit)"),
+        ),
+        ("by strategy", ", ".join(f"{name} {total / gib:.1f}" for name, total in plan.by_strategy.items()) + " GiB"),
+        ("suggestion", plan.suggestion),
+    ]
+    if plan.budget_tokens:
+        rows.append(("budget", f"{plan.budget_tokens:,} tokens"))
+    if plan.hours is not None:
+        rows.append(("time", f"{plan.hours:,.1f} h at {plan.mfu:.0%} MFU ({plan.hours * plan.gpus:,.1f} GPU-hours)"))
+    if plan.cost is not None:
+        rows.append(("cost", f"{plan.cost:,.2f}"))
+    for note in plan.notes:
+        rows.append(("note", note))
+    console.print(_table("plan", rows))

@@ -1,0 +1,258 @@
+"""`llmkit plan`: before spending GPU hours, will the run fit, how long will it take, what will it cost?
+
+Everything is computed from the recipe, and stated so a reader can check it:
+
+* parameters: the recipe's model built on PyTorch's `meta` device (exact counts, no memory used); LoRA adds
+  r * (in + out) per adapted projection;
+* training FLOPs per token: 2N forward + 2N backward through activations + 2N_trainable for weight gradients
+  (6N for full training), plus attention 12 * layers * sequence * width, where N counts the matrices that
+  multiply (the input embedding is a lookup; a tied output head multiplies once); gradient checkpointing adds
+  another 2N forward;
+* memory per GPU: weights, gradients and optimizer states (fp32 master weights with Accelerate's mixed
+  precision: 4 bytes per parameter, 4 per gradient, 8 for Adam's two moments), divided across GPUs as the
+  strategy shards them; activations per layer ~34 * sequence * batch * width bytes in 16-bit (Korthikanti et
+  al. 2022, with fused attention that stores no score matrix; doubled in fp32), or only each layer's input
+  with gradient checkpointing; the logits at 6 bytes per vocabulary entry; plus 1 GiB of CUDA context;
+* time: the recipe's token budget x FLOPs per token / (GPUs x peak x MFU); cost: GPU-hours x price.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from llmkit.config import RunConfig
+from llmkit.errors import UserError
+
+GIB = 2**30
+# Dense bf16 tensor-core peak (FLOP/s) and memory per GPU type.
+GPU_TYPES: dict[str, tuple[float, float]] = {
+    "h200": (989e12, 141 * GIB),
+    "h100": (989e12, 80 * GIB),
+    "a100": (312e12, 80 * GIB),
+    "a100-40": (312e12, 40 * GIB),
+    "l40s": (362e12, 48 * GIB),
+    "a10": (125e12, 24 * GIB),
+    "rtx4090": (165e12, 24 * GIB),
+    "v100": (125e12, 32 * GIB),
+}
+# Cheapest communication first: the first that fits is the suggestion.
+STRATEGIES = ("ddp", "zero1", "zero2", "fsdp", "zero3", "zero2-offload", "zero3-offload")
+CUDA_CONTEXT = 1 * GIB
+
+
+@dataclass
+class Memory:
+    weights: float
+    gradients: float
+    optimizer: float
+    activations: float
+    overhead: float = CUDA_CONTEXT
+
+    @property
+    def total(self) -> float:
+        return self.weights + self.gradients + self.optimizer + self.activations + self.overhead
+
+
+@dataclass
+class Plan:
+    parameters: int
+    trainable: int
+    matmul_parameters: int
+    flops_per_token: float
+    tokens_per_step: int
+    budget_tokens: int | None
+    gpus: int
+    gpu_type: str
+    strategy: str
+    mfu: float
+    memory: Memory
+    fits: bool
+    hours: float | None
+    cost: float | None
+    suggestion: str
+    by_strategy: dict[str, float] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+    def as_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["memory"]["total"] = self.memory.total
+        return data
+
+
+def count_parameters(cfg: RunConfig, vocab: int) -> tuple[int, int, int, int]:
+    """(total, trainable, matmul parameters, vocabulary rows) of the recipe's model, built on the meta device."""
+    import torch
+
+    from llmkit.models import lora_target_modules
+
+    with torch.device("meta"):
+        model = _meta_model(cfg, vocab)
+    seen: set[int] = set()
+    total = 0
+    for parameter in model.parameters():
+        if id(parameter) not in seen:
+            seen.add(id(parameter))
+            total += parameter.numel()
+    embedding = model.get_input_embeddings().weight
+    output = model.get_output_embeddings()
+    tied = output is not None and output.weight is embedding
+    matmul = total - (0 if tied else embedding.numel())
+    trainable = total
+    if cfg.finetune.method in ("lora", "qlora") and cfg.model.init_from:
+        targets = set(cfg.finetune.lora.target_modules or lora_target_modules(model))
+        trainable = 0
+        for name, module in model.named_modules():
+            if name.rsplit(".", 1)[-1] in targets and isinstance(module, torch.nn.Linear):
+                trainable += cfg.finetune.lora.r * (module.in_features + module.out_features)
+    return total, trainable, matmul, int(embedding.shape[0])
+
+
+@dataclass
+class _Vocabulary:
+    """What build_model reads from a tokenizer: its size and special ids."""
+
+    size: int
+    bos_token_id: int = 0
+    eos_token_id: int = 0
+    pad_token_id: int = 1
+
+    def __len__(self) -> int:
+        return self.size
+
+
+def _meta_model(cfg: RunConfig, vocab: int) -> Any:
+    from llmkit.models import build_model
+
+    if cfg.model.init_from:
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        try:
+            config = AutoConfig.from_pretrained(cfg.model.init_from, trust_remote_code=cfg.model.trust_remote_code)
+        except Exception as exc:  # OSError offline, ValueError for unknown model types
+            raise UserError(f"{cfg.model.init_from}: cannot read this model's config ({type(exc).__name__})") from None
+        return AutoModelForCausalLM.from_config(config)
+    return build_model(cfg.model, _Vocabulary(vocab))
+
+
+def estimate_memory(
+    cfg: RunConfig, total: int, trainable: int, strategy: str, gpus: int, gradient_checkpointing: bool, vocab: int
+) -> Memory:
+    """Bytes per GPU under `strategy` (see the module docstring for every term)."""
+    adam = cfg.optimizer.name in ("adamw", "adam")
+    state_bytes = 8 if adam else (4 if cfg.optimizer.momentum > 0 else 0)
+    weights, gradients, optimizer = 4.0 * total, 4.0 * trainable, float(state_bytes * trainable)
+    shard = max(gpus, 1)
+    if strategy in ("zero1", "zero2", "zero3", "fsdp", "zero2-offload", "zero3-offload"):
+        optimizer /= shard
+    if strategy in ("zero2", "zero3", "fsdp", "zero2-offload", "zero3-offload"):
+        gradients /= shard
+    if strategy in ("zero3", "fsdp", "zero3-offload"):
+        weights /= shard
+    if strategy.endswith("offload"):
+        optimizer = 0.0
+    if strategy == "zero3-offload":
+        weights = 0.0
+    micro, seq, hidden, layers = cfg.train.micro_batch_size, _sequence(cfg), cfg.model.hidden_size, cfg.model.n_layers
+    scale = 2.0 if cfg.precision.dtype == "fp32" else 1.0
+    per_layer = 34.0 * seq * micro * hidden * scale
+    if gradient_checkpointing:
+        activations = 2.0 * seq * micro * hidden * scale * layers + per_layer
+    else:
+        activations = per_layer * layers
+    activations += 6.0 * micro * seq * vocab  # logits in 16-bit and their fp32 copy for the loss
+    return Memory(weights, gradients, optimizer, activations)
+
+
+def _sequence(cfg: RunConfig) -> int:
+    return cfg.finetune.max_length if cfg.model.init_from else cfg.data.block_size
+
+
+def plan_run(
+    cfg: RunConfig,
+    gpus: int = 1,
+    gpu_type: str = "h100",
+    strategy: str = "ddp",
+    mfu: float = 0.4,
+    price_per_gpu_hour: float | None = None,
+    gradient_checkpointing: bool = False,
+    train_tokens: int | None = None,
+) -> Plan:
+    if gpu_type not in GPU_TYPES:
+        raise UserError(f"--gpu-type {gpu_type}: choose one of {', '.join(GPU_TYPES)}")
+    if strategy not in STRATEGIES:
+        raise UserError(f"--strategy {strategy}: choose one of {', '.join(STRATEGIES)}")
+    if not 0 < mfu <= 1 or gpus < 1:
+        raise UserError("need 0 < --mfu <= 1 and --gpus >= 1")
+    peak, capacity = GPU_TYPES[gpu_type]
+    vocab, vocab_source = vocabulary_size(cfg) if not cfg.model.init_from else (0, cfg.model.init_from)
+    total, trainable, matmul, vocab = count_parameters(cfg, vocab)
+    seq = _sequence(cfg)
+    full = trainable == total
+    flops = 2 * matmul + 2 * matmul + (2 * matmul if full else 2 * trainable)
+    flops += 2 * matmul if gradient_checkpointing else 0
+    flops += 12 * cfg.model.n_layers * seq * cfg.model.hidden_size
+    tokens_per_step = cfg.train.micro_batch_size * cfg.train.grad_accum_steps * gpus * seq
+    budget = _budget_tokens(cfg, tokens_per_step, train_tokens)
+    by_strategy = {
+        name: estimate_memory(cfg, total, trainable, name, gpus, gradient_checkpointing, vocab).total
+        for name in STRATEGIES
+    }
+    memory = estimate_memory(cfg, total, trainable, strategy, gpus, gradient_checkpointing, vocab)
+    usable = 0.9 * capacity
+    fitting = [name for name in STRATEGIES if by_strategy[name] <= usable]
+    if fitting:
+        suggestion = f"{fitting[0]} fits ({by_strategy[fitting[0]] / GIB:.1f} of {capacity / GIB:.0f} GiB per GPU)"
+    elif not gradient_checkpointing:
+        suggestion = "nothing fits: add gradient checkpointing or lower train.micro_batch_size"
+    else:
+        suggestion = "nothing fits: lower train.micro_batch_size, use more GPUs, or LoRA"
+    hours = budget * flops / (gpus * peak * mfu) / 3600 if budget else None
+    cost = hours * gpus * price_per_gpu_hour if hours is not None and price_per_gpu_hour is not None else None
+    notes = [f"vocabulary {vocab:,} from {vocab_source}"] if not cfg.model.init_from else []
+    if budget is None:
+        notes.append("no token budget: set train.max_tokens/max_steps, run data-prep, or pass --train-tokens")
+    return Plan(total, trainable, matmul, flops, tokens_per_step, budget, gpus, gpu_type, strategy, mfu, memory,
+                memory.total <= usable, hours, cost, suggestion, by_strategy, notes)  # fmt: skip
+
+
+def vocabulary_size(cfg: RunConfig) -> tuple[int, str]:
+    """(padded vocabulary, where the number comes from): the prepared dataset, the tokenizer, or the recipe."""
+    import json
+    from pathlib import Path
+
+    from llmkit.models import padded_vocab_size
+
+    manifest = Path(cfg.data.dataset_dir) / "manifest.json"
+    if manifest.is_file():
+        size = json.loads(manifest.read_text())["tokenizer"]["vocab_size"]
+        return padded_vocab_size(size), f"the prepared dataset {cfg.data.dataset_dir}"
+    if cfg.data.tokenizer is not None:
+        from llmkit.data.tokenizer import load_tokenizer
+
+        try:
+            return padded_vocab_size(len(load_tokenizer(cfg.data.tokenizer))), f"tokenizer {cfg.data.tokenizer}"
+        except UserError:
+            return padded_vocab_size(cfg.data.vocab_size), (
+                f"data.vocab_size: tokenizer {cfg.data.tokenizer} is not reachable, so its size is a guess"
+            )
+    return padded_vocab_size(cfg.data.vocab_size), "data.vocab_size (the tokenizer data-prep will train)"
+
+
+def _budget_tokens(cfg: RunConfig, tokens_per_step: int, train_tokens: int | None) -> int | None:
+    """The recipe's budget in tokens; epochs need the prepared dataset's size (or --train-tokens)."""
+    if cfg.train.max_tokens is not None:
+        return cfg.train.max_tokens
+    if cfg.train.max_steps is not None:
+        return cfg.train.max_steps * tokens_per_step
+    epochs = cfg.train.max_epochs or 1.0
+    if train_tokens is None:
+        from pathlib import Path
+
+        manifest = Path(cfg.data.dataset_dir) / "manifest.json"
+        if manifest.is_file():
+            import json
+
+            train_tokens = json.loads(manifest.read_text())["splits"]["train"]["tokens"]
+    return int(math.ceil(epochs * train_tokens)) if train_tokens else None

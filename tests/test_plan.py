@@ -1,0 +1,98 @@
+"""llmkit plan: estimates checked against real models on CPU (parameters, weight/gradient/optimizer bytes)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from llmkit.config import load_config
+from llmkit.data.tokenizer import train_bpe
+from llmkit.models import attach_lora, build_model, count_parameters
+from llmkit.plan import GIB, estimate_memory, plan_run
+from tests.conftest import assert_user_error, run_cli
+
+RECIPES = Path(__file__).parent.parent / "recipes"
+
+
+@pytest.mark.parametrize("recipe", ["tiny-cpu.yaml", "gpt2-124m.yaml"])
+def test_parameter_count_is_exact(recipe: str) -> None:
+    cfg = load_config(RECIPES / recipe, ["data.vocab_size=1000"])
+    plan = plan_run(cfg)
+    tokenizer = type("Vocab", (), {"__len__": lambda self: 1000, "bos_token_id": 0, "eos_token_id": 0,
+                                   "pad_token_id": 1})()  # fmt: skip
+    model = build_model(cfg.model, tokenizer)
+    assert plan.parameters == count_parameters(model)[1]
+    assert plan.trainable == plan.parameters
+
+
+def test_weight_gradient_and_optimizer_bytes_match_a_real_adamw_step() -> None:
+    cfg = load_config(RECIPES / "tiny-cpu.yaml", ["data.vocab_size=1000"])
+    tokenizer = train_bpe(["the cat sat on the mat"] * 50, 300)
+    model = build_model(cfg.model, tokenizer)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    ids = torch.randint(0, 300, (2, 16))
+    model(input_ids=ids, labels=ids).loss.backward()
+    optimizer.step()
+    unique = {id(p): p for p in model.parameters()}.values()
+    weights = sum(p.numel() * p.element_size() for p in unique)
+    gradients = sum(p.grad.numel() * p.grad.element_size() for p in unique)
+    states = sum(t.numel() * t.element_size() for s in optimizer.state.values() for t in s.values() if t.dim() > 0)
+    plan = plan_run(load_config(RECIPES / "tiny-cpu.yaml", [f"data.vocab_size={len(tokenizer)}"]))
+    assert plan.memory.weights == weights
+    assert plan.memory.gradients == gradients
+    assert plan.memory.optimizer == states
+
+
+def test_lora_trainable_count_matches_peft(tmp_path: Path) -> None:
+    cfg = load_config(RECIPES / "tiny-cpu.yaml", ["data.vocab_size=1000"])
+    tokenizer = type("Vocab", (), {"__len__": lambda self: 1000, "bos_token_id": 0, "eos_token_id": 0,
+                                   "pad_token_id": 1})()  # fmt: skip
+    build_model(cfg.model, tokenizer).save_pretrained(tmp_path / "base")
+    lora = load_config(RECIPES / "sft-lora.yaml", [f"model.init_from={tmp_path / 'base'}", "finetune.lora.r=4"])
+    plan = plan_run(lora)
+    peft_model = attach_lora(build_model(cfg.model, tokenizer), lora.finetune.lora, "CAUSAL_LM", [])
+    assert plan.trainable == count_parameters(peft_model)[0]
+
+
+def test_sharding_divides_what_each_strategy_shards() -> None:
+    cfg = load_config(RECIPES / "llama-1b.yaml")
+    n = 1_000_000
+    ddp = estimate_memory(cfg, n, n, "ddp", 8, False, 32000)
+    zero1, zero2 = (
+        estimate_memory(cfg, n, n, "zero1", 8, False, 32000),
+        estimate_memory(cfg, n, n, "zero2", 8, False, 32000),
+    )
+    zero3 = estimate_memory(cfg, n, n, "zero3", 8, False, 32000)
+    offload = estimate_memory(cfg, n, n, "zero3-offload", 8, False, 32000)
+    assert (ddp.weights, ddp.gradients, ddp.optimizer) == (4 * n, 4 * n, 8 * n)
+    assert zero1.optimizer == n and zero1.gradients == 4 * n
+    assert zero2.gradients == n / 2 and zero2.weights == 4 * n
+    assert zero3.weights == n / 2
+    assert offload.weights == offload.optimizer == 0
+    checkpointed = estimate_memory(cfg, n, n, "ddp", 8, True, 32000)
+    assert checkpointed.activations < ddp.activations
+
+
+def test_time_and_cost_follow_the_stated_formula() -> None:
+    cfg = load_config(RECIPES / "gpt2-124m.yaml", ["data.vocab_size=50257"])
+    plan = plan_run(cfg, gpus=4, gpu_type="a100", mfu=0.5, price_per_gpu_hour=2.0)
+    expected_hours = 10_000_000_000 * plan.flops_per_token / (4 * 312e12 * 0.5) / 3600
+    assert plan.hours == pytest.approx(expected_hours)
+    assert plan.cost == pytest.approx(expected_hours * 4 * 2.0)
+    layers, seq, width = 12, 1024, 768
+    assert plan.flops_per_token == 6 * plan.matmul_parameters + 12 * layers * seq * width
+    assert plan.memory.total < 80 * GIB and plan.fits
+
+
+def test_plan_cli_prints_and_writes_json() -> None:
+    text = run_cli(
+        "plan", RECIPES / "llama-1b.yaml", "--gpus", "8", "--gpu-type", "a100-40", "--price-per-gpu-hour", "1.8"
+    )
+    assert text.exit_code == 0, text.stderr
+    assert "suggestion" in text.stdout and "GiB" in text.stdout
+    data = json.loads(run_cli("plan", RECIPES / "gpt2-124m.yaml", "--json").stdout)
+    assert {"parameters", "flops_per_token", "memory", "hours", "suggestion", "by_strategy"} <= set(data)
+    assert_user_error(run_cli("plan", RECIPES / "gpt2-124m.yaml", "--gpu-type", "tpu"), "--gpu-type tpu")

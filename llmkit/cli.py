@@ -44,6 +44,10 @@ NumMachinesOpt = Annotated[int | None, typer.Option(help="Machines in a multi-no
 MachineRankOpt = Annotated[int | None, typer.Option(help="This machine's rank (0 on the main one).")]
 MainProcessIpOpt = Annotated[str | None, typer.Option(help="Address of machine rank 0 (multi-node).")]
 MainProcessPortOpt = Annotated[int | None, typer.Option(help="Port on machine rank 0 (default 29500).")]
+GradientCheckpointingOpt = Annotated[
+    bool | None, typer.Option("--gradient-checkpointing", help="Recompute activations: less memory, more compute.")
+]
+CompileOpt = Annotated[bool | None, typer.Option("--compile", help="torch.compile the model (inductor).")]
 MaxNewTokensOpt = Annotated[int, typer.Option(help="Tokens to generate at most.")]
 TemperatureOpt = Annotated[float, typer.Option(help="Sampling temperature; 0 is greedy.")]
 TopKOpt = Annotated[int, typer.Option(help="Sample from the k most likely tokens (0: all).")]
@@ -160,6 +164,8 @@ def pretrain_command(
     resume: ResumeOpt = None,
     resume_fallback: ResumeFallbackOpt = False,
     allow_config_change: AllowChangeOpt = False,
+    gradient_checkpointing: GradientCheckpointingOpt = None,
+    compile_model: CompileOpt = None,
     num_processes: NumProcessesOpt = None,
     num_machines: NumMachinesOpt = None,
     machine_rank: MachineRankOpt = None,
@@ -190,6 +196,8 @@ def pretrain_command(
         "optimizer.lr": lr,
         "train.micro_batch_size": micro_batch_size,
         "precision.dtype": precision,
+        "train.gradient_checkpointing": gradient_checkpointing,
+        "train.compile": compile_model,
         "train.seed": seed,
         "checkpoint.keep_last": keep_last,
         "train.max_time": parse_duration(max_time) if max_time else None,
@@ -230,6 +238,8 @@ def finetune_command(
     resume: ResumeOpt = None,
     resume_fallback: ResumeFallbackOpt = False,
     allow_config_change: AllowChangeOpt = False,
+    gradient_checkpointing: GradientCheckpointingOpt = None,
+    compile_model: CompileOpt = None,
     num_processes: NumProcessesOpt = None,
     num_machines: NumMachinesOpt = None,
     machine_rank: MachineRankOpt = None,
@@ -266,6 +276,8 @@ def finetune_command(
         "optimizer.lr": lr,
         "train.micro_batch_size": micro_batch_size,
         "precision.dtype": precision,
+        "train.gradient_checkpointing": gradient_checkpointing,
+        "train.compile": compile_model,
         "train.seed": seed,
         "train.max_time": parse_duration(max_time) if max_time else None,
     }

@@ -121,6 +121,10 @@ class TrainConfig(Section):
     max_time: float | None = Field(
         None, gt=0, description="Wall-clock limit in seconds: checkpoint and exit (code 75) when reached."
     )
+    gradient_checkpointing: bool = Field(
+        False, description="Recompute activations in the backward pass: much less memory, about a third more compute."
+    )
+    compile: bool = Field(False, description="torch.compile the model (inductor) through Accelerate.")
 
     @model_validator(mode="after")
     def _one_budget(self) -> TrainConfig:

@@ -293,3 +293,29 @@ def test_loader_position_restores_exactly_and_covers_each_epoch(tiny_dataset: Pa
     ranks = [BlockLoader(split, micro_batch_size=2, seed=3, rank=r, world=2) for r in range(2)]
     together = np.concatenate([r.next_indices() for r in ranks])
     assert np.array_equal(together, BlockLoader(split, micro_batch_size=4, seed=3).next_indices())
+
+
+@pytest.mark.parametrize(
+    ("lever", "tolerance"),
+    [(["--gradient-checkpointing"], 1e-6), (["--compile"], 1e-4)],
+    ids=["gradient-checkpointing", "compile"],
+)
+def test_memory_and_speed_levers_keep_the_losses(
+    lever: list[str], tolerance: float, tiny_dataset: Path, tmp_path: Path
+) -> None:
+    common = [
+        "--set",
+        "logging.every_steps=1",
+        "--set",
+        "train.eval_every=1000",
+        "--set",
+        "checkpoint.every_steps=1000",
+    ]
+    plain = run_cli("pretrain", *tiny_train_args(tiny_dataset, tmp_path / "plain", steps=4), *common)
+    levered = run_cli("pretrain", *tiny_train_args(tiny_dataset, tmp_path / "lever", steps=4), *common, *lever)
+    assert plain.exit_code == levered.exit_code == 0, levered.stderr
+    expected = [r["loss"] for r in read_metrics(tmp_path / "plain") if "loss" in r]
+    assert [r["loss"] for r in read_metrics(tmp_path / "lever") if "loss" in r] == pytest.approx(
+        expected, rel=tolerance
+    )
+    assert AutoModelForCausalLM.from_pretrained(tmp_path / "lever" / "final") is not None  # saves unwrapped weights

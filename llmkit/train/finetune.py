@@ -37,7 +37,7 @@ from llmkit.train.classify import (
 from llmkit.train.loop import FitResult, TrainJob, fit
 from llmkit.train.packing import ExampleLoader, collate_rows
 from llmkit.train.resume import find_checkpoint, open_run_dir, restore_state
-from llmkit.train.setup import build_optimizer, make_accelerator, steps_for_budget
+from llmkit.train.setup import build_optimizer, enable_gradient_checkpointing, make_accelerator, steps_for_budget
 
 
 @dataclass
@@ -71,7 +71,7 @@ def finetune(
     chat = None if classify else setup_chat_template(tokenizer, ft.chat_template)
     data = load_classification_data(cfg, tokenizer) if classify else load_sft_data(cfg, tokenizer)
 
-    accelerator = make_accelerator(cfg.precision)
+    accelerator = make_accelerator(cfg.precision, cfg.train.compile)
     world, micro = accelerator.num_processes, cfg.train.micro_batch_size
     fingerprints = {
         "dataset_fingerprint": data.fingerprint,
@@ -95,6 +95,8 @@ def finetune(
     if chat is not None:
         model.generation_config.eos_token_id = list(chat.stop_token_ids)
         model.generation_config.pad_token_id = tokenizer.pad_token_id
+    if cfg.train.gradient_checkpointing:
+        enable_gradient_checkpointing(model)
     model = _apply_method(model, cfg, chat.added_tokens if chat else 0, tokenizer, checkpoint)
 
     run_dir, config_yaml = open_run_dir(cfg, checkpoint, resume, overwrite, accelerator, tokenizer)

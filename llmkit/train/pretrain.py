@@ -18,7 +18,7 @@ from llmkit.models import build_model, check_vocab_fits, count_parameters, load_
 from llmkit.train.loader import BlockLoader, validation_batches
 from llmkit.train.loop import FitResult, TrainJob, fit
 from llmkit.train.resume import find_checkpoint, open_run_dir, restore_state
-from llmkit.train.setup import build_optimizer, make_accelerator, steps_for_budget
+from llmkit.train.setup import build_optimizer, enable_gradient_checkpointing, make_accelerator, steps_for_budget
 
 
 def pretrain(
@@ -41,7 +41,7 @@ def pretrain(
     train_split, val_split = dataset.split("train"), dataset.split("val")
     _check_init_tokenizer(cfg, dataset.manifest["tokenizer"]["hash"])
 
-    accelerator = make_accelerator(cfg.precision)
+    accelerator = make_accelerator(cfg.precision, cfg.train.compile)
     world, micro = accelerator.num_processes, cfg.train.micro_batch_size
     if len(train_split) < micro * world:
         raise UserError(
@@ -77,6 +77,8 @@ def pretrain(
 
     run_dir, config_yaml = open_run_dir(cfg, checkpoint, resume, overwrite, accelerator, tokenizer)
 
+    if cfg.train.gradient_checkpointing:
+        enable_gradient_checkpointing(model)
     optimizer = build_optimizer(model, cfg.optimizer)
     model, optimizer = accelerator.prepare(model, optimizer)
     loader = BlockLoader(train_split, micro, cfg.train.seed, accelerator.process_index, world)

@@ -42,7 +42,7 @@ def claim_run_dir(path: str | Path, overwrite: bool, accelerator: Any, restart_u
     return run_dir
 
 
-def make_accelerator(precision: PrecisionConfig) -> Any:
+def make_accelerator(precision: PrecisionConfig, compile_model: bool = False) -> Any:
     """An Accelerator for the chosen precision; fp16 needs CUDA (it relies on a loss scaler)."""
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
@@ -54,7 +54,17 @@ def make_accelerator(precision: PrecisionConfig) -> Any:
     # (a notebook, the test suite) may ask for another precision. The process group (PartialState) is kept.
     AcceleratorState._reset_state()
     # Without a GPU, Accelerate treats a torchrun/accelerate launch as multi-process (gloo) only when asked for CPU.
-    return Accelerator(mixed_precision=mixed, cpu=not torch.cuda.is_available())
+    return Accelerator(
+        mixed_precision=mixed, cpu=not torch.cuda.is_available(), dynamo_backend="inductor" if compile_model else "no"
+    )
+
+
+def enable_gradient_checkpointing(model: Any) -> None:
+    """Keep only each layer's input and recompute the rest in the backward pass (non-reentrant, LoRA-safe)."""
+    if not getattr(model, "supports_gradient_checkpointing", False):
+        raise UserError(f"{type(model).__name__} does not support gradient checkpointing")
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.config.use_cache = False
 
 
 def build_optimizer(model: Any, cfg: OptimizerConfig) -> torch.optim.Optimizer:

@@ -59,6 +59,9 @@ def load_model(
     """Load a causal LM from safetensors (a local directory or a hub name), with one-line errors."""
     from transformers import AutoModelForCausalLM
 
+    from llmkit.hub import prepare_hub_access
+
+    prepare_hub_access(name_or_path)
     try:
         return AutoModelForCausalLM.from_pretrained(
             str(name_or_path), trust_remote_code=trust_remote_code, use_safetensors=True, dtype=dtype, token=token
@@ -205,6 +208,9 @@ def load_classifier(source: str | Path, labels: Any, trust_remote_code: bool = F
     """A sequence-classification model on any HF encoder or decoder, with the label map in its config."""
     from transformers import AutoModelForSequenceClassification
 
+    from llmkit.hub import prepare_hub_access
+
+    prepare_hub_access(source)
     try:
         model = AutoModelForSequenceClassification.from_pretrained(
             str(source),

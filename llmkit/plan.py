@@ -128,6 +128,9 @@ def _meta_model(cfg: RunConfig, vocab: int) -> Any:
     if cfg.model.init_from:
         from transformers import AutoConfig, AutoModelForCausalLM
 
+        from llmkit.hub import prepare_hub_access
+
+        prepare_hub_access(cfg.model.init_from)
         try:
             config = AutoConfig.from_pretrained(cfg.model.init_from, trust_remote_code=cfg.model.trust_remote_code)
         except Exception as exc:  # OSError offline, ValueError for unknown model types

@@ -197,3 +197,20 @@ def test_every_documented_error_names_an_existing_test() -> None:
         assert test, f"docs/errors.md: '{cells[0]}' names no test"
         assert f"def {test}(" in tests, f"docs/errors.md: test {test} does not exist"
         assert not case or f'"{case.rstrip("]")}"' in tests, f"docs/errors.md: no case {case} in {test}"
+
+
+def test_an_unreachable_hub_fails_fast_with_one_line(tmp_path: Path) -> None:
+    """Without HF_HUB_OFFLINE, the hub libraries would retry for about a minute; llmkit probes once and stops."""
+    import time
+
+    env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")}
+    env.update(HF_ENDPOINT="http://127.0.0.1:9", PYTHONWARNINGS="ignore")  # the discard port: nothing listens
+    start = time.monotonic()
+    proc = subprocess.run(
+        [sys.executable, "-m", "llmkit", "data-prep", "builtin:stories", "--tokenizer", "someone/some-tokenizer",
+         "--out", str(tmp_path / "o")], capture_output=True, text=True, env=env, timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 2 and time.monotonic() - start < 30
+    assert proc.stderr.strip().splitlines() == [
+        "error: someone/some-tokenizer: cannot load a tokenizer from this hub name (offline or not found?): OSError"
+    ]

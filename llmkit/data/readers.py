@@ -217,9 +217,12 @@ def _read_txt(path: Path, mode: str) -> Iterator[RawDocument]:
 
 def _read_hub(name: str) -> Iterator[tuple[dict[str, Any], str]]:
     """Stream a hub dataset: `hf:owner/name`, optionally `hf:owner/name:config` (its train split)."""
-    import datasets
+    from llmkit.hub import prepare_hub_access
 
     repo, _, config = name.partition(":")
+    prepare_hub_access(repo)
+    import datasets
+
     try:
         stream = datasets.load_dataset(repo, config or None, split="train", streaming=True)
         iterator = iter(stream)

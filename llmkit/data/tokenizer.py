@@ -46,6 +46,9 @@ def load_tokenizer(name_or_path: str | Path, trust_remote_code: bool = False, re
     """
     from transformers import AutoTokenizer
 
+    from llmkit.hub import prepare_hub_access
+
+    prepare_hub_access(name_or_path)
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(name_or_path), trust_remote_code=trust_remote_code)
     except Exception as exc:  # OSError offline, ValueError for unknown types, HTTP errors from the hub

@@ -179,6 +179,12 @@ def test_finetune_bad_input(tiny_run: Path, tmp_path: Path) -> None:
                       "8 training examples", "truncated")  # fmt: skip
     assert_user_error(run_cli(*ft_args(tiny_run, odd, tmp_path / "o", "--method", "qlora")), "qlora needs a CUDA")
     assert_user_error(run_cli("finetune", "--data", str(rows), "--out", str(tmp_path / "o")), "needs a base model")
+    good = tmp_path / "good.jsonl"
+    good.write_text(
+        "".join(json.dumps({"prompt": "What color is the cat?", "completion": " red"}) + "\n" for _ in range(8))
+    )
+    too_long = run_cli(*ft_args(tiny_run, good, tmp_path / "o", "--max-length", "65"))
+    assert_user_error(too_long, "finetune.max_length 65 exceeds the context", "64 tokens", "--max-length 64")
     assert_nothing_written(tmp_path, "o")
 
 

@@ -90,6 +90,12 @@ def finetune(
     model = _load_base(source, cfg, token, data.labels)
     if data.labels is not None:
         model.config.pad_token_id = tokenizer.pad_token_id  # decoders find each row's last token by it
+    context = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
+    if context is not None and ft.max_length > context:
+        raise UserError(
+            f"finetune.max_length {ft.max_length} exceeds the context of {cfg.model.init_from} ({context} tokens); "
+            f"pass --max-length {context} or less"
+        )
     if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
         model.resize_token_embeddings(padded_vocab_size(len(tokenizer)))
     if chat is not None:

@@ -103,3 +103,18 @@ def test_two_processes_at_batch_b_match_one_process_at_2b(tiny_dataset: Path, tm
     two_summary = json.loads((tmp_path / "two" / "summary.json").read_text())
     one_summary = json.loads((tmp_path / "one" / "summary.json").read_text())
     assert two_summary["tokens"] == one_summary["tokens"] == 6 * 8 * 32  # each token counted once, not per rank
+
+
+def test_early_stopping_stops_every_process(tiny_dataset: Path, tmp_path: Path) -> None:
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "llmkit", "pretrain", "--data", str(tiny_dataset), "--out", str(tmp_path / "run"),
+         "--max-steps", "40", "--micro-batch-size", "4", *TINY_MODEL, "--num-processes", "2",
+         "--main-process-port", "29535", "--set", "train.eval_every=10", "--set", "train.eval_batches=2",
+         "--set", "train.early_stopping_patience=1", "--set", "train.early_stopping_min_delta=100",
+         "--set", "logging.tensorboard=false"],
+        env=env, capture_output=True, text=True, timeout=240,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["stopped_early"] and summary["steps"] == 20

@@ -266,8 +266,9 @@ def fit(job: TrainJob) -> FitResult:
             rate = (tokens - (resume.tokens if resume else 0)) / (time.perf_counter() - start)
             val_text = f" val {val_loss:.3f}" if val_loss is not None else ""
             update(1, f"loss {loss_value:.3f}{val_text} lr {lr:.1e} {rate:,.0f} tok/s")
-            if stopped_early and acc.is_main_process:
-                info(f"early stopping at step {step}: no validation improvement in {stopping.patience} evaluations")
+            if stopped_early:  # every process agrees: the validation loss is reduced across all of them
+                if acc.is_main_process:
+                    info(f"early stopping at step {step}: no validation improvement in {stopping.patience} evaluations")
                 break
             if interrupted:
                 break

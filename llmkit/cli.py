@@ -179,12 +179,6 @@ def pretrain_command(
     Exit codes: 0 done; 2 bad input; 3 non-finite loss; 75 stopped by SIGTERM/SIGUSR1 or --max-time after a
     checkpoint (continue with --resume auto).
     """
-    from llmkit.train.launch import relaunch
-
-    code = relaunch(sys.argv[1:], num_processes, num_machines, machine_rank, main_process_ip, main_process_port)
-    if code is not None:
-        raise typer.Exit(code)
-    from llmkit.config import load_config
     from llmkit.train.pretrain import pretrain
 
     flags = {
@@ -193,17 +187,13 @@ def pretrain_command(
         "model.init_from": init_from,
         "train.max_steps": max_steps,
         "train.max_tokens": max_tokens,
-        "optimizer.lr": lr,
-        "train.micro_batch_size": micro_batch_size,
-        "precision.dtype": precision,
-        "train.gradient_checkpointing": gradient_checkpointing,
-        "train.compile": compile_model,
-        "train.seed": seed,
         "checkpoint.keep_last": keep_last,
-        "train.max_time": parse_duration(max_time) if max_time else None,
+        **_shared_training_flags(
+            lr, micro_batch_size, precision, gradient_checkpointing, compile_model, seed, max_time
+        ),
     }
-    cfg = load_config(config, overrides, flags)
-    _finish_training(pretrain(cfg, overwrite, resume, resume_fallback, allow_config_change))
+    launch = (num_processes, num_machines, machine_rank, main_process_ip, main_process_port)
+    _train(pretrain, config, overrides, flags, launch, overwrite, resume, resume_fallback, allow_config_change)
 
 
 @app.command("finetune")
@@ -252,12 +242,6 @@ def finetune_command(
     The loss covers assistant and completion tokens only; packed examples never attend to each other.
     Exit codes as for pretrain: 0 done, 2 bad input, 3 non-finite loss, 75 stopped after a checkpoint.
     """
-    from llmkit.train.launch import relaunch
-
-    code = relaunch(sys.argv[1:], num_processes, num_machines, machine_rank, main_process_ip, main_process_port)
-    if code is not None:
-        raise typer.Exit(code)
-    from llmkit.config import load_config
     from llmkit.train.finetune import finetune
 
     flags = {
@@ -273,6 +257,25 @@ def finetune_command(
         "finetune.train_on_prompt": train_on_prompt,
         "train.max_steps": max_steps,
         "train.max_epochs": epochs,
+        **_shared_training_flags(
+            lr, micro_batch_size, precision, gradient_checkpointing, compile_model, seed, max_time
+        ),
+    }
+    launch = (num_processes, num_machines, machine_rank, main_process_ip, main_process_port)
+    _train(finetune, config, overrides, flags, launch, overwrite, resume, resume_fallback, allow_config_change)
+
+
+def _shared_training_flags(
+    lr: float | None,
+    micro_batch_size: int | None,
+    precision: str | None,
+    gradient_checkpointing: bool | None,
+    compile_model: bool | None,
+    seed: int | None,
+    max_time: str | None,
+) -> dict[str, Any]:
+    """The typed flags pretrain and finetune share, as dotted config keys (None: not given)."""
+    return {
         "optimizer.lr": lr,
         "train.micro_batch_size": micro_batch_size,
         "precision.dtype": precision,
@@ -281,14 +284,28 @@ def finetune_command(
         "train.seed": seed,
         "train.max_time": parse_duration(max_time) if max_time else None,
     }
-    cfg = load_config(config, overrides, flags)
-    _finish_training(finetune(cfg, overwrite, resume, resume_fallback, allow_config_change))
 
 
-def _finish_training(result: Any) -> None:
-    """Print the summary (main process) and exit 75 when the run stopped early to be resumed."""
+def _train(
+    run: Callable[..., Any],
+    config: Path | None,
+    overrides: list[str] | None,
+    flags: dict[str, Any],
+    launch: tuple[Any, ...],
+    overwrite: bool,
+    resume: str | None,
+    resume_fallback: bool,
+    allow_config_change: bool,
+) -> None:
+    """Relaunch under accelerate when more processes are asked for; else resolve the config, run, report."""
+    from llmkit.config import load_config
     from llmkit.reports import print_fit_summary
+    from llmkit.train.launch import relaunch
 
+    code = relaunch(sys.argv[1:], *launch)
+    if code is not None:
+        raise typer.Exit(code)
+    result = run(load_config(config, overrides, flags), overwrite, resume, resume_fallback, allow_config_change)
     if result.main_process:
         print_fit_summary(result)
     if result.interrupted and result.main_process:

@@ -282,10 +282,10 @@ def test_loader_position_restores_exactly_and_covers_each_epoch(tiny_dataset: Pa
     loader = BlockLoader(split, micro_batch_size=4, seed=3)
     for _ in range(loader.batches_per_epoch - 2):
         loader.next_indices()
-    state = loader.state_dict()
+    state = loader.position.state_dict()
     expected = [loader.next_indices() for _ in range(5)]  # crosses the epoch boundary
     restored = BlockLoader(split, micro_batch_size=4, seed=3)
-    restored.load_state_dict(state)
+    restored.position.load_state_dict(state)
     assert all(np.array_equal(a, b) for a, b in zip(expected, [restored.next_indices() for _ in range(5)], strict=True))
     fresh = BlockLoader(split, micro_batch_size=4, seed=3)
     epoch = np.concatenate([fresh.next_indices() for _ in range(fresh.batches_per_epoch)])

@@ -80,16 +80,6 @@ class BlockLoader:
         tokens = torch.from_numpy(self.dataset.blocks(indices))
         return {"input_ids": tokens, "labels": tokens, "sample_indices": torch.from_numpy(indices)}
 
-    @property
-    def epochs_done(self) -> float:
-        return self.position.epochs_done
-
-    def state_dict(self) -> dict[str, Any]:
-        return self.position.state_dict()
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.position.load_state_dict(state)
-
 
 def validation_batches(
     dataset: PackedDataset, micro_batch_size: int, max_batches: int | None, rank: int = 0, world: int = 1

@@ -27,15 +27,17 @@ from llmkit.errors import TrainingDiverged
 from llmkit.losses import causal_lm_nll, count_targets
 from llmkit.train import faults
 from llmkit.train.checkpoint import checkpoint_name, prune_checkpoints, restore_rng_state, rng_state, save_checkpoint
+from llmkit.train.loader import LoaderPosition
 from llmkit.train.metrics import MetricsLog, plot_loss, truncate_records
 from llmkit.train.schedules import lr_at
 
 
 class BatchSource(Protocol):
+    """A loader: the next micro-batch, and a position that checkpoints save and resume restores."""
+
+    position: LoaderPosition
+
     def next_batch(self) -> dict[str, torch.Tensor]: ...
-    def state_dict(self) -> dict[str, Any]: ...
-    @property
-    def epochs_done(self) -> float: ...
 
 
 @dataclass
@@ -244,7 +246,7 @@ def fit(job: TrainJob) -> FitResult:
                         "lr": lr,
                         "grad_norm": grad_norm,
                         "tokens_per_s": window_tokens / elapsed,
-                        "epoch": job.loader.epochs_done,
+                        "epoch": job.loader.position.epochs_done,
                         "elapsed_s": time.perf_counter() - start,
                     }
                 )
@@ -387,7 +389,7 @@ def _checkpoint(job: TrainJob, step: int, tokens: int, stopping: _EarlyStopping)
             "step": step,
             "tokens": tokens,
             "total_steps": job.total_steps,
-            "data": job.loader.state_dict(),
+            "data": job.loader.position.state_dict(),
             "early_stopping": {"best": stopping.best, "bad_evals": stopping.bad_evals},
             "num_processes": acc.num_processes,
             **job.fingerprints,

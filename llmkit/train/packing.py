@@ -116,16 +116,6 @@ class ExampleLoader:
             return dict(self._collate(examples, indices))
         return collate_rows(examples, self.pad_id, self.attn_implementation, indices)
 
-    @property
-    def epochs_done(self) -> float:
-        return self.position.epochs_done
-
-    def state_dict(self) -> dict[str, Any]:
-        return self.position.state_dict()
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.position.load_state_dict(state)
-
 
 def collate_rows(
     rows: list[list[Encoded]], pad_id: int, attn_implementation: str, sample_indices: list[int] | None = None

@@ -84,7 +84,7 @@ def restore_state(
     optimizer.load_state_dict(safe_torch_load(checkpoint / "optimizer.pt"))
     if accelerator.scaler is not None and (checkpoint / "scaler.pt").is_file():
         accelerator.scaler.load_state_dict(safe_torch_load(checkpoint / "scaler.pt"))
-    loader.load_state_dict(saved["data"])
+    loader.position.load_state_dict(saved["data"])
     rng_states = safe_torch_load(checkpoint / "rng.pt")
     if not isinstance(rng_states, list) or not rng_states:
         raise UserError(f"{checkpoint / 'rng.pt'}: unexpected content")

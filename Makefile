@@ -38,6 +38,7 @@ format: install
 
 docs: install
 	$(BIN)/llmkit config keys > docs/config.md
+	$(BIN)/python -c "from pathlib import Path; from llmkit.train.strategies import write_templates; write_templates(Path('recipes/deepspeed'))"
 
 clean:
 	rm -rf $(DEMO_DIR) .pytest_cache .mypy_cache .ruff_cache

@@ -18,12 +18,16 @@ from typing import Any
 
 
 @contextmanager
-def atomic_directory(target: str | Path) -> Iterator[Path]:
-    """Yield a fresh temporary directory; on success it replaces `target`, on error it is removed."""
+def atomic_directory(target: str | Path, staging: Path | None = None) -> Iterator[Path]:
+    """Yield a fresh temporary directory; on success it replaces `target`, on error it is removed.
+
+    `staging` names one already made beside `target` (several processes wrote into it first).
+    """
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    staging = target.parent / f".{target.name}.tmp-{uuid.uuid4().hex[:8]}"
-    staging.mkdir()
+    if staging is None:
+        staging = target.parent / f".{target.name}.tmp-{uuid.uuid4().hex[:8]}"
+        staging.mkdir()
     try:
         yield staging
     except BaseException:
@@ -57,11 +61,15 @@ def replace_directory(staging: Path, target: Path) -> None:
 
 def write_json(path: str | Path, data: Any) -> None:
     """Write JSON to a temporary file, fsync it, then rename it over `path`."""
+    write_text(path, json.dumps(data, indent=2, sort_keys=False) + "\n")
+
+
+def write_text(path: str | Path, text: str) -> None:
+    """Write text to a temporary file, fsync it, then rename it over `path`."""
     path = Path(path)
     staging = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
     with staging.open("w", encoding="utf-8") as handle:
-        json.dump(data, handle, indent=2, sort_keys=False)
-        handle.write("\n")
+        handle.write(text)
         handle.flush()
         os.fsync(handle.fileno())
     os.replace(staging, path)

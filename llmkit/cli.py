@@ -9,6 +9,7 @@ import functools
 import json
 import os
 import sys
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
@@ -44,6 +45,17 @@ NumMachinesOpt = Annotated[int | None, typer.Option(help="Machines in a multi-no
 MachineRankOpt = Annotated[int | None, typer.Option(help="This machine's rank (0 on the main one).")]
 MainProcessIpOpt = Annotated[str | None, typer.Option(help="Address of machine rank 0 (multi-node).")]
 MainProcessPortOpt = Annotated[int | None, typer.Option(help="Port on machine rank 0 (default 29500).")]
+StrategyOpt = Annotated[
+    str | None,
+    typer.Option(help="ddp, zero1, zero2, zero3, zero2-offload or zero3-offload (DeepSpeed); see docs/distributed.md."),
+]
+DeepSpeedConfigOpt = Annotated[
+    str | None,
+    typer.Option(help="Your DeepSpeed JSON (start from recipes/deepspeed/); 'auto' values come from the recipe."),
+]
+AccelerateConfigOpt = Annotated[
+    Path | None, typer.Option(help="An `accelerate config` YAML handed to accelerate launch (processes, machines).")
+]
 GradientCheckpointingOpt = Annotated[
     bool | None, typer.Option("--gradient-checkpointing", help="Recompute activations: less memory, more compute.")
 ]
@@ -87,6 +99,8 @@ def _quiet_libraries() -> None:
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")
+    # torch.distributed's renamed collectives, called by DeepSpeed: nothing a user can act on.
+    warnings.filterwarnings("ignore", message=r"`torch\.distributed\.\w+` is deprecated", category=FutureWarning)
     if "DS_ACCELERATOR" not in os.environ and not _has_cuda():
         os.environ["DS_ACCELERATOR"] = "cpu"
     if "transformers" in sys.modules and os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] == "1":
@@ -166,6 +180,9 @@ def pretrain_command(
     allow_config_change: AllowChangeOpt = False,
     gradient_checkpointing: GradientCheckpointingOpt = None,
     compile_model: CompileOpt = None,
+    strategy: StrategyOpt = None,
+    deepspeed_config: DeepSpeedConfigOpt = None,
+    accelerate_config: AccelerateConfigOpt = None,
     num_processes: NumProcessesOpt = None,
     num_machines: NumMachinesOpt = None,
     machine_rank: MachineRankOpt = None,
@@ -191,8 +208,10 @@ def pretrain_command(
         **_shared_training_flags(
             lr, micro_batch_size, precision, gradient_checkpointing, compile_model, seed, max_time
         ),
+        "distributed.strategy": strategy,
+        "distributed.deepspeed_config": deepspeed_config,
     }
-    launch = (num_processes, num_machines, machine_rank, main_process_ip, main_process_port)
+    launch = (num_processes, num_machines, machine_rank, main_process_ip, main_process_port, accelerate_config)
     _train(pretrain, config, overrides, flags, launch, overwrite, resume, resume_fallback, allow_config_change)
 
 
@@ -230,6 +249,9 @@ def finetune_command(
     allow_config_change: AllowChangeOpt = False,
     gradient_checkpointing: GradientCheckpointingOpt = None,
     compile_model: CompileOpt = None,
+    strategy: StrategyOpt = None,
+    deepspeed_config: DeepSpeedConfigOpt = None,
+    accelerate_config: AccelerateConfigOpt = None,
     num_processes: NumProcessesOpt = None,
     num_machines: NumMachinesOpt = None,
     machine_rank: MachineRankOpt = None,
@@ -260,8 +282,10 @@ def finetune_command(
         **_shared_training_flags(
             lr, micro_batch_size, precision, gradient_checkpointing, compile_model, seed, max_time
         ),
+        "distributed.strategy": strategy,
+        "distributed.deepspeed_config": deepspeed_config,
     }
-    launch = (num_processes, num_machines, machine_rank, main_process_ip, main_process_port)
+    launch = (num_processes, num_machines, machine_rank, main_process_ip, main_process_port, accelerate_config)
     _train(finetune, config, overrides, flags, launch, overwrite, resume, resume_fallback, allow_config_change)
 
 
@@ -301,11 +325,18 @@ def _train(
     from llmkit.config import load_config
     from llmkit.reports import print_fit_summary
     from llmkit.train.launch import relaunch
+    from llmkit.train.strategies import check_available
 
-    code = relaunch(sys.argv[1:], *launch)
+    cfg = load_config(config, overrides, flags)  # a bad config fails here, before any process starts
+    processes, machines, machine_rank, ip, port, accelerate_config = launch
+    check_available(cfg, (processes or 1) * (machines or 1))
+    needs_launcher = cfg.distributed.strategy != "ddp" or cfg.distributed.deepspeed_config is not None
+    code = relaunch(
+        sys.argv[1:], processes, machines, machine_rank, ip, port, accelerate_config, needs_launcher=needs_launcher
+    )
     if code is not None:
         raise typer.Exit(code)
-    result = run(load_config(config, overrides, flags), overwrite, resume, resume_fallback, allow_config_change)
+    result = run(cfg, overwrite, resume, resume_fallback, allow_config_change)
     if result.main_process:
         print_fit_summary(result)
     if result.interrupted and result.main_process:
@@ -324,44 +355,118 @@ EVAL_HELP = "Score a model on held-out text: loss, perplexity, bits per token an
 def eval_command(
     model: Annotated[str, typer.Argument(help="Run directory, checkpoint, or HF model directory/hub name.")],
     data: Annotated[
-        str, typer.Option(help="Prepared dataset (its validation split), a raw text/JSONL file, or text+label rows.")
-    ],
+        str | None,
+        typer.Option(help="Prepared dataset (its validation split), a raw text/JSONL file, or text+label rows."),
+    ] = None,
+    tasks: Annotated[
+        list[Path] | None, typer.Option("--tasks", help="Task file (YAML; see docs/eval.md), repeatable.")
+    ] = None,
+    harness: Annotated[
+        str | None, typer.Option(help="lm-evaluation-harness tasks, comma-separated (names or task YAML files).")
+    ] = None,
+    gate: Annotated[
+        list[str] | None, typer.Option("--gate", help="CI gate METRIC OP VALUE, e.g. 'colors.acc>=0.8' (repeatable).")
+    ] = None,
+    baseline: Annotated[Path | None, typer.Option(help="An earlier JSON report to compare with.")] = None,
+    max_regression: Annotated[
+        float, typer.Option(help="With --baseline: fail if a metric got worse by more than this (absolute).")
+    ] = 0.0,
     report: Annotated[Path | None, typer.Option(help="Write the JSON report here.")] = None,
-    max_perplexity: Annotated[float | None, typer.Option(help="CI gate: exit 1 if perplexity is above this.")] = None,
-    min_accuracy: Annotated[float | None, typer.Option(help="CI gate (classifiers): exit 1 below this.")] = None,
-    min_f1: Annotated[float | None, typer.Option(help="CI gate (classifiers): exit 1 if macro F1 is below.")] = None,
+    markdown: Annotated[Path | None, typer.Option(help="Write a Markdown report (a pull-request comment).")] = None,
+    junit: Annotated[Path | None, typer.Option(help="Write JUnit XML: one testcase per gate and regression.")] = None,
+    max_perplexity: Annotated[float | None, typer.Option(help="Gate: same as --gate 'perplexity<=X'.")] = None,
+    min_accuracy: Annotated[float | None, typer.Option(help="Gate (classifiers): --gate 'accuracy>=X'.")] = None,
+    min_f1: Annotated[float | None, typer.Option(help="Gate (classifiers): --gate 'macro_f1>=X'.")] = None,
     batch_size: Annotated[int, typer.Option(help="Sequences per forward pass.")] = 8,
     seq_len: Annotated[int | None, typer.Option(help="Window length for raw text (default: model context).")] = None,
     max_batches: Annotated[int | None, typer.Option(help="Score at most this many batches.")] = None,
+    limit: Annotated[int | None, typer.Option(help="Harness: score only the first N items of each task.")] = None,
     text_field: Annotated[str, typer.Option(help="Field holding the text in JSONL/CSV/parquet.")] = "text",
 ) -> None:
-    """Score a model on held-out data: loss, perplexity, bits per token and per character; for classifiers
-    accuracy, macro precision/recall/F1, the confusion matrix and ROC-AUC.
+    """Score a model: held-out perplexity or classification (--data), task files (--tasks), harness tasks
+    (--harness); check gates and regressions against a baseline; write JSON, Markdown and JUnit reports.
 
-    Exit codes: 0 pass, 1 a gate failed, 2 bad input.
+    Exit codes: 0 every gate and regression check passed, 1 one failed, 2 bad input.
     """
-    from llmkit.atomic import write_json
-    from llmkit.eval.classification import evaluate_classifier, is_classifier
-    from llmkit.eval.perplexity import evaluate, failed_gates
-    from llmkit.reports import print_classification_report, print_eval_report
+    from llmkit.eval.gates import check_gates, check_regressions, checks_as_dicts, read_baseline
+    from llmkit.eval.tasks import flat_metrics, load_task_files, run_tasks
+    from llmkit.reports import print_checks, print_task_results
     from llmkit.runs import resolve_model_dir
 
+    if data is None and not tasks and harness is None:
+        raise UserError("nothing to evaluate: give --data, --tasks or --harness")
+    task_specs, file_gates = load_task_files(list(tasks or []))  # bad task files fail before the model loads
+    old_metrics = read_baseline(baseline) if baseline is not None else None
+    sugar = [("perplexity<=", max_perplexity), ("accuracy>=", min_accuracy), ("macro_f1>=", min_f1)]
+    gates = [*file_gates, *(gate or []), *(f"{rule}{limit!r}" for rule, limit in sugar if limit is not None)]
     model_dir = resolve_model_dir(model)
+
+    result: dict[str, Any] = {"model": str(model_dir)}
+    metrics: dict[str, float] = {}
+    if data is not None:
+        result.update(_evaluate_data(model, model_dir, data, batch_size, seq_len, max_batches, text_field))
+        metrics.update({k: float(v) for k, v in result.items() if k in DATA_METRICS and v is not None})
+    if task_specs:
+        result["tasks"] = run_tasks(model_dir, task_specs, batch_size)
+        metrics.update(flat_metrics(result["tasks"]))
+        print_task_results(result["tasks"])
+    if harness is not None:
+        from llmkit.eval.harness import run_harness
+
+        result["harness"] = run_harness(model_dir, [t for t in harness.split(",") if t], batch_size, limit)
+        metrics.update(flat_metrics({f"harness.{name}": values for name, values in result["harness"].items()}))
+        print_task_results(result["harness"], title="lm-evaluation-harness")
+
+    gate_checks = check_gates(gates, metrics)
+    regressions = check_regressions(metrics, old_metrics, max_regression) if old_metrics is not None else []
+    result.update(
+        metrics=metrics, gates=checks_as_dicts(gate_checks), regressions=checks_as_dicts(regressions),
+        baseline=str(baseline) if baseline else None, baseline_metrics=old_metrics,
+        passed=all(c.passed for c in gate_checks + regressions),
+    )  # fmt: skip
+    print_checks(result)
+    _write_reports(result, report, markdown, junit)
+    for check in gate_checks + regressions:
+        if not check.passed:
+            print(f"{'gate' if check in gate_checks else 'regression'} failed: {check.detail}", file=sys.stderr)
+    if not result["passed"]:
+        raise typer.Exit(GATE_FAILED_EXIT)
+
+
+DATA_METRICS = ("loss", "perplexity", "bits_per_token", "bits_per_char", "bits_per_char_over_floor", "accuracy",
+                "macro_precision", "macro_recall", "macro_f1", "roc_auc")  # fmt: skip
+
+
+def _evaluate_data(
+    model: str, model_dir: Path, data: str, batch_size: int, seq_len: int | None, max_batches: int | None, field: str
+) -> dict[str, Any]:
+    from llmkit.eval.classification import evaluate_classifier, is_classifier
+    from llmkit.eval.perplexity import evaluate
+    from llmkit.reports import print_classification_report, print_eval_report
+
     if is_classifier(model_dir):
         result = evaluate_classifier(model_dir, data, batch_size=max(batch_size, 32))
         print_classification_report(result)
     else:
         result = evaluate(model, data, batch_size=batch_size, seq_len=seq_len, max_batches=max_batches,
-                          text_field=text_field)  # fmt: skip
+                          text_field=field)  # fmt: skip
         print_eval_report(result)
+    return result
+
+
+def _write_reports(result: dict[str, Any], report: Path | None, markdown: Path | None, junit: Path | None) -> None:
+    from llmkit.atomic import write_json, write_text
+    from llmkit.eval.gates import junit_report, markdown_report
+
     if report is not None:
         report.parent.mkdir(parents=True, exist_ok=True)
         write_json(report, result)
-    failures = failed_gates(result, max_perplexity, min_accuracy, min_f1)
-    for failure in failures:
-        print(f"gate failed: {failure}", file=sys.stderr)
-    if failures:
-        raise typer.Exit(GATE_FAILED_EXIT)
+    if markdown is not None:
+        markdown.parent.mkdir(parents=True, exist_ok=True)
+        write_text(markdown, markdown_report(result))
+    if junit is not None:
+        junit.parent.mkdir(parents=True, exist_ok=True)
+        write_text(junit, junit_report(result))
 
 
 app.command("eval", help=EVAL_HELP)(user_errors_exit_2(eval_command))

@@ -162,6 +162,20 @@ class PrecisionConfig(Section):
     )
 
 
+class DistributedConfig(Section):
+    """How the work is split across processes: plain data parallel, or DeepSpeed ZeRO through Accelerate."""
+
+    strategy: Literal["ddp", "fsdp", "zero1", "zero2", "zero3", "zero2-offload", "zero3-offload"] = Field(
+        "ddp",
+        description="ddp replicates everything; zero1/2/3 shard optimizer states / + gradients / + weights "
+        "(DeepSpeed); -offload keeps optimizer states (and zero3 weights) in CPU memory. fsdp is not available yet.",
+    )
+    deepspeed_config: str | None = Field(
+        None,
+        description="Your DeepSpeed JSON (start from recipes/deepspeed/); 'auto' values are filled from the recipe.",
+    )
+
+
 class CheckpointConfig(Section):
     """Periodic checkpoints under RUN/checkpoints/."""
 
@@ -244,6 +258,7 @@ class RunConfig(Section):
     optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)  # type: ignore[arg-type]
     schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)  # type: ignore[arg-type]
     precision: PrecisionConfig = Field(default_factory=PrecisionConfig)  # type: ignore[arg-type]
+    distributed: DistributedConfig = Field(default_factory=DistributedConfig)  # type: ignore[arg-type]
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)  # type: ignore[arg-type]
     logging: LoggingConfig = Field(default_factory=LoggingConfig)  # type: ignore[arg-type]
     finetune: FinetuneConfig = Field(default_factory=FinetuneConfig)  # type: ignore[arg-type]

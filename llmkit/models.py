@@ -74,7 +74,8 @@ def load_model(
 
 def check_vocab_fits(model: Any, tokenizer: Any, where: str) -> None:
     """Refuse a tokenizer with ids the model's embedding cannot hold."""
-    embedding_rows = model.get_input_embeddings().weight.shape[0]
+    weight = model.get_input_embeddings().weight
+    embedding_rows = getattr(weight, "ds_shape", weight.shape)[0]  # ZeRO-3 builds the model already sharded
     if len(tokenizer) > embedding_rows:
         raise UserError(
             f"{where}: tokenizer has {len(tokenizer)} tokens but the model's embedding has {embedding_rows} rows; "
@@ -92,16 +93,17 @@ def _llama_mlp_width(hidden: int) -> int:
 
 
 def count_parameters(model: Any) -> tuple[int, int]:
-    """(trainable, total) parameters, counting tied weights once."""
+    """(trainable, total) parameters, counting tied weights once (and whole tensors under ZeRO-3 sharding)."""
     seen: set[int] = set()
     trainable = total = 0
     for parameter in model.parameters():
         if id(parameter) in seen:
             continue
         seen.add(id(parameter))
-        total += parameter.numel()
+        count = getattr(parameter, "ds_numel", None) or parameter.numel()
+        total += count
         if parameter.requires_grad:
-            trainable += parameter.numel()
+            trainable += count
     return trainable, total
 
 

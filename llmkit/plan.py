@@ -168,6 +168,37 @@ def estimate_memory(
     return Memory(weights, gradients, optimizer, activations)
 
 
+def device_peak_flops(device_name: str) -> float | None:
+    """Dense bf16 peak of a CUDA device from its name ("NVIDIA H100 80GB HBM3" -> h100), None when unknown."""
+    name = device_name.lower().replace(" ", "")
+    for gpu_type in sorted(GPU_TYPES, key=len, reverse=True):
+        if gpu_type.split("-")[0] in name:
+            return GPU_TYPES[gpu_type][0]
+    return None
+
+
+def model_flops_per_token(model: Any, sequence: int, gradient_checkpointing: bool = False) -> float:
+    """Training FLOPs per token of a real model, by the same formula as the plan (6N + attention)."""
+    seen: set[int] = set()
+    total = trainable = 0
+    for parameter in model.parameters():
+        if id(parameter) in seen:
+            continue
+        seen.add(id(parameter))
+        count = getattr(parameter, "ds_numel", None) or parameter.numel()
+        total += count
+        trainable += count if parameter.requires_grad else 0
+    embedding = model.get_input_embeddings().weight
+    output = model.get_output_embeddings()
+    tied = output is not None and output.weight is embedding
+    matmul = total - (0 if tied else (getattr(embedding, "ds_numel", None) or embedding.numel()))
+    flops = 4 * matmul + 2 * min(matmul, trainable) + (2 * matmul if gradient_checkpointing else 0)
+    config = model.config
+    layers = int(getattr(config, "num_hidden_layers", 0) or getattr(config, "n_layer", 0) or 0)
+    width = int(getattr(config, "hidden_size", 0) or getattr(config, "n_embd", 0) or 0)
+    return float(flops + 12 * layers * sequence * width)
+
+
 def _sequence(cfg: RunConfig) -> int:
     return cfg.finetune.max_length if cfg.model.init_from else cfg.data.block_size
 

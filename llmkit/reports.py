@@ -57,6 +57,8 @@ def print_fit_summary(result: Any) -> None:
         ("tokens", f"{result.tokens:,} in {result.seconds:.1f}s ({result.tokens_per_second:,.0f} tokens/s)"),
         ("train loss", f"{result.train_loss:.4f}"),
     ]
+    if result.mfu is not None:
+        rows.append(("MFU", f"{result.mfu:.1%} (6N + attention FLOPs over the devices' dense bf16 peak)"))
     if result.val_loss is not None:
         rows.append(("val loss", f"{result.val_loss:.4f} (best {result.best_val_loss:.4f})"))
     if result.final_dir is not None:
@@ -143,3 +145,21 @@ def print_plan(plan: Any) -> None:
     for note in plan.notes:
         rows.append(("note", note))
     console.print(_table("plan", rows))
+
+
+def print_task_results(results: dict[str, dict[str, Any]], title: str = "tasks") -> None:
+    rows = []
+    for name, metrics in results.items():
+        shown = [f"{key} {value:.4f}" for key, value in metrics.items()
+                 if isinstance(value, float) and key not in ("items",)]  # fmt: skip
+        count = f" ({metrics['items']} items)" if metrics.get("items") else ""
+        rows.append((name, ", ".join(shown) + count))
+    console.print(_table(title, rows))
+
+
+def print_checks(report: dict[str, Any]) -> None:
+    checks = report["gates"] + report["regressions"]
+    if not checks:
+        return
+    rows = [("PASS" if c["passed"] else "FAIL", c["detail"]) for c in checks]
+    console.print(_table("gates: passed" if report["passed"] else "gates: FAILED", rows))

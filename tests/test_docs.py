@@ -14,6 +14,19 @@ def test_config_reference_matches_the_schema() -> None:
     assert text == describe_keys(), "docs/config.md is stale: regenerate it with `make docs`"
 
 
+def test_deepspeed_recipes_match_the_strategies() -> None:
+    """recipes/deepspeed/*.json are what --strategy uses, so a user's edited copy starts from the truth."""
+    import json
+
+    from llmkit.train.strategies import ZERO_STAGES, deepspeed_template
+
+    folder = ROOT / "recipes" / "deepspeed"
+    assert sorted(p.stem for p in folder.glob("*.json")) == sorted(ZERO_STAGES)
+    for strategy in ZERO_STAGES:
+        saved = json.loads((folder / f"{strategy}.json").read_text())
+        assert saved == deepspeed_template(strategy), f"recipes/deepspeed/{strategy}.json is stale: run `make docs`"
+
+
 def test_readme_shows_the_two_commands_and_links_docs() -> None:
     readme = (ROOT / "README.md").read_text()
     assert "make demo" in readme and "make test" in readme

@@ -96,3 +96,22 @@ def test_plan_cli_prints_and_writes_json() -> None:
     data = json.loads(run_cli("plan", RECIPES / "gpt2-124m.yaml", "--json").stdout)
     assert {"parameters", "flops_per_token", "memory", "hours", "suggestion", "by_strategy"} <= set(data)
     assert_user_error(run_cli("plan", RECIPES / "gpt2-124m.yaml", "--gpu-type", "tpu"), "--gpu-type tpu")
+
+
+@pytest.mark.parametrize("recipe", ["tiny-cpu.yaml", "gpt2-124m.yaml"])
+def test_training_reports_the_plans_flops_and_mfu_counts_every_device(recipe: str) -> None:
+    """The MFU a run reports uses the plan's 6N + attention on the real model; tokens/s is global, so the
+    peak is that of all devices together (8 devices at 8x the tokens/s of one give the same MFU)."""
+    from llmkit.plan import device_peak_flops, model_flops_per_token
+    from llmkit.train.loop import mfu
+
+    cfg = load_config(RECIPES / recipe, ["data.vocab_size=1000"])
+    tokenizer = type("Vocab", (), {"__len__": lambda self: 1000, "bos_token_id": 0, "eos_token_id": 0,
+                                   "pad_token_id": 1})()  # fmt: skip
+    model = build_model(cfg.model, tokenizer)
+    assert model_flops_per_token(model, cfg.data.block_size) == plan_run(cfg).flops_per_token
+    assert device_peak_flops("NVIDIA H100 80GB HBM3") == 989e12
+    assert device_peak_flops("NVIDIA A100-SXM4-40GB") == 312e12
+    assert device_peak_flops("Tesla T4") is None
+    assert mfu(8 * 100_000, 1e9, 989e12, devices=8) == pytest.approx(mfu(100_000, 1e9, 989e12, devices=1))
+    assert mfu(395_600, 1e9, 989e12, devices=1) == pytest.approx(0.4)

@@ -4,6 +4,8 @@ A checkpoint directory ``RUN/checkpoints/step-00000200/`` holds::
 
     model/              the model in Hugging Face layout (config.json, model.safetensors)
     optimizer.pt        optimizer state (tensors and numbers only: loads with weights_only=True)
+    deepspeed/          instead of optimizer.pt under DeepSpeed: every process's shard of the optimizer
+                        states, written by DeepSpeed itself (resume needs the same number of processes)
     rng.pt              Python, NumPy, torch CPU and CUDA RNG states, one entry per process
     scaler.pt           the fp16 loss scaler's state (only when one is used)
     trainer_state.json  step, tokens, data position, early-stopping state, fingerprints
@@ -33,7 +35,8 @@ from llmkit.train import faults
 
 COMPLETE = "COMPLETE"
 PREFIX = "step-"
-REQUIRED = ("optimizer.pt", "rng.pt", "trainer_state.json")
+REQUIRED = ("rng.pt", "trainer_state.json")
+DEEPSPEED_DIR, DEEPSPEED_TAG = "deepspeed", "state"
 # A full model, or (LoRA runs) an adapter: one of these pairs must be sealed.
 MODEL_FILES = (
     ("model/model.safetensors", "model/config.json"),
@@ -54,13 +57,18 @@ def save_checkpoint(
     rng_states: list[dict[str, Any]],
     config_yaml: str,
     scaler: Any = None,
+    staging: Path | None = None,
 ) -> Path:
-    """Write a complete checkpoint for `step` and return its path (main process only)."""
+    """Write a complete checkpoint for `step` and return its path (main process only).
+
+    `optimizer` is None when the optimizer states are already in `staging` (DeepSpeed wrote its shards there).
+    """
     target = checkpoints_dir / checkpoint_name(step)
-    with atomic_directory(target) as staging:
+    with atomic_directory(target, staging) as staging:
         model.save_pretrained(staging / "model", safe_serialization=True)
         faults.maybe_kill("save", step)
-        torch.save(optimizer.state_dict(), staging / "optimizer.pt")
+        if optimizer is not None:
+            torch.save(optimizer.state_dict(), staging / "optimizer.pt")
         torch.save(rng_states, staging / "rng.pt")
         if scaler is not None:
             torch.save(scaler.state_dict(), staging / "scaler.pt")
@@ -70,6 +78,11 @@ def save_checkpoint(
         seal = {str(p.relative_to(staging)): {"bytes": p.stat().st_size, "sha256": file_sha256(p)} for p in files}
         write_json(staging / COMPLETE, {"step": step, "files": seal})
     return target
+
+
+def shared_staging(checkpoints_dir: Path, step: int) -> Path:
+    """The staging directory every process writes into when each saves its own shard (DeepSpeed)."""
+    return checkpoints_dir / f".{checkpoint_name(step)}.tmp-shared"
 
 
 def complete_checkpoints(checkpoints_dir: Path) -> list[Path]:
@@ -98,6 +111,8 @@ def verify_checkpoint(checkpoint: Path) -> None:
     for name in REQUIRED:
         if name not in seal:
             raise UserError(f"{checkpoint / name}: missing from the checkpoint seal")
+    if "optimizer.pt" not in seal and not any(name.startswith(DEEPSPEED_DIR + "/") for name in seal):
+        raise UserError(f"{checkpoint / 'optimizer.pt'}: missing from the checkpoint seal")
     if not any(all(name in seal for name in pair) for pair in MODEL_FILES):
         raise UserError(f"{checkpoint / 'model'}: no model or adapter weights in the checkpoint seal")
     for name, expected in seal.items():

@@ -23,6 +23,7 @@ from llmkit.data.templates import Encoded, encode_example, setup_chat_template
 from llmkit.data.tokenizer import load_tokenizer, tokenizer_hash
 from llmkit.errors import UserError
 from llmkit.models import attach_lora, count_parameters, freeze_except, load_classifier, load_model, padded_vocab_size
+from llmkit.plan import model_flops_per_token
 from llmkit.runs import find_tokenizer_dir, resolve_model_dir
 from llmkit.train.classify import (
     LabelMap,
@@ -71,7 +72,7 @@ def finetune(
     chat = None if classify else setup_chat_template(tokenizer, ft.chat_template)
     data = load_classification_data(cfg, tokenizer) if classify else load_sft_data(cfg, tokenizer)
 
-    accelerator = make_accelerator(cfg.precision, cfg.train.compile)
+    accelerator = make_accelerator(cfg)
     world, micro = accelerator.num_processes, cfg.train.micro_batch_size
     fingerprints = {
         "dataset_fingerprint": data.fingerprint,
@@ -106,7 +107,7 @@ def finetune(
     model = _apply_method(model, cfg, chat.added_tokens if chat else 0, tokenizer, checkpoint)
 
     run_dir, config_yaml = open_run_dir(cfg, checkpoint, resume, overwrite, accelerator, tokenizer)
-    optimizer = build_optimizer(model, cfg.optimizer)
+    optimizer = build_optimizer(model, cfg.optimizer, accelerator)
     model, optimizer = accelerator.prepare(model, optimizer)
     attn = getattr(model.config, "_attn_implementation", None) or "sdpa"
     pad_id = int(tokenizer.pad_token_id)
@@ -127,7 +128,7 @@ def finetune(
     total_steps = steps_for_budget(cfg.train, loader.batches_per_epoch, tokens_per_step)
     resume_state = None
     if checkpoint is not None and saved_state is not None:
-        resume_state = restore_state(checkpoint, saved_state, optimizer, loader, accelerator)
+        resume_state = restore_state(checkpoint, saved_state, model, optimizer, loader, accelerator)
 
     if accelerator.is_main_process:
         trainable, total = count_parameters(model)
@@ -159,6 +160,9 @@ def finetune(
         val_batches=val_batches,
         total_steps=total_steps,
         tokens_per_step=tokens_per_step,
+        flops_per_token=model_flops_per_token(
+            accelerator.unwrap_model(model), ft.max_length, cfg.train.gradient_checkpointing
+        ),
         tokenizer=tokenizer,
         config_yaml=config_yaml,
         fingerprints=fingerprints,

@@ -11,10 +11,14 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 from llmkit.errors import UserError
 
-LAUNCH_OPTIONS = ("--num-processes", "--num-machines", "--machine-rank", "--main-process-ip", "--main-process-port")
+LAUNCH_OPTIONS = (
+    "--num-processes", "--num-machines", "--machine-rank", "--main-process-ip", "--main-process-port",
+    "--accelerate-config",
+)  # fmt: skip
 
 
 def under_launcher() -> bool:
@@ -28,25 +32,47 @@ def relaunch(
     machine_rank: int | None,
     main_process_ip: str | None,
     main_process_port: int | None,
+    accelerate_config: Path | None = None,
+    needs_launcher: bool = False,
 ) -> int | None:
-    """Run `argv` (this command's arguments) under accelerate launch; None when no relaunch is needed."""
+    """Run `argv` (this command's arguments) under accelerate launch; None when no relaunch is needed.
+
+    `needs_launcher` (DeepSpeed strategies) relaunches even a single process: DeepSpeed expects the
+    environment a launcher sets up. An `accelerate_config` file (from `accelerate config`) is handed to
+    `accelerate launch --config_file`; the launch options given here override its values.
+    """
     processes, machines = num_processes or 1, num_machines or 1
     if processes < 1 or machines < 1:
         raise UserError("--num-processes and --num-machines must be at least 1")
-    if (processes == 1 and machines == 1) or under_launcher():
+    if accelerate_config is not None and not accelerate_config.is_file():
+        raise UserError(f"{accelerate_config}: accelerate config file not found (write one with `accelerate config`)")
+    wanted = processes > 1 or machines > 1 or needs_launcher or accelerate_config is not None
+    if not wanted or under_launcher():
         return None
     if machines > 1 and main_process_ip is None:
         raise UserError("--num-machines > 1 needs --main-process-ip (the address of machine rank 0)")
-    command = [
-        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu",
-        "--num_processes", str(processes * machines), "--num_machines", str(machines),
-        "--machine_rank", str(machine_rank or 0), "--mixed_precision", "no", "--dynamo_backend", "no",
-        "--main_process_port", str(main_process_port or 29500),
-    ]  # fmt: skip
-    if main_process_ip:
-        command += ["--main_process_ip", main_process_ip]
+    command = [sys.executable, "-m", "accelerate.commands.launch"]
+    if accelerate_config is not None:
+        command += ["--config_file", str(accelerate_config)]
+        given = {"--num_processes": num_processes and processes * machines, "--num_machines": num_machines,
+                 "--machine_rank": machine_rank, "--main_process_ip": main_process_ip,
+                 "--main_process_port": main_process_port}  # fmt: skip
+        command += [str(part) for name, value in given.items() if value is not None for part in (name, value)]
+    else:
+        # --multi_gpu also serves CPU runs: llmkit's Accelerator picks gloo when there is no GPU. DeepSpeed
+        # is configured by llmkit itself (the strategy's file), so the launcher only starts the processes;
+        # a single process is started through the DeepSpeed launcher (--multi_gpu wants two or more).
+        single = processes * machines == 1
+        command += [
+            "--use_deepspeed" if single else "--multi_gpu", "--num_processes", str(processes * machines),
+            "--num_machines", str(machines),
+            "--machine_rank", str(machine_rank or 0), "--mixed_precision", "no", "--dynamo_backend", "no",
+            "--main_process_port", str(main_process_port or 29500),
+        ]  # fmt: skip
+        if main_process_ip:
+            command += ["--main_process_ip", main_process_ip]
     command += ["-m", "llmkit", *strip_launch_options(argv)]
-    print(f"launching {processes * machines} processes: {' '.join(command[2:])}", file=sys.stderr, flush=True)
+    print(f"launching {processes * machines} process(es): {' '.join(command[2:])}", file=sys.stderr, flush=True)
     return subprocess.call(command)
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import signal
 import sys
 import threading
@@ -26,10 +27,20 @@ from llmkit.console import info, progress_bar
 from llmkit.errors import TrainingDiverged
 from llmkit.losses import causal_lm_nll, count_targets
 from llmkit.train import faults
-from llmkit.train.checkpoint import checkpoint_name, prune_checkpoints, restore_rng_state, rng_state, save_checkpoint
+from llmkit.train.checkpoint import (
+    DEEPSPEED_DIR,
+    DEEPSPEED_TAG,
+    checkpoint_name,
+    prune_checkpoints,
+    restore_rng_state,
+    rng_state,
+    save_checkpoint,
+    shared_staging,
+)
 from llmkit.train.loader import LoaderPosition
 from llmkit.train.metrics import MetricsLog, plot_loss, truncate_records
 from llmkit.train.schedules import lr_at
+from llmkit.train.setup import uses_deepspeed
 
 
 class BatchSource(Protocol):
@@ -86,6 +97,7 @@ class TrainJob:
     loss_fn: LossFn = next_token_loss
     count_targets: Callable[[dict[str, torch.Tensor]], int] = next_token_targets
     eval_fn: EvalFn | None = None
+    flops_per_token: float = 0.0  # training FLOPs per token (6N + attention): MFU is reported on known GPUs
 
 
 @dataclass
@@ -101,6 +113,7 @@ class FitResult:
     interrupted: str | None = None  # "SIGTERM", "SIGUSR1" or "time limit": a checkpoint was saved, resume it
     checkpoint: Path | None = None
     main_process: bool = True
+    mfu: float | None = None  # over the whole run, on GPUs whose peak is known
 
     @property
     def tokens_per_second(self) -> float:
@@ -169,6 +182,8 @@ def fit(job: TrainJob) -> FitResult:
     loss_value, val_loss, stopped_early, interrupted = math.nan, None, False, None
     running_loss: float | None = None
     bad_steps, last_saved = 0, resume.step if resume else -1
+    deepspeed = uses_deepspeed(acc)
+    peak = _peak_flops(acc) if job.flops_per_token else None
     start = time.perf_counter()
     deadline = time.monotonic() + train_cfg.max_time if train_cfg.max_time else None
     model.train()
@@ -196,26 +211,40 @@ def fit(job: TrainJob) -> FitResult:
                     if key not in NOT_ON_DEVICE
                 }
                 last = i == len(micro_batches) - 1
-                with nullcontext() if last or acc.num_processes == 1 else acc.no_sync(model):
+                if deepspeed:  # DeepSpeed reduces the gradients itself at the boundary of the step
                     logits = model(**_model_inputs(batch)).logits
                     nll_sum, _ = job.loss_fn(logits, batch)
                     loss = nll_sum * acc.num_processes / step_targets
-                    acc.backward(loss)
+                    model.set_gradient_accumulation_boundary(last)
+                    model.backward(loss, scale_wrt_gas=False)  # the loss is already normalized for the step
+                else:
+                    with nullcontext() if last or acc.num_processes == 1 else acc.no_sync(model):
+                        logits = model(**_model_inputs(batch)).logits
+                        nll_sum, _ = job.loss_fn(logits, batch)
+                        loss = nll_sum * acc.num_processes / step_targets
+                        acc.backward(loss)
                 step_loss += loss.detach() / acc.num_processes
                 faults.maybe_kill("step", step + 1, i)
 
-            grad_norm = float(acc.clip_grad_norm_(model.parameters(), cfg.optimizer.grad_clip or math.inf))
+            # DeepSpeed clips inside its step and reports the norm after it.
+            clip = cfg.optimizer.grad_clip or math.inf
+            grad_norm = math.nan if deepspeed else float(acc.clip_grad_norm_(model.parameters(), clip))
             loss_value = float(acc.reduce(step_loss, reduction="sum"))
-            finite = math.isfinite(loss_value) and math.isfinite(grad_norm)
+            finite = math.isfinite(loss_value) and (deepspeed or math.isfinite(grad_norm))
             if not finite:
                 bad_steps += 1
                 problem = f"step {step + 1}: non-finite loss ({loss_value}) or gradient norm ({grad_norm})"
-                if bad_steps > train_cfg.max_bad_steps:
+                if bad_steps > train_cfg.max_bad_steps or deepspeed:
                     saved = _checkpoint(job, step, tokens, stopping) if last_saved != step else None
                     where = f"; saved as {saved}" if saved else ""
+                    advice = (
+                        "DeepSpeed holds the step's gradients in its own buffers, so it cannot skip a step"
+                        if deepspeed
+                        else "allow skips with train.max_bad_steps"
+                    )
                     raise TrainingDiverged(
                         f"{problem}; stopped before the optimizer step: the weights are those of step {step}{where}. "
-                        "Lower optimizer.lr, check the data, or allow skips with train.max_bad_steps"
+                        f"Lower optimizer.lr, check the data, or {advice}"
                     )
                 info(f"{problem}: skipped ({bad_steps} of {train_cfg.max_bad_steps} allowed)")
                 metrics.log({"step": step + 1, "tokens": tokens, "skipped_step": 1})
@@ -228,7 +257,11 @@ def fit(job: TrainJob) -> FitResult:
                     info(f"loss spike at step {step + 1}: {loss_value:.4f} vs running mean {running_loss:.4f}")
                     metrics.log({"step": step + 1, "tokens": tokens, "loss_spike": loss_value})
                 running_loss = loss_value if running_loss is None else 0.9 * running_loss + 0.1 * loss_value
-                optimizer.step()
+                if deepspeed:
+                    model.step()  # clip, optimizer step (skipped by DeepSpeed on an fp16 overflow), zero the gradients
+                    grad_norm = float(model.get_global_grad_norm() or 0.0)
+                else:
+                    optimizer.step()
                 window_loss += loss_value
                 window_steps += 1
             optimizer.zero_grad(set_to_none=True)
@@ -238,18 +271,19 @@ def fit(job: TrainJob) -> FitResult:
 
             if (step % cfg.logging.every_steps == 0 or step == job.total_steps) and window_steps:
                 elapsed = time.perf_counter() - window_start
-                metrics.log(
-                    {
-                        "step": step,
-                        "tokens": tokens,
-                        "loss": window_loss / window_steps,
-                        "lr": lr,
-                        "grad_norm": grad_norm,
-                        "tokens_per_s": window_tokens / elapsed,
-                        "epoch": job.loader.position.epochs_done,
-                        "elapsed_s": time.perf_counter() - start,
-                    }
-                )
+                record = {
+                    "step": step,
+                    "tokens": tokens,
+                    "loss": window_loss / window_steps,
+                    "lr": lr,
+                    "grad_norm": grad_norm,
+                    "tokens_per_s": window_tokens / elapsed,  # global: every process's tokens, each counted once
+                    "epoch": job.loader.position.epochs_done,
+                    "elapsed_s": time.perf_counter() - start,
+                }
+                if peak:
+                    record["mfu"] = mfu(record["tokens_per_s"], job.flops_per_token, peak, acc.num_processes)
+                metrics.log(record)
                 window_loss, window_steps, window_tokens, window_start = 0.0, 0, 0, time.perf_counter()
 
             if job.val_batches and (step % train_cfg.eval_every == 0 or step == job.total_steps):
@@ -294,11 +328,29 @@ def fit(job: TrainJob) -> FitResult:
         checkpoint=checkpoint if checkpoint.exists() else None,
         main_process=acc.is_main_process,
     )
+    if peak and seconds:
+        run_tokens = tokens - (resume.tokens if resume else 0)
+        result.mfu = mfu(run_tokens / seconds, job.flops_per_token, peak, acc.num_processes)
     if acc.is_main_process:
         summary = {key: str(value) if isinstance(value, Path) else value for key, value in result.__dict__.items()}
         summary.pop("main_process")
-        write_json(job.run_dir / "summary.json", {**summary, "tokens_per_second": result.tokens_per_second})
+        summary["tokens_per_second"] = result.tokens_per_second
+        summary["flops_per_token"] = job.flops_per_token
+        write_json(job.run_dir / "summary.json", summary)
     return result
+
+
+def mfu(tokens_per_s: float, flops_per_token: float, peak_per_device: float, devices: int) -> float:
+    """Model FLOPs utilization: achieved training FLOP/s over the peak of all devices together."""
+    return tokens_per_s * flops_per_token / (peak_per_device * devices)
+
+
+def _peak_flops(acc: Any) -> float | None:
+    from llmkit.plan import device_peak_flops
+
+    if acc.device.type != "cuda":
+        return None
+    return device_peak_flops(torch.cuda.get_device_name(acc.device))
 
 
 def _agree(acc: Any, reason: str | None) -> str | None:
@@ -383,6 +435,14 @@ def _checkpoint(job: TrainJob, step: int, tokens: int, stopping: _EarlyStopping)
     state_dict = acc.get_state_dict(job.model)
     rng_states = gather_object([rng_state()]) if acc.num_processes > 1 else [rng_state()]
     checkpoints = job.run_dir / "checkpoints"
+    staging, optimizer = None, job.optimizer
+    if uses_deepspeed(acc):  # every process writes its own optimizer shard into one shared staging directory
+        staging, optimizer = shared_staging(checkpoints, step), None
+        if acc.is_main_process:
+            shutil.rmtree(staging, ignore_errors=True)
+            staging.mkdir(parents=True)
+        acc.wait_for_everyone()
+        job.model.save_checkpoint(str(staging / DEEPSPEED_DIR), tag=DEEPSPEED_TAG, save_latest=False)
     acc.wait_for_everyone()
     if acc.is_main_process:
         trainer_state = {
@@ -392,13 +452,23 @@ def _checkpoint(job: TrainJob, step: int, tokens: int, stopping: _EarlyStopping)
             "data": job.loader.position.state_dict(),
             "early_stopping": {"best": stopping.best, "bad_evals": stopping.bad_evals},
             "num_processes": acc.num_processes,
+            "strategy": strategy_name(acc),
             **job.fingerprints,
         }
         model = _WithState(acc.unwrap_model(job.model), state_dict)
-        save_checkpoint(checkpoints, step, model, job.optimizer, trainer_state, rng_states, job.config_yaml, acc.scaler)
+        save_checkpoint(
+            checkpoints, step, model, optimizer, trainer_state, rng_states, job.config_yaml, acc.scaler, staging
+        )
         prune_checkpoints(checkpoints, job.cfg.checkpoint.keep_last)
     acc.wait_for_everyone()
     return checkpoints / checkpoint_name(step)
+
+
+def strategy_name(acc: Any) -> str:
+    """What wrote the optimizer state: "ddp" (one optimizer.pt) or "zeroN" (DeepSpeed shards)."""
+    if not uses_deepspeed(acc):
+        return "ddp"
+    return f"zero{acc.state.deepspeed_plugin.zero_stage}"
 
 
 class _WithState:

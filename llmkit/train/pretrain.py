@@ -15,6 +15,7 @@ from llmkit.data.store import PreparedDataset, open_dataset
 from llmkit.data.tokenizer import load_tokenizer, tokenizer_hash
 from llmkit.errors import UserError
 from llmkit.models import build_model, check_vocab_fits, count_parameters, load_model
+from llmkit.plan import model_flops_per_token
 from llmkit.train.loader import BlockLoader, validation_batches
 from llmkit.train.loop import FitResult, TrainJob, fit
 from llmkit.train.resume import find_checkpoint, open_run_dir, restore_state
@@ -41,7 +42,7 @@ def pretrain(
     train_split, val_split = dataset.split("train"), dataset.split("val")
     _check_init_tokenizer(cfg, dataset.manifest["tokenizer"]["hash"])
 
-    accelerator = make_accelerator(cfg.precision, cfg.train.compile)
+    accelerator = make_accelerator(cfg)
     world, micro = accelerator.num_processes, cfg.train.micro_batch_size
     if len(train_split) < micro * world:
         raise UserError(
@@ -79,7 +80,7 @@ def pretrain(
 
     if cfg.train.gradient_checkpointing:
         enable_gradient_checkpointing(model)
-    optimizer = build_optimizer(model, cfg.optimizer)
+    optimizer = build_optimizer(model, cfg.optimizer, accelerator)
     model, optimizer = accelerator.prepare(model, optimizer)
     loader = BlockLoader(train_split, micro, cfg.train.seed, accelerator.process_index, world)
     val_batches = (
@@ -91,7 +92,7 @@ def pretrain(
     total_steps = steps_for_budget(cfg.train, loader.batches_per_epoch, tokens_per_step)
     resume_state = None
     if checkpoint is not None and saved_state is not None:
-        resume_state = restore_state(checkpoint, saved_state, optimizer, loader, accelerator)
+        resume_state = restore_state(checkpoint, saved_state, model, optimizer, loader, accelerator)
 
     if accelerator.is_main_process:
         if block_size != recipe_block_size:
@@ -112,6 +113,9 @@ def pretrain(
         val_batches=val_batches,
         total_steps=total_steps,
         tokens_per_step=tokens_per_step,
+        flops_per_token=model_flops_per_token(
+            accelerator.unwrap_model(model), block_size, cfg.train.gradient_checkpointing
+        ),
         tokenizer=tokenizer,
         config_yaml=config_yaml,
         fingerprints=fingerprints,

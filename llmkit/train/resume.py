@@ -14,9 +14,15 @@ from llmkit.atomic import remove_stale_staging
 from llmkit.config import RunConfig, dump_config
 from llmkit.console import info
 from llmkit.errors import UserError
-from llmkit.train.checkpoint import read_trainer_state, safe_torch_load, select_checkpoint
-from llmkit.train.loop import ResumeState
-from llmkit.train.setup import claim_run_dir
+from llmkit.train.checkpoint import (
+    DEEPSPEED_DIR,
+    DEEPSPEED_TAG,
+    read_trainer_state,
+    safe_torch_load,
+    select_checkpoint,
+)
+from llmkit.train.loop import ResumeState, strategy_name
+from llmkit.train.setup import claim_run_dir, uses_deepspeed
 
 # Changing these under a resumed run would silently change what the run means.
 GUARDED_FIELDS = ("global_batch_size", "block_size", "tokenizer_hash", "dataset_fingerprint")
@@ -78,10 +84,28 @@ def open_run_dir(
 
 
 def restore_state(
-    checkpoint: Path, saved: dict[str, Any], optimizer: Any, loader: Any, accelerator: Any
+    checkpoint: Path, saved: dict[str, Any], model: Any, optimizer: Any, loader: Any, accelerator: Any
 ) -> ResumeState:
-    """Load the optimizer (before or after accelerator.prepare), scaler, loader position and RNG states."""
-    optimizer.load_state_dict(safe_torch_load(checkpoint / "optimizer.pt"))
+    """Load the optimizer (after accelerator.prepare), scaler, loader position and RNG states."""
+    written_by, now = saved.get("strategy", "ddp"), strategy_name(accelerator)
+    if written_by != now:
+        raise UserError(
+            f"{checkpoint}: written under strategy {written_by}, resumed under {now}; "
+            f"resume with distributed.strategy={written_by}"
+        )
+    if uses_deepspeed(accelerator):
+        if saved["num_processes"] != accelerator.num_processes:
+            raise UserError(
+                f"{checkpoint}: DeepSpeed saved optimizer shards for {saved['num_processes']} processes; "
+                f"resume with --num-processes {saved['num_processes']} (this run has {accelerator.num_processes})"
+            )
+        # DeepSpeed's own files (checked against the seal above) hold the module, the shards and the step.
+        model.load_checkpoint(
+            str(checkpoint / DEEPSPEED_DIR), tag=DEEPSPEED_TAG, load_optimizer_states=True,
+            load_lr_scheduler_states=False, load_module_strict=True,
+        )  # fmt: skip
+    else:
+        optimizer.load_state_dict(safe_torch_load(checkpoint / "optimizer.pt"))
     if accelerator.scaler is not None and (checkpoint / "scaler.pt").is_file():
         accelerator.scaler.load_state_dict(safe_torch_load(checkpoint / "scaler.pt"))
     loader.position.load_state_dict(saved["data"])

@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import math
+import os
 import shutil
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from llmkit.config import OptimizerConfig, PrecisionConfig, TrainConfig
+from llmkit.config import OptimizerConfig, RunConfig, TrainConfig
 from llmkit.errors import UserError
+from llmkit.train.strategies import check_available, deepspeed_config, offloads_optimizer, wants_deepspeed
 
 RUN_MARKERS = ("config.yaml", "metrics.jsonl", "checkpoints", "final")
 
@@ -42,21 +44,49 @@ def claim_run_dir(path: str | Path, overwrite: bool, accelerator: Any, restart_u
     return run_dir
 
 
-def make_accelerator(precision: PrecisionConfig, compile_model: bool = False) -> Any:
-    """An Accelerator for the chosen precision; fp16 needs CUDA (it relies on a loss scaler)."""
+def make_accelerator(cfg: RunConfig) -> Any:
+    """An Accelerator for the run's precision and strategy (plain data parallel, or DeepSpeed ZeRO).
+
+    fp16 needs CUDA (it relies on a loss scaler). Without CUDA, processes talk over gloo: plain runs ask
+    Accelerate for its CPU mode, DeepSpeed runs name the gloo backend (Accelerate's CPU mode turns DeepSpeed off).
+    """
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
+    from accelerate.utils import DeepSpeedPlugin, InitProcessGroupKwargs
 
-    if precision.dtype == "fp16" and not torch.cuda.is_available():
+    from llmkit.train.launch import under_launcher
+
+    precision, cuda = cfg.precision, torch.cuda.is_available()
+    if precision.dtype == "fp16" and not cuda:
         raise UserError("precision.dtype=fp16 needs a CUDA GPU; use bf16 or fp32 on CPU")
+    check_available(cfg)
     mixed = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[precision.dtype]
+    kwargs: dict[str, Any] = {"mixed_precision": mixed, "dynamo_backend": "inductor" if cfg.train.compile else "no"}
+    if wants_deepspeed(cfg):
+        if cfg.train.compile:
+            raise UserError("train.compile is not supported with DeepSpeed strategies yet; leave --compile off")
+        if not under_launcher():
+            raise UserError(
+                f"distributed.strategy={cfg.distributed.strategy} runs under a launcher: add --num-processes N "
+                "(1 is fine) or start it with accelerate launch / torchrun"
+            )
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        kwargs["deepspeed_plugin"] = DeepSpeedPlugin(hf_ds_config=deepspeed_config(cfg, world))
+        kwargs["gradient_accumulation_steps"] = cfg.train.grad_accum_steps  # as in the DeepSpeed config
+        if not cuda:
+            kwargs["kwargs_handlers"] = [InitProcessGroupKwargs(backend="gloo")]
+    else:
+        kwargs["cpu"] = not cuda
     # Accelerate keeps its settings in a process-wide singleton; a second run in the same Python process
     # (a notebook, the test suite) may ask for another precision. The process group (PartialState) is kept.
     AcceleratorState._reset_state()
-    # Without a GPU, Accelerate treats a torchrun/accelerate launch as multi-process (gloo) only when asked for CPU.
-    return Accelerator(
-        mixed_precision=mixed, cpu=not torch.cuda.is_available(), dynamo_backend="inductor" if compile_model else "no"
-    )
+    return Accelerator(**kwargs)
+
+
+def uses_deepspeed(accelerator: Any) -> bool:
+    from accelerate.utils import DistributedType
+
+    return bool(accelerator.distributed_type == DistributedType.DEEPSPEED)
 
 
 def enable_gradient_checkpointing(model: Any) -> None:
@@ -67,17 +97,30 @@ def enable_gradient_checkpointing(model: Any) -> None:
     model.config.use_cache = False
 
 
-def build_optimizer(model: Any, cfg: OptimizerConfig) -> torch.optim.Optimizer:
-    """AdamW/Adam/SGD with weight decay on matrices only (not on norms and biases)."""
+def build_optimizer(model: Any, cfg: OptimizerConfig, accelerator: Any = None) -> torch.optim.Optimizer:
+    """AdamW/Adam/SGD with weight decay on matrices only (not on norms and biases).
+
+    When DeepSpeed keeps optimizer states in CPU memory (the -offload strategies), Adam runs as DeepSpeed's
+    CPU Adam with the same hyperparameters (Accelerate's automatic swap would drop betas and epsilon).
+    """
     decay: list[torch.nn.Parameter] = []
     no_decay: list[torch.nn.Parameter] = []
     for parameter in model.parameters():
         if parameter.requires_grad:
-            (decay if parameter.dim() >= 2 else no_decay).append(parameter)
+            shape = getattr(parameter, "ds_shape", parameter.shape)  # ZeRO-3 parameters are built sharded (1-D)
+            (decay if len(shape) >= 2 else no_decay).append(parameter)
     groups = [
         {"params": decay, "weight_decay": cfg.weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
     ]
+    if accelerator is not None and uses_deepspeed(accelerator):
+        ds_config = accelerator.state.deepspeed_plugin.deepspeed_config
+        if offloads_optimizer(ds_config):
+            if cfg.name == "sgd":
+                raise UserError("optimizer offload runs Adam on the CPU; use optimizer.name=adamw or adam")
+            from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+            return DeepSpeedCPUAdam(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, adamw_mode=cfg.name == "adamw")
     fused = True  # one fused kernel over all parameters, on CUDA and on CPU alike
     if cfg.name == "adamw":
         return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, fused=fused)

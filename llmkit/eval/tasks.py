@@ -1,0 +1,302 @@
+"""Task evaluation from local files: multiple choice, generation, perplexity and classification.
+
+A task file (YAML) holds one task, or a list under `tasks:` (each inline or `include: other.yaml`), and
+optionally `gates:` (see llmkit.eval.gates). Items come from a JSONL/CSV/parquet file (`data:`, relative to
+the task file) or inline (`items:`). docs/eval.md documents every field.
+
+Multiple choice is scored as lm-evaluation-harness scores it: the log-likelihood of `target_delimiter +
+choice` after the prompt, the prompt/continuation split made on the tokens of the whole string; `acc` picks the
+highest log-likelihood, `acc_norm` the highest log-likelihood per character of the choice. Requests are
+sorted by length and batched, so padding is small.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from llmkit.config import read_yaml
+from llmkit.console import progress_bar
+from llmkit.errors import UserError
+
+TaskKind = Literal["multiple_choice", "generation", "perplexity", "classification"]
+
+
+class TaskSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(description="Metric prefix: NAME.acc, NAME.exact_match, ...")
+    kind: TaskKind
+    data: str | None = Field(None, description="Items file (jsonl/csv/parquet), relative to the task file.")
+    items: list[dict[str, Any]] | None = Field(None, description="Items inline, instead of `data`.")
+    prompt: str = Field("{question}", description="Python format string over the item's fields.")
+    chat: bool = Field(False, description="Wrap the prompt in the model's chat template (a user turn).")
+    choices_field: str = "choices"
+    answer_field: str = Field("answer", description="multiple_choice: index of the right choice; generation: text.")
+    target_delimiter: str = Field(" ", description="multiple_choice: put between the prompt and each choice.")
+    match: Literal["exact", "contains", "regex"] = Field("exact", description="generation: how the answer is checked.")
+    max_new_tokens: int = Field(32, ge=1)
+    stop: list[str] = Field(default_factory=lambda: ["\n"], description="generation: cut the output at these.")
+    text_field: str = Field("text", description="perplexity and classification: the text column.")
+    limit: int | None = Field(None, ge=1, description="Score only the first N items.")
+    source: str = Field("", exclude=True)
+    base: str = Field(".", exclude=True)
+
+
+def load_task_files(paths: list[Path]) -> tuple[list[TaskSpec], list[str]]:
+    """Tasks and gates from task files (a file may include others)."""
+    tasks: list[TaskSpec] = []
+    gates: list[str] = []
+    for path in paths:
+        _load(Path(path), tasks, gates, seen=set())
+    names = [task.name for task in tasks]
+    duplicates = sorted({name for name in names if names.count(name) > 1})
+    if duplicates:
+        raise UserError(f"{paths[0]}: task names must be unique; repeated: {', '.join(duplicates)}")
+    return tasks, gates
+
+
+def _load(path: Path, tasks: list[TaskSpec], gates: list[str], seen: set[Path]) -> None:
+    if path.resolve() in seen:
+        raise UserError(f"{path}: includes itself")
+    seen = seen | {path.resolve()}
+    raw = read_yaml(path)
+    entries = raw.pop("tasks", None)
+    gates += [str(gate) for gate in raw.pop("gates", []) or []]
+    if entries is None:
+        entries = [raw] if raw else []
+    elif raw:
+        raise UserError(f"{path}: unknown key(s) {', '.join(sorted(raw))} beside 'tasks' (allowed: tasks, gates)")
+    for index, entry in enumerate(entries):
+        if isinstance(entry, dict) and set(entry) == {"include"}:
+            _load(path.parent / str(entry["include"]), tasks, gates, seen)
+            continue
+        try:
+            tasks.append(TaskSpec.model_validate({**entry, "source": str(path), "base": str(path.parent)}))
+        except ValidationError as exc:
+            error = exc.errors()[0]
+            key = ".".join(str(part) for part in error["loc"]) or "task"
+            where = f"{path}: task {index + 1}" if len(entries) > 1 else str(path)
+            raise UserError(f"{where}: {key}: {error['msg']}") from None
+        except TypeError:
+            raise UserError(f"{path}: task {index + 1} must be a mapping") from None
+
+
+def task_items(task: TaskSpec) -> list[dict[str, Any]]:
+    from llmkit.data.readers import read_records, resolve_sources
+
+    if (task.data is None) == (task.items is None):
+        raise UserError(f"{task.source}: task {task.name}: give exactly one of 'data' or 'items'")
+    if task.items is not None:
+        items = [dict(item) for item in task.items]
+    else:
+        path = Path(task.base) / str(task.data)
+        if not path.is_file():
+            raise UserError(f"{path}: task {task.name}: data file not found")
+        items = [dict(record) for source in resolve_sources([str(path)]) for record, _ in read_records(source)]
+    if not items:
+        raise UserError(f"{task.source}: task {task.name}: no items")
+    return items[: task.limit] if task.limit else items
+
+
+class LanguageModel:
+    """A causal LM and its tokenizer, loaded once for every task."""
+
+    def __init__(self, model_dir: Path) -> None:
+        from llmkit.data.tokenizer import load_tokenizer
+        from llmkit.models import load_trained_model
+        from llmkit.runs import find_tokenizer_dir
+
+        self.model_dir = model_dir
+        self.tokenizer = load_tokenizer(find_tokenizer_dir(model_dir))
+        self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.model = load_trained_model(model_dir).to(self.device).eval()
+        config = self.model.config
+        self.context = int(getattr(config, "max_position_embeddings", 0) or getattr(config, "n_positions", 0) or 2048)
+
+    def render(self, task: TaskSpec, item: dict[str, Any], where: str) -> str:
+        try:
+            prompt = task.prompt.format(**item)
+        except KeyError as exc:
+            raise UserError(f"{where}: prompt needs field {exc} (fields: {', '.join(sorted(item))})") from None
+        if not task.chat:
+            return prompt
+        if not getattr(self.tokenizer, "chat_template", None):
+            raise UserError(f"{task.source}: task {task.name}: chat: true but the model's tokenizer has no template")
+        rendered = self.tokenizer.apply_chat_template(
+            [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
+        )
+        return str(rendered)
+
+    def encode_pair(self, context: str, continuation: str) -> tuple[list[int], list[int]]:
+        """lm-evaluation-harness's split: trailing spaces of the context move to the continuation; the
+        continuation's tokens are those of the whole string after the context's tokens."""
+        spaces = len(context) - len(context.rstrip(" "))
+        if spaces:
+            context, continuation = context[:-spaces], context[-spaces:] + continuation
+        whole = self.tokenizer(context + continuation, add_special_tokens=False)["input_ids"]
+        context_ids = self.tokenizer(context, add_special_tokens=False)["input_ids"]
+        if not context_ids:  # an empty prompt conditions on the end-of-text token, as the harness does
+            return [int(self.tokenizer.eos_token_id)], whole
+        return context_ids, whole[len(context_ids) :]
+
+    @torch.no_grad()
+    def loglikelihoods(self, requests: list[tuple[str, str]], batch_size: int, label: str) -> list[float]:
+        """Sum of log-probabilities of each continuation given its context, batched by length."""
+        encoded = [self.encode_pair(context, continuation) for context, continuation in requests]
+        rows = []
+        for context_ids, continuation_ids in encoded:
+            tokens = (context_ids + continuation_ids)[-(self.context + 1) :]
+            rows.append((tokens[:-1], tokens[-len(continuation_ids) :]))
+        order = sorted(range(len(rows)), key=lambda i: -len(rows[i][0]))
+        scores = [0.0] * len(rows)
+        pad = int(self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0)
+        with progress_bar(label, len(rows), unit="requests") as update:
+            for first in range(0, len(order), batch_size):
+                chunk = order[first : first + batch_size]
+                width = max(len(rows[i][0]) for i in chunk)
+                ids = torch.full((len(chunk), width), pad, dtype=torch.long)
+                mask = torch.zeros((len(chunk), width), dtype=torch.long)
+                for row, index in enumerate(chunk):
+                    inputs = rows[index][0]
+                    ids[row, : len(inputs)] = torch.tensor(inputs)
+                    mask[row, : len(inputs)] = 1
+                logits = self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device)).logits
+                logprobs = torch.log_softmax(logits.float(), dim=-1).cpu()
+                for row, index in enumerate(chunk):
+                    inputs, targets = rows[index]
+                    positions = torch.arange(len(inputs) - len(targets), len(inputs))
+                    picked = logprobs[row, positions, torch.tensor(targets)]
+                    scores[index] = float(picked.double().sum())
+                update(len(chunk))
+        return scores
+
+    @torch.no_grad()
+    def generate(self, prompt: str, max_new_tokens: int, stop: list[str]) -> str:
+        ids = self.tokenizer(prompt, add_special_tokens=False, return_tensors="pt")["input_ids"]
+        ids = ids[:, -(self.context - max_new_tokens) :].to(self.device)
+        output = self.model.generate(
+            input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens, do_sample=False,
+            pad_token_id=self.tokenizer.pad_token_id,
+        )  # fmt: skip
+        text = str(self.tokenizer.decode(output[0, ids.shape[1] :], skip_special_tokens=True))
+        for marker in stop:
+            if marker and marker in text:
+                text = text[: text.index(marker)]
+        return text
+
+
+def run_multiple_choice(lm: LanguageModel, task: TaskSpec, batch_size: int) -> dict[str, Any]:
+    items = task_items(task)
+    requests: list[tuple[str, str]] = []
+    spans: list[tuple[int, list[str]]] = []
+    golds: list[int] = []
+    for number, item in enumerate(items, 1):
+        where = f"{task.source}: task {task.name}, item {number}"
+        choices = item.get(task.choices_field)
+        if not isinstance(choices, list) or len(choices) < 2:
+            raise UserError(f"{where}: '{task.choices_field}' must be a list of at least two choices")
+        answer = item.get(task.answer_field)
+        if not isinstance(answer, int) or not 0 <= answer < len(choices):
+            raise UserError(
+                f"{where}: '{task.answer_field}' must be the index of the right choice (0-{len(choices) - 1})"
+            )
+        prompt = lm.render(task, item, where)
+        spans.append((len(requests), [str(choice) for choice in choices]))
+        requests += [(prompt, task.target_delimiter + str(choice)) for choice in choices]
+        golds.append(answer)
+    scores = lm.loglikelihoods(requests, batch_size, f"{task.name}")
+    correct = correct_norm = 0
+    for (first, choices), gold in zip(spans, golds, strict=True):
+        lls = scores[first : first + len(choices)]
+        normalized = [ll / len(choice) for ll, choice in zip(lls, choices, strict=True)]
+        correct += int(_argmax(lls) == gold)
+        correct_norm += int(_argmax(normalized) == gold)
+    return {"acc": correct / len(golds), "acc_norm": correct_norm / len(golds), "items": len(golds)}
+
+
+def run_generation(lm: LanguageModel, task: TaskSpec) -> dict[str, Any]:
+    items = task_items(task)
+    hits, samples = 0, list[dict[str, Any]]()
+    with progress_bar(task.name, len(items), unit="items") as update:
+        for number, item in enumerate(items, 1):
+            where = f"{task.source}: task {task.name}, item {number}"
+            if task.answer_field not in item:
+                raise UserError(f"{where}: no '{task.answer_field}' field (fields: {', '.join(sorted(item))})")
+            target = str(item[task.answer_field])
+            output = lm.generate(lm.render(task, item, where), task.max_new_tokens, task.stop)
+            hit = _matches(output, target, task.match, where)
+            hits += hit
+            if len(samples) < 5:
+                samples.append({"output": output, "target": target, "correct": hit})
+            update(1)
+    metric = {"exact": "exact_match", "contains": "contains", "regex": "regex_match"}[task.match]
+    return {metric: hits / len(items), "items": len(items), "samples": samples}
+
+
+def _matches(output: str, target: str, how: str, where: str) -> bool:
+    if how == "exact":
+        return output.strip() == target.strip()
+    if how == "contains":
+        return target.strip().lower() in output.lower()
+    try:
+        return re.search(target, output) is not None
+    except re.error as exc:
+        raise UserError(f"{where}: answer is not a valid regular expression ({exc})") from None
+
+
+def _argmax(values: list[float]) -> int:
+    """The first index of the largest value (numpy's rule, so ties resolve as the harness resolves them)."""
+    best = 0
+    for index, value in enumerate(values):
+        if value > values[best]:
+            best = index
+    return best
+
+
+def run_tasks(model_dir: Path, tasks: list[TaskSpec], batch_size: int = 16) -> dict[str, dict[str, Any]]:
+    """Every task's metrics, keyed by task name."""
+    from llmkit.eval.classification import evaluate_classifier, is_classifier
+    from llmkit.eval.perplexity import evaluate
+
+    results: dict[str, dict[str, Any]] = {}
+    needs_lm = any(task.kind in ("multiple_choice", "generation") for task in tasks)
+    classifier = is_classifier(model_dir)
+    if needs_lm and classifier:
+        raise UserError(f"{model_dir}: a classifier cannot answer multiple-choice or generation tasks")
+    lm = LanguageModel(model_dir) if needs_lm else None
+    for task in tasks:
+        if task.kind == "multiple_choice" and lm is not None:
+            results[task.name] = {"kind": task.kind, **run_multiple_choice(lm, task, batch_size)}
+        elif task.kind == "generation" and lm is not None:
+            results[task.name] = {"kind": task.kind, **run_generation(lm, task)}
+        else:
+            if task.data is None:
+                raise UserError(f"{task.source}: task {task.name}: {task.kind} tasks read a 'data' file")
+            path = Path(task.base) / task.data
+            if task.kind == "classification":
+                if not classifier:
+                    raise UserError(f"{model_dir}: not a classifier (no label map): cannot run task {task.name}")
+                report = evaluate_classifier(model_dir, path, batch_size=max(batch_size, 32))
+                metrics = {"accuracy": report["accuracy"], "macro_f1": report["macro_f1"]}
+            else:
+                report = evaluate(model_dir, path, batch_size=batch_size, text_field=task.text_field)
+                metrics = {"perplexity": report["perplexity"], "bits_per_char": report["bits_per_char"]}
+            results[task.name] = {"kind": task.kind, **metrics, "items": report.get("examples", report.get("tokens"))}
+    return results
+
+
+def flat_metrics(results: dict[str, dict[str, Any]]) -> dict[str, float]:
+    """{"task.metric": value} for every numeric metric (counts excluded)."""
+    flat = {}
+    for name, metrics in results.items():
+        for key, value in metrics.items():
+            numeric = isinstance(value, (int, float)) and not isinstance(value, bool)
+            if key != "items" and numeric and math.isfinite(value):
+                flat[f"{name}.{key}"] = float(value)
+    return flat

@@ -1,0 +1,153 @@
+"""`--strategy`: how training is split across processes, handed to Accelerate and DeepSpeed.
+
+* ``ddp``: every process holds the whole model and optimizer; gradients are averaged (PyTorch DDP).
+* ``zero1`` / ``zero2`` / ``zero3``: DeepSpeed ZeRO shards optimizer states / and gradients / and weights
+  across the processes; ``zero2-offload`` and ``zero3-offload`` also keep optimizer states (and, for zero3,
+  the weights) in CPU memory and step them with DeepSpeed's CPU Adam.
+* ``fsdp``: not available yet (see docs/distributed.md); zero3 shards the same three things.
+
+Each ZeRO strategy is a plain DeepSpeed JSON file in ``recipes/deepspeed/`` (written by `deepspeed_template`,
+checked by a test). Values set to ``"auto"`` are filled from the recipe (micro-batch, accumulation, clipping,
+precision), so one file serves every recipe; a value that contradicts the recipe is refused rather than
+silently winning. Edit a copy and pass it back with ``--deepspeed-config FILE``.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from llmkit.config import RunConfig
+from llmkit.errors import UserError
+
+STRATEGIES = ("ddp", "fsdp", "zero1", "zero2", "zero3", "zero2-offload", "zero3-offload")
+ZERO_STAGES = {"zero1": 1, "zero2": 2, "zero3": 3, "zero2-offload": 2, "zero3-offload": 3}
+
+
+def deepspeed_template(strategy: str) -> dict[str, Any]:
+    """The DeepSpeed config of a ZeRO strategy, with the recipe-dependent values left as "auto"."""
+    stage = ZERO_STAGES[strategy]
+    zero: dict[str, Any] = {"stage": stage, "overlap_comm": True, "contiguous_gradients": True}
+    if strategy.endswith("offload"):
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
+        if stage == 3:
+            zero["offload_param"] = {"device": "cpu", "pin_memory": True}
+    if stage == 3:
+        # Gather the shards into whole tensors when a model is saved: checkpoints and final/ hold full weights.
+        zero["stage3_gather_16bit_weights_on_model_save"] = True
+    return {
+        "train_micro_batch_size_per_gpu": "auto",
+        "gradient_accumulation_steps": "auto",
+        "train_batch_size": "auto",
+        "gradient_clipping": "auto",
+        "bf16": {"enabled": "auto"},
+        "fp16": {"enabled": "auto", "loss_scale": 0, "initial_scale_power": 16},
+        "zero_optimization": zero,
+        "steps_per_print": 1_000_000_000,
+        "wall_clock_breakdown": False,
+    }
+
+
+def check_available(cfg: RunConfig, world_size: int = 1) -> None:
+    """Refuse what cannot run, before any process is launched (an error in every rank is harder to read)."""
+    if cfg.distributed.strategy == "fsdp":
+        raise UserError(
+            "distributed.strategy=fsdp is not available yet; zero3 shards weights, gradients and optimizer "
+            "states the same way (see docs/distributed.md)"
+        )
+    if cfg.distributed.strategy in ZERO_STAGES or cfg.distributed.deepspeed_config is not None:
+        if importlib.util.find_spec("deepspeed") is None:
+            raise UserError(
+                f"distributed.strategy={cfg.distributed.strategy} needs DeepSpeed: pip install 'llmkit[deepspeed]'"
+            )
+        deepspeed_config(cfg, world_size)
+
+
+def wants_deepspeed(cfg: RunConfig) -> bool:
+    """A ZeRO strategy, a DeepSpeed file, or `accelerate launch --use_deepspeed` / a DeepSpeed accelerate config."""
+    from_launcher = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
+    return cfg.distributed.strategy in ZERO_STAGES or cfg.distributed.deepspeed_config is not None or from_launcher
+
+
+def deepspeed_config(cfg: RunConfig, world_size: int) -> dict[str, Any]:
+    """The DeepSpeed config for this run: the user's file, the launcher's, or the strategy's; "auto" resolved."""
+    path = cfg.distributed.deepspeed_config
+    strategy: str = cfg.distributed.strategy
+    if path is None and strategy not in ZERO_STAGES:  # started by `accelerate launch --use_deepspeed ...`
+        launcher_file = os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE", "none")
+        path = None if launcher_file == "none" else launcher_file
+        strategy = f"zero{os.environ.get('ACCELERATE_DEEPSPEED_ZERO_STAGE', '2')}"
+    if path:
+        source, config = path, _read_json(Path(path))
+    else:
+        source, config = f"--strategy {strategy}", deepspeed_template(strategy)
+    micro, accumulation = cfg.train.micro_batch_size, cfg.train.grad_accum_steps
+    wanted = {
+        "train_micro_batch_size_per_gpu": micro,
+        "gradient_accumulation_steps": accumulation,
+        "train_batch_size": micro * accumulation * world_size,
+        "gradient_clipping": cfg.optimizer.grad_clip or 0.0,
+    }
+    for key, value in wanted.items():
+        _fill(config, [key], value, source, f"the recipe's {value}")
+    for dtype in ("bf16", "fp16"):
+        _fill(
+            config, [dtype, "enabled"], cfg.precision.dtype == dtype, source, f"precision.dtype={cfg.precision.dtype}"
+        )
+    if "optimizer" in config or "scheduler" in config:
+        raise UserError(
+            f"{source}: remove the 'optimizer' and 'scheduler' sections: llmkit builds them from the recipe "
+            "(optimizer.* and schedule.*)"
+        )
+    if offloads_optimizer(config):
+        # llmkit builds DeepSpeed's CPU Adam itself (build_optimizer); Accelerate's swap would rebuild it in
+        # Adam-with-L2 mode, losing AdamW's decoupled weight decay.
+        config["zero_force_ds_cpu_optimizer"] = False
+    zero = config.get("zero_optimization", {})
+    if zero.get("stage") == 3:
+        _fill(config, ["zero_optimization", "stage3_gather_16bit_weights_on_model_save"], True, source, "true")
+    return config
+
+
+def offloads_optimizer(config: dict[str, Any]) -> bool:
+    device = config.get("zero_optimization", {}).get("offload_optimizer", {}).get("device", "none")
+    return str(device) != "none"
+
+
+def _fill(config: dict[str, Any], keys: list[str], value: Any, source: str, expected: str) -> None:
+    """Set an "auto" (or missing) value; refuse an explicit one that contradicts the recipe."""
+    node = config
+    for key in keys[:-1]:
+        node = node.setdefault(key, {})
+    current = node.get(keys[-1], "auto")
+    if current == "auto":
+        node[keys[-1]] = value
+    elif current != value and not (isinstance(value, float) and float(current) == value):
+        dotted = ".".join(keys)
+        raise UserError(f'{source}: {dotted} is {current!r} but the run needs {expected}; set it to "auto"')
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise UserError(f"{path}: DeepSpeed config not found (start from recipes/deepspeed/zero2.json)")
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except ValueError as exc:
+        raise UserError(f"{path}: not valid JSON ({exc})") from None
+    if not isinstance(config, dict):
+        raise UserError(f"{path}: a DeepSpeed config must be a JSON object")
+    return config
+
+
+def write_templates(folder: Path) -> list[Path]:
+    """recipes/deepspeed/<strategy>.json for every ZeRO strategy (`make docs` runs this)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    written = []
+    for strategy in ZERO_STAGES:
+        path = folder / f"{strategy}.json"
+        path.write_text(json.dumps(deepspeed_template(strategy), indent=2) + "\n", encoding="utf-8")
+        written.append(path)
+    return written

@@ -1,0 +1,130 @@
+"""DeepSpeed ZeRO on CPU (2 processes, gloo), launched by llmkit through `accelerate launch`.
+
+Each strategy trains the same steps as plain DDP from the same initial weights, checkpoints its optimizer
+shards, resumes after a SIGKILL to exactly the run that was never killed, and exports whole weights equal to
+DeepSpeed's own consolidation of the shards.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from llmkit.config import load_config
+from llmkit.data.store import open_dataset
+from llmkit.data.tokenizer import load_tokenizer
+from llmkit.models import build_model
+from llmkit.train.checkpoint import complete_checkpoints
+from tests.conftest import TINY_MODEL, assert_user_error, run_cli
+
+pytestmark = pytest.mark.slow
+ENV = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
+PORTS = iter(range(29571, 29599))
+
+
+@pytest.fixture(scope="module")
+def start(tiny_dataset: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One set of initial weights for every run (ZeRO-3 builds a fresh model sharded, with another init order)."""
+    folder = tmp_path_factory.mktemp("init") / "model"
+    overrides = [arg for arg in TINY_MODEL if arg != "--set"]
+    tokenizer = load_tokenizer(open_dataset(tiny_dataset).tokenizer_dir)
+    build_model(load_config(None, overrides).model, tokenizer).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def pretrain(data: Path, init: Path, out: Path, *extra: str, fault: str | None = None) -> subprocess.CompletedProcess:
+    command = [
+        sys.executable, "-m", "llmkit", "pretrain", "--data", str(data), "--out", str(out), "--init-from", str(init),
+        "--max-steps", "6", "--micro-batch-size", "4", "--lr", "3e-3", "--num-processes", "2",
+        "--main-process-port", str(next(PORTS)), "--set", "train.grad_accum_steps=2",
+        "--set", "checkpoint.every_steps=3", "--set", "checkpoint.keep_last=5", "--set", "logging.every_steps=1",
+        "--set", "train.eval_every=3", "--set", "train.eval_batches=2", "--set", "logging.tensorboard=false",
+        *extra,
+    ]  # fmt: skip
+    env = {**ENV, "LLMKIT_FAULT_INJECT": fault} if fault else ENV
+    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=400)
+
+
+def losses(run: Path) -> list[float]:
+    return [r["loss"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
+
+
+def weights(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(path / "model.safetensors")
+
+
+@pytest.fixture(scope="module")
+def ddp_run(tiny_dataset: Path, start: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("ddp") / "run"
+    done = pretrain(tiny_dataset, start, out)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return out
+
+
+@pytest.mark.parametrize("strategy", ["zero2", "zero3"])
+def test_zero_trains_like_ddp_resumes_exactly_and_exports_whole(
+    strategy: str, tiny_dataset: Path, start: Path, ddp_run: Path, tmp_path: Path
+) -> None:
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    # 1. Same losses as DDP (fp32; DeepSpeed reduces in buckets, so sums run in another order): 1e-5 relative.
+    whole = tmp_path / "whole"
+    done = pretrain(tiny_dataset, start, whole, "--strategy", strategy)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert losses(whole) == pytest.approx(losses(ddp_run), rel=1e-5)
+    state = json.loads((complete_checkpoints(whole / "checkpoints")[-1] / "trainer_state.json").read_text())
+    assert state["strategy"] == strategy and state["num_processes"] == 2
+    assert json.loads((whole / "summary.json").read_text())["tokens"] == 6 * 2 * 4 * 2 * 32  # once, not per rank
+
+    # 2. Killed in the middle of step 5 (after the step-3 checkpoint), then resumed: identical to the whole run.
+    killed = tmp_path / "killed"
+    crash = pretrain(tiny_dataset, start, killed, "--strategy", strategy, fault="kill@5.1")
+    assert crash.returncode != 0 and not (killed / "final").exists()
+    assert [p.name for p in complete_checkpoints(killed / "checkpoints")] == ["step-00000003"]
+    again = pretrain(tiny_dataset, start, killed, "--strategy", strategy, "--resume", "auto")
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert losses(killed) == losses(whole)
+    resumed, reference = weights(killed / "final"), weights(whole / "final")
+    assert all(torch.equal(resumed[name], reference[name]) for name in reference)
+
+    # 3. Export of the last checkpoint: whole tensors, equal to DeepSpeed's own consolidation of the shards.
+    last = complete_checkpoints(whole / "checkpoints")[-1]
+    exported = tmp_path / "export"
+    result = run_cli("export", last, "--out", exported)
+    assert result.exit_code == 0, result.stderr
+    from_export = weights(exported)
+    gathered = get_fp32_state_dict_from_zero_checkpoint(str(last / "deepspeed"), tag="state")
+    assert all(tensor.numel() > 0 for tensor in from_export.values())
+    assert from_export.keys() <= gathered.keys()
+    assert all(torch.equal(from_export[name], gathered[name]) for name in from_export)
+
+
+def test_optimizer_offload_trains_like_ddp(tiny_dataset: Path, start: Path, ddp_run: Path, tmp_path: Path) -> None:
+    """zero2-offload steps DeepSpeed's CPU Adam: same hyperparameters (decoupled weight decay included)."""
+    out = tmp_path / "offload"
+    done = pretrain(tiny_dataset, start, out, "--strategy", "zero2-offload")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert losses(out) == pytest.approx(losses(ddp_run), rel=1e-5)
+
+
+def test_strategy_errors_are_caught_before_launch(tiny_dataset: Path, tmp_path: Path) -> None:
+    args = ["pretrain", "--data", tiny_dataset, "--out", tmp_path / "run", "--num-processes", "2"]
+    assert_user_error(run_cli(*args, "--strategy", "fsdp"), "fsdp is not available yet")
+    assert_user_error(run_cli(*args, "--strategy", "zero9"), "distributed.strategy")
+    assert_user_error(run_cli(*args, "--deepspeed-config", tmp_path / "none.json"), "none.json: DeepSpeed config")
+    conflicting = tmp_path / "ds.json"
+    conflicting.write_text(json.dumps({"train_micro_batch_size_per_gpu": 3, "zero_optimization": {"stage": 2}}))
+    assert_user_error(
+        run_cli(*args, "--micro-batch-size", "4", "--deepspeed-config", conflicting),
+        "train_micro_batch_size_per_gpu is 3 but the run needs the recipe's 4",
+    )
+    assert not (tmp_path / "run").exists()

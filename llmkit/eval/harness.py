@@ -18,6 +18,9 @@ from llmkit.errors import UserError
 def run_harness(model_dir: Path, specs: list[str], batch_size: int, limit: int | None = None) -> dict[str, Any]:
     if importlib.util.find_spec("lm_eval") is None:
         raise UserError("--harness needs lm-evaluation-harness, which is not installed: pip install 'llmkit[eval]'")
+    from llmkit.hub import prepare_hub_access
+
+    prepare_hub_access("harness-task-data")  # offline without saying so: use the cache at once, no minute of retries
     import torch
     from lm_eval import simple_evaluate
     from lm_eval.models.huggingface import HFLM
@@ -54,7 +57,7 @@ def run_harness(model_dir: Path, specs: list[str], batch_size: int, limit: int |
         for key, value in metrics.items():
             metric = key.partition(",")[0]
             numeric = isinstance(value, (int, float)) and not isinstance(value, bool)
-            if numeric and "stderr" not in metric and math.isfinite(value):
+            if numeric and "stderr" not in metric and metric != "sample_len" and math.isfinite(value):
                 kept[metric] = float(value)
         results[task] = kept
     return results

@@ -283,11 +283,12 @@ def run_tasks(model_dir: Path, tasks: list[TaskSpec], batch_size: int = 16) -> d
                 if not classifier:
                     raise UserError(f"{model_dir}: not a classifier (no label map): cannot run task {task.name}")
                 report = evaluate_classifier(model_dir, path, batch_size=max(batch_size, 32))
-                metrics = {"accuracy": report["accuracy"], "macro_f1": report["macro_f1"]}
+                metrics = {"accuracy": report["accuracy"], "macro_f1": report["macro_f1"], "items": report["examples"]}
             else:
                 report = evaluate(model_dir, path, batch_size=batch_size, text_field=task.text_field)
-                metrics = {"perplexity": report["perplexity"], "bits_per_char": report["bits_per_char"]}
-            results[task.name] = {"kind": task.kind, **metrics, "items": report.get("examples", report.get("tokens"))}
+                metrics = {"perplexity": report["perplexity"], "bits_per_char": report["bits_per_char"],
+                           "tokens": report["tokens"]}  # fmt: skip
+            results[task.name] = {"kind": task.kind, **metrics}
     return results
 
 
@@ -297,6 +298,6 @@ def flat_metrics(results: dict[str, dict[str, Any]]) -> dict[str, float]:
     for name, metrics in results.items():
         for key, value in metrics.items():
             numeric = isinstance(value, (int, float)) and not isinstance(value, bool)
-            if key != "items" and numeric and math.isfinite(value):
+            if key not in ("items", "tokens") and numeric and math.isfinite(value):
                 flat[f"{name}.{key}"] = float(value)
     return flat

@@ -478,20 +478,40 @@ app.command("evaluate", help="Alias of `llmkit eval`.")(user_errors_exit_2(eval_
 def export_command(
     source: Annotated[str, typer.Argument(help="Run directory, checkpoint or HF model directory.")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Directory to write.")],
-    dtype: Annotated[str, typer.Option(help="float32, bfloat16 or float16.")] = "float32",
+    fmt: Annotated[str, typer.Option("--format", help="hf, gguf (llama.cpp) or onnx (onnxruntime).")] = "hf",
+    dtype: Annotated[
+        str | None, typer.Option(help="hf: float32/bfloat16/float16; gguf: f32/f16/q8_0 (default f16); onnx: float32.")
+    ] = None,
+    quantize: Annotated[str | None, typer.Option(help="onnx: int8 dynamic quantization for CPU inference.")] = None,
     merge_lora: Annotated[
         bool, typer.Option("--merge-lora", help="Fold a LoRA run's adapter into a standalone model.")
     ] = False,
+    max_logit_diff: Annotated[float | None, typer.Option(help="Parity tolerance: largest logit difference.")] = None,
+    min_greedy_agreement: Annotated[
+        float | None, typer.Option(help="Parity tolerance: least share of equal greedy tokens.")
+    ] = None,
+    max_ppl_increase: Annotated[
+        float | None, typer.Option(help="Parity tolerance: largest relative perplexity change (0.02 = 2%).")
+    ] = None,
+    probe_data: Annotated[
+        str | None,
+        typer.Option(help="Text of your domain to probe with (.txt lines, .jsonl 'text'); default built-in."),
+    ] = None,
+    eval_report: Annotated[Path | None, typer.Option(help="An llmkit eval report to put in the model card.")] = None,
     overwrite: OverwriteOpt = False,
 ) -> None:
-    """Write a standalone Hugging Face model directory, verified against the source's logits.
-
-    A LoRA run exports as its PEFT adapter directory, or with --merge-lora as a merged full model.
+    """Write the model as hf, gguf or onnx, verified against the source (logits, greedy tokens, perplexity),
+    with export_report.json and a model card (README.md). Exit 1 when parity breaks: nothing is written.
     """
-    from llmkit.export.hf import export_hf
+    from llmkit.export.export import export_model
     from llmkit.reports import print_export_report
 
-    print_export_report(export_hf(source, out, dtype=dtype, overwrite=overwrite, merge_lora=merge_lora))
+    tolerance = {"max_logit_diff": max_logit_diff, "min_greedy_agreement": min_greedy_agreement,
+                 "max_ppl_increase": max_ppl_increase}  # fmt: skip
+    report = export_model(source, out, fmt=fmt, dtype=dtype, quantize=quantize, overwrite=overwrite,
+                          merge_lora=merge_lora, tolerance=tolerance, eval_report=eval_report,
+                          probe_data=probe_data)  # fmt: skip
+    print_export_report(report)
 
 
 @app.command("generate")

@@ -87,13 +87,16 @@ def print_eval_report(report: dict[str, Any]) -> None:
 
 
 def print_export_report(report: dict[str, Any]) -> None:
+    limits = report["tolerance"]
     rows = [
-        ("kind", report.get("kind", "full")),
-        ("dtype", report["dtype"]),
+        ("format", f"{report['format']} ({report['kind']}), {report['precision']}"),
         ("size", f"{report['size_bytes'] / 2**20:.2f} MiB"),
-        ("max |logit diff|", f"{report['max_abs_logit_diff']:.3g} vs source"),
-        ("greedy agreement", f"{report['greedy_agreement']:.1%} of {report['probe_tokens']} probe tokens"),
-    ]
+        ("max |logit diff|", f"{report['max_abs_logit_diff']:.3g} vs source (limit {limits['max_logit_diff']:g})"),
+        ("greedy agreement", f"{report['greedy_agreement']:.1%} of {report['probe_tokens']} probe tokens "
+                             f"(at least {limits['min_greedy_agreement']:.0%})"),
+        ("perplexity", f"{report['exported_perplexity']:.4g} vs {report['source_perplexity']:.4g} "
+                       f"({report['perplexity_increase']:+.3%}; within +-{limits['max_ppl_increase']:.2%})"),
+    ]  # fmt: skip
     console.print(_table(f"exported {report['out']}", rows))
 
 

@@ -11,7 +11,9 @@ from llmkit.config import RunConfig, apply_override, load_config
 from llmkit.errors import UserError
 from tests.conftest import run_cli
 
-RECIPES = sorted(Path(__file__).parent.parent.joinpath("recipes").glob("*.yaml"))
+ALL_YAML = sorted(Path(__file__).parent.parent.joinpath("recipes").glob("*.yaml"))
+EVAL_SUITES = {"ci-eval.yaml"}  # task files for `llmkit eval --tasks`, not run recipes
+RECIPES = [p for p in ALL_YAML if p.name not in EVAL_SUITES]
 
 
 def test_there_are_the_three_required_recipes() -> None:
@@ -24,6 +26,15 @@ def test_every_recipe_validates_and_says_its_hardware(recipe: Path) -> None:
     cfg = load_config(recipe)
     assert isinstance(cfg, RunConfig)
     assert cfg.about, f"{recipe.name} must say what hardware it is for in `about`"
+
+
+def test_the_ci_eval_suite_and_example_tasks_load() -> None:
+    from llmkit.eval.tasks import load_task_files
+
+    root = Path(__file__).parent.parent / "recipes"
+    tasks, gates = load_task_files([root / "ci-eval.yaml"])
+    assert [t.name for t in tasks] == ["animal_colors_mc", "animal_colors_gen", "stories"] and len(gates) == 2
+    assert all((Path(t.base) / str(t.data)).is_file() for t in tasks)
 
 
 def test_unknown_top_level_key_suggests_the_closest(tmp_path: Path) -> None:

@@ -113,7 +113,8 @@ def test_ci_eval_recipe_passes_on_a_model_that_learned_the_colors(tiny_run: Path
 
     chats = tmp_path / "chat.jsonl"
     chats.write_text("".join(json.dumps(row) + "\n" for row in color_chats(600, seed=0)))
-    trained = run_cli("finetune", "--model", tiny_run, "--data", chats, "--out", tmp_path / "chat", "--max-steps", "600",
+    trained = run_cli("finetune", "--model", tiny_run, "--data", chats, "--out", tmp_path / "chat",
+                      "--max-steps", "600",
                       "--lr", "1e-2", "--micro-batch-size", "8", "--set", "finetune.max_length=64",
                       "--set", "schedule.warmup_steps=20", "--set", "logging.tensorboard=false")  # fmt: skip
     assert trained.exit_code == 0, trained.stderr

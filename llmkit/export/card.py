@@ -1,0 +1,105 @@
+"""README.md for an export directory: what the model is, what it was trained on and how, and how it scores."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+def find_run_files(model_dir: Path) -> dict[str, Path]:
+    """config.yaml, summary.json, eval.json and data_stats.json of the run a model directory belongs to."""
+    found: dict[str, Path] = {}
+    for folder in [model_dir, *list(model_dir.parents)[:3]]:
+        for name in ("config.yaml", "summary.json", "eval.json", "data_stats.json"):
+            if name not in found and (folder / name).is_file():
+                found[name] = folder / name
+    return found
+
+
+def model_card(name: str, model_dir: Path, report: dict[str, Any], eval_report: Path | None) -> str:
+    files = find_run_files(model_dir)
+    config = yaml.safe_load(files["config.yaml"].read_text()) if "config.yaml" in files else None
+    lines = [f"# {name}", "", f"Exported by llmkit from `{model_dir}` as **{report['format']}** "
+             f"({report['precision']}, {report['size_bytes'] / 2**20:.1f} MiB).", ""]  # fmt: skip
+    lines += ["## Base model", "", _base(config, report), ""]
+    lines += ["## Data", "", *_data(config, files), ""]
+    if "summary.json" in files:
+        summary = json.loads(files["summary.json"].read_text())
+        lines += ["## Training", "", "| | |", "| --- | --- |"]
+        for key in ("steps", "tokens", "train_loss", "val_loss", "best_val_loss", "tokens_per_second", "mfu"):
+            if summary.get(key) is not None:
+                value = summary[key]
+                lines.append(f"| {key} | {value:,.4f} |" if isinstance(value, float) else f"| {key} | {value:,} |")
+        lines.append("")
+    if config is not None:
+        lines += ["Training config (secrets removed):", "", "```yaml", yaml.safe_dump(config, sort_keys=False).strip(),
+                  "```", ""]  # fmt: skip
+    evaluation = eval_report or files.get("eval.json")
+    lines += ["## Evaluation", "", *_evaluation(evaluation), ""]
+    limits = report["tolerance"]
+    probe = f"Compared with the source model in float32 on the probe set ({report['probe']}):"
+    lines += ["## Export check", "", probe, "",
+              "| check | value | tolerance |", "| --- | ---: | ---: |",
+              f"| max abs logit difference | {report['max_abs_logit_diff']:.3g} | {limits['max_logit_diff']:g} |",
+              f"| greedy agreement | {report['greedy_agreement']:.2%} | >= {limits['min_greedy_agreement']:.0%} |",
+              f"| perplexity change | {report['perplexity_increase']:+.3%} | +-{limits['max_ppl_increase']:.2%} |",
+              ""]  # fmt: skip
+    lines += ["## Use", "", "```python", *USAGE[report["format"]], "```", ""]
+    return "\n".join(lines)
+
+
+def _base(config: dict[str, Any] | None, report: dict[str, Any]) -> str:
+    if config is None:
+        return f"Exported from the model directory `{report['source']}` (no llmkit run found beside it)."
+    model = config["model"]
+    if model.get("init_from"):
+        method = config.get("finetune", {}).get("method", "full")
+        return f"Fine-tuned from `{model['init_from']}` (method: {method})."
+    return (f"Trained from scratch: {model['arch']}, {model['n_layers']} layers, width {model['hidden_size']}, "
+            f"{model['n_heads']} heads, context {model['context_length']}.")  # fmt: skip
+
+
+def _data(config: dict[str, Any] | None, files: dict[str, Path]) -> list[str]:
+    if config is None:
+        return ["Unknown."]
+    lines = []
+    manifest_path = Path(config["data"]["dataset_dir"]) / "manifest.json"
+    if not config["model"].get("init_from") and manifest_path.is_file():
+        manifest = json.loads(manifest_path.read_text())
+        sources = ", ".join(f"{s['kind']}:{s['name']}" for s in manifest.get("sources", []))
+        splits = manifest.get("splits", {})
+        tokens = {name: split.get("tokens") for name, split in splits.items() if isinstance(split, dict)}
+        lines += [
+            f"Prepared dataset `{manifest_path.parent}` (fingerprint `{manifest['fingerprint'][:16]}`):",
+            f"sources {sources}; tokens per split {tokens}; blocks of {manifest.get('block_size')} tokens.",
+        ]
+    else:
+        lines.append(f"Sources: {', '.join(config['data'].get('sources', []))}.")
+    if "data_stats.json" in files:
+        stats = json.loads(files["data_stats.json"].read_text())
+        shown = {k: v for k, v in stats.items() if isinstance(v, (int, float, str))}
+        lines.append(f"Fine-tuning data: {shown}.")
+    return lines
+
+
+def _evaluation(path: Path | None) -> list[str]:
+    if path is None:
+        return ["No evaluation report was given (`llmkit export --eval-report eval.json`, or RUN/eval.json)."]
+    report = json.loads(Path(path).read_text())
+    metrics = report.get("metrics") or {k: v for k, v in report.items() if isinstance(v, float)}
+    rows = ["| metric | value |", "| --- | ---: |"] + [f"| {k} | {v:.4f} |" for k, v in metrics.items()]
+    verdict = {True: "All gates passed.", False: "Some gates FAILED."}.get(report.get("passed"), "")
+    return [f"From `{path}`. {verdict}".strip(), "", *rows]
+
+
+USAGE = {
+    "hf": ["from transformers import AutoModelForCausalLM, AutoTokenizer",
+           "model = AutoModelForCausalLM.from_pretrained('.')", "tokenizer = AutoTokenizer.from_pretrained('.')"],
+    "gguf": ["# llama.cpp: llama-cli -m model.gguf -p 'Once upon a time'",
+             "from llama_cpp import Llama", "llm = Llama(model_path='model.gguf')"],
+    "onnx": ["import onnxruntime, numpy as np", "session = onnxruntime.InferenceSession('model.onnx')",
+             "logits = session.run(['logits'], {'input_ids': ids, 'attention_mask': np.ones_like(ids)})[0]"],
+}  # fmt: skip

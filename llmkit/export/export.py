@@ -1,0 +1,163 @@
+"""`llmkit export`: the trained model in the format a serving stack wants, checked against the source.
+
+* `hf`: a standalone Hugging Face directory (safetensors; float32, bfloat16 or float16) that loads with
+  `AutoModelForCausalLM` without llmkit; a LoRA run exports as its PEFT adapter, or merged with --merge-lora.
+* `gguf`: one `model.gguf` for llama.cpp (Llama architecture; f32, f16 or q8_0), tokenizer inside.
+* `onnx`: `model.onnx` for onnxruntime (float32, or `--quantize int8` for CPU inference).
+
+Every export is built in a staging directory, run by its own runtime on a probe set and compared with the
+source (llmkit.export.parity); only an export within tolerance is moved into place, with its parity report
+(`export_report.json`) and a model card (`README.md`).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from llmkit.atomic import atomic_directory, write_json, write_text
+from llmkit.data.tokenizer import load_tokenizer
+from llmkit.errors import GATE_FAILED_EXIT, UserError
+from llmkit.export.card import model_card
+from llmkit.export.parity import Tolerance, failures, measure, probe_batch, probe_texts
+from llmkit.models import load_trained_model
+from llmkit.runs import find_tokenizer_dir, resolve_model_dir
+
+FORMATS = {"hf": ("float32", "bfloat16", "float16"), "gguf": ("f32", "f16", "q8_0"), "onnx": ("float32",)}
+DEFAULT_DTYPE = {"hf": "float32", "gguf": "f16", "onnx": "float32"}
+TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+WEIGHT_FILES = (".safetensors", ".gguf", ".onnx")
+PRECISION = {"f32": "float32", "f16": "float16", "q8_0": "q8_0"}  # GGUF types as parity precisions
+
+
+class ParityFailed(UserError):
+    """The export runs but behaves unlike the source beyond the tolerance: a failed check (exit 1)."""
+
+    exit_code = GATE_FAILED_EXIT
+
+
+def export_model(
+    source: str | Path,
+    out: str | Path,
+    fmt: str = "hf",
+    dtype: str | None = None,
+    quantize: str | None = None,
+    overwrite: bool = False,
+    merge_lora: bool = False,
+    tolerance: dict[str, float | None] | None = None,
+    eval_report: Path | None = None,
+    probe_data: str | None = None,
+) -> dict[str, Any]:
+    if fmt not in FORMATS:
+        raise UserError(f"--format {fmt}: choose one of {', '.join(FORMATS)}")
+    dtype = dtype or DEFAULT_DTYPE[fmt]
+    if dtype not in FORMATS[fmt]:
+        raise UserError(f"--dtype {dtype}: --format {fmt} takes {', '.join(FORMATS[fmt])}")
+    if quantize not in (None, "int8") or (quantize and fmt != "onnx"):
+        raise UserError("--quantize int8 applies to --format onnx (GGUF has --dtype q8_0)")
+    out = Path(out)
+    model_dir = resolve_model_dir(source)
+    adapter = (model_dir / "adapter_config.json").is_file()
+    if merge_lora and not adapter:
+        raise UserError(f"--merge-lora: {model_dir} holds full model weights, not a LoRA adapter")
+    merge = merge_lora or (adapter and fmt != "hf")  # GGUF and ONNX need one whole model
+    if adapter and not merge and dtype != "float32":
+        raise UserError("--dtype applies to full or merged models; add --merge-lora to export this adapter as one")
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
+        raise UserError(f"{out}: already exists and is not empty; pass --overwrite to replace it")
+    if out.resolve() == model_dir.resolve():
+        raise UserError(f"{out}: is the source model itself; choose another --out")
+    if eval_report is not None and not eval_report.is_file():
+        raise UserError(f"{eval_report}: evaluation report not found")
+    tokenizer = load_tokenizer(find_tokenizer_dir(model_dir))
+    reference = load_trained_model(model_dir, dtype=torch.float32).eval()
+    if fmt == "gguf":
+        from llmkit.export.gguf import check_gguf_supported
+
+        check_gguf_supported(reference)
+    precision = "int8" if quantize else PRECISION.get(dtype, dtype)
+    limits = Tolerance.default(precision)
+    for key, value in (tolerance or {}).items():
+        if value is not None:
+            setattr(limits, key, value)
+    if merge:  # merging changes the arithmetic (W + BA instead of Wx + B(Ax)): allow float rounding, no more
+        limits.max_logit_diff += 1e-4
+    ids, mask = probe_batch(tokenizer, probe_texts(probe_data))
+
+    with atomic_directory(out) as staging:
+        exported = _WRITERS[fmt](model_dir, staging, tokenizer, dtype, quantize, adapter and not merge, out.name)
+        report = measure(_logits(reference), exported, ids, mask)
+        report.update(
+            format=fmt, precision=precision, source=str(model_dir), out=str(out),
+            kind="adapter" if adapter and not merge else ("merged" if merge else "full"),
+            size_bytes=sum(p.stat().st_size for p in staging.iterdir() if p.suffix in WEIGHT_FILES),
+            files=sorted(p.name for p in staging.iterdir()), tolerance=limits.__dict__,
+            probe=probe_data or "built-in (8 held-out stories, 4 general sentences)",
+        )  # fmt: skip
+        problems = failures(report, limits)
+        if problems:
+            raise ParityFailed(
+                f"{out}: the {fmt} export does not behave like the source: {'; '.join(problems)}; nothing was "
+                "written (loosen with --max-logit-diff, --min-greedy-agreement or --max-ppl-increase)"
+            )
+        write_json(staging / "export_report.json", report)
+        write_text(staging / "README.md", model_card(out.name, model_dir, report, eval_report))
+    return report
+
+
+def _logits(model: Any) -> Any:
+    return lambda ids, mask: model(input_ids=ids, attention_mask=mask).logits
+
+
+def _write_hf(
+    model_dir: Path, staging: Path, tokenizer: Any, dtype: str, quantize: Any, adapter: bool, name: str
+) -> Any:
+    if adapter:
+        model = load_trained_model(model_dir, dtype=torch.float32)
+    else:
+        model = load_trained_model(model_dir, dtype=TORCH_DTYPES[dtype], merge=True)
+    model.save_pretrained(staging, safe_serialization=True)
+    if getattr(model, "generation_config", None) is not None:
+        model.generation_config.save_pretrained(staging)
+    tokenizer.save_pretrained(staging)
+    return _logits(load_trained_model(staging, dtype=TORCH_DTYPES[dtype]).eval())
+
+
+def _write_gguf(
+    model_dir: Path, staging: Path, tokenizer: Any, dtype: str, quantize: Any, adapter: bool, name: str
+) -> Any:
+    from llmkit.export.gguf import read_gguf, write_gguf
+
+    model = load_trained_model(model_dir, dtype=torch.float32, merge=True).eval()
+    path = staging / "model.gguf"
+    write_gguf(model, tokenizer, path, dtype, name)
+    state, metadata = read_gguf(path, model)  # read back: what a GGUF runtime would load
+    if metadata["tokens"] < len(tokenizer) or metadata["architecture"] != "llama":
+        raise UserError(
+            f"{path}: read back {metadata['tokens']} tokens / {metadata['architecture']}: not written right"
+        )
+    from transformers import AutoModelForCausalLM
+
+    restored = AutoModelForCausalLM.from_config(model.config, dtype=torch.float32)
+    missing, unexpected = restored.load_state_dict(state, strict=False)
+    if unexpected or [key for key in missing if key != "lm_head.weight"]:
+        raise UserError(f"{path}: tensors do not match the model (missing {missing}, unexpected {unexpected})")
+    restored.tie_weights()
+    return _logits(restored.eval())
+
+
+def _write_onnx(
+    model_dir: Path, staging: Path, tokenizer: Any, dtype: str, quantize: Any, adapter: bool, name: str
+) -> Any:
+    from llmkit.export.onnx import onnx_logits, write_onnx
+
+    model = load_trained_model(model_dir, dtype=torch.float32, merge=True).eval()
+    write_onnx(model, staging / "model.onnx", quantize)
+    model.config.save_pretrained(staging)
+    tokenizer.save_pretrained(staging)
+    return onnx_logits(staging / "model.onnx")
+
+
+_WRITERS = {"hf": _write_hf, "gguf": _write_gguf, "onnx": _write_onnx}

@@ -1,0 +1,174 @@
+"""`llmkit export --format hf|gguf|onnx`: files read back by their own readers and runtimes, parity reports, cards."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from tests.conftest import assert_user_error, run_cli
+
+
+@pytest.mark.parametrize(("dtype", "tensor_type", "atol"), [("f32", "F32", 0.0), ("f16", "F16", 1e-3),
+                                                            ("q8_0", "Q8_0", 2e-3)])  # fmt: skip
+def test_gguf_reads_back_as_the_trained_model(
+    tiny_run: Path, tmp_path: Path, dtype: str, tensor_type: str, atol: float
+):
+    gguf = pytest.importorskip("gguf")
+    from llmkit.export.gguf import gguf_name
+
+    out = tmp_path / dtype
+    result = run_cli("export", tiny_run, "--out", out, "--format", "gguf", "--dtype", dtype)
+    assert result.exit_code == 0, result.stderr
+    reader = gguf.GGUFReader(str(out / "model.gguf"))
+    tokenizer = AutoTokenizer.from_pretrained(tiny_run / "final")
+    model = AutoModelForCausalLM.from_pretrained(tiny_run / "final")
+
+    def text(key: str) -> str:
+        field = reader.fields[key]
+        return bytes(field.parts[field.data[0]]).decode()
+
+    assert text("general.architecture") == "llama" and text("tokenizer.ggml.model") == "gpt2"
+    tokens = [bytes(reader.fields["tokenizer.ggml.tokens"].parts[i]).decode()
+              for i in reader.fields["tokenizer.ggml.tokens"].data]  # fmt: skip
+    assert all(tokens[i] == token for token, i in tokenizer.get_vocab().items())
+    merges = json.loads(tokenizer.backend_tokenizer.to_str())["model"]["merges"]
+    assert len(reader.fields["tokenizer.ggml.merges"].data) == len(merges)
+    eos = reader.fields["tokenizer.ggml.eos_token_id"]
+    assert int(eos.parts[eos.data[0]][0]) == tokenizer.eos_token_id
+
+    # Every tensor, dequantized, equals the trained one (q/k compared in llama.cpp's rotary order).
+    heads, kv = model.config.num_attention_heads, model.config.num_key_value_heads
+    state = model.state_dict()
+    types = set()
+    for tensor in reader.tensors:
+        types.add(tensor.tensor_type.name)
+        name = next(n for n in state if gguf_name(n) == tensor.name)
+        expected = state[name].numpy()
+        if name.endswith(("q_proj.weight", "k_proj.weight")):
+            h = heads if "q_proj" in name else kv
+            expected = expected.reshape(h, 2, -1, expected.shape[1]).swapaxes(1, 2).reshape(expected.shape)
+        actual = gguf.quants.dequantize(tensor.data, tensor.tensor_type).reshape(expected.shape)
+        assert np.abs(actual - expected).max() <= atol * max(1.0, np.abs(expected).max()), tensor.name
+    assert tensor_type in types and "lm_head" not in str(types)
+    report = json.loads((out / "export_report.json").read_text())
+    assert report["format"] == "gguf" and report["greedy_agreement"] >= (1.0 if dtype == "f32" else 0.9)
+    assert report["max_abs_logit_diff"] <= (1e-5 if dtype == "f32" else 1.0)
+
+
+def test_onnx_runs_in_onnxruntime_with_the_models_logits(tiny_run: Path, tmp_path: Path) -> None:
+    ort = pytest.importorskip("onnxruntime")
+    out = tmp_path / "onnx"
+    result = run_cli("export", tiny_run, "--out", out, "--format", "onnx")
+    assert result.exit_code == 0, result.stderr
+    model = AutoModelForCausalLM.from_pretrained(tiny_run / "final").eval()
+    session = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
+    ids = torch.randint(0, 300, (3, 21), generator=torch.Generator().manual_seed(1))  # another shape than exported
+    mask = torch.ones_like(ids)
+    mask[1, 15:] = 0  # a padded row
+    logits = session.run(["logits"], {"input_ids": ids.numpy(), "attention_mask": mask.numpy()})[0]
+    with torch.no_grad():
+        expected = model(input_ids=ids, attention_mask=mask).logits.numpy()
+    real = mask.numpy().astype(bool)
+    assert np.abs(logits - expected)[real].max() < 1e-4
+    assert (out / "README.md").is_file() and (out / "tokenizer.json").is_file()
+
+
+def test_onnx_int8_is_quantized_and_measured(tiny_run: Path, tmp_path: Path) -> None:
+    onnx = pytest.importorskip("onnx")
+    out = tmp_path / "int8"
+    result = run_cli("export", tiny_run, "--out", out, "--format", "onnx", "--quantize", "int8")
+    assert result.exit_code == 0, result.stderr
+    ops = {node.op_type for node in onnx.load(str(out / "model.onnx")).graph.node}
+    assert "DynamicQuantizeLinear" in ops and ("MatMulInteger" in ops or "DynamicQuantizeMatMul" in ops)
+    report = json.loads((out / "export_report.json").read_text())
+    assert report["precision"] == "int8" and report["greedy_agreement"] >= 0.9
+    assert abs(report["perplexity_increase"]) < 0.05 and report["size_bytes"] == (out / "model.onnx").stat().st_size
+
+
+def test_broken_parity_fails_and_writes_nothing(tiny_run: Path, tmp_path: Path) -> None:
+    out = tmp_path / "strict"
+    result = run_cli("export", tiny_run, "--out", out, "--format", "gguf", "--dtype", "q8_0", "--max-logit-diff", "0")
+    assert result.exit_code == 1 and "does not behave like the source: max logit difference" in result.stderr
+    assert not out.exists() and not list(tmp_path.glob(".strict*"))
+
+
+def test_model_card_describes_model_data_training_and_evaluation(tiny_run: Path, tmp_path: Path) -> None:
+    evaluation = tmp_path / "eval.json"
+    assert run_cli("eval", tiny_run, "--tasks", Path(__file__).parent.parent / "recipes/tasks/stories-ppl.yaml",
+                   "--report", evaluation).exit_code == 0  # fmt: skip
+    out = tmp_path / "hf"
+    result = run_cli("export", tiny_run, "--out", out, "--eval-report", evaluation)
+    assert result.exit_code == 0, result.stderr
+    card = (out / "README.md").read_text()
+    dataset = yaml.safe_load((tiny_run / "config.yaml").read_text())["data"]["dataset_dir"]
+    assert "Trained from scratch: llama, 2 layers" in card
+    assert f"Prepared dataset `{dataset}`" in card and "Training config" in card and "| steps | 30 |" in card
+    assert "| stories.perplexity |" in card and "| max abs logit difference | 0 |" in card
+
+
+def test_export_format_errors(tiny_run: Path, tmp_path: Path) -> None:
+    from llmkit.config import load_config
+    from llmkit.models import build_model
+
+    assert_user_error(run_cli("export", tiny_run, "--out", tmp_path / "a", "--format", "tflite"), "--format tflite")
+    assert_user_error(run_cli("export", tiny_run, "--out", tmp_path / "b", "--format", "gguf", "--dtype", "q4_k"),
+                      "--format gguf takes f32, f16, q8_0")  # fmt: skip
+    assert_user_error(
+        run_cli("export", tiny_run, "--out", tmp_path / "c", "--quantize", "int8"), "applies to --format onnx"
+    )
+    gpt2 = tmp_path / "gpt2"
+    tokenizer = AutoTokenizer.from_pretrained(tiny_run / "final")
+    cfg = load_config(None, ["model.arch=gpt2", "model.n_layers=1", "model.hidden_size=32", "model.n_heads=4"])
+    build_model(cfg.model, tokenizer).save_pretrained(gpt2)
+    tokenizer.save_pretrained(gpt2)
+    assert_user_error(run_cli("export", gpt2, "--out", tmp_path / "d", "--format", "gguf"), "writes Llama-architecture")
+    assert not any((tmp_path / name).exists() for name in "abcd")
+
+
+LLAMA_CPP_CHECK = """
+import json, sys
+import numpy as np
+from llama_cpp import Llama
+llm = Llama(model_path=sys.argv[1], logits_all=True, verbose=False, n_ctx=64)
+ids = json.loads(sys.argv[2])
+llm.eval(ids)
+print(json.dumps({"logits": np.asarray(llm.scores[: len(ids)]).tolist(),
+                  "tokens": llm.tokenize(sys.argv[3].encode(), add_bos=False, special=False)}))
+"""
+
+
+@pytest.mark.parametrize("dtype", ["f32", "q8_0"])
+def test_gguf_runs_in_llama_cpp_with_the_models_logits(tiny_run: Path, tmp_path: Path, dtype: str) -> None:
+    """The real consumer: llama.cpp (through llama-cpp-python) loads the file, tokenizes as the model's tokenizer
+    does, and computes the same logits. llama-cpp-python compiles llama.cpp on install (minutes), so it is not a
+    dev dependency: set LLMKIT_LLAMA_CPP_PYTHON to an interpreter that has it, or install it here."""
+    import os
+    import subprocess
+    import sys
+
+    python = os.environ.get("LLMKIT_LLAMA_CPP_PYTHON") or sys.executable
+    probe = subprocess.run([python, "-c", "import llama_cpp"], capture_output=True)
+    if probe.returncode != 0:
+        pytest.skip("llama-cpp-python is not installed (set LLMKIT_LLAMA_CPP_PYTHON)")
+    out = tmp_path / dtype
+    assert run_cli("export", tiny_run, "--out", out, "--format", "gguf", "--dtype", dtype).exit_code == 0
+    tokenizer = AutoTokenizer.from_pretrained(tiny_run / "final")
+    text = "Once upon a time, there was a shy cat. It was a soft day."
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    run = subprocess.run([python, "-c", LLAMA_CPP_CHECK, str(out / "model.gguf"), json.dumps(ids), text],
+                         capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert run.returncode == 0, run.stderr[-2000:]
+    result = json.loads(run.stdout)
+    assert result["tokens"] == ids
+    model = AutoModelForCausalLM.from_pretrained(tiny_run / "final").eval()
+    with torch.no_grad():
+        expected = model(input_ids=torch.tensor([ids])).logits[0].numpy()
+    actual = np.asarray(result["logits"])[:, : expected.shape[1]]
+    assert np.abs(actual - expected).max() < (1e-3 if dtype == "f32" else 0.05)
+    assert (actual.argmax(-1) == expected.argmax(-1)).mean() >= (1.0 if dtype == "f32" else 0.9)

@@ -47,7 +47,7 @@ MainProcessIpOpt = Annotated[str | None, typer.Option(help="Address of machine r
 MainProcessPortOpt = Annotated[int | None, typer.Option(help="Port on machine rank 0 (default 29500).")]
 StrategyOpt = Annotated[
     str | None,
-    typer.Option(help="ddp, zero1, zero2, zero3, zero2-offload or zero3-offload (DeepSpeed); see docs/distributed.md."),
+    typer.Option(help="ddp, zero1/zero2/zero3(-offload) (DeepSpeed) or fsdp (GPUs); see docs/distributed.md."),
 ]
 DeepSpeedConfigOpt = Annotated[
     str | None,
@@ -329,10 +329,11 @@ def _train(
 
     cfg = load_config(config, overrides, flags)  # a bad config fails here, before any process starts
     processes, machines, machine_rank, ip, port, accelerate_config = launch
-    check_available(cfg, (processes or 1) * (machines or 1))
-    needs_launcher = cfg.distributed.strategy != "ddp" or cfg.distributed.deepspeed_config is not None
+    check_available(cfg, (processes or 1) * (machines or 1), finetuning=run.__name__ == "finetune")
+    deepspeed = cfg.distributed.strategy not in ("ddp", "fsdp") or cfg.distributed.deepspeed_config is not None
+    single = "--use_deepspeed" if deepspeed else ("--use_fsdp" if cfg.distributed.strategy == "fsdp" else None)
     code = relaunch(
-        sys.argv[1:], processes, machines, machine_rank, ip, port, accelerate_config, needs_launcher=needs_launcher
+        sys.argv[1:], processes, machines, machine_rank, ip, port, accelerate_config, single_process_launch=single
     )
     if code is not None:
         raise typer.Exit(code)

@@ -168,7 +168,8 @@ class DistributedConfig(Section):
     strategy: Literal["ddp", "fsdp", "zero1", "zero2", "zero3", "zero2-offload", "zero3-offload"] = Field(
         "ddp",
         description="ddp replicates everything; zero1/2/3 shard optimizer states / + gradients / + weights "
-        "(DeepSpeed); -offload keeps optimizer states (and zero3 weights) in CPU memory. fsdp is not available yet.",
+        "(DeepSpeed); -offload keeps optimizer states (and zero3 weights) in CPU memory; fsdp is PyTorch FSDP2 "
+        "through Accelerate (GPUs only).",
     )
     deepspeed_config: str | None = Field(
         None,

@@ -235,7 +235,8 @@ def plan_run(
     }
     memory = estimate_memory(cfg, total, trainable, strategy, gpus, gradient_checkpointing, vocab)
     usable = 0.9 * capacity
-    fitting = [name for name in STRATEGIES if by_strategy[name] <= usable]
+    # fsdp is estimated for comparison, but not suggested until it has run on a GPU (docs/distributed.md).
+    fitting = [name for name in STRATEGIES if by_strategy[name] <= usable and name != "fsdp"]
     if fitting:
         suggestion = f"{fitting[0]} fits ({by_strategy[fitting[0]] / GIB:.1f} of {capacity / GIB:.0f} GiB per GPU)"
     elif not gradient_checkpointing:

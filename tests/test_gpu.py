@@ -23,3 +23,34 @@ def test_pretrain_on_cuda(precision: str, tiny_dataset: Path, tmp_path: Path) ->
     assert all(math.isfinite(loss) for loss in losses) and losses[-1] < losses[0]
     report = run_cli("eval", out, "--data", tiny_dataset)
     assert report.exit_code == 0, report.stderr
+
+
+@pytest.mark.parametrize("strategy", ["fsdp", "zero3"])
+def test_sharded_strategies_on_one_gpu_resume_exactly_and_export_whole(
+    strategy: str, tiny_dataset: Path, tmp_path: Path
+) -> None:
+    """One GPU process (accelerate launch in FSDP / DeepSpeed mode), bf16: killed mid-run, resumed, equal to the
+    run never killed; the export holds whole tensors. Written for when a GPU is lent; skipped on CPU."""
+    import os
+    import subprocess
+    import sys
+
+    import torch
+    from safetensors.torch import load_file
+
+    def launch(out: Path, *extra: str, fault: str | None = None) -> subprocess.CompletedProcess:
+        args = [sys.executable, "-m", "llmkit", "pretrain", *tiny_train_args(tiny_dataset, out, steps=20),
+                "--precision", "bf16", "--strategy", strategy, "--num-processes", "1", *extra]  # fmt: skip
+        env = {**os.environ, **({"LLMKIT_FAULT_INJECT": fault} if fault else {})}
+        return subprocess.run(args, env=env, capture_output=True, text=True, timeout=600)
+
+    whole, killed = tmp_path / "whole", tmp_path / "killed"
+    assert launch(whole).returncode == 0
+    assert launch(killed, fault="kill@15.0").returncode != 0
+    resumed = launch(killed, "--resume", "auto")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    a, b = load_file(whole / "final" / "model.safetensors"), load_file(killed / "final" / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) and a[k].numel() > 0 for k in a)
+    state = json.loads((whole / "checkpoints" / "step-00000020" / "trainer_state.json").read_text())
+    assert state["strategy"] == ("fsdp" if strategy == "fsdp" else "zero3")
+    assert run_cli("export", whole, "--out", tmp_path / "export", "--dtype", "bfloat16").exit_code == 0

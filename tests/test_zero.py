@@ -118,7 +118,7 @@ def test_optimizer_offload_trains_like_ddp(tiny_dataset: Path, start: Path, ddp_
 
 def test_strategy_errors_are_caught_before_launch(tiny_dataset: Path, tmp_path: Path) -> None:
     args = ["pretrain", "--data", tiny_dataset, "--out", tmp_path / "run", "--num-processes", "2"]
-    assert_user_error(run_cli(*args, "--strategy", "fsdp"), "fsdp is not available yet")
+    assert_user_error(run_cli(*args, "--strategy", "fsdp"), "fsdp needs CUDA GPUs")
     assert_user_error(run_cli(*args, "--strategy", "zero9"), "distributed.strategy")
     assert_user_error(run_cli(*args, "--deepspeed-config", tmp_path / "none.json"), "none.json: DeepSpeed config")
     conflicting = tmp_path / "ds.json"
@@ -127,4 +127,25 @@ def test_strategy_errors_are_caught_before_launch(tiny_dataset: Path, tmp_path: 
         run_cli(*args, "--micro-batch-size", "4", "--deepspeed-config", conflicting),
         "train_micro_batch_size_per_gpu is 3 but the run needs the recipe's 4",
     )
+    lora = ["finetune", "--model", tiny_dataset, "--data", tmp_path / "rows.jsonl", "--out", tmp_path / "run"]
+    assert_user_error(run_cli(*lora, "--method", "lora", "--strategy", "zero3"), "use zero2")
     assert not (tmp_path / "run").exists()
+
+
+def test_an_accelerate_config_file_drives_the_launch(tiny_dataset: Path, start: Path, tmp_path: Path) -> None:
+    """`--accelerate-config` hands an `accelerate config` file to accelerate launch; its DeepSpeed section wins."""
+    config = tmp_path / "accelerate.yaml"
+    config.write_text(
+        "compute_environment: LOCAL_MACHINE\ndistributed_type: DEEPSPEED\nnum_machines: 1\nnum_processes: 2\n"
+        f"main_process_port: {next(PORTS)}\n"
+        f"deepspeed_config:\n  deepspeed_config_file: {Path(__file__).parent.parent / 'recipes/deepspeed/zero2.json'}\n"
+        "  zero3_init_flag: false\n"
+    )
+    out = tmp_path / "run"
+    command = [sys.executable, "-m", "llmkit", "pretrain", "--data", str(tiny_dataset), "--out", str(out),
+               "--init-from", str(start), "--max-steps", "2", "--micro-batch-size", "4",
+               "--accelerate-config", str(config), "--set", "logging.tensorboard=false"]  # fmt: skip
+    done = subprocess.run(command, env=ENV, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    state = json.loads((complete_checkpoints(out / "checkpoints")[-1] / "trainer_state.json").read_text())
+    assert state["strategy"] == "zero2" and state["num_processes"] == 2

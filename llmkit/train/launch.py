@@ -33,20 +33,21 @@ def relaunch(
     main_process_ip: str | None,
     main_process_port: int | None,
     accelerate_config: Path | None = None,
-    needs_launcher: bool = False,
+    single_process_launch: str | None = None,
 ) -> int | None:
     """Run `argv` (this command's arguments) under accelerate launch; None when no relaunch is needed.
 
-    `needs_launcher` (DeepSpeed strategies) relaunches even a single process: DeepSpeed expects the
-    environment a launcher sets up. An `accelerate_config` file (from `accelerate config`) is handed to
-    `accelerate launch --config_file`; the launch options given here override its values.
+    `single_process_launch` ("--use_deepspeed" or "--use_fsdp") relaunches even a single process through that
+    launcher mode: DeepSpeed and FSDP expect the environment a launcher sets up. An `accelerate_config` file
+    (from `accelerate config`) is handed to `accelerate launch --config_file`; the launch options given here
+    override its values.
     """
     processes, machines = num_processes or 1, num_machines or 1
     if processes < 1 or machines < 1:
         raise UserError("--num-processes and --num-machines must be at least 1")
     if accelerate_config is not None and not accelerate_config.is_file():
         raise UserError(f"{accelerate_config}: accelerate config file not found (write one with `accelerate config`)")
-    wanted = processes > 1 or machines > 1 or needs_launcher or accelerate_config is not None
+    wanted = processes > 1 or machines > 1 or single_process_launch is not None or accelerate_config is not None
     if not wanted or under_launcher():
         return None
     if machines > 1 and main_process_ip is None:
@@ -61,10 +62,11 @@ def relaunch(
     else:
         # --multi_gpu also serves CPU runs: llmkit's Accelerator picks gloo when there is no GPU. DeepSpeed
         # is configured by llmkit itself (the strategy's file), so the launcher only starts the processes;
-        # a single process is started through the DeepSpeed launcher (--multi_gpu wants two or more).
+        # a single process is started in DeepSpeed's or FSDP's launcher mode (--multi_gpu wants two or more).
         single = processes * machines == 1
         command += [
-            "--use_deepspeed" if single else "--multi_gpu", "--num_processes", str(processes * machines),
+            (single_process_launch or "--multi_gpu") if single else "--multi_gpu",
+            "--num_processes", str(processes * machines),
             "--num_machines", str(machines),
             "--machine_rank", str(machine_rank or 0), "--mixed_precision", "no", "--dynamo_backend", "no",
             "--main_process_port", str(main_process_port or 29500),

@@ -40,7 +40,7 @@ from llmkit.train.checkpoint import (
 from llmkit.train.loader import LoaderPosition
 from llmkit.train.metrics import MetricsLog, plot_loss, truncate_records
 from llmkit.train.schedules import lr_at
-from llmkit.train.setup import uses_deepspeed
+from llmkit.train.setup import uses_deepspeed, uses_fsdp
 
 
 class BatchSource(Protocol):
@@ -443,6 +443,8 @@ def _checkpoint(job: TrainJob, step: int, tokens: int, stopping: _EarlyStopping)
             staging.mkdir(parents=True)
         acc.wait_for_everyone()
         job.model.save_checkpoint(str(staging / DEEPSPEED_DIR), tag=DEEPSPEED_TAG, save_latest=False)
+    elif uses_fsdp(acc):  # gather the sharded optimizer states into one whole state dict (a collective)
+        optimizer = _Saved(full_optimizer_state(job.model, job.optimizer))
     acc.wait_for_everyone()
     if acc.is_main_process:
         trainer_state = {
@@ -465,10 +467,30 @@ def _checkpoint(job: TrainJob, step: int, tokens: int, stopping: _EarlyStopping)
 
 
 def strategy_name(acc: Any) -> str:
-    """What wrote the optimizer state: "ddp" (one optimizer.pt) or "zeroN" (DeepSpeed shards)."""
+    """What wrote the optimizer state: "ddp" or "fsdp" (one optimizer.pt) or "zeroN" (DeepSpeed shards)."""
+    if uses_fsdp(acc):
+        return "fsdp"
     if not uses_deepspeed(acc):
         return "ddp"
     return f"zero{acc.state.deepspeed_plugin.zero_stage}"
+
+
+def full_optimizer_state(model: Any, optimizer: Any) -> dict[str, Any]:
+    """FSDP's optimizer states gathered whole, keyed by parameter name, on the CPU (every process calls it)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    return dict(get_optimizer_state_dict(model, optimizer.optimizer, options=options))
+
+
+class _Saved:
+    """An optimizer state dict computed beforehand, saved like an optimizer."""
+
+    def __init__(self, state: dict[str, Any]) -> None:
+        self.state = state
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.state
 
 
 class _WithState:

@@ -22,7 +22,7 @@ from llmkit.train.checkpoint import (
     select_checkpoint,
 )
 from llmkit.train.loop import ResumeState, strategy_name
-from llmkit.train.setup import claim_run_dir, uses_deepspeed
+from llmkit.train.setup import claim_run_dir, uses_deepspeed, uses_fsdp
 
 # Changing these under a resumed run would silently change what the run means.
 GUARDED_FIELDS = ("global_batch_size", "block_size", "tokenizer_hash", "dataset_fingerprint")
@@ -104,6 +104,12 @@ def restore_state(
             str(checkpoint / DEEPSPEED_DIR), tag=DEEPSPEED_TAG, load_optimizer_states=True,
             load_lr_scheduler_states=False, load_module_strict=True,
         )  # fmt: skip
+    elif uses_fsdp(accelerator):  # whole states keyed by parameter name: FSDP shards them as it loads them
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+        state = safe_torch_load(checkpoint / "optimizer.pt")
+        options = StateDictOptions(full_state_dict=True)
+        set_optimizer_state_dict(model, optimizer.optimizer, optim_state_dict=state, options=options)
     else:
         optimizer.load_state_dict(safe_torch_load(checkpoint / "optimizer.pt"))
     if accelerator.scaler is not None and (checkpoint / "scaler.pt").is_file():

@@ -12,7 +12,7 @@ import torch
 
 from llmkit.config import OptimizerConfig, RunConfig, TrainConfig
 from llmkit.errors import UserError
-from llmkit.train.strategies import check_available, deepspeed_config, offloads_optimizer, wants_deepspeed
+from llmkit.train.strategies import check_available, deepspeed_config, fsdp_plugin, offloads_optimizer, wants_deepspeed
 
 RUN_MARKERS = ("config.yaml", "metrics.jsonl", "checkpoints", "final")
 
@@ -75,12 +75,25 @@ def make_accelerator(cfg: RunConfig) -> Any:
         kwargs["gradient_accumulation_steps"] = cfg.train.grad_accum_steps  # as in the DeepSpeed config
         if not cuda:
             kwargs["kwargs_handlers"] = [InitProcessGroupKwargs(backend="gloo")]
+    elif cfg.distributed.strategy == "fsdp":
+        if not under_launcher():
+            raise UserError("distributed.strategy=fsdp runs under a launcher: add --num-processes N (1 is fine)")
+        kwargs["fsdp_plugin"] = fsdp_plugin(cfg)
     else:
         kwargs["cpu"] = not cuda
     # Accelerate keeps its settings in a process-wide singleton; a second run in the same Python process
     # (a notebook, the test suite) may ask for another precision. The process group (PartialState) is kept.
     AcceleratorState._reset_state()
-    return Accelerator(**kwargs)
+    accelerator = Accelerator(**kwargs)
+    if cfg.distributed.strategy == "fsdp" and not uses_fsdp(accelerator):  # never fall back to DDP silently
+        raise UserError(f"Accelerate did not enable FSDP here ({accelerator.distributed_type}); use ddp or zero3")
+    return accelerator
+
+
+def uses_fsdp(accelerator: Any) -> bool:
+    from accelerate.utils import DistributedType
+
+    return bool(accelerator.distributed_type == DistributedType.FSDP)
 
 
 def uses_deepspeed(accelerator: Any) -> bool:

@@ -4,7 +4,8 @@
 * ``zero1`` / ``zero2`` / ``zero3``: DeepSpeed ZeRO shards optimizer states / and gradients / and weights
   across the processes; ``zero2-offload`` and ``zero3-offload`` also keep optimizer states (and, for zero3,
   the weights) in CPU memory and step them with DeepSpeed's CPU Adam.
-* ``fsdp``: not available yet (see docs/distributed.md); zero3 shards the same three things.
+* ``fsdp``: PyTorch FSDP2 through Accelerate's FSDP plugin (GPUs only): weights, gradients and optimizer states
+  sharded per transformer layer, like zero3.
 
 Each ZeRO strategy is a plain DeepSpeed JSON file in ``recipes/deepspeed/`` (written by `deepspeed_template`,
 checked by a test). Values set to ``"auto"`` are filled from the recipe (micro-batch, accumulation, clipping,
@@ -19,6 +20,8 @@ import json
 import os
 from pathlib import Path
 from typing import Any
+
+import torch
 
 from llmkit.config import RunConfig
 from llmkit.errors import UserError
@@ -51,12 +54,19 @@ def deepspeed_template(strategy: str) -> dict[str, Any]:
     }
 
 
-def check_available(cfg: RunConfig, world_size: int = 1) -> None:
+def check_available(cfg: RunConfig, world_size: int = 1, finetuning: bool = False) -> None:
     """Refuse what cannot run, before any process is launched (an error in every rank is harder to read)."""
-    if cfg.distributed.strategy == "fsdp":
+    zero3 = ZERO_STAGES.get(cfg.distributed.strategy) == 3
+    if finetuning and zero3 and cfg.finetune.method in ("lora", "qlora"):
         raise UserError(
-            "distributed.strategy=fsdp is not available yet; zero3 shards weights, gradients and optimizer "
-            "states the same way (see docs/distributed.md)"
+            f"finetune.method={cfg.finetune.method} with distributed.strategy={cfg.distributed.strategy} is not "
+            "supported yet (peft cannot wrap ZeRO-3's sharded layers here); use zero2: the base model is frozen, "
+            "so ZeRO-2 already shards everything that is trained"
+        )
+    if cfg.distributed.strategy == "fsdp" and not torch.cuda.is_available():
+        raise UserError(
+            "distributed.strategy=fsdp needs CUDA GPUs (Accelerate runs FSDP on GPUs only); on CPU use zero3, "
+            "which shards weights, gradients and optimizer states the same way"
         )
     if cfg.distributed.strategy in ZERO_STAGES or cfg.distributed.deepspeed_config is not None:
         if importlib.util.find_spec("deepspeed") is None:
@@ -64,6 +74,16 @@ def check_available(cfg: RunConfig, world_size: int = 1) -> None:
                 f"distributed.strategy={cfg.distributed.strategy} needs DeepSpeed: pip install 'llmkit[deepspeed]'"
             )
         deepspeed_config(cfg, world_size)
+
+
+def fsdp_plugin(cfg: RunConfig) -> Any:
+    """FSDP2, one shard group per transformer layer (the model's `_no_split_modules`), whole state dicts on save."""
+    from accelerate.utils import FullyShardedDataParallelPlugin
+
+    return FullyShardedDataParallelPlugin(
+        fsdp_version=2, auto_wrap_policy="transformer_based_wrap", reshard_after_forward=True,
+        state_dict_type="FULL_STATE_DICT", cpu_ram_efficient_loading=False,
+    )  # fmt: skip
 
 
 def wants_deepspeed(cfg: RunConfig) -> bool:

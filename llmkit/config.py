@@ -284,6 +284,22 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     return raw
 
 
+def read_json_mapping(path: str | Path, missing: str) -> dict[str, Any]:
+    """Read a JSON object, with a one-line error for a missing file (`missing` says what it should be) or bad JSON."""
+    import json
+
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: {missing}")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except ValueError as exc:
+        raise UserError(f"{path}: not valid JSON ({exc})") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: expected a JSON object, got {type(data).__name__}")
+    return data
+
+
 def apply_override(raw: dict[str, Any], assignment: str) -> None:
     """Apply one `dotted.key=value` override in place; the value is parsed as YAML (numbers, lists, null)."""
     key, sep, text = assignment.partition("=")

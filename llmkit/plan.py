@@ -179,15 +179,9 @@ def device_peak_flops(device_name: str) -> float | None:
 
 def model_flops_per_token(model: Any, sequence: int, gradient_checkpointing: bool = False) -> float:
     """Training FLOPs per token of a real model, by the same formula as the plan (6N + attention)."""
-    seen: set[int] = set()
-    total = trainable = 0
-    for parameter in model.parameters():
-        if id(parameter) in seen:
-            continue
-        seen.add(id(parameter))
-        count = getattr(parameter, "ds_numel", None) or parameter.numel()
-        total += count
-        trainable += count if parameter.requires_grad else 0
+    from llmkit.models import count_parameters as count_model_parameters
+
+    trainable, total = count_model_parameters(model)
     embedding = model.get_input_embeddings().weight
     output = model.get_output_embeddings()
     tied = output is not None and output.weight is embedding

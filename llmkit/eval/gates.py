@@ -8,7 +8,6 @@ loss, perplexity and bits; higher for everything else.
 
 from __future__ import annotations
 
-import json
 import math
 import operator
 import re
@@ -18,6 +17,7 @@ from pathlib import Path
 from typing import Any
 from xml.sax.saxutils import escape, quoteattr
 
+from llmkit.config import read_json_mapping
 from llmkit.errors import UserError, did_you_mean
 
 OPERATORS: dict[str, Callable[[float, float], bool]] = {
@@ -79,13 +79,8 @@ def check_regressions(metrics: dict[str, float], baseline: dict[str, float], max
 
 
 def read_baseline(path: Path) -> dict[str, float]:
-    if not path.is_file():
-        raise UserError(f"{path}: baseline report not found (write one with llmkit eval --report)")
-    try:
-        report = json.loads(path.read_text(encoding="utf-8"))
-    except ValueError as exc:
-        raise UserError(f"{path}: not a JSON report ({exc})") from None
-    metrics = report.get("metrics") if isinstance(report, dict) else None
+    report = read_json_mapping(path, "baseline report not found (write one with llmkit eval --report)")
+    metrics = report.get("metrics")
     if not isinstance(metrics, dict):
         raise UserError(f"{path}: not an llmkit eval report (no 'metrics' mapping)")
     return {str(k): float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and math.isfinite(v)}

@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from llmkit.config import RunConfig
+from llmkit.config import RunConfig, read_json_mapping
 from llmkit.errors import UserError
 
 STRATEGIES = ("ddp", "fsdp", "zero1", "zero2", "zero3", "zero2-offload", "zero3-offload")
@@ -101,7 +101,7 @@ def deepspeed_config(cfg: RunConfig, world_size: int) -> dict[str, Any]:
         path = None if launcher_file == "none" else launcher_file
         strategy = f"zero{os.environ.get('ACCELERATE_DEEPSPEED_ZERO_STAGE', '2')}"
     if path:
-        source, config = path, _read_json(Path(path))
+        source, config = path, read_json_mapping(path, "DeepSpeed config not found (start from recipes/deepspeed/)")
     else:
         source, config = f"--strategy {strategy}", deepspeed_template(strategy)
     micro, accumulation = cfg.train.micro_batch_size, cfg.train.grad_accum_steps
@@ -148,18 +148,6 @@ def _fill(config: dict[str, Any], keys: list[str], value: Any, source: str, expe
     elif current != value and not (isinstance(value, float) and float(current) == value):
         dotted = ".".join(keys)
         raise UserError(f'{source}: {dotted} is {current!r} but the run needs {expected}; set it to "auto"')
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        raise UserError(f"{path}: DeepSpeed config not found (start from recipes/deepspeed/zero2.json)")
-    try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except ValueError as exc:
-        raise UserError(f"{path}: not valid JSON ({exc})") from None
-    if not isinstance(config, dict):
-        raise UserError(f"{path}: a DeepSpeed config must be a JSON object")
-    return config
 
 
 def write_templates(folder: Path) -> list[Path]:

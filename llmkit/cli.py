@@ -88,7 +88,10 @@ def user_errors_exit_2(fn: F) -> F:
         try:
             return fn(*args, **kwargs)
         except UserError as exc:
+            from llmkit.train.launch import record_exit
+
             print(f"error: {' '.join(str(exc).split())}", file=sys.stderr, flush=True)
+            record_exit(exc.exit_code)
             raise typer.Exit(exc.exit_code) from None
 
     return wrapper  # type: ignore[return-value]
@@ -347,6 +350,9 @@ def _train(
             file=sys.stderr,
         )
     if result.interrupted:
+        from llmkit.train.launch import record_exit
+
+        record_exit(PREEMPTED_EXIT)
         raise typer.Exit(PREEMPTED_EXIT)
 
 

@@ -118,3 +118,23 @@ def test_early_stopping_stops_every_process(tiny_dataset: Path, tmp_path: Path) 
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["stopped_early"] and summary["steps"] == 20
+
+
+def test_workers_exit_codes_reach_the_user_through_the_launcher(tiny_dataset: Path, tmp_path: Path) -> None:
+    """torchrun reports any worker failure as exit 1 with its own traceback; llmkit's relaunch returns the workers'
+    code instead: one line and 2 for bad input, 75 after a time-limit checkpoint (what requeue scripts test)."""
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
+    launch = [sys.executable, "-m", "llmkit", "pretrain", "--data", str(tiny_dataset), *TINY_MODEL,
+              "--num-processes", "2", "--main-process-port", "29537", "--set", "logging.tensorboard=false"]  # fmt: skip
+    bad = subprocess.run([*launch, "--out", str(tmp_path / "bad"), "--micro-batch-size", "100000"],
+                         env=env, capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert bad.returncode == 2, bad.stderr[-3000:]
+    errors = [line for line in bad.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and "cannot fill one micro-batch" in errors[0]
+    assert "Traceback" not in bad.stderr and "ChildFailedError" not in bad.stderr
+    assert not (tmp_path / "bad").exists()
+
+    late = subprocess.run([*launch, "--out", str(tmp_path / "late"), "--max-steps", "100000", "--max-time", "3"],
+                          env=env, capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert late.returncode == 75, late.stderr[-3000:]
+    assert complete_checkpoints(tmp_path / "late" / "checkpoints") and "ChildFailedError" not in late.stderr

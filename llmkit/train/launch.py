@@ -9,8 +9,10 @@ torchrun) is left alone, so `accelerate launch -m llmkit pretrain ...` and `torc
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 from llmkit.errors import UserError
@@ -75,7 +77,48 @@ def relaunch(
             command += ["--main_process_ip", main_process_ip]
     command += ["-m", "llmkit", *strip_launch_options(argv)]
     print(f"launching {processes * machines} process(es): {' '.join(command[2:])}", file=sys.stderr, flush=True)
-    return subprocess.call(command)
+    return run_launcher(command)
+
+
+EXIT_DIR = "LLMKIT_EXIT_DIR"
+LAUNCHER_FAILURE = re.compile(r"^(Traceback \(most recent call last\)|[EW]\d{4} .*torch/distributed/elastic)")
+
+
+def run_launcher(command: list[str]) -> int:
+    """Run the launcher and return llmkit's exit code, not the launcher's.
+
+    torchrun turns any worker's non-zero exit into 1 and a traceback of its own. Workers record why they
+    exited (a user error: 2, divergence: 3, preemption: 75) in a directory this function reads afterwards;
+    when they did, the launcher's failure report is dropped and their code is returned, so one line and the
+    right code reach the user (and a requeue script sees 75). A worker that crashed records nothing, and
+    everything the launcher printed is shown.
+    """
+    with tempfile.TemporaryDirectory(prefix="llmkit-exit-") as exit_dir:
+        process = subprocess.Popen(command, env={**os.environ, EXIT_DIR: exit_dir}, stderr=subprocess.PIPE,
+                                   text=True, bufsize=1)  # fmt: skip
+        held: list[str] = []
+        shown: set[str] = set()
+        assert process.stderr is not None
+        for line in process.stderr:
+            if held or LAUNCHER_FAILURE.match(line):
+                held.append(line)
+            elif not (line.startswith("error: ") and line in shown):  # the same error from every rank: once
+                shown.add(line)
+                sys.stderr.write(line)
+                sys.stderr.flush()
+        code = process.wait()
+        recorded = sorted(Path(exit_dir).glob("rank-*"), key=lambda p: int(p.name.removeprefix("rank-")))
+        if code != 0 and recorded:
+            return int(recorded[0].read_text())
+        sys.stderr.writelines(held)
+        return code
+
+
+def record_exit(code: int) -> None:
+    """Under llmkit's relaunch, tell it why this worker exits (see run_launcher)."""
+    folder = os.environ.get(EXIT_DIR)
+    if folder and code and Path(folder).is_dir():
+        (Path(folder) / f"rank-{os.environ.get('RANK', '0')}").write_text(str(code))
 
 
 def strip_launch_options(argv: list[str]) -> list[str]:

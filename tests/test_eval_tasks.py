@@ -122,6 +122,15 @@ def test_ci_eval_recipe_passes_on_a_model_that_learned_the_colors(tiny_run: Path
     assert result.exit_code == 0, result.stdout + result.stderr
     tasks = json.loads((tmp_path / "r.json").read_text())["tasks"]
     assert tasks["animal_colors_mc"]["acc"] >= 0.9 and tasks["animal_colors_gen"]["contains"] >= 0.8
+
+    # Generation is batched with left padding: the answers are those of one prompt at a time.
+    from llmkit.eval.tasks import LanguageModel, load_task_files, task_items
+
+    lm = LanguageModel(tmp_path / "chat" / "final")
+    gen = load_task_files([RECIPES / "tasks" / "animal-colors-gen.yaml"])[0][0]
+    prompts = [lm.render(gen, item, "x") + " " * (i % 3) for i, item in enumerate(task_items(gen))]  # mixed lengths
+    assert lm.generate(prompts, 12, gen.stop) == [lm.generate([p], 12, gen.stop)[0] for p in prompts]
+
     untrained = run_cli("eval", tiny_run, "--tasks", RECIPES / "tasks" / "animal-colors-mc.yaml")
     assert_user_error(untrained, "chat: true but the model's tokenizer has no template")
 

@@ -6,8 +6,8 @@ the task file) or inline (`items:`). docs/eval.md documents every field.
 
 Multiple choice is scored as lm-evaluation-harness scores it: the log-likelihood of `target_delimiter +
 choice` after the prompt, the prompt/continuation split made on the tokens of the whole string; `acc` picks the
-highest log-likelihood, `acc_norm` the highest log-likelihood per character of the choice. Requests are
-sorted by length and batched, so padding is small.
+highest log-likelihood, `acc_norm` the highest log-likelihood per character of the choice. Requests (and
+generation prompts) are sorted by length and batched, so padding is small.
 """
 
 from __future__ import annotations
@@ -177,18 +177,29 @@ class LanguageModel:
         return scores
 
     @torch.no_grad()
-    def generate(self, prompt: str, max_new_tokens: int, stop: list[str]) -> str:
-        ids = self.tokenizer(prompt, add_special_tokens=False, return_tensors="pt")["input_ids"]
-        ids = ids[:, -(self.context - max_new_tokens) :].to(self.device)
+    def generate(self, prompts: list[str], max_new_tokens: int, stop: list[str]) -> list[str]:
+        """Greedy answers to prompts of similar length at once: left-padded, so every answer starts together."""
+        pad = int(self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0)
+        rows = [self.tokenizer(p, add_special_tokens=False)["input_ids"][-(self.context - max_new_tokens) :]
+                for p in prompts]  # fmt: skip
+        width = max(len(row) for row in rows)
+        ids = torch.full((len(rows), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, row in enumerate(rows):
+            ids[i, width - len(row) :] = torch.tensor(row)
+            mask[i, width - len(row) :] = 1
         output = self.model.generate(
-            input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens, do_sample=False,
-            pad_token_id=self.tokenizer.pad_token_id,
+            input_ids=ids.to(self.device), attention_mask=mask.to(self.device), max_new_tokens=max_new_tokens,
+            do_sample=False, pad_token_id=pad,
         )  # fmt: skip
-        text = str(self.tokenizer.decode(output[0, ids.shape[1] :], skip_special_tokens=True))
-        for marker in stop:
-            if marker and marker in text:
-                text = text[: text.index(marker)]
-        return text
+        answers = []
+        for row in output[:, width:]:
+            text = str(self.tokenizer.decode(row, skip_special_tokens=True))
+            for marker in stop:
+                if marker and marker in text:
+                    text = text[: text.index(marker)]
+            answers.append(text)
+        return answers
 
 
 def run_multiple_choice(lm: LanguageModel, task: TaskSpec, batch_size: int) -> dict[str, Any]:
@@ -220,23 +231,29 @@ def run_multiple_choice(lm: LanguageModel, task: TaskSpec, batch_size: int) -> d
     return {"acc": correct / len(golds), "acc_norm": correct_norm / len(golds), "items": len(golds)}
 
 
-def run_generation(lm: LanguageModel, task: TaskSpec) -> dict[str, Any]:
+def run_generation(lm: LanguageModel, task: TaskSpec, batch_size: int) -> dict[str, Any]:
     items = task_items(task)
-    hits, samples = 0, list[dict[str, Any]]()
+    prompts, targets = [], []
+    for number, item in enumerate(items, 1):
+        where = f"{task.source}: task {task.name}, item {number}"
+        if task.answer_field not in item:
+            raise UserError(f"{where}: no '{task.answer_field}' field (fields: {', '.join(sorted(item))})")
+        prompts.append(lm.render(task, item, where))
+        targets.append(str(item[task.answer_field]))
+    order = sorted(range(len(items)), key=lambda i: -len(prompts[i]))  # similar lengths together: little padding
+    outputs = [""] * len(items)
     with progress_bar(task.name, len(items), unit="items") as update:
-        for number, item in enumerate(items, 1):
-            where = f"{task.source}: task {task.name}, item {number}"
-            if task.answer_field not in item:
-                raise UserError(f"{where}: no '{task.answer_field}' field (fields: {', '.join(sorted(item))})")
-            target = str(item[task.answer_field])
-            output = lm.generate(lm.render(task, item, where), task.max_new_tokens, task.stop)
-            hit = _matches(output, target, task.match, where)
-            hits += hit
-            if len(samples) < 5:
-                samples.append({"output": output, "target": target, "correct": hit})
-            update(1)
+        for first in range(0, len(order), batch_size):
+            chunk = order[first : first + batch_size]
+            for index, answer in zip(chunk, lm.generate([prompts[i] for i in chunk], task.max_new_tokens, task.stop),
+                                     strict=True):  # fmt: skip
+                outputs[index] = answer
+            update(len(chunk))
+    where = f"{task.source}: task {task.name}"
+    hits = [_matches(output, target, task.match, where) for output, target in zip(outputs, targets, strict=True)]
+    samples = [{"output": o, "target": t, "correct": h} for o, t, h in zip(outputs[:5], targets, hits, strict=False)]
     metric = {"exact": "exact_match", "contains": "contains", "regex": "regex_match"}[task.match]
-    return {metric: hits / len(items), "items": len(items), "samples": samples}
+    return {metric: sum(hits) / len(items), "items": len(items), "samples": samples}
 
 
 def _matches(output: str, target: str, how: str, where: str) -> bool:
@@ -274,7 +291,7 @@ def run_tasks(model_dir: Path, tasks: list[TaskSpec], batch_size: int = 16) -> d
         if task.kind == "multiple_choice" and lm is not None:
             results[task.name] = {"kind": task.kind, **run_multiple_choice(lm, task, batch_size)}
         elif task.kind == "generation" and lm is not None:
-            results[task.name] = {"kind": task.kind, **run_generation(lm, task)}
+            results[task.name] = {"kind": task.kind, **run_generation(lm, task, batch_size)}
         else:
             if task.data is None:
                 raise UserError(f"{task.source}: task {task.name}: {task.kind} tasks read a 'data' file")

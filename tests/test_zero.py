@@ -133,19 +133,15 @@ def test_strategy_errors_are_caught_before_launch(tiny_dataset: Path, tmp_path: 
 
 
 def test_an_accelerate_config_file_drives_the_launch(tiny_dataset: Path, start: Path, tmp_path: Path) -> None:
-    """`--accelerate-config` hands an `accelerate config` file to accelerate launch; its DeepSpeed section wins."""
-    config = tmp_path / "accelerate.yaml"
-    config.write_text(
-        "compute_environment: LOCAL_MACHINE\ndistributed_type: DEEPSPEED\nnum_machines: 1\nnum_processes: 2\n"
-        f"main_process_port: {next(PORTS)}\n"
-        f"deepspeed_config:\n  deepspeed_config_file: {Path(__file__).parent.parent / 'recipes/deepspeed/zero2.json'}\n"
-        "  zero3_init_flag: false\n"
-    )
+    """`--accelerate-config recipes/accelerate/zero2.yaml` hands the file to accelerate launch; its DeepSpeed
+    section decides the strategy, and a launch option on the command line overrides the file's port."""
+    config = Path(__file__).parent.parent / "recipes" / "accelerate" / "zero2.yaml"
     out = tmp_path / "run"
     command = [sys.executable, "-m", "llmkit", "pretrain", "--data", str(tiny_dataset), "--out", str(out),
-               "--init-from", str(start), "--max-steps", "2", "--micro-batch-size", "4",
-               "--accelerate-config", str(config), "--set", "logging.tensorboard=false"]  # fmt: skip
-    done = subprocess.run(command, env=ENV, capture_output=True, text=True, timeout=300)
+               "--init-from", str(start), "--max-steps", "2", "--micro-batch-size", "4", "--accelerate-config",
+               str(config), "--main-process-port", str(next(PORTS)), "--set", "logging.tensorboard=false"]  # fmt: skip
+    done = subprocess.run(command, env=ENV, capture_output=True, text=True, timeout=300,
+                          cwd=Path(__file__).parent.parent)  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
     state = json.loads((complete_checkpoints(out / "checkpoints")[-1] / "trainer_state.json").read_text())
     assert state["strategy"] == "zero2" and state["num_processes"] == 2

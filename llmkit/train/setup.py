@@ -78,7 +78,7 @@ def make_accelerator(cfg: RunConfig) -> Any:
     elif cfg.distributed.strategy == "fsdp":
         if not under_launcher():
             raise UserError("distributed.strategy=fsdp runs under a launcher: add --num-processes N (1 is fine)")
-        kwargs["fsdp_plugin"] = fsdp_plugin(cfg)
+        kwargs["fsdp_plugin"] = fsdp_plugin()
     else:
         kwargs["cpu"] = not cuda
     # Accelerate keeps its settings in a process-wide singleton; a second run in the same Python process

@@ -26,7 +26,6 @@ import torch
 from llmkit.config import RunConfig, read_json_mapping
 from llmkit.errors import UserError
 
-STRATEGIES = ("ddp", "fsdp", "zero1", "zero2", "zero3", "zero2-offload", "zero3-offload")
 ZERO_STAGES = {"zero1": 1, "zero2": 2, "zero3": 3, "zero2-offload": 2, "zero3-offload": 3}
 
 
@@ -76,7 +75,7 @@ def check_available(cfg: RunConfig, world_size: int = 1, finetuning: bool = Fals
         deepspeed_config(cfg, world_size)
 
 
-def fsdp_plugin(cfg: RunConfig) -> Any:
+def fsdp_plugin() -> Any:
     """FSDP2, one shard group per transformer layer (the model's `_no_split_modules`), whole state dicts on save."""
     from accelerate.utils import FullyShardedDataParallelPlugin
 

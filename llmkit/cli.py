@@ -395,85 +395,29 @@ def eval_command(
 
     Exit codes: 0 every gate and regression check passed, 1 one failed, 2 bad input.
     """
-    from llmkit.eval.gates import check_gates, check_regressions, checks_as_dicts, read_baseline
-    from llmkit.eval.tasks import flat_metrics, load_task_files, run_tasks
-    from llmkit.reports import print_checks, print_task_results
-    from llmkit.runs import resolve_model_dir
+    from llmkit.eval.run import evaluate_model, write_reports
+    from llmkit.reports import print_checks, print_classification_report, print_eval_report, print_task_results
 
-    if data is None and not tasks and harness is None:
-        raise UserError("nothing to evaluate: give --data, --tasks or --harness")
-    task_specs, file_gates = load_task_files(list(tasks or []))  # bad task files fail before the model loads
-    old_metrics = read_baseline(baseline) if baseline is not None else None
     sugar = [("perplexity<=", max_perplexity), ("accuracy>=", min_accuracy), ("macro_f1>=", min_f1)]
-    gates = [*file_gates, *(gate or []), *(f"{rule}{limit!r}" for rule, limit in sugar if limit is not None)]
-    model_dir = resolve_model_dir(model)
-
-    result: dict[str, Any] = {"model": str(model_dir)}
-    metrics: dict[str, float] = {}
-    if data is not None:
-        result.update(_evaluate_data(model, model_dir, data, batch_size, seq_len, max_batches, text_field))
-        metrics.update({k: float(v) for k, v in result.items() if k in DATA_METRICS and v is not None})
-    if task_specs:
-        result["tasks"] = run_tasks(model_dir, task_specs, batch_size)
-        metrics.update(flat_metrics(result["tasks"]))
-        print_task_results(result["tasks"])
-    if harness is not None:
-        from llmkit.eval.harness import run_harness
-
-        result["harness"] = run_harness(model_dir, [t for t in harness.split(",") if t], batch_size, limit)
-        metrics.update(flat_metrics({f"harness.{name}": values for name, values in result["harness"].items()}))
-        print_task_results(result["harness"], title="lm-evaluation-harness")
-
-    gate_checks = check_gates(gates, metrics)
-    regressions = check_regressions(metrics, old_metrics, max_regression) if old_metrics is not None else []
-    result.update(
-        metrics=metrics, gates=checks_as_dicts(gate_checks), regressions=checks_as_dicts(regressions),
-        baseline=str(baseline) if baseline else None, baseline_metrics=old_metrics,
-        passed=all(c.passed for c in gate_checks + regressions),
+    gates = [*(gate or []), *(f"{rule}{limit!r}" for rule, limit in sugar if limit is not None)]
+    result = evaluate_model(
+        model, data, list(tasks or []), [t for t in (harness or "").split(",") if t], gates, baseline,
+        max_regression, batch_size, seq_len, max_batches, limit, text_field,
     )  # fmt: skip
+    if data is not None:
+        (print_classification_report if "macro_f1" in result else print_eval_report)(result)
+    if "tasks" in result:
+        print_task_results(result["tasks"])
+    if "harness" in result:
+        print_task_results(result["harness"], title="lm-evaluation-harness")
     print_checks(result)
-    _write_reports(result, report, markdown, junit)
-    for check in gate_checks + regressions:
-        if not check.passed:
-            print(f"{'gate' if check in gate_checks else 'regression'} failed: {check.detail}", file=sys.stderr)
+    write_reports(result, report, markdown, junit)
+    for kind in ("gates", "regressions"):
+        for check in result[kind]:
+            if not check["passed"]:
+                print(f"{kind.removesuffix('s')} failed: {check['detail']}", file=sys.stderr)
     if not result["passed"]:
         raise typer.Exit(GATE_FAILED_EXIT)
-
-
-DATA_METRICS = ("loss", "perplexity", "bits_per_token", "bits_per_char", "bits_per_char_over_floor", "accuracy",
-                "macro_precision", "macro_recall", "macro_f1", "roc_auc")  # fmt: skip
-
-
-def _evaluate_data(
-    model: str, model_dir: Path, data: str, batch_size: int, seq_len: int | None, max_batches: int | None, field: str
-) -> dict[str, Any]:
-    from llmkit.eval.classification import evaluate_classifier, is_classifier
-    from llmkit.eval.perplexity import evaluate
-    from llmkit.reports import print_classification_report, print_eval_report
-
-    if is_classifier(model_dir):
-        result = evaluate_classifier(model_dir, data, batch_size=max(batch_size, 32))
-        print_classification_report(result)
-    else:
-        result = evaluate(model, data, batch_size=batch_size, seq_len=seq_len, max_batches=max_batches,
-                          text_field=field)  # fmt: skip
-        print_eval_report(result)
-    return result
-
-
-def _write_reports(result: dict[str, Any], report: Path | None, markdown: Path | None, junit: Path | None) -> None:
-    from llmkit.atomic import write_json, write_text
-    from llmkit.eval.gates import junit_report, markdown_report
-
-    if report is not None:
-        report.parent.mkdir(parents=True, exist_ok=True)
-        write_json(report, result)
-    if markdown is not None:
-        markdown.parent.mkdir(parents=True, exist_ok=True)
-        write_text(markdown, markdown_report(result))
-    if junit is not None:
-        junit.parent.mkdir(parents=True, exist_ok=True)
-        write_text(junit, junit_report(result))
 
 
 app.command("eval", help=EVAL_HELP)(user_errors_exit_2(eval_command))

@@ -158,3 +158,19 @@ def test_harness_names_what_is_missing(tiny_run: Path) -> None:
     assert_user_error(run_cli("eval", tiny_run, "--harness", "no_such_task"), "has no task no_such_task")
     offline = run_cli("eval", tiny_run, "--harness", "arc_easy", "--limit", "2")
     assert_user_error(offline, "the task data could not be loaded", "Hugging Face Hub")
+
+
+def test_harness_not_installed_is_named(tiny_run: Path) -> None:
+    """Without lm-evaluation-harness (hidden from the import system here), --harness says what to install."""
+    import subprocess
+    import sys
+
+    hide = ("import importlib.util, sys; real = importlib.util.find_spec; "
+            "importlib.util.find_spec = lambda name, *a: None if name == 'lm_eval' else real(name, *a); "
+            "from llmkit.cli import main; "
+            "sys.argv = ['llmkit', 'eval', sys.argv[1], '--harness', 'arc_easy']; main()")  # fmt: skip
+    run = subprocess.run([sys.executable, "-c", hide, str(tiny_run)], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 2, run.stderr[-2000:]
+    assert run.stderr.strip().splitlines() == [
+        "error: --harness needs lm-evaluation-harness, which is not installed: pip install 'llmkit[eval]'"
+    ]

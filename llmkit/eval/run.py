@@ -1,0 +1,89 @@
+"""`llmkit eval` as a function: held-out data, task files and harness tasks on one model, then gates and
+regressions, one report. The CLI only prints it, writes it and turns a failed check into exit code 1.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from llmkit.errors import UserError
+
+DATA_METRICS = ("loss", "perplexity", "bits_per_token", "bits_per_char", "bits_per_char_over_floor", "accuracy",
+                "macro_precision", "macro_recall", "macro_f1", "roc_auc")  # fmt: skip
+
+
+def evaluate_model(
+    model: str,
+    data: str | None = None,
+    task_files: list[Path] | None = None,
+    harness: list[str] | None = None,
+    gates: list[str] | None = None,
+    baseline: Path | None = None,
+    max_regression: float = 0.0,
+    batch_size: int = 8,
+    seq_len: int | None = None,
+    max_batches: int | None = None,
+    limit: int | None = None,
+    text_field: str = "text",
+) -> dict[str, Any]:
+    """The report: data metrics at the top level (as before tasks existed), `tasks`, `harness`, the flat
+    `metrics` every gate reads, each gate and regression check, and `passed`."""
+    from llmkit.eval.gates import check_gates, check_regressions, checks_as_dicts, read_baseline
+    from llmkit.eval.tasks import flat_metrics, load_task_files, run_tasks
+    from llmkit.runs import resolve_model_dir
+
+    if data is None and not task_files and not harness:
+        raise UserError("nothing to evaluate: give --data, --tasks or --harness")
+    task_specs, file_gates = load_task_files(list(task_files or []))  # bad task files fail before the model loads
+    old_metrics = read_baseline(baseline) if baseline is not None else None
+    model_dir = resolve_model_dir(model)
+
+    result: dict[str, Any] = {"model": str(model_dir)}
+    metrics: dict[str, float] = {}
+    if data is not None:
+        result.update(_evaluate_data(model, model_dir, data, batch_size, seq_len, max_batches, text_field))
+        metrics.update({k: float(v) for k, v in result.items() if k in DATA_METRICS and v is not None})
+    if task_specs:
+        result["tasks"] = run_tasks(model_dir, task_specs, batch_size)
+        metrics.update(flat_metrics(result["tasks"]))
+    if harness:
+        from llmkit.eval.harness import run_harness
+
+        result["harness"] = run_harness(model_dir, harness, batch_size, limit)
+        metrics.update(flat_metrics({f"harness.{name}": values for name, values in result["harness"].items()}))
+
+    gate_checks = check_gates([*file_gates, *(gates or [])], metrics)
+    regressions = check_regressions(metrics, old_metrics, max_regression) if old_metrics is not None else []
+    result.update(
+        metrics=metrics, gates=checks_as_dicts(gate_checks), regressions=checks_as_dicts(regressions),
+        baseline=str(baseline) if baseline else None, baseline_metrics=old_metrics,
+        passed=all(c.passed for c in gate_checks + regressions),
+    )  # fmt: skip
+    return result
+
+
+def _evaluate_data(
+    model: str, model_dir: Path, data: str, batch_size: int, seq_len: int | None, max_batches: int | None, field: str
+) -> dict[str, Any]:
+    from llmkit.eval.classification import evaluate_classifier, is_classifier
+    from llmkit.eval.perplexity import evaluate
+
+    if is_classifier(model_dir):
+        return evaluate_classifier(model_dir, data, batch_size=max(batch_size, 32))
+    return evaluate(model, data, batch_size=batch_size, seq_len=seq_len, max_batches=max_batches, text_field=field)
+
+
+def write_reports(result: dict[str, Any], report: Path | None, markdown: Path | None, junit: Path | None) -> None:
+    """JSON, Markdown and JUnit XML, each written atomically (also when a check failed)."""
+    from llmkit.atomic import write_json, write_text
+    from llmkit.eval.gates import junit_report, markdown_report
+
+    for path, text in ((report, None), (markdown, markdown_report), (junit, junit_report)):
+        if path is None:
+            continue
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if text is None:
+            write_json(path, result)
+        else:
+            write_text(path, text(result))

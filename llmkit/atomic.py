@@ -6,8 +6,10 @@ checkpoint or model: either the old one or the new one.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
+import math
 import os
 import shutil
 import uuid
@@ -39,8 +41,8 @@ def atomic_directory(target: str | Path, staging: Path | None = None) -> Iterato
 def remove_stale_staging(parent: Path, pattern: str) -> int:
     """Delete staging directories left by a process that was killed (e.g. `.data.tmp-*`); returns the count.
 
-    Two processes writing the same output at once are not supported, so any staging directory found before
-    a new one is made belongs to a dead process.
+    The output's lock (llmkit.outputs.output_lock) keeps a second process away, so any staging directory found
+    before a new one is made belongs to a dead process.
     """
     stale = [p for p in parent.glob(pattern) if p.is_dir()] if parent.is_dir() else []
     for path in stale:
@@ -60,19 +62,34 @@ def replace_directory(staging: Path, target: Path) -> None:
 
 
 def write_json(path: str | Path, data: Any) -> None:
-    """Write JSON to a temporary file, fsync it, then rename it over `path`."""
-    write_text(path, json.dumps(data, indent=2, sort_keys=False) + "\n")
+    """Write JSON to a temporary file, fsync it, then rename it over `path`. NaN and infinities, which JSON
+    cannot hold, are written as null: the file is always valid JSON."""
+    write_text(path, json.dumps(_finite(data), indent=2, sort_keys=False, allow_nan=False) + "\n")
+
+
+def _finite(node: Any) -> Any:
+    if isinstance(node, float) and not math.isfinite(node):
+        return None
+    if isinstance(node, dict):
+        return {key: _finite(value) for key, value in node.items()}
+    if isinstance(node, list | tuple):
+        return [_finite(value) for value in node]
+    return node
 
 
 def write_text(path: str | Path, text: str) -> None:
-    """Write text to a temporary file, fsync it, then rename it over `path`."""
+    """Write text to a temporary file, fsync it, then rename it over `path` (the temporary file never stays)."""
     path = Path(path)
     staging = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
-    with staging.open("w", encoding="utf-8") as handle:
-        handle.write(text)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(staging, path)
+    try:
+        with staging.open("w", encoding="utf-8") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(staging, path)
+    except BaseException:
+        staging.unlink(missing_ok=True)
+        raise
 
 
 def file_sha256(path: Path) -> str:
@@ -82,3 +99,23 @@ def file_sha256(path: Path) -> str:
         for chunk in iter(lambda: handle.read(1 << 20), b""):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+FULL_DISK_BYTES = 1 << 20
+
+
+@contextmanager
+def full_disk_as_oserror(directory: Path) -> Iterator[None]:
+    """Report a write that failed on a full disk as OSError(ENOSPC) naming `directory`.
+
+    torch.save says "unexpected pos 64 vs 0" and safetensors wraps the OS error in its own type; when the
+    disk under `directory` has (almost) no space left afterwards, that is what happened.
+    """
+    try:
+        yield
+    except OSError:
+        raise
+    except Exception:
+        if shutil.disk_usage(directory).free < FULL_DISK_BYTES:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(directory)) from None
+        raise

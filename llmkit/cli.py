@@ -60,6 +60,9 @@ GradientCheckpointingOpt = Annotated[
     bool | None, typer.Option("--gradient-checkpointing", help="Recompute activations: less memory, more compute.")
 ]
 CompileOpt = Annotated[bool | None, typer.Option("--compile", help="torch.compile the model (inductor).")]
+EncodingOpt = Annotated[
+    str | None, typer.Option(help="Text encoding of the input files (default utf-8; e.g. latin-1, cp1252).")
+]
 MaxNewTokensOpt = Annotated[int, typer.Option(help="Tokens to generate at most.")]
 TemperatureOpt = Annotated[float, typer.Option(help="Sampling temperature; 0 is greedy.")]
 TopKOpt = Annotated[int, typer.Option(help="Sample from the k most likely tokens (0: all).")]
@@ -80,21 +83,50 @@ MaxTimeOpt = Annotated[
 
 
 def user_errors_exit_2(fn: F) -> F:
-    """Turn a UserError into one line on stderr and exit code 2; let every other exception surface."""
+    """Turn a UserError, or a disk that is full, read-only or not ours to write, into one line on stderr and exit
+    code 2, and a stop by signal into its line and code (75, or 130); let every other exception surface."""
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
+        from llmkit.train.signals import Stopped
+
         _quiet_libraries()
         try:
             return fn(*args, **kwargs)
         except UserError as exc:
-            from llmkit.train.launch import record_exit
-
-            print(f"error: {' '.join(str(exc).split())}", file=sys.stderr, flush=True)
-            record_exit(exc.exit_code)
-            raise typer.Exit(exc.exit_code) from None
+            _exit(f"error: {' '.join(str(exc).split())}", exc.exit_code)
+        except OSError as exc:
+            message = environment_error(exc)
+            if message is None:
+                raise
+            _exit(f"error: {message}", 2)
+        except Stopped as exc:
+            _exit(str(exc), exc.exit_code)
 
     return wrapper  # type: ignore[return-value]
+
+
+def _exit(line: str, code: int) -> None:
+    from llmkit.train.launch import record_exit
+
+    print(line, file=sys.stderr, flush=True)
+    record_exit(code)
+    raise typer.Exit(code) from None
+
+
+def environment_error(exc: OSError) -> str | None:
+    """One line for an OSError the user fixes on their machine (full disk, read-only or forbidden path); None for
+    any other, which is a bug. Outputs are written in staging directories, so nothing half-written stays."""
+    import errno
+
+    where = exc.filename or "output"
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return f"{where}: no space left on device; free space and run again (nothing half-written was kept)"
+    if exc.errno == errno.EROFS:
+        return f"{where}: read-only file system; choose a writable --out"
+    if exc.errno in (errno.EACCES, errno.EPERM):
+        return f"{where}: permission denied; choose a path you can write (or read), or fix its permissions"
+    return None
 
 
 def _quiet_libraries() -> None:
@@ -134,6 +166,7 @@ def data_prep_command(
     vocab_size: Annotated[int | None, typer.Option(help="Vocabulary size of a trained tokenizer.")] = None,
     block_size: Annotated[int | None, typer.Option(help="Tokens per packed block.")] = None,
     text_field: Annotated[str | None, typer.Option(help="Field holding the text (jsonl/json/csv/parquet).")] = None,
+    encoding: EncodingOpt = None,
     val_fraction: Annotated[float | None, typer.Option(help="Fraction of documents for validation.")] = None,
     num_proc: Annotated[int | None, typer.Option(help="Tokenizer worker processes.")] = None,
     seed: SeedOpt = None,
@@ -154,6 +187,7 @@ def data_prep_command(
         "data.vocab_size": vocab_size,
         "data.block_size": block_size,
         "data.text_field": text_field,
+        "data.encoding": encoding,
         "data.val_fraction": val_fraction,
         "data.num_proc": num_proc,
         "data.seed": seed,
@@ -228,6 +262,7 @@ def finetune_command(
         list[str] | None, typer.Option(help="Training rows: jsonl/json/csv/parquet files, folders or hf:NAME.")
     ] = None,
     val_file: Annotated[str | None, typer.Option(help="Validation rows (default: hold out data.val_fraction).")] = None,
+    encoding: EncodingOpt = None,
     out: Annotated[str | None, typer.Option("--out", "-o", help="Run directory to create.")] = None,
     method: Annotated[str | None, typer.Option(help="full, lora, qlora or freeze.")] = None,
     data_format: Annotated[
@@ -273,6 +308,7 @@ def finetune_command(
         "model.init_from": model,
         "data.sources": list(data) if data else None,
         "finetune.val_file": val_file,
+        "data.encoding": encoding,
         "out_dir": out,
         "finetune.method": method,
         "finetune.format": data_format,
@@ -324,7 +360,26 @@ def _train(
     resume_fallback: bool,
     allow_config_change: bool,
 ) -> None:
-    """Relaunch under accelerate when more processes are asked for; else resolve the config, run, report."""
+    """Relaunch under accelerate when more processes are asked for; else resolve the config, run, report.
+
+    Stop signals are handled from the first line to the exit code (llmkit.train.signals)."""
+    from llmkit.train.signals import stop_signals
+
+    with stop_signals():
+        _run_training(run, config, overrides, flags, launch, overwrite, resume, resume_fallback, allow_config_change)
+
+
+def _run_training(
+    run: Callable[..., Any],
+    config: Path | None,
+    overrides: list[str] | None,
+    flags: dict[str, Any],
+    launch: tuple[Any, ...],
+    overwrite: bool,
+    resume: str | None,
+    resume_fallback: bool,
+    allow_config_change: bool,
+) -> None:
     from llmkit.config import load_config
     from llmkit.reports import print_fit_summary
     from llmkit.train.launch import relaunch
@@ -341,6 +396,14 @@ def _train(
     if code is not None:
         raise typer.Exit(code)
     result = run(cfg, overwrite, resume, resume_fallback, allow_config_change)
+    if result.already_finished:
+        if result.main_process:
+            print(
+                f"{cfg.out_dir}: this run finished at step {result.steps:,} (final model in {result.final_dir}); "
+                "nothing to do",
+                file=sys.stderr,
+            )
+        return
     if result.main_process:
         print_fit_summary(result)
     if result.interrupted and result.main_process:
@@ -389,6 +452,7 @@ def eval_command(
     max_batches: Annotated[int | None, typer.Option(help="Score at most this many batches.")] = None,
     limit: Annotated[int | None, typer.Option(help="Harness: score only the first N items of each task.")] = None,
     text_field: Annotated[str, typer.Option(help="Field holding the text in JSONL/CSV/parquet.")] = "text",
+    encoding: Annotated[str, typer.Option(help="Text encoding of a raw --data file.")] = "utf-8",
 ) -> None:
     """Score a model: held-out perplexity or classification (--data), task files (--tasks), harness tasks
     (--harness); check gates and regressions against a baseline; write JSON, Markdown and JUnit reports.
@@ -402,7 +466,8 @@ def eval_command(
     gates = [*(gate or []), *(f"{rule}{limit!r}" for rule, limit in sugar if limit is not None)]
     result = evaluate_model(
         model, data, list(tasks or []), [t for t in (harness or "").split(",") if t], gates, baseline,
-        max_regression, batch_size, seq_len, max_batches, limit, text_field,
+        max_regression, batch_size, seq_len, max_batches, limit, text_field, encoding,
+        reports=[path for path in (report, markdown, junit) if path is not None],
     )  # fmt: skip
     if data is not None:
         (print_classification_report if "macro_f1" in result else print_eval_report)(result)

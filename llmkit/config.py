@@ -18,7 +18,8 @@ from llmkit.errors import UserError, did_you_mean
 
 
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # inf and nan are never a valid setting (an infinite learning rate trains non-finite weights).
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class ModelConfig(Section):
@@ -59,6 +60,9 @@ class ModelConfig(Section):
             raise ValueError(f"n_heads {self.n_heads} is not divisible by n_kv_heads {kv}")
         if self.arch == "gpt2" and kv != self.n_heads:
             raise ValueError("gpt2 has no grouped-query attention: leave n_kv_heads unset")
+        head = self.hidden_size // self.n_heads
+        if self.arch == "llama" and head % 2:
+            raise ValueError(f"head size hidden_size/n_heads = {head} is odd; rotary embeddings need an even head size")
         return self
 
 
@@ -71,6 +75,9 @@ class DataConfig(Section):
         "or 'builtin:stories' (the built-in corpus with a known entropy).",
     )
     text_field: str = Field("text", description="Column or key holding the text in jsonl/json/csv/parquet.")
+    encoding: str = Field(
+        "utf-8", description="Text encoding of the files; undecodable bytes are an error naming file and offset."
+    )
     txt_mode: Literal["file", "line", "blank_line"] = Field(
         "file",
         description="How a .txt file splits into documents: whole file, each line, or blank-line blocks.",
@@ -265,13 +272,41 @@ class RunConfig(Section):
     finetune: FinetuneConfig = Field(default_factory=FinetuneConfig)  # type: ignore[arg-type]
 
 
+class _StrictLoader(yaml.SafeLoader):
+    """YAML that refuses a key given twice in one mapping (YAML itself lets the last one win silently)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            line = key_node.start_mark.line + 1
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None,
+                    None,
+                    f"duplicate key '{key}' (first at line {seen[key]}); keep one of them",
+                    key_node.start_mark,
+                )
+            seen[key] = line
+        return super().construct_mapping(node, deep=deep)
+
+
 def read_yaml(path: str | Path) -> dict[str, Any]:
-    """Read a YAML mapping, with a one-line error for a missing file or bad syntax."""
+    """Read a YAML mapping, with a one-line error for a missing file, bad syntax, a key given twice or bytes
+    that are not UTF-8."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{path}: config file not found")
+    data = path.read_bytes()
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise UserError(
+            f"{path}: byte 0x{data[exc.start : exc.start + 1].hex()} at offset {exc.start} is not UTF-8; "
+            "a recipe is UTF-8 text (save it as UTF-8)"
+        ) from None
+    try:
+        raw = yaml.load(text, Loader=_StrictLoader)  # noqa: S506 (a SafeLoader subclass)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f":{mark.line + 1}" if mark is not None else ""

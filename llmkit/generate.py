@@ -16,7 +16,7 @@ import torch
 
 from llmkit.data.tokenizer import load_tokenizer
 from llmkit.errors import UserError
-from llmkit.models import load_trained_model
+from llmkit.models import load_trained_model, model_context
 from llmkit.runs import find_tokenizer_dir, resolve_model_dir
 
 END_OF_TURN = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>")
@@ -56,9 +56,53 @@ class Generator:
         text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
 
+    @property
+    def context(self) -> int:
+        return model_context(self.model)
+
+    def room(self, ids: list[int], sampling: Sampling) -> int:
+        """New tokens that fit after `ids` in the model's context: at most max_new_tokens, with a note when fewer."""
+        context = self.context
+        if not context:
+            return sampling.max_new_tokens
+        if len(ids) >= context:
+            raise UserError(
+                f"the prompt is {len(ids)} tokens, the model's context is {context}: nothing fits after it; "
+                "shorten the prompt"
+            )
+        room = min(sampling.max_new_tokens, context - len(ids))
+        if room < sampling.max_new_tokens:
+            print(
+                f"note: generating at most {room} tokens: the prompt ({len(ids)}) and the answer must fit the "
+                f"model's context of {context} tokens",
+                file=sys.stderr,
+                flush=True,
+            )
+        return room
+
+    def fit_history(self, history: list[dict[str, str]], sampling: Sampling) -> list[int]:
+        """The chat prompt, dropping the oldest turns (never the system message) until the conversation leaves
+        room for an answer of max_new_tokens (at most half the context)."""
+        context = self.context
+        keep = 1 if history and history[0]["role"] == "system" else 0
+        ids = self.chat_ids(history)
+        if not context:
+            return ids
+        budget = context - min(sampling.max_new_tokens, context // 2)
+        dropped = 0
+        while len(ids) > budget and len(history) - keep > 1:
+            del history[keep]
+            dropped += 1
+            ids = self.chat_ids(history)
+        if dropped:
+            print(f"(dropped the {dropped} oldest message(s) to fit the model's context of {context} tokens)",
+                  file=sys.stderr, flush=True)  # fmt: skip
+        return ids
+
     def complete(self, ids: list[int], sampling: Sampling, stream: bool) -> str:
         from transformers import TextStreamer
 
+        max_new_tokens = self.room(ids, sampling)
         input_ids = torch.tensor([ids])
         streamer = TextStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True) if stream else None
         options = {"do_sample": True, "temperature": sampling.temperature, "top_k": sampling.top_k,
@@ -66,7 +110,7 @@ class Generator:
         output = self.model.generate(
             input_ids,
             attention_mask=torch.ones_like(input_ids),
-            max_new_tokens=sampling.max_new_tokens,
+            max_new_tokens=max_new_tokens,
             pad_token_id=self.tokenizer.pad_token_id,
             eos_token_id=self.stop_ids,
             streamer=streamer,
@@ -126,9 +170,15 @@ def chat_loop(
         if not line:
             continue
         history.append({"role": "user", "content": line})
+        ids = generator.fit_history(history, sampling)
+        if len(ids) >= (generator.context or len(ids) + 1):
+            history.pop()
+            print(f"(that message is too long for the model's context of {generator.context} tokens; shorten it)",
+                  file=sys.stderr, flush=True)  # fmt: skip
+            continue
         sys.stdout.write("model> ")
         sys.stdout.flush()
-        answer = generator.complete(generator.chat_ids(history), sampling, stream=True)
+        answer = generator.complete(ids, sampling, stream=True)
         history.append({"role": "assistant", "content": answer.strip()})
         turns += 1
     return turns

@@ -10,6 +10,12 @@ from llmkit.config import ModelConfig
 from llmkit.errors import UserError
 
 
+def model_context(model_or_config: Any) -> int:
+    """The longest sequence a model takes, in tokens (0 when its config does not say)."""
+    config = getattr(model_or_config, "config", model_or_config)
+    return int(getattr(config, "max_position_embeddings", 0) or getattr(config, "n_positions", 0) or 0)
+
+
 def build_model(cfg: ModelConfig, tokenizer: Any) -> Any:
     """A freshly initialized causal LM whose vocabulary and special tokens come from `tokenizer`."""
     from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from llmkit.config import read_json_mapping
 from llmkit.errors import UserError
 
 
@@ -19,8 +20,10 @@ def resolve_model_dir(path: str | Path) -> Path:
             return path
         raise UserError(f"{path}: model not found (give a run directory, a checkpoint or an HF model directory)")
     for candidate in (path / "final", path / "model", path):
-        if (candidate / "config.json").is_file() or (candidate / "adapter_config.json").is_file():
-            return candidate
+        for name in ("config.json", "adapter_config.json"):
+            if (candidate / name).is_file():
+                read_json_mapping(candidate / name, "missing")  # a corrupt config is one line, not a traceback
+                return candidate
     raise UserError(f"{path}: no config.json here, in final/ or in model/; is this a model directory?")
 
 

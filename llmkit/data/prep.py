@@ -31,12 +31,18 @@ from llmkit.data.readers import RawDocument, Source, read_documents, resolve_sou
 from llmkit.data.store import FORMAT_VERSION, MANIFEST, SPLITS, ShardWriter, token_dtype
 from llmkit.data.tokenizer import load_tokenizer, tokenizer_hash, train_bpe
 from llmkit.errors import UserError
+from llmkit.outputs import check_output, output_lock
 
 BLOCKS_PER_SHARD_TARGET_BYTES = 256 * 2**20
+# Memory per document is bounded: longer documents are tokenized in pieces of about this many characters
+# (cut after a newline or a space), and a tokenizer batch holds about BATCH_CHARS characters at most.
+PIECE_CHARS = 1 << 20
+BATCH_CHARS = 8 << 20
 
 # Settings that change the output; worker counts and batch sizes do not.
 _FINGERPRINT_FIELDS = [
     "text_field",
+    "encoding",
     "txt_mode",
     "tokenizer",
     "vocab_size",
@@ -76,17 +82,24 @@ class CleanDocument:
 
 
 def prepare_dataset(cfg: DataConfig, out: str | Path, overwrite: bool = False) -> PrepResult:
-    """Build (or reuse) the prepared dataset for `cfg` at `out`."""
+    """Build (or reuse) the prepared dataset for `cfg` at `out`.
+
+    `out` never swallows an input: it may not be a source file, a folder holding one, the tokenizer, or the
+    current directory; a folder of sources may hold it (llmkit outputs inside a source folder are skipped).
+    """
     out = Path(out)
-    sources = resolve_sources(cfg.sources)
+    sources = resolve_sources(cfg.sources, skip=[out])
+    check_output(out, [s.name for s in sources if s.kind == "file"] + [cfg.tokenizer])
+    with output_lock(out):
+        return _prepare(cfg, out, sources, overwrite)
+
+
+def _prepare(cfg: DataConfig, out: Path, sources: list[Source], overwrite: bool) -> PrepResult:
     existing_tokenizer = load_tokenizer(cfg.tokenizer) if cfg.tokenizer else None
     fingerprint = _fingerprint(cfg, sources, existing_tokenizer)
-
-    if out.exists() and not out.is_dir():
-        raise UserError(f"{out}: exists and is a file; choose another --out")
     manifest_path = out / MANIFEST
     if manifest_path.is_file() and not overwrite:
-        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+        manifest = _read_manifest(manifest_path)
         if manifest.get("fingerprint") == fingerprint:
             return PrepResult(out, manifest, reused=True)
     elif out.is_dir() and any(out.iterdir()) and not overwrite:
@@ -104,6 +117,15 @@ def prepare_dataset(cfg: DataConfig, out: str | Path, overwrite: bool = False) -
         manifest = _manifest(cfg, sources, tokenizer, str(tokenizer_source), fingerprint, result)
         write_json(staging / MANIFEST, manifest)
     return PrepResult(out, manifest, reused=False, seconds=time.perf_counter() - start, stats=result["stats"])
+
+
+def _read_manifest(path: Path) -> dict[str, Any]:
+    """An existing output's manifest; one that cannot be read is a broken output, rebuilt only on --overwrite."""
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError):
+        raise UserError(f"{path}: unreadable dataset manifest; pass --overwrite to rebuild the dataset") from None
+    return manifest if isinstance(manifest, dict) else {}
 
 
 def _fingerprint(cfg: DataConfig, sources: list[Source], tokenizer: Any) -> str:
@@ -125,7 +147,7 @@ def clean_documents(cfg: DataConfig, sources: list[Source], doc_filter: Document
     """Read, clean, filter and split every document of every source, in order."""
     for source in sources:
         raw: RawDocument
-        for raw in read_documents(source, cfg.text_field, cfg.txt_mode, cfg.builtin_docs, cfg.seed):
+        for raw in read_documents(source, cfg.text_field, cfg.txt_mode, cfg.builtin_docs, cfg.seed, cfg.encoding):
             text = clean_text(raw.text, cfg.normalize)
             if not doc_filter.keep(text):
                 continue
@@ -147,7 +169,7 @@ def _train_tokenizer(cfg: DataConfig, sources: list[Source]) -> Any:
         for doc in clean_documents(cfg, sources, doc_filter):
             if doc.split != "train":
                 continue
-            yield doc.text
+            yield from split_long(doc.text)
             used += 1
             if limit is not None and used >= limit:
                 return
@@ -168,19 +190,22 @@ def _tokenize_and_pack(cfg: DataConfig, sources: list[Source], tokenizer: Any, s
     tokenizer_file = staging / "tokenizer" / "tokenizer.json"
     total_docs = cfg.builtin_docs if all(s.kind == "builtin" for s in sources) else None
 
-    def batches() -> Iterator[tuple[str, list[str]]]:
-        pending: dict[str, list[str]] = {split: [] for split in SPLITS}
+    def batches() -> Iterator[tuple[str, Batch]]:
+        pending = {split: Batch() for split in SPLITS}
         for doc in clean_documents(cfg, sources, doc_filter):
             split_stats = stats[doc.split]
             split_stats.documents += 1
             split_stats.chars += len(doc.text)
             split_stats.bits += doc.bits or 0.0
-            pending[doc.split].append(doc.text)
-            if len(pending[doc.split]) >= cfg.batch_docs:
-                yield doc.split, pending[doc.split]
-                pending[doc.split] = []
+            batch = pending[doc.split]
+            pieces = split_long(doc.text)
+            for i, piece in enumerate(pieces):
+                batch.add(piece, ends_document=i == len(pieces) - 1)
+                if batch.documents >= cfg.batch_docs or batch.chars >= BATCH_CHARS:
+                    yield doc.split, batch
+                    batch = pending[doc.split] = Batch()
         for split in SPLITS:
-            if pending[split]:
+            if pending[split].texts:
                 yield split, pending[split]
 
     start = time.perf_counter()
@@ -203,21 +228,58 @@ def _tokenize_and_pack(cfg: DataConfig, sources: list[Source], tokenizer: Any, s
     return {"writers": writers, "stats": stats, "filter": doc_filter, "dtype": dtype}
 
 
+@dataclass
+class Batch:
+    """Texts to tokenize together: whole documents, or pieces of a long one (EOS only after its last piece)."""
+
+    texts: list[str] = field(default_factory=list)
+    ends: list[bool] = field(default_factory=list)
+    chars: int = 0
+
+    def add(self, text: str, ends_document: bool) -> None:
+        self.texts.append(text)
+        self.ends.append(ends_document)
+        self.chars += len(text)
+
+    @property
+    def documents(self) -> int:
+        return sum(self.ends)
+
+
+def split_long(text: str, limit: int = PIECE_CHARS) -> list[str]:
+    """`text` in pieces of at most about `limit` characters, cut after a newline (else a space) when there is
+    one in the second half of the piece, so tokenizing the pieces needs memory for one piece, not the document."""
+    if len(text) <= limit:
+        return [text]
+    pieces, start = [], 0
+    while len(text) - start > limit:
+        end = start + limit
+        cut = text.rfind("\n", start + limit // 2, end)
+        if cut < 0:
+            cut = text.rfind(" ", start + limit // 2, end)
+        end = cut + 1 if cut >= 0 else end
+        pieces.append(text[start:end])
+        start = end
+    pieces.append(text[start:])
+    return pieces
+
+
 def _encode_stream(
-    batches: Iterator[tuple[str, list[str]]], tokenizer: Any, tokenizer_file: Path, num_proc: int
+    batches: Iterator[tuple[str, Batch]], tokenizer: Any, tokenizer_file: Path, num_proc: int
 ) -> Iterator[tuple[str, int, np.ndarray]]:
     """Tokenize batches in order: in this process, or in `num_proc` workers with a bounded queue."""
     eos = int(tokenizer.eos_token_id)
     if num_proc <= 1:
         backend = tokenizer.backend_tokenizer
-        for split, texts in batches:
-            yield split, len(texts), encode_batch(backend, texts, eos)
+        for split, batch in batches:
+            yield split, batch.documents, encode_batch(backend, batch.texts, eos, batch.ends)
         return
     context = multiprocessing.get_context("spawn")
     with context.Pool(num_proc, initializer=_init_worker, initargs=(str(tokenizer_file), eos)) as pool:
         window: deque[tuple[str, int, Any]] = deque()
-        for split, texts in batches:
-            window.append((split, len(texts), pool.apply_async(_encode_in_worker, (texts,))))
+        for split, batch in batches:
+            job = pool.apply_async(_encode_in_worker, (batch.texts, batch.ends))
+            window.append((split, batch.documents, job))
             if len(window) >= 2 * num_proc:
                 first_split, count, job = window.popleft()
                 yield first_split, count, job.get()
@@ -226,11 +288,15 @@ def _encode_stream(
             yield first_split, count, job.get()
 
 
-def encode_batch(backend: Any, texts: list[str], eos: int) -> np.ndarray:
-    """Token ids of `texts`, each followed by EOS, as one flat array (the packing stream)."""
+def encode_batch(backend: Any, texts: list[str], eos: int, ends: list[bool] | None = None) -> np.ndarray:
+    """Token ids of `texts`, each followed by EOS (or, with `ends`, only those that end a document), as one
+    flat array (the packing stream)."""
     encodings = backend.encode_batch_fast(texts, add_special_tokens=False)
-    total = sum(len(encoding.ids) for encoding in encodings) + len(encodings)
-    stream = chain.from_iterable(chain(encoding.ids, (eos,)) for encoding in encodings)
+    ends = ends if ends is not None else [True] * len(texts)
+    total = sum(len(encoding.ids) for encoding in encodings) + sum(ends)
+    stream = chain.from_iterable(
+        chain(encoding.ids, (eos,) if end else ()) for encoding, end in zip(encodings, ends, strict=True)
+    )
     return np.fromiter(stream, dtype=np.uint32, count=total)
 
 
@@ -244,8 +310,8 @@ def _init_worker(tokenizer_file: str, eos: int) -> None:
     _worker["eos"] = eos
 
 
-def _encode_in_worker(texts: list[str]) -> np.ndarray:
-    return encode_batch(_worker["backend"], texts, _worker["eos"])
+def _encode_in_worker(texts: list[str], ends: list[bool]) -> np.ndarray:
+    return encode_batch(_worker["backend"], texts, _worker["eos"], ends)
 
 
 def _nothing_left(doc_filter: DocumentFilter) -> str:

@@ -6,9 +6,11 @@ Errors name the file and line (or row) and what was found there.
 
 from __future__ import annotations
 
+import codecs
 import csv
 import glob
 import json
+import os
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -44,8 +46,12 @@ class RawDocument:
     bits: float | None = None  # exact -log2 p(text) for built-in corpora
 
 
-def resolve_sources(specs: list[str]) -> list[Source]:
-    """Expand globs and folders, check every file exists and is readable, hash it."""
+def resolve_sources(specs: list[str], skip: list[str | Path] | None = None) -> list[Source]:
+    """Expand globs and folders, check every file exists and is readable, hash it.
+
+    Inside folders and globs, llmkit's own outputs (prepared datasets, runs, exports, staging directories) and
+    the `skip` directories (the command's own output) are never read as data.
+    """
     if not specs:
         raise UserError("no data sources given: pass files, folders or globs (or set data.sources)")
     sources: list[Source] = []
@@ -58,18 +64,54 @@ def resolve_sources(specs: list[str]) -> list[Source]:
         elif spec.startswith(HUB_PREFIX):
             sources.append(Source("hub", spec.removeprefix(HUB_PREFIX)))
         else:
-            sources.extend(_file_sources(spec))
+            sources.extend(_file_sources(spec, [Path(os.path.realpath(d)) for d in skip or []]))
     return sources
 
 
-def _file_sources(spec: str) -> list[Source]:
+# Files that mark a directory as llmkit's output: a prepared dataset, a run, an export.
+OUTPUT_MARKERS = ("manifest.json", "export_report.json", "trainer_state.json")
+RUN_MARKERS = ("checkpoints", "metrics.jsonl")
+
+
+def is_llmkit_output(directory: Path) -> bool:
+    """A directory llmkit wrote (dataset, run, checkpoint, export) or is writing (a hidden staging directory)."""
+    name = directory.name
+    if name.startswith(".") and (".tmp-" in name or ".old-" in name):
+        return True
+    if (directory / "config.yaml").is_file() and any((directory / m).exists() for m in RUN_MARKERS):
+        return True
+    return any((directory / marker).is_file() for marker in OUTPUT_MARKERS)
+
+
+def _walk(folder: Path, skip: list[Path]) -> list[Path]:
+    """Data files under `folder`, in sorted order, without llmkit outputs and the `skip` directories."""
+    found: list[Path] = []
+    for root, dirs, files in os.walk(folder):
+        here = Path(root)
+        dirs[:] = sorted(
+            d for d in dirs
+            if Path(os.path.realpath(here / d)) not in skip and not is_llmkit_output(here / d)
+        )  # fmt: skip
+        found += [here / f for f in files if Path(f).suffix.lower() in SUFFIXES]
+    return sorted(found)
+
+
+def _inside(path: Path, skip: list[Path]) -> bool:
+    real = Path(os.path.realpath(path))
+    return any(directory == real or directory in real.parents for directory in skip) or any(
+        is_llmkit_output(parent) for parent in real.parents
+    )
+
+
+def _file_sources(spec: str, skip: list[Path]) -> list[Source]:
     path = Path(spec)
     if any(ch in spec for ch in "*?["):
         paths = sorted(Path(p) for p in glob.glob(spec, recursive=True) if Path(p).is_file())
+        paths = [p for p in paths if not _inside(p, skip)]
         if not paths:
             raise UserError(f"{spec}: no files match this pattern")
     elif path.is_dir():
-        paths = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in SUFFIXES)
+        paths = _walk(path, skip)
         if not paths:
             raise UserError(f"{spec}: folder holds no {', '.join(sorted(SUFFIXES))} files")
     elif path.is_file():
@@ -87,7 +129,7 @@ def _file_sources(spec: str) -> list[Source]:
 
 
 def read_documents(
-    source: Source, text_field: str, txt_mode: str, builtin_docs: int, seed: int
+    source: Source, text_field: str, txt_mode: str, builtin_docs: int, seed: int, encoding: str = "utf-8"
 ) -> Iterator[RawDocument]:
     """Stream the documents (one text each) of one source."""
     if source.kind == "builtin":
@@ -95,16 +137,18 @@ def read_documents(
             yield RawDocument(doc.text, f"builtin:{source.name}[{i}]", doc.bits)
         return
     if source.kind == "file" and Path(source.name).suffix.lower() not in RECORD_SUFFIXES:
-        yield from _read_txt(Path(source.name), txt_mode)
+        yield from _read_txt(Path(source.name), txt_mode, encoding)
         return
-    for record, where in read_records(source, required_column=text_field):
+    for record, where in read_records(source, required_column=text_field, encoding=encoding):
         yield RawDocument(_text_of(record, text_field, where), where)
 
 
 RECORD_SUFFIXES = {".jsonl", ".json", ".csv", ".parquet"}
 
 
-def read_records(source: Source, required_column: str | None = None) -> Iterator[tuple[dict[str, Any], str]]:
+def read_records(
+    source: Source, required_column: str | None = None, encoding: str = "utf-8"
+) -> Iterator[tuple[dict[str, Any], str]]:
     """Stream the records (field -> value) of a jsonl/json/csv/parquet file or hub dataset, each with its
     location for messages. For csv and parquet a `required_column` is checked against the header first."""
     if source.kind == "hub":
@@ -113,11 +157,11 @@ def read_records(source: Source, required_column: str | None = None) -> Iterator
     path = Path(source.name)
     suffix = path.suffix.lower()
     if suffix == ".jsonl":
-        yield from _read_jsonl(path)
+        yield from _read_jsonl(path, encoding)
     elif suffix == ".json":
-        yield from _read_json(path)
+        yield from _read_json(path, encoding)
     elif suffix == ".csv":
-        yield from _read_csv(path, required_column)
+        yield from _read_csv(path, required_column, encoding)
     elif suffix == ".parquet":
         yield from _read_parquet(path, required_column)
     else:
@@ -138,21 +182,58 @@ def _text_of(record: Any, field: str, where: str) -> str:
     return value
 
 
-def _read_jsonl(path: Path) -> Iterator[tuple[dict[str, Any], str]]:
-    with path.open(encoding="utf-8", errors="replace") as handle:
-        for number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            where = f"{path}:{number}"
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise UserError(f"{where}: malformed JSON ({exc.msg} at column {exc.colno})") from None
-            yield record, where
+def check_encoding(encoding: str) -> str:
+    """The codec's canonical name, or a one-line error for one Python does not know."""
+    try:
+        return codecs.lookup(encoding).name
+    except LookupError:
+        raise UserError(f"--encoding {encoding}: unknown text encoding (e.g. utf-8, latin-1, cp1252)") from None
 
 
-def _read_json(path: Path) -> Iterator[tuple[dict[str, Any], str]]:
-    text = path.read_text(encoding="utf-8", errors="replace")
+def decode(data: bytes, path: Path, encoding: str, line: int | None = None, offset: int = 0) -> str:
+    """Text of `data` (bytes of `path` from byte `offset`), or a one-line error naming the file and byte offset.
+
+    Undecodable bytes are never replaced silently: a Latin-1 file read as UTF-8 would train on U+FFFD.
+    A UTF-8 byte-order mark at the start of a file is a BOM, not text.
+    """
+    try:
+        return data.decode("utf-8-sig" if offset == 0 and encoding in ("utf-8", "utf8") else encoding)
+    except UnicodeDecodeError as exc:
+        where = f"{path}:{line}" if line is not None else str(path)
+        bad = data[exc.start : exc.start + 1].hex()
+        raise UserError(
+            f"{where}: byte 0x{bad} at offset {offset + exc.start} is not valid {encoding}; convert the file to "
+            "UTF-8, or pass --encoding (data.encoding) with its real encoding, e.g. latin-1"
+        ) from None
+
+
+def read_lines(path: Path, encoding: str) -> Iterator[tuple[int, str]]:
+    """(line number, text) of every line, decoded strictly (errors name the line and byte offset)."""
+    if check_encoding(encoding).startswith(("utf-16", "utf-32")):  # lines cannot be split as bytes
+        yield from enumerate(decode(path.read_bytes(), path, encoding).splitlines(True), start=1)
+        return
+    offset = 0
+    with path.open("rb") as handle:
+        for number, raw in enumerate(handle, start=1):
+            yield number, decode(raw, path, encoding, number, offset)
+            offset += len(raw)
+
+
+def _read_jsonl(path: Path, encoding: str) -> Iterator[tuple[dict[str, Any], str]]:
+    for number, line in read_lines(path, encoding):
+        if not line.strip():
+            continue
+        where = f"{path}:{number}"
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise UserError(f"{where}: malformed JSON ({exc.msg} at column {exc.colno})") from None
+        yield record, where
+
+
+def _read_json(path: Path, encoding: str) -> Iterator[tuple[dict[str, Any], str]]:
+    check_encoding(encoding)
+    text = decode(path.read_bytes(), path, encoding)
     try:
         data = json.loads(text)
     except json.JSONDecodeError as exc:
@@ -162,16 +243,15 @@ def _read_json(path: Path) -> Iterator[tuple[dict[str, Any], str]]:
         yield record, f"{path}[{i}]"
 
 
-def _read_csv(path: Path, required: str | None) -> Iterator[tuple[dict[str, Any], str]]:
+def _read_csv(path: Path, required: str | None, encoding: str) -> Iterator[tuple[dict[str, Any], str]]:
     csv.field_size_limit(sys.maxsize)
-    with path.open(encoding="utf-8", errors="replace", newline="") as handle:
-        reader = csv.DictReader(handle)
-        columns = reader.fieldnames or []
-        if required is not None and required not in columns:
-            found = ", ".join(columns) or "none"
-            raise UserError(f"{path}:1: no '{required}' column (columns found: {found}); choose one with --text-field")
-        for row in reader:
-            yield dict(row), f"{path}:{reader.line_num}"
+    reader = csv.DictReader(line for _, line in read_lines(path, encoding))
+    columns = reader.fieldnames or []
+    if required is not None and required not in columns:
+        found = ", ".join(columns) or "none"
+        raise UserError(f"{path}:1: no '{required}' column (columns found: {found}); choose one with --text-field")
+    for row in reader:
+        yield dict(row), f"{path}:{reader.line_num}"
 
 
 def _read_parquet(path: Path, required: str | None) -> Iterator[tuple[dict[str, Any], str]]:
@@ -192,27 +272,28 @@ def _read_parquet(path: Path, required: str | None) -> Iterator[tuple[dict[str, 
             row += 1
 
 
-def _read_txt(path: Path, mode: str) -> Iterator[RawDocument]:
+def _read_txt(path: Path, mode: str, encoding: str) -> Iterator[RawDocument]:
+    check_encoding(encoding)
     if mode == "file":
-        yield RawDocument(path.read_text(encoding="utf-8", errors="replace"), str(path))
+        yield RawDocument(decode(path.read_bytes(), path, encoding), str(path))
         return
-    with path.open(encoding="utf-8", errors="replace") as handle:
-        if mode == "line":
-            for number, line in enumerate(handle, start=1):
-                yield RawDocument(line, f"{path}:{number}")
-            return
-        block: list[str] = []
-        start = 1
-        for number, line in enumerate(handle, start=1):
-            if line.strip():
-                if not block:
-                    start = number
-                block.append(line)
-            elif block:
-                yield RawDocument("".join(block), f"{path}:{start}")
-                block = []
-        if block:
+    lines = read_lines(path, encoding)
+    if mode == "line":
+        for number, line in lines:
+            yield RawDocument(line, f"{path}:{number}")
+        return
+    block: list[str] = []
+    start = 1
+    for number, line in lines:
+        if line.strip():
+            if not block:
+                start = number
+            block.append(line)
+        elif block:
             yield RawDocument("".join(block), f"{path}:{start}")
+            block = []
+    if block:
+        yield RawDocument("".join(block), f"{path}:{start}")
 
 
 def _read_hub(name: str) -> Iterator[tuple[dict[str, Any], str]]:

@@ -23,7 +23,7 @@ from llmkit.data.store import MANIFEST, open_dataset
 from llmkit.data.tokenizer import char_counts, load_tokenizer, tokenizer_hash
 from llmkit.errors import UserError
 from llmkit.losses import IGNORE
-from llmkit.models import check_vocab_fits, load_trained_model
+from llmkit.models import check_vocab_fits, load_trained_model, model_context
 from llmkit.runs import find_tokenizer_dir, resolve_model_dir
 
 LN2 = math.log(2)
@@ -43,16 +43,27 @@ def evaluate(
     seq_len: int | None = None,
     max_batches: int | None = None,
     text_field: str = "text",
+    encoding: str = "utf-8",
 ) -> dict[str, Any]:
     """Score a causal LM on held-out text and return the report."""
     model_dir = resolve_model_dir(model_path)
     tokenizer = load_tokenizer(find_tokenizer_dir(model_dir))
     model = load_trained_model(model_dir)
     check_vocab_fits(model, tokenizer, str(model_dir))
-    context = int(getattr(model.config, "max_position_embeddings", 0) or getattr(model.config, "n_positions", 0))
-    eval_data = _load_eval_data(data, tokenizer, seq_len or min(context or 1024, 1024), text_field)
+    context = model_context(model)
+    if seq_len is not None and context and seq_len > context:
+        raise UserError(
+            f"--seq-len {seq_len}: longer than the model's context of {context} tokens; use {context} or less"
+        )
+    eval_data = _load_eval_data(data, tokenizer, seq_len or min(context or 1024, 1024), text_field, encoding)
     if not eval_data.blocks:
         raise UserError(f"{data}: no text to evaluate")
+    longest = max(len(block) for block in eval_data.blocks)
+    if context and longest > context:
+        raise UserError(
+            f"{data}: blocks of {longest} tokens are longer than the model's context of {context} tokens; "
+            "evaluate a raw text file (cut to the context), or a dataset prepared with a smaller block size"
+        )
 
     per_token_chars = torch.from_numpy(char_counts(tokenizer))
     rows = eval_data.blocks
@@ -102,7 +113,7 @@ def evaluate(
     return report
 
 
-def _load_eval_data(data: str | Path, tokenizer: Any, seq_len: int, text_field: str) -> EvalData:
+def _load_eval_data(data: str | Path, tokenizer: Any, seq_len: int, text_field: str, encoding: str) -> EvalData:
     path = Path(data)
     if path.is_dir() and (path / MANIFEST).is_file():
         dataset = open_dataset(path)
@@ -125,7 +136,7 @@ def _load_eval_data(data: str | Path, tokenizer: Any, seq_len: int, text_field: 
     eos = int(tokenizer.eos_token_id)
     stream: list[int] = []
     for source in sources:
-        for doc in read_documents(source, text_field, "file", 0, 0):
+        for doc in read_documents(source, text_field, "file", 0, 0, encoding):
             text = clean_text(doc.text, "NFC")
             if text:
                 stream.extend(tokenizer(text, add_special_tokens=False)["input_ids"])

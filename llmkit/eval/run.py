@@ -26,15 +26,25 @@ def evaluate_model(
     max_batches: int | None = None,
     limit: int | None = None,
     text_field: str = "text",
+    encoding: str = "utf-8",
+    reports: list[Path] | None = None,
 ) -> dict[str, Any]:
     """The report: data metrics at the top level (as before tasks existed), `tasks`, `harness`, the flat
-    `metrics` every gate reads, each gate and regression check, and `passed`."""
+    `metrics` every gate reads, each gate and regression check, and `passed`.
+
+    `reports` are the files the caller will write: checked before any work, so a bad path fails in a second,
+    not after the evaluation, and never names an input."""
     from llmkit.eval.gates import check_gates, check_regressions, checks_as_dicts, read_baseline
     from llmkit.eval.tasks import flat_metrics, load_task_files, run_tasks
     from llmkit.runs import resolve_model_dir
 
     if data is None and not task_files and not harness:
         raise UserError("nothing to evaluate: give --data, --tasks or --harness")
+    for name, value, least in (("--batch-size", batch_size, 1), ("--seq-len", seq_len, 2),
+                               ("--max-batches", max_batches, 1), ("--limit", limit, 1)):  # fmt: skip
+        if value is not None and value < least:
+            raise UserError(f"{name} {value}: must be at least {least}")
+    check_report_paths(reports or [], [model, data, baseline, *(task_files or [])])
     task_specs, file_gates = load_task_files(list(task_files or []))  # bad task files fail before the model loads
     old_metrics = read_baseline(baseline) if baseline is not None else None
     model_dir = resolve_model_dir(model)
@@ -42,7 +52,7 @@ def evaluate_model(
     result: dict[str, Any] = {"model": str(model_dir)}
     metrics: dict[str, float] = {}
     if data is not None:
-        result.update(_evaluate_data(model, model_dir, data, batch_size, seq_len, max_batches, text_field))
+        result.update(_evaluate_data(model, model_dir, data, batch_size, seq_len, max_batches, text_field, encoding))
         metrics.update({k: float(v) for k, v in result.items() if k in DATA_METRICS and v is not None})
     if task_specs:
         result["tasks"] = run_tasks(model_dir, task_specs, batch_size)
@@ -63,15 +73,35 @@ def evaluate_model(
     return result
 
 
+def check_report_paths(reports: list[Path], reads: list[Any]) -> None:
+    """A report is a file: not a folder, not one of the command's inputs, not inside an existing file."""
+    for path in reports:
+        if path.is_dir():
+            raise UserError(f"{path}: is a folder; give a file name for the report (e.g. {path / 'report.json'})")
+        for read in reads:
+            if read is not None and Path(read).exists() and path.resolve() == Path(read).resolve():
+                raise UserError(f"{path}: is an input of this evaluation; write the report elsewhere")
+        parent = next((p for p in path.resolve().parents if p.exists()), None)
+        if parent is not None and not parent.is_dir():
+            raise UserError(f"{path}: {parent} is a file, not a folder; choose another report path")
+
+
 def _evaluate_data(
-    model: str, model_dir: Path, data: str, batch_size: int, seq_len: int | None, max_batches: int | None, field: str
+    model: str,
+    model_dir: Path,
+    data: str,
+    batch_size: int,
+    seq_len: int | None,
+    max_batches: int | None,
+    field: str,
+    encoding: str,
 ) -> dict[str, Any]:
     from llmkit.eval.classification import evaluate_classifier, is_classifier
     from llmkit.eval.perplexity import evaluate
 
     if is_classifier(model_dir):
         return evaluate_classifier(model_dir, data, batch_size=max(batch_size, 32))
-    return evaluate(model, data, batch_size=batch_size, seq_len=seq_len, max_batches=max_batches, text_field=field)
+    return evaluate(model, data, batch_size, seq_len, max_batches, field, encoding)
 
 
 def write_reports(result: dict[str, Any], report: Path | None, markdown: Path | None, junit: Path | None) -> None:

@@ -23,6 +23,7 @@ from llmkit.errors import GATE_FAILED_EXIT, UserError
 from llmkit.export.card import model_card
 from llmkit.export.parity import Tolerance, failures, measure, probe_batch, probe_texts
 from llmkit.models import load_trained_model
+from llmkit.outputs import check_output, output_lock
 from llmkit.runs import find_tokenizer_dir, resolve_model_dir
 
 FORMATS = {"hf": ("float32", "bfloat16", "float16"), "gguf": ("f32", "f16", "q8_0"), "onnx": ("float32",)}
@@ -65,12 +66,27 @@ def export_model(
     merge = merge_lora or (adapter and fmt != "hf")  # GGUF and ONNX need one whole model
     if adapter and not merge and dtype != "float32":
         raise UserError("--dtype applies to full or merged models; add --merge-lora to export this adapter as one")
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
+    check_output(out, [source, model_dir, eval_report, probe_data])
+    if out.exists() and any(out.iterdir()) and not overwrite:
         raise UserError(f"{out}: already exists and is not empty; pass --overwrite to replace it")
-    if out.resolve() == model_dir.resolve():
-        raise UserError(f"{out}: is the source model itself; choose another --out")
     if eval_report is not None and not eval_report.is_file():
         raise UserError(f"{eval_report}: evaluation report not found")
+    with output_lock(out):
+        return _export(model_dir, out, fmt, dtype, quantize, adapter, merge, tolerance, eval_report, probe_data)
+
+
+def _export(
+    model_dir: Path,
+    out: Path,
+    fmt: str,
+    dtype: str,
+    quantize: str | None,
+    adapter: bool,
+    merge: bool,
+    tolerance: dict[str, float | None] | None,
+    eval_report: Path | None,
+    probe_data: str | None,
+) -> dict[str, Any]:
     tokenizer = load_tokenizer(find_tokenizer_dir(model_dir))
     reference = load_trained_model(model_dir, dtype=torch.float32).eval()
     if fmt == "gguf":

@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from llmkit.atomic import atomic_directory, file_sha256, write_json
+from llmkit.atomic import atomic_directory, file_sha256, full_disk_as_oserror, write_json
 from llmkit.errors import UserError
 from llmkit.train import faults
 
@@ -64,7 +64,7 @@ def save_checkpoint(
     `optimizer` is None when the optimizer states are already in `staging` (DeepSpeed wrote its shards there).
     """
     target = checkpoints_dir / checkpoint_name(step)
-    with atomic_directory(target, staging) as staging:
+    with atomic_directory(target, staging) as staging, full_disk_as_oserror(checkpoints_dir):
         model.save_pretrained(staging / "model", safe_serialization=True)
         faults.maybe_kill("save", step)
         if optimizer is not None:
@@ -106,8 +106,13 @@ def verify_checkpoint(checkpoint: Path) -> None:
         raise UserError(f"{checkpoint}: incomplete checkpoint (no {COMPLETE} marker: its save was cut off)")
     try:
         seal = json.loads(seal_path.read_text(encoding="utf-8"))["files"]
-    except (ValueError, KeyError):
-        raise UserError(f"{seal_path}: unreadable checkpoint seal") from None
+        if not all(isinstance(v, dict) and isinstance(v["bytes"], int) and isinstance(v["sha256"], str)
+                   for v in seal.values()):  # fmt: skip
+            raise ValueError
+    except (ValueError, KeyError, TypeError, AttributeError, UnicodeDecodeError):
+        raise UserError(
+            f"{seal_path}: corrupt checkpoint (its seal is not a list of files, sizes and sha256s)"
+        ) from None
     for name in REQUIRED:
         if name not in seal:
             raise UserError(f"{checkpoint / name}: missing from the checkpoint seal")
@@ -188,5 +193,18 @@ def restore_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+TRAINER_STATE_KEYS = {"step": int, "tokens": int, "data": dict, "early_stopping": dict}
+
+
 def read_trainer_state(checkpoint: Path) -> dict[str, Any]:
-    return dict(json.loads((checkpoint / "trainer_state.json").read_text(encoding="utf-8")))
+    """The trainer state of a (verified) checkpoint; a state of the wrong shape is a corrupt checkpoint."""
+    path = checkpoint / "trainer_state.json"
+    try:
+        state = json.loads(path.read_text(encoding="utf-8"))
+        if not isinstance(state, dict) or not all(isinstance(state.get(k), t) for k, t in TRAINER_STATE_KEYS.items()):
+            raise ValueError
+    except (ValueError, UnicodeDecodeError):
+        raise UserError(
+            f"{path}: corrupt checkpoint (trainer state unreadable or missing step, tokens or data)"
+        ) from None
+    return dict(state)

@@ -22,7 +22,15 @@ from llmkit.data.readers import read_records, resolve_sources
 from llmkit.data.templates import Encoded, encode_example, setup_chat_template
 from llmkit.data.tokenizer import load_tokenizer, tokenizer_hash
 from llmkit.errors import UserError
-from llmkit.models import attach_lora, count_parameters, freeze_except, load_classifier, load_model, padded_vocab_size
+from llmkit.models import (
+    attach_lora,
+    count_parameters,
+    freeze_except,
+    load_classifier,
+    load_model,
+    model_context,
+    padded_vocab_size,
+)
 from llmkit.plan import model_flops_per_token
 from llmkit.runs import find_tokenizer_dir, resolve_model_dir
 from llmkit.train.classify import (
@@ -36,8 +44,15 @@ from llmkit.train.classify import (
     make_loss,
 )
 from llmkit.train.loop import FitResult, TrainJob, fit
-from llmkit.train.packing import ExampleLoader, collate_rows
-from llmkit.train.resume import find_checkpoint, open_run_dir, restore_state
+from llmkit.train.packing import ExampleLoader, TooFewRows, collate_rows
+from llmkit.train.resume import (
+    find_checkpoint,
+    finished_run,
+    model_fingerprint,
+    open_run_dir,
+    own_run_dir,
+    restore_state,
+)
 from llmkit.train.setup import build_optimizer, enable_gradient_checkpointing, make_accelerator, steps_for_budget
 
 
@@ -65,7 +80,6 @@ def finetune(
         raise UserError("finetune needs a base model: pass --model PATH_OR_HUB_NAME (model.init_from)")
     if ft.method == "qlora" and not torch.cuda.is_available():
         raise UserError("method qlora needs a CUDA GPU (4-bit bitsandbytes); use --method lora on CPU")
-    token = cfg.model.hub_token.get_secret_value() if cfg.model.hub_token else None
     base_dir = resolve_model_dir(cfg.model.init_from)
     classify = ft.task == "classify"
     tokenizer = load_tokenizer(find_tokenizer_dir(base_dir), cfg.model.trust_remote_code, require_eos=not classify)
@@ -73,26 +87,55 @@ def finetune(
     data = load_classification_data(cfg, tokenizer) if classify else load_sft_data(cfg, tokenizer)
 
     accelerator = make_accelerator(cfg)
+    sources = resolve_sources([*cfg.data.sources, *([ft.val_file] if ft.val_file else [])])
+    reads = [base_dir, *(source.name for source in sources if source.kind == "file")]
+    with own_run_dir(cfg, reads, resume, accelerator):
+        return _finetune(cfg, base_dir, tokenizer, chat, data, accelerator, overwrite, resume, resume_fallback,
+                         allow_config_change)  # fmt: skip
+
+
+def _finetune(
+    cfg: RunConfig,
+    base_dir: Path,
+    tokenizer: Any,
+    chat: Any,
+    data: FinetuneData,
+    accelerator: Any,
+    overwrite: bool,
+    resume: str | None,
+    resume_fallback: bool,
+    allow_config_change: bool,
+) -> FitResult:
+    ft = cfg.finetune
+    token = cfg.model.hub_token.get_secret_value() if cfg.model.hub_token else None
+    classify = data.labels is not None
     world, micro = accelerator.num_processes, cfg.train.micro_batch_size
     fingerprints = {
         "dataset_fingerprint": data.fingerprint,
         "tokenizer_hash": tokenizer_hash(tokenizer),
         "global_batch_size": micro * cfg.train.grad_accum_steps * world,
         "block_size": ft.max_length,
+        "model": model_fingerprint(cfg, finetuning=True),
     }
     checkpoint, saved_state = find_checkpoint(
-        Path(cfg.out_dir), resume, resume_fallback, overwrite, fingerprints, allow_config_change
+        Path(cfg.out_dir),
+        resume,
+        resume_fallback,
+        overwrite,
+        fingerprints,
+        allow_config_change,
+        (world, cfg.train.grad_accum_steps),
     )
 
     from accelerate.utils import set_seed
 
     set_seed(cfg.train.seed)
-    source = base_dir if base_dir.exists() else cfg.model.init_from
+    source = base_dir if base_dir.exists() else str(cfg.model.init_from)
     model = _load_base(source, cfg, token, data.labels)
     if data.labels is not None:
         model.config.pad_token_id = tokenizer.pad_token_id  # decoders find each row's last token by it
-    context = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
-    if context is not None and ft.max_length > context:
+    context = model_context(model)
+    if context and ft.max_length > context:
         raise UserError(
             f"finetune.max_length {ft.max_length} exceeds the context of {cfg.model.init_from} ({context} tokens); "
             f"pass --max-length {context} or less"
@@ -105,27 +148,34 @@ def finetune(
     if cfg.train.gradient_checkpointing:
         enable_gradient_checkpointing(model)
     model = _apply_method(model, cfg, chat.added_tokens if chat else 0, tokenizer, checkpoint)
-
-    run_dir, config_yaml = open_run_dir(cfg, checkpoint, resume, overwrite, accelerator, tokenizer)
-    optimizer = build_optimizer(model, cfg.optimizer, accelerator)
-    model, optimizer = accelerator.prepare(model, optimizer)
     attn = getattr(model.config, "_attn_implementation", None) or "sdpa"
     pad_id = int(tokenizer.pad_token_id)
     if classify:
         collate: Any = lambda rows, indices=None: collate_classification(rows, pad_id, indices)  # noqa: E731
     else:
         collate = lambda rows, indices=None: collate_rows(rows, pad_id, attn, indices)  # noqa: E731
+    packing = ft.packing and not classify
     try:
-        loader = ExampleLoader(data.train, micro, ft.max_length, cfg.train.seed, ft.packing and not classify,
-                               pad_id, attn, accelerator.process_index, world, collate)  # fmt: skip
-    except ValueError:
+        loader = ExampleLoader(data.train, micro, ft.max_length, cfg.train.seed, packing, pad_id, attn,
+                               accelerator.process_index, world, collate)  # fmt: skip
+    except TooFewRows as exc:
+        packed = f"pack into {exc.rows} rows of up to {ft.max_length} tokens, " if packing else ""
         raise UserError(
-            f"{len(data.train)} training examples cannot fill one micro-batch of {micro * world}; "
-            "lower train.micro_batch_size or add data"
+            f"{len(data.train)} training examples {packed}fewer than one micro-batch of {micro * world} rows "
+            f"(train.micro_batch_size {micro} x {world} process(es)); lower train.micro_batch_size"
+            + (", lower finetune.max_length or turn packing off (--no-packing)," if packing else "")
+            + " or add data"
         ) from None
-    val_batches = _validation_batches(data.val, micro, cfg.train.eval_batches, collate)
     tokens_per_step = micro * cfg.train.grad_accum_steps * world * ft.max_length  # an upper bound, for budgets
     total_steps = steps_for_budget(cfg.train, loader.batches_per_epoch, tokens_per_step)
+    done = finished_run(Path(cfg.out_dir), saved_state, total_steps)
+    if done is not None:
+        return done
+
+    run_dir, config_yaml = open_run_dir(cfg, checkpoint, resume, overwrite, accelerator, tokenizer)
+    optimizer = build_optimizer(model, cfg.optimizer, accelerator)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    val_batches = _validation_batches(data.val, micro, cfg.train.eval_batches, collate)
     resume_state = None
     if checkpoint is not None and saved_state is not None:
         resume_state = restore_state(checkpoint, saved_state, model, optimizer, loader, accelerator)
@@ -213,9 +263,10 @@ def load_classification_data(cfg: RunConfig, tokenizer: Any) -> FinetuneData:
 def _split_examples(cfg: RunConfig) -> tuple[list[Example], list[Example], str]:
     """Training and validation rows: a validation file, or a fraction held out by row content."""
     ft = cfg.finetune
-    examples, fmt = _read_examples(resolve_sources(cfg.data.sources), ft.format, ft.columns)
+    encoding = cfg.data.encoding
+    examples, fmt = _read_examples(resolve_sources(cfg.data.sources), ft.format, ft.columns, encoding)
     if ft.val_file:
-        val_examples, _ = _read_examples(resolve_sources([ft.val_file]), fmt, ft.columns)
+        val_examples, _ = _read_examples(resolve_sources([ft.val_file]), fmt, ft.columns, encoding)
         return examples, val_examples, fmt
     held_out = [is_validation(_identity(e), cfg.data.val_fraction, cfg.data.seed) for e in examples]
     train = [e for e, out in zip(examples, held_out, strict=True) if not out]
@@ -235,12 +286,14 @@ def _fingerprint(cfg: RunConfig) -> str:
     return digest.hexdigest()
 
 
-def _read_examples(sources: list[Any], fmt: str, columns: dict[str, str]) -> tuple[list[Example], str]:
+def _read_examples(
+    sources: list[Any], fmt: str, columns: dict[str, str], encoding: str = "utf-8"
+) -> tuple[list[Example], str]:
     examples: list[Example] = []
     for source in sources:
         if source.kind == "builtin":
             raise UserError(f"builtin:{source.name}: a pretraining corpus; finetune needs rows of a dataset file")
-        for detected, example in normalize(read_records(source), fmt, columns):
+        for detected, example in normalize(read_records(source, encoding=encoding), fmt, columns):
             fmt = detected
             examples.append(example)
     if not examples:

@@ -13,12 +13,17 @@ from llmkit.data.store import PackedDataset
 
 @dataclass
 class LoaderPosition:
-    """Where a loader is: epoch, micro-batch index within it, and the shuffle seed. Resume needs nothing else."""
+    """Where a loader is: epoch, micro-batch index within it, and the shuffle seed. Resume needs nothing else.
+
+    Saved positions count the items (blocks or rows) consumed in the epoch rather than micro-batches, so a run
+    resumes on another number of processes (or micro-batch size) where the same items come next.
+    """
 
     seed: int
     batches_per_epoch: int
     epoch: int = 0
     index: int = 0
+    items_per_batch: int = 1  # items in one global micro-batch: micro_batch_size x processes
 
     def advance(self) -> tuple[int, int]:
         """(epoch, index) of the next global micro-batch, moving past it; a finished epoch rolls over."""
@@ -32,10 +37,19 @@ class LoaderPosition:
         return self.epoch + self.index / self.batches_per_epoch
 
     def state_dict(self) -> dict[str, Any]:
-        return {"epoch": self.epoch, "index": self.index, "seed": self.seed}
+        return {"epoch": self.epoch, "index": self.index, "seed": self.seed,
+                "consumed": self.index * self.items_per_batch}  # fmt: skip
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.epoch, self.index, self.seed = int(state["epoch"]), int(state["index"]), int(state["seed"])
+        """Restore a saved position; one saved under another layout continues at the same item when the items
+        consumed fill whole micro-batches of this layout (ValueError otherwise)."""
+        consumed = int(state.get("consumed", int(state["index"]) * self.items_per_batch))
+        if consumed % self.items_per_batch:
+            raise ValueError(
+                f"{consumed} items were consumed in the epoch, not a whole number of micro-batches of "
+                f"{self.items_per_batch}"
+            )
+        self.epoch, self.index, self.seed = int(state["epoch"]), consumed // self.items_per_batch, int(state["seed"])
 
 
 class BlockLoader:
@@ -55,7 +69,7 @@ class BlockLoader:
         batches_per_epoch = len(dataset) // (micro_batch_size * world)
         if batches_per_epoch == 0:
             raise ValueError(f"{len(dataset)} blocks cannot fill one batch of {micro_batch_size * world}")
-        self.position = LoaderPosition(seed, batches_per_epoch)
+        self.position = LoaderPosition(seed, batches_per_epoch, items_per_batch=micro_batch_size * world)
         self._order_epoch = -1
         self._order = np.empty(0, dtype=np.int64)
 

@@ -6,12 +6,10 @@ validates, checkpoints and writes the final model. Nothing else hides behind cal
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import shutil
-import signal
-import sys
-import threading
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
@@ -24,13 +22,14 @@ import torch
 from llmkit.atomic import atomic_directory, write_json
 from llmkit.config import RunConfig
 from llmkit.console import info, progress_bar
-from llmkit.errors import TrainingDiverged
+from llmkit.errors import TrainingDiverged, UserError
 from llmkit.losses import causal_lm_nll, count_targets
 from llmkit.train import faults
 from llmkit.train.checkpoint import (
     DEEPSPEED_DIR,
     DEEPSPEED_TAG,
     checkpoint_name,
+    complete_checkpoints,
     prune_checkpoints,
     restore_rng_state,
     rng_state,
@@ -41,6 +40,7 @@ from llmkit.train.loader import LoaderPosition
 from llmkit.train.metrics import MetricsLog, plot_loss, truncate_records
 from llmkit.train.schedules import lr_at
 from llmkit.train.setup import uses_deepspeed, uses_fsdp
+from llmkit.train.signals import stop_signals
 
 
 class BatchSource(Protocol):
@@ -61,6 +61,10 @@ class ResumeState:
     best_val_loss: float
     bad_evals: int
     rng: dict[str, Any]  # this process's RNG states at the checkpoint
+    window: dict[str, float] = field(default_factory=dict)  # the open logging window (LogWindow.state_dict)
+    train_loss: float = math.nan  # the last step's loss and the last validation loss, for the summary
+    val_loss: float | None = None
+    stopped_early: bool = False  # the run ended there by early stopping: fit only writes what is missing
 
 
 LossFn = Callable[[torch.Tensor, dict[str, torch.Tensor]], tuple[torch.Tensor, torch.Tensor]]
@@ -110,14 +114,16 @@ class FitResult:
     best_val_loss: float | None
     stopped_early: bool
     final_dir: Path | None
-    interrupted: str | None = None  # "SIGTERM", "SIGUSR1" or "time limit": a checkpoint was saved, resume it
+    interrupted: str | None = None  # "SIGTERM", "SIGINT", "SIGUSR1" or "time limit": a checkpoint was saved
     checkpoint: Path | None = None
     main_process: bool = True
-    mfu: float | None = None  # over the whole run, on GPUs whose peak is known
+    mfu: float | None = None  # over this session's steps, on GPUs whose peak is known
+    run_tokens: int = 0  # tokens trained by this invocation (a resumed run counts from its checkpoint)
+    already_finished: bool = False  # resumed a finished run: nothing was changed
 
     @property
     def tokens_per_second(self) -> float:
-        return self.tokens / self.seconds if self.seconds else 0.0
+        return self.run_tokens / self.seconds if self.seconds else 0.0
 
 
 @dataclass
@@ -135,32 +141,43 @@ class _EarlyStopping:
         return self.patience is not None and self.bad_evals >= self.patience
 
 
-class _StopSignals:
-    """SIGTERM or SIGUSR1 asks the run to stop after the current step; a second signal changes nothing."""
+@dataclass
+class LogWindow:
+    """Training metrics over the steps since the last log line. Checkpoints save it, so the first line after a
+    resume averages the same steps as the uninterrupted run's."""
 
-    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+    loss: float = 0.0
+    steps: int = 0
+    tokens: int = 0
+    start: float = field(default_factory=time.perf_counter)
 
-    def __init__(self) -> None:
-        self.reason: str | None = None
-        self._previous: dict[int, Any] = {}
+    def add(self, loss: float | None, tokens: int) -> None:
+        """One optimizer step: its loss (None for a skipped step) and its tokens."""
+        if loss is not None:
+            self.loss += loss
+            self.steps += 1
+        self.tokens += tokens
 
-    def __enter__(self) -> _StopSignals:
-        if threading.current_thread() is threading.main_thread():
-            for sig in self.SIGNALS:
-                self._previous[sig] = signal.signal(sig, self._handle)
-        return self
+    def state_dict(self) -> dict[str, float]:
+        return {"loss": self.loss, "steps": self.steps, "tokens": self.tokens,
+                "seconds": time.perf_counter() - self.start}  # fmt: skip
 
-    def _handle(self, signum: int, frame: Any) -> None:
-        name = signal.Signals(signum).name
-        if self.reason is None:
-            self.reason = name
-            print(f"{name} received: finishing this step, then saving a checkpoint", file=sys.stderr, flush=True)
-        else:
-            print(f"{name} received: already stopping", file=sys.stderr, flush=True)
+    @classmethod
+    def restored(cls, state: dict[str, float]) -> LogWindow:
+        seconds = float(state.get("seconds", 0.0))
+        return cls(float(state.get("loss", 0.0)), int(state.get("steps", 0)), int(state.get("tokens", 0)),
+                   time.perf_counter() - seconds)  # fmt: skip
 
-    def __exit__(self, *exc: object) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
+
+@dataclass
+class _Progress:
+    """What a checkpoint records besides the weights: the last losses, the open log window, and whether early
+    stopping ended the run there (such a run resumed changes nothing, whatever its budget)."""
+
+    train_loss: float
+    val_loss: float | None
+    window: LogWindow
+    stopped_early: bool
 
 
 def fit(job: TrainJob) -> FitResult:
@@ -175,13 +192,14 @@ def fit(job: TrainJob) -> FitResult:
         job.run_dir, acc.process_index, acc.num_processes, cfg.logging.data_trace, step if resume else None
     )
     stopping = _EarlyStopping(train_cfg.early_stopping_patience, train_cfg.early_stopping_min_delta)
+    window = LogWindow.restored(resume.window) if resume else LogWindow()
+    loss_value, val_loss = (resume.train_loss, resume.val_loss) if resume else (math.nan, None)
     if resume:
         stopping.best, stopping.bad_evals = resume.best_val_loss, resume.bad_evals
         restore_rng_state(resume.rng)
-    window_loss, window_steps, window_tokens, window_start = 0.0, 0, 0, time.perf_counter()
-    loss_value, val_loss, stopped_early, interrupted = math.nan, None, False, None
+    stopped_early, interrupted = False, None
     running_loss: float | None = None
-    bad_steps, last_saved = 0, resume.step if resume else -1
+    bad_steps = 0
     deepspeed = uses_deepspeed(acc)
     peak = _peak_flops(acc) if job.flops_per_token else None
     start = time.perf_counter()
@@ -189,9 +207,10 @@ def fit(job: TrainJob) -> FitResult:
     model.train()
 
     bar = progress_bar("training", job.total_steps, unit="steps", enabled=acc.is_main_process)
-    with _StopSignals() as signals, bar as update:
+    with stop_signals() as signals, bar as update:
+        signals.run_dir, signals.phase = job.run_dir, "training"
         update(step, "resuming" if resume else "")
-        while step < job.total_steps:
+        while step < job.total_steps and not (resume and resume.stopped_early):
             lr = lr_at(step, job.total_steps, cfg.optimizer.lr, cfg.schedule)
             for group in optimizer.param_groups:
                 group["lr"] = lr
@@ -205,86 +224,33 @@ def fit(job: TrainJob) -> FitResult:
             )
             step_loss = torch.zeros((), device=acc.device)
             for i, batch in enumerate(micro_batches):
-                batch = {
-                    key: value.to(acc.device, non_blocking=True)
-                    for key, value in batch.items()
-                    if key not in NOT_ON_DEVICE
-                }
-                last = i == len(micro_batches) - 1
-                if deepspeed:  # DeepSpeed reduces the gradients itself at the boundary of the step
-                    logits = model(**_model_inputs(batch)).logits
-                    nll_sum, _ = job.loss_fn(logits, batch)
-                    loss = nll_sum * acc.num_processes / step_targets
-                    model.set_gradient_accumulation_boundary(last)
-                    model.backward(loss, scale_wrt_gas=False)  # the loss is already normalized for the step
-                else:
-                    with nullcontext() if last or acc.num_processes == 1 else acc.no_sync(model):
-                        logits = model(**_model_inputs(batch)).logits
-                        nll_sum, _ = job.loss_fn(logits, batch)
-                        loss = nll_sum * acc.num_processes / step_targets
-                        acc.backward(loss)
-                step_loss += loss.detach() / acc.num_processes
+                step_loss += _forward_backward(job, batch, step_targets, last=i == len(micro_batches) - 1)
                 faults.maybe_kill("step", step + 1, i)
 
             # DeepSpeed clips inside its step and reports the norm after it.
             clip = cfg.optimizer.grad_clip or math.inf
             grad_norm = math.nan if deepspeed else float(acc.clip_grad_norm_(model.parameters(), clip))
             loss_value = float(acc.reduce(step_loss, reduction="sum"))
-            finite = math.isfinite(loss_value) and (deepspeed or math.isfinite(grad_norm))
-            if not finite:
-                bad_steps += 1
-                problem = f"step {step + 1}: non-finite loss ({loss_value}) or gradient norm ({grad_norm})"
-                if bad_steps > train_cfg.max_bad_steps or deepspeed:
-                    saved = _checkpoint(job, step, tokens, stopping) if last_saved != step else None
-                    where = f"; saved as {saved}" if saved else ""
-                    advice = (
-                        "DeepSpeed holds the step's gradients in its own buffers, so it cannot skip a step"
-                        if deepspeed
-                        else "allow skips with train.max_bad_steps"
-                    )
-                    raise TrainingDiverged(
-                        f"{problem}; stopped before the optimizer step: the weights are those of step {step}{where}. "
-                        f"Lower optimizer.lr, check the data, or {advice}"
-                    )
-                info(f"{problem}: skipped ({bad_steps} of {train_cfg.max_bad_steps} allowed)")
-                metrics.log({"step": step + 1, "tokens": tokens, "skipped_step": 1})
-            else:
-                if (
-                    train_cfg.loss_spike_factor
-                    and running_loss
-                    and loss_value > train_cfg.loss_spike_factor * running_loss
-                ):
-                    info(f"loss spike at step {step + 1}: {loss_value:.4f} vs running mean {running_loss:.4f}")
-                    metrics.log({"step": step + 1, "tokens": tokens, "loss_spike": loss_value})
-                running_loss = loss_value if running_loss is None else 0.9 * running_loss + 0.1 * loss_value
+            if math.isfinite(loss_value) and (deepspeed or math.isfinite(grad_norm)):
+                running_loss = _report_spike(train_cfg, metrics, step, tokens, loss_value, running_loss)
                 if deepspeed:
                     model.step()  # clip, optimizer step (skipped by DeepSpeed on an fp16 overflow), zero the gradients
                     grad_norm = float(model.get_global_grad_norm() or 0.0)
                 else:
                     optimizer.step()
-                window_loss += loss_value
-                window_steps += 1
+                window.add(loss_value, step_tokens)
+            else:
+                bad_steps += 1
+                _skip_or_stop(job, step, tokens, stopping, window, loss_value, grad_norm, bad_steps)
+                metrics.log({"step": step + 1, "tokens": tokens, "skipped_step": 1})
+                window.add(None, step_tokens)
             optimizer.zero_grad(set_to_none=True)
             step += 1
             tokens += step_tokens
-            window_tokens += step_tokens
 
-            if (step % cfg.logging.every_steps == 0 or step == job.total_steps) and window_steps:
-                elapsed = time.perf_counter() - window_start
-                record = {
-                    "step": step,
-                    "tokens": tokens,
-                    "loss": window_loss / window_steps,
-                    "lr": lr,
-                    "grad_norm": grad_norm,
-                    "tokens_per_s": window_tokens / elapsed,  # global: every process's tokens, each counted once
-                    "epoch": job.loader.position.epochs_done,
-                    "elapsed_s": time.perf_counter() - start,
-                }
-                if peak:
-                    record["mfu"] = mfu(record["tokens_per_s"], job.flops_per_token, peak, acc.num_processes)
-                metrics.log(record)
-                window_loss, window_steps, window_tokens, window_start = 0.0, 0, 0, time.perf_counter()
+            if (step % cfg.logging.every_steps == 0 or step == job.total_steps) and window.steps:
+                metrics.log(_window_record(job, window, step, tokens, lr, grad_norm, peak, start))
+                window = LogWindow()
 
             if job.val_batches and (step % train_cfg.eval_every == 0 or step == job.total_steps):
                 evaluation = (job.eval_fn or evaluate_language_model)(model, job.val_batches, acc)
@@ -296,8 +262,12 @@ def fit(job: TrainJob) -> FitResult:
             interrupted = _agree(acc, signals.reason or ("time limit" if timed_out else None))
             every = cfg.checkpoint.every_steps
             if (every and step % every == 0) or step == job.total_steps or stopped_early or interrupted:
-                _checkpoint(job, step, tokens, stopping)
-                last_saved = step
+                progress = _Progress(loss_value, val_loss, window, stopped_early)
+                if _checkpoint(job, step, tokens, stopping, progress) is None:
+                    raise TrainingDiverged(
+                        f"step {step}: the weights are not finite after the optimizer step, so no checkpoint was "
+                        f"saved ({_newest(job)}); lower optimizer.lr and start again from that checkpoint"
+                    )
 
             rate = (tokens - (resume.tokens if resume else 0)) / (time.perf_counter() - start)
             val_text = f" val {val_loss:.3f}" if val_loss is not None else ""
@@ -308,6 +278,7 @@ def fit(job: TrainJob) -> FitResult:
                 break
             if interrupted:
                 break
+        signals.phase = "stopping"  # a further signal changes nothing: the shutdown below completes
 
     seconds = time.perf_counter() - start
     checkpoint = job.run_dir / "checkpoints" / checkpoint_name(step)
@@ -315,6 +286,7 @@ def fit(job: TrainJob) -> FitResult:
     metrics.close()
     if acc.is_main_process and cfg.logging.plot:
         plot_loss(metrics.path, job.run_dir / "loss.png")
+    run_tokens = tokens - (resume.tokens if resume else 0)
     result = FitResult(
         steps=step,
         tokens=tokens,
@@ -322,22 +294,115 @@ def fit(job: TrainJob) -> FitResult:
         train_loss=loss_value,
         val_loss=val_loss,
         best_val_loss=stopping.best if math.isfinite(stopping.best) else None,
-        stopped_early=stopped_early,
+        stopped_early=stopped_early or bool(resume and resume.stopped_early),
         final_dir=final_dir,
         interrupted=interrupted,
         checkpoint=checkpoint if checkpoint.exists() else None,
         main_process=acc.is_main_process,
+        run_tokens=run_tokens,
     )
-    if peak and seconds:
-        run_tokens = tokens - (resume.tokens if resume else 0)
+    if peak and seconds and run_tokens:
         result.mfu = mfu(run_tokens / seconds, job.flops_per_token, peak, acc.num_processes)
     if acc.is_main_process:
         summary = {key: str(value) if isinstance(value, Path) else value for key, value in result.__dict__.items()}
-        summary.pop("main_process")
+        for internal in ("main_process", "already_finished"):
+            summary.pop(internal)
         summary["tokens_per_second"] = result.tokens_per_second
         summary["flops_per_token"] = job.flops_per_token
         write_json(job.run_dir / "summary.json", summary)
     return result
+
+
+def _forward_backward(job: TrainJob, batch: dict[str, torch.Tensor], step_targets: int, last: bool) -> torch.Tensor:
+    """One micro-batch: forward, the loss normalized by the whole step's targets, backward; returns the loss."""
+    acc, model = job.accelerator, job.model
+    batch = {key: value.to(acc.device, non_blocking=True) for key, value in batch.items() if key not in NOT_ON_DEVICE}
+    if uses_deepspeed(acc):  # DeepSpeed reduces the gradients itself at the boundary of the step
+        nll_sum, _ = job.loss_fn(model(**_model_inputs(batch)).logits, batch)
+        loss = nll_sum * acc.num_processes / step_targets
+        model.set_gradient_accumulation_boundary(last)
+        model.backward(loss, scale_wrt_gas=False)  # the loss is already normalized for the step
+    else:
+        with nullcontext() if last or acc.num_processes == 1 else acc.no_sync(model):
+            nll_sum, _ = job.loss_fn(model(**_model_inputs(batch)).logits, batch)
+            loss = nll_sum * acc.num_processes / step_targets
+            acc.backward(loss)
+    return loss.detach() / acc.num_processes
+
+
+def _report_spike(
+    train_cfg: Any, metrics: MetricsLog, step: int, tokens: int, loss: float, running: float | None
+) -> float:
+    """Report a loss far above the running mean; returns the updated running mean."""
+    factor = train_cfg.loss_spike_factor
+    if factor and running and loss > factor * running:
+        info(f"loss spike at step {step + 1}: {loss:.4f} vs running mean {running:.4f}")
+        metrics.log({"step": step + 1, "tokens": tokens, "loss_spike": loss})
+    return loss if running is None else 0.9 * running + 0.1 * loss
+
+
+def _skip_or_stop(
+    job: TrainJob,
+    step: int,
+    tokens: int,
+    stopping: _EarlyStopping,
+    window: LogWindow,
+    loss: float,
+    grad_norm: float,
+    bad_steps: int,
+) -> None:
+    """A non-finite loss or gradient: skip the step while train.max_bad_steps allows, else stop with exit 3.
+
+    The weights are those before this step; they are saved (when finite and not saved yet) so nothing is lost.
+    """
+    deepspeed = uses_deepspeed(job.accelerator)
+    problem = f"step {step + 1}: non-finite loss ({loss}) or gradient norm ({grad_norm})"
+    allowed = job.cfg.train.max_bad_steps
+    if bad_steps <= allowed and not deepspeed:
+        info(f"{problem}: skipped ({bad_steps} of {allowed} allowed)")
+        return
+    saved: Path | None = job.run_dir / "checkpoints" / checkpoint_name(step)
+    if saved is not None and not saved.exists():
+        saved = _checkpoint(job, step, tokens, stopping, _Progress(math.nan, None, window, False))
+    if saved is None:
+        kept = f"they are not finite either (an earlier step made them so), so nothing was saved; {_newest(job)}"
+    else:
+        kept = f"saved as {saved}"
+    advice = (
+        "DeepSpeed holds the step's gradients in its own buffers, so it cannot skip a step"
+        if deepspeed
+        else "allow skips with train.max_bad_steps"
+    )
+    raise TrainingDiverged(
+        f"{problem}; stopped before the optimizer step: the weights are those of step {step}; {kept}. "
+        f"Lower optimizer.lr, check the data, or {advice}"
+    )
+
+
+def _newest(job: TrainJob) -> str:
+    found = complete_checkpoints(job.run_dir / "checkpoints")
+    return f"the newest checkpoint is {found[-1]}" if found else "the run has no checkpoint"
+
+
+def _window_record(
+    job: TrainJob, window: LogWindow, step: int, tokens: int, lr: float, grad_norm: float, peak: float | None,
+    start: float,
+) -> dict[str, Any]:  # fmt: skip
+    """The metrics line of a logging window."""
+    now = time.perf_counter()
+    record = {
+        "step": step,
+        "tokens": tokens,
+        "loss": window.loss / window.steps,
+        "lr": lr,
+        "grad_norm": grad_norm,
+        "tokens_per_s": window.tokens / (now - window.start),  # global: every process's tokens, each counted once
+        "epoch": job.loader.position.epochs_done,
+        "elapsed_s": now - start,
+    }
+    if peak:
+        record["mfu"] = mfu(record["tokens_per_s"], job.flops_per_token, peak, job.accelerator.num_processes)
+    return record
 
 
 def mfu(tokens_per_s: float, flops_per_token: float, peak_per_device: float, devices: int) -> float:
@@ -374,13 +439,26 @@ def _model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 class DataTrace:
-    """RUN/data_trace.jsonl: which blocks every micro-batch of every step used (one file per process)."""
+    """RUN/data_trace.jsonl: which blocks every micro-batch of every step used (one file per process).
+
+    On resume every file is cut back to the checkpoint's step; the main process also cuts the files of ranks
+    that no longer exist (a run resumed on fewer processes), so the trace never shows steps that were redone.
+    """
 
     def __init__(self, run_dir: Path, rank: int, world: int, enabled: bool, resume_step: int | None) -> None:
         self.enabled = enabled
-        self.path = run_dir / ("data_trace.jsonl" if world == 1 else f"data_trace-rank{rank}.jsonl")
+        self.path = run_dir / self.file_name(rank, world)
         if enabled and resume_step is not None:
             truncate_records(self.path, resume_step)
+            if rank == 0:
+                owned = {self.file_name(r, world) for r in range(world)}
+                for other in run_dir.glob("data_trace*.jsonl"):
+                    if other.name not in owned:
+                        truncate_records(other, resume_step)
+
+    @staticmethod
+    def file_name(rank: int, world: int) -> str:
+        return "data_trace.jsonl" if world == 1 else f"data_trace-rank{rank}.jsonl"
 
     def record(self, step: int, micro_batches: list[dict[str, torch.Tensor]]) -> None:
         if not self.enabled:
@@ -427,12 +505,17 @@ def evaluate_loss(
     return float(total / count)
 
 
-def _checkpoint(job: TrainJob, step: int, tokens: int, stopping: _EarlyStopping) -> Path:
-    """Save a checkpoint of the state after `step` optimizer steps (every process takes part)."""
+def _checkpoint(job: TrainJob, step: int, tokens: int, stopping: _EarlyStopping, progress: _Progress) -> Path | None:
+    """Save a checkpoint of the state after `step` optimizer steps (every process takes part).
+
+    Returns None, saving nothing, when the weights are not finite: a checkpoint is only ever a state to go on from.
+    """
     from accelerate.utils import gather_object
 
     acc = job.accelerator
     state_dict = acc.get_state_dict(job.model)
+    if not _all_finite(acc, state_dict):
+        return None
     rng_states = gather_object([rng_state()]) if acc.num_processes > 1 else [rng_state()]
     checkpoints = job.run_dir / "checkpoints"
     staging, optimizer = None, job.optimizer
@@ -451,19 +534,39 @@ def _checkpoint(job: TrainJob, step: int, tokens: int, stopping: _EarlyStopping)
             "step": step,
             "tokens": tokens,
             "total_steps": job.total_steps,
+            "stopped_early": progress.stopped_early,
             "data": job.loader.position.state_dict(),
             "early_stopping": {"best": stopping.best, "bad_evals": stopping.bad_evals},
+            "log_window": progress.window.state_dict(),
+            "train_loss": progress.train_loss,
+            "val_loss": progress.val_loss,
             "num_processes": acc.num_processes,
             "strategy": strategy_name(acc),
             **job.fingerprints,
         }
         model = _WithState(acc.unwrap_model(job.model), state_dict)
-        save_checkpoint(
-            checkpoints, step, model, optimizer, trainer_state, rng_states, job.config_yaml, acc.scaler, staging
-        )
+        try:
+            save_checkpoint(
+                checkpoints, step, model, optimizer, trainer_state, rng_states, job.config_yaml, acc.scaler, staging
+            )
+        except OSError as exc:
+            if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+                raise
+            raise UserError(
+                f"{checkpoints}: no space left on device while saving {checkpoint_name(step)}; nothing of it was "
+                f"kept and {_newest(job)}, intact; free space and continue with --resume auto"
+            ) from None
         prune_checkpoints(checkpoints, job.cfg.checkpoint.keep_last)
     acc.wait_for_everyone()
     return checkpoints / checkpoint_name(step)
+
+
+def _all_finite(acc: Any, state_dict: dict[str, torch.Tensor]) -> bool:
+    """Whether every floating-point weight is finite, agreed by all processes (some hold an empty state dict)."""
+    bad = any(t.is_floating_point() and not bool(torch.isfinite(t).all()) for t in state_dict.values())
+    if acc.num_processes > 1:
+        bad = bool(acc.reduce(torch.tensor([float(bad)], device=acc.device), reduction="sum").item())
+    return not bad
 
 
 def strategy_name(acc: Any) -> str:

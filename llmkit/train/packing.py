@@ -36,6 +36,14 @@ def first_fit_decreasing(lengths: np.ndarray, capacity: int) -> list[list[int]]:
     return bins
 
 
+class TooFewRows(ValueError):
+    """The examples (packed or not) make fewer rows than one global micro-batch."""
+
+    def __init__(self, rows: int, needed: int) -> None:
+        super().__init__(f"{rows} rows cannot fill one batch of {needed}")
+        self.rows = rows
+
+
 class ExampleLoader:
     """Shuffled micro-batches of examples; position = (epoch, batch index, seed), like BlockLoader.
 
@@ -64,13 +72,13 @@ class ExampleLoader:
         self.micro_batch_size, self.max_length = micro_batch_size, max_length
         self.packing, self.pad_id, self.attn_implementation = packing, pad_id, attn_implementation
         self.rank, self.world = rank, world
-        self.position = LoaderPosition(seed, batches_per_epoch=0)
+        self.position = LoaderPosition(seed, batches_per_epoch=0, items_per_batch=micro_batch_size * world)
         self._rows_epoch = -1
         self._rows: list[list[int]] = []
         rows = len(self._epoch_rows(0))
         self.position.batches_per_epoch = rows // (micro_batch_size * world)
         if self.position.batches_per_epoch == 0:
-            raise ValueError(f"{rows} rows cannot fill one batch of {micro_batch_size * world}")
+            raise TooFewRows(rows, micro_batch_size * world)
 
     @property
     def batches_per_epoch(self) -> int:

@@ -14,11 +14,18 @@ from llmkit.console import info
 from llmkit.data.store import PreparedDataset, open_dataset
 from llmkit.data.tokenizer import load_tokenizer, tokenizer_hash
 from llmkit.errors import UserError
-from llmkit.models import build_model, check_vocab_fits, count_parameters, load_model
+from llmkit.models import build_model, check_vocab_fits, count_parameters, load_model, model_context
 from llmkit.plan import model_flops_per_token
 from llmkit.train.loader import BlockLoader, validation_batches
 from llmkit.train.loop import FitResult, TrainJob, fit
-from llmkit.train.resume import find_checkpoint, open_run_dir, restore_state
+from llmkit.train.resume import (
+    find_checkpoint,
+    finished_run,
+    model_fingerprint,
+    open_run_dir,
+    own_run_dir,
+    restore_state,
+)
 from llmkit.train.setup import build_optimizer, enable_gradient_checkpointing, make_accelerator, steps_for_budget
 
 
@@ -37,12 +44,27 @@ def pretrain(
     dataset = open_dataset(cfg.data.dataset_dir)
     tokenizer = load_tokenizer(dataset.tokenizer_dir)
     block_size = int(dataset.manifest["block_size"])
-    recipe_block_size = cfg.data.block_size
-    cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"block_size": block_size})})
-    train_split, val_split = dataset.split("train"), dataset.split("val")
     _check_init_tokenizer(cfg, dataset.manifest["tokenizer"]["hash"])
-
     accelerator = make_accelerator(cfg)
+    if block_size != cfg.data.block_size and accelerator.is_main_process:
+        info(f"{dataset.root}: using the dataset's blocks of {block_size} (the recipe says {cfg.data.block_size})")
+    cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"block_size": block_size})})
+    with own_run_dir(cfg, [dataset.root, cfg.model.init_from], resume, accelerator):
+        return _pretrain(cfg, dataset, tokenizer, accelerator, overwrite, resume, resume_fallback, allow_config_change)
+
+
+def _pretrain(
+    cfg: RunConfig,
+    dataset: PreparedDataset,
+    tokenizer: Any,
+    accelerator: Any,
+    overwrite: bool,
+    resume: str | None,
+    resume_fallback: bool,
+    allow_config_change: bool,
+) -> FitResult:
+    train_split, val_split = dataset.split("train"), dataset.split("val")
+    block_size = cfg.data.block_size
     world, micro = accelerator.num_processes, cfg.train.micro_batch_size
     if len(train_split) < micro * world:
         raise UserError(
@@ -54,9 +76,16 @@ def pretrain(
         "tokenizer_hash": dataset.manifest["tokenizer"]["hash"],
         "global_batch_size": micro * cfg.train.grad_accum_steps * world,
         "block_size": block_size,
+        "model": model_fingerprint(cfg),
     }
     checkpoint, saved_state = find_checkpoint(
-        Path(cfg.out_dir), resume, resume_fallback, overwrite, fingerprints, allow_config_change
+        Path(cfg.out_dir),
+        resume,
+        resume_fallback,
+        overwrite,
+        fingerprints,
+        allow_config_change,
+        (world, cfg.train.grad_accum_steps),
     )
 
     from accelerate.utils import set_seed
@@ -69,34 +98,35 @@ def pretrain(
     else:
         model = build_model(cfg.model, tokenizer)
     check_vocab_fits(model, tokenizer, str(dataset.root))
-    context = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
-    if context is not None and block_size > context:
+    context = model_context(model)
+    if context and block_size > context:
         raise UserError(
             f"{dataset.root}: blocks of {block_size} tokens exceed the model's context of {context}; "
             "re-run data-prep with a smaller data.block_size"
         )
 
+    loader = BlockLoader(train_split, micro, cfg.train.seed, accelerator.process_index, world)
+    tokens_per_step = micro * cfg.train.grad_accum_steps * world * block_size
+    total_steps = steps_for_budget(cfg.train, loader.batches_per_epoch, tokens_per_step)
+    done = finished_run(Path(cfg.out_dir), saved_state, total_steps)
+    if done is not None:
+        return done
     run_dir, config_yaml = open_run_dir(cfg, checkpoint, resume, overwrite, accelerator, tokenizer)
 
     if cfg.train.gradient_checkpointing:
         enable_gradient_checkpointing(model)
     optimizer = build_optimizer(model, cfg.optimizer, accelerator)
     model, optimizer = accelerator.prepare(model, optimizer)
-    loader = BlockLoader(train_split, micro, cfg.train.seed, accelerator.process_index, world)
     val_batches = (
         validation_batches(val_split, micro, cfg.train.eval_batches, accelerator.process_index, world)
         if len(val_split) >= micro * world
         else []
     )
-    tokens_per_step = micro * cfg.train.grad_accum_steps * world * block_size
-    total_steps = steps_for_budget(cfg.train, loader.batches_per_epoch, tokens_per_step)
     resume_state = None
     if checkpoint is not None and saved_state is not None:
         resume_state = restore_state(checkpoint, saved_state, model, optimizer, loader, accelerator)
 
     if accelerator.is_main_process:
-        if block_size != recipe_block_size:
-            info(f"{dataset.root}: using the dataset's blocks of {block_size} (the recipe says {recipe_block_size})")
         _print_plan(cfg, model, dataset, train_split, val_split, total_steps, tokens_per_step, accelerator)
         if resume_state is not None:
             info(f"resuming from {checkpoint} at step {resume_state.step:,} of {total_steps:,}")

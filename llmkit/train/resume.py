@@ -1,12 +1,18 @@
 """Starting or continuing a run: shared by every training command.
 
-`find_checkpoint` (read-only) picks and verifies the checkpoint and refuses silent changes; `open_run_dir`
-claims the directory (never restarting a run with checkpoints by accident) and writes the run's config and
-tokenizer; `restore_state` puts the optimizer, loader, counters and RNG back where the checkpoint left them.
+`own_run_dir` makes the command the one owner of its run directory (a second job on it is refused);
+`find_checkpoint` (read-only) picks and verifies the checkpoint and refuses silent changes; `finished_run`
+answers a finished run resumed (nothing to do); `open_run_dir` claims the directory (never restarting a run
+with checkpoints by accident) and writes the run's config and tokenizer; `restore_state` puts the optimizer,
+loader, counters and RNG back where the checkpoint left them.
 """
 
 from __future__ import annotations
 
+import math
+import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +20,7 @@ from llmkit.atomic import remove_stale_staging
 from llmkit.config import RunConfig, dump_config
 from llmkit.console import info
 from llmkit.errors import UserError
+from llmkit.outputs import check_output, output_lock
 from llmkit.train.checkpoint import (
     DEEPSPEED_DIR,
     DEEPSPEED_TAG,
@@ -21,11 +28,59 @@ from llmkit.train.checkpoint import (
     safe_torch_load,
     select_checkpoint,
 )
-from llmkit.train.loop import ResumeState, strategy_name
+from llmkit.train.loop import FitResult, ResumeState, strategy_name
 from llmkit.train.setup import claim_run_dir, uses_deepspeed, uses_fsdp
 
-# Changing these under a resumed run would silently change what the run means.
+# Changing these under a resumed run would silently change what the run means (--allow-config-change allows it).
 GUARDED_FIELDS = ("global_batch_size", "block_size", "tokenizer_hash", "dataset_fingerprint")
+# The model a checkpoint holds: a resumed run loads it from the checkpoint, so these can never change.
+MODEL_KEYS = ("arch", "n_layers", "hidden_size", "n_heads", "n_kv_heads", "intermediate_size", "context_length",
+              "rope_theta", "tie_embeddings", "init_from")  # fmt: skip
+METHOD_KEYS = ("task", "method", "lora", "freeze_top_layers", "trainable_modules")
+
+
+def model_fingerprint(cfg: RunConfig, finetuning: bool = False) -> dict[str, Any]:
+    """The settings that decide what the checkpoint's weights are (a model change on resume is refused)."""
+    keys = {f"model.{key}": value for key, value in cfg.model.model_dump(mode="json", include=set(MODEL_KEYS)).items()}
+    if finetuning:
+        method = cfg.finetune.model_dump(mode="json", include=set(METHOD_KEYS))
+        keys.update({f"finetune.{key}": value for key, value in method.items()})
+    return keys
+
+
+@contextmanager
+def own_run_dir(cfg: RunConfig, reads: list[Any], resume: str | None, accelerator: Any) -> Iterator[None]:
+    """Check that the run directory swallows none of `reads` (nor a checkpoint of another run to branch from),
+    then own it for the run: the main process takes its lock and every process learns whether it got it (a
+    second job on one run directory is refused)."""
+    out = Path(cfg.out_dir).resolve()
+    if resume not in (None, "auto") and out not in Path(resume).resolve().parents:
+        reads = [*reads, resume]
+    check_output(cfg.out_dir, reads)
+    lock = output_lock(cfg.out_dir, enabled=accelerator.is_main_process)
+    error = None
+    try:
+        lock.__enter__()
+    except UserError as exc:
+        error = str(exc)
+    error = _from_main(accelerator, error)
+    if error is not None:
+        raise UserError(error)
+    try:
+        yield
+    finally:
+        lock.__exit__(None, None, None)
+
+
+def _from_main(accelerator: Any, value: Any) -> Any:
+    """The main process's `value`, on every process."""
+    if accelerator.num_processes == 1:
+        return value
+    from accelerate.utils import broadcast_object_list
+
+    box = [value]
+    broadcast_object_list(box, from_process=0)
+    return box[0]
 
 
 def find_checkpoint(
@@ -35,14 +90,29 @@ def find_checkpoint(
     overwrite: bool,
     fingerprints: dict[str, Any],
     allow_config_change: bool,
+    layout: tuple[int, int] = (1, 1),
 ) -> tuple[Path | None, dict[str, Any] | None]:
-    """The checkpoint to continue from and its trainer state, or (None, None) for a fresh run."""
+    """The checkpoint to continue from and its trainer state, or (None, None) for a fresh run.
+
+    `layout` is (processes, gradient accumulation steps) of this run, for the hint when only the number of
+    processes changed: the micro-batch size that keeps the global batch."""
     if resume and overwrite:
         raise UserError("--resume and --overwrite contradict each other: choose one")
     checkpoint = select_checkpoint(run_dir, resume, fallback) if resume else None
     if checkpoint is None:
         return None, None
     saved = read_trainer_state(checkpoint)
+    saved_model, model = saved.get("model"), fingerprints.get("model")
+    if isinstance(saved_model, dict) and model is not None and saved_model != model:
+        diff = "; ".join(
+            f"{key} {saved_model.get(key)} -> {model.get(key)}"
+            for key in sorted(set(saved_model) | set(model))
+            if saved_model.get(key) != model.get(key)
+        )
+        raise UserError(
+            f"{checkpoint}: resuming would change the model ({diff}); a resumed run continues the checkpoint's "
+            "model: restore these settings, or start a new run with another --out"
+        )
     changed = [
         f"{name} {saved.get(name)} -> {fingerprints[name]}"
         for name in GUARDED_FIELDS
@@ -51,11 +121,44 @@ def find_checkpoint(
     if changed and not allow_config_change:
         raise UserError(
             f"{checkpoint}: resuming would change {'; '.join(changed)}; "
-            "restore the original settings or pass --allow-config-change"
+            f"restore the original settings{_batch_hint(saved, layout)} or pass --allow-config-change"
         )
     for change in changed:
         info(f"warning: resuming with a changed setting: {change}")
     return checkpoint, saved
+
+
+def _batch_hint(saved: dict[str, Any], layout: tuple[int, int]) -> str:
+    world, accum = layout
+    wanted = saved.get("global_batch_size")
+    if not isinstance(wanted, int) or saved.get("num_processes") == world or wanted % (world * accum):
+        return ""
+    return (
+        f" (on {world} process(es), --micro-batch-size {wanted // (world * accum)} keeps the global batch of {wanted})"
+    )
+
+
+def finished_run(run_dir: Path, saved: dict[str, Any] | None, total_steps: int) -> FitResult | None:
+    """For a checkpoint past or at the end of the run: a budget below its step is an error; a finished run whose
+    final model exists is answered without changing anything (None: there is training or finishing to do)."""
+    if saved is None:
+        return None
+    step = int(saved["step"])
+    if step > total_steps:
+        raise UserError(
+            f"{run_dir}: the checkpoint is at step {step:,}, past this run's budget of {total_steps:,} steps; "
+            f"give a budget of at least {step:,} steps to continue, or start a new run with another --out"
+        )
+    finished = bool(saved.get("stopped_early")) or step == total_steps
+    if not finished or not (run_dir / "final").is_dir():
+        return None
+    val_loss = saved.get("val_loss")
+    best = (saved.get("early_stopping") or {}).get("best")
+    return FitResult(
+        steps=step, tokens=int(saved["tokens"]), seconds=0.0, train_loss=float(saved.get("train_loss") or math.nan),
+        val_loss=val_loss, best_val_loss=best if isinstance(best, float) and math.isfinite(best) else None,
+        stopped_early=step < total_steps, final_dir=run_dir / "final", already_finished=True,
+    )  # fmt: skip
 
 
 def open_run_dir(
@@ -63,6 +166,8 @@ def open_run_dir(
 ) -> tuple[Path, str]:
     """Claim (fresh run) or reuse (resumed run) the run directory; write config.yaml and tokenizer/."""
     run_dir = Path(cfg.out_dir)
+    if checkpoint is not None and run_dir.resolve() not in checkpoint.resolve().parents:
+        return _branch(cfg, checkpoint, accelerator, tokenizer)
     if checkpoint is None:
         checkpoints = run_dir / "checkpoints"
         if not overwrite and checkpoints.is_dir() and any(checkpoints.iterdir()):
@@ -80,6 +185,22 @@ def open_run_dir(
         remove_stale_staging(run_dir / "checkpoints", ".step-*.tmp-*")  # saves cut off by a kill
         (run_dir / "config.yaml").write_text(config_yaml, encoding="utf-8")
         tokenizer.save_pretrained(run_dir / "tokenizer")
+    return run_dir, config_yaml
+
+
+def _branch(cfg: RunConfig, checkpoint: Path, accelerator: Any, tokenizer: Any) -> tuple[Path, str]:
+    """`--resume CHECKPOINT --out NEW`: a new run that continues another run's checkpoint; the other run is
+    only read. The new run's metrics start with the other run's, up to the checkpoint."""
+    run_dir = claim_run_dir(cfg.out_dir, False, accelerator)
+    config_yaml = dump_config(cfg)
+    if accelerator.is_main_process:
+        parent_metrics = checkpoint.resolve().parents[1] / "metrics.jsonl"
+        if parent_metrics.is_file():
+            shutil.copyfile(parent_metrics, run_dir / "metrics.jsonl")  # fit keeps the records up to the step
+        (run_dir / "config.yaml").write_text(config_yaml, encoding="utf-8")
+        tokenizer.save_pretrained(run_dir / "tokenizer")
+        info(f"branching from {checkpoint}: a new run in {run_dir} (the original run is left as it is)")
+    accelerator.wait_for_everyone()
     return run_dir, config_yaml
 
 
@@ -114,16 +235,28 @@ def restore_state(
         optimizer.load_state_dict(safe_torch_load(checkpoint / "optimizer.pt"))
     if accelerator.scaler is not None and (checkpoint / "scaler.pt").is_file():
         accelerator.scaler.load_state_dict(safe_torch_load(checkpoint / "scaler.pt"))
-    loader.position.load_state_dict(saved["data"])
+    try:
+        loader.position.load_state_dict(saved["data"])
+    except ValueError as exc:
+        raise UserError(
+            f"{checkpoint}: the data position cannot be continued with micro-batches of "
+            f"{loader.position.items_per_batch} ({exc}); keep train.micro_batch_size x processes as it was "
+            f"({saved.get('num_processes', 1)} process(es) at the checkpoint)"
+        ) from None
     rng_states = safe_torch_load(checkpoint / "rng.pt")
     if not isinstance(rng_states, list) or not rng_states:
         raise UserError(f"{checkpoint / 'rng.pt'}: unexpected content")
     rank = accelerator.process_index
+    train_loss, best = saved.get("train_loss"), saved["early_stopping"].get("best")
     return ResumeState(
         checkpoint=checkpoint,
         step=int(saved["step"]),
         tokens=int(saved["tokens"]),
-        best_val_loss=float(saved["early_stopping"]["best"]),
+        best_val_loss=float(best) if best is not None else math.inf,  # JSON holds no infinity: null
         bad_evals=int(saved["early_stopping"]["bad_evals"]),
         rng=rng_states[rank] if rank < len(rng_states) else rng_states[0],
+        window=dict(saved.get("log_window") or {}),
+        train_loss=float(train_loss) if train_loss is not None else math.nan,
+        val_loss=saved.get("val_loss"),
+        stopped_early=bool(saved.get("stopped_early")),
     )

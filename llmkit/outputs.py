@@ -1,0 +1,94 @@
+"""Where a command writes: it never swallows what it reads, and one process at a time owns it.
+
+Every command that writes a directory (data-prep, pretrain, finetune, export) calls `check_output` with the
+paths it reads before it touches anything, and holds `output_lock` while it writes. The rule: no command may
+delete or overwrite anything it reads, or any folder that contains it, nor the directory the user stands in.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+import socket
+import time
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from llmkit.errors import UserError
+
+
+def _real(path: str | Path) -> Path:
+    return Path(os.path.realpath(Path(path).expanduser()))
+
+
+def check_output(out: str | Path, reads: Iterable[str | Path | None], flag: str = "--out") -> None:
+    """Refuse an output that is a file, that is or contains an input, or that is or contains the current directory.
+
+    `reads` are the files and directories the command reads (sources, datasets, models, checkpoints); names
+    that do not exist on disk (hub names) are skipped.
+    """
+    target = _real(out)
+    if target.exists() and not target.is_dir():
+        raise UserError(f"{out}: exists and is a file; choose another {flag}")
+    for read in reads:
+        if read is None or not Path(read).exists():
+            continue
+        source = _real(read)
+        if source == target or target in source.parents:
+            what = "is" if source == target else "contains"
+            raise UserError(f"{flag} {out}: {what} {read}, which this command reads; choose another {flag}")
+    cwd = _real(os.getcwd())
+    if cwd == target or target in cwd.parents:
+        raise UserError(f"{flag} {out}: is (or contains) the current directory; choose a new directory below it")
+
+
+def lock_path(out: str | Path) -> Path:
+    """The lock file of an output directory: beside it, so replacing the directory keeps the lock."""
+    target = _real(out)
+    return target.parent / f".{target.name}.lock"
+
+
+@contextmanager
+def output_lock(out: str | Path, enabled: bool = True) -> Iterator[None]:
+    """Own `out` for the duration: an exclusive lock that dies with its process (a killed job leaves no stale
+    lock that matters). A second llmkit process on the same output is refused with the holder's host and pid.
+    """
+    if not enabled:
+        yield
+        return
+    path = lock_path(out)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    descriptor = _acquire(path, out)
+    try:
+        yield
+    finally:
+        path.unlink(missing_ok=True)
+        os.close(descriptor)
+
+
+def _acquire(path: Path, out: str | Path) -> int:
+    while True:
+        descriptor = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            holder = os.pread(descriptor, 200, 0).decode("utf-8", "replace").strip() or "another process"
+            os.close(descriptor)
+            if exc.errno in (errno.EAGAIN, errno.EACCES):
+                raise UserError(
+                    f"{out}: in use by {holder}; wait for that job to end or stop it (two jobs must not share "
+                    "one output)"
+                ) from None
+            raise
+        try:
+            same = os.stat(path).st_ino == os.fstat(descriptor).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:  # else the holder removed the file between our open and our lock: take the new one
+            os.ftruncate(descriptor, 0)
+            started = time.strftime("%Y-%m-%d %H:%M:%S")
+            os.pwrite(descriptor, f"pid {os.getpid()} on host {socket.gethostname()} (since {started})".encode(), 0)
+            return descriptor
+        os.close(descriptor)

@@ -365,8 +365,14 @@ def _train(
     Stop signals are handled from the first line to the exit code (llmkit.train.signals)."""
     from llmkit.train.signals import stop_signals
 
-    with stop_signals():
-        _run_training(run, config, overrides, flags, launch, overwrite, resume, resume_fallback, allow_config_change)
+    global _EXIT_AT_ONCE
+    with stop_signals(until_exit=_WHOLE_PROCESS):
+        try:
+            _run_training(
+                run, config, overrides, flags, launch, overwrite, resume, resume_fallback, allow_config_change
+            )
+        finally:
+            _EXIT_AT_ONCE = _WHOLE_PROCESS
 
 
 def _run_training(
@@ -632,5 +638,23 @@ def config_keys_command() -> None:
     print(describe_keys(), end="")
 
 
+# True when llmkit is the process (the `llmkit` script, `python -m llmkit`), not a library called in-process.
+_WHOLE_PROCESS = False
+# A training command has done its work (outputs closed and renamed into place): exit without the interpreter's
+# finalization, which resets signal handlers to the default and can take a second or more (library threads), so a
+# scheduler's second SIGTERM in that window would turn exit code 75 into 143.
+_EXIT_AT_ONCE = False
+
+
 def main() -> None:
-    app()
+    global _WHOLE_PROCESS
+    _WHOLE_PROCESS = True
+    try:
+        app()
+    except SystemExit as exc:
+        if not _EXIT_AT_ONCE:
+            raise
+        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)

@@ -42,6 +42,23 @@ def check_output(out: str | Path, reads: Iterable[str | Path | None], flag: str 
     cwd = _real(os.getcwd())
     if cwd == target or target in cwd.parents:
         raise UserError(f"{flag} {out}: is (or contains) the current directory; choose a new directory below it")
+    check_writable(out, flag)
+
+
+def check_writable(path: str | Path, flag: str = "--out") -> None:
+    """Refuse, before any work, a path whose nearest existing folder cannot be written (read-only, not yours)."""
+    target = _real(path)
+    existing = next((p for p in (target, *target.parents) if p.exists()), None)
+    if existing is None:
+        return
+    if existing == target and not target.is_dir():  # a file to replace: its folder must be writable
+        existing = target.parent
+    if not existing.is_dir():
+        raise UserError(f"{flag} {path}: {existing} is a file, not a folder; choose another {flag}")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UserError(
+            f"{flag} {path}: cannot write in {existing} (read-only or no permission); choose another {flag}"
+        )
 
 
 def lock_path(out: str | Path) -> Path:

@@ -7,6 +7,7 @@ directory and renamed into place at the end, so an interrupted run leaves nothin
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import math
@@ -91,7 +92,15 @@ def prepare_dataset(cfg: DataConfig, out: str | Path, overwrite: bool = False) -
     sources = resolve_sources(cfg.sources, skip=[out])
     check_output(out, [s.name for s in sources if s.kind == "file"] + [cfg.tokenizer])
     with output_lock(out):
-        return _prepare(cfg, out, sources, overwrite)
+        try:
+            return _prepare(cfg, out, sources, overwrite)
+        except OSError as exc:
+            if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+                raise
+            raise UserError(
+                f"{out}: no space left on device while writing the dataset; nothing was kept (an earlier dataset "
+                "there is unchanged); free space and run again"
+            ) from None
 
 
 def _prepare(cfg: DataConfig, out: Path, sources: list[Source], overwrite: bool) -> PrepResult:

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from llmkit.errors import UserError
+from llmkit.outputs import check_writable
 
 DATA_METRICS = ("loss", "perplexity", "bits_per_token", "bits_per_char", "bits_per_char_over_floor", "accuracy",
                 "macro_precision", "macro_recall", "macro_f1", "roc_auc")  # fmt: skip
@@ -81,9 +82,7 @@ def check_report_paths(reports: list[Path], reads: list[Any]) -> None:
         for read in reads:
             if read is not None and Path(read).exists() and path.resolve() == Path(read).resolve():
                 raise UserError(f"{path}: is an input of this evaluation; write the report elsewhere")
-        parent = next((p for p in path.resolve().parents if p.exists()), None)
-        if parent is not None and not parent.is_dir():
-            raise UserError(f"{path}: {parent} is a file, not a folder; choose another report path")
+        check_writable(path, "report")
 
 
 def _evaluate_data(

@@ -72,9 +72,12 @@ _active: list[StopSignals] = []
 
 
 @contextmanager
-def stop_signals() -> Iterator[StopSignals]:
+def stop_signals(until_exit: bool = False) -> Iterator[StopSignals]:
     """Handle the stop signals for the duration; nested uses share the outermost handler (the CLI installs one
-    for the whole command, `fit` for callers from Python)."""
+    for the whole command, `fit` for callers from Python).
+
+    `until_exit` (the CLI) keeps the handler after the block, in the "stopping" phase, so a signal during the
+    interpreter's own shutdown cannot turn the exit code into 143."""
     if _active:
         yield _active[0]
         return
@@ -87,6 +90,8 @@ def stop_signals() -> Iterator[StopSignals]:
     try:
         yield state
     finally:
+        state.phase = "stopping"
         _active.remove(state)
-        for sig, handler in state._previous.items():
-            signal.signal(sig, handler)
+        if not until_exit:
+            for sig, handler in state._previous.items():
+                signal.signal(sig, handler)

@@ -15,16 +15,42 @@ _TRAILING = re.compile(r" +\n")
 _BLANK_LINES = re.compile(r"\n{3,}")
 
 
+CLEAN_PIECE_CHARS = 1 << 20
+
+
 def clean_text(text: str, normalize: Literal["NFC", "NFKC", "none"] | str) -> str:
-    """Normalize Unicode, drop control characters, collapse runs of spaces and of blank lines."""
+    """Normalize Unicode, drop control characters, collapse runs of spaces and of blank lines.
+
+    A long text is cleaned in pieces (the substitutions' working memory grows with the number of matches): each
+    cut is between whitespace and a letter or digit, which no rule here reads across, so the result is the same.
+    """
+    if len(text) <= CLEAN_PIECE_CHARS:
+        return _clean(text, normalize).strip()
+    return "".join(_clean(piece, normalize) for piece in _pieces(text, CLEAN_PIECE_CHARS)).strip()
+
+
+def _pieces(text: str, limit: int) -> list[str]:
+    pieces, start = [], 0
+    while len(text) - start > limit:
+        end = start + limit
+        cut = end
+        while cut > start + limit // 2 and not (text[cut - 1].isspace() and text[cut].isalnum()):
+            cut -= 1
+        end = cut if cut > start + limit // 2 else end  # no safe cut in half a piece: cut where it is
+        pieces.append(text[start:end])
+        start = end
+    pieces.append(text[start:])
+    return pieces
+
+
+def _clean(text: str, normalize: str) -> str:
     if normalize != "none":
         text = unicodedata.normalize(normalize, text)  # type: ignore[arg-type]
     text = text.replace("\r\n", "\n").replace("\r", "\n")
     text = _CONTROL.sub("", text)
     text = _SPACES.sub(" ", text)
     text = _TRAILING.sub("\n", text)
-    text = _BLANK_LINES.sub("\n\n", text)
-    return text.strip()
+    return _BLANK_LINES.sub("\n\n", text)
 
 
 @dataclass

@@ -37,8 +37,9 @@ from llmkit.outputs import check_output, output_lock
 BLOCKS_PER_SHARD_TARGET_BYTES = 256 * 2**20
 # Memory per document is bounded: longer documents are tokenized in pieces of about this many characters
 # (cut after a newline or a space), and a tokenizer batch holds about BATCH_CHARS characters at most.
-PIECE_CHARS = 1 << 20
-BATCH_CHARS = 8 << 20
+PIECE_CHARS = 1 << 18
+BATCH_CHARS = 1 << 20
+TRAIN_PIECE_CHARS = 1 << 16  # the BPE trainer splits its whole input batch into words at once: feed it small pieces
 
 # Settings that change the output; worker counts and batch sizes do not.
 _FINGERPRINT_FIELDS = [
@@ -178,7 +179,7 @@ def _train_tokenizer(cfg: DataConfig, sources: list[Source]) -> Any:
         for doc in clean_documents(cfg, sources, doc_filter):
             if doc.split != "train":
                 continue
-            yield from split_long(doc.text)
+            yield from split_long(doc.text, TRAIN_PIECE_CHARS)
             used += 1
             if limit is not None and used >= limit:
                 return

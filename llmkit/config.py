@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
 
 from llmkit.errors import UserError, did_you_mean
 
@@ -101,6 +101,17 @@ class DataConfig(Section):
         200_000, ge=1, description="Documents used to train a new tokenizer (unset: all of them)."
     )
 
+    @field_validator("encoding")
+    @classmethod
+    def _known_encoding(cls, encoding: str) -> str:
+        import codecs
+
+        try:
+            codecs.lookup(encoding)
+        except LookupError:
+            raise ValueError(f"unknown text encoding '{encoding}' (e.g. utf-8, latin-1, cp1252)") from None
+        return encoding
+
 
 class TrainConfig(Section):
     """Batch shape, budget, validation and early stopping."""
@@ -141,6 +152,10 @@ class TrainConfig(Section):
         return self
 
 
+# The optimizers compute in float32: a larger number overflows inside them instead of meaning anything.
+FLOAT32_MAX = 3.4e38
+
+
 class OptimizerConfig(Section):
     """The optimizer and gradient clipping."""
 
@@ -151,6 +166,13 @@ class OptimizerConfig(Section):
     eps: float = Field(1e-8, gt=0, description="Adam epsilon.")
     momentum: float = Field(0.9, ge=0, description="SGD momentum.")
     grad_clip: float | None = Field(1.0, gt=0, description="Clip the global gradient norm (unset: no clip).")
+
+    @field_validator("lr", "weight_decay", "eps", "momentum", "grad_clip")
+    @classmethod
+    def _in_float32(cls, value: float | None) -> float | None:
+        if value is not None and value > FLOAT32_MAX:
+            raise ValueError(f"{value:g} is beyond float32's range, in which the optimizer computes (at most 3.4e38)")
+        return value
 
 
 class ScheduleConfig(Section):

@@ -561,9 +561,11 @@ def _checkpoint(job: TrainJob, step: int, tokens: int, stopping: _EarlyStopping,
     return checkpoints / checkpoint_name(step)
 
 
-def _all_finite(acc: Any, state_dict: dict[str, torch.Tensor]) -> bool:
-    """Whether every floating-point weight is finite, agreed by all processes (some hold an empty state dict)."""
-    bad = any(t.is_floating_point() and not bool(torch.isfinite(t).all()) for t in state_dict.values())
+def _all_finite(acc: Any, state_dict: dict[str, torch.Tensor] | None) -> bool:
+    """Whether every floating-point weight is finite, agreed by all processes (under ZeRO-3 only the main process
+    holds the gathered state dict; the others hold None)."""
+    tensors = (state_dict or {}).values()
+    bad = any(t.is_floating_point() and not bool(torch.isfinite(t).all()) for t in tensors)
     if acc.num_processes > 1:
         bad = bool(acc.reduce(torch.tensor([float(bad)], device=acc.device), reduction="sum").item())
     return not bad

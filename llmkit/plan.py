@@ -213,6 +213,9 @@ def plan_run(
         raise UserError(f"--strategy {strategy}: choose one of {', '.join(STRATEGIES)}")
     if not 0 < mfu <= 1 or gpus < 1:
         raise UserError("need 0 < --mfu <= 1 and --gpus >= 1")
+    for name, value in (("--price-per-gpu-hour", price_per_gpu_hour), ("--train-tokens", train_tokens)):
+        if value is not None and not value > 0:  # also refuses nan
+            raise UserError(f"{name} {value}: must be a positive number")
     peak, capacity = GPU_TYPES[gpu_type]
     vocab, vocab_source = vocabulary_size(cfg) if not cfg.model.init_from else (0, cfg.model.init_from)
     total, trainable, matmul, vocab = count_parameters(cfg, vocab)

@@ -636,3 +636,21 @@ def test_a_run_killed_on_two_processes_resumes_on_one_and_on_three(tiny_dataset:
     refused = run_cli("pretrain", "--data", tiny_dataset, "--out", tmp_path / "on3", "--micro-batch-size", "4",
                       *common, "--max-steps", "9", "--resume", "auto")  # fmt: skip
     assert_user_error(refused, "global_batch_size 12 -> 4", "--micro-batch-size 12 keeps the global batch of 12")
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["export", "RUN", "--out", "OUT", "--max-logit-diff", "-1"],
+        ["export", "RUN", "--out", "OUT", "--min-greedy-agreement", "1.5"],
+        ["export", "RUN", "--out", "OUT", "--max-ppl-increase", "nan"],
+        ["plan", "recipes/tiny-cpu.yaml", "--price-per-gpu-hour", "-3"],
+        ["plan", "recipes/tiny-cpu.yaml", "--train-tokens", "0"],
+    ],
+)
+def test_other_numbers_are_checked_where_they_enter(args: list[str], run_copy: Path, tmp_path: Path) -> None:
+    root = Path(__file__).parent.parent
+    args = [str(run_copy) if a == "RUN" else str(tmp_path / "out") if a == "OUT" else a for a in args]
+    args = [str(root / a) if a.startswith("recipes/") else a for a in args]
+    assert_user_error(run_cli(*args), args[-2])
+    assert not (tmp_path / "out").exists()

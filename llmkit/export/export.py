@@ -58,6 +58,9 @@ def export_model(
         raise UserError(f"--dtype {dtype}: --format {fmt} takes {', '.join(FORMATS[fmt])}")
     if quantize not in (None, "int8") or (quantize and fmt != "onnx"):
         raise UserError("--quantize int8 applies to --format onnx (GGUF has --dtype q8_0)")
+    for key, value in (tolerance or {}).items():  # checked where they enter, before any work
+        if value is not None and (not 0 <= value < float("inf") or (key == "min_greedy_agreement" and value > 1)):
+            raise UserError(f"--{key.replace('_', '-')} {value}: must be a finite number >= 0 (an agreement at most 1)")
     out = Path(out)
     model_dir = resolve_model_dir(source)
     adapter = (model_dir / "adapter_config.json").is_file()

@@ -333,7 +333,9 @@ def _apply_method(model: Any, cfg: RunConfig, added_tokens: int, tokenizer: Any,
     ft = cfg.finetune
     if ft.method in ("lora", "qlora"):
         new_ids = list(range(len(tokenizer) - added_tokens, len(tokenizer))) if added_tokens else []
+        _check_lora_under_zero3(new_ids, cfg)
         task_type = "SEQ_CLS" if ft.task == "classify" else "CAUSAL_LM"
+        torch.manual_seed(cfg.train.seed)  # the adapters' initialization, whatever loading the base drew (ZeRO-3)
         model = attach_lora(model, ft.lora, task_type, new_ids)
         if checkpoint is not None:
             from peft import set_peft_model_state_dict
@@ -350,6 +352,19 @@ def _apply_method(model: Any, cfg: RunConfig, added_tokens: int, tokenizer: Any,
     if ft.method == "freeze":
         freeze_except(model, ft.freeze_top_layers, ft.trainable_modules)
     return model
+
+
+def _check_lora_under_zero3(new_ids: list[int], cfg: RunConfig) -> None:
+    """Under ZeRO-3, peft trains the rows of added tokens through a layer that gathers the sharded embedding on
+    a CUDA device: without one it cannot run (LoRA on the existing vocabulary can)."""
+    from transformers.integrations import is_deepspeed_zero3_enabled
+
+    if new_ids and is_deepspeed_zero3_enabled() and not torch.cuda.is_available():
+        raise UserError(
+            f"the chat template adds {len(new_ids)} tokens to {cfg.model.init_from}, whose embedding rows LoRA "
+            "trains; under ZeRO-3 that needs CUDA GPUs (peft gathers the sharded embedding on one); on CPU use "
+            "zero2, or start from a model whose tokenizer has the template's tokens (any llmkit fine-tune of it)"
+        )
 
 
 def _validation_batches(

@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 import shutil
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -57,19 +57,16 @@ def own_run_dir(cfg: RunConfig, reads: list[Any], resume: str | None, accelerato
     if resume not in (None, "auto") and out not in Path(resume).resolve().parents:
         reads = [*reads, resume]
     check_output(cfg.out_dir, reads)
-    lock = output_lock(cfg.out_dir, enabled=accelerator.is_main_process)
-    error = None
-    try:
-        lock.__enter__()
-    except UserError as exc:
-        error = str(exc)
-    error = _from_main(accelerator, error)
-    if error is not None:
-        raise UserError(error)
-    try:
+    with ExitStack() as held:
+        refusal = None
+        try:
+            held.enter_context(output_lock(cfg.out_dir, enabled=accelerator.is_main_process))
+        except UserError as exc:
+            refusal = str(exc)
+        refusal = _from_main(accelerator, refusal)  # every process stops when the main one could not own it
+        if refusal is not None:
+            raise UserError(refusal)
         yield
-    finally:
-        lock.__exit__(None, None, None)
 
 
 def _from_main(accelerator: Any, value: Any) -> Any:

@@ -56,11 +56,11 @@ def deepspeed_template(strategy: str) -> dict[str, Any]:
 def check_available(cfg: RunConfig, world_size: int = 1, finetuning: bool = False) -> None:
     """Refuse what cannot run, before any process is launched (an error in every rank is harder to read)."""
     zero3 = ZERO_STAGES.get(cfg.distributed.strategy) == 3
-    if finetuning and zero3 and cfg.finetune.method in ("lora", "qlora"):
+    if finetuning and zero3 and cfg.finetune.method == "qlora":
         raise UserError(
-            f"finetune.method={cfg.finetune.method} with distributed.strategy={cfg.distributed.strategy} is not "
-            "supported yet (peft cannot wrap ZeRO-3's sharded layers here); use zero2: the base model is frozen, "
-            "so ZeRO-2 already shards everything that is trained"
+            f"finetune.method=qlora with distributed.strategy={cfg.distributed.strategy}: ZeRO-3 cannot shard "
+            "4-bit weights; use zero2 (the base model is frozen, so ZeRO-2 already shards everything that is "
+            "trained) or method lora with zero3"
         )
     if cfg.distributed.strategy == "fsdp" and not torch.cuda.is_available():
         raise UserError(

@@ -16,6 +16,8 @@ from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from llmkit.atomic import remove_stale_staging
 from llmkit.config import RunConfig, dump_config
 from llmkit.console import info
@@ -201,6 +203,65 @@ def _branch(cfg: RunConfig, checkpoint: Path, accelerator: Any, tokenizer: Any) 
     return run_dir, config_yaml
 
 
+def _load_resharded(checkpoint: Path, model: Any, accelerator: Any) -> None:
+    """A DeepSpeed checkpoint written by another number of processes: DeepSpeed converts its per-rank shards
+    into a universal checkpoint (whole fp32 weights and optimizer moments per parameter), which every process
+    loads and shards anew. The conversion lives beside the checkpoints and is removed once loaded; the sealed
+    checkpoint itself is only read."""
+    universal = checkpoint.parent / f".{checkpoint.name}.universal"
+    if accelerator.is_main_process:
+        shutil.rmtree(universal, ignore_errors=True)
+        to_universal(checkpoint / DEEPSPEED_DIR / DEEPSPEED_TAG, universal / DEEPSPEED_TAG)
+    accelerator.wait_for_everyone()
+    # ZeRO-3's universal loader copies the first parameter group's settings onto every group, which would put
+    # weight decay on norms and biases: keep each group's own settings.
+    groups = model.optimizer.optimizer.param_groups
+    settings = [{key: value for key, value in group.items() if key != "params"} for group in groups]
+    model._config.load_universal_checkpoint = True  # the engine reads this flag when it loads
+    try:
+        model.load_checkpoint(
+            str(universal), tag=DEEPSPEED_TAG, load_optimizer_states=True, load_lr_scheduler_states=False,
+            load_module_strict=True,
+        )  # fmt: skip
+    finally:
+        model._config.load_universal_checkpoint = False  # later checkpoints are ordinary ones
+    for group, kept in zip(groups, settings, strict=True):
+        group.update(kept)
+    # It also gives every group's state one shared `step` tensor, which fused Adam advances in place once per
+    # group: each state needs its own.
+    for state in model.optimizer.optimizer.state.values():
+        if isinstance(state.get("step"), torch.Tensor):
+            state["step"] = state["step"].clone()
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        shutil.rmtree(universal, ignore_errors=True)
+
+
+def to_universal(tag_dir: Path, out: Path) -> None:
+    """DeepSpeed's ds_to_universal on one checkpoint tag (its progress lines are kept off the console)."""
+    import contextlib
+    import io
+
+    from deepspeed.checkpoint import ds_to_universal
+
+    arguments = ["--input_folder", str(tag_dir), "--output_folder", str(out), "--inject_missing_state",
+                 "--num_extract_workers", "1", "--num_merge_workers", "1"]  # fmt: skip
+    with contextlib.redirect_stdout(io.StringIO()), _argv(arguments):
+        ds_to_universal.main(ds_to_universal.parse_arguments())
+
+
+@contextmanager
+def _argv(arguments: list[str]) -> Iterator[None]:
+    import sys
+
+    saved = sys.argv
+    sys.argv = ["ds_to_universal", *arguments]
+    try:
+        yield
+    finally:
+        sys.argv = saved
+
+
 def restore_state(
     checkpoint: Path, saved: dict[str, Any], model: Any, optimizer: Any, loader: Any, accelerator: Any
 ) -> ResumeState:
@@ -212,16 +273,14 @@ def restore_state(
             f"resume with distributed.strategy={written_by}"
         )
     if uses_deepspeed(accelerator):
-        if saved["num_processes"] != accelerator.num_processes:
-            raise UserError(
-                f"{checkpoint}: DeepSpeed saved optimizer shards for {saved['num_processes']} processes; "
-                f"resume with --num-processes {saved['num_processes']} (this run has {accelerator.num_processes})"
-            )
-        # DeepSpeed's own files (checked against the seal above) hold the module, the shards and the step.
-        model.load_checkpoint(
-            str(checkpoint / DEEPSPEED_DIR), tag=DEEPSPEED_TAG, load_optimizer_states=True,
-            load_lr_scheduler_states=False, load_module_strict=True,
-        )  # fmt: skip
+        if saved["num_processes"] == accelerator.num_processes:
+            # DeepSpeed's own files (checked against the seal above) hold the module, the shards and the step.
+            model.load_checkpoint(
+                str(checkpoint / DEEPSPEED_DIR), tag=DEEPSPEED_TAG, load_optimizer_states=True,
+                load_lr_scheduler_states=False, load_module_strict=True,
+            )  # fmt: skip
+        else:
+            _load_resharded(checkpoint, model, accelerator)
     elif uses_fsdp(accelerator):  # whole states keyed by parameter name: FSDP shards them as it loads them
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 

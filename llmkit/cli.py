@@ -230,8 +230,9 @@ def pretrain_command(
     """Train a decoder language model on a prepared dataset.
 
     Writes RUN/config.yaml, metrics.jsonl, tensorboard/, checkpoints/, loss.png and final/ (an HF model).
-    Exit codes: 0 done; 2 bad input; 3 non-finite loss; 75 stopped by SIGTERM/SIGUSR1 or --max-time after a
-    checkpoint (continue with --resume auto).
+    Exit codes: 0 done (or already finished); 2 bad input; 3 non-finite loss; 75 stopped by SIGTERM, SIGUSR1,
+    Ctrl-C or --max-time, after a checkpoint when training had begun (continue with --resume auto); 130 a second
+    Ctrl-C (stopped at once; the newest checkpoint is kept).
     """
     from llmkit.train.pretrain import pretrain
 
@@ -300,7 +301,8 @@ def finetune_command(
     """Fine-tune a model on your own rows: chat/instruction SFT with full, LoRA, QLoRA or freeze.
 
     The loss covers assistant and completion tokens only; packed examples never attend to each other.
-    Exit codes as for pretrain: 0 done, 2 bad input, 3 non-finite loss, 75 stopped after a checkpoint.
+    Exit codes as for pretrain: 0 done, 2 bad input, 3 non-finite loss, 75 stopped by a signal or --max-time
+    (after a checkpoint once training had begun), 130 a second Ctrl-C.
     """
     from llmkit.train.finetune import finetune
 

@@ -5,12 +5,13 @@ Heavy libraries (torch, transformers) are imported inside commands, so `llmkit -
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
 import sys
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
@@ -351,6 +352,20 @@ def _shared_training_flags(
     }
 
 
+@contextlib.contextmanager
+def _training_process() -> Iterator[None]:
+    """Stop signals are handled from the first line of a training command to its exit code (llmkit.train.signals)."""
+    global _EXIT_AT_ONCE
+    from llmkit.train.signals import stop_signals
+
+    with stop_signals(until_exit=_WHOLE_PROCESS):
+        try:
+            yield
+        finally:
+            _EXIT_AT_ONCE = _WHOLE_PROCESS
+
+
+@_training_process()
 def _train(
     run: Callable[..., Any],
     config: Path | None,
@@ -362,32 +377,7 @@ def _train(
     resume_fallback: bool,
     allow_config_change: bool,
 ) -> None:
-    """Relaunch under accelerate when more processes are asked for; else resolve the config, run, report.
-
-    Stop signals are handled from the first line to the exit code (llmkit.train.signals)."""
-    from llmkit.train.signals import stop_signals
-
-    global _EXIT_AT_ONCE
-    with stop_signals(until_exit=_WHOLE_PROCESS):
-        try:
-            _run_training(
-                run, config, overrides, flags, launch, overwrite, resume, resume_fallback, allow_config_change
-            )
-        finally:
-            _EXIT_AT_ONCE = _WHOLE_PROCESS
-
-
-def _run_training(
-    run: Callable[..., Any],
-    config: Path | None,
-    overrides: list[str] | None,
-    flags: dict[str, Any],
-    launch: tuple[Any, ...],
-    overwrite: bool,
-    resume: str | None,
-    resume_fallback: bool,
-    allow_config_change: bool,
-) -> None:
+    """Relaunch under accelerate when more processes are asked for; else resolve the config, run, report."""
     from llmkit.config import load_config
     from llmkit.reports import print_fit_summary
     from llmkit.train.launch import relaunch

@@ -196,13 +196,14 @@ def _training(out: Path) -> bool:
 
 def test_sigterm_during_start_up_exits_75(tiny_dataset: Path, tmp_path: Path) -> None:
     out = tmp_path / "run"
-    proc = _llmkit(*_long_run(tiny_dataset, out))
-    _wait_for(lambda: lock_path(out).exists())  # the run has started and owns its directory; no step yet
-    proc.send_signal(signal.SIGTERM)
-    _, stderr = proc.communicate(timeout=120)
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", "LLMKIT_FAULT_INJECT": "term@startup"}
+    proc = subprocess.Popen([sys.executable, "-m", "llmkit", *map(str, _long_run(tiny_dataset, out))], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    _, stderr = proc.communicate(timeout=120)  # a real SIGTERM, sent once the run owns its directory
     assert proc.returncode == 75, stderr
     assert stderr.strip().splitlines()[-1].startswith("stopped by SIGTERM during start-up")
     assert "Traceback" not in stderr and not lock_path(out).exists()
+    assert complete_checkpoints(out / "checkpoints") == []
 
 
 @pytest.mark.parametrize("delay", [0.0, 0.3, 1.0])

@@ -3,7 +3,8 @@
 Set ``LLMKIT_FAULT_INJECT`` to one of:
 
 * ``kill@STEP.MICRO``  after micro-batch MICRO (0-based) of optimizer step STEP (1-based) has run backward;
-* ``kill-in-save@STEP`` while the checkpoint of STEP is half written (model saved, nothing else).
+* ``kill-in-save@STEP`` while the checkpoint of STEP is half written (model saved, nothing else);
+* ``term@startup``      send SIGTERM to this process during start-up, once it owns its run directory (no step yet).
 
 It is read once at import, is meant for tests and for users who want to check their own recovery, and
 does nothing when unset. SIGKILL cannot be caught: this is a real crash, not a simulated one.
@@ -29,3 +30,5 @@ def maybe_kill(point: str, step: int, micro: int = 0) -> None:
         _kill()
     if point == "save" and kind == "kill-in-save" and where == str(step):
         _kill()
+    if point == "startup" and kind == "term" and where == "startup":
+        os.kill(os.getpid(), signal.SIGTERM)

@@ -23,6 +23,7 @@ from llmkit.config import RunConfig, dump_config
 from llmkit.console import info
 from llmkit.errors import UserError
 from llmkit.outputs import check_output, output_lock
+from llmkit.train import faults
 from llmkit.train.checkpoint import (
     DEEPSPEED_DIR,
     DEEPSPEED_TAG,
@@ -68,6 +69,7 @@ def own_run_dir(cfg: RunConfig, reads: list[Any], resume: str | None, accelerato
         refusal = _from_main(accelerator, refusal)  # every process stops when the main one could not own it
         if refusal is not None:
             raise UserError(refusal)
+        faults.maybe_kill("startup", 0)
         yield
 
 

@@ -585,7 +585,7 @@ def test_too_few_packed_rows_says_they_are_packed_rows(tiny_run: Path, tmp_path:
 # --- Resume on another number of processes -----------------------------------------------------------------------
 
 
-def _steps(run: Path) -> dict[int, set[int]]:
+def blocks_per_step(run: Path) -> dict[int, set[int]]:
     """Blocks each step used, from every process's data trace."""
     used: dict[int, set[int]] = {}
     for trace in run.glob("data_trace*.jsonl"):
@@ -627,10 +627,10 @@ def test_a_run_killed_on_two_processes_resumes_on_one_and_on_three(tiny_dataset:
     def losses(run: Path) -> list[float]:
         return [r["loss"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
 
-    expected = _steps(tmp_path / "ref")
+    expected = blocks_per_step(tmp_path / "ref")
     assert sorted(expected) == list(range(1, 9)) and all(len(blocks) == 12 for blocks in expected.values())
     for run in (tmp_path / "killed", tmp_path / "on3"):
-        assert _steps(run) == expected  # the same blocks at every step: none skipped, none seen twice
+        assert blocks_per_step(run) == expected  # the same blocks at every step: none skipped, none seen twice
         assert losses(run) == pytest.approx(losses(tmp_path / "ref"), rel=1e-5)
         summary = json.loads((run / "summary.json").read_text())
         assert summary["tokens"] == 8 * 12 * 32

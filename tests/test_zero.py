@@ -216,6 +216,8 @@ def test_a_zero_run_killed_on_two_processes_resumes_on_one_and_on_three(
     the uninterrupted run within 1e-5 (reductions in another order); the data trace shows the same blocks."""
     from safetensors.torch import load_file
 
+    from tests.test_nothing_lost import blocks_per_step
+
     def run(out: Path, processes: int, *extra: str, fault: str | None = None) -> subprocess.CompletedProcess:
         micro = str(12 // processes)
         command = [
@@ -227,13 +229,6 @@ def test_a_zero_run_killed_on_two_processes_resumes_on_one_and_on_three(
         ]  # fmt: skip
         env = {**ENV, "LLMKIT_FAULT_INJECT": fault} if fault else ENV
         return subprocess.run(command, env=env, capture_output=True, text=True, timeout=400)
-
-    def blocks(out: Path) -> dict[int, set[int]]:
-        used: dict[int, set[int]] = {}
-        for trace in out.glob("data_trace*.jsonl"):
-            for record in map(json.loads, trace.read_text().splitlines()):
-                used.setdefault(record["step"], set()).update(record["blocks"])
-        return used
 
     whole = run(tmp_path / "whole", 2)
     assert whole.returncode == 0, whole.stderr[-3000:]
@@ -249,5 +244,5 @@ def test_a_zero_run_killed_on_two_processes_resumes_on_one_and_on_three(
             load_file(tmp_path / "whole" / "final" / "model.safetensors"),
         )
         assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in b)
-        assert blocks(out) == blocks(tmp_path / "whole")
+        assert blocks_per_step(out) == blocks_per_step(tmp_path / "whole")
         assert not list((out / "checkpoints").glob(".*universal*"))  # the conversion is removed once loaded

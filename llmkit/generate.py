@@ -171,7 +171,7 @@ def chat_loop(
             continue
         history.append({"role": "user", "content": line})
         ids = generator.fit_history(history, sampling)
-        if len(ids) >= (generator.context or len(ids) + 1):
+        if generator.context and len(ids) >= generator.context:  # the new message alone fills it
             history.pop()
             print(f"(that message is too long for the model's context of {generator.context} tokens; shorten it)",
                   file=sys.stderr, flush=True)  # fmt: skip

@@ -48,10 +48,10 @@ from llmkit.train.packing import ExampleLoader, TooFewRows, collate_rows
 from llmkit.train.resume import (
     find_checkpoint,
     finished_run,
-    model_fingerprint,
     open_run_dir,
     own_run_dir,
     restore_state,
+    run_fingerprints,
 )
 from llmkit.train.setup import build_optimizer, enable_gradient_checkpointing, make_accelerator, steps_for_budget
 
@@ -110,21 +110,11 @@ def _finetune(
     token = cfg.model.hub_token.get_secret_value() if cfg.model.hub_token else None
     classify = data.labels is not None
     world, micro = accelerator.num_processes, cfg.train.micro_batch_size
-    fingerprints = {
-        "dataset_fingerprint": data.fingerprint,
-        "tokenizer_hash": tokenizer_hash(tokenizer),
-        "global_batch_size": micro * cfg.train.grad_accum_steps * world,
-        "block_size": ft.max_length,
-        "model": model_fingerprint(cfg, finetuning=True),
-    }
+    fingerprints = run_fingerprints(
+        cfg, world, data.fingerprint, tokenizer_hash(tokenizer), ft.max_length, finetuning=True
+    )
     checkpoint, saved_state = find_checkpoint(
-        Path(cfg.out_dir),
-        resume,
-        resume_fallback,
-        overwrite,
-        fingerprints,
-        allow_config_change,
-        (world, cfg.train.grad_accum_steps),
+        cfg, world, resume, resume_fallback, overwrite, fingerprints, allow_config_change
     )
 
     from accelerate.utils import set_seed

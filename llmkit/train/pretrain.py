@@ -21,10 +21,10 @@ from llmkit.train.loop import FitResult, TrainJob, fit
 from llmkit.train.resume import (
     find_checkpoint,
     finished_run,
-    model_fingerprint,
     open_run_dir,
     own_run_dir,
     restore_state,
+    run_fingerprints,
 )
 from llmkit.train.setup import build_optimizer, enable_gradient_checkpointing, make_accelerator, steps_for_budget
 
@@ -71,21 +71,12 @@ def _pretrain(
             f"{dataset.root}: {len(train_split)} training blocks cannot fill one micro-batch of {micro * world}; "
             "lower train.micro_batch_size or add data"
         )
-    fingerprints = {
-        "dataset_fingerprint": dataset.manifest["fingerprint"],
-        "tokenizer_hash": dataset.manifest["tokenizer"]["hash"],
-        "global_batch_size": micro * cfg.train.grad_accum_steps * world,
-        "block_size": block_size,
-        "model": model_fingerprint(cfg),
-    }
+    manifest = dataset.manifest
+    fingerprints = run_fingerprints(
+        cfg, world, manifest["fingerprint"], manifest["tokenizer"]["hash"], block_size, finetuning=False
+    )
     checkpoint, saved_state = find_checkpoint(
-        Path(cfg.out_dir),
-        resume,
-        resume_fallback,
-        overwrite,
-        fingerprints,
-        allow_config_change,
-        (world, cfg.train.grad_accum_steps),
+        cfg, world, resume, resume_fallback, overwrite, fingerprints, allow_config_change
     )
 
     from accelerate.utils import set_seed

@@ -84,22 +84,34 @@ def _from_main(accelerator: Any, value: Any) -> Any:
     return box[0]
 
 
+def run_fingerprints(
+    cfg: RunConfig, world: int, dataset_fingerprint: str, tokenizer_hash: str, block_size: int, finetuning: bool
+) -> dict[str, Any]:
+    """What a checkpoint records about the run it belongs to; `find_checkpoint` compares it on resume."""
+    return {
+        "dataset_fingerprint": dataset_fingerprint,
+        "tokenizer_hash": tokenizer_hash,
+        "global_batch_size": cfg.train.micro_batch_size * cfg.train.grad_accum_steps * world,
+        "block_size": block_size,
+        "model": model_fingerprint(cfg, finetuning),
+    }
+
+
 def find_checkpoint(
-    run_dir: Path,
+    cfg: RunConfig,
+    world: int,
     resume: str | None,
     fallback: bool,
     overwrite: bool,
     fingerprints: dict[str, Any],
     allow_config_change: bool,
-    layout: tuple[int, int] = (1, 1),
 ) -> tuple[Path | None, dict[str, Any] | None]:
-    """The checkpoint to continue from and its trainer state, or (None, None) for a fresh run.
-
-    `layout` is (processes, gradient accumulation steps) of this run, for the hint when only the number of
-    processes changed: the micro-batch size that keeps the global batch."""
+    """The checkpoint of the run in `cfg.out_dir` to continue from and its trainer state, or (None, None) for a
+    fresh run. `world` (this run's processes) gives the hint when only the number of processes changed: the
+    micro-batch size that keeps the global batch."""
     if resume and overwrite:
         raise UserError("--resume and --overwrite contradict each other: choose one")
-    checkpoint = select_checkpoint(run_dir, resume, fallback) if resume else None
+    checkpoint = select_checkpoint(Path(cfg.out_dir), resume, fallback) if resume else None
     if checkpoint is None:
         return None, None
     saved = read_trainer_state(checkpoint)
@@ -120,17 +132,17 @@ def find_checkpoint(
         if name in fingerprints and saved.get(name) != fingerprints[name]
     ]
     if changed and not allow_config_change:
+        hint = _batch_hint(saved, world, cfg.train.grad_accum_steps)
         raise UserError(
             f"{checkpoint}: resuming would change {'; '.join(changed)}; "
-            f"restore the original settings{_batch_hint(saved, layout)} or pass --allow-config-change"
+            f"restore the original settings{hint} or pass --allow-config-change"
         )
     for change in changed:
         info(f"warning: resuming with a changed setting: {change}")
     return checkpoint, saved
 
 
-def _batch_hint(saved: dict[str, Any], layout: tuple[int, int]) -> str:
-    world, accum = layout
+def _batch_hint(saved: dict[str, Any], world: int, accum: int) -> str:
     wanted = saved.get("global_batch_size")
     if not isinstance(wanted, int) or saved.get("num_processes") == world or wanted % (world * accum):
         return ""

@@ -42,6 +42,9 @@ SeedOpt = Annotated[int | None, typer.Option("--seed", help="Random seed.")]
 NumProcessesOpt = Annotated[
     int | None, typer.Option(help="Processes per machine: relaunches this command under `accelerate launch`.")
 ]
+CpuOpt = Annotated[
+    bool, typer.Option("--cpu", help="Run every process on the CPU even where GPUs are (distributed.device=cpu).")
+]
 NumMachinesOpt = Annotated[int | None, typer.Option(help="Machines in a multi-node run.")]
 MachineRankOpt = Annotated[int | None, typer.Option(help="This machine's rank (0 on the main one).")]
 MainProcessIpOpt = Annotated[str | None, typer.Option(help="Address of machine rank 0 (multi-node).")]
@@ -222,6 +225,7 @@ def pretrain_command(
     deepspeed_config: DeepSpeedConfigOpt = None,
     accelerate_config: AccelerateConfigOpt = None,
     num_processes: NumProcessesOpt = None,
+    cpu: CpuOpt = False,
     num_machines: NumMachinesOpt = None,
     machine_rank: MachineRankOpt = None,
     main_process_ip: MainProcessIpOpt = None,
@@ -249,6 +253,7 @@ def pretrain_command(
         ),
         "distributed.strategy": strategy,
         "distributed.deepspeed_config": deepspeed_config,
+        "distributed.device": "cpu" if cpu else None,
     }
     launch = (num_processes, num_machines, machine_rank, main_process_ip, main_process_port, accelerate_config)
     _train(pretrain, config, overrides, flags, launch, overwrite, resume, resume_fallback, allow_config_change)
@@ -293,6 +298,7 @@ def finetune_command(
     deepspeed_config: DeepSpeedConfigOpt = None,
     accelerate_config: AccelerateConfigOpt = None,
     num_processes: NumProcessesOpt = None,
+    cpu: CpuOpt = False,
     num_machines: NumMachinesOpt = None,
     machine_rank: MachineRankOpt = None,
     main_process_ip: MainProcessIpOpt = None,
@@ -326,6 +332,7 @@ def finetune_command(
         ),
         "distributed.strategy": strategy,
         "distributed.deepspeed_config": deepspeed_config,
+        "distributed.device": "cpu" if cpu else None,
     }
     launch = (num_processes, num_machines, machine_rank, main_process_ip, main_process_port, accelerate_config)
     _train(finetune, config, overrides, flags, launch, overwrite, resume, resume_fallback, allow_config_change)
@@ -385,11 +392,19 @@ def _train(
 
     cfg = load_config(config, overrides, flags)  # a bad config fails here, before any process starts
     processes, machines, machine_rank, ip, port, accelerate_config = launch
-    check_available(cfg, (processes or 1) * (machines or 1), finetuning=run.__name__ == "finetune")
+    check_available(cfg, (processes or 1) * (machines or 1), run.__name__ == "finetune", processes or 1)
     deepspeed = cfg.distributed.strategy not in ("ddp", "fsdp") or cfg.distributed.deepspeed_config is not None
     single = "--use_deepspeed" if deepspeed else ("--use_fsdp" if cfg.distributed.strategy == "fsdp" else None)
     code = relaunch(
-        sys.argv[1:], processes, machines, machine_rank, ip, port, accelerate_config, single_process_launch=single
+        sys.argv[1:],
+        processes,
+        machines,
+        machine_rank,
+        ip,
+        port,
+        accelerate_config,
+        single_process_launch=single,
+        cpu=cfg.distributed.device == "cpu",
     )
     if code is not None:
         raise typer.Exit(code)

@@ -204,6 +204,11 @@ class DistributedConfig(Section):
         None,
         description="Your DeepSpeed JSON (start from recipes/deepspeed/); 'auto' values are filled from the recipe.",
     )
+    device: Literal["auto", "cpu"] = Field(
+        "auto",
+        description="auto trains on CUDA GPUs when there are any (one process per GPU); cpu runs every process on "
+        "the CPU over gloo even where GPUs are.",
+    )
 
 
 class CheckpointConfig(Section):

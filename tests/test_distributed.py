@@ -84,7 +84,7 @@ def test_two_processes_at_batch_b_match_one_process_at_2b(tiny_dataset: Path, tm
     env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
     two = subprocess.run(
         [sys.executable, "-m", "llmkit", "pretrain", "--data", str(tiny_dataset), "--out", str(tmp_path / "two"),
-         "--micro-batch-size", "4", "--num-processes", "2", "--main-process-port", "29534", *common],
+         "--micro-batch-size", "4", "--cpu", "--num-processes", "2", "--main-process-port", "29534", *common],
         env=env, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert two.returncode == 0, two.stderr[-3000:]
@@ -109,7 +109,7 @@ def test_early_stopping_stops_every_process(tiny_dataset: Path, tmp_path: Path) 
     env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(
         [sys.executable, "-m", "llmkit", "pretrain", "--data", str(tiny_dataset), "--out", str(tmp_path / "run"),
-         "--max-steps", "40", "--micro-batch-size", "4", *TINY_MODEL, "--num-processes", "2",
+         "--max-steps", "40", "--micro-batch-size", "4", *TINY_MODEL, "--cpu", "--num-processes", "2",
          "--main-process-port", "29535", "--set", "train.eval_every=10", "--set", "train.eval_batches=2",
          "--set", "train.early_stopping_patience=1", "--set", "train.early_stopping_min_delta=100",
          "--set", "logging.tensorboard=false"],
@@ -125,7 +125,7 @@ def test_workers_exit_codes_reach_the_user_through_the_launcher(tiny_dataset: Pa
     code instead: one line and 2 for bad input, 75 after a time-limit checkpoint (what requeue scripts test)."""
     env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
     launch = [sys.executable, "-m", "llmkit", "pretrain", "--data", str(tiny_dataset), *TINY_MODEL,
-              "--num-processes", "2", "--main-process-port", "29537", "--set", "logging.tensorboard=false"]  # fmt: skip
+              "--cpu", "--num-processes", "2", "--main-process-port", "29537", "--set", "logging.tensorboard=false"]  # fmt: skip
     bad = subprocess.run([*launch, "--out", str(tmp_path / "bad"), "--micro-batch-size", "100000"],
                          env=env, capture_output=True, text=True, timeout=300)  # fmt: skip
     assert bad.returncode == 2, bad.stderr[-3000:]
@@ -138,3 +138,15 @@ def test_workers_exit_codes_reach_the_user_through_the_launcher(tiny_dataset: Pa
                           env=env, capture_output=True, text=True, timeout=300)  # fmt: skip
     assert late.returncode == 75, late.stderr[-3000:]
     assert complete_checkpoints(tmp_path / "late" / "checkpoints") and "ChildFailedError" not in late.stderr
+
+
+def test_more_processes_than_gpus_is_one_line_before_launch() -> None:
+    """On a GPU node, --num-processes above the GPU count failed in the extra ranks ("invalid device ordinal");
+    it is refused before launch, naming --cpu. Without GPUs the processes run on the CPU (gloo) as before."""
+    from llmkit.errors import UserError
+    from llmkit.train.strategies import check_gpu_count
+
+    with pytest.raises(UserError, match=r"--num-processes 2 on a machine with 1 CUDA GPU\(s\).*--cpu"):
+        check_gpu_count(2, 1)
+    check_gpu_count(2, 0)
+    check_gpu_count(8, 8)

@@ -54,3 +54,14 @@ def test_sharded_strategies_on_one_gpu_resume_exactly_and_export_whole(
     state = json.loads((whole / "checkpoints" / "step-00000020" / "trainer_state.json").read_text())
     assert state["strategy"] == ("fsdp" if strategy == "fsdp" else "zero3")
     assert run_cli("export", whole, "--out", tmp_path / "export", "--dtype", "bfloat16").exit_code == 0
+
+
+def test_more_processes_than_gpus_is_refused_and_cpu_runs_them(tiny_dataset: Path, tmp_path: Path) -> None:
+    import torch
+
+    from tests.conftest import assert_user_error
+
+    too_many = str(torch.cuda.device_count() + 1)
+    args = ["pretrain", *tiny_train_args(tiny_dataset, tmp_path / "run", steps=4), "--num-processes", too_many]
+    assert_user_error(run_cli(*args), f"--num-processes {too_many} on a machine with", "--cpu")
+    assert not (tmp_path / "run").exists()

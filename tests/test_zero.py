@@ -43,7 +43,7 @@ def start(tiny_dataset: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
 def pretrain(data: Path, init: Path, out: Path, *extra: str, fault: str | None = None) -> subprocess.CompletedProcess:
     command = [
         sys.executable, "-m", "llmkit", "pretrain", "--data", str(data), "--out", str(out), "--init-from", str(init),
-        "--max-steps", "6", "--micro-batch-size", "4", "--lr", "3e-3", "--num-processes", "2",
+        "--max-steps", "6", "--micro-batch-size", "4", "--lr", "3e-3", "--cpu", "--num-processes", "2",
         "--main-process-port", str(next(PORTS)), "--set", "train.grad_accum_steps=2",
         "--set", "checkpoint.every_steps=3", "--set", "checkpoint.keep_last=5", "--set", "logging.every_steps=1",
         "--set", "train.eval_every=3", "--set", "train.eval_batches=2", "--set", "logging.tensorboard=false",
@@ -118,7 +118,7 @@ def test_optimizer_offload_trains_like_ddp(tiny_dataset: Path, start: Path, ddp_
 
 
 def test_strategy_errors_are_caught_before_launch(tiny_dataset: Path, tmp_path: Path) -> None:
-    args = ["pretrain", "--data", tiny_dataset, "--out", tmp_path / "run", "--num-processes", "2"]
+    args = ["pretrain", "--data", tiny_dataset, "--out", tmp_path / "run", "--cpu", "--num-processes", "2"]
     assert_user_error(run_cli(*args, "--strategy", "fsdp"), "fsdp needs CUDA GPUs")
     assert_user_error(run_cli(*args, "--strategy", "zero9"), "distributed.strategy")
     assert_user_error(run_cli(*args, "--deepspeed-config", tmp_path / "none.json"), "none.json: DeepSpeed config")
@@ -139,7 +139,7 @@ def test_an_accelerate_config_file_drives_the_launch(tiny_dataset: Path, start: 
     config = Path(__file__).parent.parent / "recipes" / "accelerate" / "zero2.yaml"
     out = tmp_path / "run"
     command = [sys.executable, "-m", "llmkit", "pretrain", "--data", str(tiny_dataset), "--out", str(out),
-               "--init-from", str(start), "--max-steps", "2", "--micro-batch-size", "4", "--accelerate-config",
+               "--init-from", str(start), "--max-steps", "2", "--micro-batch-size", "4", "--cpu", "--accelerate-config",
                str(config), "--main-process-port", str(next(PORTS)), "--set", "logging.tensorboard=false"]  # fmt: skip
     done = subprocess.run(command, env=ENV, capture_output=True, text=True, timeout=300,
                           cwd=Path(__file__).parent.parent)  # fmt: skip
@@ -174,7 +174,7 @@ def test_lora_under_zero3_saves_whole_adapters_resumes_exactly_and_merges(
     def finetune(out: Path, strategy: str, *extra: str, fault: str | None = None) -> subprocess.CompletedProcess:
         command = [
             sys.executable, "-m", "llmkit", "finetune", "--model", str(base), "--data", str(rows), "--out", str(out),
-            "--method", "lora", "--strategy", strategy, "--num-processes", "2", "--main-process-port", str(next(PORTS)),
+            "--method", "lora", "--strategy", strategy, "--cpu", "--num-processes", "2", "--main-process-port", str(next(PORTS)),
             "--max-steps", "6", "--micro-batch-size", "4", "--max-length", "64", "--lr", "3e-3",
             "--set", "checkpoint.every_steps=3", "--set", "logging.every_steps=1", "--set", "train.eval_every=3",
             "--set", "logging.tensorboard=false", *extra,
@@ -223,7 +223,7 @@ def test_a_zero_run_killed_on_two_processes_resumes_on_one_and_on_three(
         command = [
             sys.executable, "-m", "llmkit", "pretrain", "--data", str(tiny_dataset), "--out", str(out),
             "--init-from", str(start), "--max-steps", "6", "--micro-batch-size", micro, "--lr", "3e-3",
-            "--num-processes", str(processes), "--main-process-port", str(next(PORTS)), "--strategy", strategy,
+            "--cpu", "--num-processes", str(processes), "--main-process-port", str(next(PORTS)), "--strategy", strategy,
             "--set", "checkpoint.every_steps=3", "--set", "logging.every_steps=1", "--set", "train.eval_every=1000",
             "--set", "logging.tensorboard=false", "--set", "logging.data_trace=true", *extra,
         ]  # fmt: skip

@@ -54,6 +54,7 @@ from llmkit.train.resume import (
     run_fingerprints,
 )
 from llmkit.train.setup import build_optimizer, enable_gradient_checkpointing, make_accelerator, steps_for_budget
+from llmkit.train.strategies import use_cuda
 
 
 @dataclass
@@ -78,7 +79,7 @@ def finetune(
     ft = cfg.finetune
     if not cfg.model.init_from:
         raise UserError("finetune needs a base model: pass --model PATH_OR_HUB_NAME (model.init_from)")
-    if ft.method == "qlora" and not torch.cuda.is_available():
+    if ft.method == "qlora" and not use_cuda(cfg):
         raise UserError("method qlora needs a CUDA GPU (4-bit bitsandbytes); use --method lora on CPU")
     base_dir = resolve_model_dir(cfg.model.init_from)
     classify = ft.task == "classify"

@@ -36,13 +36,14 @@ def relaunch(
     main_process_port: int | None,
     accelerate_config: Path | None = None,
     single_process_launch: str | None = None,
+    cpu: bool = False,
 ) -> int | None:
     """Run `argv` (this command's arguments) under accelerate launch; None when no relaunch is needed.
 
     `single_process_launch` ("--use_deepspeed" or "--use_fsdp") relaunches even a single process through that
     launcher mode: DeepSpeed and FSDP expect the environment a launcher sets up. An `accelerate_config` file
     (from `accelerate config`) is handed to `accelerate launch --config_file`; the launch options given here
-    override its values.
+    override its values. `cpu` hides the GPUs from the processes (distributed.device=cpu).
     """
     processes, machines = num_processes or 1, num_machines or 1
     if processes < 1 or machines < 1:
@@ -77,14 +78,14 @@ def relaunch(
             command += ["--main_process_ip", main_process_ip]
     command += ["-m", "llmkit", *strip_launch_options(argv)]
     print(f"launching {processes * machines} process(es): {' '.join(command[2:])}", file=sys.stderr, flush=True)
-    return run_launcher(command)
+    return run_launcher(command, {"CUDA_VISIBLE_DEVICES": "", "DS_ACCELERATOR": "cpu"} if cpu else {})
 
 
 EXIT_DIR = "LLMKIT_EXIT_DIR"
 LAUNCHER_FAILURE = re.compile(r"^(Traceback \(most recent call last\)|[EW]\d{4} .*torch/distributed/elastic)")
 
 
-def run_launcher(command: list[str]) -> int:
+def run_launcher(command: list[str], env: dict[str, str] | None = None) -> int:
     """Run the launcher and return llmkit's exit code, not the launcher's.
 
     torchrun turns any worker's non-zero exit into 1 and a traceback of its own. Workers record why they
@@ -94,8 +95,8 @@ def run_launcher(command: list[str]) -> int:
     everything the launcher printed is shown.
     """
     with tempfile.TemporaryDirectory(prefix="llmkit-exit-") as exit_dir:
-        process = subprocess.Popen(command, env={**os.environ, EXIT_DIR: exit_dir}, stderr=subprocess.PIPE,
-                                   text=True, bufsize=1)  # fmt: skip
+        environment = {**os.environ, **(env or {}), EXIT_DIR: exit_dir}
+        process = subprocess.Popen(command, env=environment, stderr=subprocess.PIPE, text=True, bufsize=1)
         held: list[str] = []
         shown: set[str] = set()
         assert process.stderr is not None

@@ -12,7 +12,14 @@ import torch
 
 from llmkit.config import OptimizerConfig, RunConfig, TrainConfig
 from llmkit.errors import UserError
-from llmkit.train.strategies import check_available, deepspeed_config, fsdp_plugin, offloads_optimizer, wants_deepspeed
+from llmkit.train.strategies import (
+    check_available,
+    deepspeed_config,
+    fsdp_plugin,
+    offloads_optimizer,
+    use_cuda,
+    wants_deepspeed,
+)
 
 RUN_MARKERS = ("config.yaml", "metrics.jsonl", "checkpoints", "final")
 
@@ -56,7 +63,7 @@ def make_accelerator(cfg: RunConfig) -> Any:
 
     from llmkit.train.launch import under_launcher
 
-    precision, cuda = cfg.precision, torch.cuda.is_available()
+    precision, cuda = cfg.precision, use_cuda(cfg)
     if precision.dtype == "fp16" and not cuda:
         raise UserError("precision.dtype=fp16 needs a CUDA GPU; use bf16 or fp32 on CPU")
     check_available(cfg)

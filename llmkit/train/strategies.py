@@ -53,8 +53,15 @@ def deepspeed_template(strategy: str) -> dict[str, Any]:
     }
 
 
-def check_available(cfg: RunConfig, world_size: int = 1, finetuning: bool = False) -> None:
+def use_cuda(cfg: RunConfig) -> bool:
+    """Whether this run trains on CUDA GPUs: there are some, and distributed.device is not cpu."""
+    return cfg.distributed.device != "cpu" and torch.cuda.is_available()
+
+
+def check_available(cfg: RunConfig, world_size: int = 1, finetuning: bool = False, local_processes: int = 1) -> None:
     """Refuse what cannot run, before any process is launched (an error in every rank is harder to read)."""
+    gpus = torch.cuda.device_count() if cfg.distributed.device != "cpu" else 0  # counts without initializing CUDA
+    check_gpu_count(local_processes, gpus)
     zero3 = ZERO_STAGES.get(cfg.distributed.strategy) == 3
     if finetuning and zero3 and cfg.finetune.method == "qlora":
         raise UserError(
@@ -62,7 +69,7 @@ def check_available(cfg: RunConfig, world_size: int = 1, finetuning: bool = Fals
             "4-bit weights; use zero2 (the base model is frozen, so ZeRO-2 already shards everything that is "
             "trained) or method lora with zero3"
         )
-    if cfg.distributed.strategy == "fsdp" and not torch.cuda.is_available():
+    if cfg.distributed.strategy == "fsdp" and not use_cuda(cfg):
         raise UserError(
             "distributed.strategy=fsdp needs CUDA GPUs (Accelerate runs FSDP on GPUs only); on CPU use zero3, "
             "which shards weights, gradients and optimizer states the same way"
@@ -73,6 +80,15 @@ def check_available(cfg: RunConfig, world_size: int = 1, finetuning: bool = Fals
                 f"distributed.strategy={cfg.distributed.strategy} needs DeepSpeed: pip install 'llmkit[deepspeed]'"
             )
         deepspeed_config(cfg, world_size)
+
+
+def check_gpu_count(local_processes: int, gpus: int) -> None:
+    """One process per GPU: more processes than this machine's GPUs would fail in the extra ranks."""
+    if 0 < gpus < local_processes:
+        raise UserError(
+            f"--num-processes {local_processes} on a machine with {gpus} CUDA GPU(s): each process needs its own; "
+            f"use --num-processes {gpus} or fewer, or --cpu to run {local_processes} processes on the CPU"
+        )
 
 
 def fsdp_plugin() -> Any:

@@ -6,6 +6,8 @@ import math
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from llmkit.config import ModelConfig
 from llmkit.errors import UserError
 
@@ -111,6 +113,58 @@ def count_parameters(model: Any) -> tuple[int, int]:
         if parameter.requires_grad:
             trainable += count
     return trainable, total
+
+
+def place_weights(model: Any, frozen_dtype: Any) -> dict[str, int]:
+    """Trained weights in float32 (what the optimizer updates), frozen ones in the compute dtype: a LoRA, QLoRA or
+    freeze fine-tune in bf16 holds its frozen base in bf16, never in float32 copies. Returns the bytes of each."""
+    import torch
+
+    held = {"trainable_bytes": 0, "frozen_bytes": 0}
+    seen: set[int] = set()
+    for parameter in model.parameters():
+        if id(parameter) in seen:
+            continue
+        seen.add(id(parameter))
+        if parameter.is_floating_point():
+            wanted = torch.float32 if parameter.requires_grad else frozen_dtype
+            if parameter.dtype != wanted:
+                parameter.data = parameter.data.to(wanted)
+        held["trainable_bytes" if parameter.requires_grad else "frozen_bytes"] += (
+            parameter.numel() * parameter.element_size()
+        )
+    return held
+
+
+# Architectures whose logits are exactly `lm_head(last hidden states)`: no soft-capping or scaling after the head.
+PLAIN_HEAD_TYPES = frozenset({"llama", "gpt2", "mistral", "mixtral", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe",
+                              "phi3", "olmo", "olmo2", "starcoder2", "smollm3"})  # fmt: skip
+
+
+class HiddenStatesHead(torch.nn.Module):
+    """Stands in for a linear output head while training: returns the hidden states unchanged, and the loss runs
+    the head's matmul itself a chunk of rows at a time (llmkit.losses.fused_lm_nll). It holds the same weight
+    under the same name, so state dicts, weight tying, checkpoints and saved models are unchanged."""
+
+    def __init__(self, weight: torch.nn.Parameter) -> None:
+        super().__init__()
+        self.weight = weight
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return hidden
+
+
+def defer_output_head(model: Any) -> torch.nn.Parameter | None:
+    """Swap a causal LM's plain linear head for a HiddenStatesHead; returns the head's weight, or None (and changes
+    nothing) for an architecture that transforms its logits further or whose head is not a plain linear layer."""
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    head = inner.get_output_embeddings() if hasattr(inner, "get_output_embeddings") else None
+    if type(head) is not torch.nn.Linear or head.bias is not None:
+        return None
+    if getattr(inner.config, "model_type", None) not in PLAIN_HEAD_TYPES:
+        return None
+    inner.set_output_embeddings(HiddenStatesHead(head.weight))
+    return head.weight
 
 
 # Projection names of common architectures: Llama/Mistral/Qwen, GPT-2, BERT-style encoders.

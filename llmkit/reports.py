@@ -54,11 +54,32 @@ def print_prep_summary(result: Any) -> None:
 def print_fit_summary(result: Any) -> None:
     rows = [
         ("steps", f"{result.steps:,}" + (" (stopped early)" if result.stopped_early else "")),
-        ("tokens", f"{result.tokens:,} in {result.seconds:.1f}s ({result.tokens_per_second:,.0f} tokens/s)"),
+        ("tokens", f"{result.tokens:,} in {result.seconds:.1f}s ({result.tokens_per_second:,.0f} tokens/s overall)"),
         ("train loss", f"{result.train_loss:.4f}"),
     ]
+    if result.steady_tokens_per_second is not None:
+        rows.append(
+            (
+                "steady state",
+                f"{result.steady_tokens_per_second:,.0f} tokens/s from step "
+                f"{result.steady_from_step:,} (training steps only: no warm-up, validation or checkpoints)",
+            )
+        )
     if result.mfu is not None:
-        rows.append(("MFU", f"{result.mfu:.1%} (6N + attention FLOPs over the devices' dense bf16 peak)"))
+        rows.append(
+            ("MFU", f"{result.mfu:.1%} in the steady state (6N + attention FLOPs over the devices' dense bf16 peak)")
+        )
+    memory = result.memory
+    if "peak_reserved_gib" in memory:
+        rows.append(
+            (
+                "GPU memory",
+                f"{memory['peak_allocated_gib']:.2f} GiB peak allocated, "
+                f"{memory['peak_reserved_gib']:.2f} GiB reserved",
+            )
+        )
+    elif "peak_rss_gib" in memory:
+        rows.append(("host memory", f"{memory['peak_rss_gib']:.2f} GiB peak resident"))
     if result.val_loss is not None:
         rows.append(("val loss", f"{result.val_loss:.4f} (best {result.best_val_loss:.4f})"))
     if result.final_dir is not None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -269,3 +270,20 @@ def test_a_killed_lora_run_resumes_bitwise_exactly(tiny_run: Path, chat_rows: Pa
     assert final.keys() == expected.keys() and all(torch.equal(final[k], expected[k]) for k in final)
     trace = (tmp_path / "run" / "data_trace.jsonl").read_text()
     assert trace == (tmp_path / "ref" / "data_trace.jsonl").read_text()
+
+
+@pytest.mark.parametrize("method, extra", [("lora", []), ("freeze", ["--set", "finetune.freeze_top_layers=1"])])
+def test_frozen_weights_are_held_in_the_compute_dtype(
+    method: str, extra: list[str], tiny_run: Path, chat_rows: Path, tmp_path: Path
+) -> None:
+    """bf16: the frozen base is held in bf16 (2 bytes a weight), the trained weights in float32 (4 bytes); the run
+    trains (added template tokens included) and its summary loss is finite."""
+    out = tmp_path / method
+    result = run_cli(*ft_args(tiny_run, chat_rows, out, "--method", method, "--precision", "bf16", *extra, steps=6))
+    assert result.exit_code == 0, result.stderr + result.stdout
+    stats = json.loads((out / "data_stats.json").read_text())
+    trainable, total = stats["trainable_parameters"], stats["total_parameters"]
+    assert stats["trainable_bytes"] == 4 * trainable
+    assert stats["frozen_bytes"] == 2 * (total - trainable) > 0
+    assert "frozen weights" in result.stdout and "in bf16" in result.stdout
+    assert math.isfinite(json.loads((out / "summary.json").read_text())["train_loss"])

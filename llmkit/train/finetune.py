@@ -30,6 +30,7 @@ from llmkit.models import (
     load_model,
     model_context,
     padded_vocab_size,
+    place_weights,
 )
 from llmkit.plan import model_flops_per_token
 from llmkit.runs import find_tokenizer_dir, resolve_model_dir
@@ -53,7 +54,13 @@ from llmkit.train.resume import (
     restore_state,
     run_fingerprints,
 )
-from llmkit.train.setup import build_optimizer, enable_gradient_checkpointing, make_accelerator, steps_for_budget
+from llmkit.train.setup import (
+    build_optimizer,
+    enable_gradient_checkpointing,
+    language_model_loss,
+    make_accelerator,
+    steps_for_budget,
+)
 from llmkit.train.strategies import use_cuda
 
 
@@ -139,6 +146,7 @@ def _finetune(
     if cfg.train.gradient_checkpointing:
         enable_gradient_checkpointing(model)
     model = _apply_method(model, cfg, chat.added_tokens if chat else 0, tokenizer, checkpoint)
+    weight_bytes = _place_weights(model, cfg, accelerator)
     attn = getattr(model.config, "_attn_implementation", None) or "sdpa"
     pad_id = int(tokenizer.pad_token_id)
     if classify:
@@ -164,6 +172,12 @@ def _finetune(
         return done
 
     run_dir, config_yaml = open_run_dir(cfg, checkpoint, resume, overwrite, accelerator, tokenizer)
+    if data.labels is not None:
+        weights = class_weights(ft.class_weights, data.train, len(data.labels.names))
+        objective = {"loss_fn": make_loss(weights), "count_targets": count_examples,
+                     "eval_fn": make_evaluation(data.labels, weights)}  # fmt: skip
+    else:
+        objective = {"loss_fn": language_model_loss(model, accelerator)}
     optimizer = build_optimizer(model, cfg.optimizer, accelerator)
     model, optimizer = accelerator.prepare(model, optimizer)
     val_batches = _validation_batches(data.val, micro, cfg.train.eval_batches, collate)
@@ -181,6 +195,11 @@ def _finetune(
             f"{len(data.val):,} val examples ({data.truncated} truncated to {ft.max_length}); "
             f"{'packing' if loader.packing else 'padding'} efficiency {efficiency:.3f} (real tokens / slots); "
             f"{total_steps:,} steps on {world} process(es)"
+            + (
+                f"; frozen weights {weight_bytes['frozen_bytes'] / 2**30:.2f} GiB in {cfg.precision.dtype}"
+                if weight_bytes.get("frozen_bytes")
+                else ""
+            )
         )
         if resume_state is not None:
             info(f"resuming from {checkpoint} at step {resume_state.step:,} of {total_steps:,}")
@@ -188,7 +207,7 @@ def _finetune(
             "task": ft.task, "format": data.fmt, "template": chat.name if chat else None,
             "labels": data.labels.names if data.labels else None, "train_examples": len(data.train),
             "val_examples": len(data.val), "truncated": data.truncated, "packing": loader.packing,
-            "efficiency": efficiency, "trainable_parameters": trainable, "total_parameters": total,
+            "efficiency": efficiency, "trainable_parameters": trainable, "total_parameters": total, **weight_bytes,
         }, indent=2) + "\n")  # fmt: skip
 
     job = TrainJob(
@@ -208,11 +227,8 @@ def _finetune(
         config_yaml=config_yaml,
         fingerprints=fingerprints,
         resume=resume_state,
+        **objective,
     )
-    if data.labels is not None:
-        weights = class_weights(ft.class_weights, data.train, len(data.labels.names))
-        job.loss_fn, job.count_targets = make_loss(weights), count_examples
-        job.eval_fn = make_evaluation(data.labels, weights)
     return fit(job)
 
 
@@ -343,6 +359,17 @@ def _apply_method(model: Any, cfg: RunConfig, added_tokens: int, tokenizer: Any,
     if ft.method == "freeze":
         freeze_except(model, ft.freeze_top_layers, ft.trainable_modules)
     return model
+
+
+def _place_weights(model: Any, cfg: RunConfig, accelerator: Any) -> dict[str, int]:
+    """Frozen weights in the compute dtype, trained ones in float32 (see models.place_weights). DeepSpeed and FSDP
+    place weights themselves (DeepSpeed holds the model in bf16/fp16 with float32 master copies)."""
+    from llmkit.train.setup import uses_deepspeed, uses_fsdp
+
+    if uses_deepspeed(accelerator) or uses_fsdp(accelerator):
+        return {}
+    compute = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[cfg.precision.dtype]
+    return place_weights(model, compute)
 
 
 def _check_lora_under_zero3(new_ids: list[int], cfg: RunConfig) -> None:

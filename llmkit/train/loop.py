@@ -11,6 +11,7 @@ import json
 import math
 import shutil
 import time
+from collections import deque
 from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -100,8 +101,13 @@ class TrainJob:
     # The objective: language modelling unless a command supplies another (classification does).
     loss_fn: LossFn = next_token_loss
     count_targets: Callable[[dict[str, torch.Tensor]], int] = next_token_targets
-    eval_fn: EvalFn | None = None
+    eval_fn: EvalFn | None = None  # unset: validation loss and perplexity with loss_fn
     flops_per_token: float = 0.0  # training FLOPs per token (6N + attention): MFU is reported on known GPUs
+
+    def __post_init__(self) -> None:
+        if self.eval_fn is None:
+            loss_fn = self.loss_fn
+            self.eval_fn = lambda model, batches, acc: evaluate_language_model(model, batches, acc, loss_fn)
 
 
 @dataclass
@@ -117,9 +123,12 @@ class FitResult:
     interrupted: str | None = None  # "SIGTERM", "SIGINT", "SIGUSR1" or "time limit": a checkpoint was saved
     checkpoint: Path | None = None
     main_process: bool = True
-    mfu: float | None = None  # over this session's steps, on GPUs whose peak is known
+    mfu: float | None = None  # over the steady state, on GPUs whose peak is known
     run_tokens: int = 0  # tokens trained by this invocation (a resumed run counts from its checkpoint)
     already_finished: bool = False  # resumed a finished run: nothing was changed
+    steady_tokens_per_second: float | None = None  # see Throughput; None for a run too short to have one
+    steady_from_step: int | None = None
+    memory: dict[str, float] = field(default_factory=dict)  # peak memory in GiB (see peak_memory)
 
     @property
     def tokens_per_second(self) -> float:
@@ -180,129 +189,199 @@ class _Progress:
     stopped_early: bool
 
 
-def fit(job: TrainJob) -> FitResult:
-    cfg, acc, model, optimizer = job.cfg, job.accelerator, job.model, job.optimizer
-    train_cfg = cfg.train
-    resume = job.resume
-    step, tokens = (resume.step, resume.tokens) if resume else (0, 0)
-    metrics = MetricsLog(
-        job.run_dir, cfg.logging.tensorboard, enabled=acc.is_main_process, resume_step=step if resume else None
-    )
-    trace = DataTrace(
-        job.run_dir, acc.process_index, acc.num_processes, cfg.logging.data_trace, step if resume else None
-    )
-    stopping = _EarlyStopping(train_cfg.early_stopping_patience, train_cfg.early_stopping_min_delta)
-    window = LogWindow.restored(resume.window) if resume else LogWindow()
-    loss_value, val_loss = (resume.train_loss, resume.val_loss) if resume else (math.nan, None)
-    if resume:
+@dataclass
+class Throughput:
+    """Tokens/s as they should be read. The progress bar shows the recent steps; the summary the steady state:
+    this invocation's training steps after the first `warmup` (compilation, allocator and cache warm-up), timed
+    without validation and checkpoints. A run too short to have a steady state reports none."""
+
+    warmup: int = 5
+    recent: deque[tuple[int, float]] = field(default_factory=lambda: deque(maxlen=20))
+    steps: int = 0
+    steady_tokens: int = 0
+    steady_seconds: float = 0.0
+
+    def add(self, tokens: int, seconds: float) -> None:
+        self.steps += 1
+        self.recent.append((tokens, seconds))
+        if self.steps > self.warmup:
+            self.steady_tokens += tokens
+            self.steady_seconds += seconds
+
+    @property
+    def recent_rate(self) -> float:
+        seconds = sum(s for _, s in self.recent)
+        return sum(t for t, _ in self.recent) / seconds if seconds else 0.0
+
+    @property
+    def steady_rate(self) -> float | None:
+        return self.steady_tokens / self.steady_seconds if self.steady_seconds else None
+
+
+@dataclass
+class _Run:
+    """The state of a run that changes every step, as `fit` carries it from one step to the next."""
+
+    step: int
+    tokens: int
+    window: LogWindow
+    stopping: _EarlyStopping
+    loss: float = math.nan  # the last step's
+    val_loss: float | None = None
+    running_loss: float | None = None  # for loss-spike reports
+    bad_steps: int = 0
+    throughput: Throughput = field(default_factory=Throughput)
+    stopped_early: bool = False
+
+    @classmethod
+    def begin(cls, job: TrainJob) -> _Run:
+        train_cfg, resume = job.cfg.train, job.resume
+        stopping = _EarlyStopping(train_cfg.early_stopping_patience, train_cfg.early_stopping_min_delta)
+        if resume is None:
+            return cls(0, 0, LogWindow(), stopping)
         stopping.best, stopping.bad_evals = resume.best_val_loss, resume.bad_evals
         restore_rng_state(resume.rng)
-    stopped_early, interrupted = False, None
-    running_loss: float | None = None
-    bad_steps = 0
-    deepspeed = uses_deepspeed(acc)
-    peak = _peak_flops(acc) if job.flops_per_token else None
-    start = time.perf_counter()
-    deadline = time.monotonic() + train_cfg.max_time if train_cfg.max_time else None
-    model.train()
+        return cls(resume.step, resume.tokens, LogWindow.restored(resume.window), stopping, resume.train_loss,
+                   resume.val_loss)  # fmt: skip
+
+
+def fit(job: TrainJob) -> FitResult:
+    cfg, acc = job.cfg, job.accelerator
+    resume_step = job.resume.step if job.resume else None
+    metrics = MetricsLog(job.run_dir, cfg.logging.tensorboard, enabled=acc.is_main_process, resume_step=resume_step)
+    trace = DataTrace(job.run_dir, acc.process_index, acc.num_processes, cfg.logging.data_trace, resume_step)
+    run = _Run.begin(job)
+    deadline = time.monotonic() + cfg.train.max_time if cfg.train.max_time else None
+    interrupted, start = None, time.perf_counter()
+    job.model.train()
 
     bar = progress_bar("training", job.total_steps, unit="steps", enabled=acc.is_main_process)
     with stop_signals() as signals, bar as update:
         signals.run_dir, signals.phase = job.run_dir, "training"
-        update(step, "resuming" if resume else "")
-        while step < job.total_steps and not (resume and resume.stopped_early):
-            lr = lr_at(step, job.total_steps, cfg.optimizer.lr, cfg.schedule)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-
-            # One optimizer step: the micro-batches are fetched first so the loss can be normalized by the
-            # number of target tokens in the whole step (exact under accumulation and across processes).
-            micro_batches = [job.loader.next_batch() for _ in range(train_cfg.grad_accum_steps)]
-            trace.record(step + 1, micro_batches)
-            step_targets, step_tokens = _global_sums(
-                acc, sum(job.count_targets(b) for b in micro_batches), sum(real_tokens(b) for b in micro_batches)
-            )
-            step_loss = torch.zeros((), device=acc.device)
-            for i, batch in enumerate(micro_batches):
-                step_loss += _forward_backward(job, batch, step_targets, last=i == len(micro_batches) - 1)
-                faults.maybe_kill("step", step + 1, i)
-
-            # DeepSpeed clips inside its step and reports the norm after it.
-            clip = cfg.optimizer.grad_clip or math.inf
-            grad_norm = math.nan if deepspeed else float(acc.clip_grad_norm_(model.parameters(), clip))
-            loss_value = float(acc.reduce(step_loss, reduction="sum"))
-            if math.isfinite(loss_value) and (deepspeed or math.isfinite(grad_norm)):
-                running_loss = _report_spike(train_cfg, metrics, step, tokens, loss_value, running_loss)
-                if deepspeed:
-                    model.step()  # clip, optimizer step (skipped by DeepSpeed on an fp16 overflow), zero the gradients
-                    grad_norm = float(model.get_global_grad_norm() or 0.0)
-                else:
-                    optimizer.step()
-                window.add(loss_value, step_tokens)
-            else:
-                bad_steps += 1
-                _skip_or_stop(job, step, tokens, stopping, window, loss_value, grad_norm, bad_steps)
-                metrics.log({"step": step + 1, "tokens": tokens, "skipped_step": 1})
-                window.add(None, step_tokens)
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-            tokens += step_tokens
-
-            if (step % cfg.logging.every_steps == 0 or step == job.total_steps) and window.steps:
-                metrics.log(_window_record(job, window, step, tokens, lr, grad_norm, peak, start))
-                window = LogWindow()
-
-            if job.val_batches and (step % train_cfg.eval_every == 0 or step == job.total_steps):
-                evaluation = (job.eval_fn or evaluate_language_model)(model, job.val_batches, acc)
-                val_loss = float(evaluation["val_loss"])
-                metrics.log({"step": step, "tokens": tokens, **evaluation})
-                stopped_early = stopping.should_stop(val_loss) and step < job.total_steps
-
+        update(run.step, "resuming" if job.resume else "")
+        while run.step < job.total_steps and not (job.resume and job.resume.stopped_early):
+            lr, grad_norm = _train_step(job, run, metrics, trace)
+            _log_and_validate(job, run, metrics, lr, grad_norm, start)
             timed_out = deadline is not None and time.monotonic() >= deadline
             interrupted = _agree(acc, signals.reason or ("time limit" if timed_out else None))
-            every = cfg.checkpoint.every_steps
-            if (every and step % every == 0) or step == job.total_steps or stopped_early or interrupted:
-                progress = _Progress(loss_value, val_loss, window, stopped_early)
-                if _checkpoint(job, step, tokens, stopping, progress) is None:
-                    raise TrainingDiverged(
-                        f"step {step}: the weights are not finite after the optimizer step, so no checkpoint was "
-                        f"saved ({_newest(job)}); lower optimizer.lr and start again from that checkpoint"
-                    )
-
-            rate = (tokens - (resume.tokens if resume else 0)) / (time.perf_counter() - start)
-            val_text = f" val {val_loss:.3f}" if val_loss is not None else ""
-            update(1, f"loss {loss_value:.3f}{val_text} lr {lr:.1e} {rate:,.0f} tok/s")
-            if stopped_early:  # every process agrees: the validation loss is reduced across all of them
+            if _checkpoint_due(job, run, interrupted):
+                _checkpoint_or_stop(job, run)
+            val_text = f" val {run.val_loss:.3f}" if run.val_loss is not None else ""
+            update(1, f"loss {run.loss:.3f}{val_text} lr {lr:.1e} {run.throughput.recent_rate:,.0f} tok/s")
+            if run.stopped_early:  # every process agrees: the validation loss is reduced across all of them
                 if acc.is_main_process:
-                    info(f"early stopping at step {step}: no validation improvement in {stopping.patience} evaluations")
+                    info(f"early stopping at step {run.step}: no validation improvement in "
+                         f"{run.stopping.patience} evaluations")  # fmt: skip
                 break
             if interrupted:
                 break
         signals.phase = "stopping"  # a further signal changes nothing: the shutdown below completes
+    return _finish(job, run, metrics, interrupted, time.perf_counter() - start)
 
-    seconds = time.perf_counter() - start
-    checkpoint = job.run_dir / "checkpoints" / checkpoint_name(step)
+
+def _train_step(job: TrainJob, run: _Run, metrics: MetricsLog, trace: DataTrace) -> tuple[float, float]:
+    """One optimizer step (or a skipped one); returns its learning rate and gradient norm."""
+    cfg, acc, optimizer = job.cfg, job.accelerator, job.optimizer
+    began = time.perf_counter()
+    lr = lr_at(run.step, job.total_steps, cfg.optimizer.lr, cfg.schedule)
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+
+    # The micro-batches are fetched first so the loss can be normalized by the number of target tokens in the
+    # whole step (exact under accumulation and across processes).
+    micro_batches = [job.loader.next_batch() for _ in range(cfg.train.grad_accum_steps)]
+    trace.record(run.step + 1, micro_batches)
+    step_targets, step_tokens = _global_sums(
+        acc, sum(job.count_targets(b) for b in micro_batches), sum(real_tokens(b) for b in micro_batches)
+    )
+    step_loss = torch.zeros((), device=acc.device)
+    for i, batch in enumerate(micro_batches):
+        step_loss += _forward_backward(job, batch, step_targets, last=i == len(micro_batches) - 1)
+        faults.maybe_kill("step", run.step + 1, i)
+
+    deepspeed = uses_deepspeed(acc)  # DeepSpeed clips inside its step and reports the norm after it
+    clip = cfg.optimizer.grad_clip or math.inf
+    grad_norm = math.nan if deepspeed else float(acc.clip_grad_norm_(job.model.parameters(), clip))
+    run.loss = float(acc.reduce(step_loss, reduction="sum"))
+    if math.isfinite(run.loss) and (deepspeed or math.isfinite(grad_norm)):
+        run.running_loss = _report_spike(cfg.train, metrics, run.step, run.tokens, run.loss, run.running_loss)
+        if deepspeed:
+            job.model.step()  # clip, optimizer step (skipped by DeepSpeed on an fp16 overflow), zero the gradients
+            grad_norm = float(job.model.get_global_grad_norm() or 0.0)
+        else:
+            optimizer.step()
+        run.window.add(run.loss, step_tokens)
+    else:
+        run.bad_steps += 1
+        _skip_or_stop(job, run.step, run.tokens, run.stopping, run.window, run.loss, grad_norm, run.bad_steps)
+        metrics.log({"step": run.step + 1, "tokens": run.tokens, "skipped_step": 1})
+        run.window.add(None, step_tokens)
+    optimizer.zero_grad(set_to_none=True)
+    run.step += 1
+    run.tokens += step_tokens
+    run.throughput.add(step_tokens, time.perf_counter() - began)
+    return lr, grad_norm
+
+
+def _log_and_validate(job: TrainJob, run: _Run, metrics: MetricsLog, lr: float, grad_norm: float, start: float) -> None:
+    """Close the logging window on a logging step; validate (and decide early stopping) on a validation step."""
+    cfg, step = job.cfg, run.step
+    last = step == job.total_steps
+    if (step % cfg.logging.every_steps == 0 or last) and run.window.steps:
+        metrics.log(_window_record(job, run.window, step, run.tokens, lr, grad_norm, start))
+        run.window = LogWindow()
+    if job.val_batches and (step % cfg.train.eval_every == 0 or last):
+        assert job.eval_fn is not None  # set in __post_init__
+        evaluation = job.eval_fn(job.model, job.val_batches, job.accelerator)
+        run.val_loss = float(evaluation["val_loss"])
+        metrics.log({"step": step, "tokens": run.tokens, **evaluation})
+        run.stopped_early = run.stopping.should_stop(run.val_loss) and not last
+
+
+def _checkpoint_due(job: TrainJob, run: _Run, interrupted: str | None) -> bool:
+    every = job.cfg.checkpoint.every_steps
+    periodic = every is not None and run.step % every == 0
+    return periodic or run.step == job.total_steps or run.stopped_early or interrupted is not None
+
+
+def _checkpoint_or_stop(job: TrainJob, run: _Run) -> None:
+    progress = _Progress(run.loss, run.val_loss, run.window, run.stopped_early)
+    if _checkpoint(job, run.step, run.tokens, run.stopping, progress) is None:
+        raise TrainingDiverged(
+            f"step {run.step}: the weights are not finite after the optimizer step, so no checkpoint was saved "
+            f"({_newest(job)}); lower optimizer.lr and start again from that checkpoint"
+        )
+
+
+def _finish(job: TrainJob, run: _Run, metrics: MetricsLog, interrupted: str | None, seconds: float) -> FitResult:
+    """The final model (unless interrupted), the loss plot and summary.json."""
+    acc, resume = job.accelerator, job.resume
+    first_step = (resume.step if resume else 0) + 1  # of this invocation
+    checkpoint = job.run_dir / "checkpoints" / checkpoint_name(run.step)
     final_dir = None if interrupted else save_final_model(job)
     metrics.close()
-    if acc.is_main_process and cfg.logging.plot:
+    if acc.is_main_process and job.cfg.logging.plot:
         plot_loss(metrics.path, job.run_dir / "loss.png")
-    run_tokens = tokens - (resume.tokens if resume else 0)
     result = FitResult(
-        steps=step,
-        tokens=tokens,
+        steps=run.step,
+        tokens=run.tokens,
         seconds=seconds,
-        train_loss=loss_value,
-        val_loss=val_loss,
-        best_val_loss=stopping.best if math.isfinite(stopping.best) else None,
-        stopped_early=stopped_early or bool(resume and resume.stopped_early),
+        train_loss=run.loss,
+        val_loss=run.val_loss,
+        best_val_loss=run.stopping.best if math.isfinite(run.stopping.best) else None,
+        stopped_early=run.stopped_early or bool(resume and resume.stopped_early),
         final_dir=final_dir,
         interrupted=interrupted,
         checkpoint=checkpoint if checkpoint.exists() else None,
         main_process=acc.is_main_process,
-        run_tokens=run_tokens,
+        run_tokens=run.tokens - (resume.tokens if resume else 0),
+        steady_tokens_per_second=run.throughput.steady_rate,
+        steady_from_step=first_step + run.throughput.warmup if run.throughput.steady_rate else None,
+        memory=peak_memory(acc.device),
     )
-    if peak and seconds and run_tokens:
-        result.mfu = mfu(run_tokens / seconds, job.flops_per_token, peak, acc.num_processes)
+    peak = _peak_flops(acc)
+    if peak and job.flops_per_token and result.steady_tokens_per_second:
+        result.mfu = mfu(result.steady_tokens_per_second, job.flops_per_token, peak, acc.num_processes)
     if acc.is_main_process:
         summary = {key: str(value) if isinstance(value, Path) else value for key, value in result.__dict__.items()}
         for internal in ("main_process", "already_finished"):
@@ -311,6 +390,17 @@ def fit(job: TrainJob) -> FitResult:
         summary["flops_per_token"] = job.flops_per_token
         write_json(job.run_dir / "summary.json", summary)
     return result
+
+
+def peak_memory(device: torch.device) -> dict[str, float]:
+    """The process's peak memory in GiB: CUDA's allocated and reserved on a GPU, and the resident set on the host."""
+    import resource
+
+    memory = {"peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}  # ru_maxrss is in KiB
+    if device.type == "cuda":
+        memory["peak_allocated_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+        memory["peak_reserved_gib"] = torch.cuda.max_memory_reserved(device) / 2**30
+    return memory
 
 
 def _forward_backward(job: TrainJob, batch: dict[str, torch.Tensor], step_targets: int, last: bool) -> torch.Tensor:
@@ -385,9 +475,8 @@ def _newest(job: TrainJob) -> str:
 
 
 def _window_record(
-    job: TrainJob, window: LogWindow, step: int, tokens: int, lr: float, grad_norm: float, peak: float | None,
-    start: float,
-) -> dict[str, Any]:  # fmt: skip
+    job: TrainJob, window: LogWindow, step: int, tokens: int, lr: float, grad_norm: float, start: float
+) -> dict[str, Any]:
     """The metrics line of a logging window."""
     now = time.perf_counter()
     record = {
@@ -400,8 +489,11 @@ def _window_record(
         "epoch": job.loader.position.epochs_done,
         "elapsed_s": now - start,
     }
+    peak = _peak_flops(job.accelerator) if job.flops_per_token else None
     if peak:
         record["mfu"] = mfu(record["tokens_per_s"], job.flops_per_token, peak, job.accelerator.num_processes)
+    if job.accelerator.device.type == "cuda":
+        record.update(peak_memory(job.accelerator.device))
     return record
 
 
@@ -482,8 +574,10 @@ def _global_sums(acc: Any, *values: int) -> list[int]:
     return [int(v) for v in summed.tolist()]
 
 
-def evaluate_language_model(model: Any, batches: list[dict[str, torch.Tensor]], acc: Any) -> dict[str, Any]:
-    loss = evaluate_loss(model, batches, acc)
+def evaluate_language_model(
+    model: Any, batches: list[dict[str, torch.Tensor]], acc: Any, loss_fn: LossFn = next_token_loss
+) -> dict[str, Any]:
+    loss = evaluate_loss(model, batches, acc, loss_fn)
     return {"val_loss": loss, "val_ppl": math.exp(loss)}
 
 

@@ -26,7 +26,13 @@ from llmkit.train.resume import (
     restore_state,
     run_fingerprints,
 )
-from llmkit.train.setup import build_optimizer, enable_gradient_checkpointing, make_accelerator, steps_for_budget
+from llmkit.train.setup import (
+    build_optimizer,
+    enable_gradient_checkpointing,
+    language_model_loss,
+    make_accelerator,
+    steps_for_budget,
+)
 
 
 def pretrain(
@@ -106,6 +112,7 @@ def _pretrain(
 
     if cfg.train.gradient_checkpointing:
         enable_gradient_checkpointing(model)
+    loss_fn = language_model_loss(model, accelerator)
     optimizer = build_optimizer(model, cfg.optimizer, accelerator)
     model, optimizer = accelerator.prepare(model, optimizer)
     val_batches = (
@@ -141,6 +148,7 @@ def _pretrain(
         config_yaml=config_yaml,
         fingerprints=fingerprints,
         resume=resume_state,
+        loss_fn=loss_fn,
     )
     return fit(job)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -107,6 +108,22 @@ def uses_deepspeed(accelerator: Any) -> bool:
     from accelerate.utils import DistributedType
 
     return bool(accelerator.distributed_type == DistributedType.DEEPSPEED)
+
+
+def language_model_loss(model: Any, accelerator: Any) -> Callable[..., Any]:
+    """The causal-LM loss of a run: fused with the output head, so no logits exist (llmkit.losses.fused_lm_nll),
+    where every process holds whole weights and the architecture's logits are a plain linear head; else from the
+    logits the model returns, with a chunked float32 softmax. Call before `accelerator.prepare`."""
+    from transformers.integrations import is_deepspeed_zero3_enabled
+
+    from llmkit.losses import causal_lm_nll, fused_lm_nll
+    from llmkit.models import defer_output_head
+
+    sharded = uses_fsdp(accelerator) or is_deepspeed_zero3_enabled()  # the head's weight exists only in forward
+    weight = None if sharded else defer_output_head(model)
+    if weight is None:
+        return lambda logits, batch: causal_lm_nll(logits, batch["labels"])
+    return lambda hidden, batch: fused_lm_nll(hidden, weight, batch["labels"])
 
 
 def enable_gradient_checkpointing(model: Any) -> None:

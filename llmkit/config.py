@@ -143,6 +143,12 @@ class TrainConfig(Section):
         False, description="Recompute activations in the backward pass: much less memory, about a third more compute."
     )
     compile: bool = Field(False, description="torch.compile the model (inductor) through Accelerate.")
+    deterministic: bool = Field(
+        False,
+        description="Deterministic GPU kernels (torch deterministic algorithms, a fixed cuBLAS workspace, no "
+        "memory-efficient attention): GPU runs then repeat and resume bitwise, a little slower. CPU runs are "
+        "bitwise without it.",
+    )
 
     @model_validator(mode="after")
     def _one_budget(self) -> TrainConfig:

@@ -63,7 +63,7 @@ def _loss_and_grad(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.T
     lse = torch.logsumexp(logits, dim=-1)
     loss = ((lse - logits.gather(1, safe).squeeze(1)) * valid).sum()
     grad = logits.sub_(lse.unsqueeze(1)).exp_()
-    grad.scatter_add_(1, safe, torch.full_like(safe, -1, dtype=grad.dtype))
+    grad[torch.arange(len(targets), device=grad.device), safe.squeeze(1)] -= 1.0  # one index per row: deterministic
     grad.mul_(valid.unsqueeze(1))
     return loss, grad
 

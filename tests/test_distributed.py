@@ -124,8 +124,8 @@ def test_workers_exit_codes_reach_the_user_through_the_launcher(tiny_dataset: Pa
     """torchrun reports any worker failure as exit 1 with its own traceback; llmkit's relaunch returns the workers'
     code instead: one line and 2 for bad input, 75 after a time-limit checkpoint (what requeue scripts test)."""
     env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
-    launch = [sys.executable, "-m", "llmkit", "pretrain", "--data", str(tiny_dataset), *TINY_MODEL,
-              "--cpu", "--num-processes", "2", "--main-process-port", "29537", "--set", "logging.tensorboard=false"]  # fmt: skip
+    launch = [sys.executable, "-m", "llmkit", "pretrain", "--data", str(tiny_dataset), *TINY_MODEL, "--cpu",
+              "--num-processes", "2", "--main-process-port", "29537", "--set", "logging.tensorboard=false"]  # fmt: skip
     bad = subprocess.run([*launch, "--out", str(tmp_path / "bad"), "--micro-batch-size", "100000"],
                          env=env, capture_output=True, text=True, timeout=300)  # fmt: skip
     assert bad.returncode == 2, bad.stderr[-3000:]

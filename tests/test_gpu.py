@@ -65,3 +65,44 @@ def test_more_processes_than_gpus_is_refused_and_cpu_runs_them(tiny_dataset: Pat
     args = ["pretrain", *tiny_train_args(tiny_dataset, tmp_path / "run", steps=4), "--num-processes", too_many]
     assert_user_error(run_cli(*args), f"--num-processes {too_many} on a machine with", "--cpu")
     assert not (tmp_path / "run").exists()
+
+
+def test_deterministic_gpu_runs_repeat_and_resume_bitwise(tiny_dataset: Path, tmp_path: Path) -> None:
+    """train.deterministic on CUDA: two runs give the same bits, and a run killed mid-step and resumed gives the
+    bits of the run never killed (without it, GPU kernels may sum in another order from run to run)."""
+    import os
+    import subprocess
+    import sys
+
+    import torch
+    from safetensors.torch import load_file
+
+    def launch(out: Path, *extra: str, fault: str | None = None) -> subprocess.CompletedProcess:
+        args = [sys.executable, "-m", "llmkit", "pretrain", *tiny_train_args(tiny_dataset, out, steps=20),
+                "--precision", "bf16", "--set", "train.deterministic=true", *extra]  # fmt: skip
+        env = {**os.environ, **({"LLMKIT_FAULT_INJECT": fault} if fault else {})}
+        return subprocess.run(args, env=env, capture_output=True, text=True, timeout=600)
+
+    first, second, killed = tmp_path / "first", tmp_path / "second", tmp_path / "killed"
+    assert launch(first).returncode == 0
+    assert launch(second).returncode == 0
+    assert launch(killed, fault="kill@15.0").returncode != 0
+    resumed = launch(killed, "--resume", "auto")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    a = load_file(first / "final" / "model.safetensors")
+    for other in (second, killed):
+        b = load_file(other / "final" / "model.safetensors")
+        assert all(torch.equal(a[k], b[k]) for k in a), other.name
+
+
+def test_frozen_lora_base_is_bf16_on_the_gpu_and_memory_is_reported(tiny_run: Path, tmp_path: Path) -> None:
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text("".join(json.dumps({"prompt": f"Say {i}.", "completion": f"{i} it is."}) + "\n" for i in range(64)))
+    out = tmp_path / "lora"
+    result = run_cli("finetune", "--model", tiny_run, "--data", rows, "--out", out, "--method", "lora",
+                     "--precision", "bf16", "--max-steps", "6", "--max-length", "64")  # fmt: skip
+    assert result.exit_code == 0, result.stderr
+    stats = json.loads((out / "data_stats.json").read_text())
+    assert stats["frozen_bytes"] == 2 * (stats["total_parameters"] - stats["trainable_parameters"])
+    memory = json.loads((out / "summary.json").read_text())["memory"]
+    assert 0 < memory["peak_allocated_gib"] <= memory["peak_reserved_gib"]

@@ -609,7 +609,8 @@ def test_a_run_killed_on_two_processes_resumes_on_one_and_on_three(tiny_dataset:
     def launch(out: Path, processes: int, micro: int, port: int, fault: str = "") -> subprocess.CompletedProcess:
         return subprocess.run(
             [sys.executable, "-m", "llmkit", "pretrain", "--data", str(tiny_dataset), "--out", str(out),
-             "--micro-batch-size", str(micro), "--cpu", "--num-processes", str(processes), "--main-process-port", str(port),
+             "--micro-batch-size", str(micro), "--cpu", "--num-processes", str(processes),
+             "--main-process-port", str(port),
              *common, *(["--resume", "auto"] if not fault else [])],
             env={**env, "LLMKIT_FAULT_INJECT": fault} if fault else env, capture_output=True, text=True, timeout=600,
         )  # fmt: skip

@@ -40,6 +40,24 @@ def test_run_directory_holds_everything(tiny_run: Path) -> None:
     assert (tiny_run / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     summary = json.loads((tiny_run / "summary.json").read_text())
     assert summary["steps"] == 30 and summary["tokens"] == 30 * 8 * 32
+    # Honest figures: the steady state starts after 5 warm-up steps and counts training steps only, so it is
+    # faster than the overall rate, which includes start-up, validation and checkpoints.
+    assert summary["steady_from_step"] == 6
+    assert summary["steady_tokens_per_second"] > summary["tokens_per_second"] > 0
+    assert summary["memory"]["peak_rss_gib"] > 0.1
+
+
+def test_throughput_is_recent_for_progress_and_steady_for_the_summary() -> None:
+    from llmkit.train.loop import Throughput
+
+    rate = Throughput(warmup=2)
+    rate.add(100, 10.0)  # compilation
+    assert rate.steady_rate is None and rate.recent_rate == 10.0
+    rate.add(100, 1.0)
+    for _ in range(30):
+        rate.add(100, 0.5)
+    assert rate.steady_rate == 200.0  # the 30 steps after the 2 of warm-up
+    assert rate.recent_rate == 200.0  # the last 20 steps only: the slow first steps have left the window
 
 
 def test_checkpoints_are_complete_and_pruned(tiny_run: Path) -> None:

@@ -34,6 +34,7 @@ def resume_args(data: Path, out: Path, steps: int) -> list[str]:
         "--set", "train.eval_batches=2", "--set", "logging.every_steps=1", "--set", "checkpoint.every_steps=4",
         "--set", "checkpoint.keep_last=10", "--set", "logging.data_trace=true", "--set", "logging.tensorboard=false",
         "--set", "logging.plot=false", "--set", "schedule.warmup_steps=3",
+        "--set", "train.deterministic=true",  # bitwise on a GPU too (CPU runs are bitwise without it)
     ]  # fmt: skip
 
 
@@ -62,7 +63,17 @@ def llmkit_subprocess(*args: str | Path, env: dict[str, str] | None = None) -> s
     )  # fmt: skip
 
 
-def records(path: Path, drop: tuple[str, ...] = ("elapsed_s", "tokens_per_s")) -> list[dict]:
+def records(
+    path: Path,
+    drop: tuple[str, ...] = (
+        "elapsed_s",
+        "tokens_per_s",
+        "mfu",
+        "peak_allocated_gib",
+        "peak_reserved_gib",
+        "peak_rss_gib",
+    ),
+) -> list[dict]:
     return [{k: v for k, v in json.loads(line).items() if k not in drop} for line in path.read_text().splitlines()]
 
 

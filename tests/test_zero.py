@@ -174,7 +174,8 @@ def test_lora_under_zero3_saves_whole_adapters_resumes_exactly_and_merges(
     def finetune(out: Path, strategy: str, *extra: str, fault: str | None = None) -> subprocess.CompletedProcess:
         command = [
             sys.executable, "-m", "llmkit", "finetune", "--model", str(base), "--data", str(rows), "--out", str(out),
-            "--method", "lora", "--strategy", strategy, "--cpu", "--num-processes", "2", "--main-process-port", str(next(PORTS)),
+            "--method", "lora", "--strategy", strategy, "--cpu", "--num-processes", "2",
+            "--main-process-port", str(next(PORTS)),
             "--max-steps", "6", "--micro-batch-size", "4", "--max-length", "64", "--lr", "3e-3",
             "--set", "checkpoint.every_steps=3", "--set", "logging.every_steps=1", "--set", "train.eval_every=3",
             "--set", "logging.tensorboard=false", *extra,

@@ -68,6 +68,8 @@ def make_accelerator(cfg: RunConfig) -> Any:
     if precision.dtype == "fp16" and not cuda:
         raise UserError("precision.dtype=fp16 needs a CUDA GPU; use bf16 or fp32 on CPU")
     check_available(cfg)
+    if cfg.train.deterministic:
+        use_deterministic_kernels()
     mixed = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[precision.dtype]
     kwargs: dict[str, Any] = {"mixed_precision": mixed, "dynamo_backend": "inductor" if cfg.train.compile else "no"}
     if wants_deepspeed(cfg):
@@ -96,6 +98,21 @@ def make_accelerator(cfg: RunConfig) -> Any:
     if cfg.distributed.strategy == "fsdp" and not uses_fsdp(accelerator):  # never fall back to DDP silently
         raise UserError(f"Accelerate did not enable FSDP here ({accelerator.distributed_type}); use ddp or zero3")
     return accelerator
+
+
+def use_deterministic_kernels() -> None:
+    """train.deterministic: kernels that give the same bits every time, so a GPU run repeats and resumes bitwise.
+
+    cuBLAS needs a fixed workspace (read when its first handle is made, so set before any matmul); PyTorch then
+    raises on any op that has no deterministic implementation rather than silently varying; the memory-efficient
+    attention backward accumulates in a varying order, so SDPA uses flash or math attention instead.
+    """
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True)
+    torch.backends.cudnn.benchmark = False
+    torch.backends.cudnn.deterministic = True
+    if torch.cuda.is_available():
+        torch.backends.cuda.enable_mem_efficient_sdp(False)
 
 
 def uses_fsdp(accelerator: Any) -> bool:

@@ -8,11 +8,14 @@ Everything is computed from the recipe, and stated so a reader can check it:
   (6N for full training), plus attention 12 * layers * sequence * width, where N counts the matrices that
   multiply (the input embedding is a lookup; a tied output head multiplies once); gradient checkpointing adds
   another 2N forward;
-* memory per GPU: weights, gradients and optimizer states (fp32 master weights with Accelerate's mixed
+* memory per GPU: trained weights, gradients and optimizer states (fp32 master weights with Accelerate's mixed
   precision: 4 bytes per parameter, 4 per gradient, 8 for Adam's two moments), divided across GPUs as the
-  strategy shards them; activations per layer ~34 * sequence * batch * width bytes in 16-bit (Korthikanti et
-  al. 2022, with fused attention that stores no score matrix; doubled in fp32), or only each layer's input
-  with gradient checkpointing; the logits at 6 bytes per vocabulary entry; plus 1 GiB of CUDA context;
+  strategy shards them; frozen weights (LoRA, freeze) in the compute dtype (2 bytes in bf16/fp16; QLoRA's
+  4-bit matrices about 0.55 bytes); activations per layer ~34 * sequence * batch * width bytes in 16-bit
+  (Korthikanti et al. 2022, with fused attention that stores no score matrix; doubled in fp32), or only each
+  layer's input with gradient checkpointing, for the real model's shape (a fine-tune's base model, not the
+  recipe's defaults); the loss's logits: one chunk at a time with the fused head (llmkit.losses), or the whole
+  batch's in the compute dtype with their gradient under ZeRO-3/FSDP; plus 1 GiB of CUDA context;
 * time: the recipe's token budget x FLOPs per token / (GPUs x peak x MFU); cost: GPU-hours x price.
 """
 
@@ -81,8 +84,20 @@ class Plan:
         return data
 
 
-def count_parameters(cfg: RunConfig, vocab: int) -> tuple[int, int, int, int]:
-    """(total, trainable, matmul parameters, vocabulary rows) of the recipe's model, built on the meta device."""
+@dataclass
+class ModelSize:
+    """What the plan needs of a model: parameter counts and the shape activations scale with."""
+
+    total: int
+    trainable: int
+    matmul: int  # parameters that multiply (the input embedding is a lookup)
+    vocab: int
+    layers: int
+    width: int
+
+
+def count_parameters(cfg: RunConfig, vocab: int) -> ModelSize:
+    """The recipe's model (a fine-tune's base model), built on the meta device: counts and shape."""
     import torch
 
     from llmkit.models import lora_target_modules
@@ -106,7 +121,15 @@ def count_parameters(cfg: RunConfig, vocab: int) -> tuple[int, int, int, int]:
         for name, module in model.named_modules():
             if name.rsplit(".", 1)[-1] in targets and isinstance(module, torch.nn.Linear):
                 trainable += cfg.finetune.lora.r * (module.in_features + module.out_features)
-    return total, trainable, matmul, int(embedding.shape[0])
+    layers, width = model_shape(model.config)
+    return ModelSize(total, trainable, matmul, int(embedding.shape[0]), layers, width)
+
+
+def model_shape(config: Any) -> tuple[int, int]:
+    """(layers, width) from a transformers config of any naming convention."""
+    layers = int(getattr(config, "num_hidden_layers", 0) or getattr(config, "n_layer", 0) or 0)
+    width = int(getattr(config, "hidden_size", 0) or getattr(config, "n_embd", 0) or 0)
+    return layers, width
 
 
 @dataclass
@@ -139,13 +162,21 @@ def _meta_model(cfg: RunConfig, vocab: int) -> Any:
     return build_model(cfg.model, _Vocabulary(vocab))
 
 
-def estimate_memory(
-    cfg: RunConfig, total: int, trainable: int, strategy: str, gpus: int, gradient_checkpointing: bool, vocab: int
-) -> Memory:
+def estimate_memory(cfg: RunConfig, size: ModelSize, strategy: str, gpus: int, gradient_checkpointing: bool) -> Memory:
     """Bytes per GPU under `strategy` (see the module docstring for every term)."""
+    from llmkit.losses import CHUNK_ELEMENTS
+
     adam = cfg.optimizer.name in ("adamw", "adam")
     state_bytes = 8 if adam else (4 if cfg.optimizer.momentum > 0 else 0)
-    weights, gradients, optimizer = 4.0 * total, 4.0 * trainable, float(state_bytes * trainable)
+    adapters = cfg.finetune.method in ("lora", "qlora") and bool(cfg.model.init_from)
+    frozen = size.total if adapters else size.total - size.trainable  # adapters come on top of the base model
+    compute_bytes = 4.0 if cfg.precision.dtype == "fp32" else 2.0
+    if adapters and cfg.finetune.method == "qlora":
+        frozen_bytes = 0.55 * size.matmul + 2.0 * (size.total - size.matmul)  # 4-bit matrices, 16-bit embedding
+    else:
+        frozen_bytes = compute_bytes * frozen
+    weights, gradients = 4.0 * size.trainable + frozen_bytes, 4.0 * size.trainable
+    optimizer = float(state_bytes * size.trainable)
     shard = max(gpus, 1)
     if strategy in ("zero1", "zero2", "zero3", "fsdp", "zero2-offload", "zero3-offload"):
         optimizer /= shard
@@ -157,14 +188,18 @@ def estimate_memory(
         optimizer = 0.0
     if strategy == "zero3-offload":
         weights = 0.0
-    micro, seq, hidden, layers = cfg.train.micro_batch_size, _sequence(cfg), cfg.model.hidden_size, cfg.model.n_layers
+    micro, seq = cfg.train.micro_batch_size, _sequence(cfg)
     scale = 2.0 if cfg.precision.dtype == "fp32" else 1.0
-    per_layer = 34.0 * seq * micro * hidden * scale
+    per_layer = 34.0 * seq * micro * size.width * scale
     if gradient_checkpointing:
-        activations = 2.0 * seq * micro * hidden * scale * layers + per_layer
+        activations = 2.0 * seq * micro * size.width * scale * size.layers + per_layer
     else:
-        activations = per_layer * layers
-    activations += 6.0 * micro * seq * vocab  # logits in 16-bit and their fp32 copy for the loss
+        activations = per_layer * size.layers
+    logits = micro * seq * size.vocab
+    if strategy in ("zero3", "fsdp", "zero3-offload"):  # the model returns whole logits: they and their gradient
+        activations += 2.0 * compute_bytes * logits
+    else:  # the fused head: one chunk of float32 logits and its 16-bit copy
+        activations += 6.0 * min(logits, CHUNK_ELEMENTS)
     return Memory(weights, gradients, optimizer, activations)
 
 
@@ -187,9 +222,7 @@ def model_flops_per_token(model: Any, sequence: int, gradient_checkpointing: boo
     tied = output is not None and output.weight is embedding
     matmul = total - (0 if tied else (getattr(embedding, "ds_numel", None) or embedding.numel()))
     flops = 4 * matmul + 2 * min(matmul, trainable) + (2 * matmul if gradient_checkpointing else 0)
-    config = model.config
-    layers = int(getattr(config, "num_hidden_layers", 0) or getattr(config, "n_layer", 0) or 0)
-    width = int(getattr(config, "hidden_size", 0) or getattr(config, "n_embd", 0) or 0)
+    layers, width = model_shape(model.config)
     return float(flops + 12 * layers * sequence * width)
 
 
@@ -218,19 +251,17 @@ def plan_run(
             raise UserError(f"{name} {value}: must be a positive number")
     peak, capacity = GPU_TYPES[gpu_type]
     vocab, vocab_source = vocabulary_size(cfg) if not cfg.model.init_from else (0, cfg.model.init_from)
-    total, trainable, matmul, vocab = count_parameters(cfg, vocab)
+    size = count_parameters(cfg, vocab)
+    total, trainable, matmul, vocab = size.total, size.trainable, size.matmul, size.vocab
     seq = _sequence(cfg)
     full = trainable == total
     flops = 2 * matmul + 2 * matmul + (2 * matmul if full else 2 * trainable)
     flops += 2 * matmul if gradient_checkpointing else 0
-    flops += 12 * cfg.model.n_layers * seq * cfg.model.hidden_size
+    flops += 12 * size.layers * seq * size.width
     tokens_per_step = cfg.train.micro_batch_size * cfg.train.grad_accum_steps * gpus * seq
     budget = _budget_tokens(cfg, tokens_per_step, train_tokens)
-    by_strategy = {
-        name: estimate_memory(cfg, total, trainable, name, gpus, gradient_checkpointing, vocab).total
-        for name in STRATEGIES
-    }
-    memory = estimate_memory(cfg, total, trainable, strategy, gpus, gradient_checkpointing, vocab)
+    by_strategy = {name: estimate_memory(cfg, size, name, gpus, gradient_checkpointing).total for name in STRATEGIES}
+    memory = estimate_memory(cfg, size, strategy, gpus, gradient_checkpointing)
     usable = 0.9 * capacity
     # fsdp is estimated for comparison, but not suggested until it has run on a GPU (docs/distributed.md).
     fitting = [name for name in STRATEGIES if by_strategy[name] <= usable and name != "fsdp"]

@@ -11,7 +11,7 @@ import torch
 from llmkit.config import load_config
 from llmkit.data.tokenizer import train_bpe
 from llmkit.models import attach_lora, build_model, count_parameters
-from llmkit.plan import GIB, estimate_memory, plan_run
+from llmkit.plan import GIB, ModelSize, estimate_memory, plan_run
 from tests.conftest import assert_user_error, run_cli
 
 RECIPES = Path(__file__).parent.parent / "recipes"
@@ -60,19 +60,17 @@ def test_lora_trainable_count_matches_peft(tmp_path: Path) -> None:
 def test_sharding_divides_what_each_strategy_shards() -> None:
     cfg = load_config(RECIPES / "llama-1b.yaml")
     n = 1_000_000
-    ddp = estimate_memory(cfg, n, n, "ddp", 8, False, 32000)
-    zero1, zero2 = (
-        estimate_memory(cfg, n, n, "zero1", 8, False, 32000),
-        estimate_memory(cfg, n, n, "zero2", 8, False, 32000),
-    )
-    zero3 = estimate_memory(cfg, n, n, "zero3", 8, False, 32000)
-    offload = estimate_memory(cfg, n, n, "zero3-offload", 8, False, 32000)
+    size = ModelSize(n, n, n, 32000, cfg.model.n_layers, cfg.model.hidden_size)
+    ddp = estimate_memory(cfg, size, "ddp", 8, False)
+    zero1, zero2 = estimate_memory(cfg, size, "zero1", 8, False), estimate_memory(cfg, size, "zero2", 8, False)
+    zero3 = estimate_memory(cfg, size, "zero3", 8, False)
+    offload = estimate_memory(cfg, size, "zero3-offload", 8, False)
     assert (ddp.weights, ddp.gradients, ddp.optimizer) == (4 * n, 4 * n, 8 * n)
     assert zero1.optimizer == n and zero1.gradients == 4 * n
     assert zero2.gradients == n / 2 and zero2.weights == 4 * n
     assert zero3.weights == n / 2
     assert offload.weights == offload.optimizer == 0
-    checkpointed = estimate_memory(cfg, n, n, "ddp", 8, True, 32000)
+    checkpointed = estimate_memory(cfg, size, "ddp", 8, True)
     assert checkpointed.activations < ddp.activations
 
 
@@ -115,3 +113,27 @@ def test_training_reports_the_plans_flops_and_mfu_counts_every_device(recipe: st
     assert device_peak_flops("Tesla T4") is None
     assert mfu(8 * 100_000, 1e9, 989e12, devices=8) == pytest.approx(mfu(100_000, 1e9, 989e12, devices=1))
     assert mfu(395_600, 1e9, 989e12, devices=1) == pytest.approx(0.4)
+
+
+def test_a_lora_plan_uses_the_base_models_shape_and_bf16_frozen_weights(tmp_path: Path) -> None:
+    """A fine-tune's activations scale with the base model's layers and width, not the recipe's model section
+    (which a fine-tune ignores); its frozen weights count 2 bytes in bf16, as training holds them."""
+    from llmkit.models import place_weights
+
+    cfg = load_config(RECIPES / "tiny-cpu.yaml", ["data.vocab_size=1000"])
+    tokenizer = type("Vocab", (), {"__len__": lambda self: 1000, "bos_token_id": 0, "eos_token_id": 0,
+                                   "pad_token_id": 1})()  # fmt: skip
+    build_model(cfg.model, tokenizer).save_pretrained(tmp_path / "base")
+    base = [f"model.init_from={tmp_path / 'base'}", "finetune.lora.r=4", "precision.dtype=bf16"]
+    plan = plan_run(load_config(RECIPES / "sft-lora.yaml", base))
+    other_shape = plan_run(
+        load_config(RECIPES / "sft-lora.yaml", [*base, "model.hidden_size=4096", "model.n_layers=48"])
+    )
+    assert plan.memory.activations == other_shape.memory.activations
+    width, layers = cfg.model.hidden_size, cfg.model.n_layers
+    lora = load_config(RECIPES / "sft-lora.yaml", base)
+    seq, micro = lora.finetune.max_length, lora.train.micro_batch_size
+    assert plan.memory.activations >= 34 * seq * micro * width * layers
+    held = place_weights(attach_lora(build_model(cfg.model, tokenizer), lora.finetune.lora, "CAUSAL_LM", []),
+                         torch.bfloat16)  # fmt: skip
+    assert plan.memory.weights == held["trainable_bytes"] + held["frozen_bytes"]

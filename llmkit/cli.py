@@ -63,7 +63,10 @@ AccelerateConfigOpt = Annotated[
 GradientCheckpointingOpt = Annotated[
     bool | None, typer.Option("--gradient-checkpointing", help="Recompute activations: less memory, more compute.")
 ]
-CompileOpt = Annotated[bool | None, typer.Option("--compile", help="torch.compile the model (inductor).")]
+CompileOpt = Annotated[
+    bool | None,
+    typer.Option("--compile/--no-compile", help="torch.compile the model (default: on CUDA GPUs, off on CPU)."),
+]
 EncodingOpt = Annotated[
     str | None, typer.Option(help="Text encoding of the input files (default utf-8; e.g. latin-1, cp1252).")
 ]

@@ -142,7 +142,11 @@ class TrainConfig(Section):
     gradient_checkpointing: bool = Field(
         False, description="Recompute activations in the backward pass: much less memory, about a third more compute."
     )
-    compile: bool = Field(False, description="torch.compile the model (inductor) through Accelerate.")
+    compile: bool | Literal["auto"] = Field(
+        "auto",
+        description="torch.compile the model (inductor); auto: on for CUDA GPUs (not with DeepSpeed), off on CPU. "
+        "If compilation fails the run says so in one line and trains eagerly.",
+    )
     deterministic: bool = Field(
         False,
         description="Deterministic GPU kernels (torch deterministic algorithms, a fixed cuBLAS workspace, no "

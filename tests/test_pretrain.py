@@ -337,3 +337,30 @@ def test_memory_and_speed_levers_keep_the_losses(
         expected, rel=tolerance
     )
     assert AutoModelForCausalLM.from_pretrained(tmp_path / "lever" / "final") is not None  # saves unwrapped weights
+
+
+def test_a_failed_compilation_falls_back_to_eager_in_one_line(tiny_dataset: Path, tmp_path: Path) -> None:
+    """A machine without a working C++ compiler (a real inductor failure): --compile says so once and trains
+    eagerly; the failed forward computed nothing, so the losses are the eager run's exactly."""
+    import os
+    import subprocess
+    import sys
+
+    settings = tiny_train_args(tiny_dataset, tmp_path / "unused", steps=3)[4:]  # all but --data and --out
+    common = [*settings, "--set", "logging.every_steps=1"]
+    eager = run_cli("pretrain", "--data", tiny_dataset, "--out", tmp_path / "eager", *common, "--no-compile")
+    assert eager.exit_code == 0, eager.stderr
+    env = {**os.environ, "CXX": "/bin/false", "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor")}
+    compiled = subprocess.run(
+        [sys.executable, "-m", "llmkit", "pretrain", "--data", str(tiny_dataset), "--out", str(tmp_path / "compiled"),
+         *common, "--compile"], env=env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert compiled.returncode == 0, compiled.stderr[-3000:]
+    notices = [line for line in (compiled.stdout + compiled.stderr).splitlines() if "torch.compile failed" in line]
+    assert len(notices) == 1 and "training eagerly" in notices[0], compiled.stdout + compiled.stderr
+    assert "Traceback" not in compiled.stderr
+
+    def losses(run: Path) -> list[float]:
+        return [r["loss"] for r in read_metrics(run) if "loss" in r]
+
+    assert losses(tmp_path / "compiled") == losses(tmp_path / "eager")

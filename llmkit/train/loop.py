@@ -408,16 +408,37 @@ def _forward_backward(job: TrainJob, batch: dict[str, torch.Tensor], step_target
     acc, model = job.accelerator, job.model
     batch = {key: value.to(acc.device, non_blocking=True) for key, value in batch.items() if key not in NOT_ON_DEVICE}
     if uses_deepspeed(acc):  # DeepSpeed reduces the gradients itself at the boundary of the step
-        nll_sum, _ = job.loss_fn(model(**_model_inputs(batch)).logits, batch)
+        nll_sum, _ = job.loss_fn(_forward(job, batch), batch)
         loss = nll_sum * acc.num_processes / step_targets
         model.set_gradient_accumulation_boundary(last)
         model.backward(loss, scale_wrt_gas=False)  # the loss is already normalized for the step
     else:
         with nullcontext() if last or acc.num_processes == 1 else acc.no_sync(model):
-            nll_sum, _ = job.loss_fn(model(**_model_inputs(batch)).logits, batch)
+            nll_sum, _ = job.loss_fn(_forward(job, batch), batch)
             loss = nll_sum * acc.num_processes / step_targets
             acc.backward(loss)
     return loss.detach() / acc.num_processes
+
+
+def _forward(job: TrainJob, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The model's output for the loss. A compiled model whose compilation fails (no C++ compiler, an unsupported
+    op) falls back to eager once, with one line; the failed forward computed nothing, so the step stays exact."""
+    try:
+        return job.model(**_model_inputs(batch)).logits
+    except Exception as exc:
+        if not (hasattr(job.model, "_orig_mod") and _compile_failure(exc)):
+            raise
+        reason = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
+        info(f"torch.compile failed ({type(exc).__name__}: {reason}); training eagerly (--no-compile skips it)")
+        job.model = job.model._orig_mod
+        return job.model(**_model_inputs(batch)).logits
+
+
+def _compile_failure(exc: BaseException) -> bool:
+    from torch._dynamo.exc import TorchDynamoException
+    from torch._inductor.exc import InductorError
+
+    return isinstance(exc, TorchDynamoException | InductorError)
 
 
 def _report_spike(

@@ -71,9 +71,10 @@ def make_accelerator(cfg: RunConfig) -> Any:
     if cfg.train.deterministic:
         use_deterministic_kernels()
     mixed = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[precision.dtype]
-    kwargs: dict[str, Any] = {"mixed_precision": mixed, "dynamo_backend": "inductor" if cfg.train.compile else "no"}
+    compiled = cfg.train.compile is True or (cfg.train.compile == "auto" and cuda and not wants_deepspeed(cfg))
+    kwargs: dict[str, Any] = {"mixed_precision": mixed, "dynamo_backend": "inductor" if compiled else "no"}
     if wants_deepspeed(cfg):
-        if cfg.train.compile:
+        if cfg.train.compile is True:
             raise UserError("train.compile is not supported with DeepSpeed strategies yet; leave --compile off")
         if not under_launcher():
             raise UserError(

@@ -46,6 +46,12 @@ class ModelConfig(Section):
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = Field(
         "sdpa", description="Attention kernel; sdpa uses PyTorch's fused attention."
     )
+    kernels: Literal["auto", "liger", "none"] = Field(
+        "auto",
+        description="Fused GPU kernels: liger uses Liger's Triton kernels (RMSNorm, SwiGLU, RoPE, fused linear "
+        "cross-entropy; pip install 'llmkit[gpu]'); auto uses them on CUDA where installed and the architecture is "
+        "supported; none keeps PyTorch's. The loss never builds a whole batch's float32 logits either way.",
+    )
     trust_remote_code: bool = Field(False, description="Allow model code from the hub; off unless you ask.")
     hub_token: SecretStr | None = Field(
         None, description="Token for private hub models (else HF_TOKEN is used); never written to disk or logs."

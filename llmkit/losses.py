@@ -47,6 +47,17 @@ def fused_lm_nll(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tenso
     return total, (targets != IGNORE).sum()
 
 
+def liger_lm_nll(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """`fused_lm_nll` by Liger's Triton kernel (CUDA only), in the compute dtype autocast would use."""
+    from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy
+
+    targets = shifted_targets(labels)
+    dtype = _compute_dtype(hidden)
+    flat = hidden.reshape(-1, hidden.shape[-1]).to(dtype)
+    total = liger_fused_linear_cross_entropy(flat, weight.to(dtype), targets, ignore_index=IGNORE, reduction="sum")
+    return total.float(), (targets != IGNORE).sum()
+
+
 def count_targets(labels: torch.Tensor) -> int:
     return int((labels[:, 1:] != IGNORE).sum())
 

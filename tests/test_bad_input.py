@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -98,10 +97,14 @@ def test_tokenizer_that_does_not_match_the_model(tiny_dataset: Path, tmp_path: P
 
 
 def test_fp16_on_cpu_is_refused(tiny_dataset: Path, tmp_path: Path) -> None:
-    if shutil.which("nvidia-smi"):
-        pytest.skip("machine has a GPU")
-    result = run_cli("pretrain", *tiny_train_args(tiny_dataset, tmp_path / "run"), "--precision", "fp16")
-    assert_user_error(result, "fp16 needs a CUDA GPU")
+    result = run_cli("pretrain", *tiny_train_args(tiny_dataset, tmp_path / "run"), "--precision", "fp16", "--cpu")
+    assert_user_error(result, "fp16 needs a CUDA GPU")  # --cpu: the same on a machine with GPUs
+    assert_nothing_written(tmp_path, "run")
+
+
+def test_liger_kernels_without_cuda_are_refused(tiny_dataset: Path, tmp_path: Path) -> None:
+    args = [*tiny_train_args(tiny_dataset, tmp_path / "run"), "--set", "model.kernels=liger", "--cpu"]
+    assert_user_error(run_cli("pretrain", *args), "model.kernels=liger", "needs a CUDA GPU", "auto or none")
     assert_nothing_written(tmp_path, "run")
 
 

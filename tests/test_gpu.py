@@ -106,3 +106,19 @@ def test_frozen_lora_base_is_bf16_on_the_gpu_and_memory_is_reported(tiny_run: Pa
     assert stats["frozen_bytes"] == 2 * (stats["total_parameters"] - stats["trainable_parameters"])
     memory = json.loads((out / "summary.json").read_text())["memory"]
     assert 0 < memory["peak_allocated_gib"] <= memory["peak_reserved_gib"]
+
+
+def test_liger_kernels_keep_the_losses(tiny_dataset: Path, tmp_path: Path) -> None:
+    """model.kernels=liger (RMSNorm, SwiGLU, RoPE and the fused linear cross-entropy in Triton) trains the same
+    curve as PyTorch's kernels, within bf16 rounding."""
+    pytest.importorskip("liger_kernel")
+    common = ["--precision", "bf16", "--no-compile", "--set", "logging.every_steps=1"]
+    runs = {}
+    for kernels in ("liger", "none"):
+        out = tmp_path / kernels
+        result = run_cli("pretrain", *tiny_train_args(tiny_dataset, out, steps=10), *common,
+                         "--set", f"model.kernels={kernels}")  # fmt: skip
+        assert result.exit_code == 0, result.stderr
+        runs[kernels] = [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()
+                         if "loss" in json.loads(line)]  # fmt: skip
+    assert runs["liger"] == pytest.approx(runs["none"], rel=2e-2)

@@ -55,6 +55,7 @@ from llmkit.train.resume import (
     run_fingerprints,
 )
 from llmkit.train.setup import (
+    apply_kernels,
     build_optimizer,
     enable_gradient_checkpointing,
     language_model_loss,
@@ -145,6 +146,7 @@ def _finetune(
         model.generation_config.pad_token_id = tokenizer.pad_token_id
     if cfg.train.gradient_checkpointing:
         enable_gradient_checkpointing(model)
+    liger = apply_kernels(model, cfg) if not classify else False
     model = _apply_method(model, cfg, chat.added_tokens if chat else 0, tokenizer, checkpoint)
     weight_bytes = _place_weights(model, cfg, accelerator)
     attn = getattr(model.config, "_attn_implementation", None) or "sdpa"
@@ -177,7 +179,7 @@ def _finetune(
         objective = {"loss_fn": make_loss(weights), "count_targets": count_examples,
                      "eval_fn": make_evaluation(data.labels, weights)}  # fmt: skip
     else:
-        objective = {"loss_fn": language_model_loss(model, accelerator)}
+        objective = {"loss_fn": language_model_loss(model, accelerator, liger=liger)}
     optimizer = build_optimizer(model, cfg.optimizer, accelerator)
     model, optimizer = accelerator.prepare(model, optimizer)
     val_batches = _validation_batches(data.val, micro, cfg.train.eval_batches, collate)
@@ -194,7 +196,7 @@ def _finetune(
             f"({trainable / total:.2%}); format {data.fmt}, {what}; {len(data.train):,} train / "
             f"{len(data.val):,} val examples ({data.truncated} truncated to {ft.max_length}); "
             f"{'packing' if loader.packing else 'padding'} efficiency {efficiency:.3f} (real tokens / slots); "
-            f"{total_steps:,} steps on {world} process(es)"
+            f"{total_steps:,} steps on {world} process(es){', Liger kernels' if liger else ''}"
             + (
                 f"; frozen weights {weight_bytes['frozen_bytes'] / 2**30:.2f} GiB in {cfg.precision.dtype}"
                 if weight_bytes.get("frozen_bytes")

@@ -27,6 +27,7 @@ from llmkit.train.resume import (
     run_fingerprints,
 )
 from llmkit.train.setup import (
+    apply_kernels,
     build_optimizer,
     enable_gradient_checkpointing,
     language_model_loss,
@@ -95,6 +96,7 @@ def _pretrain(
     else:
         model = build_model(cfg.model, tokenizer)
     check_vocab_fits(model, tokenizer, str(dataset.root))
+    liger = apply_kernels(model, cfg)
     context = model_context(model)
     if context and block_size > context:
         raise UserError(
@@ -112,7 +114,7 @@ def _pretrain(
 
     if cfg.train.gradient_checkpointing:
         enable_gradient_checkpointing(model)
-    loss_fn = language_model_loss(model, accelerator)
+    loss_fn = language_model_loss(model, accelerator, liger=liger)
     optimizer = build_optimizer(model, cfg.optimizer, accelerator)
     model, optimizer = accelerator.prepare(model, optimizer)
     val_batches = (
@@ -125,7 +127,7 @@ def _pretrain(
         resume_state = restore_state(checkpoint, saved_state, model, optimizer, loader, accelerator)
 
     if accelerator.is_main_process:
-        _print_plan(cfg, model, dataset, train_split, val_split, total_steps, tokens_per_step, accelerator)
+        _print_plan(cfg, model, dataset, train_split, val_split, total_steps, tokens_per_step, accelerator, liger)
         if resume_state is not None:
             info(f"resuming from {checkpoint} at step {resume_state.step:,} of {total_steps:,}")
         if not val_batches:
@@ -162,6 +164,7 @@ def _print_plan(
     total_steps: int,
     tokens_per_step: int,
     acc: Any,
+    liger: bool,
 ) -> None:
     trainable, total = count_parameters(model)
     source = cfg.model.init_from or cfg.model.arch
@@ -169,6 +172,7 @@ def _print_plan(
         f"model: {source}, {total / 1e6:.2f}M parameters ({trainable / 1e6:.2f}M trainable); "
         f"data: {len(train_split):,} train / {len(val_split):,} val blocks of {dataset.manifest['block_size']}; "
         f"{total_steps:,} steps of {tokens_per_step:,} tokens on {acc.num_processes} process(es), {acc.device}"
+        f"{', Liger kernels' if liger else ''}"
     )
 
 

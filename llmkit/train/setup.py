@@ -128,20 +128,55 @@ def uses_deepspeed(accelerator: Any) -> bool:
     return bool(accelerator.distributed_type == DistributedType.DEEPSPEED)
 
 
-def language_model_loss(model: Any, accelerator: Any) -> Callable[..., Any]:
-    """The causal-LM loss of a run: fused with the output head, so no logits exist (llmkit.losses.fused_lm_nll),
-    where every process holds whole weights and the architecture's logits are a plain linear head; else from the
-    logits the model returns, with a chunked float32 softmax. Call before `accelerator.prepare`."""
+def apply_kernels(model: Any, cfg: RunConfig) -> bool:
+    """model.kernels: patch Liger's Triton kernels (RMSNorm, SwiGLU, RoPE) into this model; True when applied.
+
+    Call before LoRA adapters are attached (they wrap the projections the fused MLP calls). auto applies them on
+    CUDA when liger-kernel is installed and knows the architecture; liger insists, with one line when it cannot.
+    """
+    import importlib.util
+
+    if cfg.model.kernels == "none":
+        return False
+    model_type = getattr(model.config, "model_type", None)
+    problem = None
+    if not use_cuda(cfg):
+        problem = "needs a CUDA GPU (Triton kernels)"
+    elif importlib.util.find_spec("liger_kernel") is None:
+        problem = "needs liger-kernel: pip install 'llmkit[gpu]'"
+    else:
+        from liger_kernel.transformers.monkey_patch import MODEL_TYPE_TO_APPLY_LIGER_FN
+
+        if model_type not in MODEL_TYPE_TO_APPLY_LIGER_FN:
+            problem = f"has no kernels for model type {model_type}"
+    if problem is not None:
+        if cfg.model.kernels == "liger":
+            raise UserError(f"model.kernels=liger: Liger {problem}; use model.kernels=auto or none")
+        return False
+    from liger_kernel.transformers.monkey_patch import _apply_liger_kernel_to_instance
+
+    # The loss is llmkit's (language_model_loss), so Liger's patched forward and cross-entropy stay off.
+    _apply_liger_kernel_to_instance(model, rope=True, rms_norm=True, swiglu=True, layer_norm=True, geglu=True,
+                                    cross_entropy=False, fused_linear_cross_entropy=False)  # fmt: skip
+    return True
+
+
+def language_model_loss(model: Any, accelerator: Any, liger: bool = False) -> Callable[..., Any]:
+    """The causal-LM loss of a run: fused with the output head, so no logits exist (llmkit.losses.fused_lm_nll,
+    or Liger's Triton kernel when `liger`), where every process holds whole weights and the architecture's logits
+    are a plain linear head; else from the logits the model returns, with a chunked float32 softmax. Call before
+    `accelerator.prepare`."""
     from transformers.integrations import is_deepspeed_zero3_enabled
 
-    from llmkit.losses import causal_lm_nll, fused_lm_nll
+    from llmkit.losses import causal_lm_nll, fused_lm_nll, liger_lm_nll
     from llmkit.models import defer_output_head
 
     sharded = uses_fsdp(accelerator) or is_deepspeed_zero3_enabled()  # the head's weight exists only in forward
     weight = None if sharded else defer_output_head(model)
     if weight is None:
         return lambda logits, batch: causal_lm_nll(logits, batch["labels"])
-    return lambda hidden, batch: fused_lm_nll(hidden, weight, batch["labels"])
+    fused = liger_lm_nll if liger else fused_lm_nll
+    return lambda hidden, batch: fused(hidden, weight, batch["labels"])
 
 
 def enable_gradient_checkpointing(model: Any) -> None:

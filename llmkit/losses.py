@@ -36,14 +36,15 @@ def causal_lm_nll(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Ten
     """
     # Shift the labels, not the logits: slicing the logits would copy the largest tensor of the step.
     targets = shifted_targets(labels)
-    total = _ChunkedCrossEntropy.apply(logits.reshape(-1, logits.shape[-1]), targets)
+    total = _ChunkedCrossEntropy.apply(logits.reshape(-1, logits.shape[-1]), targets, torch.is_grad_enabled())
     return total, (targets != IGNORE).sum()
 
 
 def fused_lm_nll(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """`causal_lm_nll(hidden @ weight.T, labels)` without the logits: hidden is [batch, time, width]."""
     targets = shifted_targets(labels)
-    total = _FusedLinearCrossEntropy.apply(hidden.reshape(-1, hidden.shape[-1]), weight, targets)
+    flat = hidden.reshape(-1, hidden.shape[-1])
+    total = _FusedLinearCrossEntropy.apply(flat, weight, targets, torch.is_grad_enabled())
     return total, (targets != IGNORE).sum()
 
 
@@ -89,9 +90,9 @@ def _compute_dtype(tensor: torch.Tensor) -> torch.dtype:
 
 class _ChunkedCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx: Any, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    def forward(ctx: Any, logits: torch.Tensor, targets: torch.Tensor, grads: bool) -> torch.Tensor:
         total = torch.zeros((), device=logits.device, dtype=torch.float32)
-        grad = torch.empty_like(logits) if ctx.needs_input_grad[0] else None
+        grad = torch.empty_like(logits) if grads and ctx.needs_input_grad[0] else None
         step = _chunk_rows(logits.shape[-1])
         with torch.autocast(logits.device.type, enabled=False):
             for start in range(0, logits.shape[0], step):
@@ -104,28 +105,31 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
         return total
 
     @staticmethod
-    def backward(ctx: Any, grad_output: torch.Tensor) -> tuple[torch.Tensor | None, None]:
+    def backward(ctx: Any, grad_output: torch.Tensor) -> tuple[torch.Tensor | None, None, None]:
         (grad,) = ctx.saved_tensors
-        return (grad * grad_output.to(grad.dtype) if grad is not None else None), None
+        return (grad * grad_output.to(grad.dtype) if grad is not None else None), None, None
 
 
 class _FusedLinearCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx: Any, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    def forward(
+        ctx: Any, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, grads: bool
+    ) -> torch.Tensor:
         dtype = _compute_dtype(hidden)
+        needs = ctx.needs_input_grad[:2] if grads else (False, False)  # no gradients to prepare under no_grad
         with torch.autocast(hidden.device.type, enabled=False):  # every dtype below is explicit
-            total, grad_hidden, grad_weight = _fused_chunks(hidden, weight, targets, dtype, ctx.needs_input_grad)
+            total, grad_hidden, grad_weight = _fused_chunks(hidden, weight, targets, dtype, needs)
         ctx.weight_dtype = weight.dtype
         ctx.save_for_backward(grad_hidden, grad_weight)
         return total
 
     @staticmethod
-    def backward(ctx: Any, grad_output: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None, None]:
+    def backward(ctx: Any, grad_output: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None, None, None]:
         grad_hidden, grad_weight = ctx.saved_tensors
         scale = grad_output.float()
         hidden_grad = grad_hidden * scale.to(grad_hidden.dtype) if grad_hidden is not None else None
         weight_grad = (grad_weight * scale).to(ctx.weight_dtype) if grad_weight is not None else None
-        return hidden_grad, weight_grad, None
+        return hidden_grad, weight_grad, None, None
 
 
 def _fused_chunks(

@@ -101,3 +101,14 @@ def test_a_real_model_trains_through_the_fused_head_with_its_own_loss() -> None:
     for name, parameter in model.named_parameters():
         assert torch.allclose(parameter.grad, expected[name], rtol=1e-4, atol=1e-6), name
     assert set(model.state_dict()) == keys
+
+
+def test_under_no_grad_the_losses_only_compute_the_value(case) -> None:
+    """Validation runs under no_grad: the same value, and no gradient work (nothing saved for backward)."""
+    hidden, weight, labels = case
+    expected = float(plain_nll(hidden, weight, labels))
+    with torch.no_grad():
+        fused, _ = fused_lm_nll(hidden.requires_grad_(), weight.requires_grad_(), labels)
+        chunked, _ = causal_lm_nll(F.linear(hidden, weight), labels)
+    assert float(fused) == pytest.approx(expected, rel=1e-6) and float(chunked) == pytest.approx(expected, rel=1e-6)
+    assert fused.grad_fn is None

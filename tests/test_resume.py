@@ -319,3 +319,32 @@ def test_interrupted_data_prep_leaves_nothing_that_looks_complete(tmp_path: Path
     result = run_cli(*args[:-2], "--vocab-size", "400", "--set", "data.builtin_docs=3000")
     assert result.exit_code == 0, result.stderr
     assert (out / "manifest.json").is_file() and not list(tmp_path.glob(".data.tmp-*"))
+
+
+def test_a_non_finite_step_is_skipped_on_the_device_and_found_at_the_next_check(
+    small_dataset: Path, tmp_path: Path
+) -> None:
+    """Fused AdamW skips a non-finite step on the device (found_inf), so the host reads losses only at checks
+    (logging, validation, checkpoints). Step 7's loss is poisoned; checks are every 5 steps. Allowed one bad step,
+    the run skips it and finishes; allowed none, it stops at the check of step 10 with one line, saving step 10,
+    whose weights are bitwise those of the run that skipped: finding it later changed nothing in training."""
+    every5 = [*resume_args(small_dataset, tmp_path / "unused", steps=12)[4:], "--set", "logging.every_steps=5",
+              "--set", "train.eval_every=1000", "--set", "checkpoint.every_steps=5"]  # fmt: skip
+
+    def run(out: Path, *extra: str) -> subprocess.CompletedProcess:
+        args = [sys.executable, "-m", "llmkit", "pretrain", "--data", str(small_dataset), "--out", str(out)]
+        env = {**os.environ, "PYTHONWARNINGS": "ignore", "LLMKIT_FAULT_INJECT": "nan@7"}
+        return subprocess.run([*args, *every5, *extra], env=env, capture_output=True, text=True, timeout=300)
+
+    skipping = run(tmp_path / "skip", "--set", "train.max_bad_steps=1")
+    assert skipping.returncode == 0, skipping.stderr[-3000:]
+    assert [r["step"] for r in records(tmp_path / "skip" / "metrics.jsonl") if "skipped_step" in r] == [7]
+    stopping = run(tmp_path / "stop")
+    assert stopping.returncode == 3, stopping.stderr[-3000:]
+    (line,) = [line for line in stopping.stderr.splitlines() if line.strip()]
+    assert line.startswith("error: step 7: non-finite loss (nan)") and "found at step 10" in line, line
+    saved = load_file(tmp_path / "stop" / "checkpoints" / "step-00000010" / "model" / "model.safetensors")
+    expected = load_file(tmp_path / "skip" / "checkpoints" / "step-00000010" / "model" / "model.safetensors")
+    assert saved.keys() == expected.keys() and all(torch.equal(saved[k], expected[k]) for k in saved)
+    before = load_file(tmp_path / "skip" / "checkpoints" / "step-00000005" / "model" / "model.safetensors")
+    assert not all(torch.equal(saved[k], before[k]) for k in saved)  # steps 8 to 10 were applied

@@ -193,29 +193,50 @@ class _Progress:
 class Throughput:
     """Tokens/s as they should be read. The progress bar shows the recent steps; the summary the steady state:
     this invocation's training steps after the first `warmup` (compilation, allocator and cache warm-up), timed
-    without validation and checkpoints. A run too short to have a steady state reports none."""
+    without validation and checkpoints. A run too short to have a steady state reports none. Time is taken in
+    windows that end where the host reads the device (every step, or every logging step when the step runs
+    without synchronization), so a window's time is the device's."""
 
     warmup: int = 5
-    recent: deque[tuple[int, float]] = field(default_factory=lambda: deque(maxlen=20))
+    recent: deque[tuple[int, float, int]] = field(default_factory=lambda: deque(maxlen=20))
     steps: int = 0
     steady_tokens: int = 0
     steady_seconds: float = 0.0
+    steady_from: int | None = None  # the first steady step, counted from this invocation's first
 
-    def add(self, tokens: int, seconds: float) -> None:
-        self.steps += 1
-        self.recent.append((tokens, seconds))
-        if self.steps > self.warmup:
+    def add(self, tokens: int, seconds: float, steps: int = 1) -> None:
+        self.recent.append((tokens, seconds, steps))
+        if self.steps >= self.warmup:
             self.steady_tokens += tokens
             self.steady_seconds += seconds
+            self.steady_from = self.steady_from or self.steps + 1
+        self.steps += steps
 
     @property
     def recent_rate(self) -> float:
-        seconds = sum(s for _, s in self.recent)
-        return sum(t for t, _ in self.recent) / seconds if seconds else 0.0
+        """Over the newest windows that hold at most 20 steps (at least the newest window)."""
+        tokens = seconds = steps = 0.0
+        for window_tokens, window_seconds, window_steps in reversed(self.recent):
+            if steps and steps + window_steps > 20:
+                break
+            tokens, seconds, steps = tokens + window_tokens, seconds + window_seconds, steps + window_steps
+        return tokens / seconds if seconds else 0.0
 
     @property
     def steady_rate(self) -> float | None:
         return self.steady_tokens / self.steady_seconds if self.steady_seconds else None
+
+
+@dataclass
+class _Outcome:
+    """One optimizer step as the device left it: its loss, gradient norm and whether both were finite (tensors
+    until the host reads them at the next check, or numbers where the host decided before the step)."""
+
+    step: int
+    tokens: int
+    loss: torch.Tensor | float
+    grad_norm: torch.Tensor | float
+    finite: torch.Tensor | bool
 
 
 @dataclass
@@ -232,6 +253,9 @@ class _Run:
     bad_steps: int = 0
     throughput: Throughput = field(default_factory=Throughput)
     stopped_early: bool = False
+    grad_norm: float = math.nan  # the last step's
+    pending: list[_Outcome] = field(default_factory=list)  # steps the host has not read yet
+    clock: float = field(default_factory=time.perf_counter)  # start of the current timing window
 
     @classmethod
     def begin(cls, job: TrainJob) -> _Run:
@@ -260,12 +284,16 @@ def fit(job: TrainJob) -> FitResult:
         signals.run_dir, signals.phase = job.run_dir, "training"
         update(run.step, "resuming" if job.resume else "")
         while run.step < job.total_steps and not (job.resume and job.resume.stopped_early):
-            lr, grad_norm = _train_step(job, run, metrics, trace)
-            _log_and_validate(job, run, metrics, lr, grad_norm, start)
+            lr = _train_step(job, run, trace)
             timed_out = deadline is not None and time.monotonic() >= deadline
             interrupted = _agree(acc, signals.reason or ("time limit" if timed_out else None))
+            if _check_due(job, run, interrupted):
+                _settle(job, run, metrics)
+            _log_and_validate(job, run, metrics, lr, start)
             if _checkpoint_due(job, run, interrupted):
                 _checkpoint_or_stop(job, run)
+            if not run.pending:
+                run.clock = time.perf_counter()  # validation and checkpoints are not training time
             val_text = f" val {run.val_loss:.3f}" if run.val_loss is not None else ""
             update(1, f"loss {run.loss:.3f}{val_text} lr {lr:.1e} {run.throughput.recent_rate:,.0f} tok/s")
             if run.stopped_early:  # every process agrees: the validation loss is reduced across all of them
@@ -279,10 +307,14 @@ def fit(job: TrainJob) -> FitResult:
     return _finish(job, run, metrics, interrupted, time.perf_counter() - start)
 
 
-def _train_step(job: TrainJob, run: _Run, metrics: MetricsLog, trace: DataTrace) -> tuple[float, float]:
-    """One optimizer step (or a skipped one); returns its learning rate and gradient norm."""
+def _train_step(job: TrainJob, run: _Run, trace: DataTrace) -> float:
+    """One optimizer step, or a skipped one when the loss or gradient norm is not finite; returns its learning rate.
+
+    With fused AdamW (the default) the check runs on the device: the optimizer skips a non-finite step itself
+    (`found_inf`), so nothing waits for the device here and the host reads the step's numbers at the next check.
+    DeepSpeed, fp16 loss scaling and the other optimizers are checked on the host before their step.
+    """
     cfg, acc, optimizer = job.cfg, job.accelerator, job.optimizer
-    began = time.perf_counter()
     lr = lr_at(run.step, job.total_steps, cfg.optimizer.lr, cfg.schedule)
     for group in optimizer.param_groups:
         group["lr"] = lr
@@ -300,36 +332,88 @@ def _train_step(job: TrainJob, run: _Run, metrics: MetricsLog, trace: DataTrace)
         step_loss += _forward_backward(job, batch, step_targets, last=i == len(micro_batches) - 1)
         faults.maybe_kill("step", run.step + 1, i)
 
-    deepspeed = uses_deepspeed(acc)  # DeepSpeed clips inside its step and reports the norm after it
-    clip = cfg.optimizer.grad_clip or math.inf
-    grad_norm = math.nan if deepspeed else float(acc.clip_grad_norm_(job.model.parameters(), clip))
-    run.loss = float(acc.reduce(step_loss, reduction="sum"))
-    if math.isfinite(run.loss) and (deepspeed or math.isfinite(grad_norm)):
-        run.running_loss = _report_spike(cfg.train, metrics, run.step, run.tokens, run.loss, run.running_loss)
-        if deepspeed:
+    loss = acc.reduce(step_loss, reduction="sum")
+    if faults.poisoned(run.step + 1):
+        loss = loss * math.nan
+    if uses_deepspeed(acc):  # DeepSpeed clips inside its step and reports the norm after it
+        finite = math.isfinite(float(loss))
+        if finite:
             job.model.step()  # clip, optimizer step (skipped by DeepSpeed on an fp16 overflow), zero the gradients
-            grad_norm = float(job.model.get_global_grad_norm() or 0.0)
-        else:
-            optimizer.step()
-        run.window.add(run.loss, step_tokens)
+        norm = float(job.model.get_global_grad_norm() or 0.0) if finite else math.nan
+        outcome = _Outcome(run.step + 1, step_tokens, float(loss), norm, finite)
     else:
-        run.bad_steps += 1
-        _skip_or_stop(job, run.step, run.tokens, run.stopping, run.window, run.loss, grad_norm, run.bad_steps)
-        metrics.log({"step": run.step + 1, "tokens": run.tokens, "skipped_step": 1})
-        run.window.add(None, step_tokens)
+        grad_norm = acc.clip_grad_norm_(job.model.parameters(), cfg.optimizer.grad_clip or math.inf)
+        if _checks_on_device(job):
+            finite_t = torch.isfinite(loss) & torch.isfinite(grad_norm)
+            _inner(optimizer).found_inf = (~finite_t).float()  # fused AdamW leaves weights and state untouched
+            optimizer.step()
+            outcome = _Outcome(run.step + 1, step_tokens, loss.detach(), grad_norm.detach(), finite_t)
+        else:
+            value, norm = float(loss), float(grad_norm)
+            finite = math.isfinite(value) and math.isfinite(norm)
+            if finite:
+                optimizer.step()
+            outcome = _Outcome(run.step + 1, step_tokens, value, norm, finite)
     optimizer.zero_grad(set_to_none=True)
+    run.pending.append(outcome)
     run.step += 1
     run.tokens += step_tokens
-    run.throughput.add(step_tokens, time.perf_counter() - began)
-    return lr, grad_norm
+    return lr
 
 
-def _log_and_validate(job: TrainJob, run: _Run, metrics: MetricsLog, lr: float, grad_norm: float, start: float) -> None:
+def _inner(optimizer: Any) -> Any:
+    return getattr(optimizer, "optimizer", optimizer)  # Accelerate wraps the torch optimizer
+
+
+def _checks_on_device(job: TrainJob) -> bool:
+    """Whether the optimizer can skip a non-finite step on the device: fused Adam/AdamW, no fp16 loss scaler (which
+    sets found_inf itself), no DeepSpeed or FSDP."""
+    acc = job.accelerator
+    fused = bool(getattr(_inner(job.optimizer), "defaults", {}).get("fused"))
+    return fused and acc.scaler is None and not uses_deepspeed(acc) and not uses_fsdp(acc)
+
+
+def _check_due(job: TrainJob, run: _Run, interrupted: str | None) -> bool:
+    """Whether the host reads the pending steps now: after every step it checked itself, else where something
+    needs their numbers (a log line, validation, a checkpoint, the end)."""
+    if not run.pending:
+        return False
+    if not isinstance(run.pending[-1].finite, torch.Tensor):
+        return True
+    cfg, step = job.cfg, run.step
+    validating = bool(job.val_batches) and step % cfg.train.eval_every == 0
+    return step % cfg.logging.every_steps == 0 or validating or _checkpoint_due(job, run, interrupted)
+
+
+def _settle(job: TrainJob, run: _Run, metrics: MetricsLog) -> None:
+    """Read the pending steps (one synchronization) and account for them in order: loss spikes, the logging window,
+    skipped steps, and the stop when more steps were not finite than train.max_bad_steps allows."""
+    outcomes, run.pending = run.pending, []
+    run.throughput.add(sum(o.tokens for o in outcomes), time.perf_counter() - run.clock, len(outcomes))
+    if isinstance(outcomes[0].finite, torch.Tensor):
+        rows = torch.stack([torch.stack([o.loss.float(), o.grad_norm.float(), o.finite.float()])  # type: ignore[union-attr]
+                            for o in outcomes]).tolist()  # fmt: skip
+    else:
+        rows = [[float(o.loss), float(o.grad_norm), float(o.finite)] for o in outcomes]
+    tokens = run.tokens - sum(o.tokens for o in outcomes)  # before the first of them
+    for index, (outcome, (loss, norm, finite)) in enumerate(zip(outcomes, rows, strict=True)):
+        if finite:
+            run.running_loss = _report_spike(job.cfg.train, metrics, outcome.step, tokens, loss, run.running_loss)
+            run.window.add(loss, outcome.tokens)
+        else:
+            run.bad_steps += 1
+            _skip_or_stop(job, run, outcome, loss, norm, newest=index == len(outcomes) - 1)
+            metrics.log({"step": outcome.step, "tokens": tokens, "skipped_step": 1})
+            run.window.add(None, outcome.tokens)
+        run.loss, run.grad_norm, tokens = loss, norm, tokens + outcome.tokens
+
+
+def _log_and_validate(job: TrainJob, run: _Run, metrics: MetricsLog, lr: float, start: float) -> None:
     """Close the logging window on a logging step; validate (and decide early stopping) on a validation step."""
     cfg, step = job.cfg, run.step
     last = step == job.total_steps
     if (step % cfg.logging.every_steps == 0 or last) and run.window.steps:
-        metrics.log(_window_record(job, run.window, step, run.tokens, lr, grad_norm, start))
+        metrics.log(_window_record(job, run.window, step, run.tokens, lr, run.grad_norm, start))
         run.window = LogWindow()
     if job.val_batches and (step % cfg.train.eval_every == 0 or last):
         assert job.eval_fn is not None  # set in __post_init__
@@ -377,7 +461,7 @@ def _finish(job: TrainJob, run: _Run, metrics: MetricsLog, interrupted: str | No
         main_process=acc.is_main_process,
         run_tokens=run.tokens - (resume.tokens if resume else 0),
         steady_tokens_per_second=run.throughput.steady_rate,
-        steady_from_step=first_step + run.throughput.warmup if run.throughput.steady_rate else None,
+        steady_from_step=first_step - 1 + run.throughput.steady_from if run.throughput.steady_from else None,
         memory=peak_memory(acc.device),
     )
     peak = _peak_flops(acc)
@@ -455,37 +539,36 @@ def _compile_failure(exc: BaseException) -> bool:
 def _report_spike(
     train_cfg: Any, metrics: MetricsLog, step: int, tokens: int, loss: float, running: float | None
 ) -> float:
-    """Report a loss far above the running mean; returns the updated running mean."""
+    """Report step `step`'s loss when far above the running mean; returns the updated running mean."""
     factor = train_cfg.loss_spike_factor
     if factor and running and loss > factor * running:
-        info(f"loss spike at step {step + 1}: {loss:.4f} vs running mean {running:.4f}")
-        metrics.log({"step": step + 1, "tokens": tokens, "loss_spike": loss})
+        info(f"loss spike at step {step}: {loss:.4f} vs running mean {running:.4f}")
+        metrics.log({"step": step, "tokens": tokens, "loss_spike": loss})
     return loss if running is None else 0.9 * running + 0.1 * loss
 
 
-def _skip_or_stop(
-    job: TrainJob,
-    step: int,
-    tokens: int,
-    stopping: _EarlyStopping,
-    window: LogWindow,
-    loss: float,
-    grad_norm: float,
-    bad_steps: int,
-) -> None:
+def _skip_or_stop(job: TrainJob, run: _Run, outcome: _Outcome, loss: float, grad_norm: float, newest: bool) -> None:
     """A non-finite loss or gradient: skip the step while train.max_bad_steps allows, else stop with exit 3.
 
-    The weights are those before this step; they are saved (when finite and not saved yet) so nothing is lost.
+    The step was never applied. When it is the newest step the weights are those of the step before it; when a later
+    check found it (the device skipped it and went on), they are those of the current step. Either way they are
+    saved (when finite and not saved yet) so nothing is lost.
     """
     deepspeed = uses_deepspeed(job.accelerator)
-    problem = f"step {step + 1}: non-finite loss ({loss}) or gradient norm ({grad_norm})"
+    problem = f"step {outcome.step}: non-finite loss ({loss}) or gradient norm ({grad_norm})"
     allowed = job.cfg.train.max_bad_steps
-    if bad_steps <= allowed and not deepspeed:
-        info(f"{problem}: skipped ({bad_steps} of {allowed} allowed)")
+    if run.bad_steps <= allowed and not deepspeed:
+        info(f"{problem}: skipped ({run.bad_steps} of {allowed} allowed)")
         return
-    saved: Path | None = job.run_dir / "checkpoints" / checkpoint_name(step)
+    if newest:
+        state_step, tokens = outcome.step - 1, run.tokens - outcome.tokens
+        where = f"stopped before the optimizer step: the weights are those of step {state_step}"
+    else:
+        state_step, tokens = run.step, run.tokens
+        where = f"the optimizer skipped it; found at step {state_step}, whose weights are kept"
+    saved: Path | None = job.run_dir / "checkpoints" / checkpoint_name(state_step)
     if saved is not None and not saved.exists():
-        saved = _checkpoint(job, step, tokens, stopping, _Progress(math.nan, None, window, False))
+        saved = _checkpoint(job, state_step, tokens, run.stopping, _Progress(math.nan, None, run.window, False))
     if saved is None:
         kept = f"they are not finite either (an earlier step made them so), so nothing was saved; {_newest(job)}"
     else:
@@ -495,10 +578,7 @@ def _skip_or_stop(
         if deepspeed
         else "allow skips with train.max_bad_steps"
     )
-    raise TrainingDiverged(
-        f"{problem}; stopped before the optimizer step: the weights are those of step {step}; {kept}. "
-        f"Lower optimizer.lr, check the data, or {advice}"
-    )
+    raise TrainingDiverged(f"{problem}; {where}; {kept}. Lower optimizer.lr, check the data, or {advice}")
 
 
 def _newest(job: TrainJob) -> str:

@@ -6,6 +6,7 @@ import hashlib
 import re
 import unicodedata
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -29,18 +30,17 @@ def clean_text(text: str, normalize: Literal["NFC", "NFKC", "none"] | str) -> st
     return "".join(_clean(piece, normalize) for piece in _pieces(text, CLEAN_PIECE_CHARS)).strip()
 
 
-def _pieces(text: str, limit: int) -> list[str]:
-    pieces, start = [], 0
+def _pieces(text: str, limit: int) -> Iterator[str]:
+    start = 0
     while len(text) - start > limit:
         end = start + limit
         cut = end
         while cut > start + limit // 2 and not (text[cut - 1].isspace() and text[cut].isalnum()):
             cut -= 1
         end = cut if cut > start + limit // 2 else end  # no safe cut in half a piece: cut where it is
-        pieces.append(text[start:end])
+        yield text[start:end]
         start = end
-    pieces.append(text[start:])
-    return pieces
+    yield text[start:]
 
 
 def _clean(text: str, normalize: str) -> str:

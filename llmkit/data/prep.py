@@ -37,7 +37,7 @@ from llmkit.outputs import check_output, output_lock
 BLOCKS_PER_SHARD_TARGET_BYTES = 256 * 2**20
 # Memory per document is bounded: longer documents are tokenized in pieces of about this many characters
 # (cut after a newline or a space), and a tokenizer batch holds about BATCH_CHARS characters at most.
-PIECE_CHARS = 1 << 18
+PIECE_CHARS = 1 << 16
 BATCH_CHARS = 1 << 20
 TRAIN_PIECE_CHARS = 1 << 16  # the BPE trainer splits its whole input batch into words at once: feed it small pieces
 
@@ -179,7 +179,7 @@ def _train_tokenizer(cfg: DataConfig, sources: list[Source]) -> Any:
         for doc in clean_documents(cfg, sources, doc_filter):
             if doc.split != "train":
                 continue
-            yield from split_long(doc.text, TRAIN_PIECE_CHARS)
+            yield from (piece for piece, _ in split_long(doc.text, TRAIN_PIECE_CHARS))
             used += 1
             if limit is not None and used >= limit:
                 return
@@ -208,9 +208,8 @@ def _tokenize_and_pack(cfg: DataConfig, sources: list[Source], tokenizer: Any, s
             split_stats.chars += len(doc.text)
             split_stats.bits += doc.bits or 0.0
             batch = pending[doc.split]
-            pieces = split_long(doc.text)
-            for i, piece in enumerate(pieces):
-                batch.add(piece, ends_document=i == len(pieces) - 1)
+            for piece, last in split_long(doc.text):
+                batch.add(piece, ends_document=last)
                 if batch.documents >= cfg.batch_docs or batch.chars >= BATCH_CHARS:
                     yield doc.split, batch
                     batch = pending[doc.split] = Batch()
@@ -256,22 +255,20 @@ class Batch:
         return sum(self.ends)
 
 
-def split_long(text: str, limit: int = PIECE_CHARS) -> list[str]:
-    """`text` in pieces of at most about `limit` characters, cut after a newline (else a space) when there is
-    one in the second half of the piece, so tokenizing the pieces needs memory for one piece, not the document."""
-    if len(text) <= limit:
-        return [text]
-    pieces, start = [], 0
+def split_long(text: str, limit: int = PIECE_CHARS) -> Iterator[tuple[str, bool]]:
+    """`text` in pieces of at most about `limit` characters, each with whether it is the last, cut after a newline
+    (else a space) when there is one in the second half of the piece, so tokenizing needs memory for a few pieces,
+    not the document."""
+    start = 0
     while len(text) - start > limit:
         end = start + limit
         cut = text.rfind("\n", start + limit // 2, end)
         if cut < 0:
             cut = text.rfind(" ", start + limit // 2, end)
         end = cut + 1 if cut >= 0 else end
-        pieces.append(text[start:end])
+        yield text[start:end], False
         start = end
-    pieces.append(text[start:])
-    return pieces
+    yield text[start:], True
 
 
 def _encode_stream(

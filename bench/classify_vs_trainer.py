@@ -24,7 +24,8 @@ import torch  # noqa: E402
 
 from llmkit.config import load_config  # noqa: E402
 from llmkit.eval.classification import evaluate_classifier  # noqa: E402
-from llmkit.train.finetune import finetune, load_classification_data  # noqa: E402
+from llmkit.train.finetune import finetune  # noqa: E402
+from llmkit.train.tasks import TASKS  # noqa: E402
 
 POSITIVE = [
     "great",
@@ -94,10 +95,10 @@ def run_trainer(cfg, base: Path, work: Path, args: argparse.Namespace) -> float:
     from transformers import AutoModelForSequenceClassification, AutoTokenizer, Trainer, TrainingArguments
 
     tokenizer = AutoTokenizer.from_pretrained(base)
-    data = load_classification_data(cfg, tokenizer)  # the same encoded rows and label map
+    data = TASKS["classify"].load_data(cfg, tokenizer)  # the same encoded rows and label map
     model = AutoModelForSequenceClassification.from_pretrained(
-        base, num_labels=len(data.labels.names), id2label=dict(enumerate(data.labels.names)),
-        label2id={n: i for i, n in enumerate(data.labels.names)},
+        base, num_labels=len(data.details["labels"].names), id2label=dict(enumerate(data.details["labels"].names)),
+        label2id={n: i for i, n in enumerate(data.details["labels"].names)},
     )  # fmt: skip
     rows = [{"input_ids": e.ids.tolist(), "labels": int(e.labels[0])} for e in data.train]
 

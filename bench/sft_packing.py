@@ -26,7 +26,8 @@ from llmkit.data.corpus import ANIMAL_COLORS, color_chats  # noqa: E402
 from llmkit.data.templates import setup_chat_template  # noqa: E402
 from llmkit.data.tokenizer import train_bpe  # noqa: E402
 from llmkit.models import build_model  # noqa: E402
-from llmkit.train.finetune import finetune, load_sft_data  # noqa: E402
+from llmkit.train.finetune import finetune  # noqa: E402
+from llmkit.train.tasks import TASKS  # noqa: E402
 
 
 def write_rows(path: Path, n: int, seed: int) -> None:
@@ -75,7 +76,7 @@ def run_trainer(cfg, work: Path, batch: int) -> tuple[int, float, float]:
 
     tokenizer = AutoTokenizer.from_pretrained(work / "base")
     setup_chat_template(tokenizer, "chatml")
-    data = load_sft_data(cfg, tokenizer)  # the very same encoded rows llmkit trains on
+    data = TASKS["sft"].load_data(cfg, tokenizer)  # the very same encoded rows llmkit trains on
     model = AutoModelForCausalLM.from_pretrained(work / "base")
     model.resize_token_embeddings(len(tokenizer), pad_to_multiple_of=64)
     rows = [{"input_ids": e.ids.tolist(), "labels": e.labels.tolist()} for e in data.train]

@@ -79,11 +79,16 @@ def _finite(node: Any) -> Any:
 
 def write_text(path: str | Path, text: str) -> None:
     """Write text to a temporary file, fsync it, then rename it over `path` (the temporary file never stays)."""
+    write_bytes(path, text.encode("utf-8"))
+
+
+def write_bytes(path: str | Path, data: bytes) -> None:
+    """Write bytes to a temporary file, fsync it, then rename it over `path` (the temporary file never stays)."""
     path = Path(path)
     staging = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
     try:
-        with staging.open("w", encoding="utf-8") as handle:
-            handle.write(text)
+        with staging.open("wb") as handle:
+            handle.write(data)
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(staging, path)

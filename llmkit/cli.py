@@ -274,10 +274,18 @@ def finetune_command(
     val_file: Annotated[str | None, typer.Option(help="Validation rows (default: hold out data.val_fraction).")] = None,
     encoding: EncodingOpt = None,
     out: Annotated[str | None, typer.Option("--out", "-o", help="Run directory to create.")] = None,
+    task: Annotated[
+        str | None,
+        typer.Option(help="sft (default), classify, preference tuning (dpo, orpo, simpo, kto) or reward."),
+    ] = None,
     method: Annotated[str | None, typer.Option(help="full, lora, qlora or freeze.")] = None,
     data_format: Annotated[
         str | None,
-        typer.Option("--format", help="auto, messages, sharegpt, alpaca, prompt_completion or text."),
+        typer.Option(
+            "--format",
+            help="auto, messages, sharegpt, alpaca, prompt_completion, text, classification, preference, "
+            "conversation_pair or unpaired.",
+        ),
     ] = None,
     template: Annotated[str | None, typer.Option(help="Chat template: auto, chatml, llama3 or alpaca.")] = None,
     max_length: Annotated[int | None, typer.Option(help="Longest example in tokens.")] = None,
@@ -308,9 +316,10 @@ def finetune_command(
     main_process_port: MainProcessPortOpt = None,
     overwrite: OverwriteOpt = False,
 ) -> None:
-    """Fine-tune a model on your own rows: chat/instruction SFT with full, LoRA, QLoRA or freeze.
+    """Fine-tune a model on your own rows: chat/instruction SFT, classification, or preference tuning (DPO, ORPO,
+    SimPO), with full, LoRA, QLoRA or freeze.
 
-    The loss covers assistant and completion tokens only; packed examples never attend to each other.
+    SFT's loss covers assistant and completion tokens only; packed examples never attend to each other.
     Exit codes as for pretrain: 0 done, 2 bad input, 3 non-finite loss, 75 stopped by a signal or --max-time
     (after a checkpoint once training had begun), 130 a second Ctrl-C.
     """
@@ -322,6 +331,7 @@ def finetune_command(
         "finetune.val_file": val_file,
         "data.encoding": encoding,
         "out_dir": out,
+        "finetune.task": task,
         "finetune.method": method,
         "finetune.format": data_format,
         "finetune.chat_template": template,
@@ -469,6 +479,10 @@ def eval_command(
     limit: Annotated[int | None, typer.Option(help="Harness: score only the first N items of each task.")] = None,
     text_field: Annotated[str, typer.Option(help="Field holding the text in JSONL/CSV/parquet.")] = "text",
     encoding: Annotated[str, typer.Option(help="Text encoding of a raw --data file.")] = "utf-8",
+    task: Annotated[
+        str, typer.Option(help="What --data is scored as: auto (by the model) or reward (pairs or candidates).")
+    ] = "auto",
+    scores: Annotated[Path | None, typer.Option(help="Reward models: write each row's reward here (JSONL).")] = None,
 ) -> None:
     """Score a model: held-out perplexity or classification (--data), task files (--tasks), harness tasks
     (--harness); check gates and regressions against a baseline; write JSON, Markdown and JUnit reports.
@@ -476,17 +490,24 @@ def eval_command(
     Exit codes: 0 every gate and regression check passed, 1 one failed, 2 bad input.
     """
     from llmkit.eval.run import evaluate_model, write_reports
-    from llmkit.reports import print_checks, print_classification_report, print_eval_report, print_task_results
+    from llmkit.reports import (
+        print_checks,
+        print_classification_report,
+        print_eval_report,
+        print_reward_report,
+        print_task_results,
+    )
 
     sugar = [("perplexity<=", max_perplexity), ("accuracy>=", min_accuracy), ("macro_f1>=", min_f1)]
     gates = [*(gate or []), *(f"{rule}{limit!r}" for rule, limit in sugar if limit is not None)]
     result = evaluate_model(
         model, data, list(tasks or []), [t for t in (harness or "").split(",") if t], gates, baseline,
         max_regression, batch_size, seq_len, max_batches, limit, text_field, encoding,
-        reports=[path for path in (report, markdown, junit) if path is not None],
+        reports=[path for path in (report, markdown, junit) if path is not None], task=task, scores=scores,
     )  # fmt: skip
     if data is not None:
-        (print_classification_report if "macro_f1" in result else print_eval_report)(result)
+        printer = {"reward": print_reward_report}.get(result.get("kind", ""))
+        (printer or (print_classification_report if "macro_f1" in result else print_eval_report))(result)
     if "tasks" in result:
         print_task_results(result["tasks"])
     if "harness" in result:

@@ -257,6 +257,22 @@ class LoraConfig(Section):
     dora: bool = Field(False, description="Weight-decomposed LoRA (DoRA).")
 
 
+class PreferenceConfig(Section):
+    """Preference tuning (tasks dpo, orpo, simpo, kto; see docs/preference.md)."""
+
+    beta: float = Field(0.1, gt=0, description="DPO/SimPO: inverse temperature of the implicit reward; ORPO: weight "
+                        "of the odds-ratio term.")  # fmt: skip
+    loss: Literal["sigmoid", "ipo", "hinge", "robust"] = Field(
+        "sigmoid",
+        description="Task dpo: the DPO loss (sigmoid: DPO; ipo: IPO, length-normalized; hinge: SLiC; robust: rDPO).",
+    )
+    label_smoothing: float = Field(0.0, ge=0, lt=0.5, description="Chance a pair's preference is flipped (cDPO for "
+                                   "sigmoid and simpo, rDPO for robust).")  # fmt: skip
+    simpo_gamma: float = Field(0.5, ge=0, description="Task simpo: target reward margin.")
+    desirable_weight: float = Field(1.0, gt=0, description="Task kto: loss weight of rows labelled true.")
+    undesirable_weight: float = Field(1.0, gt=0, description="Task kto: loss weight of rows labelled false.")
+
+
 class AugmentConfig(Section):
     """Seeded text augmentation of training rows (classification and plain text); off unless copies > 0."""
 
@@ -270,10 +286,22 @@ class AugmentConfig(Section):
 class FinetuneConfig(Section):
     """`llmkit finetune`: task, data format, chat template, packing and training method."""
 
-    task: Literal["sft", "classify"] = Field("sft", description="Supervised fine-tuning or text classification.")
-    format: Literal["auto", "messages", "sharegpt", "alpaca", "prompt_completion", "classification", "text"] = Field(
-        "auto", description="Data format; auto detects it from the first row's fields."
+    task: Literal["sft", "classify", "dpo", "orpo", "simpo", "kto", "reward"] = Field(
+        "sft",
+        description="sft, classify, preference tuning (dpo, orpo, simpo, kto) or a reward model (docs/preference.md).",
     )
+    format: Literal[
+        "auto",
+        "messages",
+        "sharegpt",
+        "alpaca",
+        "prompt_completion",
+        "classification",
+        "text",
+        "preference",
+        "conversation_pair",
+        "unpaired",
+    ] = Field("auto", description="Data format; auto detects it from the first row's fields.")
     columns: dict[str, str] = Field(
         default_factory=dict, description="Rename your fields to llmkit's: {instruction: question, output: answer}."
     )
@@ -296,6 +324,7 @@ class FinetuneConfig(Section):
         "none", description="Task classify: loss weight per class: none, balanced (inverse frequency) or a list."
     )
     augment: AugmentConfig = Field(default_factory=AugmentConfig)  # type: ignore[arg-type]
+    preference: PreferenceConfig = Field(default_factory=PreferenceConfig)  # type: ignore[arg-type]
 
 
 class RunConfig(Section):

@@ -196,9 +196,12 @@ def estimate_memory(cfg: RunConfig, size: ModelSize, strategy: str, gpus: int, g
     else:
         activations = per_layer * size.layers
     logits = micro * seq * size.vocab
-    if strategy in ("zero3", "fsdp", "zero3-offload"):  # the model returns whole logits: they and their gradient
+    head = _task(cfg).logits if cfg.model.init_from else "fused"
+    if head == "whole":  # preference losses: the logits, their gradient and the float32 log-softmax kept for backward
+        activations += (2.0 * compute_bytes + 4.0) * logits
+    elif head == "fused" and strategy in ("zero3", "fsdp", "zero3-offload"):  # whole logits and their gradient
         activations += 2.0 * compute_bytes * logits
-    else:  # the fused head: one chunk of float32 logits and its 16-bit copy
+    elif head == "fused":  # the fused head: one chunk of float32 logits and its 16-bit copy
         activations += 6.0 * min(logits, CHUNK_ELEMENTS)
     return Memory(weights, gradients, optimizer, activations)
 
@@ -227,7 +230,16 @@ def model_flops_per_token(model: Any, sequence: int, gradient_checkpointing: boo
 
 
 def _sequence(cfg: RunConfig) -> int:
-    return cfg.finetune.max_length if cfg.model.init_from else cfg.data.block_size
+    """Tokens in one row of a micro-batch: a block, an example, or a pair's two answers side by side."""
+    if not cfg.model.init_from:
+        return cfg.data.block_size
+    return cfg.finetune.max_length * _task(cfg).sequences_per_row
+
+
+def _task(cfg: RunConfig) -> Any:
+    from llmkit.train.tasks import get_task
+
+    return get_task(cfg.finetune.task)
 
 
 def plan_run(
@@ -276,6 +288,8 @@ def plan_run(
     notes = [f"vocabulary {vocab:,} from {vocab_source}"] if not cfg.model.init_from else []
     if budget is None:
         notes.append("no token budget: set train.max_tokens/max_steps, run data-prep, or pass --train-tokens")
+    if cfg.model.init_from:
+        notes.extend(_task(cfg).plan_notes(cfg))
     return Plan(total, trainable, matmul, flops, tokens_per_step, budget, gpus, gpu_type, strategy, mfu, memory,
                 memory.total <= usable, hours, cost, suggestion, by_strategy, notes)  # fmt: skip
 

@@ -82,6 +82,11 @@ def print_fit_summary(result: Any) -> None:
         rows.append(("host memory", f"{memory['peak_rss_gib']:.2f} GiB peak resident"))
     if result.val_loss is not None:
         rows.append(("val loss", f"{result.val_loss:.4f} (best {result.best_val_loss:.4f})"))
+    evaluation = getattr(result, "evaluation", {})
+    if "val_rewards/accuracy" in evaluation:
+        rows.append(("val rewards", f"accuracy {evaluation['val_rewards/accuracy']:.3f}, margin "
+                     f"{evaluation['val_rewards/margin']:.4f} (chosen {evaluation['val_rewards/chosen']:.4f}, "
+                     f"rejected {evaluation['val_rewards/rejected']:.4f})"))  # fmt: skip
     if result.final_dir is not None:
         rows.append(("final model", str(result.final_dir)))
     console.print(_table("training stopped" if result.interrupted else "training finished", rows))
@@ -119,6 +124,21 @@ def print_export_report(report: dict[str, Any]) -> None:
                        f"({report['perplexity_increase']:+.3%}; within +-{limits['max_ppl_increase']:.2%})"),
     ]  # fmt: skip
     console.print(_table(f"exported {report['out']}", rows))
+
+
+def print_reward_report(report: dict[str, Any]) -> None:
+    if "pairs" in report:
+        margin = (f"{report['margin']:.4f} (chosen {report['reward_chosen']:.4f}, rejected "
+                  f"{report['reward_rejected']:.4f})")  # fmt: skip
+        rows = [("pairwise accuracy", f"{report['accuracy']:.4f} (chosen scored above rejected)"),
+                ("margin", margin), ("pairs", f"{report['pairs']:,} in {report['seconds']:.1f}s")]  # fmt: skip
+    else:
+        rows = [("reward", f"mean {report['reward_mean']:.4f}, std {report['reward_std']:.4f}, range "
+                 f"{report['reward_min']:.4f} .. {report['reward_max']:.4f}"),
+                ("candidates", f"{report['candidates']:,} in {report['seconds']:.1f}s")]  # fmt: skip
+    if report.get("scores"):
+        rows.append(("scores", report["scores"]))
+    console.print(_table(f"eval {report['model']} on {report['data']} (reward model)", rows))
 
 
 def print_classification_report(report: dict[str, Any]) -> None:

@@ -13,7 +13,7 @@ from transformers import AutoConfig
 from llmkit.config import AugmentConfig
 from llmkit.data.formats import Example
 from llmkit.eval.classification import classification_metrics, roc_auc
-from llmkit.train.classify import augment_examples
+from llmkit.train.tasks.classify import augment_examples
 from tests.conftest import assert_user_error, run_cli
 
 POSITIVE = ["great", "wonderful", "excellent", "lovely", "fantastic", "superb", "delightful", "brilliant"]
@@ -43,7 +43,7 @@ def classifier(tmp_path_factory: pytest.TempPathFactory) -> Path:
     work = tmp_path_factory.mktemp("classify")
     train, val = write_rows(work / "train.jsonl", 160, seed=0), write_rows(work / "val.jsonl", 40, seed=1)
     result = run_cli(
-        "finetune", "--set", "finetune.task=classify", "--model", minilm(), "--data", train, "--val-file", val,
+        "finetune", "--task", "classify", "--model", minilm(), "--data", train, "--val-file", val,
         "--out", work / "run", "--epochs", "3", "--lr", "5e-5", "--micro-batch-size", "16", "--max-length", "48",
         "--set", "train.eval_every=10", "--set", "schedule.warmup_steps=3", "--set", "optimizer.weight_decay=0.01",
     )  # fmt: skip
@@ -78,7 +78,7 @@ def test_a_validation_label_never_seen_in_training_is_refused(classifier: Path, 
     val.write_text(
         json.dumps({"text": "meh", "label": "positive"}) + "\n" + json.dumps({"text": "ok", "label": "neutral"}) + "\n"
     )
-    result = run_cli("finetune", "--set", "finetune.task=classify", "--model", minilm(),
+    result = run_cli("finetune", "--task", "classify", "--model", minilm(),
                      "--data", classifier / "train.jsonl", "--val-file", val, "--out", tmp_path / "o")  # fmt: skip
     assert_user_error(result, f"{val}:2", "'neutral'", "never appears in the training rows", "negative, positive")
     assert not (tmp_path / "o").exists()
@@ -113,7 +113,7 @@ def test_augmentation_is_seeded_and_off_by_default() -> None:
 def test_class_weights() -> None:
     from llmkit.data.templates import Encoded
     from llmkit.errors import UserError
-    from llmkit.train.classify import class_weights
+    from llmkit.train.tasks.classify import class_weights
 
     rows = [Encoded(np.array([1]), np.array([label]), False) for label in [0, 0, 0, 1]]
     assert class_weights("none", rows, 2) is None

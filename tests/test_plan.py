@@ -137,3 +137,18 @@ def test_a_lora_plan_uses_the_base_models_shape_and_bf16_frozen_weights(tmp_path
     held = place_weights(attach_lora(build_model(cfg.model, tokenizer), lora.finetune.lora, "CAUSAL_LM", []),
                          torch.bfloat16)  # fmt: skip
     assert plan.memory.weights == held["trainable_bytes"] + held["frozen_bytes"]
+
+
+def test_plan_knows_preference_tasks(tmp_path: Path) -> None:
+    """A DPO row holds two answers, its logits are materialized, and the reference costs a pass, not memory."""
+    cfg = load_config(RECIPES / "tiny-cpu.yaml", ["data.vocab_size=1000"])
+    tokenizer = type("Vocab", (), {"__len__": lambda self: 1000, "bos_token_id": 0, "eos_token_id": 0,
+                                   "pad_token_id": 1})()  # fmt: skip
+    build_model(cfg.model, tokenizer).save_pretrained(tmp_path / "base")
+    common = [f"model.init_from={tmp_path / 'base'}", "finetune.max_length=128"]
+    sft = plan_run(load_config(RECIPES / "sft-lora.yaml", [*common, "finetune.task=sft"]))
+    dpo = plan_run(load_config(RECIPES / "dpo-lora.yaml", [*common, "finetune.task=dpo"]))
+    assert dpo.tokens_per_step == 2 * sft.tokens_per_step  # same micro-batch and accumulation in both recipes
+    assert dpo.memory.activations > 2 * sft.memory.activations  # two answers per row, and whole logits
+    assert dpo.memory.weights == sft.memory.weights  # no reference model held
+    assert any("reference_logps.npy" in note for note in dpo.notes)

@@ -306,3 +306,23 @@ def color_chats(n_rows: int, seed: int, max_turns: int = 2) -> Iterator[dict[str
                 {"role": "assistant", "content": f"The {animal} is {ANIMAL_COLORS[animal]}."},
             ]
         yield {"messages": turns}
+
+
+def story_preference_pairs(n_rows: int, seed: int) -> Iterator[dict[str, str]]:
+    """Rows in the `preference` format whose answer is known: the prompt is a sentence of a built-in story, the
+    chosen answer the sentence that follows it, the rejected answer the same words in a shuffled (ungrammatical)
+    order. A model of the grammar prefers the chosen answer; an untrained one cannot tell them apart."""
+    rng = random.Random(seed)
+    made = 0
+    while made < n_rows:
+        document = sample(STORIES, rng)
+        sentences = [s.strip() + "." for s in document.text.replace("\n", " ").split(".") if s.strip()]
+        for before, sentence in zip(sentences, sentences[1:], strict=False):
+            words = sentence.rstrip(".").split()
+            if len(words) < 4 or made >= n_rows:
+                continue
+            shuffled = words[:]
+            while shuffled == words:
+                rng.shuffle(shuffled)
+            yield {"prompt": before, "chosen": " " + sentence, "rejected": " " + " ".join(shuffled) + "."}
+            made += 1

@@ -14,7 +14,7 @@ A column mapping (`finetune.columns: {instruction: question, output: answer}`) r
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -49,23 +49,35 @@ class Example:
         return bool(self.messages)
 
 
-def detect_format(record: dict[str, Any], where: str) -> str:
+@dataclass(frozen=True)
+class RowFormats:
+    """A family of row formats: the fields each requires (detection tries them in order) and the row builder."""
+
+    fields: dict[str, tuple[str, ...]]
+    build: Callable[[dict[str, Any], str, str], Example]
+
+
+def detect_format(record: dict[str, Any], where: str, formats: dict[str, tuple[str, ...]] = FORMATS) -> str:
     """The first format whose required fields the record has."""
-    for name, required in FORMATS.items():
+    for name, required in formats.items():
         if all(key in record for key in required):
             return name
     found = ", ".join(sorted(map(str, record))) or "none"
     raise UserError(
         f"{where}: cannot detect the data format from fields ({found}); expected one of "
-        + "; ".join(f"{name}: {', '.join(fields)}" for name, fields in FORMATS.items())
+        + "; ".join(f"{name}: {', '.join(fields)}" for name, fields in formats.items())
         + ". Map your fields with finetune.columns or declare finetune.format"
     )
 
 
 def normalize(
-    records: Iterator[tuple[dict[str, Any], str]], fmt: str, columns: dict[str, str]
+    records: Iterator[tuple[dict[str, Any], str]], fmt: str, columns: dict[str, str], formats: RowFormats | None = None
 ) -> Iterator[tuple[str, Example]]:
-    """Yield (format, Example) for every record; the format is detected from the first when `fmt` is auto."""
+    """Yield (format, Example) for every record; the format is detected from the first when `fmt` is auto.
+    `formats` replaces the SFT formats of this module (a task's own kinds of rows)."""
+    formats = formats or SFT_FORMATS
+    if fmt != "auto" and fmt not in formats.fields:
+        raise UserError(f"finetune.format {fmt} is not a format of this task; use one of: {', '.join(formats.fields)}")
     rename = {theirs: ours for ours, theirs in columns.items()}
     for record, where in records:
         if not isinstance(record, dict):
@@ -73,37 +85,42 @@ def normalize(
         if rename:
             record = {rename.get(key, key): value for key, value in record.items()}
         if fmt == "auto":
-            fmt = detect_format(record, where)
-        missing = [key for key in FORMATS[fmt] if key not in record]
+            fmt = detect_format(record, where, formats.fields)
+        missing = [key for key in formats.fields[fmt] if key not in record]
         if missing:
             found = ", ".join(sorted(map(str, record))) or "none"
             raise UserError(f"{where}: no '{missing[0]}' field for the {fmt} format (fields found: {found})")
-        yield fmt, _example(record, fmt, where)
+        yield fmt, formats.build(record, fmt, where)
 
 
 def _example(record: dict[str, Any], fmt: str, where: str) -> Example:
     if fmt == "messages":
-        return Example(where, messages=_turns(record["messages"], "role", "content", where))
+        return Example(where, messages=read_turns(record["messages"], "role", "content", where))
     if fmt == "sharegpt":
-        return Example(where, messages=_turns(record["conversations"], "from", "value", where))
+        return Example(where, messages=read_turns(record["conversations"], "from", "value", where))
     if fmt == "alpaca":
-        user = _text(record, "instruction", where)
+        user = read_text(record, "instruction", where)
         if record.get("input"):
-            user = f"{user}\n\n{_text(record, 'input', where)}"
-        turns = [{"role": "system", "content": _text(record, "system", where)}] if record.get("system") else []
-        turns += [{"role": "user", "content": user}, {"role": "assistant", "content": _text(record, "output", where)}]
+            user = f"{user}\n\n{read_text(record, 'input', where)}"
+        turns = [{"role": "system", "content": read_text(record, "system", where)}] if record.get("system") else []
+        answer = read_text(record, "output", where)
+        turns += [{"role": "user", "content": user}, {"role": "assistant", "content": answer}]
         return Example(where, messages=tuple(turns))
     if fmt == "prompt_completion":
-        return Example(where, prompt=_text(record, "prompt", where), completion=_text(record, "completion", where))
+        prompt, completion = read_text(record, "prompt", where), read_text(record, "completion", where)
+        return Example(where, prompt=prompt, completion=completion)
     if fmt == "classification":
         label = record["label"]
         if label is None or isinstance(label, float | bool) or not isinstance(label, str | int):
             raise UserError(f"{where}: field 'label' is {label!r}; labels are strings or integers")
-        return Example(where, text=_text(record, "text", where), label=label)
-    return Example(where, text=_text(record, "text", where))
+        return Example(where, text=read_text(record, "text", where), label=label)
+    return Example(where, text=read_text(record, "text", where))
 
 
-def _text(record: dict[str, Any], key: str, where: str) -> str:
+SFT_FORMATS = RowFormats(FORMATS, _example)
+
+
+def read_text(record: dict[str, Any], key: str, where: str) -> str:
     value = record.get(key)
     if value is None:
         return ""
@@ -112,7 +129,7 @@ def _text(record: dict[str, Any], key: str, where: str) -> str:
     return value
 
 
-def _turns(turns: Any, role_key: str, content_key: str, where: str) -> tuple[dict[str, str], ...]:
+def read_turns(turns: Any, role_key: str, content_key: str, where: str) -> tuple[dict[str, str], ...]:
     if not isinstance(turns, list) or not turns:
         raise UserError(f"{where}: expected a non-empty list of turns")
     out = []

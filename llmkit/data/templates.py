@@ -72,6 +72,9 @@ class Encoded:
     labels: np.ndarray  # int64 targets, IGNORE where not trained
     truncated: bool
 
+    def __len__(self) -> int:
+        return len(self.ids)
+
     @property
     def trainable(self) -> int:
         # position t predicts t+1, so the first label never counts

@@ -11,7 +11,9 @@ from llmkit.errors import UserError
 from llmkit.outputs import check_writable
 
 DATA_METRICS = ("loss", "perplexity", "bits_per_token", "bits_per_char", "bits_per_char_over_floor", "accuracy",
-                "macro_precision", "macro_recall", "macro_f1", "roc_auc")  # fmt: skip
+                "macro_precision", "macro_recall", "macro_f1", "roc_auc", "margin", "reward_chosen",
+                "reward_rejected", "reward_mean")  # fmt: skip
+EVAL_TASKS = ("auto", "reward")
 
 
 def evaluate_model(
@@ -29,6 +31,8 @@ def evaluate_model(
     text_field: str = "text",
     encoding: str = "utf-8",
     reports: list[Path] | None = None,
+    task: str = "auto",
+    scores: Path | None = None,
 ) -> dict[str, Any]:
     """The report: data metrics at the top level (as before tasks existed), `tasks`, `harness`, the flat
     `metrics` every gate reads, each gate and regression check, and `passed`.
@@ -41,11 +45,15 @@ def evaluate_model(
 
     if data is None and not task_files and not harness:
         raise UserError("nothing to evaluate: give --data, --tasks or --harness")
+    if task not in EVAL_TASKS:
+        raise UserError(f"--task {task}: choose one of {', '.join(EVAL_TASKS)}")
+    if (task == "reward" or scores is not None) and data is None:
+        raise UserError("--task reward and --scores need --data: the pairs or candidates to score")
     for name, value, least in (("--batch-size", batch_size, 1), ("--seq-len", seq_len, 2),
                                ("--max-batches", max_batches, 1), ("--limit", limit, 1)):  # fmt: skip
         if value is not None and value < least:
             raise UserError(f"{name} {value}: must be at least {least}")
-    check_report_paths(reports or [], [model, data, baseline, *(task_files or [])])
+    check_report_paths([*(reports or []), *([scores] if scores else [])], [model, data, baseline, *(task_files or [])])
     task_specs, file_gates = load_task_files(list(task_files or []))  # bad task files fail before the model loads
     old_metrics = read_baseline(baseline) if baseline is not None else None
     model_dir = resolve_model_dir(model)
@@ -53,7 +61,8 @@ def evaluate_model(
     result: dict[str, Any] = {"model": str(model_dir)}
     metrics: dict[str, float] = {}
     if data is not None:
-        result.update(_evaluate_data(model, model_dir, data, batch_size, seq_len, max_batches, text_field, encoding))
+        result.update(_evaluate_data(model, model_dir, data, batch_size, seq_len, max_batches, text_field, encoding,
+                                     task, scores))  # fmt: skip
         metrics.update({k: float(v) for k, v in result.items() if k in DATA_METRICS and v is not None})
     if task_specs:
         result["tasks"] = run_tasks(model_dir, task_specs, batch_size)
@@ -94,10 +103,17 @@ def _evaluate_data(
     max_batches: int | None,
     field: str,
     encoding: str,
+    task: str = "auto",
+    scores: Path | None = None,
 ) -> dict[str, Any]:
     from llmkit.eval.classification import evaluate_classifier, is_classifier
     from llmkit.eval.perplexity import evaluate
+    from llmkit.eval.reward import evaluate_reward, is_reward_dir
 
+    if task == "reward" or is_reward_dir(model_dir):
+        return evaluate_reward(model_dir, data, batch_size, scores, encoding)
+    if scores is not None:
+        raise UserError(f"--scores: {model_dir} is not a reward model; only a reward model scores candidates")
     if is_classifier(model_dir):
         return evaluate_classifier(model_dir, data, batch_size=max(batch_size, 32))
     return evaluate(model, data, batch_size, seq_len, max_batches, field, encoding)

@@ -1,4 +1,4 @@
-"""`llmkit finetune`: supervised fine-tuning of an existing model on your own file, then `fit`.
+"""`llmkit finetune`: fine-tune an existing model on your own rows for a task (llmkit.train.tasks), then `fit`.
 
 It shares the loop, config, logging, checkpoints, exact resume and run-directory layout of pretrain.
 Every check that can fail on user input runs before the run directory is touched.
@@ -6,9 +6,7 @@ Every check that can fail on user input runs before the run directory is touched
 
 from __future__ import annotations
 
-import hashlib
 import json
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -16,36 +14,15 @@ import torch
 
 from llmkit.config import RunConfig
 from llmkit.console import info
-from llmkit.data.cleaning import is_validation
-from llmkit.data.formats import Example, normalize
-from llmkit.data.readers import read_records, resolve_sources
-from llmkit.data.templates import Encoded, encode_example, setup_chat_template
+from llmkit.data.readers import resolve_sources
+from llmkit.data.templates import setup_chat_template
 from llmkit.data.tokenizer import load_tokenizer, tokenizer_hash
 from llmkit.errors import UserError
-from llmkit.models import (
-    attach_lora,
-    count_parameters,
-    freeze_except,
-    load_classifier,
-    load_model,
-    model_context,
-    padded_vocab_size,
-    place_weights,
-)
+from llmkit.models import attach_lora, count_parameters, freeze_except, model_context, padded_vocab_size, place_weights
 from llmkit.plan import model_flops_per_token
 from llmkit.runs import find_tokenizer_dir, resolve_model_dir
-from llmkit.train.classify import (
-    LabelMap,
-    augment_examples,
-    class_weights,
-    collate_classification,
-    count_examples,
-    encode_classification,
-    make_evaluation,
-    make_loss,
-)
 from llmkit.train.loop import FitResult, TrainJob, fit
-from llmkit.train.packing import ExampleLoader, TooFewRows, collate_rows
+from llmkit.train.packing import ExampleLoader, TooFewRows
 from llmkit.train.resume import (
     find_checkpoint,
     finished_run,
@@ -58,21 +35,11 @@ from llmkit.train.setup import (
     apply_kernels,
     build_optimizer,
     enable_gradient_checkpointing,
-    language_model_loss,
     make_accelerator,
     steps_for_budget,
 )
 from llmkit.train.strategies import use_cuda
-
-
-@dataclass
-class FinetuneData:
-    train: list[Encoded]
-    val: list[Encoded]
-    fmt: str
-    fingerprint: str
-    truncated: int
-    labels: LabelMap | None = None  # classification only
+from llmkit.train.tasks import Task, TaskData, get_task
 
 
 def finetune(
@@ -82,33 +49,34 @@ def finetune(
     resume_fallback: bool = False,
     allow_config_change: bool = False,
 ) -> FitResult:
-    """Fine-tune `cfg.model.init_from` on `cfg.data.sources`: SFT (chat, instructions, completions, text) or
-    text classification (`finetune.task: classify`)."""
+    """Fine-tune `cfg.model.init_from` on `cfg.data.sources` for the task `cfg.finetune.task` (see
+    llmkit.train.tasks: SFT, classification, preference tuning, reward models)."""
     ft = cfg.finetune
+    task = get_task(ft.task)
     if not cfg.model.init_from:
         raise UserError("finetune needs a base model: pass --model PATH_OR_HUB_NAME (model.init_from)")
     if ft.method == "qlora" and not use_cuda(cfg):
         raise UserError("method qlora needs a CUDA GPU (4-bit bitsandbytes); use --method lora on CPU")
     base_dir = resolve_model_dir(cfg.model.init_from)
-    classify = ft.task == "classify"
-    tokenizer = load_tokenizer(find_tokenizer_dir(base_dir), cfg.model.trust_remote_code, require_eos=not classify)
-    chat = None if classify else setup_chat_template(tokenizer, ft.chat_template)
-    data = load_classification_data(cfg, tokenizer) if classify else load_sft_data(cfg, tokenizer)
+    tokenizer = load_tokenizer(find_tokenizer_dir(base_dir), cfg.model.trust_remote_code, require_eos=task.needs_eos)
+    chat = setup_chat_template(tokenizer, ft.chat_template) if task.chat else None
+    data = task.load_data(cfg, tokenizer)
 
     accelerator = make_accelerator(cfg)
     sources = resolve_sources([*cfg.data.sources, *([ft.val_file] if ft.val_file else [])])
     reads = [base_dir, *(source.name for source in sources if source.kind == "file")]
     with own_run_dir(cfg, reads, resume, accelerator):
-        return _finetune(cfg, base_dir, tokenizer, chat, data, accelerator, overwrite, resume, resume_fallback,
-                         allow_config_change)  # fmt: skip
+        return _finetune(cfg, task, base_dir, tokenizer, chat, data, accelerator, overwrite, resume,
+                         resume_fallback, allow_config_change)  # fmt: skip
 
 
 def _finetune(
     cfg: RunConfig,
+    task: Task,
     base_dir: Path,
     tokenizer: Any,
     chat: Any,
-    data: FinetuneData,
+    data: TaskData,
     accelerator: Any,
     overwrite: bool,
     resume: str | None,
@@ -117,7 +85,6 @@ def _finetune(
 ) -> FitResult:
     ft = cfg.finetune
     token = cfg.model.hub_token.get_secret_value() if cfg.model.hub_token else None
-    classify = data.labels is not None
     world, micro = accelerator.num_processes, cfg.train.micro_batch_size
     fingerprints = run_fingerprints(
         cfg, world, data.fingerprint, tokenizer_hash(tokenizer), ft.max_length, finetuning=True
@@ -129,10 +96,8 @@ def _finetune(
     from accelerate.utils import set_seed
 
     set_seed(cfg.train.seed)
-    source = base_dir if base_dir.exists() else str(cfg.model.init_from)
-    model = _load_base(source, cfg, token, data.labels)
-    if data.labels is not None:
-        model.config.pad_token_id = tokenizer.pad_token_id  # decoders find each row's last token by it
+    source = base_dir.resolve() if base_dir.exists() else str(cfg.model.init_from)
+    model = task.load_model(source, cfg, token, data, tokenizer)
     context = model_context(model)
     if context and ft.max_length > context:
         raise UserError(
@@ -141,23 +106,21 @@ def _finetune(
         )
     if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
         model.resize_token_embeddings(padded_vocab_size(len(tokenizer)))
-    if chat is not None:
+    if chat is not None and getattr(model, "generation_config", None) is not None:  # generative models only
         model.generation_config.eos_token_id = list(chat.stop_token_ids)
         model.generation_config.pad_token_id = tokenizer.pad_token_id
     if cfg.train.gradient_checkpointing:
         enable_gradient_checkpointing(model)
-    liger = apply_kernels(model, cfg) if not classify else False
-    model = _apply_method(model, cfg, chat.added_tokens if chat else 0, tokenizer, checkpoint)
+    liger = apply_kernels(model, cfg) if task.kernels else False
+    model = _apply_method(model, cfg, task, chat.added_tokens if chat else 0, tokenizer, checkpoint)
     weight_bytes = _place_weights(model, cfg, accelerator)
     attn = getattr(model.config, "_attn_implementation", None) or "sdpa"
     pad_id = int(tokenizer.pad_token_id)
-    if classify:
-        collate: Any = lambda rows, indices=None: collate_classification(rows, pad_id, indices)  # noqa: E731
-    else:
-        collate = lambda rows, indices=None: collate_rows(rows, pad_id, attn, indices)  # noqa: E731
-    packing = ft.packing and not classify
+    collate = task.collate(pad_id, attn)
+    packing = ft.packing and task.packs
+    row_length = ft.max_length * task.sequences_per_row
     try:
-        loader = ExampleLoader(data.train, micro, ft.max_length, cfg.train.seed, packing, pad_id, attn,
+        loader = ExampleLoader(data.train, micro, row_length, cfg.train.seed, packing, pad_id, attn,
                                accelerator.process_index, world, collate)  # fmt: skip
     except TooFewRows as exc:
         packed = f"pack into {exc.rows} rows of up to {ft.max_length} tokens, " if packing else ""
@@ -167,21 +130,17 @@ def _finetune(
             + (", lower finetune.max_length or turn packing off (--no-packing)," if packing else "")
             + " or add data"
         ) from None
-    tokens_per_step = micro * cfg.train.grad_accum_steps * world * ft.max_length  # an upper bound, for budgets
+    tokens_per_step = micro * cfg.train.grad_accum_steps * world * row_length  # an upper bound, for budgets
     total_steps = steps_for_budget(cfg.train, loader.batches_per_epoch, tokens_per_step)
     done = finished_run(Path(cfg.out_dir), saved_state, total_steps)
     if done is not None:
         return done
 
     run_dir, config_yaml = open_run_dir(cfg, checkpoint, resume, overwrite, accelerator, tokenizer)
-    if data.labels is not None:
-        weights = class_weights(ft.class_weights, data.train, len(data.labels.names))
-        objective = {"loss_fn": make_loss(weights), "count_targets": count_examples,
-                     "eval_fn": make_evaluation(data.labels, weights)}  # fmt: skip
-    else:
-        objective = {"loss_fn": language_model_loss(model, accelerator, liger=liger)}
+    objective = task.objective(model, accelerator, data, cfg, liger)
     optimizer = build_optimizer(model, cfg.optimizer, accelerator)
     model, optimizer = accelerator.prepare(model, optimizer)
+    task.prepare(model, accelerator, data, run_dir, checkpoint is not None, cfg, collate)
     val_batches = _validation_batches(data.val, micro, cfg.train.eval_batches, collate)
     resume_state = None
     if checkpoint is not None and saved_state is not None:
@@ -190,10 +149,9 @@ def _finetune(
     if accelerator.is_main_process:
         trainable, total = count_parameters(model)
         efficiency = loader.efficiency()
-        what = f"classes {', '.join(data.labels.names)}" if data.labels else f"template {chat.name if chat else '-'}"
         info(
             f"finetune {ft.task} ({ft.method}): {total / 1e6:.2f}M parameters, {trainable / 1e6:.3f}M trainable "
-            f"({trainable / total:.2%}); format {data.fmt}, {what}; {len(data.train):,} train / "
+            f"({trainable / total:.2%}); format {data.fmt}, {task.describe(data, chat)}; {len(data.train):,} train / "
             f"{len(data.val):,} val examples ({data.truncated} truncated to {ft.max_length}); "
             f"{'packing' if loader.packing else 'padding'} efficiency {efficiency:.3f} (real tokens / slots); "
             f"{total_steps:,} steps on {world} process(es){', Liger kernels' if liger else ''}"
@@ -206,8 +164,7 @@ def _finetune(
         if resume_state is not None:
             info(f"resuming from {checkpoint} at step {resume_state.step:,} of {total_steps:,}")
         (run_dir / "data_stats.json").write_text(json.dumps({
-            "task": ft.task, "format": data.fmt, "template": chat.name if chat else None,
-            "labels": data.labels.names if data.labels else None, "train_examples": len(data.train),
+            "task": ft.task, "format": data.fmt, **task.stats(data, chat), "train_examples": len(data.train),
             "val_examples": len(data.val), "truncated": data.truncated, "packing": loader.packing,
             "efficiency": efficiency, "trainable_parameters": trainable, "total_parameters": total, **weight_bytes,
         }, indent=2) + "\n")  # fmt: skip
@@ -234,118 +191,15 @@ def _finetune(
     return fit(job)
 
 
-def load_sft_data(cfg: RunConfig, tokenizer: Any) -> FinetuneData:
-    """Read, normalize, split and encode the fine-tuning rows; refuse data with nothing to learn."""
-    ft = cfg.finetune
-    train_examples, val_examples, fmt = _split_examples(cfg)
-    if fmt == "classification":
-        raise UserError(f"{cfg.data.sources[0]}: rows are text + label; train a classifier with --task classify")
-    if fmt == "text":
-        train_examples = augment_examples(train_examples, ft.augment)
-    train = [encode_example(tokenizer, e, ft.max_length, ft.train_on_prompt) for e in train_examples]
-    val = [encode_example(tokenizer, e, ft.max_length, ft.train_on_prompt) for e in val_examples]
-    trainable = sum(e.trainable for e in train)
-    truncated = sum(e.truncated for e in train)
-    if trainable == 0:
-        total = sum(len(e.ids) for e in train)
-        raise UserError(
-            f"no trainable tokens: {len(train)} training examples, {total} tokens, {truncated} truncated to "
-            f"finetune.max_length={ft.max_length}, 0 assistant/completion tokens left after masking; "
-            "raise max_length, check the assistant turns, or set finetune.train_on_prompt"
-        )
-    return FinetuneData(train, val, fmt, _fingerprint(cfg), truncated)
-
-
-def load_classification_data(cfg: RunConfig, tokenizer: Any) -> FinetuneData:
-    """Text + label rows: the label map from the training rows, then encoding with the model's tokenizer."""
-    ft = cfg.finetune
-    train_examples, val_examples, fmt = _split_examples(cfg)
-    if fmt != "classification":
-        raise UserError(f"{cfg.data.sources[0]}: --task classify needs text + label rows, found the {fmt} format")
-    labels = LabelMap.from_examples(train_examples)
-    train_examples = augment_examples(train_examples, ft.augment)
-    train = encode_classification(tokenizer, train_examples, labels, ft.max_length)
-    val = encode_classification(tokenizer, val_examples, labels, ft.max_length)
-    return FinetuneData(train, val, fmt, _fingerprint(cfg), sum(e.truncated for e in train), labels)
-
-
-def _split_examples(cfg: RunConfig) -> tuple[list[Example], list[Example], str]:
-    """Training and validation rows: a validation file, or a fraction held out by row content."""
-    ft = cfg.finetune
-    encoding = cfg.data.encoding
-    examples, fmt = _read_examples(resolve_sources(cfg.data.sources), ft.format, ft.columns, encoding)
-    if ft.val_file:
-        val_examples, _ = _read_examples(resolve_sources([ft.val_file]), fmt, ft.columns, encoding)
-        return examples, val_examples, fmt
-    held_out = [is_validation(_identity(e), cfg.data.val_fraction, cfg.data.seed) for e in examples]
-    train = [e for e, out in zip(examples, held_out, strict=True) if not out]
-    val = [e for e, out in zip(examples, held_out, strict=True) if out]
-    return train, val, fmt
-
-
-def _fingerprint(cfg: RunConfig) -> str:
-    """What the training rows are: source files' content, split and encoding settings."""
-    ft = cfg.finetune
-    digest = hashlib.sha256()
-    for source in resolve_sources(cfg.data.sources) + (resolve_sources([ft.val_file]) if ft.val_file else []):
-        digest.update(json.dumps(source.describe(), sort_keys=True).encode())
-    settings = ft.model_dump(mode="json", include={"task", "format", "columns", "max_length", "chat_template",
-                                                   "train_on_prompt", "augment"})  # fmt: skip
-    digest.update(json.dumps([settings, cfg.data.val_fraction, cfg.data.seed], sort_keys=True).encode())
-    return digest.hexdigest()
-
-
-def _read_examples(
-    sources: list[Any], fmt: str, columns: dict[str, str], encoding: str = "utf-8"
-) -> tuple[list[Example], str]:
-    examples: list[Example] = []
-    for source in sources:
-        if source.kind == "builtin":
-            raise UserError(f"builtin:{source.name}: a pretraining corpus; finetune needs rows of a dataset file")
-        for detected, example in normalize(read_records(source, encoding=encoding), fmt, columns):
-            fmt = detected
-            examples.append(example)
-    if not examples:
-        raise UserError(f"{', '.join(s.name for s in sources)}: no rows")
-    return examples, fmt
-
-
-def _identity(example: Example) -> str:
-    """The text a row is split by: the same row always lands in the same split."""
-    return json.dumps([example.messages, example.prompt, example.completion, example.text, example.label], default=str)
-
-
-def _load_base(source: str | Path, cfg: RunConfig, token: str | None, labels: LabelMap | None) -> Any:
-    source = Path(source).resolve() if Path(source).exists() else source
-    if labels is not None:
-        return load_classifier(source, labels, cfg.model.trust_remote_code, token)
-    if cfg.finetune.method != "qlora":
-        return load_model(source, trust_remote_code=cfg.model.trust_remote_code, token=token)
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
-
-    quantization = BitsAndBytesConfig(
-        load_in_4bit=True,
-        bnb_4bit_quant_type="nf4",
-        bnb_4bit_compute_dtype=torch.bfloat16,
-        bnb_4bit_use_double_quant=True,
-    )
-    try:
-        model = AutoModelForCausalLM.from_pretrained(str(source), quantization_config=quantization, token=token)
-    except ImportError as exc:
-        raise UserError(f"method qlora needs bitsandbytes: pip install bitsandbytes ({exc})") from None
-    from peft import prepare_model_for_kbit_training
-
-    return prepare_model_for_kbit_training(model)
-
-
-def _apply_method(model: Any, cfg: RunConfig, added_tokens: int, tokenizer: Any, checkpoint: Path | None) -> Any:
+def _apply_method(
+    model: Any, cfg: RunConfig, task: Task, added_tokens: int, tokenizer: Any, checkpoint: Path | None
+) -> Any:
     ft = cfg.finetune
     if ft.method in ("lora", "qlora"):
         new_ids = list(range(len(tokenizer) - added_tokens, len(tokenizer))) if added_tokens else []
         _check_lora_under_zero3(new_ids, cfg)
-        task_type = "SEQ_CLS" if ft.task == "classify" else "CAUSAL_LM"
         torch.manual_seed(cfg.train.seed)  # the adapters' initialization, whatever loading the base drew (ZeRO-3)
-        model = attach_lora(model, ft.lora, task_type, new_ids)
+        model = attach_lora(model, ft.lora, task.peft_task_type, new_ids)
         if checkpoint is not None:
             from peft import set_peft_model_state_dict
             from safetensors.torch import load_file
@@ -388,7 +242,7 @@ def _check_lora_under_zero3(new_ids: list[int], cfg: RunConfig) -> None:
 
 
 def _validation_batches(
-    examples: list[Encoded], micro: int, max_batches: int | None, collate: Any
+    examples: list[Any], micro: int, max_batches: int | None, collate: Any
 ) -> list[dict[str, torch.Tensor]]:
     """Fixed validation batches: examples in order, one per row, padded (packing changes nothing in the loss)."""
     batches: list[dict[str, torch.Tensor]] = []

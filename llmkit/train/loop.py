@@ -129,6 +129,7 @@ class FitResult:
     steady_tokens_per_second: float | None = None  # see Throughput; None for a run too short to have one
     steady_from_step: int | None = None
     memory: dict[str, float] = field(default_factory=dict)  # peak memory in GiB (see peak_memory)
+    evaluation: dict[str, Any] = field(default_factory=dict)  # the last validation's figures (this invocation's)
 
     @property
     def tokens_per_second(self) -> float:
@@ -249,6 +250,7 @@ class _Run:
     stopping: _EarlyStopping
     loss: float = math.nan  # the last step's
     val_loss: float | None = None
+    evaluation: dict[str, Any] = field(default_factory=dict)  # the last validation's figures
     running_loss: float | None = None  # for loss-spike reports
     bad_steps: int = 0
     throughput: Throughput = field(default_factory=Throughput)
@@ -418,7 +420,7 @@ def _log_and_validate(job: TrainJob, run: _Run, metrics: MetricsLog, lr: float, 
     if job.val_batches and (step % cfg.train.eval_every == 0 or last):
         assert job.eval_fn is not None  # set in __post_init__
         evaluation = job.eval_fn(job.model, job.val_batches, job.accelerator)
-        run.val_loss = float(evaluation["val_loss"])
+        run.val_loss, run.evaluation = float(evaluation["val_loss"]), evaluation
         metrics.log({"step": step, "tokens": run.tokens, **evaluation})
         run.stopped_early = run.stopping.should_stop(run.val_loss) and not last
 
@@ -463,6 +465,7 @@ def _finish(job: TrainJob, run: _Run, metrics: MetricsLog, interrupted: str | No
         steady_tokens_per_second=run.throughput.steady_rate,
         steady_from_step=first_step - 1 + run.throughput.steady_from if run.throughput.steady_from else None,
         memory=peak_memory(acc.device),
+        evaluation=run.evaluation,
     )
     peak = _peak_flops(acc)
     if peak and job.flops_per_token and result.steady_tokens_per_second:

@@ -54,7 +54,7 @@ class ExampleLoader:
 
     def __init__(
         self,
-        examples: list[Encoded],
+        examples: list[Any],
         micro_batch_size: int,
         max_length: int,
         seed: int,
@@ -68,7 +68,7 @@ class ExampleLoader:
         """`collate(rows_of_examples, sample_indices)` builds a batch; the default packs causal-LM rows."""
         self.examples = examples
         self._collate = collate
-        self.lengths = np.asarray([len(e.ids) for e in examples])
+        self.lengths = np.asarray([len(e) for e in examples])
         self.micro_batch_size, self.max_length = micro_batch_size, max_length
         self.packing, self.pad_id, self.attn_implementation = packing, pad_id, attn_implementation
         self.rank, self.world = rank, world

@@ -1,4 +1,4 @@
-"""Text classification (`llmkit finetune --task classify`): the pieces that differ from SFT.
+"""`--task classify`: text classification on a sequence-classification head (any HF encoder or decoder).
 
 Rows are `text` + `label` (strings or integers). The label <-> id map comes from the training rows (sorted)
 and is stored in the model's config (`id2label`, `label2id`), so every tool that loads the model knows it.
@@ -17,11 +17,58 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from llmkit.config import AugmentConfig
+from llmkit.config import AugmentConfig, RunConfig
 from llmkit.data.formats import Example
 from llmkit.data.templates import Encoded
 from llmkit.errors import UserError
 from llmkit.eval.classification import classification_metrics
+from llmkit.train.tasks.base import Collate, Task, TaskData, data_fingerprint, split_examples
+
+
+class Classify(Task):
+    name = "classify"
+    description = "text classification: text + label rows, a classification head on any HF model"
+    needs_eos = False  # encoders have none
+    chat = False
+    peft_task_type = "SEQ_CLS"
+    packs = False  # one example per row: the head reads each row's last (or first) token
+    kernels = False
+    logits = "none"
+
+    def load_data(self, cfg: RunConfig, tokenizer: Any) -> TaskData:
+        """Text + label rows: the label map from the training rows, then encoding with the model's tokenizer."""
+        ft = cfg.finetune
+        train_examples, val_examples, fmt = split_examples(cfg)
+        if fmt != "classification":
+            raise UserError(f"{cfg.data.sources[0]}: --task classify needs text + label rows, found the {fmt} format")
+        labels = LabelMap.from_examples(train_examples)
+        train_examples = augment_examples(train_examples, ft.augment)
+        train = encode_classification(tokenizer, train_examples, labels, ft.max_length)
+        val = encode_classification(tokenizer, val_examples, labels, ft.max_length)
+        truncated = sum(e.truncated for e in train)
+        return TaskData(train, val, fmt, data_fingerprint(cfg), truncated, {"labels": labels})
+
+    def load_model(self, source: Any, cfg: RunConfig, token: str | None, data: TaskData, tokenizer: Any) -> Any:
+        from llmkit.models import load_classifier
+
+        model = load_classifier(source, data.details["labels"], cfg.model.trust_remote_code, token)
+        model.config.pad_token_id = tokenizer.pad_token_id  # decoders find each row's last token by it
+        return model
+
+    def collate(self, pad_id: int, attn_implementation: str) -> Collate:
+        return lambda rows, indices=None: collate_classification(rows, pad_id, indices)
+
+    def objective(self, model: Any, accelerator: Any, data: TaskData, cfg: RunConfig, liger: bool) -> dict[str, Any]:
+        labels = data.details["labels"]
+        weights = class_weights(cfg.finetune.class_weights, data.train, len(labels.names))
+        return {"loss_fn": make_loss(weights), "count_targets": count_examples,
+                "eval_fn": make_evaluation(labels, weights)}  # fmt: skip
+
+    def describe(self, data: TaskData, chat: Any) -> str:
+        return f"classes {', '.join(data.details['labels'].names)}"
+
+    def stats(self, data: TaskData, chat: Any) -> dict[str, Any]:
+        return {"labels": data.details["labels"].names}
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,29 @@
+"""Fine-tuning tasks, by name (`llmkit finetune --task NAME`). A new task is a module with a `Task` subclass
+(see llmkit.train.tasks.base) and one row here."""
+
+from __future__ import annotations
+
+from llmkit.errors import UserError
+from llmkit.train.tasks.base import Task, TaskData
+from llmkit.train.tasks.classify import Classify
+from llmkit.train.tasks.preference import PreferenceTask
+from llmkit.train.tasks.reward import Reward
+from llmkit.train.tasks.sft import SFT
+
+__all__ = ["TASKS", "Task", "TaskData", "get_task"]
+
+TASKS: dict[str, Task] = {
+    "sft": SFT(),
+    "classify": Classify(),
+    "dpo": PreferenceTask("dpo", "direct preference optimization (sigmoid, IPO, hinge or robust loss) on pairs"),
+    "orpo": PreferenceTask("orpo", "odds-ratio preference optimization: SFT on chosen answers plus an odds-ratio term"),
+    "simpo": PreferenceTask("simpo", "simple preference optimization: length-normalized rewards, no reference"),
+    "kto": PreferenceTask("kto", "Kahneman-Tversky optimization: single answers labelled desirable or not"),
+    "reward": Reward(),
+}
+
+
+def get_task(name: str) -> Task:
+    if name not in TASKS:
+        raise UserError(f"unknown task {name!r}; choose one of: {', '.join(TASKS)}")
+    return TASKS[name]

@@ -123,7 +123,7 @@ def _finetune(
         loader = ExampleLoader(data.train, micro, row_length, cfg.train.seed, packing, pad_id, attn,
                                accelerator.process_index, world, collate)  # fmt: skip
     except TooFewRows as exc:
-        packed = f"pack into {exc.rows} rows of up to {ft.max_length} tokens, " if packing else ""
+        packed = f"pack into {exc.rows} rows of up to {row_length} tokens, " if packing else ""
         raise UserError(
             f"{len(data.train)} training examples {packed}fewer than one micro-batch of {micro * world} rows "
             f"(train.micro_batch_size {micro} x {world} process(es)); lower train.micro_batch_size"

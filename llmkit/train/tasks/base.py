@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,7 +40,7 @@ class TaskData:
     details: dict[str, Any] = field(default_factory=dict)  # task-specific (the label map, ...)
 
 
-class Task:
+class Task(ABC):
     """The interface every task implements; the defaults are those of a causal language-model task."""
 
     name: ClassVar[str]
@@ -52,8 +53,9 @@ class Task:
     sequences_per_row: ClassVar[int] = 1  # a row holds this many sequences of up to max_length tokens
     logits: ClassVar[str] = "fused"  # the LM head's logits: fused with the loss, "whole" (materialized), or "none"
 
+    @abstractmethod
     def load_data(self, cfg: RunConfig, tokenizer: Any) -> TaskData:
-        raise NotImplementedError
+        """Read, check, split and encode the rows (before any output is written)."""
 
     def load_model(self, source: str | Path, cfg: RunConfig, token: str | None, data: TaskData, tokenizer: Any) -> Any:
         from llmkit.models import load_model
@@ -65,13 +67,15 @@ class Task:
     def collate(self, pad_id: int, attn_implementation: str) -> Collate:
         return lambda rows, indices=None: collate_rows(rows, pad_id, attn_implementation, indices)
 
+    @abstractmethod
     def objective(self, model: Any, accelerator: Any, data: TaskData, cfg: RunConfig, liger: bool) -> dict[str, Any]:
         """`loss_fn` (and optionally `count_targets`, `eval_fn`) for TrainJob; called before accelerator.prepare."""
-        raise NotImplementedError
 
     def prepare(self, model: Any, accelerator: Any, data: TaskData, run_dir: Path, resumed: bool, cfg: RunConfig,
                 collate: Collate) -> None:  # fmt: skip
-        """Work before the first step, on the prepared model (the preference tasks' reference log-probs)."""
+        """Work before the first step, on the prepared model (the preference tasks' reference log-probs); none by
+        default."""
+        return None
 
     def plan_notes(self, cfg: RunConfig) -> list[str]:
         """What `llmkit plan` should say about this task beyond memory and FLOPs."""

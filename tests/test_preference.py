@@ -394,3 +394,33 @@ def test_reward_evaluation_of_a_model_that_is_not_a_reward_model_is_one_line(tin
     assert_user_error(run_cli("eval", tiny_run, "--data", data, "--scores", tmp_path / "s.jsonl"),
                       "only a reward model scores candidates")  # fmt: skip
     assert not (tmp_path / "s.jsonl").exists()
+
+
+@pytest.mark.slow
+def test_dpo_on_two_processes_at_batch_b_matches_one_process_at_2b(random_base: Path, tmp_path: Path) -> None:
+    """DDP over gloo: each process computes the same reference log-probs, takes its share of every global batch of
+    pairs, and the loss is normalized by the pairs of the whole step: losses within 1e-5, adapters within 1e-5."""
+    import os
+    import subprocess
+    import sys
+
+    data = write_pairs(tmp_path / "pairs.jsonl", 160, 5)  # no LoRA dropout: its draws differ per process
+    common = ["finetune", "--task", "dpo", "--method", "lora", "--model", str(random_base), "--data", str(data),
+              "--max-steps", "4", "--max-length", "64", "--lr", "3e-3", "--set", "logging.every_steps=1",
+              "--set", "train.eval_every=1000", "--set", "logging.tensorboard=false",
+              "--set", "finetune.lora.dropout=0"]  # fmt: skip
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
+    two = subprocess.run([sys.executable, "-m", "llmkit", *common, "--out", str(tmp_path / "two"),
+                          "--micro-batch-size", "2", "--cpu", "--num-processes", "2", "--main-process-port", "29538"],
+                         env=env, capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert two.returncode == 0, two.stderr[-3000:]
+    one = run_cli(*common, "--out", tmp_path / "one", "--micro-batch-size", "4")
+    assert one.exit_code == 0, one.stderr
+
+    def losses(run: Path) -> list[float]:
+        return [r["loss"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
+
+    assert losses(tmp_path / "two") == pytest.approx(losses(tmp_path / "one"), rel=1e-5)
+    assert (tmp_path / "two" / REFERENCE_FILE).read_bytes() == (tmp_path / "one" / REFERENCE_FILE).read_bytes()
+    a, b = (load_file(tmp_path / name / "final" / "adapter_model.safetensors") for name in ("two", "one"))
+    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)

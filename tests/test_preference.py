@@ -424,3 +424,23 @@ def test_dpo_on_two_processes_at_batch_b_matches_one_process_at_2b(random_base: 
     assert (tmp_path / "two" / REFERENCE_FILE).read_bytes() == (tmp_path / "one" / REFERENCE_FILE).read_bytes()
     a, b = (load_file(tmp_path / name / "final" / "adapter_model.safetensors") for name in ("two", "one"))
     assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
+
+
+def test_answers_identical_once_cut_to_max_length_are_refused(tokenizer) -> None:
+    from llmkit.errors import UserError
+    from llmkit.train.tasks.preference import encode_pair
+
+    prompt = "The cat sat on the mat."
+    row = Example("pairs.jsonl:3", prompt=prompt, extra={"chosen": " The dog ran far.", "rejected": " The dog sat."})
+    cut = len(tokenizer(prompt + " The dog", add_special_tokens=False)["input_ids"])
+    assert encode_pair(tokenizer, row, 64).chosen.trainable > 0
+    with pytest.raises(UserError, match=r"pairs.jsonl:3: 'chosen' and 'rejected' are identical within finetune"):
+        encode_pair(tokenizer, row, cut)
+
+
+def test_kto_rows_of_one_label_are_refused(tiny_run: Path, tmp_path: Path) -> None:
+    data = tmp_path / "good.jsonl"
+    data.write_text("".join(json.dumps({"prompt": "Hi", "completion": f" Hello {i}.", "label": True}) + "\n"
+                            for i in range(8)))  # fmt: skip
+    result = run_cli("finetune", "--task", "kto", "--model", tiny_run, "--data", data, "--out", tmp_path / "run")
+    assert_user_error(result, "every training row is desirable; KTO needs rows labelled true and false")

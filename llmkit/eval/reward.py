@@ -44,18 +44,17 @@ def load_reward_model(model_dir: Path) -> Any:
 
     from llmkit.train.tasks.reward import is_reward_model
 
-    if (model_dir / "adapter_config.json").is_file():
+    adapters = (model_dir / "adapter_config.json").is_file()  # its base's config is known only once loaded
+    if not adapters and not is_reward_model(AutoConfig.from_pretrained(str(model_dir))):
+        raise UserError(f"{model_dir}: not a reward model (train one with llmkit finetune --task reward)")
+    if adapters:
         from peft import AutoPeftModelForSequenceClassification
 
         model = AutoPeftModelForSequenceClassification.from_pretrained(str(model_dir), num_labels=1)
-        config = model.config
-    else:
-        config = AutoConfig.from_pretrained(str(model_dir))
-        if not is_reward_model(config):
+        if not is_reward_model(model.config):
             raise UserError(f"{model_dir}: not a reward model (train one with llmkit finetune --task reward)")
+    else:
         model = AutoModelForSequenceClassification.from_pretrained(str(model_dir), use_safetensors=True)
-    if not is_reward_model(config):
-        raise UserError(f"{model_dir}: not a reward model (train one with llmkit finetune --task reward)")
     return model.eval()
 
 

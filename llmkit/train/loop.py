@@ -522,14 +522,14 @@ def _forward(job: TrainJob, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """The model's output for the loss. A compiled model whose compilation fails (no C++ compiler, an unsupported
     op) falls back to eager once, with one line; the failed forward computed nothing, so the step stays exact."""
     try:
-        return job.model(**_model_inputs(batch)).logits
+        return job.model(**model_inputs(batch)).logits
     except Exception as exc:
         if not (hasattr(job.model, "_orig_mod") and _compile_failure(exc)):
             raise
         reason = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
         info(f"torch.compile failed ({type(exc).__name__}: {reason}); training eagerly (--no-compile skips it)")
         job.model = job.model._orig_mod
-        return job.model(**_model_inputs(batch)).logits
+        return job.model(**model_inputs(batch)).logits
 
 
 def _compile_failure(exc: BaseException) -> bool:
@@ -640,7 +640,7 @@ MODEL_INPUTS = ("input_ids", "attention_mask", "position_ids")
 NOT_ON_DEVICE = ("sample_indices", "num_tokens")
 
 
-def _model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """What the model's forward takes; labels stay with the loop, which computes the loss itself."""
     return {key: value for key, value in batch.items() if key in MODEL_INPUTS}
 
@@ -706,7 +706,7 @@ def evaluate_loss(
     count = torch.zeros((), device=acc.device, dtype=torch.float64)
     for batch in batches:
         batch = {key: value.to(acc.device) for key, value in batch.items() if key not in NOT_ON_DEVICE}
-        nll_sum, targets = loss_fn(model(**_model_inputs(batch)).logits, batch)
+        nll_sum, targets = loss_fn(model(**model_inputs(batch)).logits, batch)
         total += nll_sum.double()
         count += targets.double()
     model.train()

@@ -107,21 +107,22 @@ def encode_classification(tokenizer: Any, examples: list[Example], labels: Label
 def collate_classification(rows: list[list[Encoded]], pad_id: int, sample_indices: list[int] | None = None) -> dict:
     """One example per row, padded right, with a 2D attention mask (encoders attend both ways)."""
     examples = [row[0] for row in rows]
-    width = max(len(e.ids) for e in examples)
-    ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(examples), width), dtype=torch.long)
-    for i, example in enumerate(examples):
-        ids[i, : len(example.ids)] = torch.from_numpy(example.ids)
-        mask[i, : len(example.ids)] = 1
-    batch = {
-        "input_ids": ids,
-        "attention_mask": mask,
-        "labels": torch.tensor([int(e.labels[0]) for e in examples]),
-        "num_tokens": mask.sum(),
-    }
+    batch = pad_right(examples, pad_id)
+    batch["labels"] = torch.tensor([int(e.labels[0]) for e in examples])
     if sample_indices is not None:
         batch["sample_indices"] = torch.tensor(sample_indices)
     return batch
+
+
+def pad_right(sequences: list[Encoded], pad_id: int) -> dict[str, torch.Tensor]:
+    """Sequences as rows padded right, with a 2D attention mask and the count of real tokens."""
+    width = max(len(s) for s in sequences)
+    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for i, sequence in enumerate(sequences):
+        ids[i, : len(sequence)] = torch.from_numpy(sequence.ids)
+        mask[i, : len(sequence)] = 1
+    return {"input_ids": ids, "attention_mask": mask, "num_tokens": mask.sum()}
 
 
 def class_weights(setting: str | list[float], train: list[Encoded], classes: int) -> torch.Tensor | None:

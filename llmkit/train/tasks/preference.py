@@ -36,6 +36,7 @@ from llmkit.data.formats import Example, RowFormats, read_text, read_turns
 from llmkit.data.templates import Encoded, encode_example
 from llmkit.errors import UserError
 from llmkit.losses import IGNORE
+from llmkit.train.loop import model_inputs
 from llmkit.train.packing import collate_rows, first_fit_decreasing
 from llmkit.train.tasks.base import Collate, Task, TaskData, data_fingerprint, split_examples
 
@@ -223,6 +224,7 @@ def collate_pairs(rows: list[list[Pair]], pad_id: int, attn: str, indices: list[
                 offset, k = offset + len(encoded), k + 1
     batch["sequence"] = sequence
     pairs = [pair for row in rows for pair in row]
+    batch["pair_ids"] = torch.arange(len(pairs))  # its shape counts the pairs: no device read in the loss
     if all(pair.reference is not None for pair in pairs):
         batch["reference"] = torch.tensor([pair.reference for pair in pairs], dtype=torch.float64)
     if pairs and pairs[0].desirable is not None:
@@ -237,7 +239,7 @@ def sequence_logps(logits: torch.Tensor, batch: dict[str, torch.Tensor]) -> tupl
 
     Position t predicts token t+1; the softmax is taken in float32 a slice of rows at a time."""
     targets, owner = batch["labels"][:, 1:], batch["sequence"][:, 1:]
-    sequences = int(batch["sequence"].max()) + 1
+    sequences = 2 * batch["pair_ids"].numel()
     token_logps = []
     step = max(1, 2**26 // max(1, logits.shape[1] * logits.shape[2]))
     for start in range(0, logits.shape[0], step):
@@ -357,7 +359,7 @@ def pair_scores(task: str, logits: torch.Tensor, batch: dict[str, torch.Tensor],
 
 
 def count_pairs(batch: dict[str, torch.Tensor]) -> int:
-    return (int(batch["sequence"].max()) + 1) // 2
+    return batch["pair_ids"].numel()
 
 
 # --- the task ---------------------------------------------------------------------------------------------------
@@ -371,6 +373,7 @@ class PreferenceTask(Task):
 
     def __init__(self, name: str, description: str) -> None:
         self.name, self.description = name, description  # type: ignore[misc]
+        self.needs_reference = name in ("dpo", "kto")  # ORPO and SimPO are reference-free
 
     def load_data(self, cfg: RunConfig, tokenizer: Any) -> TaskData:
         return load_unpaired(cfg, tokenizer) if self.name == "kto" else load_pairs(cfg, tokenizer)
@@ -390,7 +393,7 @@ class PreferenceTask(Task):
 
     def prepare(self, model: Any, accelerator: Any, data: TaskData, run_dir: Path, resumed: bool, cfg: RunConfig,
                 collate: Collate) -> None:  # fmt: skip
-        if self.name in ("dpo", "kto"):
+        if self.needs_reference:
             row_length = cfg.finetune.max_length * self.sequences_per_row
             attach_reference(model, accelerator, data, run_dir, resumed, cfg.train.micro_batch_size, row_length,
                              collate)  # fmt: skip
@@ -398,7 +401,7 @@ class PreferenceTask(Task):
     def plan_notes(self, cfg: RunConfig) -> list[str]:
         notes = [f"{self.name}: a row holds a pair's two answers (2 x finetune.max_length tokens); the logits are "
                  "materialized for the pairs' log-probs (counted in activations)"]  # fmt: skip
-        if self.name in ("dpo", "kto"):
+        if self.needs_reference:
             notes.append(f"{self.name}: no reference model in memory; its log-probs take one forward pass over the "
                          "rows before the first step (about a third of an epoch's compute) and 16 bytes a pair on disk "
                          f"(RUN/{REFERENCE_FILE}, reused on resume)")  # fmt: skip
@@ -434,7 +437,7 @@ def attach_reference(model: Any, accelerator: Any, data: TaskData, run_dir: Path
                 chunk = rows[start : start + micro]
                 batch = collate([[pairs[i] for i in row] for row in chunk])
                 inputs = {k: v.to(accelerator.device) for k, v in batch.items() if k != "sample_indices"}
-                sums, _ = sequence_logps(model(**_model_inputs(inputs)).logits, inputs)
+                sums, _ = sequence_logps(model(**model_inputs(inputs)).logits, inputs)
                 values[[i for row in chunk for i in row]] = sums.double().view(-1, 2).cpu().numpy()
         model.train()
         if accelerator.is_main_process:
@@ -444,10 +447,6 @@ def attach_reference(model: Any, accelerator: Any, data: TaskData, run_dir: Path
         accelerator.wait_for_everyone()
     for pair, (chosen, rejected) in zip(pairs, values.tolist(), strict=True):
         pair.reference = (chosen, rejected)
-
-
-def _model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    return {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
 
 
 @torch.no_grad()
@@ -460,7 +459,7 @@ def evaluate_pairs(model: Any, batches: list[dict[str, torch.Tensor]], acc: Any,
     sums = torch.zeros(9, device=acc.device, dtype=torch.float64)
     for batch in batches:
         batch = {key: value.to(acc.device) for key, value in batch.items() if key != "sample_indices"}
-        scores, total = pair_scores(task, model(**_model_inputs(batch)).logits, batch, cfg)
+        scores, total = pair_scores(task, model(**model_inputs(batch)).logits, batch, cfg)
         values: list[Any] = [total, scores.losses.numel(), scores.hits().sum(), scores.chosen_rewards.sum(),
                   scores.rejected_rewards.sum(), scores.chosen_logps.sum(), scores.rejected_logps.sum(),
                   scores.chosen_rewards.numel(), scores.rejected_rewards.numel()]  # fmt: skip

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from llmkit.config import RunConfig
 from llmkit.data.templates import Encoded
 from llmkit.train.tasks.base import Collate, Task, TaskData
-from llmkit.train.tasks.classify import LabelMap
+from llmkit.train.tasks.classify import LabelMap, pad_right
 from llmkit.train.tasks.preference import Pair, load_pairs
 
 REWARD_LABEL = "reward"
@@ -27,20 +27,10 @@ REWARD_LABEL = "reward"
 def collate_reward_pairs(rows: list[list[Pair]], pad_id: int, indices: list[int] | None = None) -> dict:
     """Each pair as two rows, chosen then rejected, padded right with a 2D attention mask."""
     sequences = [s for row in rows for pair in row for s in (pair.chosen, pair.rejected)]
-    batch = pad_sequences(sequences, pad_id)
+    batch = pad_right(sequences, pad_id)
     if indices is not None:
         batch["sample_indices"] = torch.tensor(indices)
     return batch
-
-
-def pad_sequences(sequences: list[Encoded], pad_id: int) -> dict[str, torch.Tensor]:
-    width = max(len(s) for s in sequences)
-    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(sequences), width), dtype=torch.long)
-    for i, sequence in enumerate(sequences):
-        ids[i, : len(sequence)] = torch.from_numpy(sequence.ids)
-        mask[i, : len(sequence)] = 1
-    return {"input_ids": ids, "attention_mask": mask, "num_tokens": mask.sum()}
 
 
 def bradley_terry(logits: torch.Tensor, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -119,7 +109,7 @@ def rewards_of(model: Any, sequences: list[Encoded], pad_id: int, batch_size: in
     with torch.no_grad():
         for first in range(0, len(order), batch_size):
             chunk = order[first : first + batch_size]
-            batch = pad_sequences([sequences[i] for i in chunk], pad_id)
+            batch = pad_right([sequences[i] for i in chunk], pad_id)
             logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
             scores[chunk] = logits[:, 0].double().numpy()
     return scores

@@ -84,6 +84,10 @@ ResumeFallbackOpt = Annotated[
 AllowChangeOpt = Annotated[
     bool, typer.Option(help="Resume even if batch size, sequence length, tokenizer or dataset changed.")
 ]
+TeacherOpt = Annotated[
+    str | None,
+    typer.Option(help="Distill from this model (same tokenizer); see --set distill.* and docs/compression.md."),
+]
 MaxTimeOpt = Annotated[
     str | None, typer.Option(help="Wall-clock limit (3600, 90m, 2h, 1:30:00): checkpoint, then exit 75.")
 ]
@@ -211,6 +215,7 @@ def pretrain_command(
     out: Annotated[str | None, typer.Option("--out", "-o", help="Run directory to create.")] = None,
     data: Annotated[str | None, typer.Option(help="Prepared dataset directory (from data-prep).")] = None,
     init_from: Annotated[str | None, typer.Option(help="Continue from an HF model directory or hub name.")] = None,
+    teacher: TeacherOpt = None,
     max_steps: Annotated[int | None, typer.Option(help="Budget in optimizer steps.")] = None,
     max_tokens: Annotated[int | None, typer.Option(help="Budget in training tokens.")] = None,
     lr: Annotated[float | None, typer.Option(help="Peak learning rate.")] = None,
@@ -248,6 +253,7 @@ def pretrain_command(
         "out_dir": out,
         "data.dataset_dir": data,
         "model.init_from": init_from,
+        "distill.teacher": teacher,
         "train.max_steps": max_steps,
         "train.max_tokens": max_tokens,
         "checkpoint.keep_last": keep_last,
@@ -276,8 +282,9 @@ def finetune_command(
     out: Annotated[str | None, typer.Option("--out", "-o", help="Run directory to create.")] = None,
     task: Annotated[
         str | None,
-        typer.Option(help="sft (default), classify, preference tuning (dpo, orpo, simpo, kto) or reward."),
+        typer.Option(help="sft (default), classify, preference tuning (dpo, orpo, simpo, kto), reward or distill."),
     ] = None,
+    teacher: TeacherOpt = None,
     method: Annotated[str | None, typer.Option(help="full, lora, qlora or freeze.")] = None,
     data_format: Annotated[
         str | None,
@@ -316,8 +323,8 @@ def finetune_command(
     main_process_port: MainProcessPortOpt = None,
     overwrite: OverwriteOpt = False,
 ) -> None:
-    """Fine-tune a model on your own rows: chat/instruction SFT, classification, or preference tuning (DPO, ORPO,
-    SimPO), with full, LoRA, QLoRA or freeze.
+    """Fine-tune a model on your own rows: chat/instruction SFT, classification, preference tuning (DPO, ORPO,
+    SimPO, KTO), a reward model, or distillation from a teacher, with full, LoRA, QLoRA or freeze.
 
     SFT's loss covers assistant and completion tokens only; packed examples never attend to each other.
     Exit codes as for pretrain: 0 done, 2 bad input, 3 non-finite loss, 75 stopped by a signal or --max-time
@@ -332,6 +339,7 @@ def finetune_command(
         "data.encoding": encoding,
         "out_dir": out,
         "finetune.task": task,
+        "distill.teacher": teacher,
         "finetune.method": method,
         "finetune.format": data_format,
         "finetune.chat_template": template,
@@ -533,7 +541,11 @@ def export_command(
     out: Annotated[Path, typer.Option("--out", "-o", help="Directory to write.")],
     fmt: Annotated[str, typer.Option("--format", help="hf, gguf (llama.cpp) or onnx (onnxruntime).")] = "hf",
     dtype: Annotated[
-        str | None, typer.Option(help="hf: float32/bfloat16/float16; gguf: f32/f16/q8_0 (default f16); onnx: float32.")
+        str | None,
+        typer.Option(
+            help="hf: float32/bfloat16/float16; gguf: f32, f16 (default), q8_0, q5_1, q5_0, q4_1, q4_0, "
+            "k-quants q6_k..q2_k; onnx: float32."
+        ),
     ] = None,
     quantize: Annotated[str | None, typer.Option(help="onnx: int8 dynamic quantization for CPU inference.")] = None,
     merge_lora: Annotated[
@@ -551,6 +563,10 @@ def export_command(
         typer.Option(help="Text of your domain to probe with (.txt lines, .jsonl 'text'); default built-in."),
     ] = None,
     eval_report: Annotated[Path | None, typer.Option(help="An llmkit eval report to put in the model card.")] = None,
+    ladder: Annotated[
+        bool,
+        typer.Option("--ladder", help="gguf: measure every quantization level, keep the smallest within tolerance."),
+    ] = False,
     overwrite: OverwriteOpt = False,
 ) -> None:
     """Write the model as hf, gguf or onnx, verified against the source (logits, greedy tokens, perplexity),
@@ -563,7 +579,7 @@ def export_command(
                  "max_ppl_increase": max_ppl_increase}  # fmt: skip
     report = export_model(source, out, fmt=fmt, dtype=dtype, quantize=quantize, overwrite=overwrite,
                           merge_lora=merge_lora, tolerance=tolerance, eval_report=eval_report,
-                          probe_data=probe_data)  # fmt: skip
+                          probe_data=probe_data, ladder=ladder)  # fmt: skip
     print_export_report(report)
 
 

@@ -286,9 +286,10 @@ class AugmentConfig(Section):
 class FinetuneConfig(Section):
     """`llmkit finetune`: task, data format, chat template, packing and training method."""
 
-    task: Literal["sft", "classify", "dpo", "orpo", "simpo", "kto", "reward"] = Field(
+    task: Literal["sft", "classify", "dpo", "orpo", "simpo", "kto", "reward", "distill"] = Field(
         "sft",
-        description="sft, classify, preference tuning (dpo, orpo, simpo, kto) or a reward model (docs/preference.md).",
+        description="sft, classify, preference tuning (dpo, orpo, simpo, kto), a reward model (docs/preference.md) "
+        "or distill (SFT rows taught by distill.teacher, docs/compression.md).",
     )
     format: Literal[
         "auto",
@@ -327,6 +328,24 @@ class FinetuneConfig(Section):
     preference: PreferenceConfig = Field(default_factory=PreferenceConfig)  # type: ignore[arg-type]
 
 
+class DistillConfig(Section):
+    """Knowledge distillation: `pretrain` with a teacher, or `finetune --task distill` (docs/compression.md)."""
+
+    teacher: str | None = Field(
+        None, description="Teacher model (run directory, model directory or hub name) with the student's tokenizer."
+    )
+    loss: Literal["forward_kl", "reverse_kl", "jsd"] = Field(
+        "forward_kl", description="Divergence: KL(teacher||student), KL(student||teacher) or generalized JSD."
+    )
+    beta: float = Field(0.5, gt=0, lt=1, description="Loss jsd: the mixture's teacher share (GKD's beta).")
+    temperature: float = Field(1.0, gt=0, description="Both distributions at this temperature; the term is x T^2.")
+    alpha: float = Field(1.0, ge=0, le=1, description="Weight of the distillation term; 1 - alpha weighs the data.")
+    top_k: int | None = Field(
+        None, ge=1, description="Cache the teacher's top-k log-probs on disk in one pass (unset: teacher runs live)."
+    )
+    cache: str | None = Field(None, description="Top-k cache directory to reuse or create (unset: RUN/teacher_cache).")
+
+
 class RunConfig(Section):
     """A whole recipe: everything data-prep and pretrain need."""
 
@@ -342,6 +361,7 @@ class RunConfig(Section):
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)  # type: ignore[arg-type]
     logging: LoggingConfig = Field(default_factory=LoggingConfig)  # type: ignore[arg-type]
     finetune: FinetuneConfig = Field(default_factory=FinetuneConfig)  # type: ignore[arg-type]
+    distill: DistillConfig = Field(default_factory=DistillConfig)  # type: ignore[arg-type]
 
 
 class _StrictLoader(yaml.SafeLoader):

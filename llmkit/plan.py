@@ -162,8 +162,16 @@ def _meta_model(cfg: RunConfig, vocab: int) -> Any:
     return build_model(cfg.model, _Vocabulary(vocab))
 
 
-def estimate_memory(cfg: RunConfig, size: ModelSize, strategy: str, gpus: int, gradient_checkpointing: bool) -> Memory:
-    """Bytes per GPU under `strategy` (see the module docstring for every term)."""
+def estimate_memory(
+    cfg: RunConfig,
+    size: ModelSize,
+    strategy: str,
+    gpus: int,
+    gradient_checkpointing: bool,
+    teacher: ModelSize | None = None,
+) -> Memory:
+    """Bytes per GPU under `strategy` (see the module docstring for every term); `teacher`: a live distillation
+    teacher, whole on every GPU in the compute dtype, with its logits."""
     from llmkit.losses import CHUNK_ELEMENTS
 
     adam = cfg.optimizer.name in ("adamw", "adam")
@@ -196,8 +204,13 @@ def estimate_memory(cfg: RunConfig, size: ModelSize, strategy: str, gpus: int, g
     else:
         activations = per_layer * size.layers
     logits = micro * seq * size.vocab
-    head = _task(cfg).logits if cfg.model.init_from else "fused"
-    if head == "whole":  # preference losses: the logits, their gradient and the float32 log-softmax kept for backward
+    head = "whole" if cfg.distill.teacher else _task(cfg).logits if cfg.model.init_from else "fused"
+    if teacher is not None:  # its weights, its logits, and one chunk of both sides' float32 log-softmax
+        from llmkit.train.distill import ROWS_PER_CHUNK
+
+        weights += compute_bytes * teacher.total
+        activations += compute_bytes * micro * seq * teacher.vocab + 16.0 * ROWS_PER_CHUNK * teacher.vocab
+    if head == "whole":  # the logits, their gradient and the float32 log-softmax kept for backward
         activations += (2.0 * compute_bytes + 4.0) * logits
     elif head == "fused" and strategy in ("zero3", "fsdp", "zero3-offload"):  # whole logits and their gradient
         activations += 2.0 * compute_bytes * logits
@@ -270,10 +283,16 @@ def plan_run(
     flops = 2 * matmul + 2 * matmul + (2 * matmul if full else 2 * trainable)
     flops += 2 * matmul if gradient_checkpointing else 0
     flops += 12 * size.layers * seq * size.width
+    teacher = teacher_size(cfg)
+    teacher_flops = 2 * teacher.matmul + 4 * teacher.layers * seq * teacher.width if teacher else 0  # a forward
+    live = teacher if teacher is not None and not cfg.distill.top_k else None
+    flops += teacher_flops if live else 0
     tokens_per_step = cfg.train.micro_batch_size * cfg.train.grad_accum_steps * gpus * seq
     budget = _budget_tokens(cfg, tokens_per_step, train_tokens)
-    by_strategy = {name: estimate_memory(cfg, size, name, gpus, gradient_checkpointing).total for name in STRATEGIES}
-    memory = estimate_memory(cfg, size, strategy, gpus, gradient_checkpointing)
+    by_strategy = {
+        name: estimate_memory(cfg, size, name, gpus, gradient_checkpointing, live).total for name in STRATEGIES
+    }
+    memory = estimate_memory(cfg, size, strategy, gpus, gradient_checkpointing, live)
     usable = 0.9 * capacity
     # fsdp is estimated for comparison, but not suggested until it has run on a GPU (docs/distributed.md).
     fitting = [name for name in STRATEGIES if by_strategy[name] <= usable and name != "fsdp"]
@@ -290,8 +309,61 @@ def plan_run(
         notes.append("no token budget: set train.max_tokens/max_steps, run data-prep, or pass --train-tokens")
     if cfg.model.init_from:
         notes.extend(_task(cfg).plan_notes(cfg))
+    if teacher is not None:
+        notes.extend(_distill_notes(cfg, teacher, teacher_flops, gpus * peak * mfu, compute_bytes=memory_dtype(cfg)))
     return Plan(total, trainable, matmul, flops, tokens_per_step, budget, gpus, gpu_type, strategy, mfu, memory,
                 memory.total <= usable, hours, cost, suggestion, by_strategy, notes)  # fmt: skip
+
+
+def teacher_size(cfg: RunConfig) -> ModelSize | None:
+    """distill.teacher's size, from its config on the meta device (None without a teacher)."""
+    if not cfg.distill.teacher:
+        return None
+    from llmkit.runs import resolve_model_dir
+
+    source = str(resolve_model_dir(cfg.distill.teacher))
+    teacher_cfg = cfg.model_copy(update={
+        "model": cfg.model.model_copy(update={"init_from": source}),
+        "finetune": cfg.finetune.model_copy(update={"method": "full"}),
+    })  # fmt: skip
+    return count_parameters(teacher_cfg, 0)
+
+
+def memory_dtype(cfg: RunConfig) -> float:
+    return 4.0 if cfg.precision.dtype == "fp32" else 2.0
+
+
+def _distill_notes(cfg: RunConfig, teacher: ModelSize, forward_flops: float, flops_per_s: float,
+                   compute_bytes: float) -> list[str]:  # fmt: skip
+    """What distillation costs beyond the student: the live teacher, or the top-k cache's pass and disk."""
+    from llmkit.train.distill import cache_bytes
+
+    head = f"distillation: teacher {cfg.distill.teacher}, {teacher.total / 1e6:,.1f}M parameters"
+    weights = compute_bytes * teacher.total / GIB
+    if not cfg.distill.top_k:
+        return [
+            f"{head}, live: {weights:.2f} GiB of weights and its logits per micro-batch on every GPU (counted above), "
+            f"a forward pass per token ({forward_flops / 1e9:,.2f} GFLOPs, counted in the FLOPs)"
+        ]
+    k = cfg.distill.top_k
+    tokens = _train_tokens(cfg) if not cfg.model.init_from else None
+    per_token = cache_bytes(1, k, teacher.vocab)
+    if tokens:
+        disk = f"{cache_bytes(tokens, k, teacher.vocab) / GIB:.2f} GiB on disk for {tokens:,} training tokens"
+        hours = f", one teacher pass of about {tokens * forward_flops / flops_per_s / 3600:.2f} h before step 1"
+    else:
+        disk, hours = f"{per_token} bytes per training token on disk", ", one teacher pass before step 1"
+    return [f"{head}, top-{k} cache: {disk}{hours}; no teacher in memory while training"]
+
+
+def _train_tokens(cfg: RunConfig) -> int | None:
+    import json
+    from pathlib import Path
+
+    manifest = Path(cfg.data.dataset_dir) / "manifest.json"
+    if not manifest.is_file():
+        return None
+    return int(json.loads(manifest.read_text())["splits"]["train"]["tokens"])
 
 
 def vocabulary_size(cfg: RunConfig) -> tuple[int, str]:

@@ -9,13 +9,14 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM, AutoTokenizer, Qwen2Config
 
 from tests.conftest import assert_user_error, run_cli
 
 
 @pytest.mark.parametrize(("dtype", "tensor_type", "atol"), [("f32", "F32", 0.0), ("f16", "F16", 1e-3),
-                                                            ("q8_0", "Q8_0", 2e-3)])  # fmt: skip
+                                                            ("q8_0", "Q8_0", 2e-3), ("q5_1", "Q5_1", 0.04),
+                                                            ("q4_0", "Q4_0", 0.07)])  # fmt: skip
 def test_gguf_reads_back_as_the_trained_model(
     tiny_run: Path, tmp_path: Path, dtype: str, tensor_type: str, atol: float
 ):
@@ -57,8 +58,75 @@ def test_gguf_reads_back_as_the_trained_model(
         assert np.abs(actual - expected).max() <= atol * max(1.0, np.abs(expected).max()), tensor.name
     assert tensor_type in types and "lm_head" not in str(types)
     report = json.loads((out / "export_report.json").read_text())
-    assert report["format"] == "gguf" and report["greedy_agreement"] >= (1.0 if dtype == "f32" else 0.9)
-    assert report["max_abs_logit_diff"] <= (1e-5 if dtype == "f32" else 1.0)
+    assert report["format"] == "gguf" and report["precision"] == (
+        "float32" if dtype == "f32" else "float16" if dtype == "f16" else dtype
+    )
+    assert report["greedy_agreement"] >= (1.0 if dtype == "f32" else report["tolerance"]["min_greedy_agreement"])
+    assert report["max_abs_logit_diff"] <= (1e-5 if dtype == "f32" else 1.0 if dtype in ("f16", "q8_0") else 5.0)
+
+
+@pytest.fixture(scope="module")
+def gpt2_model(tiny_run: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A randomly initialized GPT-2 on the tiny run's tokenizer (the export only needs its architecture)."""
+    from llmkit.config import load_config
+    from llmkit.models import build_model
+
+    out = tmp_path_factory.mktemp("gpt2") / "model"
+    tokenizer = AutoTokenizer.from_pretrained(tiny_run / "final")
+    cfg = load_config(None, ["model.arch=gpt2", "model.n_layers=2", "model.hidden_size=64", "model.n_heads=4"])
+    torch.manual_seed(0)
+    build_model(cfg.model, tokenizer).save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+def test_gpt2_gguf_has_llama_cpps_names_and_reads_back_as_the_model(gpt2_model: Path, tmp_path: Path) -> None:
+    gguf = pytest.importorskip("gguf")
+    result = run_cli("export", gpt2_model, "--out", tmp_path / "g", "--format", "gguf", "--dtype", "f32")
+    assert result.exit_code == 0, result.stderr
+    reader = gguf.GGUFReader(str(tmp_path / "g" / "model.gguf"))
+    arch = reader.fields["general.architecture"]
+    assert bytes(arch.parts[arch.data[0]]).decode() == "gpt2"
+    names = {tensor.name: tensor for tensor in reader.tensors}
+    assert {
+        "token_embd.weight",
+        "position_embd.weight",
+        "blk.1.attn_qkv.weight",
+        "blk.1.ffn_down.bias",
+        "output_norm.weight",
+    } <= set(names) and "output.weight" not in names  # tied head: token_embd reused
+    state = AutoModelForCausalLM.from_pretrained(gpt2_model).state_dict()
+    qkv = names["blk.0.attn_qkv.weight"]
+    data = gguf.quants.dequantize(qkv.data, qkv.tensor_type).reshape(tuple(reversed(qkv.shape.tolist())))
+    assert np.array_equal(data, state["transformer.h.0.attn.c_attn.weight"].numpy().T)  # Conv1D -> [out, in]
+    report = json.loads((tmp_path / "g" / "export_report.json").read_text())
+    assert report["max_abs_logit_diff"] <= 1e-5 and report["greedy_agreement"] == 1.0
+
+
+def test_the_ladder_keeps_the_smallest_level_inside_one_bar(tiny_run: Path, tmp_path: Path) -> None:
+    from llmkit.export.gguf import llama_cpp_missing
+
+    out = tmp_path / "ladder"
+    result = run_cli("export", tiny_run, "--out", out, "--format", "gguf", "--ladder")
+    assert result.exit_code == 0, result.stderr
+    report = json.loads((out / "export_report.json").read_text())
+    levels = [row["level"] for row in report["ladder"]]
+    assert levels[:2] == ["f16", "q8_0"] and {"q5_1", "q5_0", "q4_1", "q4_0"} <= set(levels)
+    inside = [row for row in report["ladder"] if row["within"]]
+    assert all(row["greedy_agreement"] >= 0.9 and abs(row["perplexity_increase"]) <= 0.05 for row in inside)
+    best = min(inside, key=lambda row: row["size_bytes"])
+    assert report["recommended"] == report["precision"] == best["level"]
+    assert (out / "model.gguf").stat().st_size == best["size_bytes"]
+    assert sorted(p.name for p in out.iterdir()) == ["README.md", "export_report.json", "model.gguf"]
+    card = (out / "README.md").read_text()
+    assert "## Quantization ladder" in card and f"(**{best['level']}**)" in card
+    if llama_cpp_missing():
+        assert "q4_k_m" not in levels and "pip install llama-cpp-python" in result.stdout + card
+
+    strict = run_cli("export", tiny_run, "--out", tmp_path / "strict", "--format", "gguf", "--ladder",
+                     "--max-ppl-increase", "0", "--min-greedy-agreement", "1")  # fmt: skip
+    assert strict.exit_code == 1 and "no GGUF level stays within the bar" in strict.stderr
+    assert not (tmp_path / "strict").exists()
 
 
 def test_onnx_runs_in_onnxruntime_with_the_models_logits(tiny_run: Path, tmp_path: Path) -> None:
@@ -113,22 +181,28 @@ def test_model_card_describes_model_data_training_and_evaluation(tiny_run: Path,
 
 
 def test_export_format_errors(tiny_run: Path, tmp_path: Path) -> None:
-    from llmkit.config import load_config
-    from llmkit.models import build_model
-
     assert_user_error(run_cli("export", tiny_run, "--out", tmp_path / "a", "--format", "tflite"), "--format tflite")
     assert_user_error(run_cli("export", tiny_run, "--out", tmp_path / "b", "--format", "gguf", "--dtype", "q4_k"),
-                      "--format gguf takes f32, f16, q8_0")  # fmt: skip
+                      "--format gguf takes f32, f16, q8_0, q5_1")  # fmt: skip
     assert_user_error(
         run_cli("export", tiny_run, "--out", tmp_path / "c", "--quantize", "int8"), "applies to --format onnx"
     )
-    gpt2 = tmp_path / "gpt2"
+    qwen = tmp_path / "qwen2"
     tokenizer = AutoTokenizer.from_pretrained(tiny_run / "final")
-    cfg = load_config(None, ["model.arch=gpt2", "model.n_layers=1", "model.hidden_size=32", "model.n_heads=4"])
-    build_model(cfg.model, tokenizer).save_pretrained(gpt2)
-    tokenizer.save_pretrained(gpt2)
-    assert_user_error(run_cli("export", gpt2, "--out", tmp_path / "d", "--format", "gguf"), "writes Llama-architecture")
-    assert not any((tmp_path / name).exists() for name in "abcd")
+    AutoModelForCausalLM.from_config(Qwen2Config(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
+                                                 num_hidden_layers=1, num_attention_heads=4,
+                                                 num_key_value_heads=2)).save_pretrained(qwen)  # fmt: skip
+    tokenizer.save_pretrained(qwen)
+    assert_user_error(run_cli("export", qwen, "--out", tmp_path / "d", "--format", "gguf"),
+                      "writes Llama- and GPT-2-architecture models; this one is 'qwen2'")  # fmt: skip
+    assert_user_error(run_cli("export", tiny_run, "--out", tmp_path / "e", "--format", "gguf", "--ladder", "--dtype",
+                              "q8_0"), "--ladder measures every GGUF level")  # fmt: skip
+    from llmkit.export.gguf import llama_cpp_missing
+
+    if llama_cpp_missing():
+        assert_user_error(run_cli("export", tiny_run, "--out", tmp_path / "f", "--format", "gguf", "--dtype", "q4_k_m"),
+                          "--dtype q4_k_m: k-quants", "pip install llama-cpp-python")  # fmt: skip
+    assert not any((tmp_path / name).exists() for name in "abcdef")
 
 
 LLAMA_CPP_CHECK = """

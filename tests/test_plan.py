@@ -152,3 +152,27 @@ def test_plan_knows_preference_tasks(tmp_path: Path) -> None:
     assert dpo.memory.activations > 2 * sft.memory.activations  # two answers per row, and whole logits
     assert dpo.memory.weights == sft.memory.weights  # no reference model held
     assert any("reference_logps.npy" in note for note in dpo.notes)
+
+
+def test_plan_counts_a_live_teacher_and_the_disk_of_a_top_k_cache(tmp_path: Path) -> None:
+    """A live teacher adds its weights, its logits and its forward FLOPs; a cached one adds none of them, and the
+    plan states the cache's bytes on disk (tokens x k x (2-byte id + 2-byte log-prob) for a small vocabulary)."""
+    from llmkit.train.distill import cache_bytes
+
+    tokenizer = type("Vocab", (), {"__len__": lambda self: 1000, "bos_token_id": 0, "eos_token_id": 0,
+                                   "pad_token_id": 1})()  # fmt: skip
+    teacher_cfg = load_config(RECIPES / "tiny-cpu.yaml", ["model.hidden_size=256"])
+    build_model(teacher_cfg.model, tokenizer).save_pretrained(tmp_path / "teacher")
+    common = ["data.vocab_size=1000", f"data.dataset_dir={tmp_path / 'none'}"]
+    alone = plan_run(load_config(RECIPES / "tiny-cpu.yaml", common))
+    live = plan_run(load_config(RECIPES / "tiny-cpu.yaml", [*common, f"distill.teacher={tmp_path / 'teacher'}"]))
+    teacher_params = sum(p.numel() for p in build_model(teacher_cfg.model, tokenizer).parameters())
+    assert live.memory.weights - alone.memory.weights == pytest.approx(4.0 * teacher_params, rel=0.01)
+    assert live.memory.activations > alone.memory.activations  # the student's and the teacher's whole logits
+    matmul = teacher_params - 1024 * 256  # the tied embedding (1000 tokens padded to 1024) does no matmul
+    assert live.flops_per_token - alone.flops_per_token >= 2 * matmul  # a forward pass per token
+    cached = plan_run(load_config(RECIPES / "tiny-cpu.yaml", [*common, f"distill.teacher={tmp_path / 'teacher'}",
+                                                             "distill.top_k=16", "train.max_steps=10"]))  # fmt: skip
+    assert cached.memory.weights == alone.memory.weights and cached.flops_per_token == alone.flops_per_token
+    assert any("top-16 cache" in note and "per training token" in note for note in cached.notes)
+    assert cache_bytes(1000, 16, 1024) == 1000 * 16 * 4 and cache_bytes(1, 16, 128_256) == 16 * 6

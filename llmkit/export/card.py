@@ -47,8 +47,29 @@ def model_card(name: str, model_dir: Path, report: dict[str, Any], eval_report: 
               f"| greedy agreement | {report['greedy_agreement']:.2%} | >= {limits['min_greedy_agreement']:.0%} |",
               f"| perplexity change | {report['perplexity_increase']:+.3%} | +-{limits['max_ppl_increase']:.2%} |",
               ""]  # fmt: skip
+    if report.get("ladder"):
+        lines += _ladder(report)
     lines += ["## Use", "", "```python", *USAGE[report["format"]], "```", ""]
     return "\n".join(lines)
+
+
+def _ladder(report: dict[str, Any]) -> list[str]:
+    limits = report["tolerance"]
+    lines = ["## Quantization ladder", "",
+             f"Every level measured on the same probe; kept: the smallest inside greedy agreement >= "
+             f"{limits['min_greedy_agreement']:.0%} and perplexity change within +-{limits['max_ppl_increase']:.0%} "
+             f"(**{report['recommended']}**).", "",
+             "| level | size (MiB) | greedy agreement | perplexity change | tokens/s (llama.cpp) | within |",
+             "| --- | ---: | ---: | ---: | ---: | --- |"]  # fmt: skip
+    for row in report["ladder"]:
+        speed = f"{row['tokens_per_second']:,.0f}" if row.get("tokens_per_second") else "-"
+        lines.append(f"| {row['level']} | {row['size_bytes'] / 2**20:.2f} | {row['greedy_agreement']:.2%} | "
+                     f"{row['perplexity_increase']:+.2%} | {speed} | {'yes' if row['within'] else 'no'} |")  # fmt: skip
+    if report.get("ladder_note"):
+        lines += ["", f"Not measured: {report['ladder_note']}."]
+    if not any(row.get("tokens_per_second") for row in report["ladder"]):
+        lines += ["", "tokens/s: llama-cpp-python was not installed where this ran, so no level was timed."]
+    return [*lines, ""]
 
 
 def _base(config: dict[str, Any] | None, report: dict[str, Any]) -> str:

@@ -2,12 +2,17 @@
 
 * `hf`: a standalone Hugging Face directory (safetensors; float32, bfloat16 or float16) that loads with
   `AutoModelForCausalLM` without llmkit; a LoRA run exports as its PEFT adapter, or merged with --merge-lora.
-* `gguf`: one `model.gguf` for llama.cpp (Llama architecture; f32, f16 or q8_0), tokenizer inside.
+* `gguf`: one `model.gguf` for llama.cpp (Llama or GPT-2; f32, f16, q8_0, q5_1, q5_0, q4_1, q4_0, and the
+  k-quants through llama.cpp's quantizer), tokenizer inside.
 * `onnx`: `model.onnx` for onnxruntime (float32, or `--quantize int8` for CPU inference).
 
 Every export is built in a staging directory, run by its own runtime on a probe set and compared with the
 source (llmkit.export.parity); only an export within tolerance is moved into place, with its parity report
 (`export_report.json`) and a model card (`README.md`).
+
+`--ladder` (GGUF) exports every quantization level, measures each on the probe (size, perplexity change, greedy
+agreement, and tokens/s in llama.cpp when llama-cpp-python is installed), holds them all to one bar and keeps the
+smallest level inside it; the whole table goes into the report and the model card.
 """
 
 from __future__ import annotations
@@ -21,16 +26,17 @@ from llmkit.atomic import atomic_directory, write_json, write_text
 from llmkit.data.tokenizer import load_tokenizer
 from llmkit.errors import GATE_FAILED_EXIT, UserError
 from llmkit.export.card import model_card
+from llmkit.export.gguf import GGUF_TYPES, K_QUANTS, llama_cpp_missing
 from llmkit.export.parity import Tolerance, failures, measure, probe_batch, probe_texts
 from llmkit.models import load_trained_model
 from llmkit.outputs import check_output, output_lock
 from llmkit.runs import find_tokenizer_dir, resolve_model_dir
 
-FORMATS = {"hf": ("float32", "bfloat16", "float16"), "gguf": ("f32", "f16", "q8_0"), "onnx": ("float32",)}
+FORMATS = {"hf": ("float32", "bfloat16", "float16"), "gguf": GGUF_TYPES, "onnx": ("float32",)}
 DEFAULT_DTYPE = {"hf": "float32", "gguf": "f16", "onnx": "float32"}
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 WEIGHT_FILES = (".safetensors", ".gguf", ".onnx")
-PRECISION = {"f32": "float32", "f16": "float16", "q8_0": "q8_0"}  # GGUF types as parity precisions
+PRECISION = {"f32": "float32", "f16": "float16"}  # GGUF types as parity precisions (the others: their names)
 
 
 class ParityFailed(UserError):
@@ -50,14 +56,19 @@ def export_model(
     tolerance: dict[str, float | None] | None = None,
     eval_report: Path | None = None,
     probe_data: str | None = None,
+    ladder: bool = False,
 ) -> dict[str, Any]:
+    if ladder and (fmt != "gguf" or dtype is not None or quantize):
+        raise UserError("--ladder measures every GGUF level and keeps one: pass --format gguf and no --dtype")
     if fmt not in FORMATS:
         raise UserError(f"--format {fmt}: choose one of {', '.join(FORMATS)}")
     dtype = dtype or DEFAULT_DTYPE[fmt]
     if dtype not in FORMATS[fmt]:
         raise UserError(f"--dtype {dtype}: --format {fmt} takes {', '.join(FORMATS[fmt])}")
     if quantize not in (None, "int8") or (quantize and fmt != "onnx"):
-        raise UserError("--quantize int8 applies to --format onnx (GGUF has --dtype q8_0)")
+        raise UserError("--quantize int8 applies to --format onnx (GGUF has --dtype q8_0 ... q4_0)")
+    if fmt == "gguf" and dtype in K_QUANTS and llama_cpp_missing():
+        raise UserError(f"--dtype {dtype}: {llama_cpp_missing()}; q8_0, q5_1, q5_0, q4_1 and q4_0 need nothing more")
     for key, value in (tolerance or {}).items():  # checked where they enter, before any work
         if value is not None and (not 0 <= value < float("inf") or (key == "min_greedy_agreement" and value > 1)):
             raise UserError(f"--{key.replace('_', '-')} {value}: must be a finite number >= 0 (an agreement at most 1)")
@@ -75,6 +86,8 @@ def export_model(
     if eval_report is not None and not eval_report.is_file():
         raise UserError(f"{eval_report}: evaluation report not found")
     with output_lock(out):
+        if ladder:
+            return _export_ladder(model_dir, out, tolerance, eval_report, probe_data)
         return _export(model_dir, out, fmt, dtype, quantize, adapter, merge, tolerance, eval_report, probe_data)
 
 
@@ -126,6 +139,87 @@ def _export(
     return report
 
 
+LADDER = ("f16", "q8_0", "q6_k", "q5_k_m", "q5_1", "q5_0", "q4_k_m", "q4_1", "q4_0", "q3_k_m", "q2_k")
+LADDER_BAR = Tolerance(max_logit_diff=float("inf"), min_greedy_agreement=0.9, max_ppl_increase=0.05)
+
+
+def _export_ladder(
+    model_dir: Path,
+    out: Path,
+    tolerance: dict[str, float | None] | None,
+    eval_report: Path | None,
+    probe_data: str | None,
+) -> dict[str, Any]:
+    """Every GGUF level measured against the source; the smallest one inside the bar is written to `out`."""
+    import shutil
+
+    from llmkit.console import info
+    from llmkit.export.gguf import check_gguf_supported
+
+    tokenizer = load_tokenizer(find_tokenizer_dir(model_dir))
+    reference = load_trained_model(model_dir, dtype=torch.float32, merge=True).eval()
+    check_gguf_supported(reference)
+    bar = Tolerance(**LADDER_BAR.__dict__)
+    for key, value in (tolerance or {}).items():
+        if value is not None:
+            setattr(bar, key, value)
+    ids, mask = probe_batch(tokenizer, probe_texts(probe_data))
+    skipped = llama_cpp_missing()
+    levels = [level for level in LADDER if not (skipped and level in K_QUANTS)]
+    if skipped:
+        info(f"ladder: {skipped}; measuring {', '.join(levels)}")
+    rows: list[dict[str, Any]] = []
+    with atomic_directory(out) as staging:
+        for level in levels:
+            folder = staging / f".{level}"
+            folder.mkdir()
+            exported = _write_gguf(model_dir, folder, tokenizer, level, None, False, out.name)
+            row = {"level": level, **measure(_logits(reference), exported, ids, mask)}
+            row["size_bytes"] = (folder / "model.gguf").stat().st_size
+            row["tokens_per_second"] = llama_cpp_speed(folder / "model.gguf", ids[0, :16].tolist())
+            row["within"] = not failures(row, bar)
+            rows.append(row)
+            info(f"ladder: {level:7} {row['size_bytes'] / 2**20:8.2f} MiB, greedy agreement "
+                 f"{row['greedy_agreement']:.1%}, perplexity {row['perplexity_increase']:+.2%}"
+                 f"{'' if row['within'] else ' (outside the bar)'}")  # fmt: skip
+        inside = [row for row in rows if row["within"]]
+        if not inside:
+            raise ParityFailed(
+                f"{out}: no GGUF level stays within the bar (greedy agreement >= {bar.min_greedy_agreement:g}, "
+                f"perplexity within +-{bar.max_ppl_increase:.0%}); nothing was written (loosen with "
+                "--min-greedy-agreement or --max-ppl-increase)"
+            )
+        best = min(inside, key=lambda row: row["size_bytes"])
+        (staging / f".{best['level']}" / "model.gguf").rename(staging / "model.gguf")
+        for level in levels:
+            shutil.rmtree(staging / f".{level}")
+        report = {key: value for key, value in best.items() if key not in ("level", "within")}
+        report.update(
+            format="gguf", precision=best["level"], source=str(model_dir), out=str(out), kind="full",
+            files=["model.gguf", "export_report.json", "README.md"], tolerance=bar.__dict__,
+            probe=probe_data or "built-in (8 held-out stories, 4 general sentences)",
+            ladder=rows, recommended=best["level"], ladder_note=skipped,
+        )  # fmt: skip
+        write_json(staging / "export_report.json", report)
+        write_text(staging / "README.md", model_card(out.name, model_dir, report, eval_report))
+    return report
+
+
+def llama_cpp_speed(path: Path, prompt: list[int], new_tokens: int = 48) -> float | None:
+    """Greedy decoding speed of a GGUF file in llama.cpp (tokens/s), None without llama-cpp-python."""
+    if llama_cpp_missing():
+        return None
+    import time
+
+    from llama_cpp import Llama
+
+    llm = Llama(model_path=str(path), n_ctx=len(prompt) + new_tokens, verbose=False)
+    start = time.perf_counter()
+    result = llm.create_completion(prompt, max_tokens=new_tokens, temperature=0.0)
+    seconds = time.perf_counter() - start
+    return result["usage"]["completion_tokens"] / seconds if seconds > 0 else None
+
+
 def _logits(model: Any) -> Any:
     return lambda ids, mask: model(input_ids=ids, attention_mask=mask).logits
 
@@ -153,7 +247,7 @@ def _write_gguf(
     path = staging / "model.gguf"
     write_gguf(model, tokenizer, path, dtype, name)
     state, metadata = read_gguf(path, model)  # read back: what a GGUF runtime would load
-    if metadata["tokens"] < len(tokenizer) or metadata["architecture"] != "llama":
+    if metadata["tokens"] < len(tokenizer) or metadata["architecture"] != model.config.model_type:
         raise UserError(
             f"{path}: read back {metadata['tokens']} tokens / {metadata['architecture']}: not written right"
         )

@@ -1,11 +1,13 @@
-"""GGUF for llama.cpp and its kin, written with the `gguf` package: Llama-architecture models only.
+"""GGUF for llama.cpp and its kin, written with the `gguf` package: Llama and GPT-2 architectures.
 
-Tensors take llama.cpp's names (`blk.N.attn_q.weight`, ...). The query and key projections are permuted
-from Hugging Face's rotary layout (first half / second half of each head) to llama.cpp's (interleaved
-pairs), as llama.cpp's own converter does. Types: f32; f16 (norms stay f32); q8_0 (blocks of 32 int8 values
-with one f16 scale; tensors whose rows are not a multiple of 32 fall back to f16, as in llama.cpp). The
-tokenizer travels in the file: byte-level BPE tokens, merges, token types and special ids, and the chat
-template when there is one.
+Tensors take llama.cpp's names (`blk.N.attn_q.weight`, ...). Llama's query and key projections are permuted
+from Hugging Face's rotary layout (first half / second half of each head) to llama.cpp's (interleaved pairs), as
+llama.cpp's own converter does; GPT-2's Conv1D weights are transposed to [out, in]. Types: f32; f16 (norms and
+biases stay f32); the block types q8_0, q5_1, q5_0, q4_1 and q4_0 (blocks of 32 weights with f16 scales, written
+by the gguf package; tensors whose rows are not a multiple of 32 fall back to f16, as in llama.cpp); and the
+k-quants (q6_k ... q2_k), which the gguf package cannot write: llama.cpp's own quantizer makes them from the f16
+file, through llama-cpp-python when it is installed. The tokenizer travels in the file: byte-level BPE tokens,
+merges, token types and special ids, and the chat template when there is one.
 
 `read_gguf` reads a file back into a Hugging Face state dict (dequantized, permutation undone): the export is
 verified by loading that into the model and comparing its logits with the source's.
@@ -22,7 +24,9 @@ import torch
 
 from llmkit.errors import UserError
 
-GGUF_TYPES = ("f32", "f16", "q8_0")
+BLOCK_TYPES = ("q8_0", "q5_1", "q5_0", "q4_1", "q4_0")  # written here, blocks of 32
+K_QUANTS = ("q6_k", "q5_k_m", "q5_k_s", "q4_k_m", "q4_k_s", "q3_k_m", "q3_k_s", "q2_k")  # llama.cpp's quantizer
+GGUF_TYPES = ("f32", "f16", *BLOCK_TYPES, *K_QUANTS)
 _LAYER_NAMES = {
     "input_layernorm": "attn_norm",
     "self_attn.q_proj": "attn_q",
@@ -35,16 +39,52 @@ _LAYER_NAMES = {
     "mlp.down_proj": "ffn_down",
 }
 _TOP_NAMES = {"model.embed_tokens": "token_embd", "model.norm": "output_norm", "lm_head": "output"}
+_GPT2_LAYER_NAMES = {
+    "ln_1": "attn_norm",
+    "attn.c_attn": "attn_qkv",
+    "attn.c_proj": "attn_output",
+    "ln_2": "ffn_norm",
+    "mlp.c_fc": "ffn_up",
+    "mlp.c_proj": "ffn_down",
+}
+_GPT2_TOP_NAMES = {"transformer.wte": "token_embd", "transformer.wpe": "position_embd",
+                   "transformer.ln_f": "output_norm", "lm_head": "output"}  # fmt: skip
+ARCHITECTURES = ("llama", "gpt2")
 
 
 def gguf_name(hf_name: str) -> str:
     stem, _, kind = hf_name.rpartition(".")
+    parts = stem.split(".")
     if stem in _TOP_NAMES:
         return f"{_TOP_NAMES[stem]}.{kind}"
-    parts = stem.split(".")
+    if stem in _GPT2_TOP_NAMES:
+        return f"{_GPT2_TOP_NAMES[stem]}.{kind}"
     if parts[:2] == ["model", "layers"] and ".".join(parts[3:]) in _LAYER_NAMES:
         return f"blk.{parts[2]}.{_LAYER_NAMES['.'.join(parts[3:])]}.{kind}"
+    if parts[:2] == ["transformer", "h"] and ".".join(parts[3:]) in _GPT2_LAYER_NAMES:
+        return f"blk.{parts[2]}.{_GPT2_LAYER_NAMES['.'.join(parts[3:])]}.{kind}"
     raise UserError(f"GGUF export: no llama.cpp name for tensor {hf_name}")
+
+
+def _to_gguf_layout(hf_name: str, data: np.ndarray, config: Any) -> np.ndarray:
+    """Hugging Face layout -> llama.cpp's: rotary permutation (Llama), [out, in] matrices (GPT-2's Conv1D)."""
+    if config.model_type == "gpt2":
+        return data.T if data.ndim == 2 and hf_name.startswith("transformer.h.") else data
+    if hf_name.endswith("q_proj.weight"):
+        return _rotary_permute(data, config.num_attention_heads)
+    if hf_name.endswith("k_proj.weight"):
+        return _rotary_permute(data, config.num_key_value_heads or config.num_attention_heads)
+    return data
+
+
+def _from_gguf_layout(hf_name: str, data: np.ndarray, config: Any) -> np.ndarray:
+    if config.model_type == "gpt2":
+        return data.T if data.ndim == 2 and hf_name.startswith("transformer.h.") else data
+    if hf_name.endswith("q_proj.weight"):
+        return _rotary_unpermute(data, config.num_attention_heads)
+    if hf_name.endswith("k_proj.weight"):
+        return _rotary_unpermute(data, config.num_key_value_heads or config.num_attention_heads)
+    return data
 
 
 def _rotary_permute(weight: np.ndarray, heads: int) -> np.ndarray:
@@ -61,56 +101,97 @@ def _rotary_unpermute(weight: np.ndarray, heads: int) -> np.ndarray:
 
 
 def check_gguf_supported(model: Any) -> None:
-    if getattr(model.config, "model_type", None) != "llama":
+    if getattr(model.config, "model_type", None) not in ARCHITECTURES:
         raise UserError(
-            f"--format gguf writes Llama-architecture models; this one is {model.config.model_type!r} "
+            f"--format gguf writes Llama- and GPT-2-architecture models; this one is {model.config.model_type!r} "
             "(use --format hf or onnx)"
         )
 
 
 def write_gguf(model: Any, tokenizer: Any, path: Path, kind: str, name: str) -> None:
+    """`model` as one GGUF file of type `kind`; a k-quant is written as f16 and quantized by llama.cpp."""
+    if kind in K_QUANTS:
+        f16 = path.with_name(f".{path.name}.f16")
+        try:
+            write_gguf(model, tokenizer, f16, "f16", name)
+            quantize_with_llama_cpp(f16, path, kind)
+        finally:
+            f16.unlink(missing_ok=True)
+        return
     import gguf
 
     check_gguf_supported(model)
     config = model.config
-    heads, kv_heads = config.num_attention_heads, config.num_key_value_heads or config.num_attention_heads
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
-    writer = gguf.GGUFWriter(str(path), "llama")
+    writer = gguf.GGUFWriter(str(path), config.model_type)
     writer.add_name(name)
-    writer.add_context_length(config.max_position_embeddings)
-    writer.add_embedding_length(config.hidden_size)
-    writer.add_block_count(config.num_hidden_layers)
-    writer.add_feed_forward_length(config.intermediate_size)
-    writer.add_head_count(heads)
-    writer.add_head_count_kv(kv_heads)
-    writer.add_rope_dimension_count(head_dim)
-    writer.add_layer_norm_rms_eps(config.rms_norm_eps)
-    writer.add_rope_freq_base(float(getattr(config, "rope_theta", None) or _rope_theta(config)))
-    writer.add_file_type({"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
-                          "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[kind])  # fmt: skip
+    _add_hyperparameters(writer, config)
+    file_type = "ALL_F32" if kind == "f32" else f"MOSTLY_{kind.upper()}"
+    writer.add_file_type(getattr(gguf.LlamaFileType, file_type))
     _add_tokenizer(writer, tokenizer, model)
 
     tied = model.get_output_embeddings().weight is model.get_input_embeddings().weight
     for hf_name, tensor in model.state_dict().items():
         if tied and hf_name == "lm_head.weight":
             continue  # llama.cpp reuses token_embd when there is no output tensor
-        data = tensor.detach().to(torch.float32).cpu().numpy()
-        if hf_name.endswith("q_proj.weight"):
-            data = _rotary_permute(data, heads)
-        elif hf_name.endswith("k_proj.weight"):
-            data = _rotary_permute(data, kv_heads)
+        data = _to_gguf_layout(hf_name, tensor.detach().to(torch.float32).cpu().numpy(), config)
         target = gguf_name(hf_name)
         if data.ndim == 1 or kind == "f32":
-            writer.add_tensor(target, data.astype(np.float32))
-        elif kind == "q8_0" and data.shape[-1] % 32 == 0:
-            quantized = gguf.quants.quantize(data, gguf.GGMLQuantizationType.Q8_0)
-            writer.add_tensor(target, quantized, raw_shape=quantized.shape, raw_dtype=gguf.GGMLQuantizationType.Q8_0)
+            writer.add_tensor(target, np.ascontiguousarray(data, dtype=np.float32))
+        elif kind in BLOCK_TYPES and data.shape[-1] % 32 == 0:
+            qtype = getattr(gguf.GGMLQuantizationType, kind.upper())
+            quantized = gguf.quants.quantize(np.ascontiguousarray(data), qtype)
+            writer.add_tensor(target, quantized, raw_shape=quantized.shape, raw_dtype=qtype)
         else:
-            writer.add_tensor(target, data.astype(np.float16))
+            writer.add_tensor(target, np.ascontiguousarray(data, dtype=np.float16))
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
+
+
+def _add_hyperparameters(writer: Any, config: Any) -> None:
+    if config.model_type == "gpt2":
+        writer.add_context_length(config.n_positions)
+        writer.add_embedding_length(config.n_embd)
+        writer.add_block_count(config.n_layer)
+        writer.add_feed_forward_length(config.n_inner or 4 * config.n_embd)
+        writer.add_head_count(config.n_head)
+        writer.add_layer_norm_eps(config.layer_norm_epsilon)
+        return
+    heads, kv_heads = config.num_attention_heads, config.num_key_value_heads or config.num_attention_heads
+    writer.add_context_length(config.max_position_embeddings)
+    writer.add_embedding_length(config.hidden_size)
+    writer.add_block_count(config.num_hidden_layers)
+    writer.add_feed_forward_length(config.intermediate_size)
+    writer.add_head_count(heads)
+    writer.add_head_count_kv(kv_heads)
+    writer.add_rope_dimension_count(getattr(config, "head_dim", None) or config.hidden_size // heads)
+    writer.add_layer_norm_rms_eps(config.rms_norm_eps)
+    writer.add_rope_freq_base(float(getattr(config, "rope_theta", None) or _rope_theta(config)))
+
+
+def llama_cpp_missing() -> str | None:
+    """Why the k-quants cannot be made here (None when llama-cpp-python is importable)."""
+    import importlib.util
+
+    if importlib.util.find_spec("llama_cpp") is None:
+        return "k-quants (q6_k ... q2_k) are made by llama.cpp's quantizer: pip install llama-cpp-python"
+    return None
+
+
+def quantize_with_llama_cpp(source: Path, target: Path, kind: str) -> None:
+    """llama.cpp's own quantizer (`llama_model_quantize`), as its `llama-quantize` tool runs it."""
+    problem = llama_cpp_missing()
+    if problem:
+        raise UserError(f"--dtype {kind}: {problem}")
+    import llama_cpp
+
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{kind.upper()}")
+    params.nthread = 0  # all cores
+    code = llama_cpp.llama_model_quantize(str(source).encode(), str(target).encode(), params)
+    if code != 0 or not target.is_file():
+        raise UserError(f"--dtype {kind}: llama.cpp's quantizer failed (code {code}) on {source.name}")
 
 
 def _rope_theta(config: Any) -> float:
@@ -158,7 +239,6 @@ def read_gguf(path: Path, model: Any) -> tuple[dict[str, torch.Tensor], dict[str
 
     reader = gguf.GGUFReader(str(path))
     config = model.config
-    heads, kv_heads = config.num_attention_heads, config.num_key_value_heads or config.num_attention_heads
     by_gguf = {gguf_name(name): name for name in model.state_dict()}
     state: dict[str, torch.Tensor] = {}
     types: dict[str, str] = {}
@@ -167,10 +247,7 @@ def read_gguf(path: Path, model: Any) -> tuple[dict[str, torch.Tensor], dict[str
         shape = tuple(int(d) for d in reversed(tensor.shape.tolist()))  # GGUF lists dimensions innermost first
         data = np.asarray(data, dtype=np.float32).reshape(shape)
         hf_name = by_gguf[tensor.name]
-        if hf_name.endswith("q_proj.weight"):
-            data = _rotary_unpermute(data, heads)
-        elif hf_name.endswith("k_proj.weight"):
-            data = _rotary_unpermute(data, kv_heads)
+        data = _from_gguf_layout(hf_name, data, config)
         state[hf_name] = torch.from_numpy(np.array(data, dtype=np.float32, copy=True))
         types[tensor.name] = tensor.tensor_type.name
     metadata = {
@@ -178,7 +255,7 @@ def read_gguf(path: Path, model: Any) -> tuple[dict[str, torch.Tensor], dict[str
         "tokens": len(reader.fields["tokenizer.ggml.tokens"].data),
         "merges": len(reader.fields["tokenizer.ggml.merges"].data),
         "eos_token_id": _field(reader, "tokenizer.ggml.eos_token_id"),
-        "block_count": _field(reader, "llama.block_count"),
+        "block_count": _field(reader, f"{config.model_type}.block_count"),
         "tensor_types": sorted(set(types.values())),
     }
     return state, metadata

@@ -40,14 +40,22 @@ class Tolerance:
 
     @classmethod
     def default(cls, precision: str) -> Tolerance:
-        """Exact formats must match; 16-bit ones stay close; 8-bit ones are held to behaviour, not to logits."""
-        return {
+        """Exact formats must match; 16-bit ones stay close; 8-bit and fewer bits are held to behaviour, not to
+        logits, more loosely the fewer bits they keep (a single export's default gate; `--ladder` holds every
+        level to one bar)."""
+        levels = {
             "float32": cls(1e-3, 1.0, 1e-4),
             "float16": cls(0.05, 0.98, 0.005),
             "bfloat16": cls(0.5, 0.95, 0.02),
             "q8_0": cls(math.inf, 0.9, 0.05),
             "int8": cls(math.inf, 0.9, 0.05),
-        }[precision]
+            "q6_k": cls(math.inf, 0.9, 0.05),
+            "q5": cls(math.inf, 0.85, 0.1),
+            "q4": cls(math.inf, 0.8, 0.2),
+            "q3": cls(math.inf, 0.7, 0.35),
+            "q2": cls(math.inf, 0.6, 0.6),
+        }
+        return levels.get(precision) or levels[precision[:2]]  # q5_1, q5_k_m -> q5
 
 
 def probe_texts(path: str | None = None, count: int = 32) -> list[str]:

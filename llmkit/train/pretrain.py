@@ -16,6 +16,7 @@ from llmkit.data.tokenizer import load_tokenizer, tokenizer_hash
 from llmkit.errors import UserError
 from llmkit.models import build_model, check_vocab_fits, count_parameters, load_model, model_context
 from llmkit.plan import model_flops_per_token
+from llmkit.train.distill import cache_key, check_given_cache, check_teacher, pretrain_objective
 from llmkit.train.loader import BlockLoader, validation_batches
 from llmkit.train.loop import FitResult, TrainJob, fit
 from llmkit.train.resume import (
@@ -43,7 +44,8 @@ def pretrain(
     resume_fallback: bool = False,
     allow_config_change: bool = False,
 ) -> FitResult:
-    """Train a causal LM on the prepared dataset named in `cfg.data.dataset_dir`.
+    """Train a causal LM on the prepared dataset named in `cfg.data.dataset_dir` (taught by `cfg.distill.teacher`
+    when one is given: llmkit.train.distill).
 
     `resume` is "auto" (the newest valid checkpoint of the run, or a fresh start when it has none) or a
     checkpoint directory.
@@ -52,6 +54,11 @@ def pretrain(
     tokenizer = load_tokenizer(dataset.tokenizer_dir)
     block_size = int(dataset.manifest["block_size"])
     _check_init_tokenizer(cfg, dataset.manifest["tokenizer"]["hash"])
+    if cfg.distill.teacher:
+        check_teacher(cfg.distill, tokenizer, f"{cfg.model.init_from or cfg.model.arch} on {dataset.root}")
+        if cfg.distill.top_k and cfg.distill.cache:
+            key = cache_key(cfg.distill, _blocks_fingerprint(dataset.manifest), len(tokenizer))
+            check_given_cache(Path(cfg.distill.cache), key)
     accelerator = make_accelerator(cfg)
     if block_size != cfg.data.block_size and accelerator.is_main_process:
         info(f"{dataset.root}: using the dataset's blocks of {block_size} (the recipe says {cfg.data.block_size})")
@@ -114,7 +121,11 @@ def _pretrain(
 
     if cfg.train.gradient_checkpointing:
         enable_gradient_checkpointing(model)
-    loss_fn = language_model_loss(model, accelerator, liger=liger)
+    if cfg.distill.teacher:
+        objective, loader = pretrain_objective(cfg, tokenizer, loader, _blocks_fingerprint(manifest), accelerator,
+                                               run_dir)  # fmt: skip
+    else:
+        objective = {"loss_fn": language_model_loss(model, accelerator, liger=liger)}
     optimizer = build_optimizer(model, cfg.optimizer, accelerator)
     model, optimizer = accelerator.prepare(model, optimizer)
     val_batches = (
@@ -150,7 +161,7 @@ def _pretrain(
         config_yaml=config_yaml,
         fingerprints=fingerprints,
         resume=resume_state,
-        loss_fn=loss_fn,
+        **objective,
     )
     return fit(job)
 
@@ -174,6 +185,10 @@ def _print_plan(
         f"{total_steps:,} steps of {tokens_per_step:,} tokens on {acc.num_processes} process(es), {acc.device}"
         f"{', Liger kernels' if liger else ''}"
     )
+
+
+def _blocks_fingerprint(manifest: dict[str, Any]) -> str:
+    return f"{manifest['fingerprint']}:{manifest['block_size']}"
 
 
 def _token(cfg: RunConfig) -> str | None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 from llmkit.errors import UserError
 from llmkit.train.tasks.base import Task, TaskData
 from llmkit.train.tasks.classify import Classify
+from llmkit.train.tasks.distill import Distill
 from llmkit.train.tasks.preference import PreferenceTask
 from llmkit.train.tasks.reward import Reward
 from llmkit.train.tasks.sft import SFT
@@ -20,6 +21,7 @@ TASKS: dict[str, Task] = {
     "simpo": PreferenceTask("simpo", "simple preference optimization: length-normalized rewards, no reference"),
     "kto": PreferenceTask("kto", "Kahneman-Tversky optimization: single answers labelled desirable or not"),
     "reward": Reward(),
+    "distill": Distill(),
 }
 
 

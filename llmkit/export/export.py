@@ -213,10 +213,13 @@ def llama_cpp_speed(path: Path, prompt: list[int], new_tokens: int = 48) -> floa
 
     from llama_cpp import Llama
 
-    llm = Llama(model_path=str(path), n_ctx=len(prompt) + new_tokens, verbose=False)
-    start = time.perf_counter()
-    result = llm.create_completion(prompt, max_tokens=new_tokens, temperature=0.0)
-    seconds = time.perf_counter() - start
+    from llmkit.export.gguf import quiet_native_stderr
+
+    with quiet_native_stderr():
+        llm = Llama(model_path=str(path), n_ctx=len(prompt) + new_tokens, verbose=False)
+        start = time.perf_counter()
+        result = llm.create_completion(prompt, max_tokens=new_tokens, temperature=0.0)
+        seconds = time.perf_counter() - start
     return result["usage"]["completion_tokens"] / seconds if seconds > 0 else None
 
 

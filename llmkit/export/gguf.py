@@ -16,6 +16,10 @@ verified by loading that into the model and comparing its logits with the source
 from __future__ import annotations
 
 import json
+import os
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -170,6 +174,20 @@ def _add_hyperparameters(writer: Any, config: Any) -> None:
     writer.add_rope_freq_base(float(getattr(config, "rope_theta", None) or _rope_theta(config)))
 
 
+@contextmanager
+def quiet_native_stderr() -> Iterator[None]:
+    """Silence what C code writes to file descriptor 2 (llama.cpp prints its progress there, not through Python)."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with open(os.devnull, "w") as devnull:
+        os.dup2(devnull.fileno(), 2)
+        try:
+            yield
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+
+
 def llama_cpp_missing() -> str | None:
     """Why the k-quants cannot be made here (None when llama-cpp-python is importable)."""
     import importlib.util
@@ -189,7 +207,8 @@ def quantize_with_llama_cpp(source: Path, target: Path, kind: str) -> None:
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{kind.upper()}")
     params.nthread = 0  # all cores
-    code = llama_cpp.llama_model_quantize(str(source).encode(), str(target).encode(), params)
+    with quiet_native_stderr():
+        code = llama_cpp.llama_model_quantize(str(source).encode(), str(target).encode(), params)
     if code != 0 or not target.is_file():
         raise UserError(f"--dtype {kind}: llama.cpp's quantizer failed (code {code}) on {source.name}")
 

@@ -149,6 +149,13 @@ def _quiet_libraries() -> None:
     warnings.filterwarnings("ignore", message=r"`torch\.distributed\.\w+` is deprecated", category=FutureWarning)
     if "DS_ACCELERATOR" not in os.environ and not _has_cuda():
         os.environ["DS_ACCELERATOR"] = "cpu"
+    import logging as stdlib_logging
+
+    # torchao's optional CUDA extensions, absent on a CPU build: it says so at import, and it works without them.
+    stdlib_logging.getLogger("torchao").setLevel(stdlib_logging.ERROR)
+    stdlib_logging.getLogger("torch.utils._pytree").setLevel(
+        stdlib_logging.ERROR
+    )  # torchao registers enums torch now knows
     if "transformers" in sys.modules and os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] == "1":
         from transformers.utils import logging
 
@@ -323,8 +330,10 @@ def finetune_command(
     main_process_port: MainProcessPortOpt = None,
     overwrite: OverwriteOpt = False,
 ) -> None:
-    """Fine-tune a model on your own rows: chat/instruction SFT, classification, preference tuning (DPO, ORPO,
-    SimPO, KTO), a reward model, or distillation from a teacher, with full, LoRA, QLoRA or freeze.
+    """Fine-tune a model on your rows: SFT, classification, preference, reward or distillation.
+
+    Tasks: chat/instruction SFT, classification, preference tuning (DPO, ORPO, SimPO, KTO), a reward model, or
+    distillation from a teacher; methods: full, LoRA, QLoRA or freeze.
 
     SFT's loss covers assistant and completion tokens only; packed examples never attend to each other.
     Exit codes as for pretrain: 0 done, 2 bad input, 3 non-finite loss, 75 stopped by a signal or --max-time
@@ -569,8 +578,10 @@ def export_command(
     ] = False,
     overwrite: OverwriteOpt = False,
 ) -> None:
-    """Write the model as hf, gguf or onnx, verified against the source (logits, greedy tokens, perplexity),
-    with export_report.json and a model card (README.md). Exit 1 when parity breaks: nothing is written.
+    """Write the model as hf, gguf or onnx, verified against the source.
+
+    Checked on logits, greedy tokens and perplexity, with export_report.json and a model card (README.md); --ladder
+    measures every GGUF level and keeps the smallest within tolerance. Exit 1 when parity breaks: nothing is written.
     """
     from llmkit.export.export import export_model
     from llmkit.reports import print_export_report
@@ -581,6 +592,61 @@ def export_command(
                           merge_lora=merge_lora, tolerance=tolerance, eval_report=eval_report,
                           probe_data=probe_data, ladder=ladder)  # fmt: skip
     print_export_report(report)
+
+
+@app.command("prune")
+@user_errors_exit_2
+def prune_command(
+    source: Annotated[str, typer.Argument(help="Run directory, checkpoint or HF model directory.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Directory to write (an HF model directory).")],
+    data: Annotated[str, typer.Option(help="Calibration text: a prepared dataset, or a .txt/.jsonl file.")],
+    target_params: Annotated[
+        float | None, typer.Option(help="Parameters to keep: a fraction (0.75) or a count (2.3e6).")
+    ] = None,
+    axis: Annotated[str, typer.Option(help="How --target-params is reached: width (MLP channels) or depth.")] = "width",
+    drop_layers: Annotated[int | None, typer.Option(help="Blocks to drop (the least influential).")] = None,
+    heads: Annotated[int | None, typer.Option(help="Attention heads to keep per layer (Llama).")] = None,
+    mlp: Annotated[int | None, typer.Option(help="MLP channels to keep per layer (Llama).")] = None,
+    hidden: Annotated[int | None, typer.Option(help="Hidden channels to keep (Llama).")] = None,
+    batches: Annotated[int, typer.Option(help="Calibration batches of 8 sequences.")] = 16,
+    overwrite: OverwriteOpt = False,
+) -> None:
+    """Cut a trained model down by depth (blocks) or width (heads, MLP or hidden channels).
+
+    Scored on calibration text; writes a plain HF model directory with prune_report.json and a model card. Heal it
+    with `llmkit pretrain --init-from OUT --teacher SOURCE` (docs/compression.md).
+    """
+    from llmkit.compress.prune import PruneSpec, prune_model
+    from llmkit.reports import print_prune_report
+
+    spec = PruneSpec(drop_layers, heads, mlp, hidden, target_params, axis)
+    print_prune_report(prune_model(source, out, data, spec, batches, overwrite))
+
+
+@app.command("factor")
+@user_errors_exit_2
+def factor_command(
+    source: Annotated[str, typer.Argument(help="Run directory, checkpoint or HF model directory.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Directory to write.")],
+    rank: Annotated[int | None, typer.Option(help="Rank of every factored projection.")] = None,
+    energy: Annotated[
+        float | None, typer.Option(help="Or: the smallest rank keeping this share of squared singular values.")
+    ] = None,
+    dense: Annotated[
+        bool, typer.Option("--dense", help="Write the truncated weights as plain projections (loads anywhere).")
+    ] = False,
+    data: Annotated[str | None, typer.Option(help="Held-out text to measure perplexity before and after.")] = None,
+    overwrite: OverwriteOpt = False,
+) -> None:
+    """Factor every block's projections by truncated SVD, to a rank or an energy share.
+
+    The factored directory is smaller and faster and loads through llmkit (eval, generate, export); --dense writes
+    the truncated weights as plain projections that any tool loads.
+    """
+    from llmkit.compress.lowrank import factor_directory
+    from llmkit.reports import print_factor_report
+
+    print_factor_report(factor_directory(source, out, rank, energy, dense, data, overwrite))
 
 
 @app.command("generate")
@@ -635,8 +701,11 @@ def plan_command(
     train_tokens: Annotated[int | None, typer.Option(help="Tokens per epoch, when the recipe budgets epochs.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
 ) -> None:
-    """Before a run: parameters, FLOPs per token, memory per GPU by strategy, time and cost; suggests the
-    cheapest strategy that fits. Every formula is in llmkit/plan.py and docs/plan.md."""
+    """Before a run: parameters, FLOPs, memory per GPU, time and cost.
+
+    Memory by strategy, with the cheapest strategy that fits suggested; a distillation teacher's memory, FLOPs or
+    cache disk included. Every formula is in llmkit/plan.py and docs/plan.md.
+    """
     from llmkit.config import load_config
     from llmkit.plan import plan_run
     from llmkit.reports import print_plan

@@ -240,16 +240,23 @@ def _is_final_norm_or_head(name: str) -> bool:
 
 
 def load_trained_model(model_dir: Path, dtype: Any = None, merge: bool = False) -> Any:
-    """A model directory from llmkit or any HF tool: full weights, or a PEFT adapter over its base model.
+    """A model directory from llmkit or any HF tool: full weights, a PEFT adapter over its base model, or a
+    low-rank factored model (`llmkit factor`; `merge` multiplies its factors back into plain projections).
 
     For an adapter, the base named in adapter_config.json is loaded (its embedding grown to the adapter's
     tokenizer when fine-tuning added tokens) and the adapter applied; `merge` folds it into the weights.
     """
     import json
 
+    from llmkit.compress.lowrank import densify, is_factored, load_factored
     from llmkit.data.tokenizer import load_tokenizer
     from llmkit.runs import find_tokenizer_dir
 
+    if is_factored(model_dir):  # llmkit factor's output: rebuilt here (plain transformers cannot)
+        model = load_factored(model_dir, dtype)
+        if merge:
+            densify(model)
+        return model
     adapter_config = Path(model_dir) / "adapter_config.json"
     if not adapter_config.is_file():
         return load_model(model_dir, dtype=dtype)

@@ -126,6 +126,33 @@ def print_export_report(report: dict[str, Any]) -> None:
     console.print(_table(f"exported {report['out']}", rows))
 
 
+def print_prune_report(report: dict[str, Any]) -> None:
+    rows = [
+        ("parameters", f"{report['parameters_before']:,} -> {report['parameters_after']:,} "
+                       f"({report['parameter_fraction']:.1%})"),
+        ("removed", ", ".join(f"{key}: {value}" if key != "blocks" else f"blocks {value['dropped']}"
+                              for key, value in report["removed"].items())),
+        ("held-out perplexity", f"{report['held_out_perplexity_before']:.4g} -> "
+                                f"{report['held_out_perplexity_after']:.4g} ({report['held_out_tokens']:,} tokens; "
+                                "not healed)"),
+    ]  # fmt: skip
+    console.print(_table(f"pruned {report['out']}", rows))
+
+
+def print_factor_report(report: dict[str, Any]) -> None:
+    ranks = sorted(set(report["ranks"].values()))
+    rows = [
+        ("factored", f"{len(report['ranks'])} projections, rank {ranks[0]}"
+                     + (f"..{ranks[-1]}" if len(ranks) > 1 else "")),
+        ("parameters", f"{report['parameters_before']:,} -> {report['parameters_factored']:,} factored"
+                       + (" (written dense: the original size)" if report["dense"] else "")),
+    ]  # fmt: skip
+    if report["held_out_perplexity_before"] is not None:
+        rows.append(("held-out perplexity", f"{report['held_out_perplexity_before']:.4g} -> "
+                                            f"{report['held_out_perplexity_after']:.4g}"))  # fmt: skip
+    console.print(_table(f"factored {report['out']}", rows))
+
+
 def print_reward_report(report: dict[str, Any]) -> None:
     if "pairs" in report:
         margin = (f"{report['margin']:.4f} (chosen {report['reward_chosen']:.4f}, rejected "

@@ -65,6 +65,21 @@ def test_gguf_reads_back_as_the_trained_model(
     assert report["max_abs_logit_diff"] <= (1e-5 if dtype == "f32" else 1.0 if dtype in ("f16", "q8_0") else 5.0)
 
 
+def test_hf_int8_is_torchao_weight_only_and_loads_in_plain_transformers(tiny_run: Path, tmp_path: Path) -> None:
+    pytest.importorskip("torchao")
+    out = tmp_path / "int8"
+    result = run_cli("export", tiny_run, "--out", out, "--quantize", "int8")
+    assert result.exit_code == 0, result.stderr
+    assert json.loads((out / "config.json").read_text())["quantization_config"]["quant_method"] == "torchao"
+    model = AutoModelForCausalLM.from_pretrained(out)  # transformers + torchao, no llmkit
+    assert "Int8" in type(model.model.layers[0].mlp.up_proj.weight).__name__
+    report = json.loads((out / "export_report.json").read_text())
+    assert report["precision"] == "int8" and report["greedy_agreement"] >= 0.9
+    full = sum(p.numel() * 4 for p in AutoModelForCausalLM.from_pretrained(tiny_run / "final").parameters())
+    assert report["size_bytes"] < full
+    assert not list(out.glob(".*"))  # the float32 staging copy is gone
+
+
 @pytest.fixture(scope="module")
 def gpt2_model(tiny_run: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A randomly initialized GPT-2 on the tiny run's tokenizer (the export only needs its architecture)."""
@@ -185,7 +200,8 @@ def test_export_format_errors(tiny_run: Path, tmp_path: Path) -> None:
     assert_user_error(run_cli("export", tiny_run, "--out", tmp_path / "b", "--format", "gguf", "--dtype", "q4_k"),
                       "--format gguf takes f32, f16, q8_0, q5_1")  # fmt: skip
     assert_user_error(
-        run_cli("export", tiny_run, "--out", tmp_path / "c", "--quantize", "int8"), "applies to --format onnx"
+        run_cli("export", tiny_run, "--out", tmp_path / "c", "--format", "gguf", "--quantize", "int8"),
+        "applies to --format hf (torchao) and onnx",
     )
     qwen = tmp_path / "qwen2"
     tokenizer = AutoTokenizer.from_pretrained(tiny_run / "final")

@@ -5,6 +5,9 @@
 * `gguf`: one `model.gguf` for llama.cpp (Llama or GPT-2; f32, f16, q8_0, q5_1, q5_0, q4_1, q4_0, and the
   k-quants through llama.cpp's quantizer), tokenizer inside.
 * `onnx`: `model.onnx` for onnxruntime (float32, or `--quantize int8` for CPU inference).
+* `hf --quantize int8`: int8 weight-only through torchao (`TorchAoConfig`), saved as safetensors that transformers
+  loads (with torchao installed); int4 is not offered yet: torchao's int4 weight-only layouts need CUDA or extra
+  kernels packages, and none ran here.
 
 Every export is built in a staging directory, run by its own runtime on a probe set and compared with the
 source (llmkit.export.parity); only an export within tolerance is moved into place, with its parity report
@@ -65,8 +68,10 @@ def export_model(
     dtype = dtype or DEFAULT_DTYPE[fmt]
     if dtype not in FORMATS[fmt]:
         raise UserError(f"--dtype {dtype}: --format {fmt} takes {', '.join(FORMATS[fmt])}")
-    if quantize not in (None, "int8") or (quantize and fmt != "onnx"):
-        raise UserError("--quantize int8 applies to --format onnx (GGUF has --dtype q8_0 ... q4_0)")
+    if quantize not in (None, "int8") or (quantize and fmt == "gguf"):
+        raise UserError("--quantize int8 applies to --format hf (torchao) and onnx (GGUF has --dtype q8_0 ... q4_0)")
+    if quantize and fmt == "hf":
+        _check_torchao(dtype)
     if fmt == "gguf" and dtype in K_QUANTS and llama_cpp_missing():
         raise UserError(f"--dtype {dtype}: {llama_cpp_missing()}; q8_0, q5_1, q5_0, q4_1 and q4_0 need nothing more")
     for key, value in (tolerance or {}).items():  # checked where they enter, before any work
@@ -227,9 +232,38 @@ def _logits(model: Any) -> Any:
     return lambda ids, mask: model(input_ids=ids, attention_mask=mask).logits
 
 
+def _check_torchao(dtype: str | None) -> None:
+    import importlib.util
+
+    if importlib.util.find_spec("torchao") is None:
+        raise UserError("--format hf --quantize int8 quantizes through torchao: pip install torchao")
+    if dtype not in (None, "float32"):
+        raise UserError("--quantize int8 keeps float32 for what it does not quantize; leave --dtype out")
+
+
+def _write_hf_int8(model_dir: Path, staging: Path, tokenizer: Any) -> Any:
+    """int8 weight-only (torchao's Int8WeightOnlyConfig) on every linear layer, as transformers applies it at load;
+    checked by loading the saved directory back through plain transformers."""
+    from torchao.quantization import Int8WeightOnlyConfig
+    from transformers import AutoModelForCausalLM, TorchAoConfig
+
+    merged = staging / ".float32"
+    load_trained_model(model_dir, dtype=torch.float32, merge=True).save_pretrained(merged, safe_serialization=True)
+    config = TorchAoConfig(Int8WeightOnlyConfig())
+    model = AutoModelForCausalLM.from_pretrained(merged, quantization_config=config, dtype=torch.float32)
+    model.save_pretrained(staging, safe_serialization=True)
+    import shutil
+
+    shutil.rmtree(merged)
+    tokenizer.save_pretrained(staging)
+    return _logits(AutoModelForCausalLM.from_pretrained(staging).eval())
+
+
 def _write_hf(
     model_dir: Path, staging: Path, tokenizer: Any, dtype: str, quantize: Any, adapter: bool, name: str
 ) -> Any:
+    if quantize:
+        return _write_hf_int8(model_dir, staging, tokenizer)
     if adapter:
         model = load_trained_model(model_dir, dtype=torch.float32)
     else:

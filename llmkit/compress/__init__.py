@@ -1,0 +1,1 @@
+"""Making trained models smaller: pruning (llmkit.compress.prune)."""

@@ -556,7 +556,9 @@ def export_command(
             "k-quants q6_k..q2_k; onnx: float32."
         ),
     ] = None,
-    quantize: Annotated[str | None, typer.Option(help="onnx: int8 dynamic quantization for CPU inference.")] = None,
+    quantize: Annotated[
+        str | None, typer.Option(help="hf: int8 (torchao) or int4 (bitsandbytes NF4) weights; onnx: int8 dynamic.")
+    ] = None,
     merge_lora: Annotated[
         bool, typer.Option("--merge-lora", help="Fold a LoRA run's adapter into a standalone model.")
     ] = False,

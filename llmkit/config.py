@@ -344,6 +344,9 @@ class DistillConfig(Section):
         None, ge=1, description="Cache the teacher's top-k log-probs on disk in one pass (unset: teacher runs live)."
     )
     cache: str | None = Field(None, description="Top-k cache directory to reuse or create (unset: RUN/teacher_cache).")
+    on_policy: float = Field(
+        0.0, ge=0, le=1, description="Task distill: share of micro-batches whose answers the student samples itself."
+    )
 
 
 class RunConfig(Section):

@@ -141,12 +141,20 @@ def ft_args(model: Path, data: Path, out: Path, *extra: str, steps: int = 8) -> 
             "--set", "train.eval_batches=2", "--set", "logging.plot=false", *extra]  # fmt: skip
 
 
-def test_finetuning_distills_sft_rows_from_a_lora_teacher_live_and_cached(
-    tiny_run: Path, chats: Path, tmp_path: Path
-) -> None:
-    teacher = tmp_path / "teacher"
+@pytest.fixture(scope="module")
+def sft_teacher(tiny_run: Path, chats: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A LoRA fine-tune: as a teacher it is its base with the adapter merged; its tokenizer has the chat template's
+    tokens, which the student's tokenizer gets when it is fine-tuned with the same template."""
+    teacher = tmp_path_factory.mktemp("distill_teacher") / "teacher"
     result = run_cli(*ft_args(tiny_run, chats, teacher, "--method", "lora", steps=6))
-    assert result.exit_code == 0, result.stderr  # an adapter: the teacher is its base with the adapter merged
+    assert result.exit_code == 0, result.stderr
+    return teacher
+
+
+def test_finetuning_distills_sft_rows_from_a_lora_teacher_live_and_cached(
+    tiny_run: Path, chats: Path, sft_teacher: Path, tmp_path: Path
+) -> None:
+    teacher = sft_teacher
 
     live = run_cli(*ft_args(tiny_run, chats, tmp_path / "live", "--task", "distill", "--teacher", str(teacher)))
     assert live.exit_code == 0, live.stderr
@@ -169,7 +177,7 @@ def test_distillation_refuses_bad_input_in_one_line(tiny_run: Path, tiny_dataset
     no_teacher = run_cli(*ft_args(tiny_run, chats, tmp_path / "a", "--task", "distill"))
     assert_user_error(no_teacher, "--task distill needs a teacher", "--teacher")
     wrong_task = run_cli(*ft_args(tiny_run, chats, tmp_path / "b", "--teacher", str(tiny_run)))
-    assert_user_error(wrong_task, "--teacher is for --task distill")
+    assert_user_error(wrong_task, "--teacher and distill.* are for --task distill")
     # the chat template adds tokens to the student's tokenizer that the pretrained teacher's lacks
     vocab = run_cli(*ft_args(tiny_run, chats, tmp_path / "c", "--task", "distill", "--teacher", str(tiny_run)))
     assert_user_error(vocab, f"teacher {tiny_run}", "different vocabularies", "tokens vs")
@@ -177,3 +185,65 @@ def test_distillation_refuses_bad_input_in_one_line(tiny_run: Path, tiny_dataset
     assert_user_error(missing, "nowhere", "model not found")
     for name in "abcd":
         assert_nothing_written(tmp_path, name)
+
+
+def test_on_policy_rows_are_the_students_own_answers_to_the_same_prompts(tiny_run: Path, chats: Path) -> None:
+    from transformers import AutoModelForCausalLM
+
+    from llmkit.config import load_config
+    from llmkit.data.readers import resolve_sources
+    from llmkit.data.templates import encode_example, setup_chat_template
+    from llmkit.data.tokenizer import load_tokenizer
+    from llmkit.losses import IGNORE
+    from llmkit.train.distill import OnPolicy
+    from llmkit.train.packing import collate_rows
+    from llmkit.train.tasks.base import read_examples
+
+    tokenizer = load_tokenizer(tiny_run / "final")
+    chat = setup_chat_template(tokenizer, "chatml")
+    examples, _ = read_examples(resolve_sources([str(chats)]), "auto", {})
+    encoded = [encode_example(tokenizer, e, 64, False) for e in examples[:6]]
+    model = AutoModelForCausalLM.from_pretrained(tiny_run / "final")
+    model.resize_token_embeddings(len(tokenizer) + 64)
+    accelerator = type("Acc", (), {"process_index": 0, "device": torch.device("cpu"),
+                                   "unwrap_model": staticmethod(lambda m: m)})()  # fmt: skip
+    cfg = load_config(None, ["distill.on_policy=1.0"])
+    rewrite = OnPolicy(cfg, encoded, tokenizer, list(chat.stop_token_ids), 64, "sdpa", accelerator)
+    batch = collate_rows([[e] for e in encoded[:4]], int(tokenizer.pad_token_id), "sdpa", [0, 1, 2, 3])
+    new = rewrite(model, batch, step=3, micro=0)
+    assert "on_policy" in new and sorted(new["sample_indices"].tolist()) == [0, 1, 2, 3]
+    again = rewrite(model, batch, step=3, micro=0)
+    assert torch.equal(new["input_ids"], again["input_ids"])  # the same draw for the same step: exact resume
+    for row in range(new["input_ids"].shape[0]):
+        labels, ids = new["labels"][row], new["input_ids"][row]
+        trained = (labels != IGNORE).nonzero().flatten()
+        assert len(trained) > 0 and torch.equal(labels[trained], ids[trained])  # targets are its own tokens
+    original = encoded[0]
+    start = int((original.labels != IGNORE).nonzero()[0][0])
+    sample = rewrite._sample(model, original)
+    assert (sample.ids[:start] == original.ids[:start]).all()  # the row's own prompt, its first assistant turn
+    assert (sample.labels[:start] == IGNORE).all() and (sample.labels[start:] == sample.ids[start:]).all()
+    assert len(sample.ids) <= len(original.ids)  # no longer than the data's answer
+    off = OnPolicy(load_config(None, ["distill.on_policy=0"]), encoded, tokenizer, [0], 64, "sdpa", accelerator)
+    assert off(model, batch, step=3, micro=0) is batch
+
+
+def test_on_policy_distillation_resumes_bitwise_after_a_kill(
+    tiny_run: Path, chats: Path, sft_teacher: Path, tmp_path: Path
+) -> None:
+    extra = ["--task", "distill", "--teacher", str(sft_teacher), "--set", "distill.on_policy=0.5", "--set",
+             "distill.loss=jsd", "--set", "train.grad_accum_steps=2", "--set", "checkpoint.every_steps=2",
+             "--set", "checkpoint.keep_last=10", "--set", "logging.data_trace=true", "--set", "logging.every_steps=1",
+             "--set", "logging.tensorboard=false"]  # fmt: skip
+    reference = tmp_path / "reference"
+    result = run_cli(*ft_args(tiny_run, chats, reference, *extra, steps=6))
+    assert result.exit_code == 0, result.stderr
+    run = tmp_path / "killed"
+    proc = llmkit_subprocess(*ft_args(tiny_run, chats, run, *extra, steps=6), env={"LLMKIT_FAULT_INJECT": "kill@4.1"})
+    proc.wait(timeout=300)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr.read() if proc.stderr else ""
+    resumed = run_cli(*ft_args(tiny_run, chats, run, *extra, steps=6), "--resume", "auto")
+    assert resumed.exit_code == 0, resumed.stderr
+    assert_same_run(run, reference)
+    refused = run_cli(*ft_args(tiny_run, chats, tmp_path / "x", *extra, "--set", "distill.top_k=4"))
+    assert_user_error(refused, "distill.on_policy needs the live teacher")

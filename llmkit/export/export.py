@@ -5,9 +5,8 @@
 * `gguf`: one `model.gguf` for llama.cpp (Llama or GPT-2; f32, f16, q8_0, q5_1, q5_0, q4_1, q4_0, and the
   k-quants through llama.cpp's quantizer), tokenizer inside.
 * `onnx`: `model.onnx` for onnxruntime (float32, or `--quantize int8` for CPU inference).
-* `hf --quantize int8`: int8 weight-only through torchao (`TorchAoConfig`), saved as safetensors that transformers
-  loads (with torchao installed); int4 is not offered yet: torchao's int4 weight-only layouts need CUDA or extra
-  kernels packages, and none ran here.
+* `hf --quantize int8|int4`: weight-only int8 through torchao (`TorchAoConfig`), or 4-bit NF4 through bitsandbytes,
+  saved as safetensors that transformers loads (with that library installed).
 
 Every export is built in a staging directory, run by its own runtime on a probe set and compared with the
 source (llmkit.export.parity); only an export within tolerance is moved into place, with its parity report
@@ -68,10 +67,11 @@ def export_model(
     dtype = dtype or DEFAULT_DTYPE[fmt]
     if dtype not in FORMATS[fmt]:
         raise UserError(f"--dtype {dtype}: --format {fmt} takes {', '.join(FORMATS[fmt])}")
-    if quantize not in (None, "int8") or (quantize and fmt == "gguf"):
-        raise UserError("--quantize int8 applies to --format hf (torchao) and onnx (GGUF has --dtype q8_0 ... q4_0)")
+    if quantize not in (None, "int8", "int4") or (quantize and fmt == "gguf") or (quantize == "int4" and fmt != "hf"):
+        raise UserError("--quantize int8 applies to --format hf (torchao) and onnx, int4 to --format hf "
+                        "(bitsandbytes NF4); GGUF has --dtype q8_0 ... q4_0")  # fmt: skip
     if quantize and fmt == "hf":
-        _check_torchao(dtype)
+        _check_quantizer(quantize, dtype)
     if fmt == "gguf" and dtype in K_QUANTS and llama_cpp_missing():
         raise UserError(f"--dtype {dtype}: {llama_cpp_missing()}; q8_0, q5_1, q5_0, q4_1 and q4_0 need nothing more")
     for key, value in (tolerance or {}).items():  # checked where they enter, before any work
@@ -114,7 +114,7 @@ def _export(
         from llmkit.export.gguf import check_gguf_supported
 
         check_gguf_supported(reference)
-    precision = "int8" if quantize else PRECISION.get(dtype, dtype)
+    precision = quantize or PRECISION.get(dtype, dtype)
     limits = Tolerance.default(precision)
     for key, value in (tolerance or {}).items():
         if value is not None:
@@ -232,24 +232,40 @@ def _logits(model: Any) -> Any:
     return lambda ids, mask: model(input_ids=ids, attention_mask=mask).logits
 
 
-def _check_torchao(dtype: str | None) -> None:
+QUANTIZERS = {"int8": "torchao", "int4": "bitsandbytes"}
+
+
+def _check_quantizer(quantize: str, dtype: str | None) -> None:
     import importlib.util
 
-    if importlib.util.find_spec("torchao") is None:
-        raise UserError("--format hf --quantize int8 quantizes through torchao: pip install torchao")
+    library = QUANTIZERS[quantize]
+    if importlib.util.find_spec(library) is None:
+        raise UserError(f"--format hf --quantize {quantize} quantizes through {library}: pip install {library}")
     if dtype not in (None, "float32"):
-        raise UserError("--quantize int8 keeps float32 for what it does not quantize; leave --dtype out")
+        raise UserError(f"--quantize {quantize} keeps float32 for what it does not quantize; leave --dtype out")
 
 
-def _write_hf_int8(model_dir: Path, staging: Path, tokenizer: Any) -> Any:
-    """int8 weight-only (torchao's Int8WeightOnlyConfig) on every linear layer, as transformers applies it at load;
-    checked by loading the saved directory back through plain transformers."""
-    from torchao.quantization import Int8WeightOnlyConfig
-    from transformers import AutoModelForCausalLM, TorchAoConfig
+def _quantization_config(quantize: str) -> Any:
+    """int8: torchao's int8 weight-only; int4: bitsandbytes' 4-bit NormalFloat with double quantization (QLoRA's
+    format), both applied by transformers at load and saved with the checkpoint."""
+    from transformers import BitsAndBytesConfig, TorchAoConfig
+
+    if quantize == "int8":
+        from torchao.quantization import Int8WeightOnlyConfig
+
+        return TorchAoConfig(Int8WeightOnlyConfig())
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                              bnb_4bit_compute_dtype=torch.float32)  # fmt: skip
+
+
+def _write_hf_quantized(model_dir: Path, staging: Path, tokenizer: Any, quantize: str) -> Any:
+    """Weight-only quantization of every linear layer, as transformers applies it at load; checked by loading the
+    saved directory back through plain transformers."""
+    from transformers import AutoModelForCausalLM
 
     merged = staging / ".float32"
     load_trained_model(model_dir, dtype=torch.float32, merge=True).save_pretrained(merged, safe_serialization=True)
-    config = TorchAoConfig(Int8WeightOnlyConfig())
+    config = _quantization_config(quantize)
     model = AutoModelForCausalLM.from_pretrained(merged, quantization_config=config, dtype=torch.float32)
     model.save_pretrained(staging, safe_serialization=True)
     import shutil
@@ -263,7 +279,7 @@ def _write_hf(
     model_dir: Path, staging: Path, tokenizer: Any, dtype: str, quantize: Any, adapter: bool, name: str
 ) -> Any:
     if quantize:
-        return _write_hf_int8(model_dir, staging, tokenizer)
+        return _write_hf_quantized(model_dir, staging, tokenizer, quantize)
     if adapter:
         model = load_trained_model(model_dir, dtype=torch.float32)
     else:

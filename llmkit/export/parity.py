@@ -49,6 +49,7 @@ class Tolerance:
             "bfloat16": cls(0.5, 0.95, 0.02),
             "q8_0": cls(math.inf, 0.9, 0.05),
             "int8": cls(math.inf, 0.9, 0.05),
+            "int4": cls(math.inf, 0.8, 0.2),
             "q6_k": cls(math.inf, 0.9, 0.05),
             "q5": cls(math.inf, 0.85, 0.1),
             "q4": cls(math.inf, 0.8, 0.2),

@@ -155,7 +155,7 @@ def distillation_loss(
         count = keep.sum()
         student = logits.reshape(-1, logits.shape[-1])[keep]
         total = scale * token_divergence(student, teacher_side(teacher, batch, keep), cfg, vocab)
-        if cfg.alpha < 1:
+        if cfg.alpha < 1 and "on_policy" not in batch:  # the student's own samples are no data to imitate
             nll, _ = causal_lm_nll(logits, batch["labels"])
             total = total + (1 - cfg.alpha) * nll
         return total, count
@@ -189,6 +189,72 @@ def evaluation(cfg: DistillConfig, vocab: int, teacher: Any) -> Callable[..., di
         return result
 
     return eval_fn
+
+
+# ------------------------------------------------------------------------------------------------------ on-policy
+class OnPolicy:
+    """On-policy distillation (GKD): in a share `distill.on_policy` of the micro-batches, every row's answer is
+    replaced by one the student samples itself (temperature 1, up to the data answer's length, stopping at the end
+    of its turn) from the row's prompt, and the loss is the divergence to the live teacher on those tokens only.
+
+    The prompt is everything before a row's first trained token (its first assistant turn; for text rows, the first
+    token). Which micro-batches, and every sample, are drawn from (seed, step, micro-batch, process), so a resumed
+    run draws the same ones. The new rows are packed like any others (llmkit.train.packing)."""
+
+    def __init__(self, cfg: RunConfig, examples: list[Any], tokenizer: Any, stop_ids: list[int], width: int,
+                 attn_implementation: str, accelerator: Any) -> None:  # fmt: skip
+        self.share, self.seed = cfg.distill.on_policy, cfg.train.seed
+        self.examples, self.width, self.attn = examples, width, attn_implementation
+        self.pad_id, self.stop_ids = int(tokenizer.pad_token_id), stop_ids
+        self.accelerator = accelerator
+
+    def __call__(self, model: Any, batch: dict[str, torch.Tensor], step: int, micro: int) -> dict[str, torch.Tensor]:
+        import random
+
+        from llmkit.train.packing import collate_rows, first_fit_decreasing
+
+        seed = ((self.seed * 1_000_003 + step) * 1009 + micro) * 131 + self.accelerator.process_index
+        if random.Random(seed).random() >= self.share:
+            return batch
+        student = self.accelerator.unwrap_model(model)
+        was_training = student.training
+        student.eval()
+        samples = []
+        with torch.random.fork_rng(devices=[self.accelerator.device] if self.accelerator.device.type == "cuda" else []):
+            torch.manual_seed(seed)
+            for index in batch["sample_indices"].tolist():
+                samples.append(self._sample(student, self.examples[index]))
+        student.train(was_training)
+        rows = first_fit_decreasing(np.asarray([len(e.ids) for e in samples]), self.width)
+        new = collate_rows([[samples[i] for i in row] for row in rows], self.pad_id, self.attn,
+                           [int(batch["sample_indices"][i]) for row in rows for i in row])  # fmt: skip
+        new["on_policy"] = torch.ones(())
+        return new
+
+    @torch.no_grad()
+    def _sample(self, student: Any, example: Any) -> Any:
+        from llmkit.data.templates import Encoded
+
+        trained = np.flatnonzero(example.labels != IGNORE)
+        start = max(int(trained[0]) if len(trained) else 1, 1)
+        prompt = torch.from_numpy(example.ids[:start]).long()[None].to(self.accelerator.device)
+        budget = max(len(example.ids) - start, 1)
+        out = student.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt), do_sample=True,
+                               temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=budget,
+                               eos_token_id=self.stop_ids, pad_token_id=self.pad_id)  # fmt: skip
+        answer = out[0, start:].cpu().numpy()
+        answer = answer[: _through_stop(answer, self.stop_ids)]
+        ids = np.concatenate([example.ids[:start], answer]).astype(np.int64)
+        labels = np.concatenate([np.full(start, IGNORE), answer]).astype(np.int64)
+        return Encoded(ids, labels, truncated=False)
+
+
+def _through_stop(answer: np.ndarray, stop_ids: list[int]) -> int:
+    """Length of a sampled answer up to and including its first stop token (generate pads after it)."""
+    for position, token in enumerate(answer.tolist()):
+        if token in stop_ids:
+            return position + 1
+    return len(answer)
 
 
 # ----------------------------------------------------------------------------------------------- the top-k cache

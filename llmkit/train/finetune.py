@@ -55,8 +55,8 @@ def finetune(
     task = get_task(ft.task)
     if not cfg.model.init_from:
         raise UserError("finetune needs a base model: pass --model PATH_OR_HUB_NAME (model.init_from)")
-    if cfg.distill.teacher and task.name != "distill":
-        raise UserError(f"--teacher is for --task distill (or pretrain), not --task {task.name}")
+    if (cfg.distill.teacher or cfg.distill.on_policy) and task.name != "distill":
+        raise UserError(f"--teacher and distill.* are for --task distill (or pretrain), not --task {task.name}")
     if ft.method == "qlora" and not use_cuda(cfg):
         raise UserError("method qlora needs a CUDA GPU (4-bit bitsandbytes); use --method lora on CPU")
     base_dir = resolve_model_dir(cfg.model.init_from)

@@ -102,6 +102,9 @@ class TrainJob:
     loss_fn: LossFn = next_token_loss
     count_targets: Callable[[dict[str, torch.Tensor]], int] = next_token_targets
     eval_fn: EvalFn | None = None  # unset: validation loss and perplexity with loss_fn
+    # A task's rewrite of a micro-batch before the step counts its targets: (model, batch, step, micro) -> batch
+    # (on-policy distillation replaces answers with the student's own samples).
+    rewrite: Callable[[Any, dict[str, torch.Tensor], int, int], dict[str, torch.Tensor]] | None = None
     flops_per_token: float = 0.0  # training FLOPs per token (6N + attention): MFU is reported on known GPUs
 
     def __post_init__(self) -> None:
@@ -325,6 +328,8 @@ def _train_step(job: TrainJob, run: _Run, trace: DataTrace) -> float:
     # whole step (exact under accumulation and across processes).
     micro_batches = [job.loader.next_batch() for _ in range(cfg.train.grad_accum_steps)]
     trace.record(run.step + 1, micro_batches)
+    if job.rewrite is not None:
+        micro_batches = [job.rewrite(job.model, batch, run.step + 1, i) for i, batch in enumerate(micro_batches)]
     step_targets, step_tokens = _global_sums(
         acc, sum(job.count_targets(b) for b in micro_batches), sum(real_tokens(b) for b in micro_batches)
     )

@@ -54,6 +54,8 @@ def pretrain(
     tokenizer = load_tokenizer(dataset.tokenizer_dir)
     block_size = int(dataset.manifest["block_size"])
     _check_init_tokenizer(cfg, dataset.manifest["tokenizer"]["hash"])
+    if cfg.distill.on_policy:
+        raise UserError("distill.on_policy samples answers to prompts: it is for finetune --task distill on SFT rows")
     if cfg.distill.teacher:
         check_teacher(cfg.distill, tokenizer, f"{cfg.model.init_from or cfg.model.arch} on {dataset.root}")
         if cfg.distill.top_k and cfg.distill.cache:

@@ -28,6 +28,12 @@ class Distill(SFT):
     def load_data(self, cfg: RunConfig, tokenizer: Any) -> TaskData:
         if not cfg.distill.teacher:
             raise UserError("--task distill needs a teacher: pass --teacher MODEL (distill.teacher)")
+        if cfg.distill.on_policy and cfg.distill.top_k:
+            raise UserError("distill.on_policy needs the live teacher (it scores the student's own samples); "
+                            "unset distill.top_k")  # fmt: skip
+        if cfg.distill.on_policy and cfg.distributed.strategy in ("zero3", "zero3-offload", "fsdp"):
+            raise UserError(f"distill.on_policy samples from the whole student on every process; "
+                            f"--strategy {cfg.distributed.strategy} shards it: use ddp, zero1 or zero2")  # fmt: skip
         distill.check_teacher(cfg.distill, tokenizer, str(cfg.model.init_from))
         self.cache = None
         data = super().load_data(cfg, tokenizer)
@@ -38,12 +44,18 @@ class Distill(SFT):
         return data
 
     def objective(self, model: Any, accelerator: Any, data: TaskData, cfg: RunConfig, liger: bool) -> dict[str, Any]:
-        vocab = len(data.details["tokenizer"])
+        tokenizer = data.details["tokenizer"]
         teacher = None if cfg.distill.top_k else self._teacher(cfg, data, accelerator)
-        return {
-            "loss_fn": distill.distillation_loss(cfg.distill, vocab, teacher=teacher),
-            "eval_fn": distill.evaluation(cfg.distill, vocab, teacher),
+        objective: dict[str, Any] = {
+            "loss_fn": distill.distillation_loss(cfg.distill, len(tokenizer), teacher=teacher),
+            "eval_fn": distill.evaluation(cfg.distill, len(tokenizer), teacher),
         }
+        if cfg.distill.on_policy:
+            attn = getattr(model.config, "_attn_implementation", None) or "sdpa"
+            stop_ids = list(model.generation_config.eos_token_id or [tokenizer.eos_token_id])
+            objective["rewrite"] = distill.OnPolicy(cfg, data.train, tokenizer, stop_ids,
+                                                    cfg.finetune.max_length, attn, accelerator)  # fmt: skip
+        return objective
 
     def collate(self, pad_id: int, attn_implementation: str) -> Collate:
         def collate(rows: list[list[Any]], indices: list[int] | None = None) -> dict[str, torch.Tensor]:

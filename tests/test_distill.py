@@ -220,7 +220,7 @@ def test_on_policy_rows_are_the_students_own_answers_to_the_same_prompts(tiny_ru
         assert len(trained) > 0 and torch.equal(labels[trained], ids[trained])  # targets are its own tokens
     original = encoded[0]
     start = int((original.labels != IGNORE).nonzero()[0][0])
-    sample = rewrite._sample(model, original)
+    sample = rewrite._sample([original, encoded[1]], model)[0]
     assert (sample.ids[:start] == original.ids[:start]).all()  # the row's own prompt, its first assistant turn
     assert (sample.labels[:start] == IGNORE).all() and (sample.labels[start:] == sample.ids[start:]).all()
     assert len(sample.ids) <= len(original.ids)  # no longer than the data's answer

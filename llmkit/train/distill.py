@@ -198,8 +198,9 @@ class OnPolicy:
     of its turn) from the row's prompt, and the loss is the divergence to the live teacher on those tokens only.
 
     The prompt is everything before a row's first trained token (its first assistant turn; for text rows, the first
-    token). Which micro-batches, and every sample, are drawn from (seed, step, micro-batch, process), so a resumed
-    run draws the same ones. The new rows are packed like any others (llmkit.train.packing)."""
+    token). The batch's answers are sampled together (prompts left-padded). Which micro-batches, and every sample,
+    are drawn from (seed, step, micro-batch, process), so a resumed run draws the same ones. The new rows are packed
+    like any others (llmkit.train.packing)."""
 
     def __init__(self, cfg: RunConfig, examples: list[Any], tokenizer: Any, stop_ids: list[int], width: int,
                  attn_implementation: str, accelerator: Any) -> None:  # fmt: skip
@@ -219,34 +220,46 @@ class OnPolicy:
         student = self.accelerator.unwrap_model(model)
         was_training = student.training
         student.eval()
-        samples = []
+        indices = batch["sample_indices"].tolist()
         with torch.random.fork_rng(devices=[self.accelerator.device] if self.accelerator.device.type == "cuda" else []):
             torch.manual_seed(seed)
-            for index in batch["sample_indices"].tolist():
-                samples.append(self._sample(student, self.examples[index]))
+            samples = self._sample([self.examples[index] for index in indices], student)
         student.train(was_training)
         rows = first_fit_decreasing(np.asarray([len(e.ids) for e in samples]), self.width)
         new = collate_rows([[samples[i] for i in row] for row in rows], self.pad_id, self.attn,
-                           [int(batch["sample_indices"][i]) for row in rows for i in row])  # fmt: skip
+                           [indices[i] for row in rows for i in row])  # fmt: skip
         new["on_policy"] = torch.ones(())
         return new
 
     @torch.no_grad()
-    def _sample(self, student: Any, example: Any) -> Any:
+    def _sample(self, examples: list[Any], student: Any) -> list[Any]:
+        """Every example's answer sampled in one batch: prompts left-padded, each answer cut to its own budget (the
+        data answer's length) and at its first stop token."""
         from llmkit.data.templates import Encoded
 
-        trained = np.flatnonzero(example.labels != IGNORE)
-        start = max(int(trained[0]) if len(trained) else 1, 1)
-        prompt = torch.from_numpy(example.ids[:start]).long()[None].to(self.accelerator.device)
-        budget = max(len(example.ids) - start, 1)
-        out = student.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt), do_sample=True,
-                               temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=budget,
+        starts, budgets = [], []
+        for example in examples:
+            trained = np.flatnonzero(example.labels != IGNORE)
+            starts.append(max(int(trained[0]) if len(trained) else 1, 1))
+            budgets.append(max(len(example.ids) - starts[-1], 1))
+        width = max(starts)
+        prompts = torch.full((len(examples), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(examples), width), dtype=torch.long)
+        for row, (example, start) in enumerate(zip(examples, starts, strict=True)):
+            prompts[row, width - start :] = torch.from_numpy(example.ids[:start])
+            mask[row, width - start :] = 1
+        device = self.accelerator.device
+        out = student.generate(input_ids=prompts.to(device), attention_mask=mask.to(device), do_sample=True,
+                               temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=max(budgets),
                                eos_token_id=self.stop_ids, pad_token_id=self.pad_id)  # fmt: skip
-        answer = out[0, start:].cpu().numpy()
-        answer = answer[: _through_stop(answer, self.stop_ids)]
-        ids = np.concatenate([example.ids[:start], answer]).astype(np.int64)
-        labels = np.concatenate([np.full(start, IGNORE), answer]).astype(np.int64)
-        return Encoded(ids, labels, truncated=False)
+        samples = []
+        for row, (example, start, budget) in enumerate(zip(examples, starts, budgets, strict=True)):
+            answer = out[row, width : width + budget].cpu().numpy()
+            answer = answer[: _through_stop(answer, self.stop_ids)]
+            ids = np.concatenate([example.ids[:start], answer]).astype(np.int64)
+            labels = np.concatenate([np.full(start, IGNORE), answer]).astype(np.int64)
+            samples.append(Encoded(ids, labels, truncated=False))
+        return samples
 
 
 def _through_stop(answer: np.ndarray, stop_ids: list[int]) -> int:

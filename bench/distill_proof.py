@@ -14,11 +14,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
-import sys
 import tempfile
-import time
 from pathlib import Path
+
+from _cli import llmkit  # bench/_cli.py (run as python bench/NAME.py)
 
 MODEL = {
     "teacher": ["model.n_layers=4", "model.hidden_size=256", "model.n_heads=4", "model.n_kv_heads=2"],
@@ -27,14 +26,6 @@ MODEL = {
 COMMON = ["model.context_length=128", "train.micro_batch_size=16", "train.eval_batches=10", "precision.dtype=fp32",
           "optimizer.lr=3e-3", "schedule.warmup_steps=20", "logging.plot=false",
           "logging.tensorboard=false"]  # fmt: skip
-
-
-def llmkit(*args: str) -> float:
-    start = time.perf_counter()
-    result = subprocess.run([sys.executable, "-m", "llmkit", *args], capture_output=True, text=True)
-    if result.returncode != 0:
-        sys.exit(f"llmkit {' '.join(args)} failed:\n{result.stderr[-3000:]}")
-    return time.perf_counter() - start
 
 
 def train(name: str, work: Path, role: str, steps: int, *extra: str) -> tuple[Path, float]:

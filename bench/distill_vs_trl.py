@@ -19,16 +19,10 @@ import sys
 import time
 from pathlib import Path
 
+from _cli import llmkit  # bench/_cli.py (run as python bench/NAME.py)
+
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
-
-
-def llmkit(*args: str) -> float:
-    start = time.perf_counter()
-    result = subprocess.run([sys.executable, "-m", "llmkit", *args], capture_output=True, text=True)
-    if result.returncode != 0:
-        sys.exit(f"llmkit {' '.join(args)} failed:\n{result.stderr[-3000:]}")
-    return time.perf_counter() - start
 
 
 def run_llmkit(

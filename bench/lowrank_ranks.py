@@ -11,18 +11,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import torch
-
-
-def llmkit(*args: str) -> None:
-    result = subprocess.run([sys.executable, "-m", "llmkit", *args], capture_output=True, text=True)
-    if result.returncode != 0:
-        sys.exit(f"llmkit {' '.join(args)} failed:\n{result.stderr[-3000:]}")
+from _cli import llmkit  # bench/_cli.py (run as python bench/NAME.py)
 
 
 def speed(model_dir: Path, batches: int = 12) -> float:

@@ -12,10 +12,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
-import time
 from pathlib import Path
+
+from _cli import llmkit  # bench/_cli.py (run as python bench/NAME.py)
 
 CUTS = {
     "width, 75% of the parameters": ["--target-params", "0.75"],
@@ -24,14 +24,6 @@ CUTS = {
 }
 HEAL = ["train.micro_batch_size=16", "train.eval_batches=10", "optimizer.lr=1e-3", "schedule.warmup_steps=10",
         "logging.plot=false", "logging.tensorboard=false"]  # fmt: skip
-
-
-def llmkit(*args: str) -> float:
-    start = time.perf_counter()
-    result = subprocess.run([sys.executable, "-m", "llmkit", *args], capture_output=True, text=True)
-    if result.returncode != 0:
-        sys.exit(f"llmkit {' '.join(args)} failed:\n{result.stderr[-3000:]}")
-    return time.perf_counter() - start
 
 
 def bits(run: Path, data: Path) -> dict:

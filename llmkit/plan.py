@@ -357,6 +357,7 @@ def _distill_notes(cfg: RunConfig, teacher: ModelSize, forward_flops: float, flo
 
 
 def _train_tokens(cfg: RunConfig) -> int | None:
+    """Training tokens of the prepared dataset, when it exists."""
     import json
     from pathlib import Path
 
@@ -397,11 +398,5 @@ def _budget_tokens(cfg: RunConfig, tokens_per_step: int, train_tokens: int | Non
         return cfg.train.max_steps * tokens_per_step
     epochs = cfg.train.max_epochs or 1.0
     if train_tokens is None:
-        from pathlib import Path
-
-        manifest = Path(cfg.data.dataset_dir) / "manifest.json"
-        if manifest.is_file():
-            import json
-
-            train_tokens = json.loads(manifest.read_text())["splits"]["train"]["tokens"]
+        train_tokens = _train_tokens(cfg)
     return int(math.ceil(epochs * train_tokens)) if train_tokens else None

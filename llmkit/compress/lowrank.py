@@ -152,18 +152,11 @@ def factor_directory(source: str, out: Path, rank: int | None, energy: float | N
                      data: str | None, overwrite: bool) -> dict[str, Any]:  # fmt: skip
     """`llmkit factor`: load, factor, measure (parameters, held-out perplexity when `data` is given), save."""
     from llmkit.atomic import atomic_directory, write_json
-    from llmkit.compress.prune import calibration_text, parameters, perplexity
-    from llmkit.data.tokenizer import load_tokenizer
-    from llmkit.models import load_trained_model, model_context
-    from llmkit.outputs import check_output, output_lock
-    from llmkit.runs import find_tokenizer_dir, resolve_model_dir
+    from llmkit.compress.prune import calibration_text, open_source, parameters, perplexity
+    from llmkit.models import model_context
+    from llmkit.outputs import output_lock
 
-    model_dir = resolve_model_dir(source)
-    check_output(out, [source, model_dir, data])
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise UserError(f"{out}: already exists and is not empty; pass --overwrite to replace it")
-    tokenizer = load_tokenizer(find_tokenizer_dir(model_dir))
-    model = load_trained_model(model_dir, dtype=torch.float32, merge=True).eval()
+    model_dir, tokenizer, model = open_source(source, out, data, overwrite)
     held_out = calibration_text(data, tokenizer, model_context(model) or 512, 8)[1] if data else []
     before_params = parameters(model)
     before = perplexity(model, held_out) if held_out else None

@@ -116,7 +116,9 @@ def importance(model: Any, batches: list[torch.Tensor]) -> Importance:
 
 
 def parameters(model: Any) -> int:
-    return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+    from llmkit.models import count_parameters
+
+    return count_parameters(model)[1]
 
 
 def resolve(spec: PruneSpec, model: Any) -> PruneSpec:
@@ -328,15 +330,29 @@ def perplexity(model: Any, batches: list[torch.Tensor]) -> float:
     return math.exp(total / max(count, 1))
 
 
+def open_source(source: str, out: Path, data: str | None, overwrite: bool) -> tuple[Path, Any, Any]:
+    """(model directory, tokenizer, float32 model with any adapter merged) for a command that writes a smaller
+    model to `out`, after the output checks every writing command makes."""
+    from llmkit.data.tokenizer import load_tokenizer
+    from llmkit.models import load_trained_model
+    from llmkit.outputs import check_output
+    from llmkit.runs import find_tokenizer_dir, resolve_model_dir
+
+    model_dir = resolve_model_dir(source)
+    check_output(out, [source, model_dir, data])
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise UserError(f"{out}: already exists and is not empty; pass --overwrite to replace it")
+    tokenizer = load_tokenizer(find_tokenizer_dir(model_dir))
+    return model_dir, tokenizer, load_trained_model(model_dir, dtype=torch.float32, merge=True).eval()
+
+
 def prune_model(source: str, out: Path, data: str, spec: PruneSpec, batches: int = 16, overwrite: bool = False
                 ) -> dict[str, Any]:  # fmt: skip
     """Load, score on calibration text, cut, check that the directory loads in plain transformers, and save."""
     from transformers import AutoModelForCausalLM
 
-    from llmkit.data.tokenizer import load_tokenizer
-    from llmkit.models import load_trained_model, model_context
-    from llmkit.outputs import check_output, output_lock
-    from llmkit.runs import find_tokenizer_dir, resolve_model_dir
+    from llmkit.models import model_context
+    from llmkit.outputs import output_lock
 
     if spec.axis not in ("width", "depth"):
         raise UserError(f"--axis {spec.axis}: choose width or depth")
@@ -344,12 +360,7 @@ def prune_model(source: str, out: Path, data: str, spec: PruneSpec, batches: int
         raise UserError(f"--target-params {spec.target_params}: must be a positive fraction or count")
     if spec.target_params is None and all(v is None for v in (spec.drop_layers, spec.heads, spec.mlp, spec.hidden)):
         raise UserError("say what to remove: --target-params, or --drop-layers/--heads/--mlp/--hidden")
-    model_dir = resolve_model_dir(source)
-    check_output(out, [source, model_dir, data])
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise UserError(f"{out}: already exists and is not empty; pass --overwrite to replace it")
-    tokenizer = load_tokenizer(find_tokenizer_dir(model_dir))
-    model = load_trained_model(model_dir, dtype=torch.float32, merge=True).eval()
+    model_dir, tokenizer, model = open_source(source, out, data, overwrite)
     layers_of(model)
     spec = resolve(spec, model)
     calibrate, held_out = calibration_text(data, tokenizer, model_context(model) or 512, batches)

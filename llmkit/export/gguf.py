@@ -70,24 +70,15 @@ def gguf_name(hf_name: str) -> str:
     raise UserError(f"GGUF export: no llama.cpp name for tensor {hf_name}")
 
 
-def _to_gguf_layout(hf_name: str, data: np.ndarray, config: Any) -> np.ndarray:
-    """Hugging Face layout -> llama.cpp's: rotary permutation (Llama), [out, in] matrices (GPT-2's Conv1D)."""
+def _layout(hf_name: str, data: np.ndarray, config: Any, to_gguf: bool) -> np.ndarray:
+    """Hugging Face layout <-> llama.cpp's: rotary permutation (Llama q/k), [out, in] matrices (GPT-2's Conv1D)."""
     if config.model_type == "gpt2":
         return data.T if data.ndim == 2 and hf_name.startswith("transformer.h.") else data
+    permute = _rotary_permute if to_gguf else _rotary_unpermute
     if hf_name.endswith("q_proj.weight"):
-        return _rotary_permute(data, config.num_attention_heads)
+        return permute(data, config.num_attention_heads)
     if hf_name.endswith("k_proj.weight"):
-        return _rotary_permute(data, config.num_key_value_heads or config.num_attention_heads)
-    return data
-
-
-def _from_gguf_layout(hf_name: str, data: np.ndarray, config: Any) -> np.ndarray:
-    if config.model_type == "gpt2":
-        return data.T if data.ndim == 2 and hf_name.startswith("transformer.h.") else data
-    if hf_name.endswith("q_proj.weight"):
-        return _rotary_unpermute(data, config.num_attention_heads)
-    if hf_name.endswith("k_proj.weight"):
-        return _rotary_unpermute(data, config.num_key_value_heads or config.num_attention_heads)
+        return permute(data, config.num_key_value_heads or config.num_attention_heads)
     return data
 
 
@@ -137,7 +128,7 @@ def write_gguf(model: Any, tokenizer: Any, path: Path, kind: str, name: str) -> 
     for hf_name, tensor in model.state_dict().items():
         if tied and hf_name == "lm_head.weight":
             continue  # llama.cpp reuses token_embd when there is no output tensor
-        data = _to_gguf_layout(hf_name, tensor.detach().to(torch.float32).cpu().numpy(), config)
+        data = _layout(hf_name, tensor.detach().to(torch.float32).cpu().numpy(), config, to_gguf=True)
         target = gguf_name(hf_name)
         if data.ndim == 1 or kind == "f32":
             writer.add_tensor(target, np.ascontiguousarray(data, dtype=np.float32))
@@ -266,7 +257,7 @@ def read_gguf(path: Path, model: Any) -> tuple[dict[str, torch.Tensor], dict[str
         shape = tuple(int(d) for d in reversed(tensor.shape.tolist()))  # GGUF lists dimensions innermost first
         data = np.asarray(data, dtype=np.float32).reshape(shape)
         hf_name = by_gguf[tensor.name]
-        data = _from_gguf_layout(hf_name, data, config)
+        data = _layout(hf_name, data, config, to_gguf=False)
         state[hf_name] = torch.from_numpy(np.array(data, dtype=np.float32, copy=True))
         types[tensor.name] = tensor.tensor_type.name
     metadata = {

@@ -72,7 +72,7 @@ def main() -> None:
         f"finetune.val_file={work / 'held_out.jsonl'}", f"out_dir={work / 'llmkit'}", "finetune.max_length=128",
         f"train.max_epochs={args.epochs}", f"train.micro_batch_size={args.batch}", "train.eval_every=100000",
         "train.eval_batches=1", "optimizer.lr=5e-5", "optimizer.weight_decay=0.01", "schedule.warmup_steps=0",
-        "logging.tensorboard=false", "logging.plot=false",
+        "logging.report_to=[]", "logging.plot=false",
     ])  # fmt: skip
 
     trainer_seconds = run_trainer(cfg, base, work, args)

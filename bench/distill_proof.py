@@ -25,7 +25,7 @@ MODEL = {
 }
 COMMON = ["model.context_length=128", "train.micro_batch_size=16", "train.eval_batches=10", "precision.dtype=fp32",
           "optimizer.lr=3e-3", "schedule.warmup_steps=20", "logging.plot=false",
-          "logging.tensorboard=false"]  # fmt: skip
+          "logging.report_to=[]"]  # fmt: skip
 
 
 def train(name: str, work: Path, role: str, steps: int, *extra: str) -> tuple[Path, float]:

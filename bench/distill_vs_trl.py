@@ -33,7 +33,7 @@ def run_llmkit(
            "--teacher", str(teacher), "--max-steps", str(steps), "--micro-batch-size", "8", "--max-length", "64",
            "--lr", "1e-3", "--no-packing", "--overwrite", "--set", f"distill.on_policy={on_policy}",
            "--set", "logging.every_steps=1", "--set", f"train.eval_every={steps}", "--set", "logging.plot=false",
-           "--set", "logging.tensorboard=false", "--set", "schedule.min_lr_ratio=0")  # fmt: skip
+           "--set", "logging.report_to=[]", "--set", "schedule.min_lr_ratio=0")  # fmt: skip
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     losses = [r["loss"] for r in records if "loss" in r]
     summary = json.loads((out / "summary.json").read_text())

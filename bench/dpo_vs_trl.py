@@ -147,7 +147,7 @@ def run_llmkit(work: Path, args: argparse.Namespace, cuda: bool) -> tuple[float,
         "finetune.method=lora", "finetune.lora.r=16", "finetune.lora.alpha=32", "finetune.lora.dropout=0",
         "finetune.lora.target_modules=[q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj]",
         "finetune.preference.beta=0.1", "train.max_epochs=1", "train.micro_batch_size=1",
-        "train.eval_every=1000000", "optimizer.lr=5e-4", "logging.tensorboard=false", "logging.plot=false",
+        "train.eval_every=1000000", "optimizer.lr=5e-4", "logging.report_to=[]", "logging.plot=false",
         "logging.every_steps=1", "schedule.warmup_steps=0", f"precision.dtype={'bf16' if cuda else 'fp32'}",
     ])  # fmt: skip
     start = time.perf_counter()

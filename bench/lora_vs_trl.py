@@ -79,7 +79,7 @@ def main() -> None:
         f"out_dir={work / 'llmkit'}", f"finetune.max_length={args.max_length}", "finetune.method=lora",
         "finetune.lora.r=16", "finetune.lora.alpha=32", "finetune.lora.dropout=0", "train.max_epochs=1",
         f"train.micro_batch_size={args.batch}", "train.eval_every=1000000", "optimizer.lr=2e-4",
-        "logging.tensorboard=false", "logging.plot=false", f"precision.dtype={precision}",
+        "logging.report_to=[]", "logging.plot=false", f"precision.dtype={precision}",
     ])  # fmt: skip
     results = {
         "llmkit finetune (lora)": measured(lambda: finetune(cfg).seconds),

@@ -76,7 +76,7 @@ def main() -> None:
         f"data.dataset_dir={work / 'data'}", f"out_dir={work / 'run'}", f"train.max_steps={args.steps}",
         "train.max_tokens=null", f"train.micro_batch_size={args.batch}", "train.grad_accum_steps=1",
         "train.eval_every=1000000", "checkpoint.every_steps=null", "logging.every_steps=10",
-        "logging.tensorboard=false", "logging.plot=false", "schedule.warmup_steps=10", f"train.compile={args.compile}",
+        "logging.report_to=[]", "logging.plot=false", "schedule.warmup_steps=10", f"train.compile={args.compile}",
         "train.gradient_checkpointing=false", "data.sources=[builtin:stories]",
         "precision.dtype=" + ("bf16" if torch.cuda.is_available() else "fp32"),
     ])  # fmt: skip

@@ -42,7 +42,7 @@ def main() -> None:
         f"model.context_length={args.block}", f"data.block_size={args.block}", "data.builtin_docs=8000",
         f"data.dataset_dir={work / 'data'}", "data.vocab_size=2048", f"out_dir={work / 'run'}",
         f"train.max_steps={args.steps}", f"train.micro_batch_size={args.batch}", "train.eval_every=100000",
-        "train.eval_batches=1", "optimizer.lr=3e-3", "schedule.warmup_steps=10", "logging.tensorboard=false",
+        "train.eval_batches=1", "optimizer.lr=3e-3", "schedule.warmup_steps=10", "logging.report_to=[]",
         "logging.plot=false", "logging.every_steps=50",
     ]  # fmt: skip
     cfg = load_config(None, overrides)

@@ -23,7 +23,7 @@ CUTS = {
     "mixed: 2 of 4 heads, 512 of 704 MLP, 192 of 256 hidden": ["--heads", "2", "--mlp", "512", "--hidden", "192"],
 }
 HEAL = ["train.micro_batch_size=16", "train.eval_batches=10", "optimizer.lr=1e-3", "schedule.warmup_steps=10",
-        "logging.plot=false", "logging.tensorboard=false"]  # fmt: skip
+        "logging.plot=false", "logging.report_to=[]"]  # fmt: skip
 
 
 def bits(run: Path, data: Path) -> dict:

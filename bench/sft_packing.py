@@ -57,7 +57,7 @@ def main() -> None:
         f"model.init_from={work / 'base'}", f"data.sources=[{work / 'chat.jsonl'}]", "data.val_fraction=0.02",
         f"out_dir={work / 'llmkit'}", f"finetune.max_length={args.max_length}", "train.max_epochs=1",
         f"train.micro_batch_size={max(1, args.batch // 2)}", "train.eval_every=100000", "train.eval_batches=1",
-        "optimizer.lr=1e-3", "logging.tensorboard=false", "logging.plot=false",
+        "optimizer.lr=1e-3", "logging.report_to=[]", "logging.plot=false",
     ])  # fmt: skip
     trainer_tokens, trainer_seconds, trainer_efficiency = run_trainer(cfg, work, args.batch)
     result = finetune(cfg)

@@ -1,3 +1,8 @@
 """llmkit: from your own raw text to a trained, evaluated and exported language model."""
 
-__version__ = "0.1.0"
+from importlib.metadata import PackageNotFoundError, version
+
+try:
+    __version__ = version("llmkit")
+except PackageNotFoundError:  # a source tree that was never installed
+    __version__ = "unknown"

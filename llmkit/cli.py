@@ -21,21 +21,45 @@ from llmkit.errors import GATE_FAILED_EXIT, PREEMPTED_EXIT, UserError, parse_dur
 
 app = typer.Typer(
     name="llmkit",
-    help="From your own raw text to a trained, evaluated and exported language model.",
     no_args_is_help=True,
-    add_completion=False,
     pretty_exceptions_show_locals=False,
+    rich_markup_mode=None,  # click's help: option names print whole at any width (rich's panels cut them)
 )
-config_app = typer.Typer(help="Inspect recipes and configuration.", no_args_is_help=True)
+config_app = typer.Typer(help="Inspect recipes and configuration.", no_args_is_help=True, rich_markup_mode=None)
 app.add_typer(config_app, name="config")
+recipes_app = typer.Typer(rich_markup_mode=None)
+app.add_typer(recipes_app, name="recipes")
 
 F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _print_version(asked: bool) -> None:
+    if asked:
+        from llmkit import __version__
+
+        print(f"llmkit {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[
+        bool, typer.Option("--version", callback=_print_version, is_eager=True, help="Print the version and exit.")
+    ] = False,
+) -> None:
+    """From your own raw text to a trained, evaluated and exported language model.
+
+    Shell completion: `llmkit --install-completion` (bash, zsh, fish, PowerShell).
+    """
+
 
 # Options shared by several commands, defined once.
 ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", help="Recipe YAML file (see recipes/).")]
 SetOpt = Annotated[
     list[str] | None,
-    typer.Option("--set", "-s", help="Override a config key: --set train.max_steps=100 (repeatable)."),
+    typer.Option(
+        "--set", "-s", metavar="KEY=VALUE", help="Override a config key: --set train.max_steps=100 (repeatable)."
+    ),
 ]
 OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Replace an existing output directory.")]
 SeedOpt = Annotated[int | None, typer.Option("--seed", help="Random seed.")]
@@ -79,10 +103,16 @@ ResumeOpt = Annotated[
     typer.Option(help="'auto' (newest valid checkpoint of --out; a fresh start if none) or a checkpoint path."),
 ]
 ResumeFallbackOpt = Annotated[
-    bool, typer.Option(help="If the newest checkpoint is corrupted, resume from the previous valid one.")
+    bool,
+    typer.Option(
+        "--resume-fallback", help="If the newest checkpoint is corrupted, resume from the previous valid one."
+    ),
 ]
 AllowChangeOpt = Annotated[
-    bool, typer.Option(help="Resume even if batch size, sequence length, tokenizer or dataset changed.")
+    bool,
+    typer.Option(
+        "--allow-config-change", help="Resume even if batch size, sequence length, tokenizer or dataset changed."
+    ),
 ]
 TeacherOpt = Annotated[
     str | None,
@@ -141,12 +171,16 @@ def environment_error(exc: OSError) -> str | None:
 
 
 def _quiet_libraries() -> None:
-    """Keep library chatter (download bars, accelerator probing) out of llmkit's output, unless set."""
+    """Keep library chatter (download bars, accelerator probing) out of llmkit's output, unless set; a library's
+    warning prints once, whole, on one line."""
+    from llmkit.console import show_warning
+
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")
     # torch.distributed's renamed collectives, called by DeepSpeed: nothing a user can act on.
     warnings.filterwarnings("ignore", message=r"`torch\.distributed\.\w+` is deprecated", category=FutureWarning)
+    warnings.showwarning = show_warning
     if "DS_ACCELERATOR" not in os.environ and not _has_cuda():
         os.environ["DS_ACCELERATOR"] = "cpu"
     import logging as stdlib_logging
@@ -173,7 +207,9 @@ def _has_cuda() -> bool:
 def data_prep_command(
     sources: Annotated[
         list[str] | None,
-        typer.Argument(help="Files, folders, globs, hf:NAME or builtin:stories (default: the recipe's sources)."),
+        typer.Argument(
+            metavar="SOURCES", help="Files, folders, globs, hf:NAME or builtin:stories (default: the recipe's sources)."
+        ),
     ] = None,
     config: ConfigOpt = None,
     overrides: SetOpt = None,
@@ -190,9 +226,10 @@ def data_prep_command(
     seed: SeedOpt = None,
     overwrite: OverwriteOpt = False,
 ) -> None:
-    """Clean, deduplicate, tokenize and pack text into a dataset directory with a manifest.
+    """Clean, deduplicate, tokenize and pack text into a dataset.
 
-    Same inputs and settings reuse the existing output; changed inputs rebuild it.
+    Writes a dataset directory with a manifest. Same inputs and settings reuse the existing output; changed
+    inputs rebuild it.
     """
     from llmkit.config import load_config
     from llmkit.data.prep import prepare_dataset
@@ -282,7 +319,8 @@ def finetune_command(
     overrides: SetOpt = None,
     model: Annotated[str | None, typer.Option(help="Base model: HF directory, run directory or hub name.")] = None,
     data: Annotated[
-        list[str] | None, typer.Option(help="Training rows: jsonl/json/csv/parquet files, folders or hf:NAME.")
+        list[str] | None,
+        typer.Option(metavar="PATH", help="Training rows: jsonl/json/csv/parquet files, folders or hf:NAME."),
     ] = None,
     val_file: Annotated[str | None, typer.Option(help="Validation rows (default: hold out data.val_fraction).")] = None,
     encoding: EncodingOpt = None,
@@ -330,7 +368,7 @@ def finetune_command(
     main_process_port: MainProcessPortOpt = None,
     overwrite: OverwriteOpt = False,
 ) -> None:
-    """Fine-tune a model on your rows: SFT, classification, preference, reward or distillation.
+    """Fine-tune a model on your rows (SFT, DPO, classify, distill).
 
     Tasks: chat/instruction SFT, classification, preference tuning (DPO, ORPO, SimPO, KTO), a reward model, or
     distillation from a teacher; methods: full, LoRA, QLoRA or freeze.
@@ -419,10 +457,12 @@ def _train(
     from llmkit.reports import print_fit_summary
     from llmkit.train.launch import relaunch
     from llmkit.train.strategies import check_available
+    from llmkit.train.trackers import check_trackers
 
     cfg = load_config(config, overrides, flags)  # a bad config fails here, before any process starts
     processes, machines, machine_rank, ip, port, accelerate_config = launch
     check_available(cfg, (processes or 1) * (machines or 1), run.__name__ == "finetune", processes or 1)
+    check_trackers(cfg.logging.report_to)
     deepspeed = cfg.distributed.strategy not in ("ddp", "fsdp") or cfg.distributed.deepspeed_config is not None
     single = "--use_deepspeed" if deepspeed else ("--use_fsdp" if cfg.distributed.strategy == "fsdp" else None)
     code = relaunch(
@@ -462,23 +502,24 @@ def _train(
         raise typer.Exit(PREEMPTED_EXIT)
 
 
-EVAL_HELP = "Score a model on held-out text: loss, perplexity, bits per token and per character."
-
-
 def eval_command(
-    model: Annotated[str, typer.Argument(help="Run directory, checkpoint, or HF model directory/hub name.")],
+    model: Annotated[
+        str, typer.Argument(metavar="MODEL", help="Run directory, checkpoint, or HF model directory/hub name.")
+    ],
     data: Annotated[
         str | None,
         typer.Option(help="Prepared dataset (its validation split), a raw text/JSONL file, or text+label rows."),
     ] = None,
     tasks: Annotated[
-        list[Path] | None, typer.Option("--tasks", help="Task file (YAML; see docs/eval.md), repeatable.")
+        list[Path] | None,
+        typer.Option("--tasks", metavar="FILE", help="Task file (YAML; see docs/eval.md), repeatable."),
     ] = None,
     harness: Annotated[
         str | None, typer.Option(help="lm-evaluation-harness tasks, comma-separated (names or task YAML files).")
     ] = None,
     gate: Annotated[
-        list[str] | None, typer.Option("--gate", help="CI gate METRIC OP VALUE, e.g. 'colors.acc>=0.8' (repeatable).")
+        list[str] | None,
+        typer.Option("--gate", metavar="RULE", help="CI gate METRIC OP VALUE, e.g. 'colors.acc>=0.8' (repeatable)."),
     ] = None,
     baseline: Annotated[Path | None, typer.Option(help="An earlier JSON report to compare with.")] = None,
     max_regression: Annotated[
@@ -501,8 +542,10 @@ def eval_command(
     ] = "auto",
     scores: Annotated[Path | None, typer.Option(help="Reward models: write each row's reward here (JSONL).")] = None,
 ) -> None:
-    """Score a model: held-out perplexity or classification (--data), task files (--tasks), harness tasks
-    (--harness); check gates and regressions against a baseline; write JSON, Markdown and JUnit reports.
+    """Score a model: perplexity, classification, task files, gates.
+
+    Held-out perplexity or classification (--data), task files (--tasks), harness tasks (--harness); gates and
+    regressions against a baseline; JSON, Markdown and JUnit reports.
 
     Exit codes: 0 every gate and regression check passed, 1 one failed, 2 bad input.
     """
@@ -539,14 +582,14 @@ def eval_command(
         raise typer.Exit(GATE_FAILED_EXIT)
 
 
-app.command("eval", help=EVAL_HELP)(user_errors_exit_2(eval_command))
+app.command("eval")(user_errors_exit_2(eval_command))
 app.command("evaluate", help="Alias of `llmkit eval`.")(user_errors_exit_2(eval_command))
 
 
 @app.command("export")
 @user_errors_exit_2
 def export_command(
-    source: Annotated[str, typer.Argument(help="Run directory, checkpoint or HF model directory.")],
+    source: Annotated[str, typer.Argument(metavar="SOURCE", help="Run directory, checkpoint or HF model directory.")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Directory to write.")],
     fmt: Annotated[str, typer.Option("--format", help="hf, gguf (llama.cpp) or onnx (onnxruntime).")] = "hf",
     dtype: Annotated[
@@ -578,12 +621,18 @@ def export_command(
         bool,
         typer.Option("--ladder", help="gguf: measure every quantization level, keep the smallest within tolerance."),
     ] = False,
+    push_to_hub: Annotated[
+        str | None,
+        typer.Option(metavar="OWNER/NAME", help="Upload the checked export with its card (token: HF_TOKEN or login)."),
+    ] = None,
+    public: Annotated[bool, typer.Option("--public", help="With --push-to-hub: a public repository.")] = False,
     overwrite: OverwriteOpt = False,
 ) -> None:
-    """Write the model as hf, gguf or onnx, verified against the source.
+    """Write the model as hf, gguf or onnx, checked for parity.
 
-    Checked on logits, greedy tokens and perplexity, with export_report.json and a model card (README.md); --ladder
-    measures every GGUF level and keeps the smallest within tolerance. Exit 1 when parity breaks: nothing is written.
+    Checked against the source on logits, greedy tokens and perplexity, with export_report.json and a model card
+    (README.md); --ladder measures every GGUF level and keeps the smallest within tolerance; --push-to-hub uploads
+    the checked export. Exit 1 when parity breaks: nothing is written.
     """
     from llmkit.export.export import export_model
     from llmkit.reports import print_export_report
@@ -592,14 +641,15 @@ def export_command(
                  "max_ppl_increase": max_ppl_increase}  # fmt: skip
     report = export_model(source, out, fmt=fmt, dtype=dtype, quantize=quantize, overwrite=overwrite,
                           merge_lora=merge_lora, tolerance=tolerance, eval_report=eval_report,
-                          probe_data=probe_data, ladder=ladder)  # fmt: skip
+                          probe_data=probe_data, ladder=ladder, push_to_hub=push_to_hub,
+                          public=public)  # fmt: skip
     print_export_report(report)
 
 
 @app.command("prune")
 @user_errors_exit_2
 def prune_command(
-    source: Annotated[str, typer.Argument(help="Run directory, checkpoint or HF model directory.")],
+    source: Annotated[str, typer.Argument(metavar="SOURCE", help="Run directory, checkpoint or HF model directory.")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Directory to write (an HF model directory).")],
     data: Annotated[str, typer.Option(help="Calibration text: a prepared dataset, or a .txt/.jsonl file.")],
     target_params: Annotated[
@@ -613,10 +663,11 @@ def prune_command(
     batches: Annotated[int, typer.Option(help="Calibration batches of 8 sequences.")] = 16,
     overwrite: OverwriteOpt = False,
 ) -> None:
-    """Cut a trained model down by depth (blocks) or width (heads, MLP or hidden channels).
+    """Cut a trained model down by depth or width.
 
-    Scored on calibration text; writes a plain HF model directory with prune_report.json and a model card. Heal it
-    with `llmkit pretrain --init-from OUT --teacher SOURCE` (docs/compression.md).
+    Depth drops blocks; width drops heads, MLP or hidden channels. Scored on calibration text; writes a plain HF
+    model directory with prune_report.json and a model card. Heal it with
+    `llmkit pretrain --init-from OUT --teacher SOURCE` (docs/compression.md).
     """
     from llmkit.compress.prune import PruneSpec, prune_model
     from llmkit.reports import print_prune_report
@@ -628,7 +679,7 @@ def prune_command(
 @app.command("factor")
 @user_errors_exit_2
 def factor_command(
-    source: Annotated[str, typer.Argument(help="Run directory, checkpoint or HF model directory.")],
+    source: Annotated[str, typer.Argument(metavar="SOURCE", help="Run directory, checkpoint or HF model directory.")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Directory to write.")],
     rank: Annotated[int | None, typer.Option(help="Rank of every factored projection.")] = None,
     energy: Annotated[
@@ -640,10 +691,11 @@ def factor_command(
     data: Annotated[str | None, typer.Option(help="Held-out text to measure perplexity before and after.")] = None,
     overwrite: OverwriteOpt = False,
 ) -> None:
-    """Factor every block's projections by truncated SVD, to a rank or an energy share.
+    """Factor block projections into low-rank pairs (truncated SVD).
 
-    The factored directory is smaller and faster and loads through llmkit (eval, generate, export); --dense writes
-    the truncated weights as plain projections that any tool loads.
+    Every block projection is factored to --rank or to an --energy share, where that saves. The factored directory
+    is smaller and faster and loads through llmkit (eval, generate, export); --dense writes the truncated weights as
+    plain projections that any tool loads.
     """
     from llmkit.compress.lowrank import factor_directory
     from llmkit.reports import print_factor_report
@@ -654,7 +706,9 @@ def factor_command(
 @app.command("generate")
 @user_errors_exit_2
 def generate_command(
-    model: Annotated[str, typer.Argument(help="Run directory, checkpoint, or HF model directory/hub name.")],
+    model: Annotated[
+        str, typer.Argument(metavar="MODEL", help="Run directory, checkpoint, or HF model directory/hub name.")
+    ],
     prompt: Annotated[str, typer.Option("--prompt", "-p", help="Text to continue, or a chat model's question.")],
     max_new_tokens: MaxNewTokensOpt = 100,
     temperature: TemperatureOpt = 0.8,
@@ -663,7 +717,10 @@ def generate_command(
     raw: Annotated[bool, typer.Option("--raw", help="Continue the prompt as is, without the chat template.")] = False,
     seed: SeedOpt = None,
 ) -> None:
-    """Continue a prompt (or answer it, for a model with a chat template), streaming tokens to the terminal."""
+    """Continue a prompt, or answer it, streaming tokens.
+
+    A model with a chat template answers the prompt as a question (--raw continues it as is).
+    """
     from llmkit.generate import Sampling, generate_text
 
     generate_text(model, prompt, Sampling(max_new_tokens, temperature, top_k, top_p), seed, raw)
@@ -673,7 +730,9 @@ def generate_command(
 @app.command("chat")
 @user_errors_exit_2
 def chat_command(
-    model: Annotated[str, typer.Argument(help="A fine-tuned run, checkpoint or HF chat model directory.")],
+    model: Annotated[
+        str, typer.Argument(metavar="MODEL", help="A fine-tuned run, checkpoint or HF chat model directory.")
+    ],
     system: Annotated[str | None, typer.Option(help="System message for the conversation.")] = None,
     max_new_tokens: MaxNewTokensOpt = 200,
     temperature: TemperatureOpt = 0.7,
@@ -681,7 +740,10 @@ def chat_command(
     top_p: TopPOpt = 1.0,
     seed: SeedOpt = None,
 ) -> None:
-    """Talk to a chat model in the terminal, through the chat template it was trained with (/reset, /exit)."""
+    """Talk to a chat model in the terminal (/reset, /exit).
+
+    Through the chat template the model was trained with.
+    """
     from llmkit.generate import Sampling, chat_loop
 
     chat_loop(model, Sampling(max_new_tokens, temperature, top_k, top_p), system, seed=seed)
@@ -690,7 +752,7 @@ def chat_command(
 @app.command("plan")
 @user_errors_exit_2
 def plan_command(
-    recipe: Annotated[Path, typer.Argument(help="Recipe YAML file.")],
+    recipe: Annotated[Path, typer.Argument(metavar="RECIPE", help="Recipe YAML file.")],
     overrides: SetOpt = None,
     gpus: Annotated[int, typer.Option(help="GPUs in the run.")] = 1,
     gpu_type: Annotated[str, typer.Option(help="h100, h200, a100, a100-40, l40s, a10, rtx4090 or v100.")] = "h100",
@@ -699,7 +761,9 @@ def plan_command(
     ] = "ddp",
     mfu: Annotated[float, typer.Option(help="Model FLOPs utilization assumed for the time estimate.")] = 0.4,
     price_per_gpu_hour: Annotated[float | None, typer.Option(help="Price of one GPU-hour, for the cost.")] = None,
-    gradient_checkpointing: Annotated[bool, typer.Option(help="Estimate with activation checkpointing.")] = False,
+    gradient_checkpointing: Annotated[
+        bool, typer.Option("--gradient-checkpointing", help="Estimate with activation checkpointing.")
+    ] = False,
     train_tokens: Annotated[int | None, typer.Option(help="Tokens per epoch, when the recipe budgets epochs.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
 ) -> None:
@@ -723,7 +787,7 @@ def plan_command(
 @app.command("env")
 @user_errors_exit_2
 def env_command(as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False) -> None:
-    """Versions of Python, torch, transformers, datasets, accelerate, deepspeed and the CUDA devices."""
+    """Versions of Python and the libraries, and the CUDA devices."""
     from llmkit.env import environment
 
     info = environment()
@@ -738,7 +802,7 @@ def env_command(as_json: Annotated[bool, typer.Option("--json", help="Print JSON
 @config_app.command("show")
 @user_errors_exit_2
 def config_show_command(
-    file: Annotated[Path, typer.Argument(help="Recipe YAML file.")],
+    file: Annotated[Path, typer.Argument(metavar="FILE", help="Recipe YAML file.")],
     overrides: SetOpt = None,
 ) -> None:
     """Print a recipe fully resolved: every key with its value after defaults and overrides."""
@@ -754,6 +818,32 @@ def config_keys_command() -> None:
     from llmkit.config import describe_keys
 
     print(describe_keys(), end="")
+
+
+@recipes_app.callback(invoke_without_command=True)
+@user_errors_exit_2
+def recipes_command(ctx: typer.Context) -> None:
+    """List the bundled recipes: purpose, hardware, command.
+
+    `llmkit recipes show NAME` prints one; `--config NAME` uses one without copying it (copy it to change it).
+    """
+    if ctx.invoked_subcommand is not None:
+        return
+    from llmkit.recipes import bundled_recipes
+    from llmkit.reports import print_recipes
+
+    print_recipes(bundled_recipes())
+
+
+@recipes_app.command("show")
+@user_errors_exit_2
+def recipes_show_command(
+    name: Annotated[str, typer.Argument(metavar="NAME", help="A recipe (tiny-cpu), or deepspeed/zero2, ci-eval...")],
+) -> None:
+    """Print a bundled recipe or config file as it ships (`> my.yaml` to start your own)."""
+    from llmkit.recipes import find_recipe
+
+    print(find_recipe(name).read_text(encoding="utf-8"), end="")
 
 
 # True when llmkit is the process (the `llmkit` script, `python -m llmkit`), not a library called in-process.

@@ -235,10 +235,15 @@ class CheckpointConfig(Section):
 
 
 class LoggingConfig(Section):
-    """Metrics: JSONL always, TensorBoard and a loss-curve plot by default."""
+    """Metrics: JSONL always; TensorBoard (default), W&B, MLflow or Trackio; a loss-curve plot."""
 
     every_steps: int = Field(10, ge=1, description="Log training metrics every N optimizer steps.")
-    tensorboard: bool = Field(True, description="Write TensorBoard event files under RUN/tensorboard/.")
+    report_to: list[Literal["tensorboard", "wandb", "mlflow", "trackio"]] = Field(
+        ["tensorboard"],
+        description="Trackers besides RUN/metrics.jsonl: tensorboard (RUN/tensorboard/), wandb, mlflow, trackio "
+        "(the last three through Accelerate; pip install 'llmkit[trackers]'); [] for none.",
+    )
+    project: str = Field("llmkit", min_length=1, description="Project (W&B, Trackio) or experiment (MLflow) name.")
     plot: bool = Field(True, description="Write RUN/loss.png at the end.")
     data_trace: bool = Field(
         False, description="Write RUN/data_trace.jsonl: the block indices of every micro-batch (for audits)."
@@ -352,7 +357,9 @@ class DistillConfig(Section):
 class RunConfig(Section):
     """A whole recipe: everything data-prep and pretrain need."""
 
-    about: str = Field("", description="What this recipe is for and the hardware it expects.")
+    about: str = Field(
+        "", description="What this recipe is for; the hardware it expects (after '; ', listed by `llmkit recipes`)."
+    )
     out_dir: str = Field("runs/run", description="Run directory (checkpoints, metrics, final model).")
     model: ModelConfig = Field(default_factory=ModelConfig)  # type: ignore[arg-type]
     data: DataConfig = Field(default_factory=DataConfig)  # type: ignore[arg-type]
@@ -391,7 +398,12 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     that are not UTF-8."""
     path = Path(path)
     if not path.is_file():
-        raise UserError(f"{path}: config file not found")
+        from llmkit.recipes import bundled_files
+
+        bundled = bundled_files().get(str(path.with_suffix("") if path.suffix == ".yaml" else path))
+        if bundled is None or bundled.suffix != ".yaml":
+            raise UserError(f"{path}: config file not found (`llmkit recipes` lists the bundled ones)")
+        path = bundled
     data = path.read_bytes()
     try:
         text = data.decode("utf-8-sig")

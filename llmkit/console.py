@@ -24,6 +24,22 @@ console = Console(highlight=False, soft_wrap=True, width=None if sys.stdout.isat
 err_console = Console(stderr=True, highlight=False)
 
 
+_warned: set[tuple[type, str]] = set()
+
+
+def show_warning(
+    message: Warning | str, category: type[Warning], filename: str, lineno: int, file: Any = None, line: Any = None
+) -> None:
+    """A library's warning as one whole line on stderr, once per text, saying where it comes from (Python's own
+    format repeats it per call site and adds the source line, e.g. a bare `warnings.warn(`)."""
+    text = " ".join(str(message).split())
+    if (category, text) in _warned:
+        return
+    _warned.add((category, text))
+    where = filename.split("site-packages/")[-1]
+    print(f"warning: {text} ({category.__name__} from {where}:{lineno})", file=sys.stderr, flush=True)
+
+
 def interactive() -> bool:
     """True when output goes to a person at a terminal rather than to a log or CI."""
     return console.is_terminal and not os.environ.get("CI")

@@ -109,6 +109,8 @@ def print_eval_report(report: dict[str, Any]) -> None:
             )
         )
     rows.append(("tokens", f"{report['tokens']:,} in {report['seconds']:.1f}s"))
+    if report.get("runtime", "transformers") != "transformers":
+        rows.append(("runtime", f"{report['runtime']} (the exported file itself)"))
     console.print(_table(f"eval {report['model']} on {report['data']}", rows))
 
 
@@ -123,6 +125,11 @@ def print_export_report(report: dict[str, Any]) -> None:
         ("perplexity", f"{report['exported_perplexity']:.4g} vs {report['source_perplexity']:.4g} "
                        f"({report['perplexity_increase']:+.3%}; within +-{limits['max_ppl_increase']:.2%})"),
     ]  # fmt: skip
+    if "pushed" in report:
+        pushed = report["pushed"]
+        rows.append(
+            ("pushed", f"{pushed['repo']} ({'private' if pushed['private'] else 'public'}): {pushed['commit']}")
+        )
     console.print(_table(f"exported {report['out']}", rows))
 
 
@@ -177,7 +184,8 @@ def print_classification_report(report: dict[str, Any]) -> None:
         ),
     ]
     if report.get("roc_auc") is not None:
-        rows.append(("ROC-AUC", f"{report['roc_auc']:.4f}"))
+        ovr = " (one-vs-rest, macro)" if len(report["per_class"]) > 2 else ""
+        rows.append((f"ROC-AUC{ovr}", f"{report['roc_auc']:.4f}"))
     rows.append(("examples", f"{report['examples']:,} in {report['seconds']:.1f}s"))
     console.print(_table(f"eval {report['model']} on {report['data']}", rows))
     matrix = report["confusion_matrix"]
@@ -234,3 +242,16 @@ def print_checks(report: dict[str, Any]) -> None:
         return
     rows = [("PASS" if c["passed"] else "FAIL", c["detail"]) for c in checks]
     console.print(_table("gates: passed" if report["passed"] else "gates: FAILED", rows))
+
+
+def print_recipes(recipes: list[Any]) -> None:
+    table = Table(title="bundled recipes", title_justify="left")
+    for column in ("name", "what", "hardware", "run"):
+        table.add_column(column, overflow="fold")
+    for recipe in recipes:
+        table.add_row(recipe.name, recipe.about, recipe.hardware, f"llmkit {recipe.command} --config {recipe.name}")
+    console.print(table)
+    console.print(
+        "Also bundled (llmkit recipes show NAME): ci-eval and tasks/* (eval task files), deepspeed/*, accelerate/*, "
+        "slurm/*."
+    )

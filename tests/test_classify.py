@@ -100,6 +100,28 @@ def test_metrics_match_hand_computed_values() -> None:
     assert roc_auc(np.array([0.5, 0.5]), np.array([False, True])) == pytest.approx(0.5)  # ties count one half
 
 
+def test_roc_auc_of_any_number_of_classes_is_scikit_learns_one_vs_rest() -> None:
+    from sklearn.metrics import roc_auc_score
+
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 4, size=200)
+    logits = rng.normal(size=(200, 4)) + 1.5 * np.eye(4)[labels] * rng.random((200, 1))
+    probabilities = np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)
+    metrics = classification_metrics(probabilities, labels, ["a", "b", "c", "d"])
+    assert metrics["roc_auc"] == pytest.approx(roc_auc_score(labels, probabilities, multi_class="ovr"))
+    for c, name in enumerate("abcd"):
+        assert metrics["per_class"][name]["roc_auc"] == pytest.approx(roc_auc_score(labels == c, probabilities[:, c]))
+    binary = classification_metrics(probabilities[:, :2] / probabilities[:, :2].sum(1, keepdims=True), labels % 2,
+                                     ["x", "y"])  # fmt: skip
+    assert binary["roc_auc"] == pytest.approx(
+        roc_auc_score(labels % 2, probabilities[:, 1] / probabilities[:, :2].sum(1))
+    )
+    absent = classification_metrics(probabilities[labels != 3], labels[labels != 3], ["a", "b", "c", "d"])
+    assert absent["per_class"]["d"]["roc_auc"] is None  # no positives: undefined, left out of the mean
+    present = [absent["per_class"][name]["roc_auc"] for name in "abc"]
+    assert absent["roc_auc"] == pytest.approx(sum(present) / 3)
+
+
 def test_augmentation_is_seeded_and_off_by_default() -> None:
     rows = [Example("x", text="the quick brown fox jumps over the lazy dog", label="a")] * 3
     assert augment_examples(rows, AugmentConfig()) == rows

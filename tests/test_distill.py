@@ -61,7 +61,7 @@ def distill_args(data: Path, out: Path, teacher: Path, *extra: str, steps: int =
         "--data", str(data), "--out", str(out), "--max-steps", str(steps), "--micro-batch-size", "4", "--lr", "3e-3",
         *STUDENT, "--teacher", str(teacher), "--set", "train.grad_accum_steps=2", "--set", "train.eval_every=4",
         "--set", "train.eval_batches=2", "--set", "logging.every_steps=1", "--set", "checkpoint.every_steps=4",
-        "--set", "checkpoint.keep_last=10", "--set", "logging.data_trace=true", "--set", "logging.tensorboard=false",
+        "--set", "checkpoint.keep_last=10", "--set", "logging.data_trace=true", "--set", "logging.report_to=[]",
         "--set", "logging.plot=false", "--set", "schedule.warmup_steps=2", *extra,
     ]  # fmt: skip
 
@@ -234,7 +234,7 @@ def test_on_policy_distillation_resumes_bitwise_after_a_kill(
     extra = ["--task", "distill", "--teacher", str(sft_teacher), "--set", "distill.on_policy=0.5", "--set",
              "distill.loss=jsd", "--set", "train.grad_accum_steps=2", "--set", "checkpoint.every_steps=2",
              "--set", "checkpoint.keep_last=10", "--set", "logging.data_trace=true", "--set", "logging.every_steps=1",
-             "--set", "logging.tensorboard=false"]  # fmt: skip
+             "--set", "logging.report_to=[]"]  # fmt: skip
     reference = tmp_path / "reference"
     result = run_cli(*ft_args(tiny_run, chats, reference, *extra, steps=6))
     assert result.exit_code == 0, result.stderr

@@ -26,7 +26,7 @@ def train_args(data: Path, out: Path, steps: int) -> list[str]:
     return [
         "-m", "llmkit", "pretrain", "--data", str(data), "--out", str(out), "--max-steps", str(steps),
         "--micro-batch-size", "4", *TINY_MODEL, "--set", "checkpoint.every_steps=100000",
-        "--set", "logging.every_steps=1", "--set", "train.eval_every=100000", "--set", "logging.tensorboard=false",
+        "--set", "logging.every_steps=1", "--set", "train.eval_every=100000", "--set", "logging.report_to=[]",
     ]  # fmt: skip
 
 
@@ -80,7 +80,7 @@ def test_two_processes_at_batch_b_match_one_process_at_2b(tiny_dataset: Path, tm
     from tests.conftest import run_cli
 
     common = ["--max-steps", "6", *TINY_MODEL, "--set", "logging.every_steps=1", "--set", "train.eval_every=1000",
-              "--set", "logging.tensorboard=false", "--set", "checkpoint.every_steps=1000"]  # fmt: skip
+              "--set", "logging.report_to=[]", "--set", "checkpoint.every_steps=1000"]  # fmt: skip
     env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
     two = subprocess.run(
         [sys.executable, "-m", "llmkit", "pretrain", "--data", str(tiny_dataset), "--out", str(tmp_path / "two"),
@@ -112,7 +112,7 @@ def test_early_stopping_stops_every_process(tiny_dataset: Path, tmp_path: Path) 
          "--max-steps", "40", "--micro-batch-size", "4", *TINY_MODEL, "--cpu", "--num-processes", "2",
          "--main-process-port", "29535", "--set", "train.eval_every=10", "--set", "train.eval_batches=2",
          "--set", "train.early_stopping_patience=1", "--set", "train.early_stopping_min_delta=100",
-         "--set", "logging.tensorboard=false"],
+         "--set", "logging.report_to=[]"],
         env=env, capture_output=True, text=True, timeout=240,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -125,7 +125,7 @@ def test_workers_exit_codes_reach_the_user_through_the_launcher(tiny_dataset: Pa
     code instead: one line and 2 for bad input, 75 after a time-limit checkpoint (what requeue scripts test)."""
     env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
     launch = [sys.executable, "-m", "llmkit", "pretrain", "--data", str(tiny_dataset), *TINY_MODEL, "--cpu",
-              "--num-processes", "2", "--main-process-port", "29537", "--set", "logging.tensorboard=false"]  # fmt: skip
+              "--num-processes", "2", "--main-process-port", "29537", "--set", "logging.report_to=[]"]  # fmt: skip
     bad = subprocess.run([*launch, "--out", str(tmp_path / "bad"), "--micro-batch-size", "100000"],
                          env=env, capture_output=True, text=True, timeout=300)  # fmt: skip
     assert bad.returncode == 2, bad.stderr[-3000:]

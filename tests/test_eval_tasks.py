@@ -116,7 +116,7 @@ def test_ci_eval_recipe_passes_on_a_model_that_learned_the_colors(tiny_run: Path
     trained = run_cli("finetune", "--model", tiny_run, "--data", chats, "--out", tmp_path / "chat",
                       "--max-steps", "600",
                       "--lr", "1e-2", "--micro-batch-size", "8", "--set", "finetune.max_length=64",
-                      "--set", "schedule.warmup_steps=20", "--set", "logging.tensorboard=false")  # fmt: skip
+                      "--set", "schedule.warmup_steps=20", "--set", "logging.report_to=[]")  # fmt: skip
     assert trained.exit_code == 0, trained.stderr
     result = run_cli("eval", tmp_path / "chat", "--tasks", RECIPES / "ci-eval.yaml", "--report", tmp_path / "r.json")
     assert result.exit_code == 0, result.stdout + result.stderr

@@ -139,7 +139,9 @@ def test_the_ladder_keeps_the_smallest_level_inside_one_bar(tiny_run: Path, tmp_
     best = min(inside, key=lambda row: row["size_bytes"])
     assert report["recommended"] == report["precision"] == best["level"]
     assert (out / "model.gguf").stat().st_size == best["size_bytes"]
-    assert sorted(p.name for p in out.iterdir()) == ["README.md", "export_report.json", "model.gguf"]
+    assert {"README.md", "export_report.json", "model.gguf", "config.json", "tokenizer.json"} <= {
+        p.name for p in out.iterdir()
+    }
     card = (out / "README.md").read_text()
     assert "## Quantization ladder" in card and f"(**{best['level']}**)" in card
     if llama_cpp_missing():
@@ -151,11 +153,19 @@ def test_the_ladder_keeps_the_smallest_level_inside_one_bar(tiny_run: Path, tmp_
     assert not (tmp_path / "strict").exists()
 
 
-def test_onnx_runs_in_onnxruntime_with_the_models_logits(tiny_run: Path, tmp_path: Path) -> None:
-    ort = pytest.importorskip("onnxruntime")
-    out = tmp_path / "onnx"
+@pytest.fixture(scope="module")
+def onnx_export(tiny_run: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    pytest.importorskip("onnxruntime")
+    out = tmp_path_factory.mktemp("onnx") / "export"
     result = run_cli("export", tiny_run, "--out", out, "--format", "onnx")
     assert result.exit_code == 0, result.stderr
+    return out
+
+
+def test_onnx_runs_in_onnxruntime_with_the_models_logits(tiny_run: Path, onnx_export: Path) -> None:
+    import onnxruntime as ort
+
+    out = onnx_export
     model = AutoModelForCausalLM.from_pretrained(tiny_run / "final").eval()
     session = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
     ids = torch.randint(0, 300, (3, 21), generator=torch.Generator().manual_seed(1))  # another shape than exported
@@ -285,3 +295,81 @@ def test_gguf_runs_in_llama_cpp_with_the_models_logits(
     actual = np.asarray(result["logits"])[:, : expected.shape[1]]
     assert np.abs(actual - expected).max() < max_diff
     assert (actual.argmax(-1) == expected.argmax(-1)).mean() >= agreement
+
+
+EXPORT_TASKS = """
+tasks:
+  - name: mc
+    kind: multiple_choice
+    items:
+      - {question: "Once upon a time there was a", choices: ["little girl", "car engine", "dog"], answer: 0}
+      - {question: "The cat sat on the", choices: ["mat", "sky", "tree"], answer: 0}
+      - {question: "She was very", choices: ["happy", "window", "blue car"], answer: 0}
+  - name: gen
+    kind: generation
+    max_new_tokens: 8
+    match: contains
+    items:
+      - {question: "Once upon a time", answer: "there"}
+      - {question: "One day, a little", answer: "girl"}
+"""
+
+
+def _eval_report(command: list[str], model: Path, data: Path, tasks: Path, out: Path, *gates: str) -> dict:
+    import subprocess
+
+    run = subprocess.run([*command, "eval", str(model), "--data", str(data), "--tasks", str(tasks), "--report",
+                          str(out), *gates], capture_output=True, text=True)  # fmt: skip
+    assert run.returncode == 0, run.stderr[-2000:]
+    return json.loads(out.read_text())
+
+
+def test_eval_runs_the_onnx_export_in_onnxruntime_like_the_model(
+    tiny_run: Path, tiny_dataset: Path, onnx_export: Path, tmp_path: Path
+) -> None:
+    """CI gates the artifact that ships: the same data, tasks and gates, the logits from onnxruntime."""
+    tasks = tmp_path / "tasks.yaml"
+    tasks.write_text(EXPORT_TASKS)
+    reports = {}
+    for name, model in (("hf", tiny_run), ("onnx", onnx_export)):
+        result = run_cli("eval", model, "--data", tiny_dataset, "--tasks", tasks, "--report", tmp_path / f"{name}.json")
+        assert result.exit_code == 0, result.stderr
+        reports[name] = json.loads((tmp_path / f"{name}.json").read_text())
+    hf, onnx = reports["hf"], reports["onnx"]
+    assert (hf["runtime"], onnx["runtime"]) == ("transformers", "onnxruntime")
+    assert onnx["perplexity"] == pytest.approx(hf["perplexity"], rel=1e-5) and onnx["tokens"] == hf["tokens"]
+    assert {k: v for k, v in onnx["metrics"].items() if k.startswith(("mc.", "gen."))} == {
+        k: v for k, v in hf["metrics"].items() if k.startswith(("mc.", "gen."))
+    }
+    assert onnx["tasks"]["gen"]["samples"] == hf["tasks"]["gen"]["samples"]  # greedy answers, token for token
+    gate = run_cli("eval", onnx_export, "--data", tiny_dataset, "--gate", f"perplexity<={hf['perplexity'] * 0.9}")
+    assert gate.exit_code == 1 and "gate failed: perplexity" in gate.stderr
+
+
+def test_eval_runs_a_gguf_export_in_llama_cpp(tiny_run: Path, tiny_dataset: Path, tmp_path: Path) -> None:
+    """With llama-cpp-python (here or in LLMKIT_LLAMA_CPP_PYTHON, see above): the f32 GGUF scores as the model
+    does. Without it, one line says what to install."""
+    import importlib.util
+    import os
+    import subprocess
+    import sys
+
+    out = tmp_path / "gguf"
+    assert run_cli("export", tiny_run, "--out", out, "--format", "gguf", "--dtype", "f32").exit_code == 0
+    if importlib.util.find_spec("llama_cpp") is None:
+        assert_user_error(run_cli("eval", out, "--data", tiny_dataset), "evaluated in llama.cpp", "pip install")
+    python = os.environ.get("LLMKIT_LLAMA_CPP_PYTHON") or sys.executable
+    if subprocess.run([python, "-c", "import llama_cpp, llmkit"], capture_output=True).returncode != 0:
+        pytest.skip("llama-cpp-python is not installed (set LLMKIT_LLAMA_CPP_PYTHON)")
+    tasks = tmp_path / "tasks.yaml"
+    tasks.write_text(EXPORT_TASKS)
+    assert (
+        run_cli("eval", tiny_run, "--data", tiny_dataset, "--tasks", tasks, "--report", tmp_path / "hf.json").exit_code
+        == 0
+    )
+    hf = json.loads((tmp_path / "hf.json").read_text())
+    gguf = _eval_report([python, "-m", "llmkit"], out, tiny_dataset, tasks, tmp_path / "gguf.json")
+    assert gguf["runtime"] == "llama.cpp"
+    assert gguf["perplexity"] == pytest.approx(hf["perplexity"], rel=1e-3)
+    assert gguf["tasks"]["gen"]["samples"] == hf["tasks"]["gen"]["samples"]
+    assert gguf["tasks"]["mc"]["acc"] == hf["tasks"]["mc"]["acc"]

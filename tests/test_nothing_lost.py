@@ -447,7 +447,7 @@ def test_checkpoint_metadata_of_the_wrong_shape_is_corrupt(
 
 def test_the_log_after_a_resume_equals_the_uninterrupted_log(tiny_dataset: Path, tmp_path: Path) -> None:
     args = lambda out: [*tiny_train_args(tiny_dataset, out, steps=16), "--set", "logging.every_steps=5",  # noqa: E731
-                        "--set", "checkpoint.every_steps=3", "--set", "logging.tensorboard=false"]  # fmt: skip
+                        "--set", "checkpoint.every_steps=3", "--set", "logging.report_to=[]"]  # fmt: skip
     reference = run_cli("pretrain", *args(tmp_path / "ref"))
     assert reference.exit_code == 0, reference.stderr
     env = {**os.environ, "LLMKIT_FAULT_INJECT": "kill@8.0", "PYTHONWARNINGS": "ignore"}
@@ -485,7 +485,7 @@ def test_a_full_disk_during_a_checkpoint_is_one_line_and_keeps_the_earlier_ones(
     from llmkit.train.checkpoint import verify_checkpoint
 
     out = small_disk / "run"
-    args = [*tiny_train_args(tiny_dataset, out, steps=60), "--set", "logging.tensorboard=false",
+    args = [*tiny_train_args(tiny_dataset, out, steps=60), "--set", "logging.report_to=[]",
             "--set", "checkpoint.keep_last=10", "--set", "logging.plot=false"]  # fmt: skip
     line = assert_user_error(run_cli("pretrain", *args), "no space left on device", "intact", "--resume auto")
     kept = complete_checkpoints(out / "checkpoints")
@@ -599,7 +599,7 @@ def test_a_run_killed_on_two_processes_resumes_on_one_and_on_three(tiny_dataset:
     """Global batch 12: 2 processes x 6, then 1 x 12 or 3 x 4. Every step sees the same 12 blocks as an uninterrupted
     run (each block once), and the losses match it within 1e-5 relative (sums in another order)."""
     common = ["--max-steps", "8", "--lr", "3e-3", *TINY_MODEL, "--set", "logging.every_steps=1",
-              "--set", "train.eval_every=1000", "--set", "logging.tensorboard=false", "--set", "logging.plot=false",
+              "--set", "train.eval_every=1000", "--set", "logging.report_to=[]", "--set", "logging.plot=false",
               "--set", "checkpoint.every_steps=4", "--set", "logging.data_trace=true"]  # fmt: skip
     env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
     reference = run_cli("pretrain", "--data", tiny_dataset, "--out", tmp_path / "ref", "--micro-batch-size", "12",

@@ -329,7 +329,7 @@ def test_a_killed_dpo_run_resumes_bitwise_with_its_reference_log_probs(random_ba
         return ["finetune", "--task", "dpo", "--method", "lora", "--model", random_base, "--data", data, "--out",
                 out, "--max-steps", "12", "--micro-batch-size", "8", "--max-length", "64", "--lr", "3e-3",
                 "--set", "train.grad_accum_steps=2", "--set", "checkpoint.every_steps=4",
-                "--set", "train.eval_every=6", "--set", "logging.tensorboard=false"]  # fmt: skip
+                "--set", "train.eval_every=6", "--set", "logging.report_to=[]"]  # fmt: skip
 
     reference = run_cli(*args(tmp_path / "reference"))
     assert reference.exit_code == 0, reference.stderr
@@ -407,7 +407,7 @@ def test_dpo_on_two_processes_at_batch_b_matches_one_process_at_2b(random_base: 
     data = write_pairs(tmp_path / "pairs.jsonl", 160, 5)  # no LoRA dropout: its draws differ per process
     common = ["finetune", "--task", "dpo", "--method", "lora", "--model", str(random_base), "--data", str(data),
               "--max-steps", "4", "--max-length", "64", "--lr", "3e-3", "--set", "logging.every_steps=1",
-              "--set", "train.eval_every=1000", "--set", "logging.tensorboard=false",
+              "--set", "train.eval_every=1000", "--set", "logging.report_to=[]",
               "--set", "finetune.lora.dropout=0"]  # fmt: skip
     env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
     two = subprocess.run([sys.executable, "-m", "llmkit", *common, "--out", str(tmp_path / "two"),

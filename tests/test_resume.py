@@ -32,7 +32,7 @@ def resume_args(data: Path, out: Path, steps: int) -> list[str]:
         "--data", str(data), "--out", str(out), "--max-steps", str(steps), "--micro-batch-size", "4",
         "--lr", "3e-3", *TINY_MODEL, "--set", "train.grad_accum_steps=2", "--set", "train.eval_every=5",
         "--set", "train.eval_batches=2", "--set", "logging.every_steps=1", "--set", "checkpoint.every_steps=4",
-        "--set", "checkpoint.keep_last=10", "--set", "logging.data_trace=true", "--set", "logging.tensorboard=false",
+        "--set", "checkpoint.keep_last=10", "--set", "logging.data_trace=true", "--set", "logging.report_to=[]",
         "--set", "logging.plot=false", "--set", "schedule.warmup_steps=3",
         "--set", "train.deterministic=true",  # bitwise on a GPU too (CPU runs are bitwise without it)
     ]  # fmt: skip

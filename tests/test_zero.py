@@ -45,7 +45,7 @@ def pretrain(data: Path, init: Path, out: Path, *extra: str, fault: str | None =
         "--max-steps", "6", "--micro-batch-size", "4", "--lr", "3e-3", "--cpu", "--num-processes", "2",
         "--main-process-port", str(next(PORTS)), "--set", "train.grad_accum_steps=2",
         "--set", "checkpoint.every_steps=3", "--set", "checkpoint.keep_last=5", "--set", "logging.every_steps=1",
-        "--set", "train.eval_every=3", "--set", "train.eval_batches=2", "--set", "logging.tensorboard=false",
+        "--set", "train.eval_every=3", "--set", "train.eval_batches=2", "--set", "logging.report_to=[]",
         *extra,
     ]  # fmt: skip
     env = {**ENV, "LLMKIT_FAULT_INJECT": fault} if fault else ENV
@@ -139,7 +139,7 @@ def test_an_accelerate_config_file_drives_the_launch(tiny_dataset: Path, start: 
     out = tmp_path / "run"
     command = [sys.executable, "-m", "llmkit", "pretrain", "--data", str(tiny_dataset), "--out", str(out),
                "--init-from", str(start), "--max-steps", "2", "--micro-batch-size", "4", "--cpu", "--accelerate-config",
-               str(config), "--main-process-port", str(next(PORTS)), "--set", "logging.tensorboard=false"]  # fmt: skip
+               str(config), "--main-process-port", str(next(PORTS)), "--set", "logging.report_to=[]"]  # fmt: skip
     done = subprocess.run(command, env=ENV, capture_output=True, text=True, timeout=300,
                           cwd=Path(__file__).parent.parent)  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
@@ -155,7 +155,7 @@ def chat_base(tiny_run: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple
     folder = tmp_path_factory.mktemp("chat_base")
     rows = write_chat_rows(folder / "chat.jsonl", 120)
     done = run_cli("finetune", "--model", tiny_run, "--data", rows, "--out", folder / "base", "--max-steps", "2",
-                   "--micro-batch-size", "4", "--max-length", "64", "--set", "logging.tensorboard=false")  # fmt: skip
+                   "--micro-batch-size", "4", "--max-length", "64", "--set", "logging.report_to=[]")  # fmt: skip
     assert done.exit_code == 0, done.stderr
     return folder / "base" / "final", rows
 
@@ -177,7 +177,7 @@ def test_lora_under_zero3_saves_whole_adapters_resumes_exactly_and_merges(
             "--main-process-port", str(next(PORTS)),
             "--max-steps", "6", "--micro-batch-size", "4", "--max-length", "64", "--lr", "3e-3",
             "--set", "checkpoint.every_steps=3", "--set", "logging.every_steps=1", "--set", "train.eval_every=3",
-            "--set", "logging.tensorboard=false", *extra,
+            "--set", "logging.report_to=[]", *extra,
         ]  # fmt: skip
         env = {**ENV, "LLMKIT_FAULT_INJECT": fault} if fault else ENV
         return subprocess.run(command, env=env, capture_output=True, text=True, timeout=400)
@@ -225,7 +225,7 @@ def test_a_zero_run_killed_on_two_processes_resumes_on_another_number(
             "--init-from", str(start), "--max-steps", "6", "--micro-batch-size", micro, "--lr", "3e-3",
             "--cpu", "--num-processes", str(processes), "--main-process-port", str(next(PORTS)), "--strategy", strategy,
             "--set", "checkpoint.every_steps=3", "--set", "logging.every_steps=1", "--set", "train.eval_every=1000",
-            "--set", "logging.tensorboard=false", "--set", "logging.data_trace=true", *extra,
+            "--set", "logging.report_to=[]", "--set", "logging.data_trace=true", *extra,
         ]  # fmt: skip
         env = {**ENV, "LLMKIT_FAULT_INJECT": fault} if fault else ENV
         return subprocess.run(command, env=env, capture_output=True, text=True, timeout=400)

@@ -9,19 +9,24 @@ from __future__ import annotations
 import codecs
 import csv
 import glob
+import importlib
+import io
 import json
 import os
 import sys
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from llmkit.atomic import file_sha256
 from llmkit.data.corpus import BUILTIN_CORPORA, generate
 from llmkit.errors import UserError, did_you_mean
 
 SUFFIXES = {".txt", ".text", ".md", ".jsonl", ".json", ".csv", ".parquet"}
+# Compressed text files are read as they stream (file.jsonl.gz is a .jsonl file); parquet compresses inside.
+COMPRESSIONS = {".gz": "gzip", ".bz2": "bz2", ".xz": "lzma", ".zst": "zstandard", ".zstd": "zstandard"}
 HUB_PREFIX = "hf:"
 BUILTIN_PREFIX = "builtin:"
 
@@ -92,7 +97,7 @@ def _walk(folder: Path, skip: list[Path]) -> list[Path]:
             d for d in dirs
             if Path(os.path.realpath(here / d)) not in skip and not is_llmkit_output(here / d)
         )  # fmt: skip
-        found += [here / f for f in files if Path(f).suffix.lower() in SUFFIXES]
+        found += [here / f for f in files if data_suffix(Path(f)) in SUFFIXES]
     return sorted(found)
 
 
@@ -113,7 +118,7 @@ def _file_sources(spec: str, skip: list[Path]) -> list[Source]:
     elif path.is_dir():
         paths = _walk(path, skip)
         if not paths:
-            raise UserError(f"{spec}: folder holds no {', '.join(sorted(SUFFIXES))} files")
+            raise UserError(f"{spec}: folder holds no {', '.join(sorted(SUFFIXES))} files (or .gz/.zst of them)")
     elif path.is_file():
         paths = [path]
     else:
@@ -122,8 +127,12 @@ def _file_sources(spec: str, skip: list[Path]) -> list[Source]:
         raise UserError(f"{spec}: file not found{hint}")
     sources = []
     for p in paths:
-        if p.suffix.lower() not in SUFFIXES:
-            raise UserError(f"{p}: unsupported file type '{p.suffix}' (use {', '.join(sorted(SUFFIXES))})")
+        suffix = data_suffix(p)
+        if suffix not in SUFFIXES or (suffix == ".parquet" and compression(p)):
+            raise UserError(
+                f"{p}: unsupported file type '{''.join(p.suffixes[-2:])}' (use {', '.join(sorted(SUFFIXES))}, "
+                f"the text ones also compressed as {', '.join(COMPRESSIONS)})"
+            )
         sources.append(Source("file", str(p), p.stat().st_size, file_sha256(p)))
     return sources
 
@@ -136,7 +145,7 @@ def read_documents(
         for i, doc in enumerate(generate(BUILTIN_CORPORA[source.name], builtin_docs, seed)):
             yield RawDocument(doc.text, f"builtin:{source.name}[{i}]", doc.bits)
         return
-    if source.kind == "file" and Path(source.name).suffix.lower() not in RECORD_SUFFIXES:
+    if source.kind == "file" and data_suffix(Path(source.name)) not in RECORD_SUFFIXES:
         yield from _read_txt(Path(source.name), txt_mode, encoding)
         return
     for record, where in read_records(source, required_column=text_field, encoding=encoding):
@@ -155,7 +164,7 @@ def read_records(
         yield from _read_hub(source.name)
         return
     path = Path(source.name)
-    suffix = path.suffix.lower()
+    suffix = data_suffix(path)
     if suffix == ".jsonl":
         yield from _read_jsonl(path, encoding)
     elif suffix == ".json":
@@ -180,6 +189,57 @@ def _text_of(record: Any, field: str, where: str) -> str:
     if not isinstance(value, str):
         raise UserError(f"{where}: field '{field}' is {type(value).__name__}, expected text")
     return value
+
+
+def compression(path: Path) -> str | None:
+    """The module that decompresses this file (by its last suffix), or None for a plain file."""
+    return COMPRESSIONS.get(path.suffix.lower())
+
+
+def data_suffix(path: Path) -> str:
+    """The suffix that says what a file holds: '.jsonl' for both data.jsonl and data.jsonl.gz."""
+    return (path.with_suffix("") if compression(path) else path).suffix.lower()
+
+
+def open_bytes(path: Path) -> BinaryIO:
+    """The file's bytes, decompressed as they are read; a damaged archive is a one-line error when read."""
+    module = compression(path)
+    if module is None:
+        return path.open("rb")
+    if module == "zstandard":
+        try:
+            import zstandard
+        except ImportError:
+            raise UserError(f"{path}: reading .zst files needs the zstandard package; pip install zstandard") from None
+        return zstandard.ZstdDecompressor().stream_reader(path.open("rb"), closefd=True)
+    return importlib.import_module(module).open(path, "rb")
+
+
+def read_bytes(path: Path) -> bytes:
+    with open_bytes(path) as handle, _damaged(path):
+        return handle.read()
+
+
+@contextmanager
+def _damaged(path: Path) -> Iterator[None]:
+    """A truncated or corrupt compressed file as one line naming it."""
+    import gzip
+    import lzma
+    import zlib
+
+    errors: tuple[type[Exception], ...] = (EOFError, gzip.BadGzipFile, lzma.LZMAError, zlib.error, OSError)
+    if compression(path) == "zstandard":
+        import zstandard
+
+        errors += (zstandard.ZstdError,)
+    try:
+        yield
+    except errors as exc:
+        if compression(path) is None or getattr(exc, "errno", None) is not None:
+            raise
+        raise UserError(
+            f"{path}: damaged or truncated {path.suffix} file ({exc}); download or compress it again"
+        ) from None
 
 
 def check_encoding(encoding: str) -> str:
@@ -210,11 +270,12 @@ def decode(data: bytes, path: Path, encoding: str, line: int | None = None, offs
 def read_lines(path: Path, encoding: str) -> Iterator[tuple[int, str]]:
     """(line number, text) of every line, decoded strictly (errors name the line and byte offset)."""
     if check_encoding(encoding).startswith(("utf-16", "utf-32")):  # lines cannot be split as bytes
-        yield from enumerate(decode(path.read_bytes(), path, encoding).splitlines(True), start=1)
+        yield from enumerate(decode(read_bytes(path), path, encoding).splitlines(True), start=1)
         return
     offset = 0
-    with path.open("rb") as handle:
-        for number, raw in enumerate(handle, start=1):
+    with open_bytes(path) as handle, _damaged(path):
+        lines = io.BufferedReader(handle) if compression(path) else handle  # type: ignore[type-var]
+        for number, raw in enumerate(lines, start=1):
             yield number, decode(raw, path, encoding, number, offset)
             offset += len(raw)
 
@@ -233,7 +294,7 @@ def _read_jsonl(path: Path, encoding: str) -> Iterator[tuple[dict[str, Any], str
 
 def _read_json(path: Path, encoding: str) -> Iterator[tuple[dict[str, Any], str]]:
     check_encoding(encoding)
-    text = decode(path.read_bytes(), path, encoding)
+    text = decode(read_bytes(path), path, encoding)
     try:
         data = json.loads(text)
     except json.JSONDecodeError as exc:
@@ -275,7 +336,7 @@ def _read_parquet(path: Path, required: str | None) -> Iterator[tuple[dict[str, 
 def _read_txt(path: Path, mode: str, encoding: str) -> Iterator[RawDocument]:
     check_encoding(encoding)
     if mode == "file":
-        yield RawDocument(decode(path.read_bytes(), path, encoding), str(path))
+        yield RawDocument(decode(read_bytes(path), path, encoding), str(path))
         return
     lines = read_lines(path, encoding)
     if mode == "line":

@@ -1,8 +1,10 @@
-"""Classification metrics: accuracy, macro precision/recall/F1, the confusion matrix, and ROC-AUC for two classes.
+"""Classification metrics: accuracy, macro precision/recall/F1, the confusion matrix, and ROC-AUC.
 
 Macro averages weigh every class equally; a class that is never predicted has precision 0 (scikit-learn's
 `zero_division=0`). ROC-AUC is the probability that a random positive scores above a random negative
-(the Mann-Whitney statistic, ties counting one half).
+(the Mann-Whitney statistic, ties counting one half): for two classes on the second class's probability, for more
+one-vs-rest per class and their macro mean, as scikit-learn's `roc_auc_score(multi_class="ovr")` defines it. A class
+absent from the labels has no ROC-AUC (None) and is left out of the mean.
 """
 
 from __future__ import annotations
@@ -39,6 +41,12 @@ def classification_metrics(probabilities: np.ndarray, labels: np.ndarray, names:
     }
     if classes == 2:
         metrics["roc_auc"] = roc_auc(probabilities[:, 1], labels == 1)
+    else:
+        per_class = [roc_auc(probabilities[:, c], labels == c) for c in range(classes)]
+        for name, auc in zip(names, per_class, strict=True):
+            metrics["per_class"][name]["roc_auc"] = auc
+        defined = [auc for auc in per_class if auc is not None]
+        metrics["roc_auc"] = float(np.mean(defined)) if defined else None
     return metrics
 
 
@@ -73,7 +81,7 @@ def is_classifier(model_dir: Any) -> bool:
 
 
 def evaluate_classifier(model_dir: Any, data: Any, batch_size: int = 32, max_length: int = 512) -> dict[str, Any]:
-    """Accuracy, macro precision/recall/F1, the confusion matrix and (two classes) ROC-AUC on text + label rows."""
+    """Accuracy, macro precision/recall/F1, the confusion matrix and ROC-AUC on text + label rows."""
     import time
 
     import torch

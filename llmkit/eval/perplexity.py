@@ -22,8 +22,9 @@ from llmkit.data.readers import read_documents, resolve_sources
 from llmkit.data.store import MANIFEST, open_dataset
 from llmkit.data.tokenizer import char_counts, load_tokenizer, tokenizer_hash
 from llmkit.errors import UserError
+from llmkit.eval.exported import load_for_eval
 from llmkit.losses import IGNORE
-from llmkit.models import check_vocab_fits, load_trained_model, model_context
+from llmkit.models import check_vocab_fits, model_context
 from llmkit.runs import find_tokenizer_dir, resolve_model_dir
 
 LN2 = math.log(2)
@@ -48,7 +49,7 @@ def evaluate(
     """Score a causal LM on held-out text and return the report."""
     model_dir = resolve_model_dir(model_path)
     tokenizer = load_tokenizer(find_tokenizer_dir(model_dir))
-    model = load_trained_model(model_dir)
+    model = load_for_eval(model_dir)
     check_vocab_fits(model, tokenizer, str(model_dir))
     context = model_context(model)
     if seq_len is not None and context and seq_len > context:

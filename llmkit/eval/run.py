@@ -14,6 +14,7 @@ DATA_METRICS = ("loss", "perplexity", "bits_per_token", "bits_per_char", "bits_p
                 "macro_precision", "macro_recall", "macro_f1", "roc_auc", "margin", "reward_chosen",
                 "reward_rejected", "reward_mean")  # fmt: skip
 EVAL_TASKS = ("auto", "reward")
+_RUNTIMES = {None: "transformers", "onnx": "onnxruntime", "gguf": "llama.cpp"}
 
 
 def evaluate_model(
@@ -39,6 +40,7 @@ def evaluate_model(
 
     `reports` are the files the caller will write: checked before any work, so a bad path fails in a second,
     not after the evaluation, and never names an input."""
+    from llmkit.eval.exported import export_format
     from llmkit.eval.gates import check_gates, check_regressions, checks_as_dicts, read_baseline
     from llmkit.eval.tasks import flat_metrics, load_task_files, run_tasks
     from llmkit.runs import resolve_model_dir
@@ -57,8 +59,12 @@ def evaluate_model(
     task_specs, file_gates = load_task_files(list(task_files or []))  # bad task files fail before the model loads
     old_metrics = read_baseline(baseline) if baseline is not None else None
     model_dir = resolve_model_dir(model)
+    runtime = export_format(model_dir)
+    if runtime and (harness or task == "reward"):
+        raise UserError(f"{model_dir}: a {runtime} export is evaluated with --data and --tasks; --harness and "
+                        "--task reward take the HF model it was exported from")  # fmt: skip
 
-    result: dict[str, Any] = {"model": str(model_dir)}
+    result: dict[str, Any] = {"model": str(model_dir), "runtime": _RUNTIMES[runtime]}
     metrics: dict[str, float] = {}
     if data is not None:
         result.update(_evaluate_data(model, model_dir, data, batch_size, seq_len, max_batches, text_field, encoding,

@@ -109,13 +109,14 @@ class LanguageModel:
 
     def __init__(self, model_dir: Path) -> None:
         from llmkit.data.tokenizer import load_tokenizer
-        from llmkit.models import load_trained_model, model_context
+        from llmkit.eval.exported import load_for_eval
+        from llmkit.models import model_context
         from llmkit.runs import find_tokenizer_dir
 
         self.model_dir = model_dir
         self.tokenizer = load_tokenizer(find_tokenizer_dir(model_dir))
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
-        self.model = load_trained_model(model_dir).to(self.device).eval()
+        self.model = load_for_eval(model_dir).to(self.device).eval()
         self.context = model_context(self.model) or 2048
 
     def render(self, task: TaskSpec, item: dict[str, Any], where: str) -> str:

@@ -30,6 +30,7 @@ from llmkit.errors import GATE_FAILED_EXIT, UserError
 from llmkit.export.card import model_card
 from llmkit.export.gguf import GGUF_TYPES, K_QUANTS, llama_cpp_missing
 from llmkit.export.parity import Tolerance, failures, measure, probe_batch, probe_texts
+from llmkit.hub import check_push, push_folder
 from llmkit.models import load_trained_model
 from llmkit.outputs import check_output, output_lock
 from llmkit.runs import find_tokenizer_dir, resolve_model_dir
@@ -59,6 +60,8 @@ def export_model(
     eval_report: Path | None = None,
     probe_data: str | None = None,
     ladder: bool = False,
+    push_to_hub: str | None = None,
+    public: bool = False,
 ) -> dict[str, Any]:
     if ladder and (fmt != "gguf" or dtype is not None or quantize):
         raise UserError("--ladder measures every GGUF level and keeps one: pass --format gguf and no --dtype")
@@ -90,10 +93,17 @@ def export_model(
         raise UserError(f"{out}: already exists and is not empty; pass --overwrite to replace it")
     if eval_report is not None and not eval_report.is_file():
         raise UserError(f"{eval_report}: evaluation report not found")
+    if push_to_hub:
+        check_push(push_to_hub)
     with output_lock(out):
         if ladder:
-            return _export_ladder(model_dir, out, tolerance, eval_report, probe_data)
-        return _export(model_dir, out, fmt, dtype, quantize, adapter, merge, tolerance, eval_report, probe_data)
+            report = _export_ladder(model_dir, out, tolerance, eval_report, probe_data)
+        else:
+            report = _export(model_dir, out, fmt, dtype, quantize, adapter, merge, tolerance, eval_report, probe_data)
+    if push_to_hub:  # only an export that passed its parity check is on disk to be pushed
+        url = push_folder(out, push_to_hub, private=not public)
+        report["pushed"] = {"repo": push_to_hub, "private": not public, "commit": url}
+    return report
 
 
 def _export(
@@ -195,13 +205,15 @@ def _export_ladder(
                 "--min-greedy-agreement or --max-ppl-increase)"
             )
         best = min(inside, key=lambda row: row["size_bytes"])
-        (staging / f".{best['level']}" / "model.gguf").rename(staging / "model.gguf")
+        for kept in (staging / f".{best['level']}").iterdir():  # the file, its config and tokenizer
+            kept.rename(staging / kept.name)
         for level in levels:
             shutil.rmtree(staging / f".{level}")
         report = {key: value for key, value in best.items() if key not in ("level", "within")}
         report.update(
             format="gguf", precision=best["level"], source=str(model_dir), out=str(out), kind="full",
-            files=["model.gguf", "export_report.json", "README.md"], tolerance=bar.__dict__,
+            files=sorted([p.name for p in staging.iterdir()] + ["export_report.json", "README.md"]),
+            tolerance=bar.__dict__,
             probe=probe_data or "built-in (8 held-out stories, 4 general sentences)",
             ladder=rows, recommended=best["level"], ladder_note=skipped,
         )  # fmt: skip
@@ -299,6 +311,8 @@ def _write_gguf(
     model = load_trained_model(model_dir, dtype=torch.float32, merge=True).eval()
     path = staging / "model.gguf"
     write_gguf(model, tokenizer, path, dtype, name)
+    model.config.save_pretrained(staging)  # with the tokenizer: `llmkit eval` runs the file as the HF model
+    tokenizer.save_pretrained(staging)
     state, metadata = read_gguf(path, model)  # read back: what a GGUF runtime would load
     if metadata["tokens"] < len(tokenizer) or metadata["architecture"] != model.config.model_type:
         raise UserError(

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import torch
+import yaml
 
 from llmkit.atomic import atomic_directory, write_json
 from llmkit.config import RunConfig
@@ -277,7 +278,8 @@ class _Run:
 def fit(job: TrainJob) -> FitResult:
     cfg, acc = job.cfg, job.accelerator
     resume_step = job.resume.step if job.resume else None
-    metrics = MetricsLog(job.run_dir, cfg.logging.tensorboard, enabled=acc.is_main_process, resume_step=resume_step)
+    config = yaml.safe_load(job.config_yaml)  # secrets already removed
+    metrics = MetricsLog(job.run_dir, cfg.logging, config, acc.is_main_process, resume_step)
     trace = DataTrace(job.run_dir, acc.process_index, acc.num_processes, cfg.logging.data_trace, resume_step)
     run = _Run.begin(job)
     deadline = time.monotonic() + cfg.train.max_time if cfg.train.max_time else None
@@ -451,9 +453,6 @@ def _finish(job: TrainJob, run: _Run, metrics: MetricsLog, interrupted: str | No
     first_step = (resume.step if resume else 0) + 1  # of this invocation
     checkpoint = job.run_dir / "checkpoints" / checkpoint_name(run.step)
     final_dir = None if interrupted else save_final_model(job)
-    metrics.close()
-    if acc.is_main_process and job.cfg.logging.plot:
-        plot_loss(metrics.path, job.run_dir / "loss.png")
     result = FitResult(
         steps=run.step,
         tokens=run.tokens,
@@ -482,6 +481,11 @@ def _finish(job: TrainJob, run: _Run, metrics: MetricsLog, interrupted: str | No
         summary["tokens_per_second"] = result.tokens_per_second
         summary["flops_per_token"] = job.flops_per_token
         write_json(job.run_dir / "summary.json", summary)
+        metrics.close(summary)
+        if job.cfg.logging.plot:
+            plot_loss(metrics.path, job.run_dir / "loss.png")
+    else:
+        metrics.close()
     return result
 
 

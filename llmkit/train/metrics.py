@@ -7,38 +7,72 @@ import math
 from pathlib import Path
 from typing import Any
 
+from llmkit.config import LoggingConfig
+from llmkit.train.trackers import finish_trackers, flat_config, open_trackers
+
 
 class MetricsLog:
-    """Appends one JSON object per event to RUN/metrics.jsonl and mirrors scalars to TensorBoard."""
+    """Appends one JSON object per event to RUN/metrics.jsonl and mirrors scalars to TensorBoard and the trackers
+    in `logging.report_to` (llmkit.train.trackers)."""
 
-    def __init__(self, run_dir: Path, tensorboard: bool, enabled: bool = True, resume_step: int | None = None) -> None:
+    def __init__(
+        self,
+        run_dir: Path,
+        logging: LoggingConfig,
+        config: dict[str, Any],
+        enabled: bool = True,
+        resume_step: int | None = None,
+    ) -> None:
         self.path = run_dir / "metrics.jsonl"
         self.enabled = enabled
         self.writer: Any = None
-        if enabled and resume_step is not None:
+        self.trackers: list[Any] = []
+        self.last_step = resume_step or 0
+        if not enabled:
+            return
+        if resume_step is not None:
             truncate_records(self.path, resume_step)  # records after the checkpoint are logged again
-        if enabled and tensorboard:
+        if "tensorboard" in logging.report_to:
             from torch.utils.tensorboard import SummaryWriter
 
             purge = resume_step + 1 if resume_step is not None else None
             self.writer = SummaryWriter(log_dir=str(run_dir / "tensorboard"), purge_step=purge)
+        self.trackers = open_trackers(
+            logging.report_to, run_dir, logging.project, flat_config(config), resume=resume_step is not None
+        )
 
     def log(self, record: dict[str, Any]) -> None:
         if not self.enabled:
             return
         with self.path.open("a", encoding="utf-8") as handle:
             handle.write(json.dumps(record) + "\n")
+        step = int(record["step"])
+        self.last_step = max(self.last_step, step)
+        scalars = {
+            key.replace("_", "/", 1) if key.startswith("val_") else f"train/{key}": value
+            for key, value in record.items()
+            if key != "step" and isinstance(value, int | float) and math.isfinite(value)
+        }
         if self.writer is not None:
-            step = int(record["step"])
-            for key, value in record.items():
-                if key != "step" and isinstance(value, int | float) and math.isfinite(value):
-                    self.writer.add_scalar(
-                        key.replace("_", "/", 1) if key.startswith("val_") else f"train/{key}", value, step
-                    )
+            for key, value in scalars.items():
+                self.writer.add_scalar(key, value, step)
+        for tracker in self.trackers:
+            tracker.log(scalars, step=step)
 
-    def close(self) -> None:
+    def close(self, summary: dict[str, Any] | None = None) -> None:
+        """Close every sink; the run's summary (its numbers) goes to the trackers as summary/* at the last step."""
         if self.writer is not None:
             self.writer.close()
+        numbers = {
+            f"summary/{key}": value
+            for key, value in (summary or {}).items()
+            if isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+        }
+        for tracker in self.trackers:
+            if numbers:
+                tracker.log(numbers, step=self.last_step)
+        finish_trackers(self.trackers)
+        self.trackers = []
 
 
 def truncate_records(path: Path, last_step: int) -> None:

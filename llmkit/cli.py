@@ -829,7 +829,7 @@ def recipes_command(ctx: typer.Context) -> None:
     """
     if ctx.invoked_subcommand is not None:
         return
-    from llmkit.recipes import bundled_recipes
+    from llmkit.bundled import bundled_recipes
     from llmkit.reports import print_recipes
 
     print_recipes(bundled_recipes())
@@ -841,7 +841,7 @@ def recipes_show_command(
     name: Annotated[str, typer.Argument(metavar="NAME", help="A recipe (tiny-cpu), or deepspeed/zero2, ci-eval...")],
 ) -> None:
     """Print a bundled recipe or config file as it ships (`> my.yaml` to start your own)."""
-    from llmkit.recipes import find_recipe
+    from llmkit.bundled import find_recipe
 
     print(find_recipe(name).read_text(encoding="utf-8"), end="")
 

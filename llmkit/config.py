@@ -129,7 +129,10 @@ class TrainConfig(Section):
     max_epochs: float | None = Field(None, gt=0, description="Budget in passes over the training split.")
     eval_every: int = Field(100, ge=1, description="Validate every N optimizer steps (and at the end).")
     eval_batches: int | None = Field(
-        20, ge=1, description="Validation micro-batches per evaluation (unset: the whole split)."
+        20,
+        ge=1,
+        description="Validation micro-batches per evaluation, all processes together (pretrain: rounded up to a "
+        "multiple of the processes, so each validates as many; unset: the whole split).",
     )
     early_stopping_patience: int | None = Field(
         None, ge=1, description="Stop after this many validations without improvement (unset: never)."
@@ -398,7 +401,7 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     that are not UTF-8."""
     path = Path(path)
     if not path.is_file():
-        from llmkit.recipes import bundled_files
+        from llmkit.bundled import bundled_files
 
         bundled = bundled_files().get(str(path.with_suffix("") if path.suffix == ".yaml" else path))
         if bundled is None or bundled.suffix != ".yaml":

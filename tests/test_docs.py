@@ -32,3 +32,48 @@ def test_readme_shows_the_two_commands_and_links_docs() -> None:
     assert "make demo" in readme and "make test" in readme
     for link in ["docs/data-prep.md", "docs/pretrain.md", "docs/eval.md", "docs/config.md", "docs/benchmarks.md"]:
         assert link in readme and (ROOT / link).is_file(), link
+
+
+# Options of other tools the docs show (torchrun, accelerate, sbatch, tensorboard, mlflow, the benches).
+OTHER_TOOLS = {"--nproc", "--nproc_per_node", "--multi", "--multi_gpu", "--num", "--num_processes", "--port",
+               "--use", "--use_deepspeed", "--config_file", "--requeue", "--signal", "--logdir", "--backend-store-uri",
+               "--arch", "--block", "--layers", "--peak", "--rows", "--size", "--steps", "--vocab",
+               "--work"}  # fmt: skip
+
+
+def test_every_option_and_config_key_the_docs_name_exists() -> None:
+    """Docs are read against the code: a renamed flag or key cannot linger in them."""
+    import re
+
+    import typer
+    from pydantic import BaseModel
+
+    from llmkit.cli import app
+    from llmkit.config import RunConfig
+
+    options = {"--help"}
+    commands = [typer.main.get_command(app)]
+    while commands:
+        command = commands.pop()
+        options |= {name for param in command.params for name in (*param.opts, *param.secondary_opts)}
+        commands += list(getattr(command, "commands", {}).values())
+    keys: set[str] = set()
+
+    def walk(model: type[BaseModel], prefix: str = "") -> None:
+        for name, field in model.model_fields.items():
+            keys.add(prefix + name)
+            if isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel):
+                walk(field.annotation, f"{prefix}{name}.")
+
+    walk(RunConfig)
+    sections = sorted({key.split(".")[0] for key in keys if "." in key})
+    key_pattern = re.compile(rf"(?<![\w./-])(?:{'|'.join(sections)})\.[a-z_]+(?:\.[a-z_]+)*(?![\w/-])")
+    file_like = re.compile(r"\.(?:pt|py|md|gguf|onnx|safetensors|lrr|load_universal)$")  # files; a typo's example
+    for doc in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]:
+        if doc.name == "config.md":
+            continue
+        text = doc.read_text()
+        for option in set(re.findall(r"(?<![\w-])--[a-z][a-z0-9_-]+", text)) - options - OTHER_TOOLS:
+            raise AssertionError(f"{doc.name} names {option}, which no llmkit command has")
+        for key in {m.group(0) for m in key_pattern.finditer(text)} - keys:
+            assert file_like.search(key), f"{doc.name} names config key {key}, which the schema does not have"

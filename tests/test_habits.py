@@ -171,6 +171,12 @@ def test_a_missing_tracker_library_is_one_line(tiny_dataset: Path, tmp_path: Pat
     assert_nothing_written(tmp_path, "run")
     bad = run_cli("pretrain", "--data", tiny_dataset, "--out", tmp_path / "run", "--set", "logging.report_to=[neptune]")
     assert_user_error(bad, "logging.report_to", "neptune")
+    monkeypatch.undo()
+    pytest.importorskip("mlflow")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "nosuchscheme://nowhere")
+    unreachable = run_cli("pretrain", "--data", tiny_dataset, "--out", tmp_path / "run", "--max-steps", "1",
+                          *TINY_MODEL, "--set", "logging.report_to=[mlflow]")  # fmt: skip
+    assert_user_error(unreachable, "logging.report_to: mlflow could not start", "nosuchscheme")
 
 
 def test_library_warnings_are_one_whole_line_each(tiny_run: Path, tmp_path: Path) -> None:

@@ -364,3 +364,20 @@ def test_a_failed_compilation_falls_back_to_eager_in_one_line(tiny_dataset: Path
         return [r["loss"] for r in read_metrics(run) if "loss" in r]
 
     assert losses(tmp_path / "compiled") == losses(tmp_path / "eager")
+
+
+def test_every_process_validates_as_many_batches(tiny_dataset: Path) -> None:
+    """A process without validation batches would skip what the others run (a hang under ZeRO-3, found with 3
+    processes and eval_batches=2): batches are rounded up to a multiple of the processes, or none at all."""
+    from llmkit.train.loader import validation_batches
+
+    val = open_dataset(tiny_dataset).split("val")
+    for world, asked in ((3, 2), (2, 3), (1, 5), (3, None)):
+        counts = [len(validation_batches(val, 2, asked, rank, world)) for rank in range(world)]
+        assert len(set(counts)) == 1 and counts[0] > 0, (world, asked, counts)
+        assert asked is None or counts[0] * world == -(-asked // world) * world
+    every = {
+        tuple(b["input_ids"].flatten().tolist()) for rank in range(3) for b in validation_batches(val, 2, 2, rank, 3)
+    }
+    assert len(every) == 3  # three distinct batches, one per process
+    assert all(len(validation_batches(val, len(val), None, rank, 2)) == 0 for rank in range(2))  # none for all

@@ -98,10 +98,16 @@ class BlockLoader:
 def validation_batches(
     dataset: PackedDataset, micro_batch_size: int, max_batches: int | None, rank: int = 0, world: int = 1
 ) -> list[dict[str, torch.Tensor]]:
-    """The same validation micro-batches at every evaluation: the first blocks in order, sharded by rank."""
+    """The same validation micro-batches at every evaluation: the first blocks in order, sharded by rank.
+
+    Every process gets as many batches as the others (`max_batches` rounded up to a multiple of the processes, as far
+    as the split allows): a process with none would skip a validation the others run, and under ZeRO-3, whose every
+    forward gathers parameters from all processes, the others would wait for it forever.
+    """
     count = len(dataset) // micro_batch_size
     if max_batches is not None:
-        count = min(count, max_batches)
+        count = min(count, -(-max_batches // world) * world)
+    count -= count % world
     batches = []
     for i in range(rank, count, world):
         tokens = torch.from_numpy(dataset.blocks(np.arange(i * micro_batch_size, (i + 1) * micro_batch_size)))

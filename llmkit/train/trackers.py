@@ -48,7 +48,7 @@ def open_trackers(
     trackers = []
     for name in names:
         tracker = _build(name, run_dir, project, ids.get(name))
-        with quiet_library():
+        with quiet_library(), _one_line(name):
             tracker.start()
             if not (name == "mlflow" and ids.get(name)):  # MLflow params are write-once; a resume keeps the first
                 tracker.store_init_configuration(config)
@@ -63,6 +63,20 @@ def finish_trackers(trackers: list[Any]) -> None:
     for tracker in trackers:
         with quiet_library():
             tracker.finish()
+
+
+@contextlib.contextmanager
+def _one_line(name: str) -> Iterator[None]:
+    """A tracker that cannot start (a bad MLFLOW_TRACKING_URI, no W&B login without WANDB_MODE=offline, ...) is the
+    user's settings: one line with the library's own reason."""
+    try:
+        yield
+    except Exception as exc:  # each library raises its own types; none of them is llmkit's bug
+        reason = " ".join(str(exc).split())[:300]
+        raise UserError(
+            f"logging.report_to: {name} could not start ({type(exc).__name__}: {reason}); fix its settings or "
+            f"leave {name} out (the run can continue with --resume auto)"
+        ) from None
 
 
 @contextlib.contextmanager

@@ -840,7 +840,10 @@ def recipes_command(ctx: typer.Context) -> None:
 def recipes_show_command(
     name: Annotated[str, typer.Argument(metavar="NAME", help="A recipe (tiny-cpu), or deepspeed/zero2, ci-eval...")],
 ) -> None:
-    """Print a bundled recipe or config file as it ships (`> my.yaml` to start your own)."""
+    """Print one bundled recipe or config file.
+
+    As it ships: `llmkit recipes show tiny-cpu > my.yaml` starts your own.
+    """
     from llmkit.bundled import find_recipe
 
     print(find_recipe(name).read_text(encoding="utf-8"), end="")

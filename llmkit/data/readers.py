@@ -207,10 +207,8 @@ def open_bytes(path: Path) -> BinaryIO:
     if module is None:
         return path.open("rb")
     if module == "zstandard":
-        try:
-            import zstandard
-        except ImportError:
-            raise UserError(f"{path}: reading .zst files needs the zstandard package; pip install zstandard") from None
+        import zstandard
+
         return zstandard.ZstdDecompressor().stream_reader(path.open("rb"), closefd=True)
     return importlib.import_module(module).open(path, "rb")
 

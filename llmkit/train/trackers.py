@@ -2,7 +2,7 @@
 
 llmkit writes TensorBoard itself (a resumed run purges the steps after its checkpoint there); the others are the
 libraries' own clients, configured as their users expect: W&B by WANDB_MODE / WANDB_PROJECT and its login, MLflow
-by MLFLOW_TRACKING_URI (default: a file store in RUN/mlruns), Trackio by TRACKIO_DIR. A resumed run continues the
+by MLFLOW_TRACKING_URI (default: a local database, RUN/mlflow.db), Trackio by TRACKIO_DIR. A resumed run continues the
 same tracker runs (their ids are kept in RUN/trackers.json); the steps after the checkpoint are logged again.
 """
 
@@ -22,13 +22,13 @@ from llmkit.atomic import write_json
 from llmkit.console import info
 from llmkit.errors import UserError
 
-MODULES = {"wandb": "wandb", "mlflow": "mlflow", "trackio": "trackio"}
+TRACKERS = ("wandb", "mlflow", "trackio")  # each is also the name of its library
 
 
 def check_trackers(report_to: Sequence[str]) -> None:
     """One line, before any work, for a tracker whose library is not installed."""
     for name in report_to:
-        if name in MODULES and importlib.util.find_spec(MODULES[name]) is None:
+        if name in TRACKERS and importlib.util.find_spec(name) is None:
             raise UserError(
                 f"logging.report_to: {name} is not installed; pip install 'llmkit[trackers]' (or {name}), "
                 f"or leave {name} out"
@@ -39,7 +39,7 @@ def open_trackers(
     report_to: Sequence[str], run_dir: Path, project: str, config: dict[str, Any], resume: bool
 ) -> list[Any]:
     """Start each tracker, continuing its earlier run on a resume, and log the run's config to it."""
-    names = [name for name in report_to if name in MODULES]
+    names = [name for name in report_to if name in TRACKERS]
     if not names:
         return []
     check_trackers(names)
@@ -53,7 +53,7 @@ def open_trackers(
             if not (name == "mlflow" and ids.get(name)):  # MLflow params are write-once; a resume keeps the first
                 tracker.store_init_configuration(config)
         ids[name] = _run_id(name, tracker)
-        info(f"{name}: {_where(name, tracker, run_dir)}")
+        info(f"{name}: {_where(name, tracker)}")
         trackers.append(tracker)
     write_json(ids_path, ids)
     return trackers
@@ -118,7 +118,7 @@ def _build(name: str, run_dir: Path, project: str, run_id: str | None) -> Any:
     return TrackioTracker(project, name=run_dir.name, resume="allow" if run_id else "never")
 
 
-def _where(name: str, tracker: Any, run_dir: Path) -> str:
+def _where(name: str, tracker: Any) -> str:
     if name == "wandb":
         run = tracker.run
         if run.settings.mode in ("offline", "dryrun"):

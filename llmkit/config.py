@@ -396,17 +396,23 @@ class _StrictLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep=deep)
 
 
+def yaml_path(path: str | Path) -> Path:
+    """A recipe or task file: the path given, or else the bundled file of that name (`tiny-cpu`, `ci-eval`)."""
+    path = Path(path)
+    if path.is_file():
+        return path
+    from llmkit.bundled import bundled_files
+
+    bundled = bundled_files().get(str(path.with_suffix("") if path.suffix == ".yaml" else path))
+    if bundled is None or bundled.suffix != ".yaml":
+        raise UserError(f"{path}: config file not found (`llmkit recipes` lists the bundled ones)")
+    return bundled
+
+
 def read_yaml(path: str | Path) -> dict[str, Any]:
     """Read a YAML mapping, with a one-line error for a missing file, bad syntax, a key given twice or bytes
     that are not UTF-8."""
-    path = Path(path)
-    if not path.is_file():
-        from llmkit.bundled import bundled_files
-
-        bundled = bundled_files().get(str(path.with_suffix("") if path.suffix == ".yaml" else path))
-        if bundled is None or bundled.suffix != ".yaml":
-            raise UserError(f"{path}: config file not found (`llmkit recipes` lists the bundled ones)")
-        path = bundled
+    path = yaml_path(path)
     data = path.read_bytes()
     try:
         text = data.decode("utf-8-sig")

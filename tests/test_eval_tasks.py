@@ -174,3 +174,13 @@ def test_harness_not_installed_is_named(tiny_run: Path) -> None:
     assert run.stderr.strip().splitlines() == [
         "error: --harness needs lm-evaluation-harness, which is not installed: pip install 'llmkit[eval]'"
     ]
+
+
+def test_a_bundled_task_file_loads_by_name_with_its_includes_and_data() -> None:
+    from llmkit.eval.tasks import load_task_files, task_items
+
+    by_name, gates = load_task_files([Path("ci-eval")])
+    by_path, path_gates = load_task_files([RECIPES / "ci-eval.yaml"])
+    assert [t.name for t in by_name] == [t.name for t in by_path] and gates == path_gates and by_name
+    assert all(Path(t.base).resolve() == Path(p.base).resolve() for t, p in zip(by_name, by_path, strict=True))
+    assert all(task_items(task) for task in by_name)  # data files found beside the bundled task files

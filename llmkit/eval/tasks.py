@@ -20,7 +20,7 @@ from typing import Any, Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from llmkit.config import read_yaml
+from llmkit.config import read_yaml, yaml_path
 from llmkit.console import progress_bar
 from llmkit.errors import UserError
 
@@ -62,6 +62,7 @@ def load_task_files(paths: list[Path]) -> tuple[list[TaskSpec], list[str]]:
 
 
 def _load(path: Path, tasks: list[TaskSpec], gates: list[str], seen: set[Path]) -> None:
+    path = yaml_path(path)  # a bundled task file by name: its includes and data are beside it
     if path.resolve() in seen:
         raise UserError(f"{path}: includes itself")
     seen = seen | {path.resolve()}

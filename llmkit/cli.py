@@ -53,7 +53,11 @@ def _root(
     """
 
 
-# Options shared by several commands, defined once.
+# Arguments and options shared by several commands, defined once.
+SourceArg = Annotated[str, typer.Argument(metavar="SOURCE", help="Run directory, checkpoint or HF model directory.")]
+ModelArg = Annotated[
+    str, typer.Argument(metavar="MODEL", help="Run directory, checkpoint, or HF model directory/hub name.")
+]
 ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", help="Recipe YAML file (see recipes/).")]
 SetOpt = Annotated[
     list[str] | None,
@@ -503,9 +507,7 @@ def _train(
 
 
 def eval_command(
-    model: Annotated[
-        str, typer.Argument(metavar="MODEL", help="Run directory, checkpoint, or HF model directory/hub name.")
-    ],
+    model: ModelArg,
     data: Annotated[
         str | None,
         typer.Option(help="Prepared dataset (its validation split), a raw text/JSONL file, or text+label rows."),
@@ -589,7 +591,7 @@ app.command("evaluate", help="Alias of `llmkit eval`.")(user_errors_exit_2(eval_
 @app.command("export")
 @user_errors_exit_2
 def export_command(
-    source: Annotated[str, typer.Argument(metavar="SOURCE", help="Run directory, checkpoint or HF model directory.")],
+    source: SourceArg,
     out: Annotated[Path, typer.Option("--out", "-o", help="Directory to write.")],
     fmt: Annotated[str, typer.Option("--format", help="hf, gguf (llama.cpp) or onnx (onnxruntime).")] = "hf",
     dtype: Annotated[
@@ -649,7 +651,7 @@ def export_command(
 @app.command("prune")
 @user_errors_exit_2
 def prune_command(
-    source: Annotated[str, typer.Argument(metavar="SOURCE", help="Run directory, checkpoint or HF model directory.")],
+    source: SourceArg,
     out: Annotated[Path, typer.Option("--out", "-o", help="Directory to write (an HF model directory).")],
     data: Annotated[str, typer.Option(help="Calibration text: a prepared dataset, or a .txt/.jsonl file.")],
     target_params: Annotated[
@@ -679,7 +681,7 @@ def prune_command(
 @app.command("factor")
 @user_errors_exit_2
 def factor_command(
-    source: Annotated[str, typer.Argument(metavar="SOURCE", help="Run directory, checkpoint or HF model directory.")],
+    source: SourceArg,
     out: Annotated[Path, typer.Option("--out", "-o", help="Directory to write.")],
     rank: Annotated[int | None, typer.Option(help="Rank of every factored projection.")] = None,
     energy: Annotated[
@@ -706,9 +708,7 @@ def factor_command(
 @app.command("generate")
 @user_errors_exit_2
 def generate_command(
-    model: Annotated[
-        str, typer.Argument(metavar="MODEL", help="Run directory, checkpoint, or HF model directory/hub name.")
-    ],
+    model: ModelArg,
     prompt: Annotated[str, typer.Option("--prompt", "-p", help="Text to continue, or a chat model's question.")],
     max_new_tokens: MaxNewTokensOpt = 100,
     temperature: TemperatureOpt = 0.8,

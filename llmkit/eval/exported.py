@@ -17,15 +17,17 @@ import torch
 
 from llmkit.errors import UserError
 
-RUNTIME_FILES = {"model.onnx": "onnx", "model.gguf": "gguf"}
+# An export format: the file that marks its directory, and the runtime eval runs it in.
+RUNTIMES = {"onnx": ("model.onnx", "onnxruntime"), "gguf": ("model.gguf", "llama.cpp")}
 
 
 def export_format(model_dir: Path) -> str | None:
     """'onnx' or 'gguf' for an export directory that holds one, else None (an HF model)."""
-    for name, fmt in RUNTIME_FILES.items():
-        if (Path(model_dir) / name).is_file():
-            return fmt
-    return None
+    return next((fmt for fmt, (name, _) in RUNTIMES.items() if (Path(model_dir) / name).is_file()), None)
+
+
+def runtime_name(fmt: str | None) -> str:
+    return RUNTIMES[fmt][1] if fmt else "transformers"
 
 
 def load_for_eval(model_dir: Path) -> Any:
@@ -37,8 +39,10 @@ def load_for_eval(model_dir: Path) -> Any:
         return load_trained_model(model_dir)
     from transformers import AutoConfig
 
+    from llmkit.export.onnx import onnx_logits
+
     config = AutoConfig.from_pretrained(model_dir)
-    logits = _onnx_logits(model_dir / "model.onnx") if fmt == "onnx" else _llama_cpp_logits(model_dir, config)
+    logits = onnx_logits(model_dir / "model.onnx") if fmt == "onnx" else _llama_cpp_logits(model_dir, config)
     return ExportedLM(logits, config, fmt)
 
 
@@ -78,19 +82,11 @@ class ExportedLM:
         return torch.cat([input_ids.cpu(), torch.tensor(rows, dtype=torch.long).reshape(len(rows), -1)], dim=1)
 
 
-def _onnx_logits(path: Path) -> Any:
-    from llmkit.export.onnx import onnx_logits
-
-    return onnx_logits(path)
-
-
 def _llama_cpp_logits(model_dir: Path, config: Any) -> Any:
     """Logits of every position from llama.cpp (llama-cpp-python), one row at a time."""
-    import importlib.util
+    from llmkit.export.gguf import llama_cpp_missing, quiet_native_stderr
 
-    from llmkit.export.gguf import quiet_native_stderr
-
-    if importlib.util.find_spec("llama_cpp") is None:
+    if llama_cpp_missing():
         raise UserError(
             f"{model_dir}: a GGUF export is evaluated in llama.cpp, and llama-cpp-python is not installed: "
             "pip install llama-cpp-python (or evaluate the HF model it was exported from)"

@@ -14,7 +14,6 @@ DATA_METRICS = ("loss", "perplexity", "bits_per_token", "bits_per_char", "bits_p
                 "macro_precision", "macro_recall", "macro_f1", "roc_auc", "margin", "reward_chosen",
                 "reward_rejected", "reward_mean")  # fmt: skip
 EVAL_TASKS = ("auto", "reward")
-_RUNTIMES = {None: "transformers", "onnx": "onnxruntime", "gguf": "llama.cpp"}
 
 
 def evaluate_model(
@@ -40,7 +39,7 @@ def evaluate_model(
 
     `reports` are the files the caller will write: checked before any work, so a bad path fails in a second,
     not after the evaluation, and never names an input."""
-    from llmkit.eval.exported import export_format
+    from llmkit.eval.exported import export_format, runtime_name
     from llmkit.eval.gates import check_gates, check_regressions, checks_as_dicts, read_baseline
     from llmkit.eval.tasks import flat_metrics, load_task_files, run_tasks
     from llmkit.runs import resolve_model_dir
@@ -64,7 +63,7 @@ def evaluate_model(
         raise UserError(f"{model_dir}: a {runtime} export is evaluated with --data and --tasks; --harness and "
                         "--task reward take the HF model it was exported from")  # fmt: skip
 
-    result: dict[str, Any] = {"model": str(model_dir), "runtime": _RUNTIMES[runtime]}
+    result: dict[str, Any] = {"model": str(model_dir), "runtime": runtime_name(runtime)}
     metrics: dict[str, float] = {}
     if data is not None:
         result.update(_evaluate_data(model, model_dir, data, batch_size, seq_len, max_batches, text_field, encoding,

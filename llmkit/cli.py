@@ -749,6 +749,88 @@ def chat_command(
     chat_loop(model, Sampling(max_new_tokens, temperature, top_k, top_p), system, seed=seed)
 
 
+REQUEST_LOG = Path("requests.jsonl")
+
+
+@app.command("serve")
+@user_errors_exit_2
+def serve_command(
+    model: ModelArg,
+    host: Annotated[str, typer.Option(help="Address to listen on (0.0.0.0 for every interface).")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port to listen on (0: any free port).")] = 8000,
+    model_name: Annotated[
+        str | None, typer.Option(help="The model name clients send (default: the directory's name).")
+    ] = None,
+    api_key: Annotated[
+        str | None, typer.Option(envvar="LLMKIT_API_KEY", help="Require Authorization: Bearer KEY (401 without).")
+    ] = None,
+    max_batch: Annotated[int, typer.Option(help="Requests generating at once (continuous batching).")] = 32,
+    max_queue: Annotated[int, typer.Option(help="Requests waiting beyond those; more get 429.")] = 256,
+    max_prompt_tokens: Annotated[
+        int | None, typer.Option(help="Longest prompt accepted (default: the context less one).")
+    ] = None,
+    max_tokens: Annotated[int | None, typer.Option(help="Largest max_tokens a request may ask for.")] = None,
+    default_max_tokens: Annotated[int, typer.Option(help="New tokens when a request names none.")] = 256,
+    request_timeout: Annotated[float, typer.Option(help="Seconds before a request is cancelled (504).")] = 600.0,
+    request_log: Annotated[Path, typer.Option(help="JSONL log of every request (timings, tokens).")] = REQUEST_LOG,
+    log_prompts: Annotated[
+        bool, typer.Option("--log-prompts", help="Also log prompt text (for `llmkit monitor` drift).")
+    ] = False,
+    engine: Annotated[str, typer.Option(help="transformers, or vllm (GPU nodes, tensor parallel).")] = "transformers",
+    tensor_parallel: Annotated[int, typer.Option(help="GPUs per model with --engine vllm.")] = 1,
+) -> None:
+    """Serve a model over an OpenAI-compatible HTTP API.
+
+    /v1/chat/completions (the model's chat template), /v1/completions, streaming, /v1/models, /health and
+    Prometheus /metrics. A run, checkpoint, LoRA run, HF or GGUF export. SIGTERM drains and exits 0.
+    """
+    from llmkit.serve.requests import Limits
+    from llmkit.serve.server import serve
+
+    limits = Limits(max_batch, max_queue, max_prompt_tokens, max_tokens, default_max_tokens, request_timeout)
+    code = serve(model, host, port, model_name, api_key, limits, request_log, log_prompts, engine, tensor_parallel)
+    raise typer.Exit(code)
+
+
+@app.command("monitor")
+@user_errors_exit_2
+def monitor_command(
+    source: Annotated[
+        str, typer.Argument(metavar="LOG_OR_URL", help="A serve request log (JSONL), or http://HOST:PORT/metrics.")
+    ],
+    since: Annotated[str | None, typer.Option(help="Only requests of the last 15m, 1h, 1d...")] = None,
+    model: Annotated[
+        str | None, typer.Option(help="The served run: perplexity drift of the logged prompts against it.")
+    ] = None,
+    gate: Annotated[
+        list[str] | None,
+        typer.Option("--gate", metavar="RULE", help="METRIC OP VALUE, e.g. 'p99_latency_s<=2' (repeatable)."),
+    ] = None,
+    max_prompts: Annotated[int, typer.Option(help="With --model: score the last N logged prompts.")] = 1000,
+    report: Annotated[Path | None, typer.Option(help="Write the JSON report here.")] = None,
+    markdown: Annotated[Path | None, typer.Option(help="Write a Markdown report.")] = None,
+    junit: Annotated[Path | None, typer.Option(help="Write JUnit XML: one testcase per gate.")] = None,
+) -> None:
+    """Latency, errors, throughput and drift of a served model.
+
+    p50/p95/p99 latency, time to first token and per token, error rate, tokens/s; prompt perplexity drift with
+    --model. Exit codes: 0 every gate passed, 1 one failed, 2 bad input.
+    """
+    from llmkit.eval.run import write_reports
+    from llmkit.reports import print_checks, print_monitor_report
+    from llmkit.serve.monitor import monitor
+
+    result = monitor(source, since, model, list(gate or []), max_prompts)
+    print_monitor_report(result)
+    print_checks(result)
+    write_reports(result, report, markdown, junit)
+    for check in result["gates"]:
+        if not check["passed"]:
+            print(f"gate failed: {check['detail']}", file=sys.stderr)
+    if not result["passed"]:
+        raise typer.Exit(GATE_FAILED_EXIT)
+
+
 @app.command("plan")
 @user_errors_exit_2
 def plan_command(

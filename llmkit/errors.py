@@ -40,8 +40,8 @@ def did_you_mean(word: str, options: Iterable[str]) -> str:
     return f" (did you mean '{match}'?)" if match else ""
 
 
-def parse_duration(text: str) -> float:
-    """Seconds from '3600', '90s', '90m', '2h' or 'H:MM:SS'."""
+def parse_duration(text: str, option: str = "--max-time") -> float:
+    """Seconds from '3600', '90s', '90m', '2h', '1d' or 'H:MM:SS' (`option` names it in the error)."""
     value = text.strip().lower()
     try:
         if ":" in value:
@@ -49,9 +49,9 @@ def parse_duration(text: str) -> float:
             for part in value.split(":"):
                 seconds = seconds * 60 + float(part)
             return seconds
-        units = {"s": 1, "m": 60, "h": 3600}
+        units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
         if value and value[-1] in units:
             return float(value[:-1]) * units[value[-1]]
         return float(value)
     except ValueError:
-        raise UserError(f"--max-time {text!r}: expected seconds, 90m, 2h or H:MM:SS") from None
+        raise UserError(f"{option} {text!r}: expected seconds, 90m, 2h, 1d or H:MM:SS") from None

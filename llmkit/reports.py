@@ -236,6 +236,17 @@ def print_task_results(results: dict[str, dict[str, Any]], title: str = "tasks")
     console.print(_table(title, rows))
 
 
+def print_monitor_report(report: dict[str, Any]) -> None:
+    def shown(name: str, value: float) -> str:
+        if name.endswith("_s"):
+            return f"{value * 1000:.1f} ms" if value < 10 else f"{value:.1f} s"
+        return f"{value:.4g}" if isinstance(value, float) and not value.is_integer() else f"{value:,.0f}"
+
+    rows = [(name, shown(name, value)) for name, value in report["metrics"].items()]
+    window = f" (last {report['since']})" if report.get("since") else ""
+    console.print(_table(f"monitor {report['source']}{window}", rows))
+
+
 def print_checks(report: dict[str, Any]) -> None:
     checks = report["gates"] + report["regressions"]
     if not checks:

@@ -95,7 +95,7 @@ def markdown_report(report: dict[str, Any]) -> str:
     checks = report["gates"] + report["regressions"]
     failed = [c for c in checks if not c["passed"]]
     verdict = "passed" if report["passed"] else f"FAILED ({len(failed)} of {len(checks)} checks)"
-    lines = [f"## llmkit eval: {verdict}", "", f"Model: `{report['model']}`", ""]
+    lines = [f"## {report.get('title', 'llmkit eval')}: {verdict}", "", f"Model: `{report['model']}`", ""]
     if failed:
         lines += ["### Failed", "", "| check | detail |", "| --- | --- |"]
         lines += [f"| {c['name']} | {c['detail']} |" for c in failed]

@@ -1,0 +1,1 @@
+"""`llmkit serve` and `llmkit monitor`: an OpenAI-compatible server with limits and metrics, and its monitor."""

@@ -1,0 +1,111 @@
+"""What `llmkit serve` exposes to Prometheus on /metrics and writes to its JSONL request log."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80, 160)
+TOKEN_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56)
+
+
+class Metrics:
+    """Prometheus metrics in their own registry (requests, latencies, tokens, queue, memory)."""
+
+    def __init__(self) -> None:
+        import torch
+        from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector
+
+        self.registry = CollectorRegistry()
+        ProcessCollector(registry=self.registry)  # process_resident_memory_bytes, cpu seconds, open fds
+        r = self.registry
+        self.requests = Counter("llmkit_requests", "Requests by endpoint and HTTP status (499: client went away).",
+                                ["endpoint", "status"], registry=r)  # fmt: skip
+        self.duration = Histogram("llmkit_request_duration_seconds", "Time from arrival to the last byte.",
+                                  ["endpoint"], buckets=LATENCY_BUCKETS, registry=r)  # fmt: skip
+        self.queued = Histogram("llmkit_queue_time_seconds", "Time waiting for a generation slot.",
+                                buckets=LATENCY_BUCKETS, registry=r)  # fmt: skip
+        self.ttft = Histogram("llmkit_time_to_first_token_seconds", "Time from arrival to the first new token.",
+                              buckets=LATENCY_BUCKETS, registry=r)  # fmt: skip
+        self.tpot = Histogram("llmkit_time_per_output_token_seconds", "Mean time per new token after the first.",
+                              buckets=TOKEN_BUCKETS, registry=r)  # fmt: skip
+        self.prompt_tokens = Counter("llmkit_prompt_tokens", "Prompt tokens read.", registry=r)
+        self.generation_tokens = Counter("llmkit_generation_tokens", "Tokens generated.", registry=r)
+        self.queue_depth = Gauge("llmkit_queue_depth", "Requests waiting for a generation slot.", registry=r)
+        self.in_flight = Gauge("llmkit_requests_in_flight", "Requests generating now.", registry=r)
+        self.ready = Gauge("llmkit_model_loaded", "1 once the model is loaded and serving.", registry=r)
+        if torch.cuda.is_available():
+            allocated = Gauge("llmkit_gpu_memory_allocated_bytes", "GPU memory held by tensors.", registry=r)
+            reserved = Gauge("llmkit_gpu_memory_reserved_bytes", "GPU memory reserved by the allocator.", registry=r)
+            allocated.set_function(torch.cuda.memory_allocated)
+            reserved.set_function(torch.cuda.memory_reserved)
+
+    def exposition(self) -> bytes:
+        from prometheus_client import generate_latest
+
+        return bytes(generate_latest(self.registry))
+
+
+@dataclass
+class Record:
+    """One line of the request log: timings in seconds, token counts; the prompt only with --log-prompts."""
+
+    time: float
+    id: str
+    endpoint: str
+    status: int
+    stream: bool = False
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    queue_s: float | None = None
+    ttft_s: float | None = None
+    tpot_s: float | None = None
+    duration_s: float = 0.0
+    finish_reason: str | None = None
+    error: str | None = None
+    prompt: Any = None
+
+    def observe(self, metrics: Metrics) -> None:
+        metrics.requests.labels(self.endpoint, str(self.status)).inc()
+        metrics.duration.labels(self.endpoint).observe(self.duration_s)
+        if self.prompt_tokens and self.status == 200:
+            metrics.prompt_tokens.inc(self.prompt_tokens)
+        if self.completion_tokens:
+            metrics.generation_tokens.inc(self.completion_tokens)
+        for histogram, value in ((metrics.queued, self.queue_s), (metrics.ttft, self.ttft_s),
+                                 (metrics.tpot, self.tpot_s)):  # fmt: skip
+            if value is not None:
+                histogram.observe(value)
+
+
+class RequestLog:
+    """Appends one JSON line per finished request; each line is one write, so readers never see half a line."""
+
+    def __init__(self, path: Path | None) -> None:
+        self.path = path
+        self.lock = threading.Lock()
+        self.file = None
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self.file = path.open("a", encoding="utf-8")
+
+    def write(self, record: Record) -> None:
+        if self.file is None:
+            return
+        row = {k: v for k, v in asdict(record).items() if v is not None}
+        line = json.dumps(row, ensure_ascii=False) + "\n"
+        with self.lock:
+            self.file.write(line)
+            self.file.flush()
+
+    def close(self) -> None:
+        if self.file is not None:
+            self.file.close()
+
+
+def now() -> float:
+    return time.time()

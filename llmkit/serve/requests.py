@@ -1,0 +1,162 @@
+"""OpenAI request bodies, read strictly: every wrong field is a 400 that names it, never a silent default.
+
+The parameters llmkit honours are the OpenAI ones a completion needs (model, messages/prompt, max_tokens,
+temperature, top_p, stop, stream, stream_options, n=1, user) plus vLLM's `top_k` and `ignore_eos`. Any other
+field, including OpenAI ones llmkit does not implement (tools, logprobs, response_format, ...), is refused by name
+rather than ignored, so a client never believes it got what it asked for.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+COMMON = {"model", "max_tokens", "temperature", "top_p", "top_k", "stop", "stream", "stream_options", "n", "user",
+          "ignore_eos", "presence_penalty", "frequency_penalty"}  # fmt: skip
+CHAT = COMMON | {"messages", "max_completion_tokens"}
+COMPLETION = COMMON | {"prompt"}
+ROLES = ("system", "user", "assistant")
+
+
+@dataclass
+class Limits:
+    max_batch: int = 32  # requests generating at once
+    max_queue: int = 256  # requests waiting for a slot beyond those
+    max_prompt_tokens: int | None = None  # default: the context less one
+    max_tokens: int | None = None  # largest max_tokens a request may ask for (default: the context)
+    default_max_tokens: int = 256  # when a request gives none (never beyond the context)
+    timeout_s: float = 600.0  # a request still generating after this is cancelled (504)
+
+
+class BadRequest(Exception):
+    """A request the server refuses: an OpenAI-style error with this status, naming the field."""
+
+    def __init__(self, message: str, param: str | None = None, status: int = 400, code: str | None = None) -> None:
+        super().__init__(message)
+        self.message, self.param, self.status, self.code = message, param, status, code
+
+    def body(self) -> dict[str, Any]:
+        kind = {401: "authentication_error", 429: "rate_limit_error", 503: "service_unavailable"}
+        error = {"message": self.message, "type": kind.get(self.status, "invalid_request_error"), "param": self.param,
+                 "code": self.code}  # fmt: skip
+        return {"error": error}
+
+
+@dataclass
+class Body:
+    """A checked request: the prompt (text or messages) and how to generate."""
+
+    chat: bool
+    model: str
+    prompt: str = ""
+    messages: list[dict[str, str]] = field(default_factory=list)
+    max_tokens: int | None = None
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    stop: list[str] = field(default_factory=list)
+    stream: bool = False
+    include_usage: bool = False
+    ignore_eos: bool = False
+
+
+def _number(body: dict[str, Any], key: str, low: float, high: float, default: float) -> float:
+    value = body.get(key, default)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise BadRequest(f"'{key}' must be a number, got {type(value).__name__}", key)
+    if not low <= value <= high:
+        raise BadRequest(f"'{key}' must be between {low:g} and {high:g}, got {value}", key)
+    return float(value)
+
+
+def _integer(body: dict[str, Any], key: str) -> int | None:
+    value = body.get(key)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise BadRequest(f"'{key}' must be an integer, got {type(value).__name__}", key)
+    return value
+
+
+def _text(content: Any, param: str) -> str:
+    """A message's content: a string, or OpenAI content parts of type text."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        texts = []
+        for i, part in enumerate(content):
+            if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
+                raise BadRequest(f"'{param}[{i}]': only text content parts are supported", f"{param}[{i}]")
+            texts.append(part["text"])
+        return "".join(texts)
+    raise BadRequest(f"'{param}' must be a string or a list of text parts", param)
+
+
+def parse_body(body: Any, chat: bool) -> Body:
+    """Check a decoded JSON body for /v1/chat/completions (chat) or /v1/completions."""
+    if not isinstance(body, dict):
+        raise BadRequest("the request body must be a JSON object")
+    allowed = CHAT if chat else COMPLETION
+    for key in body:
+        if key not in allowed:
+            raise BadRequest(f"unsupported parameter '{key}': llmkit serve does not implement it", key)
+    model = body.get("model")
+    if not isinstance(model, str) or not model:
+        raise BadRequest("'model' is required: the name /v1/models lists", "model")
+    parsed = Body(chat=chat, model=model)
+    if chat:
+        messages = body.get("messages")
+        if not isinstance(messages, list) or not messages:
+            raise BadRequest("'messages' must be a non-empty list of {role, content}", "messages")
+        for i, message in enumerate(messages):
+            if not isinstance(message, dict) or message.get("role") not in ROLES:
+                raise BadRequest(f"'messages[{i}].role' must be one of {', '.join(ROLES)}", f"messages[{i}].role")
+            unknown = set(message) - {"role", "content", "name"}
+            if unknown:
+                key = sorted(unknown)[0]
+                raise BadRequest(f"unsupported parameter 'messages[{i}].{key}'", f"messages[{i}].{key}")
+            content = _text(message.get("content"), f"messages[{i}].content")
+            parsed.messages.append({"role": message["role"], "content": content})
+    else:
+        prompt = body.get("prompt")
+        if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
+            prompt = prompt[0]  # one prompt in a list, as some clients send it
+        if not isinstance(prompt, str):
+            raise BadRequest("'prompt' must be a string (one prompt per request)", "prompt")
+        parsed.prompt = prompt
+    key = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
+    parsed.max_tokens = _integer(body, key)
+    if parsed.max_tokens is not None and parsed.max_tokens < 1:
+        raise BadRequest(f"'{key}' must be at least 1, got {parsed.max_tokens}", key)
+    if (_integer(body, "n") or 1) != 1:
+        raise BadRequest("'n' must be 1: send one request per answer", "n")
+    for penalty in ("presence_penalty", "frequency_penalty"):
+        if _number(body, penalty, -2, 2, 0.0) != 0:
+            raise BadRequest(f"unsupported parameter '{penalty}': only 0 is implemented", penalty)
+    parsed.temperature = _number(body, "temperature", 0, 2, 1.0)
+    parsed.top_p = _number(body, "top_p", 0, 1, 1.0)
+    if parsed.top_p == 0:
+        raise BadRequest("'top_p' must be above 0", "top_p")
+    top_k = _integer(body, "top_k")
+    if top_k is not None and top_k < -1:
+        raise BadRequest("'top_k' must be -1 or 0 (all tokens) or a positive count", "top_k")
+    parsed.top_k = max(top_k or 0, 0)
+    stop = body.get("stop")
+    stops = [stop] if isinstance(stop, str) else stop if stop is not None else []
+    if not isinstance(stops, list) or len(stops) > 4 or not all(isinstance(s, str) and s for s in stops):
+        raise BadRequest("'stop' must be a string or a list of at most 4 non-empty strings", "stop")
+    parsed.stop = stops
+    for flag in ("stream", "ignore_eos"):
+        if not isinstance(body.get(flag, False), bool):
+            raise BadRequest(f"'{flag}' must be true or false", flag)
+    parsed.stream, parsed.ignore_eos = bool(body.get("stream")), bool(body.get("ignore_eos"))
+    options = body.get("stream_options")
+    if options is not None:
+        if not isinstance(options, dict) or set(options) - {"include_usage"} or not parsed.stream:
+            raise BadRequest("'stream_options' takes only include_usage, with stream true", "stream_options")
+        parsed.include_usage = bool(options.get("include_usage"))
+    if body.get("user") is not None and not isinstance(body["user"], str):
+        raise BadRequest("'user' must be a string", "user")
+    return parsed

@@ -1,0 +1,160 @@
+"""`llmkit serve`: bind, load the model in the background (/health says when it is ready), serve, drain on SIGTERM.
+
+uvicorn runs the HTTP side. On SIGTERM or Ctrl-C it stops accepting connections, lets the requests in flight
+finish (streams included, up to the request timeout), then llmkit stops the engine and exits 0.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import importlib.util
+import os
+import signal
+import socket
+import sys
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from llmkit.errors import UserError
+from llmkit.serve.requests import Limits
+
+ENGINES = ("transformers", "vllm")
+
+
+def served_name(model: str | Path) -> str:
+    """The name clients send as `model`: the directory's name (the run's, for RUN/final)."""
+    path = Path(model).resolve()
+    return path.parent.name if path.name == "final" else path.name
+
+
+def bind(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        raise UserError(
+            f"--host {host} --port {port}: cannot listen there ({exc.strerror}); pick another port"
+        ) from None
+    sock.listen(2048)
+    sock.set_inheritable(True)
+    return sock
+
+
+def check_limits(limits: Limits) -> None:
+    options = {"max_batch": "--max-batch", "max_queue": "--max-queue", "default_max_tokens": "--default-max-tokens",
+               "timeout_s": "--request-timeout", "max_prompt_tokens": "--max-prompt-tokens",
+               "max_tokens": "--max-tokens"}  # fmt: skip
+    for name, option in options.items():
+        value = getattr(limits, name)
+        if value is not None and value < (0 if name == "max_queue" else 1) and not (name == "timeout_s" and value > 0):
+            raise UserError(f"{option}: must be {'0 or more' if name == 'max_queue' else 'positive'}, got {value}")
+
+
+def serve(model: str, host: str, port: int, name: str | None, api_key: str | None, limits: Limits,
+          request_log: Path | None, log_prompts: bool, engine: str, tensor_parallel: int) -> int:  # fmt: skip
+    """Serve until SIGTERM / Ctrl-C; returns the exit code (0 after a clean drain, 2 when the model cannot load)."""
+    if engine not in ENGINES:
+        raise UserError(f"--engine {engine}: choose one of {', '.join(ENGINES)}")
+    check_limits(limits)
+    name = name or served_name(model)
+    api_key = api_key or os.environ.get("LLMKIT_API_KEY") or None
+    if engine == "vllm":
+        return _exec_vllm(model, name, host, port, api_key, tensor_parallel, limits.max_batch)
+    missing = [name for name in ("starlette", "uvicorn", "prometheus_client") if importlib.util.find_spec(name) is None]
+    if missing:
+        raise UserError(f"llmkit serve needs {', '.join(missing)}: pip install 'llmkit[serve]'")
+    from llmkit.serve.app import ServerState, build_app
+    from llmkit.serve.engines import servable_dir
+    from llmkit.serve.metrics import RequestLog
+
+    servable_dir(model)
+    sock = bind(host, port)
+    import uvicorn
+
+    state = ServerState(name, limits, api_key, RequestLog(request_log), log_prompts)
+    state.slots = asyncio.Semaphore(limits.max_batch)
+    config = uvicorn.Config(build_app(state), log_level="warning", access_log=False, lifespan="off",
+                            timeout_graceful_shutdown=int(limits.timeout_s) + 5)  # fmt: skip
+    server = DrainingServer(config, state)
+    shown = f"[{host}]" if ":" in host else host
+    print(f"serving {name} at http://{shown}:{sock.getsockname()[1]}/v1 (loading the model; /health answers ok when "
+          "ready)", flush=True)  # fmt: skip
+    failure: list[BaseException] = []
+    threading.Thread(target=_load, args=(model, state, server, failure, request_log), daemon=True).start()
+    try:
+        server.run(sockets=[sock])
+    finally:
+        if state.served is not None:
+            state.served.engine.close()
+        state.log.close()
+    if failure:
+        raise failure[0]
+    if state.draining:
+        print("stopped: every request in flight was answered", flush=True)
+    return 0
+
+
+def _load(model: str, state: Any, server: Any, failure: list[BaseException], log: Path | None) -> None:
+    from llmkit.serve.engines import load_served
+
+    try:
+        served = load_served(model, state.limits.max_batch)
+    except BaseException as exc:  # the main thread reports it (one line for a UserError)
+        failure.append(exc)
+        server.should_exit = True
+        return
+    state.served = served
+    state.metrics.ready.set(1)
+    engine = served.engine
+    batching = f"continuous batching of up to {state.limits.max_batch}" if engine.name == "transformers" else "one "
+    batching += " requests" if engine.name == "transformers" else "request at a time"
+    where = f"; request log {log}" if log else ""
+    print(f"ready: {engine.name}, {batching}, context {served.context} tokens{where}", flush=True)
+
+
+class DrainingServer:
+    """uvicorn's server, marking the state as draining (health 503, new requests 503) when a stop signal arrives."""
+
+    def __new__(cls, config: Any, state: Any) -> Any:
+        import uvicorn
+
+        class Server(uvicorn.Server):
+            def handle_exit(self, sig: int, frame: Any) -> None:
+                if not state.draining:
+                    state.draining = True
+                    busy = state.active + state.waiting
+                    print(f"stopping: draining {busy} request(s) in flight", flush=True)
+                super().handle_exit(sig, frame)
+
+            @contextlib.contextmanager
+            def capture_signals(self) -> Iterator[None]:
+                """As uvicorn's, without re-raising the signal afterwards: a drained stop exits 0."""
+                if threading.current_thread() is not threading.main_thread():
+                    yield
+                    return
+                previous = {sig: signal.signal(sig, self.handle_exit) for sig in (signal.SIGINT, signal.SIGTERM)}
+                try:
+                    yield
+                finally:
+                    for sig, handler in previous.items():
+                        signal.signal(sig, handler)
+
+        return Server(config)
+
+
+def _exec_vllm(model: str, name: str, host: str, port: int, api_key: str | None, tensor_parallel: int,
+               max_batch: int) -> int:  # fmt: skip
+    from llmkit.serve.engines import vllm_command
+
+    command = vllm_command(model, name, host, port, tensor_parallel, max_batch)
+    env = dict(os.environ, **({"VLLM_API_KEY": api_key} if api_key else {}))
+    print(f"starting vLLM: {' '.join(command)}", flush=True)
+    sys.stdout.flush()
+    os.execvpe(command[0], command, env)
+    return 0  # not reached: vLLM replaces this process

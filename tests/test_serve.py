@@ -32,10 +32,10 @@ KEY = "sk-test-key"
 class Server:
     """`python -m llmkit serve MODEL --port 0 ...` in a subprocess, ready once it printed its `ready:` line."""
 
-    def __init__(self, model: Path, log: Path, *args: str) -> None:
+    def __init__(self, model: Path, log: Path, *args: str, python: str = sys.executable) -> None:
         self.log = log
         env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
-        command = [sys.executable, "-m", "llmkit", "serve", str(model), "--port", "0", "--request-log", str(log)]
+        command = [python, "-m", "llmkit", "serve", str(model), "--port", "0", "--request-log", str(log)]
         self.process = subprocess.Popen([*command, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                         env=env)  # fmt: skip
         try:
@@ -43,8 +43,8 @@ class Server:
             match = re.search(r"at (http://127\.0\.0\.1:(\d+)/v1)", first)
             assert match, first
             self.url, self.port = match.group(1), int(match.group(2))
-            ready = self.process.stdout.readline()
-            assert ready.startswith("ready: transformers, continuous batching"), ready
+            self.ready = self.process.stdout.readline()
+            assert self.ready.startswith("ready: "), self.ready
         except AssertionError:
             self.kill()
             raise AssertionError(self.process.stderr.read()) from None
@@ -110,8 +110,8 @@ def start_server():
     """Start servers in a test; whatever happens, none outlives it."""
     servers: list[Server] = []
 
-    def start(model: Path, log: Path, *args: str) -> Server:
-        servers.append(Server(model, log, *args))
+    def start(model: Path, log: Path, *args: str, python: str = sys.executable) -> Server:
+        servers.append(Server(model, log, *args, python=python))
         return servers[-1]
 
     yield start
@@ -333,6 +333,26 @@ def test_monitor_reports_percentiles_errors_and_prompt_drift(tiny_run: Path, tmp
 
     log.write_text(log.read_text() + "{half a line\n")
     assert_user_error(run_cli("monitor", log), f"{log}:26")
+
+
+def test_a_gguf_export_is_served_by_llama_cpp(tiny_run: Path, tmp_path: Path, start_server) -> None:
+    """With llama-cpp-python (here or in LLMKIT_LLAMA_CPP_PYTHON, as in test_export): the f32 GGUF export answers
+    greedily as the model it came from, whole and streamed."""
+    python = os.environ.get("LLMKIT_LLAMA_CPP_PYTHON") or sys.executable
+    if subprocess.run([python, "-c", "import llama_cpp, llmkit"], capture_output=True).returncode != 0:
+        pytest.skip("llama-cpp-python is not installed (set LLMKIT_LLAMA_CPP_PYTHON)")
+    out = tmp_path / "gguf"
+    assert run_cli("export", tiny_run, "--out", out, "--format", "gguf", "--dtype", "f32").exit_code == 0
+    server = start_server(out, tmp_path / "requests.jsonl", python=python)
+    assert server.ready.startswith("ready: llama.cpp, one request at a time"), server.ready
+    client = server.client(None)
+    prompt = "Once upon a time, there was a"
+    answer = client.completions.create(model="gguf", prompt=prompt, max_tokens=8, temperature=0)
+    assert answer.choices[0].text == greedy(tiny_run, prompt, 8, raw=True)
+    stream = client.completions.create(model="gguf", prompt=prompt, max_tokens=8, temperature=0, stream=True)
+    assert "".join(chunk.choices[0].text for chunk in stream if chunk.choices) == answer.choices[0].text
+    code, output = server.stop()
+    assert code == 0, output
 
 
 def test_what_cannot_be_served_is_one_line_before_listening(tmp_path: Path, tiny_run: Path) -> None:

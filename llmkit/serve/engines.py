@@ -131,11 +131,9 @@ class LlamaCppEngine:
             try:
                 with self.lock:
                     self.llama.reset()
-                    sampling = (
-                        {"top_k": 1, "temp": 0.0}
-                        if request.temperature == 0
-                        else {"top_k": request.top_k or 0, "top_p": request.top_p, "temp": request.temperature}
-                    )
+                    greedy = request.temperature == 0
+                    sampling = {"top_k": 1 if greedy else request.top_k, "top_p": request.top_p, "min_p": 0.0,
+                                "temp": 0.0 if greedy else request.temperature, "repeat_penalty": 1.0}  # fmt: skip
                     for token in self.llama.generate(request.ids, reset=True, **sampling):
                         if request_id in self.cancelled or len(tokens) >= request.max_new_tokens:
                             break

@@ -122,6 +122,9 @@ TeacherOpt = Annotated[
     str | None,
     typer.Option(help="Distill from this model (same tokenizer); see --set distill.* and docs/compression.md."),
 ]
+ReportOpt = Annotated[Path | None, typer.Option(help="Write the JSON report here.")]
+MarkdownOpt = Annotated[Path | None, typer.Option(help="Write a Markdown report (a pull-request comment).")]
+JunitOpt = Annotated[Path | None, typer.Option(help="Write JUnit XML: one testcase per gate and regression check.")]
 MaxTimeOpt = Annotated[
     str | None, typer.Option(help="Wall-clock limit (3600, 90m, 2h, 1:30:00): checkpoint, then exit 75.")
 ]
@@ -527,9 +530,9 @@ def eval_command(
     max_regression: Annotated[
         float, typer.Option(help="With --baseline: fail if a metric got worse by more than this (absolute).")
     ] = 0.0,
-    report: Annotated[Path | None, typer.Option(help="Write the JSON report here.")] = None,
-    markdown: Annotated[Path | None, typer.Option(help="Write a Markdown report (a pull-request comment).")] = None,
-    junit: Annotated[Path | None, typer.Option(help="Write JUnit XML: one testcase per gate and regression.")] = None,
+    report: ReportOpt = None,
+    markdown: MarkdownOpt = None,
+    junit: JunitOpt = None,
     max_perplexity: Annotated[float | None, typer.Option(help="Gate: same as --gate 'perplexity<=X'.")] = None,
     min_accuracy: Annotated[float | None, typer.Option(help="Gate (classifiers): --gate 'accuracy>=X'.")] = None,
     min_f1: Annotated[float | None, typer.Option(help="Gate (classifiers): --gate 'macro_f1>=X'.")] = None,
@@ -551,9 +554,8 @@ def eval_command(
 
     Exit codes: 0 every gate and regression check passed, 1 one failed, 2 bad input.
     """
-    from llmkit.eval.run import evaluate_model, write_reports
+    from llmkit.eval.run import evaluate_model
     from llmkit.reports import (
-        print_checks,
         print_classification_report,
         print_eval_report,
         print_reward_report,
@@ -574,6 +576,14 @@ def eval_command(
         print_task_results(result["tasks"])
     if "harness" in result:
         print_task_results(result["harness"], title="lm-evaluation-harness")
+    _finish_checks(result, report, markdown, junit)
+
+
+def _finish_checks(result: dict[str, Any], report: Path | None, markdown: Path | None, junit: Path | None) -> None:
+    """Show the gates and regression checks, write the reports, name each failure; exit 1 when one failed."""
+    from llmkit.eval.run import write_reports
+    from llmkit.reports import print_checks
+
     print_checks(result)
     write_reports(result, report, markdown, junit)
     for kind in ("gates", "regressions"):
@@ -807,28 +817,21 @@ def monitor_command(
         typer.Option("--gate", metavar="RULE", help="METRIC OP VALUE, e.g. 'p99_latency_s<=2' (repeatable)."),
     ] = None,
     max_prompts: Annotated[int, typer.Option(help="With --model: score the last N logged prompts.")] = 1000,
-    report: Annotated[Path | None, typer.Option(help="Write the JSON report here.")] = None,
-    markdown: Annotated[Path | None, typer.Option(help="Write a Markdown report.")] = None,
-    junit: Annotated[Path | None, typer.Option(help="Write JUnit XML: one testcase per gate.")] = None,
+    report: ReportOpt = None,
+    markdown: MarkdownOpt = None,
+    junit: JunitOpt = None,
 ) -> None:
     """Latency, errors, throughput and drift of a served model.
 
     p50/p95/p99 latency, time to first token and per token, error rate, tokens/s; prompt perplexity drift with
     --model. Exit codes: 0 every gate passed, 1 one failed, 2 bad input.
     """
-    from llmkit.eval.run import write_reports
-    from llmkit.reports import print_checks, print_monitor_report
+    from llmkit.reports import print_monitor_report
     from llmkit.serve.monitor import monitor
 
     result = monitor(source, since, model, list(gate or []), max_prompts)
     print_monitor_report(result)
-    print_checks(result)
-    write_reports(result, report, markdown, junit)
-    for check in result["gates"]:
-        if not check["passed"]:
-            print(f"gate failed: {check['detail']}", file=sys.stderr)
-    if not result["passed"]:
-        raise typer.Exit(GATE_FAILED_EXIT)
+    _finish_checks(result, report, markdown, junit)
 
 
 @app.command("plan")

@@ -42,12 +42,29 @@ class ServerState:
     active: int = 0
     slots: asyncio.Semaphore | None = None
 
+    def __post_init__(self) -> None:
+        self.metrics.queue_depth.set_function(lambda: self.waiting)
+        self.metrics.in_flight.set_function(lambda: self.active)
+        self.metrics.ready.set_function(lambda: self.served is not None)
+
     def ready(self) -> Served:
         if self.served is None:
             raise BadRequest("the model is still loading; retry when /health answers ok", status=503)
         if self.draining:
             raise BadRequest("the server is shutting down", status=503)
         return self.served
+
+    def finished(self, record: Record) -> None:
+        """A request's end: in /metrics and one line of the request log."""
+        record.observe(self.metrics)
+        self.log.write(record)
+
+
+def generation_error(exc: Exception, limits: Limits) -> BadRequest:
+    """What a generation that did not end well answers: 504 past the request timeout, else 500."""
+    if isinstance(exc, TimeoutError):
+        return BadRequest(f"generation took over {limits.timeout_s:g}s", status=504)
+    return BadRequest(f"generation failed: {exc}", status=500)
 
 
 def error_response(error: BadRequest) -> JSONResponse:
@@ -58,8 +75,7 @@ def error_response(error: BadRequest) -> JSONResponse:
 class Generation:
     """One request's generation: the prompt ids, the limits applied, and the text as tokens arrive."""
 
-    def __init__(self, state: ServerState, body: Body, endpoint: str) -> None:
-        served = state.ready()
+    def __init__(self, state: ServerState, served: Served, body: Body, endpoint: str) -> None:
         generator = served.generator
         if body.chat:
             if not generator.is_chat:
@@ -72,15 +88,13 @@ class Generation:
         if len(self.ids) > max_prompt:
             param = "messages" if body.chat else "prompt"
             raise BadRequest(f"the prompt is {len(self.ids)} tokens; this server takes at most {max_prompt}", param)
-        room = context - len(self.ids)
-        cap = min(limits.max_tokens or context, room)
-        if body.max_tokens is not None and body.max_tokens > (limits.max_tokens or context):
-            raise BadRequest(f"'max_tokens' is {body.max_tokens}; this server allows at most "
-                             f"{limits.max_tokens or context}", "max_tokens")  # fmt: skip
+        room, allowed = context - len(self.ids), limits.max_tokens or context
+        if body.max_tokens is not None and body.max_tokens > allowed:
+            raise BadRequest(f"'max_tokens' is {body.max_tokens}; this server allows at most {allowed}", "max_tokens")
         if body.max_tokens is not None and body.max_tokens > room:
             raise BadRequest(f"the prompt ({len(self.ids)} tokens) and max_tokens ({body.max_tokens}) exceed the "
                              f"model's context of {context} tokens", "max_tokens")  # fmt: skip
-        self.max_tokens = body.max_tokens or min(limits.default_max_tokens, cap)
+        self.max_tokens = body.max_tokens or min(limits.default_max_tokens, allowed, room)
         self.state, self.body, self.served = state, body, served
         self.id = f"{'chatcmpl' if body.chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
         self.created = int(time.time())
@@ -100,7 +114,6 @@ class Generation:
         assert state.slots is not None
         queue: asyncio.Queue[Update] = asyncio.Queue()
         state.waiting += 1
-        state.metrics.queue_depth.set(state.waiting)
         submitted = False
         try:
             async with asyncio.timeout(state.limits.timeout_s):
@@ -108,8 +121,6 @@ class Generation:
                 try:
                     state.waiting -= 1
                     state.active += 1
-                    state.metrics.queue_depth.set(state.waiting)
-                    state.metrics.in_flight.set(state.active)
                     self.record.queue_s = time.perf_counter() - self.start
                     engine.submit(self.id, self.request(), queue)
                     submitted = True
@@ -125,12 +136,10 @@ class Generation:
                             break
                 finally:
                     state.active -= 1
-                    state.metrics.in_flight.set(state.active)
                     state.slots.release()
         finally:
             if self.record.queue_s is None:
                 state.waiting -= 1
-                state.metrics.queue_depth.set(state.waiting)
             if submitted:
                 engine.cancel(self.id)
 
@@ -162,8 +171,7 @@ class Generation:
         record.finish_reason = self.finish_reason if status == 200 else None
         if record.ttft_s is not None and len(self.tokens) > 1:
             record.tpot_s = (record.duration_s - record.ttft_s) / (len(self.tokens) - 1)
-        record.observe(self.state.metrics)
-        self.state.log.write(record)
+        self.state.finished(record)
 
     def usage(self) -> dict[str, int]:
         n = len(self.tokens)
@@ -208,7 +216,7 @@ def build_app(state: ServerState) -> Starlette:
 
     async def admit(request: HttpRequest, chat: bool) -> Generation:
         authorized(request)
-        state.ready()
+        served = state.ready()
         try:
             payload = json.loads(await request.body())
         except (ValueError, UnicodeDecodeError) as exc:
@@ -217,7 +225,7 @@ def build_app(state: ServerState) -> Starlette:
         if body.model != state.model_name:
             raise BadRequest(f"model '{body.model}' is not served here; this server serves '{state.model_name}'",
                              "model", code="model_not_found")  # fmt: skip
-        generation = Generation(state, body, "chat" if chat else "completions")
+        generation = Generation(state, served, body, "chat" if chat else "completions")
         assert state.slots is not None
         if state.slots.locked() and state.waiting >= state.limits.max_queue:
             raise BadRequest(f"the server is full ({state.limits.max_batch} generating, {state.waiting} waiting); "
@@ -230,10 +238,8 @@ def build_app(state: ServerState) -> Starlette:
         try:
             generation = await admit(request, chat)
         except BadRequest as error:
-            record = Record(time.time(), "-", endpoint, error.status, duration_s=time.perf_counter() - start,
-                            error=error.message)  # fmt: skip
-            record.observe(state.metrics)
-            state.log.write(record)
+            state.finished(Record(time.time(), "-", endpoint, error.status, duration_s=time.perf_counter() - start,
+                                  error=error.message))  # fmt: skip
             return error_response(error)
         if generation.body.stream:
             return StreamingResponse(stream(generation), media_type="text/event-stream",
@@ -256,12 +262,10 @@ def build_app(state: ServerState) -> Starlette:
                 return Response(status_code=499)
         try:
             task.result()
-        except TimeoutError:
-            generation.finish(504, "request timeout")
-            return error_response(BadRequest(f"generation took over {state.limits.timeout_s:g}s", status=504))
-        except RuntimeError as exc:
-            generation.finish(500, str(exc))
-            return error_response(BadRequest(f"generation failed: {exc}", status=500))
+        except (TimeoutError, RuntimeError) as exc:
+            error = generation_error(exc, state.limits)
+            generation.finish(error.status, error.message)
+            return error_response(error)
         generation.finish(200)
         return JSONResponse(generation.whole())
 
@@ -273,13 +277,10 @@ def build_app(state: ServerState) -> Starlette:
             try:
                 async for piece in generation.run():
                     yield sse(generation.chunk(piece))
-            except TimeoutError:
-                status, error = 504, "request timeout"
-                yield sse(BadRequest(f"generation took over {state.limits.timeout_s:g}s", status=504).body())
-                return
-            except RuntimeError as exc:
-                status, error = 500, str(exc)
-                yield sse(BadRequest(f"generation failed: {exc}", status=500).body())
+            except (TimeoutError, RuntimeError) as exc:
+                failure = generation_error(exc, state.limits)
+                status, error = failure.status, failure.message
+                yield sse(failure.body())
                 return
             yield sse(generation.chunk(None, finish=generation.finish_reason))
             if generation.body.include_usage:

@@ -152,8 +152,8 @@ class LlamaCppEngine:
         self.cancelled.add(request_id)
 
     def close(self) -> None:
-        with self.lock:
-            pass
+        with self.lock:  # after the one generating now, if any
+            self.llama.close()
 
 
 @dataclass

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import threading
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -105,7 +104,3 @@ class RequestLog:
     def close(self) -> None:
         if self.file is not None:
             self.file.close()
-
-
-def now() -> float:
-    return time.time()

@@ -101,8 +101,7 @@ def scrape(url: str) -> dict[str, float]:
     errors = sum(v for s, v in by_status.items() if s >= 400 and s != 499)
     started = samples["process_start_time_seconds"][0].value if "process_start_time_seconds" in samples else None
     uptime = max(time.time() - started, 1e-9) if started else None
-    total = {name: sum(s.value for s in samples.get(name, [])) for name in
-             ("llmkit_generation_tokens_total", "llmkit_prompt_tokens_total")}  # fmt: skip
+    generated = sum(sample.value for sample in samples.get("llmkit_generation_tokens_total", []))
     metrics: dict[str, float] = {
         "requests": requests,
         "errors": errors,
@@ -116,7 +115,7 @@ def scrape(url: str) -> dict[str, float]:
         metrics["resident_memory_gib"] = samples["process_resident_memory_bytes"][0].value / 2**30
     if uptime:
         metrics["uptime_s"] = uptime
-        metrics["output_tokens_per_s"] = total["llmkit_generation_tokens_total"] / uptime
+        metrics["output_tokens_per_s"] = generated / uptime
     histograms = {"latency": "llmkit_request_duration_seconds", "ttft": "llmkit_time_to_first_token_seconds",
                   "tpot": "llmkit_time_per_output_token_seconds", "queue": "llmkit_queue_time_seconds"}  # fmt: skip
     for name, family in histograms.items():

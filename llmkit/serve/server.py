@@ -47,13 +47,14 @@ def bind(host: str, port: int) -> socket.socket:
 
 
 def check_limits(limits: Limits) -> None:
-    options = {"max_batch": "--max-batch", "max_queue": "--max-queue", "default_max_tokens": "--default-max-tokens",
-               "timeout_s": "--request-timeout", "max_prompt_tokens": "--max-prompt-tokens",
-               "max_tokens": "--max-tokens"}  # fmt: skip
-    for name, option in options.items():
-        value = getattr(limits, name)
-        if value is not None and value < (0 if name == "max_queue" else 1) and not (name == "timeout_s" and value > 0):
-            raise UserError(f"{option}: must be {'0 or more' if name == 'max_queue' else 'positive'}, got {value}")
+    for option, value, least in (("--max-batch", limits.max_batch, 1), ("--max-queue", limits.max_queue, 0),
+                                 ("--default-max-tokens", limits.default_max_tokens, 1),
+                                 ("--max-prompt-tokens", limits.max_prompt_tokens, 1),
+                                 ("--max-tokens", limits.max_tokens, 1)):  # fmt: skip
+        if value is not None and value < least:
+            raise UserError(f"{option}: must be at least {least}, got {value}")
+    if limits.timeout_s <= 0:
+        raise UserError(f"--request-timeout: must be positive, got {limits.timeout_s:g}")
 
 
 def serve(model: str, host: str, port: int, name: str | None, api_key: str | None, limits: Limits,
@@ -81,7 +82,7 @@ def serve(model: str, host: str, port: int, name: str | None, api_key: str | Non
     state.slots = asyncio.Semaphore(limits.max_batch)
     config = uvicorn.Config(build_app(state), log_level="warning", access_log=False, lifespan="off",
                             timeout_graceful_shutdown=int(limits.timeout_s) + 5)  # fmt: skip
-    server = DrainingServer(config, state)
+    server = draining_server(config, state)
     shown = f"[{host}]" if ":" in host else host
     print(f"serving {name} at http://{shown}:{sock.getsockname()[1]}/v1 (loading the model; /health answers ok when "
           "ready)", flush=True)  # fmt: skip
@@ -110,42 +111,39 @@ def _load(model: str, state: Any, server: Any, failure: list[BaseException], log
         server.should_exit = True
         return
     state.served = served
-    state.metrics.ready.set(1)
     engine = served.engine
-    batching = f"continuous batching of up to {state.limits.max_batch}" if engine.name == "transformers" else "one "
-    batching += " requests" if engine.name == "transformers" else "request at a time"
+    batching = (f"continuous batching of up to {state.limits.max_batch} requests" if engine.name == "transformers"
+                else "one request at a time")  # fmt: skip
     where = f"; request log {log}" if log else ""
     print(f"ready: {engine.name}, {batching}, context {served.context} tokens{where}", flush=True)
 
 
-class DrainingServer:
+def draining_server(config: Any, state: Any) -> Any:
     """uvicorn's server, marking the state as draining (health 503, new requests 503) when a stop signal arrives."""
+    import uvicorn
 
-    def __new__(cls, config: Any, state: Any) -> Any:
-        import uvicorn
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig: int, frame: Any) -> None:
+            if not state.draining:
+                state.draining = True
+                busy = state.active + state.waiting
+                print(f"stopping: draining {busy} request(s) in flight", flush=True)
+            super().handle_exit(sig, frame)
 
-        class Server(uvicorn.Server):
-            def handle_exit(self, sig: int, frame: Any) -> None:
-                if not state.draining:
-                    state.draining = True
-                    busy = state.active + state.waiting
-                    print(f"stopping: draining {busy} request(s) in flight", flush=True)
-                super().handle_exit(sig, frame)
+        @contextlib.contextmanager
+        def capture_signals(self) -> Iterator[None]:
+            """As uvicorn's, without re-raising the signal afterwards: a drained stop exits 0."""
+            if threading.current_thread() is not threading.main_thread():
+                yield
+                return
+            previous = {sig: signal.signal(sig, self.handle_exit) for sig in (signal.SIGINT, signal.SIGTERM)}
+            try:
+                yield
+            finally:
+                for sig, handler in previous.items():
+                    signal.signal(sig, handler)
 
-            @contextlib.contextmanager
-            def capture_signals(self) -> Iterator[None]:
-                """As uvicorn's, without re-raising the signal afterwards: a drained stop exits 0."""
-                if threading.current_thread() is not threading.main_thread():
-                    yield
-                    return
-                previous = {sig: signal.signal(sig, self.handle_exit) for sig in (signal.SIGINT, signal.SIGTERM)}
-                try:
-                    yield
-                finally:
-                    for sig, handler in previous.items():
-                        signal.signal(sig, handler)
-
-        return Server(config)
+    return Server(config)
 
 
 def _exec_vllm(model: str, name: str, host: str, port: int, api_key: str | None, tensor_parallel: int,

@@ -238,7 +238,7 @@ def print_task_results(results: dict[str, dict[str, Any]], title: str = "tasks")
 
 def print_monitor_report(report: dict[str, Any]) -> None:
     def shown(name: str, value: float) -> str:
-        if name.endswith("_s"):
+        if name.endswith("_s") and not name.endswith("_per_s"):  # a duration, not a rate
             return f"{value * 1000:.1f} ms" if value < 10 else f"{value:.1f} s"
         return f"{value:.4g}" if isinstance(value, float) and not value.is_integer() else f"{value:,.0f}"
 

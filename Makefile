@@ -12,7 +12,7 @@ $(BIN)/llmkit: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet "$(TORCH_SPEC)"
-	$(BIN)/python -m pip install --quiet -e ".[dev,deepspeed,eval,export,trackers,serve]"
+	$(BIN)/python -m pip install --quiet -e ".[dev,deepspeed,eval,export,trackers,serve,ray]"
 	touch $(BIN)/llmkit
 
 install: $(BIN)/llmkit

@@ -72,6 +72,78 @@ class ModelConfig(Section):
         return self
 
 
+class QualityConfig(Section):
+    """Quality filters on each cleaned document, each off unless turned on (defaults from the Gopher and C4 papers)."""
+
+    gopher_repetition: bool = Field(False, description="Drop documents made of repeated lines, paragraphs or n-grams.")
+    max_duplicate_lines: float = Field(0.3, ge=0, le=1, description="Gopher: most lines that repeat an earlier one.")
+    max_duplicate_paragraphs: float = Field(0.3, ge=0, le=1, description="Gopher: most repeated paragraphs.")
+    max_duplicate_line_chars: float = Field(0.2, ge=0, le=1, description="Gopher: most characters in repeated lines.")
+    max_duplicate_paragraph_chars: float = Field(
+        0.2, ge=0, le=1, description="Gopher: most characters in repeated paragraphs."
+    )
+    max_top_ngram_chars: list[float] = Field(
+        default_factory=lambda: [0.2, 0.18, 0.16],
+        description="Gopher: most characters covered by the most frequent 2-, 3-, 4-gram.",
+    )
+    max_duplicate_ngram_chars: list[float] = Field(
+        default_factory=lambda: [0.15, 0.14, 0.13, 0.12, 0.11, 0.1],
+        description="Gopher: most characters in repeated 5- to 10-grams.",
+    )
+    gopher_quality: bool = Field(False, description="Drop documents failing Gopher's word and symbol rules.")
+    min_words: int = Field(50, ge=0, description="Gopher: fewest words.")
+    max_words: int = Field(100_000, ge=1, description="Gopher: most words.")
+    min_mean_word_length: float = Field(3, ge=0, description="Gopher: shortest mean word length (characters).")
+    max_mean_word_length: float = Field(10, ge=0, description="Gopher: longest mean word length (characters).")
+    max_symbol_ratio: float = Field(0.1, ge=0, description="Gopher: most '#' and '...' per word.")
+    max_bullet_lines: float = Field(0.9, ge=0, le=1, description="Gopher: most lines starting with a bullet.")
+    max_ellipsis_lines: float = Field(0.3, ge=0, le=1, description="Gopher: most lines ending with an ellipsis.")
+    min_alpha_words: float = Field(0.8, ge=0, le=1, description="Gopher: fewest words holding a letter.")
+    min_stop_words: int = Field(2, ge=0, description="Gopher: fewest English stop words (the, be, to, of, and...).")
+    c4: bool = Field(
+        False,
+        description="C4 rules: remove lines without terminal punctuation, short lines and javascript/policy lines; "
+        "drop documents with lorem ipsum, curly brackets or too few sentences.",
+    )
+    c4_min_words_per_line: int = Field(3, ge=0, description="C4: fewest words in a kept line.")
+    c4_min_sentences: int = Field(5, ge=0, description="C4: fewest sentences in a kept document.")
+    languages: list[str] = Field(
+        default_factory=list,
+        description="Keep only documents identified (py3langid) as one of these ISO 639-1 codes, e.g. [en]; "
+        "empty: no language filter.",
+    )
+    language_threshold: float = Field(0.65, ge=0, le=1, description="Fewest probability for the identified language.")
+
+
+class NearDedupConfig(Section):
+    """Near-duplicates: MinHash of word n-grams, LSH buckets (datatrove); the first document of a group is kept."""
+
+    enabled: bool = Field(False, description="Drop near-duplicate documents.")
+    threshold: float = Field(
+        0.8, gt=0, lt=1, description="Jaccard similarity of n-gram sets that counts as a duplicate."
+    )
+    ngrams: int = Field(5, ge=1, description="Words per shingle.")
+    num_perm: int = Field(128, ge=8, le=1024, description="MinHash permutations (split into LSH bands for threshold).")
+    seed: int = Field(1, description="Seed of the MinHash permutations.")
+
+
+class DecontaminateConfig(Section):
+    """Decontamination: training documents sharing a long word n-gram with an evaluation item."""
+
+    tasks: list[str] = Field(
+        default_factory=list,
+        description="llmkit eval task files (YAML) or item files (.jsonl/.csv/.parquet/.txt) whose items must not "
+        "appear in training.",
+    )
+    ngrams: int = Field(13, ge=3, description="Words in a shared n-gram that counts as contamination.")
+    min_words: int = Field(
+        8, ge=1, description="Items with fewer words than ngrams (but at least this many) are matched whole."
+    )
+    action: Literal["drop", "flag"] = Field(
+        "drop", description="drop: leave contaminated documents out; flag: keep them, listed in audit.jsonl."
+    )
+
+
 class DataConfig(Section):
     """Where text comes from, how it is cleaned, tokenized and packed, and where the result lives."""
 
@@ -106,6 +178,26 @@ class DataConfig(Section):
     tokenizer_train_docs: int | None = Field(
         200_000, ge=1, description="Documents used to train a new tokenizer (unset: all of them)."
     )
+    quality: QualityConfig = Field(default_factory=QualityConfig)  # type: ignore[arg-type]
+    pii: bool = Field(False, description="Mask e-mail addresses and IP numbers (as documentation addresses).")
+    decontaminate: DecontaminateConfig = Field(default_factory=DecontaminateConfig)  # type: ignore[arg-type]
+    near_dedup: NearDedupConfig = Field(default_factory=NearDedupConfig)  # type: ignore[arg-type]
+    mix: dict[str, float] = Field(
+        default_factory=dict,
+        description="Weight of a source (as written in sources) in the training split: epochs over its documents "
+        "(2: each twice, 0.5: every other one); unnamed sources weigh 1.",
+    )
+    workers: int = Field(
+        1, ge=1, description="Processes curating shards in parallel (one shard per input file); same output."
+    )
+    executor: Literal["local", "ray"] = Field(
+        "local",
+        description="What runs the curation tasks: local processes, or a Ray cluster (datatrove's executor; the "
+        "output's folder must be on a file system every node shares). Same output either way.",
+    )
+    ray_address: str | None = Field(
+        None, description="Ray cluster to join (e.g. auto, or ray://head:10001); unset: a local Ray instance."
+    )
 
     @field_validator("encoding")
     @classmethod
@@ -117,6 +209,17 @@ class DataConfig(Section):
         except LookupError:
             raise ValueError(f"unknown text encoding '{encoding}' (e.g. utf-8, latin-1, cp1252)") from None
         return encoding
+
+    @model_validator(mode="after")
+    def _mix_names_sources(self) -> DataConfig:
+        for name, weight in self.mix.items():
+            if name not in self.sources:
+                raise ValueError(
+                    f"mix names '{name}', which is not one of data.sources{did_you_mean(name, self.sources)}"
+                )
+            if weight < 0:
+                raise ValueError(f"mix weight of '{name}' is {weight}; weights are epochs, 0 or more")
+        return self
 
 
 class TrainConfig(Section):

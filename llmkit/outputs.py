@@ -13,7 +13,7 @@ import os
 import socket
 import time
 from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 
 from llmkit.errors import UserError
@@ -78,11 +78,28 @@ def output_lock(out: str | Path, enabled: bool = True) -> Iterator[None]:
     path = lock_path(out)
     path.parent.mkdir(parents=True, exist_ok=True)
     descriptor = _acquire(path, out)
+    _held.add(descriptor)
     try:
         yield
     finally:
+        _held.discard(descriptor)
         path.unlink(missing_ok=True)
         os.close(descriptor)
+
+
+# A forked child (a multiprocessing manager, a loader worker) would share the lock's open file and keep the output
+# locked after this process dies: children close their copy at once.
+_held: set[int] = set()
+
+
+def _close_held_locks() -> None:
+    for descriptor in _held:
+        with suppress(OSError):
+            os.close(descriptor)
+    _held.clear()
+
+
+os.register_at_fork(after_in_child=_close_held_locks)
 
 
 def _acquire(path: Path, out: str | Path) -> int:

@@ -24,10 +24,23 @@ def print_prep_summary(result: Any) -> None:
         console.print(f"{result.path}: inputs and settings unchanged, reusing the prepared dataset")
     docs = manifest["documents"]
     dropped = ", ".join(f"{n:,} {reason}" for reason, n in docs["dropped"].items()) or "none"
-    rows = [
-        ("documents", f"{docs['read']:,} read, {docs['kept']:,} kept; dropped: {dropped}"),
-        ("tokenizer", f"{manifest['tokenizer']['source']} ({manifest['tokenizer']['vocab_size']:,} tokens)"),
-    ]
+    rows = [("documents", f"{docs['read']:,} read, {docs['kept']:,} kept; dropped: {dropped}")]
+    if docs.get("changed"):
+        rows.append(("changed", ", ".join(f"{n:,} {what}" for what, n in docs["changed"].items())))
+    curation = manifest.get("curation", {})
+    if curation.get("contaminated"):
+        rows.append(
+            ("contaminated", f"{curation['contaminated']:,} documents share an n-gram with eval items (audit.jsonl)")
+        )
+    if getattr(result, "shards_reused", 0):
+        rows.append(
+            ("resumed", f"{result.shards_reused} of {curation['shards']} shards were curated by an interrupted run")
+        )
+    mix = manifest.get("mix", [])
+    if any(entry["weight"] != 1 for entry in mix):
+        shares = ", ".join(f"{e['source']} x{e['weight']:g} = {e['documents_packed']:,} docs" for e in mix)
+        rows.append(("mix", shares))
+    rows.append(("tokenizer", f"{manifest['tokenizer']['source']} ({manifest['tokenizer']['vocab_size']:,} tokens)"))
     for split, info in manifest["splits"].items():
         rows.append(
             (

@@ -29,7 +29,7 @@ def test_every_recipe_validates_and_says_its_hardware(recipe: Path) -> None:
 
 
 def test_the_ci_eval_suite_and_example_tasks_load() -> None:
-    from llmkit.eval.tasks import load_task_files
+    from llmkit.data.task_files import load_task_files
 
     root = Path(__file__).parent.parent / "recipes"
     tasks, gates = load_task_files([root / "ci-eval.yaml"])

@@ -13,7 +13,7 @@ import pytest
 from transformers import AutoTokenizer
 
 from llmkit.config import DataConfig
-from llmkit.data.cleaning import DocumentFilter, clean_text, is_validation
+from llmkit.data.cleaning import clean_text, is_validation
 from llmkit.data.prep import prepare_dataset
 from llmkit.data.readers import read_documents, resolve_sources
 from llmkit.data.store import ShardWriter, open_dataset
@@ -44,16 +44,6 @@ def test_clean_text_normalizes_unicode_and_whitespace() -> None:
     assert clean_text("  cafe\u0301 \t au  lait \r\n\r\n\r\n\nfin  ", "NFC") == "caf\u00e9 au lait\n\nfin"
     assert clean_text("\ufb01ne", "NFKC") == "fine"
     assert clean_text("a\x00b\x07c", "none") == "abc"
-
-
-def test_filter_counts_every_drop_by_reason() -> None:
-    keep = DocumentFilter(min_chars=3, max_chars=10, dedup=True)
-    results = [keep.keep(t) for t in ["", "ab", "abcdefghijklmno", "hello", "hello", "world"]]
-    assert results == [False, False, False, True, False, True]
-    assert keep.dropped == {"empty": 1, "too_short": 1, "too_long": 1, "duplicate": 1}
-    assert keep.kept == 2
-    no_dedup = DocumentFilter(min_chars=0, max_chars=None, dedup=False)
-    assert no_dedup.keep("x") and no_dedup.keep("x")
 
 
 def test_split_is_deterministic_by_document_and_near_the_fraction() -> None:
@@ -141,6 +131,7 @@ def test_prepare_writes_manifest_shards_and_tokenizer(tmp_path: Path) -> None:
         "read": 520,
         "kept": len(set(texts)),
         "dropped": {"duplicate": 20 + 500 - len(set(texts))},
+        "changed": {},
     }
     assert manifest["sources"][0]["sha256"] and manifest["sources"][0]["size"] == source.stat().st_size
     splits = manifest["splits"]

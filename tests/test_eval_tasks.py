@@ -124,7 +124,8 @@ def test_ci_eval_recipe_passes_on_a_model_that_learned_the_colors(tiny_run: Path
     assert tasks["animal_colors_mc"]["acc"] >= 0.9 and tasks["animal_colors_gen"]["contains"] >= 0.8
 
     # Generation is batched with left padding: the answers are those of one prompt at a time.
-    from llmkit.eval.tasks import LanguageModel, load_task_files, task_items
+    from llmkit.data.task_files import load_task_files, task_items
+    from llmkit.eval.tasks import LanguageModel
 
     lm = LanguageModel(tmp_path / "chat" / "final")
     gen = load_task_files([RECIPES / "tasks" / "animal-colors-gen.yaml"])[0][0]
@@ -177,7 +178,7 @@ def test_harness_not_installed_is_named(tiny_run: Path) -> None:
 
 
 def test_a_bundled_task_file_loads_by_name_with_its_includes_and_data() -> None:
-    from llmkit.eval.tasks import load_task_files, task_items
+    from llmkit.data.task_files import load_task_files, task_items
 
     by_name, gates = load_task_files([Path("ci-eval")])
     by_path, path_gates = load_task_files([RECIPES / "ci-eval.yaml"])

@@ -1,13 +1,11 @@
-"""Cleaning: Unicode normalization, whitespace cleanup, length filters, exact deduplication, the split."""
+"""Cleaning: Unicode normalization and whitespace cleanup, and the content-keyed train/validation split."""
 
 from __future__ import annotations
 
 import hashlib
 import re
 import unicodedata
-from collections import Counter
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from typing import Literal
 
 _CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
@@ -51,44 +49,6 @@ def _clean(text: str, normalize: str) -> str:
     text = _SPACES.sub(" ", text)
     text = _TRAILING.sub("\n", text)
     return _BLANK_LINES.sub("\n\n", text)
-
-
-@dataclass
-class DocumentFilter:
-    """Length filters and exact dedup, counting every drop by reason.
-
-    Dedup keeps a 16-byte digest per kept document (about 100 bytes with set overhead), so memory grows
-    with the number of documents, not their size: ~1 GB per 10 million documents.
-    """
-
-    min_chars: int
-    max_chars: int | None
-    dedup: bool
-    seen: set[bytes] = field(default_factory=set)
-    dropped: Counter[str] = field(default_factory=Counter)
-    kept: int = 0
-
-    def keep(self, text: str) -> bool:
-        reason = self._reject(text)
-        if reason:
-            self.dropped[reason] += 1
-            return False
-        self.kept += 1
-        return True
-
-    def _reject(self, text: str) -> str | None:
-        if not text:
-            return "empty"
-        if len(text) < self.min_chars:
-            return "too_short"
-        if self.max_chars is not None and len(text) > self.max_chars:
-            return "too_long"
-        if self.dedup:
-            digest = hashlib.blake2b(text.encode("utf-8"), digest_size=16).digest()
-            if digest in self.seen:
-                return "duplicate"
-            self.seen.add(digest)
-        return None
 
 
 def is_validation(text: str, val_fraction: float, seed: int) -> bool:

@@ -1,8 +1,11 @@
-"""`llmkit data-prep`: sources -> cleaned, deduplicated, tokenized, packed dataset with a manifest.
+"""`llmkit data-prep`: sources -> curated, deduplicated, tokenized, packed dataset with a manifest.
 
-The work streams in batches of documents, so memory is bounded by one batch per tokenizer worker plus
-the dedup digests (16 bytes per document), never by the corpus size. Output is built in a staging
-directory and renamed into place at the end, so an interrupted run leaves nothing that looks complete.
+Curation (cleaning, filters, PII, decontamination, exact and near dedup) runs shard by shard in llmkit.data.curate,
+into a work directory beside the output that survives an interruption. Then, in one process, the tokenizer is
+trained on the kept training documents and every document is tokenized and packed, the training split in the
+mixing order of `data.mix`. Memory is bounded by a batch per tokenizer worker and the curation's per-shard sorts,
+never by the corpus size. Output is built in a staging directory and renamed into place at the end, so an
+interrupted run leaves nothing that looks complete.
 """
 
 from __future__ import annotations
@@ -12,8 +15,9 @@ import hashlib
 import json
 import math
 import multiprocessing
+import shutil
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from itertools import chain
@@ -26,9 +30,10 @@ from llmkit import __version__
 from llmkit.atomic import atomic_directory, remove_stale_staging, write_json
 from llmkit.config import DataConfig
 from llmkit.console import console, progress_bar
-from llmkit.data.cleaning import DocumentFilter, clean_text, is_validation
+from llmkit.data import curate
 from llmkit.data.corpus import BUILTIN_CORPORA, entropy_rate
-from llmkit.data.readers import RawDocument, Source, read_documents, resolve_sources
+from llmkit.data.decontaminate import Contamination, load_contamination
+from llmkit.data.readers import Source, resolve_sources
 from llmkit.data.store import FORMAT_VERSION, MANIFEST, SPLITS, ShardWriter, token_dtype
 from llmkit.data.tokenizer import load_tokenizer, tokenizer_hash, train_bpe
 from llmkit.errors import UserError
@@ -57,6 +62,11 @@ _FINGERPRINT_FIELDS = [
     "builtin_docs",
     "seed",
     "tokenizer_train_docs",
+    "quality",
+    "pii",
+    "decontaminate",
+    "near_dedup",
+    "mix",
 ]
 
 
@@ -74,13 +84,7 @@ class PrepResult:
     reused: bool
     seconds: float = 0.0
     stats: dict[str, SplitStats] = field(default_factory=dict)
-
-
-@dataclass(frozen=True)
-class CleanDocument:
-    text: str
-    split: str
-    bits: float | None
+    shards_reused: int = 0  # curated by an earlier run that was interrupted
 
 
 def prepare_dataset(cfg: DataConfig, out: str | Path, overwrite: bool = False) -> PrepResult:
@@ -90,11 +94,12 @@ def prepare_dataset(cfg: DataConfig, out: str | Path, overwrite: bool = False) -
     current directory; a folder of sources may hold it (llmkit outputs inside a source folder are skipped).
     """
     out = Path(out)
-    sources = resolve_sources(cfg.sources, skip=[out])
+    groups = [resolve_sources([spec], skip=[out]) for spec in cfg.sources]
+    sources = [source for group in groups for source in group]
     check_output(out, [s.name for s in sources if s.kind == "file"] + [cfg.tokenizer])
     with output_lock(out):
         try:
-            return _prepare(cfg, out, sources, overwrite)
+            return _prepare(cfg, out, groups, overwrite)
         except OSError as exc:
             if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
                 raise
@@ -104,9 +109,11 @@ def prepare_dataset(cfg: DataConfig, out: str | Path, overwrite: bool = False) -
             ) from None
 
 
-def _prepare(cfg: DataConfig, out: Path, sources: list[Source], overwrite: bool) -> PrepResult:
+def _prepare(cfg: DataConfig, out: Path, groups: list[list[Source]], overwrite: bool) -> PrepResult:
+    sources = [source for group in groups for source in group]
     existing_tokenizer = load_tokenizer(cfg.tokenizer) if cfg.tokenizer else None
-    fingerprint = _fingerprint(cfg, sources, existing_tokenizer)
+    contamination = load_contamination(cfg.decontaminate)
+    fingerprint = _fingerprint(cfg, sources, existing_tokenizer, contamination)
     manifest_path = out / MANIFEST
     if manifest_path.is_file() and not overwrite:
         manifest = _read_manifest(manifest_path)
@@ -117,16 +124,47 @@ def _prepare(cfg: DataConfig, out: Path, sources: list[Source], overwrite: bool)
 
     start = time.perf_counter()
     remove_stale_staging(out.parent, f".{out.name}.tmp-*")  # left by an interrupted run
+    work = out.parent / f".{out.name}.work-{fingerprint[:16]}"  # kept across an interruption: finished shards stay
+    for stale in out.parent.glob(f".{out.name}.work-*"):
+        if stale != work:
+            shutil.rmtree(stale, ignore_errors=True)
+    try:
+        manifest, result, reused = _build(cfg, out, groups, existing_tokenizer, contamination, fingerprint, work)
+    except Exception:
+        shutil.rmtree(work, ignore_errors=True)  # an error needs changed input or settings: the work is stale
+        raise
+    shutil.rmtree(work, ignore_errors=True)
+    seconds = time.perf_counter() - start
+    return PrepResult(out, manifest, reused=False, seconds=seconds, stats=result["stats"], shards_reused=reused)
+
+
+def _build(
+    cfg: DataConfig,
+    out: Path,
+    groups: list[list[Source]],
+    existing_tokenizer: Any,
+    contamination: Contamination | None,
+    fingerprint: str,
+    work: Path,
+) -> tuple[dict[str, Any], dict[str, Any], int]:
+    """Curate into `work` (kept if interrupted), then tokenize and pack into a staging directory renamed to `out`."""
+    sources = [source for group in groups for source in group]
     with atomic_directory(out) as staging:
+        with console.status(f"curating {len(sources)} shard(s) on {min(cfg.workers, len(sources))} process(es)"):
+            reused = curate.curate_shards(cfg, sources, work, contamination)
+            corpus = curate.CuratedCorpus(cfg, work, groups)
         if existing_tokenizer is not None:
             tokenizer, tokenizer_source = existing_tokenizer, cfg.tokenizer
         else:
-            tokenizer, tokenizer_source = _train_tokenizer(cfg, sources), "trained"
+            tokenizer, tokenizer_source = _train_tokenizer(cfg, corpus), "trained"
         tokenizer.save_pretrained(staging / "tokenizer")
-        result = _tokenize_and_pack(cfg, sources, tokenizer, staging)
+        result = _tokenize_and_pack(cfg, corpus, tokenizer, staging)
         manifest = _manifest(cfg, sources, tokenizer, str(tokenizer_source), fingerprint, result)
         write_json(staging / MANIFEST, manifest)
-    return PrepResult(out, manifest, reused=False, seconds=time.perf_counter() - start, stats=result["stats"])
+        if corpus.contaminated:
+            lines = "".join(json.dumps(entry, ensure_ascii=False) + "\n" for entry in corpus.contaminated)
+            (staging / "audit.jsonl").write_text(lines, encoding="utf-8")
+    return manifest, result, reused
 
 
 def _read_manifest(path: Path) -> dict[str, Any]:
@@ -138,11 +176,16 @@ def _read_manifest(path: Path) -> dict[str, Any]:
     return manifest if isinstance(manifest, dict) else {}
 
 
-def _fingerprint(cfg: DataConfig, sources: list[Source], tokenizer: Any) -> str:
+def _settings(cfg: DataConfig) -> dict[str, Any]:
+    return cfg.model_dump(include=set(_FINGERPRINT_FIELDS))
+
+
+def _fingerprint(cfg: DataConfig, sources: list[Source], tokenizer: Any, contamination: Contamination | None) -> str:
     spec = {
         "format_version": FORMAT_VERSION,
         "sources": [source.describe() for source in sources],
-        "settings": {name: getattr(cfg, name) for name in _FINGERPRINT_FIELDS},
+        "settings": _settings(cfg),
+        "evaluation_items": contamination.digest() if contamination is not None else None,
         "tokenizer_hash": tokenizer_hash(tokenizer) if tokenizer is not None else None,
         "builtin_grammars": {
             s.name: hashlib.sha256(repr(BUILTIN_CORPORA[s.name]).encode()).hexdigest()
@@ -153,56 +196,34 @@ def _fingerprint(cfg: DataConfig, sources: list[Source], tokenizer: Any) -> str:
     return hashlib.sha256(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def clean_documents(cfg: DataConfig, sources: list[Source], doc_filter: DocumentFilter) -> Iterator[CleanDocument]:
-    """Read, clean, filter and split every document of every source, in order."""
-    for source in sources:
-        raw: RawDocument
-        for raw in read_documents(source, cfg.text_field, cfg.txt_mode, cfg.builtin_docs, cfg.seed, cfg.encoding):
-            text = clean_text(raw.text, cfg.normalize)
-            if not doc_filter.keep(text):
-                continue
-            split = "val" if is_validation(text, cfg.val_fraction, cfg.seed) else "train"
-            yield CleanDocument(text, split, raw.bits)
-
-
-def _new_filter(cfg: DataConfig) -> DocumentFilter:
-    return DocumentFilter(min_chars=cfg.min_chars, max_chars=cfg.max_chars, dedup=cfg.dedup)
-
-
-def _train_tokenizer(cfg: DataConfig, sources: list[Source]) -> Any:
-    """Train a byte-level BPE on the cleaned training split (the validation split stays unseen)."""
-    doc_filter = _new_filter(cfg)
+def _train_tokenizer(cfg: DataConfig, corpus: curate.CuratedCorpus) -> Any:
+    """Train a byte-level BPE on the kept training documents (the validation split stays unseen)."""
+    if corpus.kept == 0:
+        raise UserError(_nothing_left(corpus.dropped))
     limit = cfg.tokenizer_train_docs
 
     def texts() -> Iterator[str]:
-        used = 0
-        for doc in clean_documents(cfg, sources, doc_filter):
-            if doc.split != "train":
-                continue
-            yield from (piece for piece, _ in split_long(doc.text, TRAIN_PIECE_CHARS))
-            used += 1
+        for used, doc in enumerate(corpus.documents("train")):
             if limit is not None and used >= limit:
                 return
+            yield from (piece for piece, _ in split_long(doc.text, TRAIN_PIECE_CHARS))
 
     with console.status(f"training a byte-level BPE tokenizer (vocab {cfg.vocab_size})"):
-        tokenizer = train_bpe(texts(), cfg.vocab_size)
-    if doc_filter.kept == 0:
-        raise UserError(_nothing_left(doc_filter))
-    return tokenizer
+        return train_bpe(texts(), cfg.vocab_size)
 
 
-def _tokenize_and_pack(cfg: DataConfig, sources: list[Source], tokenizer: Any, staging: Path) -> dict[str, Any]:
+def _tokenize_and_pack(cfg: DataConfig, corpus: curate.CuratedCorpus, tokenizer: Any, staging: Path) -> dict[str, Any]:
+    if corpus.kept == 0:
+        raise UserError(_nothing_left(corpus.dropped))
     dtype = token_dtype(len(tokenizer))
     blocks_per_shard = max(1, BLOCKS_PER_SHARD_TARGET_BYTES // (cfg.block_size * dtype.itemsize))
     writers = {split: ShardWriter(staging / split, cfg.block_size, dtype, blocks_per_shard) for split in SPLITS}
     stats = {split: SplitStats() for split in SPLITS}
-    doc_filter = _new_filter(cfg)
     tokenizer_file = staging / "tokenizer" / "tokenizer.json"
-    total_docs = cfg.builtin_docs if all(s.kind == "builtin" for s in sources) else None
 
     def batches() -> Iterator[tuple[str, Batch]]:
         pending = {split: Batch() for split in SPLITS}
-        for doc in clean_documents(cfg, sources, doc_filter):
+        for doc in chain(corpus.mixed_training(), corpus.documents("val")):
             split_stats = stats[doc.split]
             split_stats.documents += 1
             split_stats.chars += len(doc.text)
@@ -219,7 +240,7 @@ def _tokenize_and_pack(cfg: DataConfig, sources: list[Source], tokenizer: Any, s
 
     start = time.perf_counter()
     docs_done = tokens_done = 0
-    with progress_bar("tokenizing", total_docs, unit="docs") as update:
+    with progress_bar("tokenizing", corpus.packed_documents, unit="docs") as update:
         for split, count, tokens in _encode_stream(batches(), tokenizer, tokenizer_file, cfg.num_proc):
             writers[split].add(tokens)
             docs_done += count
@@ -227,14 +248,12 @@ def _tokenize_and_pack(cfg: DataConfig, sources: list[Source], tokenizer: Any, s
             elapsed = max(time.perf_counter() - start, 1e-9)
             update(count, f"{docs_done / elapsed:,.0f} docs/s {tokens_done / elapsed:,.0f} tok/s")
 
-    if doc_filter.kept == 0:
-        raise UserError(_nothing_left(doc_filter))
     if writers["train"].blocks == 0:
         raise UserError(
             f"only {writers['train'].tokens} training tokens after cleaning, fewer than one block of "
             f"{cfg.block_size}; lower data.block_size or add data"
         )
-    return {"writers": writers, "stats": stats, "filter": doc_filter, "dtype": dtype}
+    return {"writers": writers, "stats": stats, "corpus": corpus, "dtype": dtype}
 
 
 @dataclass
@@ -244,15 +263,13 @@ class Batch:
     texts: list[str] = field(default_factory=list)
     ends: list[bool] = field(default_factory=list)
     chars: int = 0
+    documents: int = 0
 
     def add(self, text: str, ends_document: bool) -> None:
         self.texts.append(text)
         self.ends.append(ends_document)
         self.chars += len(text)
-
-    @property
-    def documents(self) -> int:
-        return sum(self.ends)
+        self.documents += ends_document
 
 
 def split_long(text: str, limit: int = PIECE_CHARS) -> Iterator[tuple[str, bool]]:
@@ -321,9 +338,9 @@ def _encode_in_worker(texts: list[str], ends: list[bool]) -> np.ndarray:
     return encode_batch(_worker["backend"], texts, _worker["eos"], ends)
 
 
-def _nothing_left(doc_filter: DocumentFilter) -> str:
-    reasons = ", ".join(f"{n} {reason}" for reason, n in sorted(doc_filter.dropped.items())) or "no documents read"
-    return f"nothing left after filtering ({reasons}); check data.min_chars/max_chars and the text field"
+def _nothing_left(dropped: Counter[str]) -> str:
+    reasons = ", ".join(f"{n} {reason}" for reason, n in sorted(dropped.items())) or "no documents read"
+    return f"nothing left after filtering ({reasons}); check the data.* filters and the text field"
 
 
 def _manifest(
@@ -336,7 +353,7 @@ def _manifest(
 ) -> dict[str, Any]:
     writers: dict[str, ShardWriter] = result["writers"]
     stats: dict[str, SplitStats] = result["stats"]
-    doc_filter: DocumentFilter = result["filter"]
+    corpus: curate.CuratedCorpus = result["corpus"]
     splits = {
         split: {
             "documents": stats[split].documents,
@@ -354,7 +371,7 @@ def _manifest(
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "fingerprint": fingerprint,
         "sources": [source.describe() for source in sources],
-        "settings": {name: getattr(cfg, name) for name in _FINGERPRINT_FIELDS},
+        "settings": _settings(cfg),
         "tokenizer": {
             "source": tokenizer_source,
             "hash": tokenizer_hash(tokenizer),
@@ -365,10 +382,13 @@ def _manifest(
         "block_size": cfg.block_size,
         "dtype": result["dtype"].name,
         "documents": {
-            "kept": doc_filter.kept,
-            "dropped": dict(sorted(doc_filter.dropped.items())),
-            "read": doc_filter.kept + sum(doc_filter.dropped.values()),
+            "kept": corpus.kept,
+            "dropped": dict(sorted(corpus.dropped.items())),
+            "read": corpus.read,
+            "changed": dict(sorted(corpus.changed.items())),
         },
+        "curation": corpus.report(),
+        "mix": corpus.mix,
         "splits": splits,
         "entropy": _entropy_floor(sources, stats),
     }

@@ -39,9 +39,10 @@ def evaluate_model(
 
     `reports` are the files the caller will write: checked before any work, so a bad path fails in a second,
     not after the evaluation, and never names an input."""
+    from llmkit.data.task_files import load_task_files
     from llmkit.eval.exported import export_format, runtime_name
     from llmkit.eval.gates import check_gates, check_regressions, checks_as_dicts, read_baseline
-    from llmkit.eval.tasks import flat_metrics, load_task_files, run_tasks
+    from llmkit.eval.tasks import flat_metrics, run_tasks
     from llmkit.runs import resolve_model_dir
 
     if data is None and not task_files and not harness:

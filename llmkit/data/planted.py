@@ -1,0 +1,66 @@
+"""A corpus with planted near-duplicates of known truth, to measure near-dedup's precision and recall.
+
+Originals are paragraphs of the built-in story grammar (many share phrases, as web pages of one site do, which is
+what makes precision hard). A share of them gets one copy, changed in one of three ways: a few words edited,
+the paragraphs reordered, or boilerplate (navigation and copyright lines) around it. Copies sit later in the
+stream than their original, so a deduplicator that keeps the first of a group keeps the original.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+from llmkit.data.corpus import BUILTIN_CORPORA, generate
+
+KINDS = ("edit", "reorder", "boilerplate")
+HEADERS = ("Home | News | About us | Contact", "Skip to main content. Menu. Search this site.", "Log in or register")
+FOOTERS = (
+    "Copyright 2024 Example Media Group. All rights reserved.",
+    "Share this story: Facebook, Twitter, e-mail. Related stories below.",
+    "Subscribe to our newsletter for more stories every week.",
+)
+
+
+@dataclass
+class PlantedCorpus:
+    texts: list[str]
+    copies: dict[int, int]  # index of a planted copy -> index of its original
+    kinds: dict[int, str]  # index of a planted copy -> how it was changed
+
+
+def planted_corpus(originals: int, share: float = 0.3, paragraphs: int = 6, seed: int = 0) -> PlantedCorpus:
+    rng = random.Random(seed)
+    stories = generate(BUILTIN_CORPORA["stories"], originals * paragraphs, seed)
+    texts = ["\n\n".join(next(stories).text for _ in range(paragraphs)) for _ in range(originals)]
+    vocabulary = sorted({word for text in texts[:50] for word in text.split()})
+    entries: list[tuple[int, str]] = [(original, "") for original in range(originals)]  # (original, change)
+    for number, original in enumerate(sorted(rng.sample(range(originals), round(share * originals)))):
+        after = entries.index((original, "")) + 1  # a copy comes later than its original
+        entries.insert(rng.randint(after, len(entries)), (original, KINDS[number % len(KINDS)]))
+    position = {original: index for index, (original, kind) in enumerate(entries) if not kind}
+    copies = {index: position[original] for index, (original, kind) in enumerate(entries) if kind}
+    kinds = {index: kind for index, (_, kind) in enumerate(entries) if kind}
+    texts = [_change(texts[original], kind, vocabulary, rng) if kind else texts[original] for original, kind in entries]
+    return PlantedCorpus(texts, copies, kinds)
+
+
+def _change(text: str, kind: str, vocabulary: list[str], rng: random.Random) -> str:
+    if kind == "reorder":
+        parts = text.split("\n\n")
+        while len(parts) > 1 and parts == text.split("\n\n"):
+            rng.shuffle(parts)
+        return "\n\n".join(parts)
+    if kind == "boilerplate":
+        return f"{rng.choice(HEADERS)}\n\n{text}\n\n{rng.choice(FOOTERS)}"
+    words = text.split(" ")
+    for _ in range(max(1, len(words) // 100)):  # about 1% of the words replaced, deleted or inserted
+        at = rng.randrange(len(words))
+        action = rng.randrange(3)
+        if action == 0:
+            words[at] = rng.choice(vocabulary)
+        elif action == 1 and len(words) > 1:
+            del words[at]
+        else:
+            words.insert(at, rng.choice(vocabulary))
+    return " ".join(words)

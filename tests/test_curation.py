@@ -108,7 +108,7 @@ def test_filters_count_every_drop_and_change_in_the_manifest(tmp_path: Path) -> 
 def test_exact_duplicates_are_found_across_sorted_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     texts = [f"{PROSE} Page {i % 13}." for i in range(40)]  # 13 distinct pages, 27 copies
     source = [str(write_jsonl(tmp_path / "in.jsonl", texts))]
-    whole = prepare_dataset(config(source), tmp_path / "whole")
+    prepare_dataset(config(source), tmp_path / "whole")
     monkeypatch.setattr("llmkit.data.curate.RUN_DOCS", 3)  # digests written in sorted runs of 3
     runs = prepare_dataset(config(source), tmp_path / "runs")
     assert runs.manifest["documents"]["dropped"] == {"duplicate": 27}

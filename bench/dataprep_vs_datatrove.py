@@ -9,8 +9,11 @@ runs in its own process; the bench prints wall time, documents per second, peak 
 (the executors run in it with one worker), the near-duplicates each removed, and the ratio.
 
 `--scale K` then runs llmkit alone on K times as many files, to show the peak memory does not grow with the corpus.
+`--generated N` instead runs llmkit alone on N and 10 N documents of the built-in corpus, generated on the fly (no
+input on disk, one shard), and prints the peak memory of each.
 
     python bench/dataprep_vs_datatrove.py [--files 8] [--docs-per-file 2000] [--workers 1] [--scale 10]
+    python bench/dataprep_vs_datatrove.py --generated 200000
 """
 
 from __future__ import annotations
@@ -33,19 +36,28 @@ def main() -> None:
     parser.add_argument("--docs-per-file", type=int, default=2000)
     parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--scale", type=int, default=0, help="also run llmkit on this many times the files")
-    parser.add_argument("--side", choices=["llmkit", "datatrove"], help=argparse.SUPPRESS)
+    parser.add_argument("--generated", type=int, default=0, help="built-in documents for the memory run")
+    parser.add_argument("--side", choices=["llmkit", "datatrove", "generated"], help=argparse.SUPPRESS)
     parser.add_argument("--work", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.side:  # one side, in its own process: report its figures as JSON
         work = Path(args.work)
         files = sorted(str(p) for p in (work / "corpus").glob("*.jsonl"))[: args.files]
-        run = run_llmkit if args.side == "llmkit" else run_datatrove
         start = time.perf_counter()
-        removed = run(files, work, args.workers)
+        if args.side == "generated":
+            removed = run_generated(args.generated, work)
+        else:
+            removed = (run_llmkit if args.side == "llmkit" else run_datatrove)(files, work, args.workers)
         print(json.dumps({"seconds": time.perf_counter() - start, "removed": removed}))
         return
 
     work = Path(tempfile.mkdtemp(prefix="llmkit-curate-bench-"))
+    if args.generated:
+        for docs in (args.generated, 10 * args.generated):
+            f = measure("generated", work, 0, 1, ["--generated", str(docs)])
+            print(f"builtin:stories, {docs:,} documents generated on the fly: {f['seconds']:.1f}s, "
+                  f"{docs / f['seconds']:,.0f} docs/s, peak RSS {f['peak_mib']:,.0f} MiB")  # fmt: skip
+        return
     total_files = args.files * max(1, args.scale)
     docs = write_corpus(work, total_files, args.docs_per_file)
     corpus_bytes = sorted((work / "corpus").glob("*.jsonl"))
@@ -87,9 +99,10 @@ def write_corpus(work: Path, files: int, per_file: int) -> dict[int, int]:
     return counts
 
 
-def measure(side: str, work: Path, files: int, workers: int) -> dict[str, float]:
-    command = [sys.executable, __file__, "--side", side, "--work", str(work), "--files", str(files)]
-    out, log = work / f"{side}-{files}.out", work / f"{side}-{files}.log"
+def measure(side: str, work: Path, files: int, workers: int, extra: list[str] | None = None) -> dict[str, float]:
+    command = [sys.executable, __file__, "--side", side, "--work", str(work), "--files", str(files), *(extra or [])]
+    name = f"{side}-{files}-{'-'.join(extra or [])}"
+    out, log = work / f"{name}.out", work / f"{name}.log"
     with out.open("w") as stdout, log.open("w") as stderr:
         process = subprocess.Popen([*command, "--workers", str(workers)], stdout=stdout, stderr=stderr)
         _, status, usage = os.wait4(process.pid, 0)
@@ -109,6 +122,16 @@ def run_llmkit(files: list[str], work: Path, workers: int) -> int:
     out = work / f"llmkit-{len(files)}"
     result = prepare_dataset(cfg, out, overwrite=True)
     return result.manifest["documents"]["dropped"].get("near_duplicate", 0)
+
+
+def run_generated(docs: int, work: Path) -> int:
+    """The built-in corpus, generated while it is read: exact dedup, a tokenizer trained on 200k documents, packing."""
+    from llmkit.config import DataConfig
+    from llmkit.data.prep import prepare_dataset
+
+    cfg = DataConfig(sources=["builtin:stories"], builtin_docs=docs, vocab_size=2048, block_size=1024)
+    result = prepare_dataset(cfg, work / f"generated-{docs}", overwrite=True)
+    return result.manifest["documents"]["dropped"].get("duplicate", 0)
 
 
 def run_datatrove(files: list[str], work: Path, workers: int) -> int:

@@ -26,13 +26,14 @@ class Recipe:
 
 
 def bundled_recipes() -> list[Recipe]:
-    """Every training recipe shipped with llmkit: the YAML files at the top of the recipes folder with an `about`."""
+    """Every recipe shipped with llmkit (training or data-prep): the YAML files at the top of the recipes folder with
+    an `about`."""
     recipes = []
     for path in sorted(RECIPES_DIR.glob("*.yaml")):
         raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
         if "about" in raw:
             about, _, hardware = str(raw["about"]).partition("; ")
-            command = "finetune" if "finetune" in raw else "pretrain"
+            command = "finetune" if "finetune" in raw else "pretrain" if {"train", "model"} & set(raw) else "data-prep"
             recipes.append(Recipe(path.stem, path, about.strip(), hardware.strip().rstrip("."), command))
     return recipes
 

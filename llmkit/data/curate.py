@@ -66,38 +66,16 @@ class CurateShard:
     def __call__(self, data: Any, rank: int = 0, world_size: int = 1) -> Iterator[Any]:
         from datatrove.data import Document
 
-        stats = ShardStats()
-        digests = bytearray()
-        splits = bytearray()
-        docs_path = self.work / "docs" / f"{rank:05d}.bin"
-        docs_path.parent.mkdir(parents=True, exist_ok=True)
-        cfg = self.cfg
-        with docs_path.open("wb") as out:
+        cfg, stats = self.cfg, ShardStats()
+        with ShardOutput(self.work, rank, cfg) as output:
             for raw in read_documents(self.shards[rank], cfg.text_field, cfg.txt_mode, cfg.builtin_docs, cfg.seed,
                                       cfg.encoding):  # fmt: skip
                 stats.read += 1
                 text = self._curate(clean_text(raw.text, cfg.normalize), raw.origin, stats)
-                if text is None:
-                    continue
-                encoded = text.encode("utf-8")
-                digests += hashlib.blake2b(encoded, digest_size=16).digest()
-                if len(digests) == 16 * RUN_DOCS:  # a sorted run on disk: memory stays bounded on any shard
-                    _write_digests(self.work / "digests" / f"{rank:05d}-{stats.kept // RUN_DOCS:05d}.bin", digests,
-                                   first=stats.kept + 1 - RUN_DOCS)  # fmt: skip
-                    digests = bytearray()
-                splits.append(is_validation(text, cfg.val_fraction, cfg.seed))
-                origin = raw.origin.encode("utf-8")
-                out.write(_RECORD.pack(len(encoded), len(origin), math.nan if raw.bits is None else raw.bits))
-                out.write(encoded)
-                out.write(origin)
-                yield Document(text=text, id=str(stats.kept))
-                stats.kept += 1
-        last_run = self.work / "digests" / f"{rank:05d}-{stats.kept // RUN_DOCS:05d}.bin"
-        _write_digests(last_run, digests, first=stats.kept - len(digests) // 16)
-        _write_bytes(self.work / "splits" / f"{rank:05d}.bin", bytes(splits))
-        stats_file = self.work / "shards" / f"{rank:05d}.json"
-        stats_file.parent.mkdir(parents=True, exist_ok=True)
-        stats_file.write_text(json.dumps(stats.__dict__), encoding="utf-8")
+                if text is not None:
+                    yield Document(text=text, id=str(output.add(text, raw.origin, raw.bits)))
+        stats.kept = output.kept
+        _write_bytes(self.work / "shards" / f"{rank:05d}.json", json.dumps(stats.__dict__).encode())
 
     def _curate(self, text: str, origin: str, stats: ShardStats) -> str | None:
         """The document after every per-document rule, or None (its reason counted) when one drops it."""
@@ -120,10 +98,56 @@ class CurateShard:
         if reason is None and cfg.pii:
             text, masked = quality.mask_pii(text)
             stats.changed.update(masked)
+        if reason is None and not text:  # C4 removed every line
+            reason = "empty"
         if reason is not None:
             stats.dropped[reason] += 1
             return None
         return text
+
+
+class ShardOutput:
+    """A shard's kept documents on disk: the records, their exact digests in sorted runs, and their splits."""
+
+    def __init__(self, work: Path, rank: int, cfg: DataConfig) -> None:
+        self.work, self.rank, self.cfg = work, rank, cfg
+        self.kept = 0
+        self.digests = bytearray()
+        self.splits = bytearray()
+        path = work / "docs" / f"{rank:05d}.bin"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.records = path.open("wb")
+
+    def add(self, text: str, origin: str, bits: float | None) -> int:
+        """Write one document; returns its position in the shard."""
+        encoded, origin_bytes = text.encode("utf-8"), origin.encode("utf-8")
+        self.records.write(_RECORD.pack(len(encoded), len(origin_bytes), math.nan if bits is None else bits))
+        self.records.write(encoded + origin_bytes)
+        self.splits.append(is_validation(text, self.cfg.val_fraction, self.cfg.seed))
+        self.digests += hashlib.blake2b(encoded, digest_size=16).digest()
+        self.kept += 1
+        if len(self.digests) == 16 * RUN_DOCS:  # a sorted run on disk: memory stays bounded on any shard
+            self._write_run()
+        return self.kept - 1
+
+    def _write_run(self) -> None:
+        count = len(self.digests) // 16
+        first = self.kept - count
+        path = self.work / "digests" / f"{self.rank:05d}-{first // RUN_DOCS:05d}.bin"
+        halves = np.frombuffer(bytes(self.digests), dtype=">u8").reshape(-1, 2)
+        records = np.empty(count, dtype=DIGEST)
+        records["hi"], records["lo"], records["doc"] = halves[:, 0], halves[:, 1], np.arange(first, self.kept)
+        records.sort(order=["hi", "lo", "doc"], kind="stable")
+        _write_bytes(path, records.tobytes())
+        self.digests = bytearray()
+
+    def __enter__(self) -> ShardOutput:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.records.close()
+        self._write_run()
+        _write_bytes(self.work / "splits" / f"{self.rank:05d}.bin", bytes(self.splits))
 
 
 def _length(text: str, cfg: DataConfig) -> str | None:
@@ -139,15 +163,6 @@ def _length(text: str, cfg: DataConfig) -> str | None:
 def _write_bytes(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(data)
-
-
-def _write_digests(path: Path, digests: bytearray, first: int) -> None:
-    """Document digests (the first at position `first`) with their positions, sorted by digest then position."""
-    halves = np.frombuffer(bytes(digests), dtype=">u8").reshape(-1, 2)
-    records = np.empty(len(halves), dtype=DIGEST)
-    records["hi"], records["lo"], records["doc"] = halves[:, 0], halves[:, 1], np.arange(first, first + len(halves))
-    records.sort(order=["hi", "lo", "doc"], kind="stable")
-    _write_bytes(path, records.tobytes())
 
 
 # --- running the tasks ----------------------------------------------------------------------------------------
@@ -319,22 +334,21 @@ def find_duplicates(work: Path, shards: int, exact: bool, near: bool) -> Duplica
                 exact_removed.add(node)
             else:
                 previous = (digest, node)
-    near_pairs: list[tuple[tuple[int, int], tuple[int, int]]] = []
-    if near:
+    if near:  # datatrove's candidate pairs: (shard, position, shard, position) as uint32
         for path in sorted((work / "minhash" / "buckets").glob("*.dups")):
-            data = np.fromfile(path, dtype="<u4").reshape(-1, 4)
-            for f1, d1, f2, d2 in data.tolist():
-                a, b = (f1, d1), (f2, d2)
-                union(a, b)
-                if len(near_pairs) < 64 * SAMPLE_PAIRS:
-                    near_pairs.append((max(a, b), min(a, b)))
+            for f1, d1, f2, d2 in np.fromfile(path, dtype="<u4").reshape(-1, 4).tolist():
+                union((f1, d1), (f2, d2))
     removed: dict[int, list[int]] = {}
     counts: Counter[str] = Counter()
+    sample: list[tuple[tuple[int, int], tuple[int, int]]] = []
     for node in sorted(parent):
-        if root(node) != node:
+        kept = root(node)
+        if kept != node:
             removed.setdefault(node[0], []).append(node[1])
-            counts["duplicate" if node in exact_removed else "near_duplicate"] += 1
-    sample = sorted({pair for pair in near_pairs if pair[0] not in exact_removed})[:SAMPLE_PAIRS]
+            reason = "duplicate" if node in exact_removed else "near_duplicate"
+            counts[reason] += 1
+            if reason == "near_duplicate" and len(sample) < SAMPLE_PAIRS:
+                sample.append((node, kept))
     return Duplicates({shard: np.array(docs, dtype=np.int64) for shard, docs in removed.items()}, counts, sample)
 
 

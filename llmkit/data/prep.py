@@ -153,6 +153,8 @@ def _build(
         with console.status(f"curating {len(sources)} shard(s) on {min(cfg.workers, len(sources))} process(es)"):
             reused = curate.curate_shards(cfg, sources, work, contamination)
             corpus = curate.CuratedCorpus(cfg, work, groups)
+        if corpus.kept == 0:
+            raise UserError(_nothing_left(corpus.dropped))
         if existing_tokenizer is not None:
             tokenizer, tokenizer_source = existing_tokenizer, cfg.tokenizer
         else:
@@ -198,8 +200,6 @@ def _fingerprint(cfg: DataConfig, sources: list[Source], tokenizer: Any, contami
 
 def _train_tokenizer(cfg: DataConfig, corpus: curate.CuratedCorpus) -> Any:
     """Train a byte-level BPE on the kept training documents (the validation split stays unseen)."""
-    if corpus.kept == 0:
-        raise UserError(_nothing_left(corpus.dropped))
     limit = cfg.tokenizer_train_docs
 
     def texts() -> Iterator[str]:
@@ -213,8 +213,6 @@ def _train_tokenizer(cfg: DataConfig, corpus: curate.CuratedCorpus) -> Any:
 
 
 def _tokenize_and_pack(cfg: DataConfig, corpus: curate.CuratedCorpus, tokenizer: Any, staging: Path) -> dict[str, Any]:
-    if corpus.kept == 0:
-        raise UserError(_nothing_left(corpus.dropped))
     dtype = token_dtype(len(tokenizer))
     blocks_per_shard = max(1, BLOCKS_PER_SHARD_TARGET_BYTES // (cfg.block_size * dtype.itemsize))
     writers = {split: ShardWriter(staging / split, cfg.block_size, dtype, blocks_per_shard) for split in SPLITS}

@@ -132,8 +132,9 @@ class DecontaminateConfig(Section):
 
     tasks: list[str] = Field(
         default_factory=list,
-        description="llmkit eval task files (YAML) or item files (.jsonl/.csv/.parquet/.txt) whose items must not "
-        "appear in training.",
+        description="Evaluation sets whose items must not appear in training: llmkit eval task files (YAML), item "
+        "files (.jsonl/.json/.csv/.parquet), or harness:NAME / harness:FILE.yaml for lm-evaluation-harness tasks whose "
+        "data is on disk.",
     )
     ngrams: int = Field(13, ge=3, description="Words in a shared n-gram that counts as contamination.")
     min_words: int = Field(

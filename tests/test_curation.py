@@ -117,8 +117,9 @@ def test_exact_duplicates_are_found_across_sorted_runs(tmp_path: Path, monkeypat
 
 def test_near_duplicates_are_found_with_measured_precision_and_recall(tmp_path: Path) -> None:
     planted = planted_corpus(originals=240, seed=3)
-    source = write_jsonl(tmp_path / "web.jsonl", planted.texts)
-    cfg = config([str(source)], near_dedup={"enabled": True, "threshold": 0.7}, val_fraction=0.1)
+    last = "A last page, cut short by the final partial block in place of a page that counts. " * 4
+    source = write_jsonl(tmp_path / "web.jsonl", [*planted.texts, last])
+    cfg = config([str(source)], near_dedup={"enabled": True, "threshold": 0.7}, val_fraction=0)
     manifest = prepare_dataset(cfg, tmp_path / "ds").manifest
     survivors = set(documents(tmp_path / "ds"))
     cleaned = [clean_text(text, "NFC") for text in planted.texts]
@@ -127,7 +128,7 @@ def test_near_duplicates_are_found_with_measured_precision_and_recall(tmp_path: 
     removed = manifest["documents"]["dropped"]["near_duplicate"]
     recall, precision = removed_copies / len(planted.copies), removed_copies / removed
     assert recall >= 0.9 and precision >= 0.98, (recall, precision)
-    assert originals_lost <= 1  # the last document may be cut by the final partial block, nothing else
+    assert originals_lost == 0  # related pages (half their paragraphs shared) included
     near = manifest["curation"]["near_dedup"]
     assert (near["bands"], near["rows"]) == (14, 9)
     pair = near["sample_pairs"][0]
@@ -156,6 +157,33 @@ def test_decontamination_drops_or_flags_planted_leaks(tmp_path: Path) -> None:
     flag = prepare_dataset(config([source], decontaminate={"tasks": [str(task)], "action": "flag"}), tmp_path / "f")
     assert flag.manifest["documents"]["kept"] == 8 and flag.manifest["curation"]["contaminated"] == 2
     assert len((tmp_path / "f" / "audit.jsonl").read_text().splitlines()) == 2
+
+
+def test_decontamination_reads_lm_evaluation_harness_tasks_on_disk(tmp_path: Path) -> None:
+    pytest.importorskip("lm_eval")
+    question = "Which river ran past the old mill where the children of the village went every single morning?"
+    items = write_jsonl(tmp_path / "items.jsonl", [])
+    items.write_text(json.dumps({"question": question, "choices": ["the Avon", "the Thames"], "answer": 0}) + "\n")
+    (tmp_path / "theirs.yaml").write_text(
+        f"task: theirs\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {items}\ntest_split: test\n"
+        "output_type: multiple_choice\ndoc_to_text: '{{question}}'\ndoc_to_choice: '{{choices}}'\n"
+        "doc_to_target: '{{answer}}'\nmetric_list:\n  - metric: acc\n"
+    )
+    source = str(write_jsonl(tmp_path / "train.jsonl", [PROSE, f"Notes. {question} The Avon.", PROSE + " Again."]))
+    cfg = config([source], decontaminate={"tasks": [f"harness:{tmp_path / 'theirs.yaml'}"]})
+    manifest = prepare_dataset(cfg, tmp_path / "ds").manifest
+    assert manifest["documents"]["dropped"] == {"contaminated": 1}
+    audit = json.loads((tmp_path / "ds" / "audit.jsonl").read_text())
+    assert (audit["doc"], audit["item"]) == (f"{source}:2", "theirs item 1")
+
+
+def test_a_harness_task_whose_data_is_not_on_disk_is_one_line(tmp_path: Path) -> None:
+    pytest.importorskip("lm_eval")
+    source = write_jsonl(tmp_path / "a.jsonl", [PROSE])
+    result = run_cli(
+        "data-prep", source, "--out", tmp_path / "ds", "--set", "data.decontaminate.tasks=[harness:arc_easy]"
+    )
+    assert_user_error(result, "harness:arc_easy: the task's data is not on disk")
 
 
 def test_mixing_weights_are_honored_exactly_in_the_packed_order(tmp_path: Path) -> None:

@@ -38,7 +38,8 @@ def test_readme_shows_the_two_commands_and_links_docs() -> None:
 OTHER_TOOLS = {"--nproc", "--nproc_per_node", "--multi", "--multi_gpu", "--num", "--num_processes", "--port",
                "--use", "--use_deepspeed", "--config_file", "--requeue", "--signal", "--logdir", "--backend-store-uri",
                "--arch", "--block", "--layers", "--peak", "--rows", "--size", "--steps", "--vocab",
-               "--work", "--build-arg", "--continuous-batching", "--files", "--docs-per-file", "--scale"}  # fmt: skip
+               "--work", "--build-arg", "--continuous-batching", "--files", "--docs-per-file", "--scale",
+               "--generated", "--originals", "--thresholds"}  # fmt: skip
 
 
 def test_every_option_and_config_key_the_docs_name_exists() -> None:

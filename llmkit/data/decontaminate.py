@@ -19,6 +19,7 @@ from llmkit.errors import UserError
 
 _WORD = re.compile(r"\w+")
 ITEM_FILES = (".jsonl", ".json", ".csv", ".parquet")
+HARNESS_PREFIX = "harness:"
 
 
 def words(text: str) -> list[str]:
@@ -73,6 +74,9 @@ def _items(paths: list[str]) -> Iterator[tuple[str, str]]:
     from llmkit.data.task_files import load_task_files, task_items
 
     for spec in paths:
+        if spec.startswith(HARNESS_PREFIX):
+            yield from _harness_items(spec.removeprefix(HARNESS_PREFIX))
+            continue
         path = Path(spec)
         if path.suffix in ITEM_FILES:
             if not path.is_file():
@@ -85,6 +89,49 @@ def _items(paths: list[str]) -> Iterator[tuple[str, str]]:
         for task in tasks:
             for index, item in enumerate(task_items(task)):
                 yield from ((f"{task.name} item {index + 1}", text) for text in _strings(item))
+
+
+def _harness_items(spec: str) -> Iterator[tuple[str, str]]:
+    """The evaluated documents of an lm-evaluation-harness task (a name whose data is in the Hugging Face cache, or a
+    task YAML file): the text it shows the model, the target, and every choice."""
+    import importlib.util
+
+    if importlib.util.find_spec("lm_eval") is None:
+        raise UserError(f"{HARNESS_PREFIX}{spec}: decontaminating against harness tasks needs lm-evaluation-harness: "
+                        "pip install 'llmkit[eval]'")  # fmt: skip
+    from llmkit.data.task_files import harness_task_names
+    from llmkit.hub import prepare_hub_access
+
+    prepare_hub_access("harness-task-data")
+    from lm_eval.tasks import TaskManager, get_task_dict
+
+    names, include = harness_task_names([spec])
+    manager = TaskManager(include_path=include or None)
+    if names[0] not in manager.all_tasks:
+        raise UserError(f"{HARNESS_PREFIX}{spec}: lm-evaluation-harness has no such task (see `lm_eval ls tasks`)")
+    try:
+        tasks = get_task_dict(names, manager)
+    except (ConnectionError, OSError) as exc:
+        first = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
+        raise UserError(
+            f"{HARNESS_PREFIX}{spec}: the task's data is not on disk ({first}); run it once online (the Hugging Face "
+            "cache keeps it) or name a task file with local data"
+        ) from None
+    for name, task in _leaf_tasks(tasks):
+        docs = task.test_docs() if task.has_test_docs() else task.validation_docs()
+        for index, doc in enumerate(docs or []):
+            fields = [task.doc_to_text(doc), task.doc_to_target(doc)]
+            if task.OUTPUT_TYPE == "multiple_choice":
+                fields.append(task.doc_to_choice(doc))
+            yield from ((f"{name} item {index + 1}", text) for text in _strings(fields))
+
+
+def _leaf_tasks(tasks: dict[Any, Any]) -> Iterator[tuple[str, Any]]:
+    for key, value in tasks.items():
+        if isinstance(value, dict):  # a group of tasks
+            yield from _leaf_tasks(value)
+        else:
+            yield str(getattr(key, "group_name", key)), value
 
 
 def _strings(value: Any) -> Iterator[str]:

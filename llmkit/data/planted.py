@@ -27,22 +27,38 @@ class PlantedCorpus:
     texts: list[str]
     copies: dict[int, int]  # index of a planted copy -> index of its original
     kinds: dict[int, str]  # index of a planted copy -> how it was changed
+    related: set[int]  # pages sharing half their paragraphs with an earlier one: not duplicates, must be kept
 
 
-def planted_corpus(originals: int, share: float = 0.3, paragraphs: int = 6, seed: int = 0) -> PlantedCorpus:
+def planted_corpus(
+    originals: int, share: float = 0.3, related: float = 0.1, paragraphs: int = 6, seed: int = 0
+) -> PlantedCorpus:
+    """`originals` pages; `share` of them get a changed copy, `related` of them a page that shares half their
+    paragraphs (the hard negatives: a near-duplicate finder must keep those)."""
     rng = random.Random(seed)
-    stories = generate(BUILTIN_CORPORA["stories"], originals * paragraphs, seed)
+    stories = generate(BUILTIN_CORPORA["stories"], 2 * originals * paragraphs, seed)
     texts = ["\n\n".join(next(stories).text for _ in range(paragraphs)) for _ in range(originals)]
     vocabulary = sorted({word for text in texts[:50] for word in text.split()})
     entries: list[tuple[int, str]] = [(original, "") for original in range(originals)]  # (original, change)
-    for number, original in enumerate(sorted(rng.sample(range(originals), round(share * originals)))):
+    planned = [
+        (o, KINDS[n % len(KINDS)]) for n, o in enumerate(sorted(rng.sample(range(originals), round(share * originals))))
+    ]
+    planned += [(o, "related") for o in sorted(rng.sample(range(originals), round(related * originals)))]
+    for original, kind in planned:
         after = entries.index((original, "")) + 1  # a copy comes later than its original
-        entries.insert(rng.randint(after, len(entries)), (original, KINDS[number % len(KINDS)]))
+        entries.insert(rng.randint(after, len(entries)), (original, kind))
     position = {original: index for index, (original, kind) in enumerate(entries) if not kind}
-    copies = {index: position[original] for index, (original, kind) in enumerate(entries) if kind}
-    kinds = {index: kind for index, (_, kind) in enumerate(entries) if kind}
-    texts = [_change(texts[original], kind, vocabulary, rng) if kind else texts[original] for original, kind in entries]
-    return PlantedCorpus(texts, copies, kinds)
+    copies = {index: position[o] for index, (o, kind) in enumerate(entries) if kind and kind != "related"}
+    kinds = {index: kind for index, (_, kind) in enumerate(entries) if kind and kind != "related"}
+    related_pages = {index for index, (_, kind) in enumerate(entries) if kind == "related"}
+
+    def page(original: int, kind: str) -> str:
+        if kind == "related":  # half the paragraphs replaced by new stories
+            parts = texts[original].split("\n\n")
+            return "\n\n".join(p if i % 2 else next(stories).text for i, p in enumerate(parts))
+        return _change(texts[original], kind, vocabulary, rng) if kind else texts[original]
+
+    return PlantedCorpus([page(original, kind) for original, kind in entries], copies, kinds, related_pages)
 
 
 def _change(text: str, kind: str, vocabulary: list[str], rng: random.Random) -> str:

@@ -93,3 +93,21 @@ def task_items(task: TaskSpec) -> list[dict[str, Any]]:
     if not items:
         raise UserError(f"{task.source}: task {task.name}: no items")
     return items[: task.limit] if task.limit else items
+
+
+def harness_task_names(specs: list[str]) -> tuple[list[str], list[str]]:
+    """lm-evaluation-harness task names, and the folders of task YAML files given by path (for its TaskManager)."""
+    names, include = [], []
+    for spec in specs:
+        path = Path(spec)
+        if path.suffix not in (".yaml", ".yml"):
+            names.append(spec)
+            continue
+        if not path.is_file():
+            raise UserError(f"{path}: harness task file not found")
+        include.append(str(path.parent.resolve()))
+        name = read_yaml(path).get("task")
+        if not isinstance(name, str):
+            raise UserError(f"{path}: a harness task file needs a 'task' name")
+        names.append(name)
+    return names, include

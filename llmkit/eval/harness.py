@@ -26,16 +26,9 @@ def run_harness(model_dir: Path, specs: list[str], batch_size: int, limit: int |
     from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
 
-    names, include = [], []
-    for spec in specs:
-        path = Path(spec)
-        if path.suffix in (".yaml", ".yml"):
-            if not path.is_file():
-                raise UserError(f"{path}: harness task file not found")
-            include.append(str(path.parent.resolve()))
-            names.append(_task_name(path))
-        else:
-            names.append(spec)
+    from llmkit.data.task_files import harness_task_names
+
+    names, include = harness_task_names(specs)
     manager = TaskManager(include_path=include or None)
     unknown = [name for name in names if name not in manager.all_tasks]
     if unknown:
@@ -61,12 +54,3 @@ def run_harness(model_dir: Path, specs: list[str], batch_size: int, limit: int |
                 kept[metric] = float(value)
         results[task] = kept
     return results
-
-
-def _task_name(path: Path) -> str:
-    from llmkit.config import read_yaml
-
-    name = read_yaml(path).get("task")
-    if not isinstance(name, str):
-        raise UserError(f"{path}: a harness task file needs a 'task' name")
-    return name

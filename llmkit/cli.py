@@ -236,7 +236,7 @@ def data_prep_command(
     """Clean, filter, deduplicate, tokenize and pack text.
 
     Writes a dataset directory with a manifest. Quality filters, PII masking, decontamination, near-dedup and
-    mixing are data.* settings (docs/data-prep.md; recipes/curate-web.yaml turns on the web set). Same inputs and
+    mixing are data.* settings (docs/data-prep.md; --config curate-web turns on the web set). Same inputs and
     settings reuse the existing output; changed inputs rebuild it; an interrupted run resumes its finished shards.
     """
     from llmkit.config import load_config

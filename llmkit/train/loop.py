@@ -301,8 +301,7 @@ def fit(job: TrainJob) -> FitResult:
                 _checkpoint_or_stop(job, run)
             if not run.pending:
                 run.clock = time.perf_counter()  # validation and checkpoints are not training time
-            val_text = f" val {run.val_loss:.3f}" if run.val_loss is not None else ""
-            update(1, f"loss {run.loss:.3f}{val_text} lr {lr:.1e} {run.throughput.recent_rate:,.0f} tok/s")
+            update(1, _progress_text(run, lr))
             if run.stopped_early:  # every process agrees: the validation loss is reduced across all of them
                 if acc.is_main_process:
                     info(f"early stopping at step {run.step}: no validation improvement in "
@@ -415,6 +414,13 @@ def _settle(job: TrainJob, run: _Run, metrics: MetricsLog) -> None:
             metrics.log({"step": outcome.step, "tokens": tokens, "skipped_step": 1})
             run.window.add(None, outcome.tokens)
         run.loss, run.grad_norm, tokens = loss, norm, tokens + outcome.tokens
+
+
+def _progress_text(run: _Run, lr: float) -> str:
+    if not run.throughput.recent:  # no step read back from the device yet: that happens on logging steps
+        return f"lr {lr:.1e}"
+    val_text = f" val {run.val_loss:.3f}" if run.val_loss is not None else ""
+    return f"loss {run.loss:.3f}{val_text} lr {lr:.1e} {run.throughput.recent_rate:,.0f} tok/s"
 
 
 def _log_and_validate(job: TrainJob, run: _Run, metrics: MetricsLog, lr: float, start: float) -> None:

@@ -10,8 +10,8 @@
 A task's outputs depend only on its shard, and step 3 only on document positions, so any number of workers writes
 the same bytes. The work directory keeps finished tasks (datatrove marks each complete), so a run that was
 interrupted resumes without redoing them. Memory: digests are sorted in runs of a million; datatrove sorts a
-shard's signatures one band at a time (about 120 bytes per document of the largest shard, near-dedup only); the
-union-find holds only documents that have a duplicate.
+shard's signatures one band at a time (about 120 bytes per document of the largest shard, near-dedup only); an
+exact copy costs 8 bytes (its position); the union-find holds only pages with a near-duplicate.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ import json
 import math
 import os
 import struct
+from array import array
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -310,46 +311,54 @@ class Duplicates:
 
 
 def find_duplicates(work: Path, shards: int, exact: bool, near: bool) -> Duplicates:
-    parent: dict[tuple[int, int], tuple[int, int]] = {}
-
-    def root(node: tuple[int, int]) -> tuple[int, int]:
-        while parent.get(node, node) != node:
-            parent[node] = parent.get(parent[node], parent[node])  # path halving
-            node = parent[node]
-        return node
-
-    def union(a: tuple[int, int], b: tuple[int, int]) -> None:
-        ra, rb = root(a), root(b)
-        if ra != rb:
-            first, second = min(ra, rb), max(ra, rb)
-            parent[second] = first
-            parent.setdefault(first, first)
-
-    exact_removed: set[tuple[int, int]] = set()
+    """Exact copies straight from the digest merge (only their positions are held); near-duplicate pairs grouped
+    with a union-find over the pages that have one, an exact copy standing for the first page of its text."""
+    removed: dict[int, array[int]] = {}
+    counts: Counter[str] = Counter()
+    first_of: dict[tuple[int, int], tuple[int, int]] = {}  # exact copy -> first page with its text (near-dedup only)
     if exact:
         previous: tuple[bytes, tuple[int, int]] | None = None
         for digest, node in heapq.merge(*(_digests(work, shard) for shard in range(shards))):
             if previous is not None and previous[0] == digest:
-                union(previous[1], node)
-                exact_removed.add(node)
+                removed.setdefault(node[0], array("q")).append(node[1])
+                counts["duplicate"] += 1
+                if near:
+                    first_of[node] = previous[1]
             else:
                 previous = (digest, node)
-    if near:  # datatrove's candidate pairs: (shard, position, shard, position) as uint32
-        for path in sorted((work / "minhash" / "buckets").glob("*.dups")):
-            for f1, d1, f2, d2 in np.fromfile(path, dtype="<u4").reshape(-1, 4).tolist():
-                union((f1, d1), (f2, d2))
-    removed: dict[int, list[int]] = {}
-    counts: Counter[str] = Counter()
     sample: list[tuple[tuple[int, int], tuple[int, int]]] = []
-    for node in sorted(parent):
-        kept = root(node)
-        if kept != node:
-            removed.setdefault(node[0], []).append(node[1])
-            reason = "duplicate" if node in exact_removed else "near_duplicate"
-            counts[reason] += 1
-            if reason == "near_duplicate" and len(sample) < SAMPLE_PAIRS:
-                sample.append((node, kept))
-    return Duplicates({shard: np.array(docs, dtype=np.int64) for shard, docs in removed.items()}, counts, sample)
+    if near:
+        parent = _near_groups(work, first_of)
+        for node in sorted(parent):
+            kept = _root(parent, node)
+            if kept != node:
+                removed.setdefault(node[0], array("q")).append(node[1])
+                counts["near_duplicate"] += 1
+                if len(sample) < SAMPLE_PAIRS:
+                    sample.append((node, kept))
+    positions = {shard: np.sort(np.frombuffer(docs, dtype=np.int64)) for shard, docs in removed.items()}
+    return Duplicates(positions, counts, sample)
+
+
+def _near_groups(work: Path, first_of: dict[tuple[int, int], tuple[int, int]]) -> dict[tuple[int, int], Any]:
+    """Union-find over datatrove's candidate pairs ((shard, position) twice, as uint32): each group's root is its
+    earliest page."""
+    parent: dict[tuple[int, int], tuple[int, int]] = {}
+    for path in sorted((work / "minhash" / "buckets").glob("*.dups")):
+        for f1, d1, f2, d2 in np.fromfile(path, dtype="<u4").reshape(-1, 4).tolist():
+            a, b = first_of.get((f1, d1), (f1, d1)), first_of.get((f2, d2), (f2, d2))
+            ra, rb = _root(parent, a), _root(parent, b)
+            if ra != rb:
+                parent[max(ra, rb)] = min(ra, rb)
+                parent.setdefault(min(ra, rb), min(ra, rb))
+    return parent
+
+
+def _root(parent: dict[tuple[int, int], tuple[int, int]], node: tuple[int, int]) -> tuple[int, int]:
+    while parent.get(node, node) != node:
+        parent[node] = parent.get(parent[node], parent[node])  # path halving
+        node = parent[node]
+    return node
 
 
 def _digests(work: Path, shard: int) -> Iterator[tuple[bytes, tuple[int, int]]]:

@@ -32,7 +32,7 @@ def print_prep_summary(result: Any) -> None:
         rows.append(
             ("contaminated", f"{curation['contaminated']:,} documents share an n-gram with eval items (audit.jsonl)")
         )
-    if getattr(result, "shards_reused", 0):
+    if result.shards_reused:
         rows.append(
             ("resumed", f"{result.shards_reused} of {curation['shards']} shards were curated by an interrupted run")
         )

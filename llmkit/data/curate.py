@@ -452,18 +452,22 @@ class CuratedCorpus:
             self.dropped.update(stat["dropped"])
             self.changed.update(stat["changed"])
         self.contaminated = [entry for stat in stats for entry in stat["contaminated"]]
-        self.splits = {split: [self._count(shard, split) for shard in range(shards)] for split in ("train", "val")}
+        counts = [self._count(shard) for shard in range(shards)]  # (train, val) kept per shard
+        self.splits = {"train": [train for train, _ in counts], "val": [val for _, val in counts]}
         self.mix = [
             self._mix_entry(spec, shard_list) for spec, shard_list in zip(cfg.sources, self.shards_of, strict=True)
         ]
         self.packed_documents = sum(entry["documents_packed"] for entry in self.mix) + sum(self.splits["val"])
 
-    def _count(self, shard: int, split: str) -> int:
-        in_split = shard_splits(self.work, shard) == (split == "val")
+    def _count(self, shard: int) -> tuple[int, int]:
+        """A shard's kept training and validation documents, duplicates left out (one read of its splits)."""
+        is_val = shard_splits(self.work, shard).astype(bool)
+        kept = np.ones(len(is_val), dtype=bool)
         removed = self.duplicates.removed.get(shard)
         if removed is not None:
-            in_split[removed] = False
-        return int(in_split.sum())
+            kept[removed] = False
+        val = int((is_val & kept).sum())
+        return int(kept.sum()) - val, val
 
     def _mix_entry(self, spec: str, shards: list[int]) -> dict[str, Any]:
         weight = self.cfg.mix.get(spec, 1.0)

@@ -57,7 +57,9 @@ def test_version_and_shell_completion() -> None:
     result = CliRunner().invoke(app, ["--version"])
     assert result.exit_code == 0 and result.stdout.strip() == f"llmkit {version('llmkit')}"
     entry_point = str(Path(sys.executable).parent / "llmkit")  # the script a shell completes
-    script = subprocess.run([entry_point, "--show-completion", "bash"], capture_output=True, text=True)
+    # Typer finds the shell among the command's ancestors, so ask from inside bash, as a user at a prompt does
+    # (`; true` keeps bash from exec-ing the command in its own place).
+    script = subprocess.run(["bash", "-c", f'"{entry_point}" --show-completion; true'], capture_output=True, text=True)
     assert script.returncode == 0 and "_llmkit_completion" in script.stdout and "complete " in script.stdout
     env = {**os.environ, "_LLMKIT_COMPLETE": "complete_bash", "COMP_WORDS": "llmkit fine", "COMP_CWORD": "1"}
     completed = subprocess.run([entry_point], env=env, capture_output=True, text=True)  # what the shell script runs

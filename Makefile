@@ -5,6 +5,8 @@ BIN    := $(VENV)/bin
 # A pinned CPU-capable torch keeps set-up fast; override on a GPU node, e.g. `make TORCH_SPEC=torch demo`.
 TORCH_SPEC ?= torch==2.13.0
 DEMO_DIR ?= demo-out
+# Test files run on this many worker processes (pytest-xdist), a file's tests on one worker with its fixtures.
+TEST_WORKERS ?= 2
 
 .PHONY: install demo test lint format docs clean
 
@@ -25,7 +27,7 @@ demo: install
 	$(BIN)/llmkit generate $(DEMO_DIR)/export --prompt "Once upon a time" --max-new-tokens 60 --seed 0
 
 test: install
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 
 lint: install
 	$(BIN)/ruff check llmkit tests bench

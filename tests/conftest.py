@@ -11,6 +11,9 @@ import torch
 from typer.testing import CliRunner
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+if os.environ.get("PYTEST_XDIST_WORKER"):  # `make test` runs two workers: one thread each, not two spinning on one core
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 from llmkit.cli import app  # noqa: E402

@@ -3,6 +3,7 @@ loop, on the same model, data, batch and optimizer.
 
     python bench/mfu.py [--steps 300] [--batch 16] [--compile]        # GPT-2 small on one GPU, bf16
     python bench/mfu.py --arch llama --batch 4 [--compile]             # the llama-1b recipe's shape, seq 2048
+    python bench/mfu.py --arch llama --batch 4 --fp8                   # + llmkit with precision fp8 (Ada/Hopper)
     python bench/mfu.py --layers 2 --hidden 64 --block 128 --steps 30 --peak 1e12   # a smoke run on a CPU
 
 GPT-2 is the recipe's GPT-2 small (12 x 768, context 1024) with nanoGPT's padded 50,304-row vocabulary, so its
@@ -17,6 +18,11 @@ per token (6N + 12 x layers x sequence x width, as `llmkit plan` counts them) / 
 The hand-written loop is what a careful user writes in 30 lines: the Hugging Face model, bf16 autocast, fused
 AdamW, clipping, a cosine schedule, the model's own loss, optional torch.compile. It is the yardstick issue 11
 asks llmkit to beat.
+
+`--fp8` adds llmkit with `precision.dtype: fp8` (torchao float8 matmuls in the body's linear layers) from the same
+weights and data order, prints its speed-up over llmkit's bf16 run and the loss-curve parity check: the largest
+relative difference between the two runs' losses at every logged step. Its MFU is against the same bf16 peak (the
+FLOPs are the same; float8 only does them faster), so it can pass what bf16 can reach.
 """
 
 from __future__ import annotations
@@ -56,6 +62,7 @@ def main() -> None:
     parser.add_argument("--vocab", type=int, default=None)
     parser.add_argument("--docs", type=int, default=300_000, help="built-in stories to prepare")
     parser.add_argument("--compile", action="store_true")
+    parser.add_argument("--fp8", action="store_true", help="also run llmkit in precision fp8 and compare its losses")
     parser.add_argument("--peak", type=float, default=None, help="peak FLOP/s per device (default: from its name)")
     args = parser.parse_args()
     shape = {"gpt2": (16, 12, 768, 1024, 50304), "llama": (4, 22, 2048, 2048, 32000)}[args.arch]
@@ -97,12 +104,23 @@ def main() -> None:
 
     run_cfg = cfg.model_copy(update={"model": cfg.model.model_copy(update={"init_from": str(start_dir)})})
     results = {"llmkit pretrain": _measured(lambda: _llmkit(run_cfg, work))}
+    if args.fp8:
+        curve = _losses(work / "run")
+        fp8 = run_cfg.model_copy(update={"precision": run_cfg.precision.model_copy(update={"dtype": "fp8"})})
+        results["llmkit pretrain fp8"] = _measured(lambda: _llmkit(fp8, work))
+        fp8_curve = _losses(work / "run")
+        worst = max(abs(fp8_curve[step] / loss - 1) for step, loss in curve.items())
+        last = max(curve)
+        print(f"fp8 loss curve vs {cfg.precision.dtype}: largest difference {worst:.2%} over {len(curve)} logged "
+              f"steps; step {last}: {fp8_curve[last]:.4f} vs {curve[last]:.4f}")  # fmt: skip
     results["transformers.Trainer"] = _measured(lambda: _trainer(cfg, args, start_dir, work))
     results["hand-written loop"] = _measured(lambda: _reference(cfg, args, start_dir))
     for name, (rate, memory) in results.items():
         shown = f"{memory:6.1f} GiB" if memory is not None else "      -"
         print(f"{name:<22}{rate:>12,.0f} tokens/s   MFU {rate * flops / peak:6.1%}   peak {shown}")
     ours = results["llmkit pretrain"][0]
+    if args.fp8:
+        print(f"ratio llmkit fp8 / llmkit {cfg.precision.dtype}: {results['llmkit pretrain fp8'][0] / ours:.2f}x")
     for name in ("transformers.Trainer", "hand-written loop"):
         print(f"ratio llmkit / {name}: {ours / results[name][0]:.2f}x")
 
@@ -123,6 +141,11 @@ def _llmkit(cfg, work: Path) -> float:
     result = pretrain(cfg, overwrite=True)
     summary = json.loads((work / "run" / "summary.json").read_text())
     return float(summary["steady_tokens_per_second"] or result.tokens_per_second)
+
+
+def _losses(run: Path) -> dict[int, float]:
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in records if "loss" in r}
 
 
 def _llama_mlp(hidden: int) -> int:

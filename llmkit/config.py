@@ -309,8 +309,10 @@ class ScheduleConfig(Section):
 class PrecisionConfig(Section):
     """Numeric precision of the forward and backward pass."""
 
-    dtype: Literal["fp32", "bf16", "fp16"] = Field(
-        "fp32", description="fp32, or mixed precision bf16 (CPU and GPU) / fp16 (GPU, with loss scaling)."
+    dtype: Literal["fp32", "bf16", "fp16", "fp8"] = Field(
+        "fp32",
+        description="fp32, or mixed precision bf16 (CPU and GPU) / fp16 (GPU, with loss scaling) / fp8 (bf16 with the "
+        "model body's linear layers in float8 through torchao: Hopper/Ada GPUs, or CPU to check it).",
     )
 
 

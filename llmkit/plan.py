@@ -309,6 +309,11 @@ def plan_run(
         notes.append("no token budget: set train.max_tokens/max_steps, run data-prep, or pass --train-tokens")
     if cfg.model.init_from:
         notes.extend(_task(cfg).plan_notes(cfg))
+    if cfg.precision.dtype == "fp8":
+        notes.append(
+            "precision fp8: memory as in bf16 (torchao keeps what backward needs in bf16) and time at the "
+            "bf16 rate; float8's speed-up depends on the layer widths: measure it with bench/mfu.py --fp8"
+        )
     if teacher is not None:
         notes.extend(_distill_notes(cfg, teacher, teacher_flops, gpus * peak * mfu, compute_bytes=memory_dtype(cfg)))
     return Plan(total, trainable, matmul, flops, tokens_per_step, budget, gpus, gpu_type, strategy, mfu, memory,

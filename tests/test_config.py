@@ -55,7 +55,7 @@ def test_wrong_value_names_the_key_and_value() -> None:
     with pytest.raises(UserError, match=r"config key 'train.micro_batch_size'.*got -1"):
         load_config(None, ["train.micro_batch_size=-1"])
     with pytest.raises(UserError, match=r"'precision.dtype'"):
-        load_config(None, ["precision.dtype=fp8"])
+        load_config(None, ["precision.dtype=fp4"])
 
 
 def test_cross_field_rules() -> None:

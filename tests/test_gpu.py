@@ -143,3 +143,27 @@ def test_dpo_in_bf16_on_the_gpu_learns_and_resumes_from_its_reference(tiny_run: 
     longer = run_cli(*args, "--max-steps", "60", "--resume", "auto", "--allow-config-change")
     assert longer.exit_code == 0, longer.stderr
     assert (out / "reference_logps.npy").read_bytes() == reference
+
+
+def test_fp8_on_the_gpu_follows_bf16_or_is_refused_before_ada(tiny_dataset: Path, tmp_path: Path) -> None:
+    """precision fp8 on CUDA, compiled (the default there): torchao's float8 matmuls keep bf16's loss curve; a GPU
+    without float8 tensor cores (before compute capability 8.9) is one line naming its capability."""
+    import torch
+
+    from tests.conftest import assert_user_error
+
+    wider = ["--set", "model.hidden_size=64", "--set", "checkpoint.every_steps=1000"]
+    if torch.cuda.get_device_capability() < (8, 9):
+        result = run_cli("pretrain", *tiny_train_args(tiny_dataset, tmp_path / "fp8", steps=6), "--precision", "fp8")
+        assert_user_error(result, "precision.dtype=fp8", "compute capability 8.9")
+        return
+    curves = {}
+    for precision in ("bf16", "fp8"):
+        out = tmp_path / precision
+        result = run_cli("pretrain", *tiny_train_args(tiny_dataset, out, steps=60), *wider, "--precision", precision)
+        assert result.exit_code == 0, result.stderr
+        assert ("float8 matmuls in" in result.stdout) == (precision == "fp8")
+        curves[precision] = [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()
+                             if "loss" in json.loads(line)]  # fmt: skip
+    assert curves["bf16"][-1] < curves["bf16"][0] - 1.0
+    assert curves["fp8"] == pytest.approx(curves["bf16"], rel=2e-2)

@@ -85,6 +85,17 @@ def test_time_and_cost_follow_the_stated_formula() -> None:
     assert plan.memory.total < 80 * GIB and plan.fits
 
 
+def test_an_fp8_plan_says_what_it_assumes() -> None:
+    def plan(precision: str):
+        return plan_run(load_config(RECIPES / "tiny-cpu.yaml", [f"precision.dtype={precision}"]), gpus=1,
+                        gpu_type="h100", mfu=0.4)  # fmt: skip
+
+    fp8, bf16 = plan("fp8"), plan("bf16")
+    assert fp8.memory == bf16.memory and fp8.hours == bf16.hours  # bf16's figures, and a note that says so
+    assert any("precision fp8" in note and "bench/mfu.py --fp8" in note for note in fp8.notes)
+    assert not any("fp8" in note for note in bf16.notes)
+
+
 def test_plan_cli_prints_and_writes_json() -> None:
     text = run_cli(
         "plan", RECIPES / "llama-1b.yaml", "--gpus", "8", "--gpu-type", "a100-40", "--price-per-gpu-hour", "1.8"

@@ -102,8 +102,9 @@ def load_teacher(cfg: RunConfig, device: Any) -> Any:
     from llmkit.runs import resolve_model_dir
 
     assert cfg.distill.teacher is not None
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[cfg.precision.dtype]
-    teacher = load_trained_model(resolve_model_dir(cfg.distill.teacher), dtype=dtype, merge=True)
+    from llmkit.train.setup import compute_dtype
+
+    teacher = load_trained_model(resolve_model_dir(cfg.distill.teacher), dtype=compute_dtype(cfg), merge=True)
     teacher.eval()
     teacher.requires_grad_(False)
     return teacher.to(device)

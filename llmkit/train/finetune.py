@@ -32,8 +32,11 @@ from llmkit.train.resume import (
     run_fingerprints,
 )
 from llmkit.train.setup import (
+    apply_float8,
     apply_kernels,
     build_optimizer,
+    compute_dtype,
+    describe_speedups,
     enable_gradient_checkpointing,
     make_accelerator,
     steps_for_budget,
@@ -116,6 +119,7 @@ def _finetune(
     liger = apply_kernels(model, cfg) if task.kernels else False
     model = _apply_method(model, cfg, task, chat.added_tokens if chat else 0, tokenizer, checkpoint)
     weight_bytes = _place_weights(model, cfg, accelerator)
+    speedups = describe_speedups(liger, apply_float8(model, cfg))
     attn = getattr(model.config, "_attn_implementation", None) or "sdpa"
     pad_id = int(tokenizer.pad_token_id)
     collate = task.collate(pad_id, attn)
@@ -151,14 +155,15 @@ def _finetune(
     if accelerator.is_main_process:
         trainable, total = count_parameters(model)
         efficiency = loader.efficiency()
+        held = "bf16" if cfg.precision.dtype == "fp8" else cfg.precision.dtype  # fp8 holds frozen weights in bf16
         info(
             f"finetune {ft.task} ({ft.method}): {total / 1e6:.2f}M parameters, {trainable / 1e6:.3f}M trainable "
             f"({trainable / total:.2%}); format {data.fmt}, {task.describe(data, chat)}; {len(data.train):,} train / "
             f"{len(data.val):,} val examples ({data.truncated} truncated to {ft.max_length}); "
             f"{'packing' if loader.packing else 'padding'} efficiency {efficiency:.3f} (real tokens / slots); "
-            f"{total_steps:,} steps on {world} process(es){', Liger kernels' if liger else ''}"
+            f"{total_steps:,} steps on {world} process(es){speedups}"
             + (
-                f"; frozen weights {weight_bytes['frozen_bytes'] / 2**30:.2f} GiB in {cfg.precision.dtype}"
+                f"; frozen weights {weight_bytes['frozen_bytes'] / 2**30:.2f} GiB in {held}"
                 if weight_bytes.get("frozen_bytes")
                 else ""
             )
@@ -226,8 +231,7 @@ def _place_weights(model: Any, cfg: RunConfig, accelerator: Any) -> dict[str, in
 
     if uses_deepspeed(accelerator) or uses_fsdp(accelerator):
         return {}
-    compute = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[cfg.precision.dtype]
-    return place_weights(model, compute)
+    return place_weights(model, compute_dtype(cfg))
 
 
 def _check_lora_under_zero3(new_ids: list[int], cfg: RunConfig) -> None:

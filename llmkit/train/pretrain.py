@@ -28,8 +28,10 @@ from llmkit.train.resume import (
     run_fingerprints,
 )
 from llmkit.train.setup import (
+    apply_float8,
     apply_kernels,
     build_optimizer,
+    describe_speedups,
     enable_gradient_checkpointing,
     language_model_loss,
     make_accelerator,
@@ -106,6 +108,7 @@ def _pretrain(
         model = build_model(cfg.model, tokenizer)
     check_vocab_fits(model, tokenizer, str(dataset.root))
     liger = apply_kernels(model, cfg)
+    speedups = describe_speedups(liger, apply_float8(model, cfg))
     context = model_context(model)
     if context and block_size > context:
         raise UserError(
@@ -140,7 +143,7 @@ def _pretrain(
         resume_state = restore_state(checkpoint, saved_state, model, optimizer, loader, accelerator)
 
     if accelerator.is_main_process:
-        _print_plan(cfg, model, dataset, train_split, val_split, total_steps, tokens_per_step, accelerator, liger)
+        _print_plan(cfg, model, dataset, train_split, val_split, total_steps, tokens_per_step, accelerator, speedups)
         if resume_state is not None:
             info(f"resuming from {checkpoint} at step {resume_state.step:,} of {total_steps:,}")
         if not val_batches:
@@ -177,7 +180,7 @@ def _print_plan(
     total_steps: int,
     tokens_per_step: int,
     acc: Any,
-    liger: bool,
+    speedups: str,
 ) -> None:
     trainable, total = count_parameters(model)
     source = cfg.model.init_from or cfg.model.arch
@@ -185,7 +188,7 @@ def _print_plan(
         f"model: {source}, {total / 1e6:.2f}M parameters ({trainable / 1e6:.2f}M trainable); "
         f"data: {len(train_split):,} train / {len(val_split):,} val blocks of {dataset.manifest['block_size']}; "
         f"{total_steps:,} steps of {tokens_per_step:,} tokens on {acc.num_processes} process(es), {acc.device}"
-        f"{', Liger kernels' if liger else ''}"
+        f"{speedups}"
     )
 
 

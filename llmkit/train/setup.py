@@ -70,7 +70,7 @@ def make_accelerator(cfg: RunConfig) -> Any:
     check_available(cfg)
     if cfg.train.deterministic:
         use_deterministic_kernels()
-    mixed = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[precision.dtype]
+    mixed = {"fp32": "no", "bf16": "bf16", "fp16": "fp16", "fp8": "bf16"}[precision.dtype]  # fp8: apply_float8
     compiled = cfg.train.compile is True or (cfg.train.compile == "auto" and cuda and not wants_deepspeed(cfg))
     kwargs: dict[str, Any] = {"mixed_precision": mixed, "dynamo_backend": "inductor" if compiled else "no"}
     if wants_deepspeed(cfg):
@@ -159,6 +159,67 @@ def apply_kernels(model: Any, cfg: RunConfig) -> bool:
     _apply_liger_kernel_to_instance(model, rope=True, rms_norm=True, swiglu=True, layer_norm=True, geglu=True,
                                     cross_entropy=False, fused_linear_cross_entropy=False)  # fmt: skip
     return True
+
+
+def compute_dtype(cfg: RunConfig) -> torch.dtype:
+    """The dtype autocast computes in, and frozen weights are held in (fp8 runs the rest of the model in bf16)."""
+    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "fp8": torch.bfloat16}[
+        cfg.precision.dtype
+    ]
+
+
+FLOAT8_CAPABILITY = (8, 9)  # Ada and Hopper: the first GPUs with float8 tensor cores
+
+
+def apply_float8(model: Any, cfg: RunConfig) -> int:
+    """precision.dtype=fp8: the linear layers of the model's body run their three matmuls in float8 through torchao
+    (dynamic tensor-wise scales; e4m3 inputs and weights, e5m2 gradients), inside bf16 autocast; returns how many.
+
+    Heads (the output layer, a classifier) and layers whose sides are not multiples of 16 (what float8 matmuls
+    need) stay in bf16, as in torchtitan. Weights, gradients, optimizer states and checkpoints are unchanged
+    (float32 masters, plain nn.Linear keys), so a checkpoint loads anywhere. Call before the optimizer and
+    `accelerator.prepare` (which compiles the converted model)."""
+    if cfg.precision.dtype != "fp8":
+        return 0
+    if use_cuda(cfg) and torch.cuda.get_device_capability() < FLOAT8_CAPABILITY:
+        major, minor = torch.cuda.get_device_capability()
+        raise UserError(
+            f"precision.dtype=fp8 needs float8 tensor cores (compute capability 8.9+: Ada, Hopper or newer); "
+            f"{torch.cuda.get_device_name()} is {major}.{minor}; use --precision bf16"
+        )
+    from torchao.float8 import Float8LinearConfig, convert_to_float8_training
+    from torchao.float8.float8_linear import Float8Linear
+
+    body = getattr(model, getattr(model, "base_model_prefix", ""), model)
+    in_body = {id(module) for module in body.modules()}
+
+    def in_float8(module: torch.nn.Module, name: str) -> bool:
+        return (
+            type(module) is torch.nn.Linear
+            and module.in_features % 16 == 0
+            and module.out_features % 16 == 0
+            and id(module) in in_body
+        )
+
+    # pad_inner_dim: a fine-tune's padded micro-batches may hold any number of tokens (the gradient matmul's
+    # inner side); multiples of 16 are left as they are.
+    convert_to_float8_training(model, module_filter_fn=in_float8, config=Float8LinearConfig(pad_inner_dim=True))
+    converted = sum(isinstance(module, Float8Linear) for module in model.modules())
+    if converted == 0:
+        kind = getattr(model.config, "model_type", type(model).__name__)
+        raise UserError(
+            f"precision.dtype=fp8: {kind} has no linear layer float8 can run (torch.nn.Linear with sides that are "
+            "multiples of 16; GPT-2 uses Conv1D); use --precision bf16"
+        )
+    return converted
+
+
+def describe_speedups(liger: bool, float8_layers: int) -> str:
+    """The start line's note on what makes this run faster than plain PyTorch ("" when nothing does)."""
+    parts = ["Liger kernels"] if liger else []
+    if float8_layers:
+        parts.append(f"float8 matmuls in {float8_layers} linear layers")
+    return "".join(f", {part}" for part in parts)
 
 
 def language_model_loss(model: Any, accelerator: Any, liger: bool = False) -> Callable[..., Any]:

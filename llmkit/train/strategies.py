@@ -74,12 +74,30 @@ def check_available(cfg: RunConfig, world_size: int = 1, finetuning: bool = Fals
             "distributed.strategy=fsdp needs CUDA GPUs (Accelerate runs FSDP on GPUs only); on CPU use zero3, "
             "which shards weights, gradients and optimizer states the same way"
         )
+    if cfg.precision.dtype == "fp8":
+        check_float8(cfg, finetuning)
     if cfg.distributed.strategy in ZERO_STAGES or cfg.distributed.deepspeed_config is not None:
         if importlib.util.find_spec("deepspeed") is None:
             raise UserError(
                 f"distributed.strategy={cfg.distributed.strategy} needs DeepSpeed: pip install 'llmkit[deepspeed]'"
             )
         deepspeed_config(cfg, world_size)
+
+
+def check_float8(cfg: RunConfig, finetuning: bool) -> None:
+    """precision.dtype=fp8 (torchao's float8 training of the full weights) on plain data parallel only."""
+    if wants_deepspeed(cfg) or cfg.distributed.strategy == "fsdp":
+        raise UserError(
+            f"precision.dtype=fp8 with distributed.strategy={cfg.distributed.strategy}: float8 training runs with "
+            "ddp only (DeepSpeed and FSDP casts are not wired up); use ddp, or bf16 with this strategy"
+        )
+    if finetuning and cfg.finetune.method in ("lora", "qlora"):
+        raise UserError(
+            f"precision.dtype=fp8 with finetune.method={cfg.finetune.method}: float8 training is for full weights; "
+            "LoRA keeps its frozen base in bf16 already, so use --precision bf16"
+        )
+    if importlib.util.find_spec("torchao") is None:
+        raise UserError("precision.dtype=fp8 needs torchao: pip install 'llmkit[gpu]'")
 
 
 def check_gpu_count(local_processes: int, gpus: int) -> None:

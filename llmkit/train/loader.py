@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import copy
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -93,6 +95,49 @@ class BlockLoader:
         indices = self.next_indices()
         tokens = torch.from_numpy(self.dataset.blocks(indices))
         return {"input_ids": tokens, "labels": tokens, "sample_indices": torch.from_numpy(indices)}
+
+
+class BatchSource(Protocol):
+    """A loader: the next micro-batch, and a position that checkpoints save and resume restores."""
+
+    position: LoaderPosition
+
+    def next_batch(self) -> dict[str, torch.Tensor]: ...
+
+
+class ReadAhead:
+    """A loader that reads the next optimizer step's micro-batches on a background thread while this step computes
+    (memory-mapped reads, packing, a teacher cache's rows, and on CUDA the copy into pinned memory), so the device
+    never waits for its input.
+
+    Its `position` is the wrapped loader's after the last step handed out, not after the step read ahead: a
+    checkpoint saves exactly what today's loop consumed, and a resumed run reads the read-ahead step again. The
+    loaders draw their order from (seed, epoch) alone, never from a global random state, so reading on another
+    thread changes nothing in what is read. The loop takes a step's micro-batches all at once, at its start.
+    """
+
+    def __init__(self, source: BatchSource, per_step: int, pin: bool) -> None:
+        self.source, self.per_step, self.pin = source, per_step, pin
+        self.position = copy.copy(source.position)
+        self._step: list[dict[str, torch.Tensor]] = []
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="llmkit-read-ahead")
+        self._next: Future[tuple[list[dict[str, torch.Tensor]], LoaderPosition]] | None = None
+
+    def _read(self) -> tuple[list[dict[str, torch.Tensor]], LoaderPosition]:
+        batches = [self.source.next_batch() for _ in range(self.per_step)]
+        if self.pin:
+            batches = [{key: value.pin_memory() for key, value in batch.items()} for batch in batches]
+        return batches, copy.copy(self.source.position)
+
+    def next_batch(self) -> dict[str, torch.Tensor]:
+        if not self._step:
+            self._step, self.position = self._next.result() if self._next is not None else self._read()
+            self._next = self._pool.submit(self._read)
+        return self._step.pop(0)
+
+    def close(self) -> None:
+        """Stop reading ahead (a read under way finishes; its step is dropped)."""
+        self._pool.shutdown(wait=True, cancel_futures=True)
 
 
 def validation_batches(

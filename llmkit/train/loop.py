@@ -13,10 +13,10 @@ import shutil
 import time
 from collections import deque
 from collections.abc import Callable
-from contextlib import nullcontext
-from dataclasses import dataclass, field
+from contextlib import closing, nullcontext
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import torch
 import yaml
@@ -38,19 +38,11 @@ from llmkit.train.checkpoint import (
     save_checkpoint,
     shared_staging,
 )
-from llmkit.train.loader import LoaderPosition
+from llmkit.train.loader import BatchSource, ReadAhead
 from llmkit.train.metrics import MetricsLog, plot_loss, truncate_records
 from llmkit.train.schedules import lr_at
 from llmkit.train.setup import uses_deepspeed, uses_fsdp
 from llmkit.train.signals import stop_signals
-
-
-class BatchSource(Protocol):
-    """A loader: the next micro-batch, and a position that checkpoints save and resume restores."""
-
-    position: LoaderPosition
-
-    def next_batch(self) -> dict[str, torch.Tensor]: ...
 
 
 @dataclass
@@ -277,6 +269,8 @@ class _Run:
 
 def fit(job: TrainJob) -> FitResult:
     cfg, acc = job.cfg, job.accelerator
+    reader = ReadAhead(job.loader, cfg.train.grad_accum_steps, pin=acc.device.type == "cuda")
+    job = replace(job, loader=reader)
     resume_step = job.resume.step if job.resume else None
     config = yaml.safe_load(job.config_yaml)  # secrets already removed
     metrics = MetricsLog(job.run_dir, cfg.logging, config, acc.is_main_process, resume_step)
@@ -287,7 +281,7 @@ def fit(job: TrainJob) -> FitResult:
     job.model.train()
 
     bar = progress_bar("training", job.total_steps, unit="steps", enabled=acc.is_main_process)
-    with stop_signals() as signals, bar as update:
+    with stop_signals() as signals, bar as update, closing(reader):
         signals.run_dir, signals.phase = job.run_dir, "training"
         update(run.step, "resuming" if job.resume else "")
         while run.step < job.total_steps and not (job.resume and job.resume.stopped_early):
@@ -525,8 +519,8 @@ def _forward_backward(job: TrainJob, batch: dict[str, torch.Tensor], step_target
 
 def _on_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
     """A micro-batch on a CUDA device, copied from pinned memory without blocking: all of a step's copies are queued
-    at once and overlap the compute of its earlier micro-batches. (The loader only slices memory-mapped blocks, so
-    it needs no background thread; and a loader that never reads ahead keeps its checkpointed position exact.)"""
+    at once and overlap the compute of its earlier micro-batches. (ReadAhead pinned them on its thread already;
+    pinning a pinned tensor returns it as it is.)"""
     if device.type != "cuda":
         return batch
     return {key: value if key in NOT_ON_DEVICE else value.pin_memory().to(device, non_blocking=True)

@@ -236,6 +236,30 @@ def test_generate_and_chat_use_the_runs_template(lora_run: Path) -> None:
     assert result.stdout.count("model> ") == 2
 
 
+def test_serve_answers_as_generate_for_a_lora_run(lora_run: Path, tmp_path: Path) -> None:
+    """`llmkit serve` on a LoRA run merges the adapter into its base and answers as `llmkit generate` does: chat
+    through the run's template, and raw text token for token."""
+    from tests.test_serve import Server, greedy
+
+    question, story = "What color is the cat?", "Once upon a time, the dog"
+    expected = run_cli("generate", lora_run, "--prompt", question, "--temperature", "0", "--max-new-tokens", "8")
+    assert expected.exit_code == 0, expected.stderr
+    continued = greedy(lora_run, story, 8, raw=True)
+    assert continued.strip()
+    server = Server(lora_run, tmp_path / "requests.jsonl")
+    try:
+        client = server.client(None)
+        answer = client.chat.completions.create(
+            model="run", messages=[{"role": "user", "content": question}], max_tokens=8, temperature=0
+        )
+        assert answer.choices[0].message.content.strip() == expected.stdout.strip()
+        text = client.completions.create(model="run", prompt=story, max_tokens=8, temperature=0)
+        assert text.choices[0].text == continued
+    finally:
+        code, output = server.stop()
+    assert code == 0, output
+
+
 def test_eval_scores_a_lora_run(lora_run: Path, chat_rows: Path, tmp_path: Path) -> None:
     text_rows = tmp_path / "text.jsonl"
     text_rows.write_text(

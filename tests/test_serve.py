@@ -32,7 +32,7 @@ KEY = "sk-test-key"
 class Server:
     """`python -m llmkit serve MODEL --port 0 ...` in a subprocess, ready once it printed its `ready:` line."""
 
-    def __init__(self, model: Path, log: Path, *args: str, python: str = sys.executable) -> None:
+    def __init__(self, model: Path, log: Path, *args: str, python: str = sys.executable, ready: bool = True) -> None:
         self.log = log
         env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
         command = [python, "-m", "llmkit", "serve", str(model), "--port", "0", "--request-log", str(log)]
@@ -43,11 +43,16 @@ class Server:
             match = re.search(r"at (http://127\.0\.0\.1:(\d+)/v1)", first)
             assert match, first
             self.url, self.port = match.group(1), int(match.group(2))
-            self.ready = self.process.stdout.readline()
-            assert self.ready.startswith("ready: "), self.ready
+            if ready:
+                self.wait_ready()
         except AssertionError:
             self.kill()
             raise AssertionError(self.process.stderr.read()) from None
+
+    def wait_ready(self) -> None:
+        """Read the line the server prints once the model is loaded."""
+        self.ready = self.process.stdout.readline()
+        assert self.ready.startswith("ready: "), self.ready
 
     def kill(self) -> None:
         if self.process.poll() is None:
@@ -110,8 +115,8 @@ def start_server():
     """Start servers in a test; whatever happens, none outlives it."""
     servers: list[Server] = []
 
-    def start(model: Path, log: Path, *args: str, python: str = sys.executable) -> Server:
-        servers.append(Server(model, log, *args, python=python))
+    def start(model: Path, log: Path, *args: str, python: str = sys.executable, ready: bool = True) -> Server:
+        servers.append(Server(model, log, *args, python=python, ready=ready))
         return servers[-1]
 
     yield start
@@ -289,6 +294,40 @@ def test_full_queue_429_disconnect_cancels_and_sigterm_drains(chat_model: Path, 
     code, output = server.stop()
     assert code == 0, output
     assert "draining 1 request(s)" in output and "every request in flight was answered" in output
+
+
+def test_health_says_loading_until_the_model_is_ready_and_a_slow_generation_is_a_504(
+    chat_model: Path, tmp_path: Path, start_server
+) -> None:
+    """The server listens before the model is loaded (seconds here, against milliseconds for the first request):
+    until then /health and every request answer 503 with Retry-After. A generation past --request-timeout is
+    cancelled and answered 504, whole or streamed."""
+    server = start_server(chat_model, tmp_path / "requests.jsonl", "--request-timeout", "1", ready=False)
+    health = httpx.get(f"http://127.0.0.1:{server.port}/health", timeout=60)
+    assert (health.status_code, health.json()) == (503, {"status": "loading"})
+    early = httpx.post(f"{server.url}/completions", json={"model": "chat", "prompt": "hi"}, timeout=60)
+    assert early.status_code == 503 and early.headers["retry-after"] == "1"
+    assert "still loading" in early.json()["error"]["message"]
+    server.wait_ready()
+    assert httpx.get(f"http://127.0.0.1:{server.port}/health").json() == {"status": "ok"}
+
+    endless = {"model": "chat", "prompt": "Once upon a time", "ignore_eos": True, "max_tokens": 4000}
+    slow = httpx.post(f"{server.url}/completions", json=endless, timeout=60)
+    assert slow.status_code == 504, slow.text
+    error = slow.json()["error"]
+    assert error["code"] == "timeout" and error["type"] == "server_error" and "over 1s" in error["message"]
+    with httpx.stream("POST", f"{server.url}/completions", json={**endless, "stream": True}, timeout=60) as streamed:
+        events = [line[6:] for line in streamed.iter_lines() if line.startswith("data: ")]
+    assert json.loads(events[-1])["error"]["code"] == "timeout"  # the stream ends with the error, no [DONE]
+    records = server.records()
+    assert [r["status"] for r in records] == [503, 504, 504]
+    assert all(r["duration_s"] < 5 for r in records[1:])  # cancelled at the timeout, not run to 4,000 tokens
+    # Both slots are free again and the server is healthy (a later request's own latency depends on the machine's
+    # load, which a 1 s limit would make this test depend on too).
+    assert server.metric("llmkit_requests_in_flight") == 0 and server.metric("llmkit_queue_depth") == 0
+    assert httpx.get(f"http://127.0.0.1:{server.port}/health").json() == {"status": "ok"}
+    code, output = server.stop()
+    assert code == 0, output
 
 
 def test_monitor_reports_percentiles_errors_and_prompt_drift(tiny_run: Path, tmp_path: Path, start_server) -> None:

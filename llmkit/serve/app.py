@@ -63,7 +63,7 @@ class ServerState:
 def generation_error(exc: Exception, limits: Limits) -> BadRequest:
     """What a generation that did not end well answers: 504 past the request timeout, else 500."""
     if isinstance(exc, TimeoutError):
-        return BadRequest(f"generation took over {limits.timeout_s:g}s", status=504)
+        return BadRequest(f"generation took over {limits.timeout_s:g}s (--request-timeout)", status=504, code="timeout")
     return BadRequest(f"generation failed: {exc}", status=500)
 
 

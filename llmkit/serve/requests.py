@@ -36,9 +36,9 @@ class BadRequest(Exception):
         self.message, self.param, self.status, self.code = message, param, status, code
 
     def body(self) -> dict[str, Any]:
-        kind = {401: "authentication_error", 429: "rate_limit_error", 503: "service_unavailable"}
-        error = {"message": self.message, "type": kind.get(self.status, "invalid_request_error"), "param": self.param,
-                 "code": self.code}  # fmt: skip
+        kinds = {401: "authentication_error", 429: "rate_limit_error", 503: "service_unavailable"}
+        kind = kinds.get(self.status, "server_error" if self.status >= 500 else "invalid_request_error")
+        error = {"message": self.message, "type": kind, "param": self.param, "code": self.code}
         return {"error": error}
 
 

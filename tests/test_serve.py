@@ -399,6 +399,9 @@ def test_what_cannot_be_served_is_one_line_before_listening(tmp_path: Path, tiny
     if importlib.util.find_spec("vllm") is None:
         assert_user_error(run_cli("serve", tiny_run, "--engine", "vllm"), "pip install vllm")
     assert_user_error(run_cli("serve", tiny_run, "--max-batch", "0"), "--max-batch")
+    (tmp_path / "a-file").write_text("")
+    unwritable = run_cli("serve", tiny_run, "--port", "0", "--request-log", tmp_path / "a-file" / "requests.jsonl")
+    assert_user_error(unwritable, "--request-log", "cannot write there")
     gguf = tmp_path / "gguf"
     gguf.mkdir()
     (gguf / "config.json").write_text("{}")

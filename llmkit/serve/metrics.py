@@ -8,6 +8,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from llmkit.errors import UserError
+
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80, 160)
 TOKEN_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56)
 
@@ -89,8 +91,12 @@ class RequestLog:
         self.lock = threading.Lock()
         self.file = None
         if path is not None:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            self.file = path.open("a", encoding="utf-8")
+            try:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                self.file = path.open("a", encoding="utf-8")
+            except OSError as exc:
+                raise UserError(f"--request-log {path}: cannot write there ({exc.strerror}); give a writable path, "
+                                "e.g. a mounted volume the server's user owns") from None  # fmt: skip
 
     def write(self, record: Record) -> None:
         if self.file is None:

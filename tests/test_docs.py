@@ -39,7 +39,9 @@ OTHER_TOOLS = {"--nproc", "--nproc_per_node", "--multi", "--multi_gpu", "--num",
                "--use", "--use_deepspeed", "--config_file", "--requeue", "--signal", "--logdir", "--backend-store-uri",
                "--arch", "--block", "--layers", "--peak", "--rows", "--size", "--steps", "--vocab",
                "--work", "--build-arg", "--continuous-batching", "--files", "--docs-per-file", "--scale",
-               "--generated", "--originals", "--thresholds", "--side", "--fp8", "--docs", "--user"}  # fmt: skip
+               "--generated", "--originals", "--thresholds", "--side", "--fp8", "--docs", "--user", "--have",
+               "--python", "--extras", "--add", "--no-index", "--find-links", "--no-build-isolation",
+               "--format"}  # fmt: skip
 
 
 def test_every_option_and_config_key_the_docs_name_exists() -> None:

@@ -3,7 +3,7 @@
 Float8 tensor cores exist on Ada and Hopper GPUs; torch's float8 matmul also runs on the CPU, where it computes
 the same rounding, so the numerics are checked here: the loss curve follows bf16's, checkpoints hold plain
 weights, and a killed fp8 run resumes bitwise. The speed-up is measured on a GPU (tests/test_gpu.py,
-bench/fp8_parity.py).
+bench/mfu.py --fp8).
 """
 
 from __future__ import annotations

@@ -34,6 +34,7 @@ from llmkit.train.resume import (
 from llmkit.train.setup import (
     apply_float8,
     apply_kernels,
+    autocast_precision,
     build_optimizer,
     compute_dtype,
     describe_speedups,
@@ -155,7 +156,6 @@ def _finetune(
     if accelerator.is_main_process:
         trainable, total = count_parameters(model)
         efficiency = loader.efficiency()
-        held = "bf16" if cfg.precision.dtype == "fp8" else cfg.precision.dtype  # fp8 holds frozen weights in bf16
         info(
             f"finetune {ft.task} ({ft.method}): {total / 1e6:.2f}M parameters, {trainable / 1e6:.3f}M trainable "
             f"({trainable / total:.2%}); format {data.fmt}, {task.describe(data, chat)}; {len(data.train):,} train / "
@@ -163,7 +163,7 @@ def _finetune(
             f"{'packing' if loader.packing else 'padding'} efficiency {efficiency:.3f} (real tokens / slots); "
             f"{total_steps:,} steps on {world} process(es){speedups}"
             + (
-                f"; frozen weights {weight_bytes['frozen_bytes'] / 2**30:.2f} GiB in {held}"
+                f"; frozen weights {weight_bytes['frozen_bytes'] / 2**30:.2f} GiB in {autocast_precision(cfg)}"
                 if weight_bytes.get("frozen_bytes")
                 else ""
             )

@@ -70,7 +70,8 @@ def make_accelerator(cfg: RunConfig) -> Any:
     check_available(cfg)
     if cfg.train.deterministic:
         use_deterministic_kernels()
-    mixed = {"fp32": "no", "bf16": "bf16", "fp16": "fp16", "fp8": "bf16"}[precision.dtype]  # fp8: apply_float8
+    autocast = autocast_precision(cfg)  # fp8: bf16, and apply_float8 converts the body's linear layers
+    mixed = "no" if autocast == "fp32" else autocast
     compiled = cfg.train.compile is True or (cfg.train.compile == "auto" and cuda and not wants_deepspeed(cfg))
     kwargs: dict[str, Any] = {"mixed_precision": mixed, "dynamo_backend": "inductor" if compiled else "no"}
     if wants_deepspeed(cfg):
@@ -161,11 +162,14 @@ def apply_kernels(model: Any, cfg: RunConfig) -> bool:
     return True
 
 
+def autocast_precision(cfg: RunConfig) -> str:
+    """fp32, bf16 or fp16: what autocast computes in and frozen weights are held in (fp8 runs the rest in bf16)."""
+    return "bf16" if cfg.precision.dtype == "fp8" else cfg.precision.dtype
+
+
 def compute_dtype(cfg: RunConfig) -> torch.dtype:
-    """The dtype autocast computes in, and frozen weights are held in (fp8 runs the rest of the model in bf16)."""
-    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "fp8": torch.bfloat16}[
-        cfg.precision.dtype
-    ]
+    """autocast_precision as a torch dtype."""
+    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[autocast_precision(cfg)]
 
 
 FLOAT8_CAPABILITY = (8, 9)  # Ada and Hopper: the first GPUs with float8 tensor cores

@@ -1,10 +1,16 @@
-"""The compression benches' one way to run llmkit: its CLI in a subprocess, as a user would; the wall time back."""
+"""The benches' ways to run things apart: llmkit's CLI in a subprocess, as a user would (the wall time back), and
+one contender of a side-by-side bench in a process of its own, so no patch, cache or allocator state of one
+contender reaches the next."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
+import tempfile
 import time
+from pathlib import Path
+from typing import Any
 
 
 def llmkit(*args: str) -> float:
@@ -14,3 +20,26 @@ def llmkit(*args: str) -> float:
     if result.returncode != 0:
         sys.exit(f"llmkit {' '.join(args)} failed:\n{result.stderr[-3000:]}")
     return time.perf_counter() - start
+
+
+def run_apart(script: str, name: str, args: list[str], timeout: float) -> dict[str, Any] | None:
+    """Run `python SCRIPT --run NAME --result FILE ARGS`, its output passed through as it comes (a slow contender
+    shows where it is), and return the JSON it wrote to FILE, or None when it failed or ran past `timeout` s."""
+    with tempfile.TemporaryDirectory() as tmp:
+        result_file = Path(tmp) / "result.json"
+        command = [sys.executable, script, "--run", name, f"--result={result_file}", *args]
+        sys.stdout.flush()
+        try:
+            returncode = subprocess.run(command, timeout=timeout).returncode
+        except subprocess.TimeoutExpired:
+            print(f"{name}: no result within {timeout:.0f} s", flush=True)
+            return None
+        if returncode != 0 or not result_file.exists():
+            print(f"{name} failed (exit {returncode})", flush=True)
+            return None
+        return json.loads(result_file.read_text())
+
+
+def report(result: dict[str, Any], path: Path) -> None:
+    """What a contender's process leaves for `run_apart`."""
+    path.write_text(json.dumps(result))

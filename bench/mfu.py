@@ -1,36 +1,43 @@
-"""GPU throughput and MFU, side by side in one run: llmkit pretrain, transformers.Trainer and a short hand-written
-loop, on the same model, data, batch and optimizer.
+"""GPU throughput and MFU, side by side: llmkit pretrain, transformers.Trainer and a short hand-written loop, on
+the same model, data, batch and optimizer, each contender in a process of its own.
 
     python bench/mfu.py [--steps 300] [--batch 16] [--compile]        # GPT-2 small on one GPU, bf16
     python bench/mfu.py --arch llama --batch 4 [--compile]             # the llama-1b recipe's shape, seq 2048
-    python bench/mfu.py --arch llama --batch 4 --fp8                   # + llmkit with precision fp8 (Ada/Hopper)
-    python bench/mfu.py --layers 2 --hidden 64 --block 128 --steps 30 --peak 1e12   # a smoke run on a CPU
+    python bench/mfu.py --arch llama --fp8 --compile                   # + llmkit with precision fp8 (Ada/Hopper)
+    python bench/mfu.py --contenders llmkit,llmkit-eager,loop          # a subset (names below)
+    python bench/mfu.py --layers 2 --hidden 64 --block 128 --steps 30 --peak 1e12 --docs 3000   # a CPU smoke run
 
-GPT-2 is the recipe's GPT-2 small (12 x 768, context 1024) with nanoGPT's padded 50,304-row vocabulary, so its
-size matches the usual 124M figures whatever tokenizer the built-in corpus trains; `--arch llama` is
+Contenders: `llmkit` (pretrain, compiled when --compile: the CUDA default), `llmkit-eager` (pretrain without
+compile, where Liger's kernels apply on CUDA), `llmkit-fp8` (with --fp8), `trainer` (transformers.Trainer) and
+`loop` (the hand-written loop). Each runs in a fresh Python process (bench/_cli.py), so no kernel patch, compile
+cache or allocator state of one reaches another.
+
+GPT-2 is the recipe's GPT-2 small (12 x 768, context 1024) with nanoGPT's padded 50,304-row vocabulary and no
+dropout (as nanoGPT pretrains it), so its size matches the usual 124M figures; `--arch llama` is
 recipes/llama-1b.yaml's model (22 x 2048, GQA 32/4, 32,000-row vocabulary, sequence 2048). Every contender does
 `--steps` optimizer steps of `--batch` x block tokens in bf16 (float32 on a CPU) with fused AdamW from the same
-saved weights. Throughput is each one's steady state: llmkit's summary figure (training steps after warm-up), and
-for the others the median of 10-step windows after the first fifth of the run. MFU = tokens/s x training FLOPs
-per token (6N + 12 x layers x sequence x width, as `llmkit plan` counts them) / the device's dense bf16 peak
-(989 TFLOP/s for an H100; `--peak` overrides it). Peak memory is CUDA's max reserved.
+saved weights, in training mode. Throughput is each one's steady state: llmkit's summary figure (training steps
+after warm-up), and for the others the median of 10-step windows after the first fifth of the run, each window
+timed from one device synchronization to the next (no contender waits for the device every step). MFU = tokens/s
+x training FLOPs per token (6N + 12 x layers x sequence x width, as `llmkit plan` counts them) / the device's dense
+bf16 peak (989 TFLOP/s for an H100 or H200; `--peak` overrides it). Peak memory is CUDA's max reserved.
 
 The hand-written loop is what a careful user writes in 30 lines: the Hugging Face model, bf16 autocast, fused
-AdamW, clipping, a cosine schedule, the model's own loss, optional torch.compile. It is the yardstick issue 11
-asks llmkit to beat.
+AdamW, clipping, a cosine schedule, the model's own loss, optional torch.compile of the model (nanoGPT's way).
 
 `--fp8` adds llmkit with `precision.dtype: fp8` (torchao float8 matmuls in the body's linear layers) from the same
 weights and data order, prints its speed-up over llmkit's bf16 run and the loss-curve parity check: the largest
-relative difference between the two runs' losses at every logged step. Its MFU is against the same bf16 peak (the
-FLOPs are the same; float8 only does them faster), so it can pass what bf16 can reach.
+relative difference between the two runs' losses at every logged step.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -40,15 +47,15 @@ os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
 import torch  # noqa: E402
 
-from llmkit.config import load_config  # noqa: E402
-from llmkit.data.prep import prepare_dataset  # noqa: E402
+sys.path.insert(0, str(Path(__file__).parent))
+from _cli import report, run_apart  # noqa: E402  (bench/_cli.py)
+
+from llmkit.config import RunConfig, load_config  # noqa: E402
 from llmkit.data.store import open_dataset  # noqa: E402
-from llmkit.data.tokenizer import load_tokenizer  # noqa: E402
-from llmkit.plan import device_peak_flops, model_flops_per_token  # noqa: E402
-from llmkit.train.pretrain import pretrain  # noqa: E402
 
 RECIPES = {name: Path(__file__).parent.parent / "recipes" / f"{recipe}.yaml"
            for name, recipe in (("gpt2", "gpt2-124m"), ("llama", "llama-1b"))}  # fmt: skip
+CONTENDERS = ("llmkit", "llmkit-eager", "llmkit-fp8", "trainer", "loop")
 
 
 def main() -> None:
@@ -60,130 +67,175 @@ def main() -> None:
     parser.add_argument("--hidden", type=int, default=None)
     parser.add_argument("--block", type=int, default=None)
     parser.add_argument("--vocab", type=int, default=None)
-    parser.add_argument("--docs", type=int, default=300_000, help="built-in stories to prepare")
+    parser.add_argument("--docs", type=int, default=None, help="built-in stories to prepare (default: enough)")
     parser.add_argument("--compile", action="store_true")
     parser.add_argument("--fp8", action="store_true", help="also run llmkit in precision fp8 and compare its losses")
+    parser.add_argument("--contenders", default=None, help=f"comma-separated, of: {', '.join(CONTENDERS)}")
     parser.add_argument("--peak", type=float, default=None, help="peak FLOP/s per device (default: from its name)")
+    parser.add_argument("--timeout", type=float, default=900, help="seconds each contender may take")
+    parser.add_argument("--work", type=Path, default=None, help=argparse.SUPPRESS)  # set for a contender's process
+    parser.add_argument("--run", choices=CONTENDERS, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--result", type=Path, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     shape = {"gpt2": (16, 12, 768, 1024, 50304), "llama": (4, 22, 2048, 2048, 32000)}[args.arch]
     for name, default in zip(("batch", "layers", "hidden", "block", "vocab"), shape, strict=True):
         if getattr(args, name) is None:
             setattr(args, name, default)
-    peak = args.peak or (device_peak_flops(torch.cuda.get_device_name()) if torch.cuda.is_available() else None)
+    if args.run:
+        return report(_contender(args), args.result)
+    peak = args.peak or _device_peak()
     if peak is None:
         raise SystemExit("unknown device peak: pass --peak FLOP/s")
+    contenders = (args.contenders or "llmkit,trainer,loop" + (",llmkit-fp8" if args.fp8 else "")).split(",")
+    unknown = sorted(set(contenders) - set(CONTENDERS))
+    if unknown:
+        raise SystemExit(f"--contenders: unknown {', '.join(unknown)} (choose from {', '.join(CONTENDERS)})")
     work = Path(tempfile.mkdtemp(prefix="llmkit-mfu-"))
+    flops, params = _prepare(args, work)
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    print(f"device: {device}; {args.arch} {args.layers} x {args.hidden}, {params / 1e6:.1f}M parameters, "
+          f"vocab {args.vocab}")  # fmt: skip
+    print(f"{args.steps} steps of {args.batch} x {args.block} tokens, {_precision()}"
+          f"{', compiled' if args.compile else ''}; {flops / 1e9:.3f} GFLOP per token; peak {peak / 1e12:.0f} TFLOP/s",
+          flush=True)  # fmt: skip
+
+    forwarded = [f"--{key}={getattr(args, key)}" for key in ("arch", "steps", "batch", "layers", "hidden", "block",
+                                                             "vocab")]  # fmt: skip
+    forwarded += [f"--work={work}", *(["--compile"] if args.compile else [])]
+    results = {}
+    for name in contenders:
+        result = run_apart(__file__, name, forwarded, args.timeout)
+        if result is not None:
+            results[name] = result
+            memory = f"{result['peak_gib']:6.1f} GiB" if result["peak_gib"] is not None else "      -"
+            print(f"{name:<14}{result['rate']:>12,.0f} tokens/s   MFU {result['rate'] * flops / peak:6.1%}   "
+                  f"peak {memory}", flush=True)  # fmt: skip
+    if "llmkit" in results:
+        ours = results["llmkit"]["rate"]
+        for name in results:
+            if name != "llmkit":
+                print(f"ratio llmkit / {name}: {ours / results[name]['rate']:.2f}x")
+    if "llmkit" in results and "llmkit-fp8" in results:
+        curve = {int(k): v for k, v in results["llmkit"]["losses"].items()}
+        fp8 = {int(k): v for k, v in results["llmkit-fp8"]["losses"].items()}
+        worst = max(abs(fp8[step] / loss - 1) for step, loss in curve.items())
+        print(f"fp8 loss curve vs {_precision()}: largest difference {worst:.2%} over {len(curve)} logged steps")
+    (work / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+
+
+def _device_peak() -> float | None:
+    from llmkit.plan import device_peak_flops
+
+    return device_peak_flops(torch.cuda.get_device_name()) if torch.cuda.is_available() else None
+
+
+def _precision() -> str:
+    return "bf16" if torch.cuda.is_available() else "fp32"
+
+
+def _config(args: argparse.Namespace, work: Path) -> RunConfig:
     heads = max(1, args.hidden // 64)  # GPT-2's and Llama-1B's head width
-    cfg = load_config(RECIPES[args.arch], [
+    return load_config(RECIPES[args.arch], [
         f"model.n_layers={args.layers}", f"model.hidden_size={args.hidden}", f"model.n_heads={heads}",
         *([f"model.n_kv_heads={max(1, heads // 8)}", f"model.intermediate_size={_llama_mlp(args.hidden)}",
            "data.tokenizer=null"] if args.arch == "llama" else []),
-        f"model.context_length={args.block}", f"data.block_size={args.block}", f"data.builtin_docs={args.docs}",
-        "data.vocab_size=8192",
+        f"model.context_length={args.block}", f"data.block_size={args.block}", "data.vocab_size=8192",
         f"data.dataset_dir={work / 'data'}", f"out_dir={work / 'run'}", f"train.max_steps={args.steps}",
         "train.max_tokens=null", f"train.micro_batch_size={args.batch}", "train.grad_accum_steps=1",
         "train.eval_every=1000000", "checkpoint.every_steps=null", "logging.every_steps=10",
         "logging.report_to=[]", "logging.plot=false", "schedule.warmup_steps=10", f"train.compile={args.compile}",
-        "train.gradient_checkpointing=false", "data.sources=[builtin:stories]",
-        "precision.dtype=" + ("bf16" if torch.cuda.is_available() else "fp32"),
+        "train.gradient_checkpointing=false", "data.sources=[builtin:stories]", f"precision.dtype={_precision()}",
+        f"model.init_from={work / 'start'}", "data.builtin_docs=1000",
     ])  # fmt: skip
-    prepare_dataset(cfg.data, cfg.data.dataset_dir)
-    dataset = open_dataset(cfg.data.dataset_dir)
-    tokenizer = load_tokenizer(dataset.tokenizer_dir)
-    start_dir = work / "start"
-    model = _gpt2(cfg, args) if args.arch == "gpt2" else _llama(cfg, args)
-    model.save_pretrained(start_dir)
-    tokenizer.save_pretrained(start_dir)
-    flops = model_flops_per_token(model, args.block)
+
+
+def _prepare(args: argparse.Namespace, work: Path) -> tuple[float, int]:
+    """The data (enough built-in stories for every step) and the starting weights every contender loads."""
+    from llmkit.data.prep import prepare_dataset
+    from llmkit.data.tokenizer import load_tokenizer
+    from llmkit.plan import model_flops_per_token
+
+    cfg = _config(args, work)
+    tokens = args.steps * args.batch * args.block
+    docs = args.docs or max(2000, int(tokens / 45 * 1.2))  # a story is about 50 tokens
+    prepare_dataset(cfg.data.model_copy(update={"builtin_docs": docs}), cfg.data.dataset_dir)
+    tokenizer = load_tokenizer(open_dataset(cfg.data.dataset_dir).tokenizer_dir)
+    torch.manual_seed(0)
+    model = _gpt2(args) if args.arch == "gpt2" else _llama(args, cfg)
+    model.save_pretrained(work / "start")
+    tokenizer.save_pretrained(work / "start")
     params = sum({id(p): p.numel() for p in model.parameters()}.values())
-    device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
-    print(f"device: {device}; {args.arch} {args.layers} x {args.hidden}, {params / 1e6:.1f}M parameters, "
-          f"vocab {args.vocab}")  # fmt: skip
-    print(f"{args.steps} steps of {args.batch} x {args.block} tokens, {cfg.precision.dtype}; "
-          f"{flops / 1e9:.3f} GFLOP per token; peak {peak / 1e12:.0f} TFLOP/s")  # fmt: skip
-
-    run_cfg = cfg.model_copy(update={"model": cfg.model.model_copy(update={"init_from": str(start_dir)})})
-    results = {"llmkit pretrain": _measured(lambda: _llmkit(run_cfg, work))}
-    if args.fp8:
-        curve = _losses(work / "run")
-        fp8 = run_cfg.model_copy(update={"precision": run_cfg.precision.model_copy(update={"dtype": "fp8"})})
-        results["llmkit pretrain fp8"] = _measured(lambda: _llmkit(fp8, work))
-        fp8_curve = _losses(work / "run")
-        worst = max(abs(fp8_curve[step] / loss - 1) for step, loss in curve.items())
-        last = max(curve)
-        print(f"fp8 loss curve vs {cfg.precision.dtype}: largest difference {worst:.2%} over {len(curve)} logged "
-              f"steps; step {last}: {fp8_curve[last]:.4f} vs {curve[last]:.4f}")  # fmt: skip
-    results["transformers.Trainer"] = _measured(lambda: _trainer(cfg, args, start_dir, work))
-    results["hand-written loop"] = _measured(lambda: _reference(cfg, args, start_dir))
-    for name, (rate, memory) in results.items():
-        shown = f"{memory:6.1f} GiB" if memory is not None else "      -"
-        print(f"{name:<22}{rate:>12,.0f} tokens/s   MFU {rate * flops / peak:6.1%}   peak {shown}")
-    ours = results["llmkit pretrain"][0]
-    if args.fp8:
-        print(f"ratio llmkit fp8 / llmkit {cfg.precision.dtype}: {results['llmkit pretrain fp8'][0] / ours:.2f}x")
-    for name in ("transformers.Trainer", "hand-written loop"):
-        print(f"ratio llmkit / {name}: {ours / results[name][0]:.2f}x")
+    return model_flops_per_token(model, args.block), params
 
 
-def _measured(run) -> tuple[float, float | None]:
-    """(steady tokens/s, peak reserved GiB on CUDA) of one contender, starting from an empty CUDA cache."""
-    import gc
-
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
-    rate = run()
-    return rate, (torch.cuda.max_memory_reserved() / 2**30 if torch.cuda.is_available() else None)
+def _contender(args: argparse.Namespace) -> dict[str, object]:
+    """One contender in this process: {rate (steady tokens/s), peak_gib (CUDA's max reserved), losses}."""
+    runs = {"llmkit": lambda: _llmkit(args), "llmkit-eager": lambda: _llmkit(args, compile=False),
+            "llmkit-fp8": lambda: _llmkit(args, precision="fp8"), "trainer": lambda: _trainer(args),
+            "loop": lambda: _loop(args)}  # fmt: skip
+    rate, losses = runs[args.run]()
+    peak = torch.cuda.max_memory_reserved() / 2**30 if torch.cuda.is_available() else None
+    return {"rate": rate, "peak_gib": peak, "losses": losses}
 
 
-def _llmkit(cfg, work: Path) -> float:
-    result = pretrain(cfg, overwrite=True)
-    summary = json.loads((work / "run" / "summary.json").read_text())
-    return float(summary["steady_tokens_per_second"] or result.tokens_per_second)
+def _llmkit(args: argparse.Namespace, compile: bool | None = None, precision: str | None = None):
+    from llmkit.train.pretrain import pretrain
 
-
-def _losses(run: Path) -> dict[int, float]:
-    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    return {r["step"]: r["loss"] for r in records if "loss" in r}
+    cfg = _config(args, args.work)
+    train = cfg.train.model_copy(update={"compile": args.compile if compile is None else compile})
+    dtype = cfg.precision.model_copy(update={"dtype": precision or cfg.precision.dtype})
+    result = pretrain(cfg.model_copy(update={"train": train, "precision": dtype}), overwrite=True)
+    records = [json.loads(line) for line in (args.work / "run" / "metrics.jsonl").read_text().splitlines()]
+    losses = {r["step"]: r["loss"] for r in records if "loss" in r}
+    return float(result.steady_tokens_per_second or result.tokens_per_second), losses
 
 
 def _llama_mlp(hidden: int) -> int:
     return 5632 if hidden == 2048 else int(-(-8 * hidden // 3 // 64) * 64)
 
 
-def _llama(cfg, args: argparse.Namespace):
+def _llama(args: argparse.Namespace, cfg: RunConfig):
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    torch.manual_seed(0)
-    heads = cfg.model.n_heads
     config = LlamaConfig(vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=_llama_mlp(args.hidden),
-                         num_hidden_layers=args.layers, num_attention_heads=heads,
+                         num_hidden_layers=args.layers, num_attention_heads=cfg.model.n_heads,
                          num_key_value_heads=cfg.model.n_kv_heads, max_position_embeddings=args.block,
                          tie_word_embeddings=False, attn_implementation="sdpa")  # fmt: skip
     return LlamaForCausalLM(config)
 
 
-def _reference(cfg, args: argparse.Namespace, start_dir: Path) -> float:
-    """The hand-written loop: the same model and blocks, bf16 autocast, fused AdamW, the model's own loss."""
-    import math
+def _gpt2(args: argparse.Namespace):
+    from transformers import GPT2Config, GPT2LMHeadModel
 
+    config = GPT2Config(vocab_size=args.vocab, n_positions=args.block, n_embd=args.hidden, n_layer=args.layers,
+                        n_head=max(1, args.hidden // 64), tie_word_embeddings=True, resid_pdrop=0.0, embd_pdrop=0.0,
+                        attn_pdrop=0.0)  # fmt: skip
+    return GPT2LMHeadModel(config)
+
+
+def _loop(args: argparse.Namespace):
+    """The hand-written loop: the same model and blocks, bf16 autocast, fused AdamW, the model's own loss; the
+    device is synchronized once per 10-step window, where the time is read."""
     from transformers import AutoModelForCausalLM
 
+    cfg = _config(args, args.work)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model = AutoModelForCausalLM.from_pretrained(start_dir, dtype=torch.float32).to(device)
+    model = AutoModelForCausalLM.from_pretrained(args.work / "start", dtype=torch.float32).to(device)
+    model.train()
     step_fn = torch.compile(model) if args.compile else model
     decay = [p for p in model.parameters() if p.dim() >= 2]
     rest = [p for p in model.parameters() if p.dim() < 2]
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": rest, "weight_decay": 0.0}],
                                   lr=cfg.optimizer.lr, betas=(0.9, 0.95), fused=True)  # fmt: skip
-    blocks = open_dataset(cfg.data.dataset_dir).split("train")
+    blocks = open_dataset(args.work / "data").split("train")
     order = torch.randperm(len(blocks), generator=torch.Generator().manual_seed(0)).tolist()
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
-    times: list[float] = []
+    times, losses = [], {}
     for step in range(args.steps):
         rows = [order[(step * args.batch + i) % len(order)] for i in range(args.batch)]
-        ids = torch.from_numpy(blocks.blocks(rows).astype("int64")).to(device, non_blocking=True)
+        ids = torch.from_numpy(blocks.blocks(rows).astype("int64"))
+        if device.type == "cuda":
+            ids = ids.pin_memory().to(device, non_blocking=True)
         lr = cfg.optimizer.lr * min(1.0, (step + 1) / 10) * 0.5 * (1 + math.cos(math.pi * step / args.steps))
         for group in optimizer.param_groups:
             group["lr"] = lr
@@ -193,20 +245,11 @@ def _reference(cfg, args: argparse.Namespace, start_dir: Path) -> float:
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter())
+        if (step + 1) % 10 == 0:
+            losses[step + 1] = float(loss)  # reads the device: the window ends here
+            times.append(time.perf_counter())
     tokens = 10 * args.batch * args.block
-    return _steady([tokens / (b - a) for a, b in zip(times[::10], times[10::10], strict=False)])
-
-
-def _gpt2(cfg, args: argparse.Namespace):
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    torch.manual_seed(0)
-    config = GPT2Config(vocab_size=args.vocab, n_positions=args.block, n_embd=args.hidden, n_layer=args.layers,
-                        n_head=cfg.model.n_heads, tie_word_embeddings=True)  # fmt: skip
-    return GPT2LMHeadModel(config)
+    return _steady([tokens / (b - a) for a, b in zip(times, times[1:], strict=False)]), losses
 
 
 def _steady(rates: list[float]) -> float:
@@ -214,10 +257,11 @@ def _steady(rates: list[float]) -> float:
     return statistics.median(rates[len(rates) // 5 :] or rates)
 
 
-def _trainer(cfg, args: argparse.Namespace, start_dir: Path, work: Path) -> float:
+def _trainer(args: argparse.Namespace):
     from transformers import AutoModelForCausalLM, Trainer, TrainerCallback, TrainingArguments
 
-    blocks = open_dataset(cfg.data.dataset_dir).split("train")
+    cfg = _config(args, args.work)
+    blocks = open_dataset(args.work / "data").split("train")
 
     class Blocks(torch.utils.data.Dataset):
         def __len__(self) -> int:
@@ -228,28 +272,32 @@ def _trainer(cfg, args: argparse.Namespace, start_dir: Path, work: Path) -> floa
             return {"input_ids": ids, "labels": ids}
 
     class Clock(TrainerCallback):
+        """Synchronizes once every 10 steps (Trainer itself reads the loss only at its logging steps)."""
+
         def __init__(self) -> None:
             self.times: list[float] = []
 
-        def on_step_end(self, *_: object, **__: object) -> None:
-            if torch.cuda.is_available():
-                torch.cuda.synchronize()
-            self.times.append(time.perf_counter())
+        def on_step_end(self, args_, state, control, **kwargs):  # type: ignore[no-untyped-def]
+            if state.global_step % 10 == 0:
+                if torch.cuda.is_available():
+                    torch.cuda.synchronize()
+                self.times.append(time.perf_counter())
 
-    bf16 = cfg.precision.dtype == "bf16" and torch.cuda.is_available()
+    bf16 = torch.cuda.is_available()
     training_args = TrainingArguments(
-        output_dir=str(work / "trainer"), per_device_train_batch_size=args.batch, max_steps=args.steps,
+        output_dir=str(args.work / "trainer"), per_device_train_batch_size=args.batch, max_steps=args.steps,
         learning_rate=cfg.optimizer.lr, lr_scheduler_type="cosine", warmup_steps=10, weight_decay=0.1,
         adam_beta1=0.9, adam_beta2=0.95, max_grad_norm=1.0, bf16=bf16, torch_compile=args.compile,
         optim="adamw_torch_fused", logging_steps=10, save_strategy="no", report_to=[], dataloader_num_workers=2,
         disable_tqdm=True, use_cpu=not torch.cuda.is_available(),
     )  # fmt: skip
     clock = Clock()
-    model = AutoModelForCausalLM.from_pretrained(start_dir)
-    Trainer(model=model, args=training_args, train_dataset=Blocks(), callbacks=[clock]).train()
-    tokens_per_step = args.batch * args.block
-    windows = [10 * tokens_per_step / (b - a) for a, b in zip(clock.times[::10], clock.times[10::10], strict=False)]
-    return _steady(windows)
+    model = AutoModelForCausalLM.from_pretrained(args.work / "start")
+    trainer = Trainer(model=model, args=training_args, train_dataset=Blocks(), callbacks=[clock])
+    trainer.train()
+    tokens = 10 * args.batch * args.block
+    losses = {r["step"]: r["loss"] for r in trainer.state.log_history if "loss" in r}
+    return _steady([tokens / (b - a) for a, b in zip(clock.times, clock.times[1:], strict=False)]), losses
 
 
 if __name__ == "__main__":

@@ -257,8 +257,14 @@ class TrainConfig(Section):
     )
     compile: bool | Literal["auto"] = Field(
         "auto",
-        description="torch.compile the model (inductor); auto: on for CUDA GPUs (not with DeepSpeed), off on CPU. "
-        "If compilation fails the run says so in one line and trains eagerly.",
+        description="torch.compile the training step (the model's forward and the loss, as one graph); auto: on for "
+        "CUDA GPUs (not with DeepSpeed, FSDP or model.kernels=liger), off on CPU. Saved weights keep their plain "
+        "names. If compilation fails the run says so in one line and trains eagerly.",
+    )
+    compile_backend: Literal["inductor", "aot_eager", "eager"] = Field(
+        "inductor",
+        description="torch.compile backend: inductor generates fused kernels (the speed); aot_eager and eager trace "
+        "the same graph without generating code, to tell a compiler problem from a model one (and to check quickly).",
     )
     deterministic: bool = Field(
         False,

@@ -11,6 +11,10 @@ Two forms with the same value and gradients:
 
 Both compute the gradient during the forward pass (the loss is a sum, so its gradient is known up to the scalar
 that backward multiplies it by): nothing is recomputed.
+
+Inside a compiled training step (llmkit.train.step) both are the plain formula instead: the head's matmul in the
+compute dtype and `cross_entropy` on the logits, which the compiler fuses with the float32 softmax; the logits of
+the micro-batch then exist once, in the compute dtype (what `llmkit plan` counts for a compiled run).
 """
 
 from __future__ import annotations
@@ -36,7 +40,11 @@ def causal_lm_nll(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Ten
     """
     # Shift the labels, not the logits: slicing the logits would copy the largest tensor of the step.
     targets = shifted_targets(labels)
-    total = _ChunkedCrossEntropy.apply(logits.reshape(-1, logits.shape[-1]), targets, torch.is_grad_enabled())
+    flat = logits.reshape(-1, logits.shape[-1])
+    if torch.compiler.is_compiling():
+        total = _plain_nll(flat, targets)
+    else:
+        total = _ChunkedCrossEntropy.apply(flat, targets, torch.is_grad_enabled())
     return total, (targets != IGNORE).sum()
 
 
@@ -44,7 +52,11 @@ def fused_lm_nll(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tenso
     """`causal_lm_nll(hidden @ weight.T, labels)` without the logits: hidden is [batch, time, width]."""
     targets = shifted_targets(labels)
     flat = hidden.reshape(-1, hidden.shape[-1])
-    total = _FusedLinearCrossEntropy.apply(flat, weight, targets, torch.is_grad_enabled())
+    if torch.compiler.is_compiling():
+        dtype = _compute_dtype(hidden)
+        total = _plain_nll(flat.to(dtype) @ weight.to(dtype).T, targets)
+    else:
+        total = _FusedLinearCrossEntropy.apply(flat, weight, targets, torch.is_grad_enabled())
     return total, (targets != IGNORE).sum()
 
 
@@ -57,6 +69,13 @@ def liger_lm_nll(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tenso
     flat = hidden.reshape(-1, hidden.shape[-1]).to(dtype)
     total = liger_fused_linear_cross_entropy(flat, weight.to(dtype), targets, ignore_index=IGNORE, reduction="sum")
     return total.float(), (targets != IGNORE).sum()
+
+
+def _plain_nll(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """The summed loss as plain autograd sees it, for a compiled graph: the compiler fuses the float32 softmax
+    into the kernels around it (no float32 copy of the logits), where tracing the chunked Functions above is not
+    reliable across torch versions (torch 2.11 traced their gradients as zero)."""
+    return F.cross_entropy(logits.float(), targets, ignore_index=IGNORE, reduction="sum")
 
 
 def count_targets(labels: torch.Tensor) -> int:
@@ -94,13 +113,14 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
         total = torch.zeros((), device=logits.device, dtype=torch.float32)
         grad = torch.empty_like(logits) if grads and ctx.needs_input_grad[0] else None
         step = _chunk_rows(logits.shape[-1])
+        # split, not a range over the row count: a compiled graph keeps the count symbolic (one graph for any length)
+        outputs = grad.split(step) if grad is not None else None
         with torch.autocast(logits.device.type, enabled=False):
-            for start in range(0, logits.shape[0], step):
-                rows = slice(start, start + step)
-                loss, chunk_grad = _loss_and_grad(logits[rows].to(torch.float32, copy=True), targets[rows])
+            for i, (rows, row_targets) in enumerate(zip(logits.split(step), targets.split(step), strict=True)):
+                loss, chunk_grad = _loss_and_grad(rows.to(torch.float32, copy=True), row_targets)
                 total += loss
-                if grad is not None:
-                    grad[rows] = chunk_grad
+                if outputs is not None:
+                    outputs[i].copy_(chunk_grad)
         ctx.save_for_backward(grad)
         return total
 
@@ -141,14 +161,14 @@ def _fused_chunks(
     grad_hidden = torch.empty_like(hidden) if needs[0] else None
     grad_weight = torch.zeros_like(weight, dtype=torch.float32) if needs[1] else None
     step = _chunk_rows(weight.shape[0])
-    for start in range(0, hidden.shape[0], step):
-        rows = slice(start, start + step)
-        inputs = hidden[rows].to(dtype)
-        loss, grad = _loss_and_grad((inputs @ head.T).float(), targets[rows])
+    outputs = grad_hidden.split(step) if grad_hidden is not None else None
+    for i, (rows, row_targets) in enumerate(zip(hidden.split(step), targets.split(step), strict=True)):
+        inputs = rows.to(dtype)
+        loss, grad = _loss_and_grad((inputs @ head.T).float(), row_targets)
         total += loss
         grad = grad.to(dtype)
-        if grad_hidden is not None:
-            grad_hidden[rows] = grad @ head
+        if outputs is not None:
+            outputs[i].copy_(grad @ head)
         if grad_weight is not None:
             grad_weight += grad.T @ inputs
     return total, grad_hidden, grad_weight

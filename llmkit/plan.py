@@ -15,7 +15,8 @@ Everything is computed from the recipe, and stated so a reader can check it:
   (Korthikanti et al. 2022, with fused attention that stores no score matrix; doubled in fp32), or only each
   layer's input with gradient checkpointing, for the real model's shape (a fine-tune's base model, not the
   recipe's defaults); the loss's logits: one chunk at a time with the fused head (llmkit.losses), or the whole
-  batch's in the compute dtype with their gradient under ZeRO-3/FSDP; plus 1 GiB of CUDA context;
+  batch's in the compute dtype with their gradient in a compiled step (train.compile, on by default on GPUs for
+  ddp) and under ZeRO-3/FSDP; plus 1 GiB of CUDA context;
 * time: the recipe's token budget x FLOPs per token / (GPUs x peak x MFU); cost: GPU-hours x price.
 """
 
@@ -196,6 +197,9 @@ def estimate_memory(
         optimizer = 0.0
     if strategy == "zero3-offload":
         weights = 0.0
+    from llmkit.train.strategies import compiles
+
+    compiled = strategy == "ddp" and compiles(cfg, cuda=True)  # as the run would decide on a GPU
     micro, seq = cfg.train.micro_batch_size, _sequence(cfg)
     scale = 2.0 if cfg.precision.dtype == "fp32" else 1.0
     per_layer = 34.0 * seq * micro * size.width * scale
@@ -212,8 +216,8 @@ def estimate_memory(
         activations += compute_bytes * micro * seq * teacher.vocab + 16.0 * ROWS_PER_CHUNK * teacher.vocab
     if head == "whole":  # the logits, their gradient and the float32 log-softmax kept for backward
         activations += (2.0 * compute_bytes + 4.0) * logits
-    elif head == "fused" and strategy in ("zero3", "fsdp", "zero3-offload"):  # whole logits and their gradient
-        activations += 2.0 * compute_bytes * logits
+    elif head == "fused" and (strategy in ("zero3", "fsdp", "zero3-offload") or compiled):
+        activations += 2.0 * compute_bytes * logits  # whole logits and their gradient (a compiled step's plain loss)
     elif head == "fused":  # the fused head: one chunk of float32 logits and its 16-bit copy
         activations += 6.0 * min(logits, CHUNK_ELEMENTS)
     return Memory(weights, gradients, optimizer, activations)

@@ -87,6 +87,13 @@ def tiny_run(tiny_dataset: Path, tmp_path_factory: pytest.TempPathFactory) -> Pa
     return out
 
 
+@pytest.fixture(autouse=True)
+def fresh_compile_cache() -> None:
+    """Each test's in-process runs compile their own step: the last test's compiled code (kept per code object,
+    up to torch's recompile limit) is dropped; the kernels stay cached on disk."""
+    torch._dynamo.reset()
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     if torch.cuda.is_available():
         return

@@ -108,6 +108,15 @@ def test_liger_kernels_without_cuda_are_refused(tiny_dataset: Path, tmp_path: Pa
     assert_nothing_written(tmp_path, "run")
 
 
+def test_compile_where_it_cannot_run_is_refused(tiny_dataset: Path, tmp_path: Path) -> None:
+    args = [*tiny_train_args(tiny_dataset, tmp_path / "run"), "--compile"]
+    liger = run_cli("pretrain", *args, "--set", "model.kernels=liger")
+    assert_user_error(liger, "model.kernels=liger and train.compile", "--no-compile")
+    assert_user_error(run_cli("pretrain", *args, "--set", "distributed.strategy=zero2"),
+                      "train.compile is not supported with distributed.strategy=zero2")  # fmt: skip
+    assert_nothing_written(tmp_path, "run")
+
+
 def test_hub_names_fail_clearly_offline(tmp_path: Path) -> None:
     result = run_cli("data-prep", "hf:someone/some-dataset", "--out", tmp_path / "ds")
     assert_user_error(result, "hf:someone/some-dataset", "cannot load")

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import run_cli, tiny_train_args
+from tests.gpu_defaults import plain_load
 
 pytestmark = pytest.mark.gpu
 
@@ -23,6 +24,8 @@ def test_pretrain_on_cuda(precision: str, tiny_dataset: Path, tmp_path: Path) ->
     assert all(math.isfinite(loss) for loss in losses) and losses[-1] < losses[0]
     report = run_cli("eval", out, "--data", tiny_dataset)
     assert report.exit_code == 0, report.stderr
+    plain_load(out / "final")  # compiled (the CUDA default): every key loads in plain transformers
+    plain_load(out / "checkpoints" / "step-00000020" / "model")
 
 
 @pytest.mark.parametrize("strategy", ["fsdp", "zero3"])
@@ -104,12 +107,13 @@ def test_frozen_lora_base_is_bf16_on_the_gpu_and_memory_is_reported(tiny_run: Pa
     assert result.exit_code == 0, result.stderr
     stats = json.loads((out / "data_stats.json").read_text())
     assert stats["frozen_bytes"] == 2 * (stats["total_parameters"] - stats["trainable_parameters"])
+    plain_load(out / "final")  # compiled by default on CUDA: the adapter holds every tensor, under its own name
     memory = json.loads((out / "summary.json").read_text())["memory"]
     assert 0 < memory["peak_allocated_gib"] <= memory["peak_reserved_gib"]
 
 
 def test_liger_kernels_keep_the_losses(tiny_dataset: Path, tmp_path: Path) -> None:
-    """model.kernels=liger (RMSNorm, SwiGLU, RoPE and the fused linear cross-entropy in Triton) trains the same
+    """model.kernels=liger (RMSNorm, SwiGLU and the fused linear cross-entropy in Triton) trains the same
     curve as PyTorch's kernels, within bf16 rounding."""
     pytest.importorskip("liger_kernel")
     common = ["--precision", "bf16", "--no-compile", "--set", "logging.every_steps=1"]
@@ -122,6 +126,9 @@ def test_liger_kernels_keep_the_losses(tiny_dataset: Path, tmp_path: Path) -> No
         runs[kernels] = [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()
                          if "loss" in json.loads(line)]  # fmt: skip
     assert runs["liger"] == pytest.approx(runs["none"], rel=2e-2)
+    # Liger's patches stay on the model they were applied to: an export in this process runs on the CPU.
+    exported = run_cli("export", tmp_path / "liger", "--out", tmp_path / "export")
+    assert exported.exit_code == 0, exported.stderr
 
 
 def test_dpo_in_bf16_on_the_gpu_learns_and_resumes_from_its_reference(tiny_run: Path, tmp_path: Path) -> None:

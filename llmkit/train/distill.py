@@ -66,21 +66,29 @@ def with_rest(log_probs: torch.Tensor) -> torch.Tensor:
 
 
 def token_divergence(
-    student_logits: torch.Tensor, teacher: dict[str, torch.Tensor], cfg: DistillConfig, vocab: int
+    student_logits: torch.Tensor,
+    teacher: dict[str, torch.Tensor],
+    cfg: DistillConfig,
+    vocab: int,
+    keep: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Summed divergence over rows of student logits [rows, V'] against the teacher's rows: `logits` (live) or
-    `topk_ids` + `topk_logp` (cached, already at temperature T)."""
+    `topk_ids` + `topk_logp` (cached, already at temperature T); only the rows `keep` marks (all when None) count.
+
+    Rows are weighed out rather than selected: a selection's size depends on the data, which would break a
+    compiled graph in two. Chunks are split off by a fixed row count, so the graph keeps the count symbolic."""
     total = student_logits.new_zeros((), dtype=torch.float32)
-    for start in range(0, student_logits.shape[0], ROWS_PER_CHUNK):
-        rows = slice(start, start + ROWS_PER_CHUNK)
-        student = F.log_softmax(student_logits[rows, :vocab].float() / cfg.temperature, dim=-1)
+    chunks = {key: value.split(ROWS_PER_CHUNK) for key, value in teacher.items()}
+    kept = keep.split(ROWS_PER_CHUNK) if keep is not None else None
+    for i, rows in enumerate(student_logits.split(ROWS_PER_CHUNK)):
+        student = F.log_softmax(rows[:, :vocab].float() / cfg.temperature, dim=-1)
         if "logits" in teacher:
-            target = F.log_softmax(teacher["logits"][rows, :vocab].float() / cfg.temperature, dim=-1)
+            target = F.log_softmax(chunks["logits"][i][:, :vocab].float() / cfg.temperature, dim=-1)
         else:
-            ids = teacher["topk_ids"][rows]
-            student = with_rest(student.gather(-1, ids))
-            target = with_rest(teacher["topk_logp"][rows].float())
-        total = total + divergence(student, target, cfg.loss, cfg.beta).sum()
+            student = with_rest(student.gather(-1, chunks["topk_ids"][i]))
+            target = with_rest(chunks["topk_logp"][i].float())
+        terms = divergence(student, target, cfg.loss, cfg.beta)
+        total = total + (terms.sum() if kept is None else torch.where(kept[i], terms, 0.0).sum())
     return total
 
 
@@ -127,18 +135,18 @@ def check_same_tokenizer(teacher: Any, student: Any, teacher_name: str, student_
 
 
 def teacher_logits(teacher: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    from llmkit.train.loop import model_inputs
+    from llmkit.train.step import model_inputs
 
     with torch.no_grad():
         return teacher(**model_inputs(batch)).logits
 
 
-def teacher_side(teacher: Any, batch: dict[str, torch.Tensor], keep: torch.Tensor) -> dict[str, torch.Tensor]:
-    """The teacher's rows at the target positions `keep`: the cached top-k the batch carries, or live logits."""
+def teacher_side(teacher: Any, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The teacher's rows, one per position of the batch: the cached top-k the batch carries, or live logits."""
     if "topk_ids" in batch:
-        return {key: batch[key].reshape(-1, batch[key].shape[-1])[keep] for key in ("topk_ids", "topk_logp")}
+        return {key: batch[key].reshape(-1, batch[key].shape[-1]) for key in ("topk_ids", "topk_logp")}
     live = teacher_logits(teacher, batch)
-    return {"logits": live.reshape(-1, live.shape[-1])[keep]}
+    return {"logits": live.reshape(-1, live.shape[-1])}
 
 
 def distillation_loss(
@@ -154,8 +162,8 @@ def distillation_loss(
         targets = shifted_targets(batch["labels"])
         keep = targets != IGNORE
         count = keep.sum()
-        student = logits.reshape(-1, logits.shape[-1])[keep]
-        total = scale * token_divergence(student, teacher_side(teacher, batch, keep), cfg, vocab)
+        student = logits.reshape(-1, logits.shape[-1])
+        total = scale * token_divergence(student, teacher_side(teacher, batch), cfg, vocab, keep)
         if cfg.alpha < 1 and "on_policy" not in batch:  # the student's own samples are no data to imitate
             nll, _ = causal_lm_nll(logits, batch["labels"])
             total = total + (1 - cfg.alpha) * nll
@@ -169,8 +177,8 @@ def divergence_metric(cfg: DistillConfig, vocab: int, teacher: Any) -> Callable[
 
     def loss_fn(logits: torch.Tensor, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         keep = shifted_targets(batch["labels"]) != IGNORE
-        side = teacher_side(teacher, batch, keep)
-        return token_divergence(logits.reshape(-1, logits.shape[-1])[keep], side, cfg, vocab), keep.sum()
+        side = teacher_side(teacher, batch)
+        return token_divergence(logits.reshape(-1, logits.shape[-1]), side, cfg, vocab, keep), keep.sum()
 
     return loss_fn
 

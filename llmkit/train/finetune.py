@@ -193,6 +193,7 @@ def _finetune(
         config_yaml=config_yaml,
         fingerprints=fingerprints,
         resume=resume_state,
+        fixed_shapes=False,  # rows of any length
         **objective,
     )
     return fit(job)

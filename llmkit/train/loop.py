@@ -43,6 +43,8 @@ from llmkit.train.metrics import MetricsLog, plot_loss, truncate_records
 from llmkit.train.schedules import lr_at
 from llmkit.train.setup import uses_deepspeed, uses_fsdp
 from llmkit.train.signals import stop_signals
+from llmkit.train.step import MicroStep, autocast_context, model_inputs
+from llmkit.train.strategies import compiles
 
 
 @dataclass
@@ -99,8 +101,13 @@ class TrainJob:
     # (on-policy distillation replaces answers with the student's own samples).
     rewrite: Callable[[Any, dict[str, torch.Tensor], int, int], dict[str, torch.Tensor]] | None = None
     flops_per_token: float = 0.0  # training FLOPs per token (6N + attention): MFU is reported on known GPUs
+    fixed_shapes: bool = True  # every micro-batch has one shape (packed blocks); fine-tuning rows vary in length
+    micro_step: MicroStep = field(init=False)  # forward and loss, under autocast, compiled when train.compile is on
 
     def __post_init__(self) -> None:
+        autocast = autocast_context(self.accelerator)
+        backend = self.cfg.train.compile_backend if compiles(self.cfg) else None
+        self.micro_step = MicroStep(self.loss_fn, autocast, backend, self.fixed_shapes)
         if self.eval_fn is None:
             loss_fn = self.loss_fn
             self.eval_fn = lambda model, batches, acc: evaluate_language_model(model, batches, acc, loss_fn)
@@ -505,13 +512,13 @@ def _forward_backward(job: TrainJob, batch: dict[str, torch.Tensor], step_target
     acc, model = job.accelerator, job.model
     batch = {key: value.to(acc.device, non_blocking=True) for key, value in batch.items() if key not in NOT_ON_DEVICE}
     if uses_deepspeed(acc):  # DeepSpeed reduces the gradients itself at the boundary of the step
-        nll_sum, _ = job.loss_fn(_forward(job, batch), batch)
+        nll_sum, _ = job.micro_step(model, batch)
         loss = nll_sum * acc.num_processes / step_targets
         model.set_gradient_accumulation_boundary(last)
         model.backward(loss, scale_wrt_gas=False)  # the loss is already normalized for the step
     else:
         with nullcontext() if last or acc.num_processes == 1 else acc.no_sync(model):
-            nll_sum, _ = job.loss_fn(_forward(job, batch), batch)
+            nll_sum, _ = job.micro_step(model, batch)
             loss = nll_sum * acc.num_processes / step_targets
             acc.backward(loss)
     return loss.detach() / acc.num_processes
@@ -525,27 +532,6 @@ def _on_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str
         return batch
     return {key: value if key in NOT_ON_DEVICE else value.pin_memory().to(device, non_blocking=True)
             for key, value in batch.items()}  # fmt: skip
-
-
-def _forward(job: TrainJob, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """The model's output for the loss. A compiled model whose compilation fails (no C++ compiler, an unsupported
-    op) falls back to eager once, with one line; the failed forward computed nothing, so the step stays exact."""
-    try:
-        return job.model(**model_inputs(batch)).logits
-    except Exception as exc:
-        if not (hasattr(job.model, "_orig_mod") and _compile_failure(exc)):
-            raise
-        reason = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
-        info(f"torch.compile failed ({type(exc).__name__}: {reason}); training eagerly (--no-compile skips it)")
-        job.model = job.model._orig_mod
-        return job.model(**model_inputs(batch)).logits
-
-
-def _compile_failure(exc: BaseException) -> bool:
-    from torch._dynamo.exc import TorchDynamoException
-    from torch._inductor.exc import InductorError
-
-    return isinstance(exc, TorchDynamoException | InductorError)
 
 
 def _report_spike(
@@ -645,13 +631,7 @@ def _agree(acc: Any, reason: str | None) -> str | None:
     return "signal on another process" if signalled else ("time limit" if timed_out else None)
 
 
-MODEL_INPUTS = ("input_ids", "attention_mask", "position_ids")
 NOT_ON_DEVICE = ("sample_indices", "num_tokens")
-
-
-def model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """What the model's forward takes; labels stay with the loop, which computes the loss itself."""
-    return {key: value for key, value in batch.items() if key in MODEL_INPUTS}
 
 
 class DataTrace:
@@ -713,9 +693,11 @@ def evaluate_loss(
     model.eval()
     total = torch.zeros((), device=acc.device, dtype=torch.float64)
     count = torch.zeros((), device=acc.device, dtype=torch.float64)
+    autocast = autocast_context(acc)
     for batch in batches:
         batch = {key: value.to(acc.device) for key, value in batch.items() if key not in NOT_ON_DEVICE}
-        nll_sum, targets = loss_fn(model(**model_inputs(batch)).logits, batch)
+        with autocast():
+            nll_sum, targets = loss_fn(model(**model_inputs(batch)).logits, batch)
         total += nll_sum.double()
         count += targets.double()
     model.train()

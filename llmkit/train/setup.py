@@ -5,7 +5,8 @@ from __future__ import annotations
 import math
 import os
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +16,7 @@ from llmkit.config import OptimizerConfig, RunConfig, TrainConfig
 from llmkit.errors import UserError
 from llmkit.train.strategies import (
     check_available,
+    compiles,
     deepspeed_config,
     fsdp_plugin,
     offloads_optimizer,
@@ -72,11 +74,10 @@ def make_accelerator(cfg: RunConfig) -> Any:
         use_deterministic_kernels()
     autocast = autocast_precision(cfg)  # fp8: bf16, and apply_float8 converts the body's linear layers
     mixed = "no" if autocast == "fp32" else autocast
-    compiled = cfg.train.compile is True or (cfg.train.compile == "auto" and cuda and not wants_deepspeed(cfg))
-    kwargs: dict[str, Any] = {"mixed_precision": mixed, "dynamo_backend": "inductor" if compiled else "no"}
+    # llmkit compiles the training step itself (llmkit.train.step); Accelerate's compiled wrapper would rename
+    # every key of every saved state dict.
+    kwargs: dict[str, Any] = {"mixed_precision": mixed, "dynamo_backend": "no"}
     if wants_deepspeed(cfg):
-        if cfg.train.compile is True:
-            raise UserError("train.compile is not supported with DeepSpeed strategies yet; leave --compile off")
         if not under_launcher():
             raise UserError(
                 f"distributed.strategy={cfg.distributed.strategy} runs under a launcher: add --num-processes N "
@@ -130,16 +131,15 @@ def uses_deepspeed(accelerator: Any) -> bool:
 
 
 def apply_kernels(model: Any, cfg: RunConfig) -> bool:
-    """model.kernels: patch Liger's Triton kernels (RMSNorm, SwiGLU, RoPE) into this model; True when applied.
+    """model.kernels: patch Liger's Triton kernels (RMSNorm, SwiGLU) into this model; True when applied.
 
     Call before LoRA adapters are attached (they wrap the projections the fused MLP calls). auto applies them on
     CUDA when liger-kernel is installed and knows the architecture; liger insists, with one line when it cannot.
     """
     import importlib.util
 
-    if cfg.model.kernels == "none":
+    if cfg.model.kernels == "none" or compiles(cfg):  # compile fuses these layers itself
         return False
-    model_type = getattr(model.config, "model_type", None)
     problem = None
     if not use_cuda(cfg):
         problem = "needs a CUDA GPU (Triton kernels)"
@@ -148,6 +148,7 @@ def apply_kernels(model: Any, cfg: RunConfig) -> bool:
     else:
         from liger_kernel.transformers.monkey_patch import MODEL_TYPE_TO_APPLY_LIGER_FN
 
+        model_type = getattr(model.config, "model_type", None)
         if model_type not in MODEL_TYPE_TO_APPLY_LIGER_FN:
             problem = f"has no kernels for model type {model_type}"
     if problem is not None:
@@ -156,10 +157,29 @@ def apply_kernels(model: Any, cfg: RunConfig) -> bool:
         return False
     from liger_kernel.transformers.monkey_patch import _apply_liger_kernel_to_instance
 
-    # The loss is llmkit's (language_model_loss), so Liger's patched forward and cross-entropy stay off.
-    _apply_liger_kernel_to_instance(model, rope=True, rms_norm=True, swiglu=True, layer_norm=True, geglu=True,
-                                    cross_entropy=False, fused_linear_cross_entropy=False)  # fmt: skip
+    # The loss is llmkit's (language_model_loss), so Liger's patched forward and cross-entropy stay off. RoPE stays
+    # PyTorch's: Liger patches it as a function of the modeling module, which no instance patch can limit.
+    with module_globals_kept(type(model).__module__):
+        _apply_liger_kernel_to_instance(model, rope=False, rms_norm=True, swiglu=True, layer_norm=True, geglu=True,
+                                        cross_entropy=False, fused_linear_cross_entropy=False)  # fmt: skip
     return True
+
+
+@contextmanager
+def module_globals_kept(module_name: str) -> Iterator[None]:
+    """Undo, on the way out, whatever the block rebinds in a module's namespace (Liger's apply functions replace
+    a modeling module's classes and functions for the whole process, so a model built later, on the CPU by an
+    export, would run Triton kernels); patches of one model instance stay."""
+    import sys
+
+    namespace = vars(sys.modules[module_name])
+    saved = dict(namespace)
+    try:
+        yield
+    finally:
+        for name in [name for name in namespace if name not in saved]:
+            del namespace[name]
+        namespace.update(saved)
 
 
 def autocast_precision(cfg: RunConfig) -> str:

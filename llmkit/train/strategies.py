@@ -58,6 +58,29 @@ def use_cuda(cfg: RunConfig) -> bool:
     return cfg.distributed.device != "cpu" and torch.cuda.is_available()
 
 
+def compiles(cfg: RunConfig, cuda: bool | None = None) -> bool:
+    """Whether the training step is compiled (train.compile): auto compiles on CUDA GPUs for plain and data-parallel
+    runs, unless the recipe asks for Liger's kernels by name (compile fuses the same layers itself, and traces
+    Liger's Triton kernels badly). DeepSpeed and FSDP wrap the model in ways the compiled step is not tested with.
+    `cuda`: decide for a machine with (True) or without CUDA GPUs rather than this one (`llmkit plan`)."""
+    wanted = cfg.train.compile
+    sharded = cfg.distributed.strategy == "fsdp" or wants_deepspeed(cfg)
+    if wanted is True and sharded:
+        raise UserError(
+            f"train.compile is not supported with distributed.strategy={cfg.distributed.strategy} yet; "
+            "leave --compile off"
+        )
+    if wanted is True and cfg.model.kernels == "liger":
+        raise UserError(
+            "model.kernels=liger and train.compile both fuse the model's layers and do not mix; choose one "
+            "(--no-compile, or model.kernels=auto)"
+        )
+    if wanted == "auto":
+        on_gpu = use_cuda(cfg) if cuda is None else cuda and cfg.distributed.device != "cpu"
+        return on_gpu and not sharded and cfg.model.kernels != "liger"
+    return bool(wanted)
+
+
 def check_available(cfg: RunConfig, world_size: int = 1, finetuning: bool = False, local_processes: int = 1) -> None:
     """Refuse what cannot run, before any process is launched (an error in every rank is harder to read)."""
     gpus = torch.cuda.device_count() if cfg.distributed.device != "cpu" else 0  # counts without initializing CUDA
@@ -74,6 +97,7 @@ def check_available(cfg: RunConfig, world_size: int = 1, finetuning: bool = Fals
             "distributed.strategy=fsdp needs CUDA GPUs (Accelerate runs FSDP on GPUs only); on CPU use zero3, "
             "which shards weights, gradients and optimizer states the same way"
         )
+    compiles(cfg)  # refuses what cannot be compiled
     if cfg.precision.dtype == "fp8":
         check_float8(cfg, finetuning)
     if cfg.distributed.strategy in ZERO_STAGES or cfg.distributed.deepspeed_config is not None:

@@ -36,8 +36,8 @@ from llmkit.data.formats import Example, RowFormats, read_text, read_turns
 from llmkit.data.templates import Encoded, encode_example
 from llmkit.errors import UserError
 from llmkit.losses import IGNORE
-from llmkit.train.loop import model_inputs
 from llmkit.train.packing import collate_rows, first_fit_decreasing
+from llmkit.train.step import model_inputs
 from llmkit.train.tasks.base import Collate, Task, TaskData, data_fingerprint, split_examples
 
 REFERENCE_FILE = "reference_logps.npy"
@@ -238,18 +238,17 @@ def sequence_logps(logits: torch.Tensor, batch: dict[str, torch.Tensor]) -> tupl
     """(summed log-prob of each sequence's trained tokens, their count), float32, in the order of `sequence`.
 
     Position t predicts token t+1; the softmax is taken in float32 a slice of rows at a time."""
-    targets, owner = batch["labels"][:, 1:], batch["sequence"][:, 1:]
+    # The targets are shifted, not the logits (a slice of them would copy the largest tensor); chunks are split off
+    # by a row count fixed by the vocabulary, so a compiled graph keeps the batch's lengths symbolic.
+    targets = F.pad(batch["labels"][:, 1:], (0, 1), value=IGNORE).flatten()
+    owner = F.pad(batch["sequence"][:, 1:], (0, 1), value=-1).flatten()
     sequences = 2 * batch["pair_ids"].numel()
-    token_logps = []
-    step = max(1, 2**26 // max(1, logits.shape[1] * logits.shape[2]))
-    for start in range(0, logits.shape[0], step):
-        chunk = logits[start : start + step, :-1].float()
-        nll = F.cross_entropy(chunk.flatten(0, 1), targets[start : start + step].flatten(), ignore_index=IGNORE,
-                              reduction="none")  # fmt: skip
-        token_logps.append(-nll)
-    logps = torch.cat(token_logps)
-    trained = (targets.flatten() != IGNORE) & (owner.flatten() >= 0)
-    index = owner.flatten().clamp(min=0)
+    step = max(1, 2**26 // logits.shape[-1])
+    flat = logits.flatten(0, 1)
+    logps = torch.cat([-F.cross_entropy(rows.float(), row_targets, ignore_index=IGNORE, reduction="none")
+                       for rows, row_targets in zip(flat.split(step), targets.split(step), strict=True)])  # fmt: skip
+    trained = (targets != IGNORE) & (owner >= 0)
+    index = owner.clamp(min=0)
     sums = torch.zeros(sequences, device=logits.device).index_add(0, index, torch.where(trained, logps, 0.0))
     counts = torch.zeros(sequences, device=logits.device).index_add(0, index, trained.float())
     return sums, counts

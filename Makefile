@@ -8,13 +8,16 @@ DEMO_DIR ?= demo-out
 # Test files run on this many worker processes (pytest-xdist), a file's tests on one worker with its fixtures.
 TEST_WORKERS ?= 2
 
-.PHONY: install demo test lint format docs clean
+EXTRAS := dev,deepspeed,eval,export,trackers,serve,ray
 
-$(BIN)/llmkit: pyproject.toml
+.PHONY: install demo test test-latest lock lint format docs clean
+
+# constraints.txt holds the tested version of everything else `make` installs (see its header).
+$(BIN)/llmkit: pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet "$(TORCH_SPEC)"
-	$(BIN)/python -m pip install --quiet -e ".[dev,deepspeed,eval,export,trackers,serve,ray]"
+	$(BIN)/python -m pip install --quiet --constraint constraints.txt -e ".[$(EXTRAS)]"
 	touch $(BIN)/llmkit
 
 install: $(BIN)/llmkit
@@ -28,6 +31,25 @@ demo: install
 
 test: install
 	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile
+
+# Before a release: the suite on the newest versions pyproject.toml allows (a venv of its own, no constraints).
+test-latest:
+	rm -rf .venv-latest && $(PYTHON) -m venv .venv-latest
+	.venv-latest/bin/python -m pip install --quiet --upgrade pip
+	.venv-latest/bin/python -m pip install --quiet "$(TORCH_SPEC)"
+	.venv-latest/bin/python -m pip install --quiet --upgrade -e ".[$(EXTRAS)]"
+	.venv-latest/bin/python -m pip freeze --exclude-editable > .venv-latest/versions.txt
+	.venv-latest/bin/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile
+
+# Move constraints.txt to the newest versions pyproject.toml allows; then `make test`, and commit if it is green.
+lock:
+	rm -rf .venv-lock && $(PYTHON) -m venv .venv-lock
+	.venv-lock/bin/python -m pip install --quiet --upgrade pip
+	.venv-lock/bin/python -m pip install --quiet "$(TORCH_SPEC)"
+	.venv-lock/bin/python -m pip install --quiet -e ".[$(EXTRAS)]"
+	sed -n '/^#/p' constraints.txt > constraints.new
+	.venv-lock/bin/python -m pip freeze --exclude-editable | grep -v '^torch==' >> constraints.new
+	mv constraints.new constraints.txt && rm -rf .venv-lock
 
 lint: install
 	$(BIN)/ruff check llmkit tests bench
@@ -43,4 +65,4 @@ docs: install
 	$(BIN)/python -c "from pathlib import Path; from llmkit.train.strategies import write_templates; write_templates(Path('recipes/deepspeed'))"
 
 clean:
-	rm -rf $(DEMO_DIR) .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(DEMO_DIR) .pytest_cache .mypy_cache .ruff_cache .venv-latest .venv-lock

@@ -313,14 +313,9 @@ def test_loader_position_restores_exactly_and_covers_each_epoch(tiny_dataset: Pa
     assert np.array_equal(together, BlockLoader(split, micro_batch_size=4, seed=3).next_indices())
 
 
-@pytest.mark.parametrize(
-    ("lever", "tolerance"),
-    [(["--gradient-checkpointing"], 1e-6), (["--compile"], 1e-4)],
-    ids=["gradient-checkpointing", "compile"],
-)
-def test_memory_and_speed_levers_keep_the_losses(
-    lever: list[str], tolerance: float, tiny_dataset: Path, tmp_path: Path
-) -> None:
+def test_gradient_checkpointing_keeps_the_losses(tiny_dataset: Path, tmp_path: Path) -> None:
+    """(torch.compile's losses and artifacts are checked in tests/test_gpu_defaults*.py.)"""
+    lever, tolerance = ["--gradient-checkpointing"], 1e-6
     common = [
         "--set",
         "logging.every_steps=1",
@@ -336,7 +331,8 @@ def test_memory_and_speed_levers_keep_the_losses(
     assert [r["loss"] for r in read_metrics(tmp_path / "lever") if "loss" in r] == pytest.approx(
         expected, rel=tolerance
     )
-    assert AutoModelForCausalLM.from_pretrained(tmp_path / "lever" / "final") is not None  # saves unwrapped weights
+    _, info = AutoModelForCausalLM.from_pretrained(tmp_path / "lever" / "final", output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"], info
 
 
 def test_a_failed_compilation_falls_back_to_eager_in_one_line(tiny_dataset: Path, tmp_path: Path) -> None:

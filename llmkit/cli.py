@@ -17,7 +17,7 @@ from typing import Annotated, Any, TypeVar
 
 import typer
 
-from llmkit.errors import GATE_FAILED_EXIT, PREEMPTED_EXIT, UserError, parse_duration
+from llmkit.errors import GATE_FAILED_EXIT, PREEMPTED_EXIT, UserError, parse_duration, shorten
 
 app = typer.Typer(
     name="llmkit",
@@ -142,7 +142,7 @@ def user_errors_exit_2(fn: F) -> F:
         try:
             return fn(*args, **kwargs)
         except UserError as exc:
-            _exit(f"error: {' '.join(str(exc).split())}", exc.exit_code)
+            _exit(f"error: {shorten(' '.join(str(exc).split()), 1000)}", exc.exit_code)
         except OSError as exc:
             message = environment_error(exc)
             if message is None:
@@ -239,7 +239,7 @@ def data_prep_command(
     mixing are data.* settings (docs/data-prep.md; --config curate-web turns on the web set). Same inputs and
     settings reuse the existing output; changed inputs rebuild it; an interrupted run resumes its finished shards.
     """
-    from llmkit.config import load_config
+    from llmkit.config import input_paths, load_config
     from llmkit.data.prep import prepare_dataset
     from llmkit.reports import print_prep_summary
 
@@ -256,7 +256,8 @@ def data_prep_command(
         "data.seed": seed,
     }
     cfg = load_config(config, overrides, flags)
-    print_prep_summary(prepare_dataset(cfg.data, cfg.data.dataset_dir, overwrite=overwrite))
+    recipe = input_paths(cfg, skip=["data.dataset_dir"])  # the recipe file among them
+    print_prep_summary(prepare_dataset(cfg.data, cfg.data.dataset_dir, overwrite=overwrite, reads=recipe))
 
 
 @app.command("pretrain")
@@ -773,8 +774,13 @@ def serve_command(
         str | None, typer.Option(help="The model name clients send (default: the directory's name).")
     ] = None,
     api_key: Annotated[
-        str | None, typer.Option(envvar="LLMKIT_API_KEY", help="Require Authorization: Bearer KEY (401 without).")
+        str | None,
+        typer.Option(
+            help="Require Authorization: Bearer KEY (401 without); other users see it in ps: prefer "
+            "LLMKIT_API_KEY or --api-key-file."
+        ),
     ] = None,
+    api_key_file: Annotated[Path | None, typer.Option(help="Read the API key from this file (its first line).")] = None,
     max_batch: Annotated[int, typer.Option(help="Requests generating at once (continuous batching).")] = 32,
     max_queue: Annotated[int, typer.Option(help="Requests waiting beyond those; more get 429.")] = 256,
     max_prompt_tokens: Annotated[
@@ -783,6 +789,7 @@ def serve_command(
     max_tokens: Annotated[int | None, typer.Option(help="Largest max_tokens a request may ask for.")] = None,
     default_max_tokens: Annotated[int, typer.Option(help="New tokens when a request names none.")] = 256,
     request_timeout: Annotated[float, typer.Option(help="Seconds before a request is cancelled (504).")] = 600.0,
+    max_body_bytes: Annotated[int, typer.Option(help="Largest request body read (413 beyond).")] = 4 * 2**20,
     request_log: Annotated[Path, typer.Option(help="JSONL log of every request (timings, tokens).")] = REQUEST_LOG,
     log_prompts: Annotated[
         bool, typer.Option("--log-prompts", help="Also log prompt text (for `llmkit monitor` drift).")
@@ -796,10 +803,12 @@ def serve_command(
     Prometheus /metrics. A run, checkpoint, LoRA run, HF or GGUF export. SIGTERM drains and exits 0.
     """
     from llmkit.serve.requests import Limits
-    from llmkit.serve.server import serve
+    from llmkit.serve.server import api_key_from, serve
 
-    limits = Limits(max_batch, max_queue, max_prompt_tokens, max_tokens, default_max_tokens, request_timeout)
-    code = serve(model, host, port, model_name, api_key, limits, request_log, log_prompts, engine, tensor_parallel)
+    limits = Limits(max_batch, max_queue, max_prompt_tokens, max_tokens, default_max_tokens, request_timeout,
+                    max_body_bytes)  # fmt: skip
+    key = api_key_from(api_key, api_key_file)
+    code = serve(model, host, port, model_name, key, limits, request_log, log_prompts, engine, tensor_parallel)
     raise typer.Exit(code)
 
 
@@ -827,9 +836,11 @@ def monitor_command(
     p50/p95/p99 latency, time to first token and per token, error rate, tokens/s; prompt perplexity drift with
     --model. Exit codes: 0 every gate passed, 1 one failed, 2 bad input.
     """
+    from llmkit.outputs import check_report_paths
     from llmkit.reports import print_monitor_report
     from llmkit.serve.monitor import monitor
 
+    check_report_paths([report, markdown, junit], [source, model])
     result = monitor(source, since, model, list(gate or []), max_prompts)
     print_monitor_report(result)
     _finish_checks(result, report, markdown, junit)

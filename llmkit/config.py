@@ -8,13 +8,27 @@ Every field's description is the documentation of that key (`llmkit config show`
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from llmkit.errors import UserError, did_you_mean
+
+# Marks a field that names a path the commands read (model, data, tokenizer, teacher, cache, task files): what
+# `input_paths` collects, so an output directory can never swallow one of them (llmkit.outputs.check_output).
+READS: dict[str, Any] = {"reads": True}
 
 
 class Section(BaseModel):
@@ -42,6 +56,7 @@ class ModelConfig(Section):
     init_from: str | None = Field(
         None,
         description="Continue from an existing HF model (local directory or hub name) instead of building.",
+        json_schema_extra=READS,
     )
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = Field(
         "sdpa", description="Attention kernel; sdpa uses PyTorch's fused attention."
@@ -135,6 +150,7 @@ class DecontaminateConfig(Section):
         description="Evaluation sets whose items must not appear in training: llmkit eval task files (YAML), item "
         "files (.jsonl/.json/.csv/.parquet), or harness:NAME / harness:FILE.yaml for lm-evaluation-harness tasks whose "
         "data is on disk.",
+        json_schema_extra=READS,
     )
     ngrams: int = Field(13, ge=3, description="Words in a shared n-gram that counts as contamination.")
     min_words: int = Field(
@@ -152,6 +168,7 @@ class DataConfig(Section):
         default_factory=lambda: ["builtin:stories"],
         description="Files, globs or folders (.txt .jsonl .json .csv .parquet), 'hf:NAME' hub datasets, "
         "or 'builtin:stories' (the built-in corpus with a known entropy).",
+        json_schema_extra=READS,
     )
     text_field: str = Field("text", description="Column or key holding the text in jsonl/json/csv/parquet.")
     encoding: str = Field(
@@ -161,9 +178,13 @@ class DataConfig(Section):
         "file",
         description="How a .txt file splits into documents: whole file, each line, or blank-line blocks.",
     )
-    dataset_dir: str = Field("data/dataset", description="Prepared dataset directory (data-prep writes it).")
+    dataset_dir: str = Field(
+        "data/dataset", description="Prepared dataset directory (data-prep writes it).", json_schema_extra=READS
+    )
     tokenizer: str | None = Field(
-        None, description="Existing tokenizer (HF directory or hub name); unset trains a byte-level BPE."
+        None,
+        description="Existing tokenizer (HF directory or hub name); unset trains a byte-level BPE.",
+        json_schema_extra=READS,
     )
     vocab_size: int = Field(8192, ge=260, description="Vocabulary size when training a tokenizer.")
     block_size: int = Field(256, ge=8, description="Tokens per packed training sequence.")
@@ -334,6 +355,7 @@ class DistributedConfig(Section):
     deepspeed_config: str | None = Field(
         None,
         description="Your DeepSpeed JSON (start from recipes/deepspeed/); 'auto' values are filled from the recipe.",
+        json_schema_extra=READS,
     )
     device: Literal["auto", "cpu"] = Field(
         "auto",
@@ -426,7 +448,9 @@ class FinetuneConfig(Section):
     columns: dict[str, str] = Field(
         default_factory=dict, description="Rename your fields to llmkit's: {instruction: question, output: answer}."
     )
-    val_file: str | None = Field(None, description="Validation file; unset holds out data.val_fraction of rows.")
+    val_file: str | None = Field(
+        None, description="Validation file; unset holds out data.val_fraction of rows.", json_schema_extra=READS
+    )
     max_length: int = Field(1024, ge=8, description="Longest example in tokens; longer ones are truncated.")
     chat_template: Literal["auto", "chatml", "llama3", "alpaca"] = Field(
         "auto", description="The tokenizer's own template (auto, falling back to chatml) or a built-in one."
@@ -452,7 +476,9 @@ class DistillConfig(Section):
     """Knowledge distillation: `pretrain` with a teacher, or `finetune --task distill` (docs/compression.md)."""
 
     teacher: str | None = Field(
-        None, description="Teacher model (run directory, model directory or hub name) with the student's tokenizer."
+        None,
+        description="Teacher model (run directory, model directory or hub name) with the student's tokenizer.",
+        json_schema_extra=READS,
     )
     loss: Literal["forward_kl", "reverse_kl", "jsd"] = Field(
         "forward_kl", description="Divergence: KL(teacher||student), KL(student||teacher) or generalized JSD."
@@ -463,7 +489,11 @@ class DistillConfig(Section):
     top_k: int | None = Field(
         None, ge=1, description="Cache the teacher's top-k log-probs on disk in one pass (unset: teacher runs live)."
     )
-    cache: str | None = Field(None, description="Top-k cache directory to reuse or create (unset: RUN/teacher_cache).")
+    cache: str | None = Field(
+        None,
+        description="Top-k cache directory to reuse or create (unset: RUN/teacher_cache).",
+        json_schema_extra=READS,
+    )
     on_policy: float = Field(
         0.0, ge=0, le=1, description="Task distill: share of micro-batches whose answers the student samples itself."
     )
@@ -471,6 +501,8 @@ class DistillConfig(Section):
 
 class RunConfig(Section):
     """A whole recipe: everything data-prep and pretrain need."""
+
+    _recipe: str | None = PrivateAttr(default=None)  # the recipe file it was read from, if any
 
     about: str = Field(
         "", description="What this recipe is for; the hardware it expects (after '; ', listed by `llmkit recipes`)."
@@ -544,7 +576,30 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
         return {}
     if not isinstance(raw, dict):
         raise UserError(f"{path}: a config file must be a mapping of sections, got {type(raw).__name__}")
+    if _values_beyond(raw, MAX_RECIPE_VALUES):
+        raise UserError(
+            f"{path}: its YAML aliases expand to more than {MAX_RECIPE_VALUES:,} values; a recipe is a few hundred "
+            "(write the values out, or use fewer nested aliases)"
+        )
     return raw
+
+
+MAX_RECIPE_VALUES = 100_000  # a recipe holds hundreds; aliases of aliases can make a few bytes billions
+
+
+def _values_beyond(node: Any, limit: int) -> bool:
+    """Whether `node`, with every alias expanded, holds more than `limit` values (stops counting there)."""
+    count, stack = 0, [node]
+    while stack:
+        item = stack.pop()
+        count += 1
+        if count > limit:
+            return True
+        if isinstance(item, dict):
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+    return False
 
 
 def read_json_mapping(path: str | Path, missing: str) -> dict[str, Any]:
@@ -584,8 +639,31 @@ def apply_override(raw: dict[str, Any], assignment: str) -> None:
     node[parts[-1]] = value
 
 
+def _tensorboard_to_report_to(section: dict[str, Any], value: Any) -> str:
+    trackers = [t for t in section.get("report_to", ["tensorboard"]) if t != "tensorboard"]
+    section["report_to"] = ["tensorboard", *trackers] if value else trackers
+    return f"logging.report_to: {section['report_to']}"
+
+
+# Keys old recipes still use: (section, old key) -> how to read it into today's keys, returning what it became.
+RENAMED: dict[tuple[str, str], Any] = {("logging", "tensorboard"): _tensorboard_to_report_to}
+
+
+def _read_renamed(raw: dict[str, Any], source: str) -> None:
+    """Rewrite renamed keys in place, with one deprecation line each on stderr (an old recipe keeps working)."""
+    import sys
+
+    for (section, key), convert in RENAMED.items():
+        values = raw.get(section)
+        if isinstance(values, dict) and key in values:
+            became = convert(values, values.pop(key))
+            print(f"note: {source}: {section}.{key} is deprecated, read as {became}; update the recipe",
+                  file=sys.stderr)  # fmt: skip
+
+
 def build_config(raw: dict[str, Any], source: str = "config") -> RunConfig:
     """Validate a raw mapping into a RunConfig; errors name the dotted key and suggest the closest one."""
+    _read_renamed(raw, source)
     try:
         return RunConfig.model_validate(raw)
     except ValidationError as exc:
@@ -602,7 +680,41 @@ def load_config(
     for key, value in (flags or {}).items():
         if value is not None:
             apply_override(raw, f"{key}={yaml.safe_dump(value, default_flow_style=True).strip()}")
-    return build_config(raw, str(path) if path is not None else "config")
+    config = build_config(raw, str(path) if path is not None else "config")
+    if path is not None:
+        config._recipe = str(yaml_path(path))
+    return config
+
+
+def input_paths(config: BaseModel, skip: Iterable[str] = ()) -> list[str]:
+    """Every path `config` makes a command read: the fields marked READS (dotted names in `skip` left out), with a
+    glob source read as the folder it starts in and 'harness:FILE' as the file; 'builtin:' and 'hf:' names are no
+    paths. A RunConfig read from a recipe file adds that file. Names that do not exist are left to the caller."""
+    skipped = set(skip)
+    found = [config._recipe] if isinstance(config, RunConfig) and config._recipe else []
+    for key, value in _marked(config, ""):
+        if key in skipped:
+            continue
+        for item in value if isinstance(value, list) else [value]:
+            if not isinstance(item, str) or item.startswith(("builtin:", "hf:")):
+                continue
+            if item.startswith("harness:"):  # a task by name, or the task file harness:FILE.yaml
+                item = item.removeprefix("harness:")
+                if not item.endswith((".yaml", ".yml")):
+                    continue
+            parts = Path(item).parts
+            literal = [part for part in parts if not any(char in part for char in "*?[")]
+            found.append(str(Path(*literal)) if len(literal) < len(parts) and literal else item)
+    return found
+
+
+def _marked(config: BaseModel, prefix: str) -> Iterator[tuple[str, Any]]:
+    for name, info in type(config).model_fields.items():
+        value = getattr(config, name)
+        if isinstance(value, BaseModel):
+            yield from _marked(value, f"{prefix}{name}.")
+        elif isinstance(info.json_schema_extra, dict) and info.json_schema_extra.get("reads") and value is not None:
+            yield f"{prefix}{name}", value
 
 
 SECRET_NAME = re.compile(r"(token|secret|password|api_?key)$", re.IGNORECASE)
@@ -634,8 +746,17 @@ def _describe(exc: ValidationError, source: str) -> str:
         return f"{source}: {message}"
     given = error.get("input")
     secret = SECRET_NAME.search(loc[-1])
-    shown = "" if isinstance(given, dict) or given is None or secret else f" (got {given!r})"
+    shown = "" if isinstance(given, dict) or given is None or secret else f" (got {_short_repr(given)})"
     return f"{source}: config key '{key}': {message}{shown}"
+
+
+def _short_repr(value: Any) -> str:
+    """A value for an error message, never longer than a line (a list may hold millions of items)."""
+    import reprlib
+
+    short = reprlib.Repr()
+    short.maxstring, short.maxother, short.maxlist, short.maxdict, short.maxlevel = 80, 80, 6, 6, 3
+    return short.repr(value)
 
 
 def _fields_at(path: list[str]) -> list[str]:

@@ -28,6 +28,15 @@ class TrainingDiverged(UserError):
     exit_code = DIVERGED_EXIT
 
 
+def shorten(text: str, limit: int = 400) -> str:
+    """`text` cut in the middle to at most about `limit` characters: a value a user (or a client) gave is echoed
+    in errors and logs, and it may be megabytes long."""
+    if len(text) <= limit:
+        return text
+    half = limit // 2
+    return f"{text[:half]} ...[{len(text) - 2 * half:,} characters cut]... {text[-half:]}"
+
+
 def closest(word: str, options: Iterable[str]) -> str | None:
     """The closest valid spelling of `word`, if one is close enough to suggest."""
     matches = difflib.get_close_matches(word, list(options), n=1, cutoff=0.6)

@@ -17,7 +17,7 @@ import torch
 from llmkit.data.tokenizer import load_tokenizer
 from llmkit.errors import UserError
 from llmkit.models import load_trained_model, model_context
-from llmkit.runs import find_tokenizer_dir, resolve_model_dir
+from llmkit.runs import find_tokenizer_dir, refuse_scoring_model, resolve_model_dir
 
 END_OF_TURN = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>")
 
@@ -121,6 +121,7 @@ class Generator:
 
 def load_generator(model_path: str | Path) -> Generator:
     model_dir = resolve_model_dir(model_path)
+    refuse_scoring_model(model_dir, "used to generate")
     tokenizer = load_tokenizer(find_tokenizer_dir(model_dir))
     model = load_trained_model(model_dir).eval()
     vocab = tokenizer.get_vocab()

@@ -1,7 +1,8 @@
 """Where a command writes: it never swallows what it reads, and one process at a time owns it.
 
 Every command that writes a directory (data-prep, pretrain, finetune, export) calls `check_output` with the
-paths it reads before it touches anything, and holds `output_lock` while it writes. The rule: no command may
+paths it reads before it touches anything, and holds `output_lock` while it writes; one that writes report files
+(eval, monitor) calls `check_report_paths`. The rule: no command may
 delete or overwrite anything it reads, or any folder that contains it, nor the directory the user stands in.
 """
 
@@ -15,6 +16,7 @@ import time
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
+from typing import Any
 
 from llmkit.errors import UserError
 
@@ -59,6 +61,18 @@ def check_writable(path: str | Path, flag: str = "--out") -> None:
         raise UserError(
             f"{flag} {path}: cannot write in {existing} (read-only or no permission); choose another {flag}"
         )
+
+
+def check_report_paths(reports: Iterable[Path | None], reads: Iterable[Any]) -> None:
+    """Every command that writes a report (eval, monitor) checks its paths first: a report is a file, not a folder,
+    never one of the command's inputs (a request log, an eval file), and not inside an existing file."""
+    for path in (path for path in reports if path is not None):
+        if path.is_dir():
+            raise UserError(f"{path}: is a folder; give a file name for the report (e.g. {path / 'report.json'})")
+        for read in reads:
+            if read is not None and Path(read).exists() and path.resolve() == Path(read).resolve():
+                raise UserError(f"{path}: is an input of this command; write the report elsewhere")
+        check_writable(path, "report")
 
 
 def lock_path(out: str | Path) -> Path:

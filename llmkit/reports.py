@@ -51,7 +51,13 @@ def print_prep_summary(result: Any) -> None:
         )
     entropy = manifest.get("entropy")
     if entropy:
-        rows.append(("entropy floor", f"{entropy['bits_per_char_expected']:.4f} bits/char (exact, from the grammar)"))
+        rows.append(
+            (
+                "entropy floor",
+                f"{entropy['bits_per_char_expected']:.4f} bits/char (the grammar's exact rate; a "
+                "split's own documents have a slightly different one, which eval uses)",
+            )
+        )
     if not result.reused and result.seconds:
         tokens = sum(info["tokens"] for info in manifest["splits"].values())
         rows.append(
@@ -117,7 +123,7 @@ def print_eval_report(report: dict[str, Any]) -> None:
         rows.append(
             (
                 "entropy floor",
-                f"{report['entropy_floor_bits_per_char']:.4f} bits/char "
+                f"{report['entropy_floor_bits_per_char']:.4f} bits/char of these very documents "
                 f"(model is {report['bits_per_char_over_floor']:.3f}x the floor)",
             )
         )
@@ -135,8 +141,9 @@ def print_export_report(report: dict[str, Any]) -> None:
         ("max |logit diff|", f"{report['max_abs_logit_diff']:.3g} vs source (limit {limits['max_logit_diff']:g})"),
         ("greedy agreement", f"{report['greedy_agreement']:.1%} of {report['probe_tokens']} probe tokens "
                              f"(at least {limits['min_greedy_agreement']:.0%})"),
-        ("perplexity", f"{report['exported_perplexity']:.4g} vs {report['source_perplexity']:.4g} "
-                       f"({report['perplexity_increase']:+.3%}; within +-{limits['max_ppl_increase']:.2%})"),
+        ("perplexity", f"{report['exported_perplexity']:.4g} vs {report['source_perplexity']:.4g} on the probe "
+                       f"({report['perplexity_increase']:+.3%}; within +-{limits['max_ppl_increase']:.2%}; the probe "
+                       "holds general sentences too, so it is higher than eval's on your data)"),
     ]  # fmt: skip
     if "pushed" in report:
         pushed = report["pushed"]

@@ -36,3 +36,36 @@ def find_tokenizer_dir(model_dir: Path) -> Path:
         if (candidate / "tokenizer_config.json").is_file() or (candidate / "tokenizer.json").is_file():
             return candidate
     return model_dir  # a hub name, or a directory without one: loading reports it
+
+
+def scoring_kind(model_dir: Path) -> str | None:
+    """ "a reward model" or "a classifier" when the directory's model scores text (a sequence-classification head:
+    `--task reward`, `--task classify`, any HF ...ForSequenceClassification), else None (a causal LM)."""
+    import json
+
+    config, adapter = model_dir / "config.json", model_dir / "adapter_config.json"
+    if adapter.is_file():
+        if json.loads(adapter.read_text(encoding="utf-8")).get("task_type") != "SEQ_CLS":
+            return None
+        import yaml
+
+        run_config = model_dir.parent / "config.yaml"
+        saved = yaml.safe_load(run_config.read_text(encoding="utf-8")) if run_config.is_file() else None
+        task = ((saved or {}).get("finetune") or {}).get("task")
+        return "a reward model" if task == "reward" else "a classifier"
+    if not config.is_file():
+        return None
+    mapping = json.loads(config.read_text(encoding="utf-8"))
+    if not any(name.endswith("ForSequenceClassification") for name in mapping.get("architectures") or []):
+        return None
+    labels = dict(mapping.get("id2label") or {})
+    return "a reward model" if len(labels) == 1 and labels.get("0") == "reward" else "a classifier"
+
+
+def refuse_scoring_model(model_dir: Path, doing: str) -> None:
+    """A command that needs a language model, given a model that scores text: one line (generating with one printed
+    token soup; exporting one dropped its trained head while the parity check passed)."""
+    kind = scoring_kind(model_dir)
+    if kind is not None:
+        raise UserError(f"{model_dir}: {kind} scores text and does not generate it, so it cannot be {doing}; "
+                        "score with `llmkit eval` on the run")  # fmt: skip

@@ -43,6 +43,7 @@ class Server:
             match = re.search(r"at (http://127\.0\.0\.1:(\d+)/v1)", first)
             assert match, first
             self.url, self.port = match.group(1), int(match.group(2))
+            self.started = first + self.process.stdout.readline()  # and whether an API key is required
             if ready:
                 self.wait_ready()
         except AssertionError:

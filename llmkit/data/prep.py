@@ -18,7 +18,7 @@ import multiprocessing
 import shutil
 import time
 from collections import Counter, deque
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from itertools import chain
 from pathlib import Path
@@ -28,7 +28,7 @@ import numpy as np
 
 from llmkit import __version__
 from llmkit.atomic import atomic_directory, remove_stale_staging, write_json
-from llmkit.config import DataConfig
+from llmkit.config import DataConfig, input_paths
 from llmkit.console import console, progress_bar
 from llmkit.data import curate
 from llmkit.data.corpus import BUILTIN_CORPORA, entropy_rate
@@ -87,16 +87,20 @@ class PrepResult:
     shards_reused: int = 0  # curated by an earlier run that was interrupted
 
 
-def prepare_dataset(cfg: DataConfig, out: str | Path, overwrite: bool = False) -> PrepResult:
+def prepare_dataset(
+    cfg: DataConfig, out: str | Path, overwrite: bool = False, reads: Iterable[str | Path] = ()
+) -> PrepResult:
     """Build (or reuse) the prepared dataset for `cfg` at `out`.
 
-    `out` never swallows an input: it may not be a source file, a folder holding one, the tokenizer, or the
-    current directory; a folder of sources may hold it (llmkit outputs inside a source folder are skipped).
+    `out` never swallows an input: it may not be a source file, a folder holding one, the tokenizer, a task file,
+    anything in `reads` (the recipe), or the current directory; a folder of sources may hold it (llmkit outputs
+    inside a source folder are skipped).
     """
     out = Path(out)
     groups = [resolve_sources([spec], skip=[out]) for spec in cfg.sources]
     sources = [source for group in groups for source in group]
-    check_output(out, [s.name for s in sources if s.kind == "file"] + [cfg.tokenizer])
+    files = [s.name for s in sources if s.kind == "file"]
+    check_output(out, [*files, *input_paths(cfg, skip=["dataset_dir", "sources"]), *reads])
     with output_lock(out):
         try:
             return _prepare(cfg, out, groups, overwrite)

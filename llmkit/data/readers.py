@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import codecs
 import csv
-import glob
 import importlib
 import io
 import json
 import os
+import re
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -108,11 +108,67 @@ def _inside(path: Path, skip: list[Path]) -> bool:
     )
 
 
+def _glob(spec: str) -> list[Path]:
+    """The files a glob pattern names (`**` for any folders below; names starting with a dot only when the pattern
+    says so), each real file once: symlinked folders are followed, never into a folder already visited (a link
+    loop made Python's glob run for minutes), and two names of one file count as one."""
+    parts = Path(spec).parts
+    fixed = next((i for i, part in enumerate(parts) if any(ch in part for ch in "*?[")), len(parts))
+    root = Path(*parts[:fixed]) if fixed else Path(".")
+    pattern = re.compile(_glob_regex(parts[fixed:]))
+    depth = None if "**" in parts[fixed:] else len(parts) - fixed - 1  # folders below the root to look into
+    found, seen_folders, seen_files = [], set(), set()
+    for here, dirs, files in os.walk(root, followlinks=True):
+        real = os.path.realpath(here)
+        below = len(Path(here).relative_to(root).parts)
+        if real in seen_folders or (depth is not None and below > depth):
+            dirs[:] = []
+            continue
+        seen_folders.add(real)
+        dirs.sort()
+        for name in sorted(files):
+            path = Path(here) / name
+            if pattern.fullmatch(path.relative_to(root).as_posix()) and path.is_file():
+                key = os.path.realpath(path)
+                if key not in seen_files:
+                    seen_files.add(key)
+                    found.append(path)
+    return sorted(found)
+
+
+def _glob_regex(parts: tuple[str, ...]) -> str:
+    """A regular expression for the relative paths a glob's parts match, as `glob.glob(recursive=True)` does."""
+    regex = ""
+    for i, part in enumerate(parts):
+        last = i == len(parts) - 1
+        if part == "**":
+            regex += "(?:(?!\\.)[^/]+/)*" + ("(?!\\.)[^/]*" if last else "")  # folders not hidden
+            continue
+        hidden_ok = part.startswith(".")
+        segment = "" if hidden_ok else "(?!\\.)"
+        j = 0
+        while j < len(part):
+            char = part[j]
+            close = part.find("]", j + 2) if char == "[" else -1
+            if char == "*":
+                segment += "[^/]*"
+            elif char == "?":
+                segment += "[^/]"
+            elif close != -1:
+                body = part[j + 1 : close]
+                segment += "[" + ("^" + body[1:] if body.startswith("!") else body).replace("\\", "\\\\") + "]"
+                j = close
+            else:
+                segment += re.escape(char)
+            j += 1
+        regex += segment + ("" if last else "/")
+    return regex
+
+
 def _file_sources(spec: str, skip: list[Path]) -> list[Source]:
     path = Path(spec)
     if any(ch in spec for ch in "*?["):
-        paths = sorted(Path(p) for p in glob.glob(spec, recursive=True) if Path(p).is_file())
-        paths = [p for p in paths if not _inside(p, skip)]
+        paths = [p for p in _glob(spec) if not _inside(p, skip)]
         if not paths:
             raise UserError(f"{spec}: no files match this pattern")
     elif path.is_dir():
@@ -207,10 +263,54 @@ def open_bytes(path: Path) -> BinaryIO:
     if module is None:
         return path.open("rb")
     if module == "zstandard":
+        return io.BufferedReader(_ZstdFrames(path), buffer_size=1 << 20)
+    return importlib.import_module(module).open(path, "rb")
+
+
+class _ZstdFrames(io.RawIOBase):
+    """A .zst file's bytes, frame after frame. A file that ends inside a frame raises EOFError, as gzip, bz2 and
+    lzma do (zstandard's own stream reader returns what it has and stops: a truncated file read as shorter, or as
+    empty)."""
+
+    def __init__(self, path: Path) -> None:
         import zstandard
 
-        return zstandard.ZstdDecompressor().stream_reader(path.open("rb"), closefd=True)
-    return importlib.import_module(module).open(path, "rb")
+        self.file = path.open("rb")
+        self.decompressor = zstandard.ZstdDecompressor()
+        self.frame = self.decompressor.decompressobj()
+        self.inside = False  # the current frame has had input and not ended
+        self.pending = b""
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        while not self.pending:
+            chunk = self.file.read(1 << 20)
+            if not chunk:
+                if self.inside:
+                    raise EOFError("the file ends inside a zstd frame")
+                return 0
+            self.pending = self._decompress(chunk)
+        size = min(len(buffer), len(self.pending))
+        buffer[:size] = self.pending[:size]
+        self.pending = self.pending[size:]
+        return size
+
+    def _decompress(self, chunk: bytes) -> bytes:
+        out = []
+        while chunk:
+            self.inside = True
+            out.append(self.frame.decompress(chunk))
+            if not self.frame.eof:
+                break
+            chunk, self.inside = self.frame.unused_data, False
+            self.frame = self.decompressor.decompressobj()
+        return b"".join(out)
+
+    def close(self) -> None:
+        self.file.close()
+        super().close()
 
 
 def read_bytes(path: Path) -> bytes:

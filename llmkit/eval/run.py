@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from llmkit.errors import UserError
-from llmkit.outputs import check_writable
+from llmkit.outputs import check_report_paths
 
 DATA_METRICS = ("loss", "perplexity", "bits_per_token", "bits_per_char", "bits_per_char_over_floor", "accuracy",
                 "macro_precision", "macro_recall", "macro_f1", "roc_auc", "margin", "reward_chosen",
@@ -87,17 +87,6 @@ def evaluate_model(
         passed=all(c.passed for c in gate_checks + regressions),
     )  # fmt: skip
     return result
-
-
-def check_report_paths(reports: list[Path], reads: list[Any]) -> None:
-    """A report is a file: not a folder, not one of the command's inputs, not inside an existing file."""
-    for path in reports:
-        if path.is_dir():
-            raise UserError(f"{path}: is a folder; give a file name for the report (e.g. {path / 'report.json'})")
-        for read in reads:
-            if read is not None and Path(read).exists() and path.resolve() == Path(read).resolve():
-                raise UserError(f"{path}: is an input of this evaluation; write the report elsewhere")
-        check_writable(path, "report")
 
 
 def _evaluate_data(

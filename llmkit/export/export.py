@@ -33,7 +33,7 @@ from llmkit.export.parity import Tolerance, failures, measure, probe_batch, prob
 from llmkit.hub import check_push, push_folder
 from llmkit.models import load_trained_model
 from llmkit.outputs import check_output, output_lock
-from llmkit.runs import find_tokenizer_dir, resolve_model_dir
+from llmkit.runs import find_tokenizer_dir, refuse_scoring_model, resolve_model_dir
 
 FORMATS = {"hf": ("float32", "bfloat16", "float16"), "gguf": GGUF_TYPES, "onnx": ("float32",)}
 DEFAULT_DTYPE = {"hf": "float32", "gguf": "f16", "onnx": "float32"}
@@ -82,6 +82,7 @@ def export_model(
             raise UserError(f"--{key.replace('_', '-')} {value}: must be a finite number >= 0 (an agreement at most 1)")
     out = Path(out)
     model_dir = resolve_model_dir(source)
+    refuse_scoring_model(model_dir, "exported yet (its scoring head would be lost)")
     adapter = (model_dir / "adapter_config.json").is_file()
     if merge_lora and not adapter:
         raise UserError(f"--merge-lora: {model_dir} holds full model weights, not a LoRA adapter")

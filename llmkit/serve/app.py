@@ -15,14 +15,17 @@ import json
 import time
 import uuid
 from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
 from starlette.applications import Starlette
+from starlette.requests import ClientDisconnect
 from starlette.requests import Request as HttpRequest
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
+from llmkit.errors import shorten
 from llmkit.serve.engines import Request, Served, Update
 from llmkit.serve.metrics import Metrics, Record, RequestLog
 from llmkit.serve.requests import BadRequest, Body, Limits, parse_body
@@ -41,6 +44,7 @@ class ServerState:
     waiting: int = 0
     active: int = 0
     slots: asyncio.Semaphore | None = None
+    tokenizing: ThreadPoolExecutor = field(default_factory=lambda: ThreadPoolExecutor(1, "llmkit-tokenize"))
 
     def __post_init__(self) -> None:
         self.metrics.queue_depth.set_function(lambda: self.waiting)
@@ -57,7 +61,11 @@ class ServerState:
     def finished(self, record: Record) -> None:
         """A request's end: in /metrics and one line of the request log."""
         record.observe(self.metrics)
-        self.log.write(record)
+        if not self.log.write(record):
+            self.metrics.log_errors.inc()
+
+
+LOGGED_CHARS = 20_000  # of each logged prompt text (--log-prompts)
 
 
 def generation_error(exc: Exception, limits: Limits) -> BadRequest:
@@ -70,6 +78,12 @@ def generation_error(exc: Exception, limits: Limits) -> BadRequest:
 def error_response(error: BadRequest) -> JSONResponse:
     headers = {"Retry-After": "1"} if error.status in (429, 503) else None
     return JSONResponse(error.body(), status_code=error.status, headers=headers)
+
+
+def _stop_prefix(text: str, stops: list[str]) -> int:
+    """The length of the longest end of `text` that a stop string starts with (0 when none does)."""
+    return max((n for stop in stops for n in range(min(len(stop) - 1, len(text)), 0, -1)
+                if stop.startswith(text[-n:])), default=0)  # fmt: skip
 
 
 class Generation:
@@ -100,7 +114,10 @@ class Generation:
         self.created = int(time.time())
         self.text, self.finish_reason = "", "length"
         self.tokens: list[int] = []
-        prompt = (body.messages if body.chat else body.prompt) if state.log_prompts else None
+        prompt = None
+        if state.log_prompts:  # for `llmkit monitor`'s drift: enough of each text, never megabytes of it
+            prompt = ([{**m, "content": shorten(m["content"], LOGGED_CHARS)} for m in body.messages] if body.chat
+                      else shorten(body.prompt, LOGGED_CHARS))  # fmt: skip
         self.record = Record(time.time(), self.id, endpoint, 200, body.stream, len(self.ids), prompt=prompt)
         self.start = time.perf_counter()
 
@@ -158,9 +175,12 @@ class Generation:
             at = text.find(stop, max(0, len(self.text) - len(stop)))
             if at >= 0:
                 text, self.finish_reason = text[:at], "stop"
-        if text.endswith("\ufffd") and not done and self.finish_reason != "stop":
+        final = done or self.finish_reason == "stop"
+        if text.endswith("\ufffd") and not final:
             return ""
-        piece, self.text = text[len(self.text) :], text
+        # What could still become a stop string stays back until the next tokens say (the whole answer cuts it).
+        shown = text if final else text[: len(text) - _stop_prefix(text, self.body.stop)]
+        piece, self.text = shown[len(self.text) :], shown
         return piece
 
     def finish(self, status: int, error: str | None = None) -> None:
@@ -200,6 +220,33 @@ class Generation:
                 "choices": [choice], "usage": self.usage()}  # fmt: skip
 
 
+async def read_body(request: HttpRequest, limit: int) -> bytes:
+    """The request's body, refused (413) once it is larger than `limit` bytes, before it is read whole."""
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise BadRequest(f"the body is {int(declared):,} bytes; this server takes at most {limit:,} "
+                         "(--max-body-bytes)", status=413)  # fmt: skip
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise BadRequest(f"the body is over {limit:,} bytes, the most this server takes (--max-body-bytes)",
+                             status=413)  # fmt: skip
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def too_long(body: Body, served: Served, limits: Limits) -> None:
+    """Refuse a prompt that cannot fit before tokenizing it: a token covers at most `token_chars` characters, so
+    a text longer than that many per allowed token is too long whatever it says."""
+    max_prompt = limits.max_prompt_tokens or served.context - 1
+    chars = sum(len(m["content"]) for m in body.messages) if body.chat else len(body.prompt)
+    if chars > max_prompt * served.token_chars:
+        param = "messages" if body.chat else "prompt"
+        raise BadRequest(f"the prompt is {chars:,} characters, more than {max_prompt} tokens can hold; this server "
+                         f"takes at most {max_prompt} tokens", param)  # fmt: skip
+
+
 def sse(data: dict[str, Any] | str) -> bytes:
     return f"data: {data if isinstance(data, str) else json.dumps(data, ensure_ascii=False)}\n\n".encode()
 
@@ -218,14 +265,21 @@ def build_app(state: ServerState) -> Starlette:
         authorized(request)
         served = state.ready()
         try:
-            payload = json.loads(await request.body())
+            payload = json.loads(await read_body(request, state.limits.max_body_bytes))
         except (ValueError, UnicodeDecodeError) as exc:
             raise BadRequest(f"the body is not valid JSON: {exc}") from None
+        except RecursionError:
+            raise BadRequest("the body is JSON nested too deeply to read") from None
         body = parse_body(payload, chat)
         if body.model != state.model_name:
             raise BadRequest(f"model '{body.model}' is not served here; this server serves '{state.model_name}'",
                              "model", code="model_not_found")  # fmt: skip
-        generation = Generation(state, served, body, "chat" if chat else "completions")
+        too_long(body, served, state.limits)
+        # Tokenizing takes time in proportion to the prompt: on a thread, so other clients are still answered.
+        endpoint = "chat" if chat else "completions"
+        generation = await asyncio.get_running_loop().run_in_executor(
+            state.tokenizing, Generation, state, served, body, endpoint
+        )
         assert state.slots is not None
         if state.slots.locked() and state.waiting >= state.limits.max_queue:
             raise BadRequest(f"the server is full ({state.limits.max_batch} generating, {state.waiting} waiting); "
@@ -241,6 +295,10 @@ def build_app(state: ServerState) -> Starlette:
             state.finished(Record(time.time(), "-", endpoint, error.status, duration_s=time.perf_counter() - start,
                                   error=error.message))  # fmt: skip
             return error_response(error)
+        except ClientDisconnect:  # gone before its request was read: nobody to answer
+            state.finished(Record(time.time(), "-", endpoint, 499, duration_s=time.perf_counter() - start,
+                                  error="client disconnected"))  # fmt: skip
+            return Response(status_code=499)
         if generation.body.stream:
             return StreamingResponse(stream(generation), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache"})  # fmt: skip
@@ -307,8 +365,14 @@ def build_app(state: ServerState) -> Starlette:
         return JSONResponse({"object": "list", "data": [model]})
 
     async def health(request: HttpRequest) -> Response:
-        status = "draining" if state.draining else "ok" if state.served is not None else "loading"
-        return JSONResponse({"status": status}, status_code=200 if status == "ok" else 503)
+        served = state.served
+        status = "draining" if state.draining else "ok" if served is not None else "loading"
+        if status == "ok" and served is not None and not served.engine.alive():
+            status = "failed"  # the engine stopped and could not start again: restart the server
+        answer: dict[str, Any] = {"status": status}
+        if served is not None and served.engine.restarts:
+            answer["engine_restarts"] = served.engine.restarts
+        return JSONResponse(answer, status_code=200 if status == "ok" else 503)
 
     async def metrics(request: HttpRequest) -> Response:
         return Response(state.metrics.exposition(), media_type="text/plain; version=0.0.4; charset=utf-8")

@@ -73,9 +73,25 @@ class TransformersEngine:
             pages = max_batch * math.ceil(max(context, PAGE_TOKENS) / PAGE_TOKENS) + 1
             sizing = {"page_size": PAGE_TOKENS, "num_blocks": pages, "max_batch_tokens": max(2048, context)}
         batching = ContinuousBatchingConfig(max_requests_per_batch=max_batch, per_request_processors=True, **sizing)
-        self.manager = model.init_continuous_batching(generation_config=generation, continuous_batching_config=batching)
+        self.start = lambda: model.init_continuous_batching(generation_config=generation,
+                                                            continuous_batching_config=batching)  # fmt: skip
+        self.manager = self.start()
         self.manager.start()
         self.stop_ids = stop_ids
+        self.restarts = 0
+
+    def alive(self) -> bool:
+        """Whether the generation thread runs, starting a new one first if it died (transformers ends it on an
+        error it cannot pin on one request, failing the requests it held): one failure never stops the service."""
+        if self.manager.is_running():
+            return True
+        try:
+            self.manager = self.start()
+            self.manager.start()
+        except Exception:  # noqa: BLE001 - a manager that cannot start again: /health says so
+            return False
+        self.restarts += 1
+        return self.manager.is_running()
 
     def submit(self, request_id: str, request: Request, queue: asyncio.Queue[Update]) -> None:
         """Start generating; every new token lands in `queue` (call from the event loop)."""
@@ -84,6 +100,9 @@ class TransformersEngine:
             error = str(output.error) if getattr(output, "error", None) else None
             queue.put_nowait(Update(list(output.generated_tokens), output.is_finished(), error))
 
+        if not self.alive():
+            queue.put_nowait(Update([], True, "the generation engine stopped and could not start again"))
+            return
         self.manager.register_result_handler(request_id, deliver)
         greedy = request.temperature == 0
         self.manager.add_request(
@@ -93,7 +112,7 @@ class TransformersEngine:
             streaming=True,
             eos_token_id=-1 if request.ignore_eos else self.stop_ids,
             temperature=1.0 if greedy else float(request.temperature),
-            top_k=1 if greedy else int(request.top_k or self.vocab),
+            top_k=1 if greedy else min(request.top_k or self.vocab, self.vocab),  # beyond the vocabulary: all
             top_p=1.0 if greedy else float(request.top_p),
         )
 
@@ -110,6 +129,7 @@ class LlamaCppEngine:
     """A GGUF export in llama.cpp: one request at a time (llama.cpp's own context), streamed token by token."""
 
     name = "llama.cpp"
+    restarts = 0
 
     def __init__(self, gguf: Path, stop_ids: list[int], context: int) -> None:
         import llama_cpp
@@ -132,7 +152,8 @@ class LlamaCppEngine:
                 with self.lock:
                     self.llama.reset()
                     greedy = request.temperature == 0
-                    sampling = {"top_k": 1 if greedy else request.top_k, "top_p": request.top_p, "min_p": 0.0,
+                    top_k = 1 if greedy else min(request.top_k, self.llama.n_vocab())
+                    sampling = {"top_k": top_k, "top_p": request.top_p, "min_p": 0.0,
                                 "temp": 0.0 if greedy else request.temperature, "repeat_penalty": 1.0}  # fmt: skip
                     for token in self.llama.generate(request.ids, reset=True, **sampling):
                         if request_id in self.cancelled or len(tokens) >= request.max_new_tokens:
@@ -147,6 +168,9 @@ class LlamaCppEngine:
             loop.call_soon_threadsafe(queue.put_nowait, Update(tokens, True, error))
 
         threading.Thread(target=run, daemon=True).start()
+
+    def alive(self) -> bool:
+        return True  # each request runs on a thread of its own; a failure fails that request alone
 
     def cancel(self, request_id: str) -> None:
         self.cancelled.add(request_id)
@@ -164,15 +188,17 @@ class Served:
     tokenizer: Any
     context: int
     generator: Any  # llmkit.generate.Generator: the chat template and prompt handling `llmkit generate` uses
+    token_chars: int = 64  # the most characters one token stands for: a longer text needs more tokens than chars/this
 
 
 def servable_dir(model_path: str | Path) -> Path:
     """The model directory to serve, checked before anything listens: a wrong path or a format that cannot be
     served here is one line."""
     from llmkit.export.gguf import llama_cpp_missing
-    from llmkit.runs import resolve_model_dir
+    from llmkit.runs import refuse_scoring_model, resolve_model_dir
 
     model_dir = resolve_model_dir(model_path)
+    refuse_scoring_model(model_dir, "served")
     fmt = export_format(model_dir)
     if fmt == "onnx":
         raise UserError(f"{model_path}: an ONNX export; serve the run, the HF export or a GGUF export instead")
@@ -192,18 +218,19 @@ def load_served(model_path: str | Path, max_batch: int) -> Served:
     tokenizer = load_tokenizer(find_tokenizer_dir(model_dir))
     vocab = tokenizer.get_vocab()
     stops = sorted({int(tokenizer.eos_token_id)} | {vocab[token] for token in END_OF_TURN if token in vocab})
+    token_chars = max(len(token) for token in vocab)
     if export_format(model_dir) == "gguf":
         from transformers import AutoConfig
 
         context = model_context(AutoConfig.from_pretrained(model_dir))
         engine: Any = LlamaCppEngine(model_dir / "model.gguf", stops, context)
-        return Served(engine, tokenizer, context, Generator(None, tokenizer, stops))
+        return Served(engine, tokenizer, context, Generator(None, tokenizer, stops), token_chars)
     model = load_trained_model(model_dir, merge=True).eval()
     if torch.cuda.is_available():
         model = model.to("cuda")
     context = model_context(model) or 4096
     engine = TransformersEngine(model, stops, tokenizer.pad_token_id, max_batch, context)
-    return Served(engine, tokenizer, context, Generator(model, tokenizer, stops))
+    return Served(engine, tokenizer, context, Generator(model, tokenizer, stops), token_chars)
 
 
 def vllm_command(model_path: str | Path, name: str, host: str, port: int, tensor_parallel: int,

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
+import os
+import sys
 import threading
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -39,6 +43,8 @@ class Metrics:
         self.queue_depth = Gauge("llmkit_queue_depth", "Requests waiting for a generation slot.", registry=r)
         self.in_flight = Gauge("llmkit_requests_in_flight", "Requests generating now.", registry=r)
         self.ready = Gauge("llmkit_model_loaded", "1 once the model is loaded and serving.", registry=r)
+        self.log_errors = Counter("llmkit_request_log_errors", "Request-log lines that could not be written.",
+                                  registry=r)  # fmt: skip
         if torch.cuda.is_available():
             allocated = Gauge("llmkit_gpu_memory_allocated_bytes", "GPU memory held by tensors.", registry=r)
             reserved = Gauge("llmkit_gpu_memory_reserved_bytes", "GPU memory reserved by the allocator.", registry=r)
@@ -84,29 +90,48 @@ class Record:
 
 
 class RequestLog:
-    """Appends one JSON line per finished request; each line is one write, so readers never see half a line."""
+    """Appends one JSON line per finished request, each in one write, so readers never see half a line.
+
+    A log that cannot be written (a full disk) never fails the answer: the line is dropped (a part written is cut
+    off again), `write` says so, and one warning line names the problem once."""
 
     def __init__(self, path: Path | None) -> None:
         self.path = path
         self.lock = threading.Lock()
-        self.file = None
+        self.fd: int | None = None
+        self.failures = 0
         if path is not None:
             try:
                 path.parent.mkdir(parents=True, exist_ok=True)
-                self.file = path.open("a", encoding="utf-8")
+                self.fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
             except OSError as exc:
                 raise UserError(f"--request-log {path}: cannot write there ({exc.strerror}); give a writable path, "
                                 "e.g. a mounted volume the server's user owns") from None  # fmt: skip
 
-    def write(self, record: Record) -> None:
-        if self.file is None:
-            return
+    def write(self, record: Record) -> bool:
+        """Log one request; False when the line could not be written."""
+        if self.fd is None:
+            return True
         row = {k: v for k, v in asdict(record).items() if v is not None}
-        line = json.dumps(row, ensure_ascii=False) + "\n"
+        line = (json.dumps(row, ensure_ascii=False) + "\n").encode("utf-8", "replace")
         with self.lock:
-            self.file.write(line)
-            self.file.flush()
+            end = os.lseek(self.fd, 0, os.SEEK_END)
+            try:
+                written = os.write(self.fd, line)
+                if written == len(line):
+                    return True
+                raise OSError(errno.ENOSPC, "only part of the line was written")
+            except OSError as exc:
+                with contextlib.suppress(OSError):
+                    os.ftruncate(self.fd, end)  # no half line for the monitor to trip on
+                self.failures += 1
+                if self.failures == 1:
+                    print(f"warning: --request-log {self.path}: cannot write ({exc.strerror}); requests are still "
+                          "answered and counted in /metrics (llmkit_request_log_errors), not logged",
+                          file=sys.stderr, flush=True)  # fmt: skip
+                return False
 
     def close(self) -> None:
-        if self.file is not None:
-            self.file.close()
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None

@@ -190,6 +190,8 @@ def validation_perplexity(model_dir: Path) -> float:
 
 def monitor(source: str, since: str | None, model: str | None, gates: list[str], max_prompts: int) -> dict[str, Any]:
     """The monitor's report: metrics, gates and verdict, in the shape `llmkit eval` reports have."""
+    if max_prompts < 1:  # 0 used to score every prompt, and -1 all but one
+        raise UserError(f"--max-prompts {max_prompts}: must be at least 1 (the newest prompts scored for drift)")
     if source.startswith(("http://", "https://")):
         if since or model:
             raise UserError("--since and --model read the request log; give its path instead of a /metrics URL")

@@ -4,12 +4,18 @@ The parameters llmkit honours are the OpenAI ones a completion needs (model, mes
 temperature, top_p, stop, stream, stream_options, n=1, user) plus vLLM's `top_k` and `ignore_eos`. Any other
 field, including OpenAI ones llmkit does not implement (tools, logprobs, response_format, ...), is refused by name
 rather than ignored, so a client never believes it got what it asked for.
+
+Values are read to what the engine can take, as vLLM reads them: a temperature below 1e-5 is greedy (dividing
+logits by less overflows), a top_k beyond the vocabulary is the whole vocabulary. Text must be valid Unicode (a
+lone surrogate is refused by field), and what a client sent is echoed in errors only in part (`shorten`).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Any
+
+from llmkit.errors import shorten
 
 COMMON = {"model", "max_tokens", "temperature", "top_p", "top_k", "stop", "stream", "stream_options", "n", "user",
           "ignore_eos", "presence_penalty", "frequency_penalty"}  # fmt: skip
@@ -26,17 +32,20 @@ class Limits:
     max_tokens: int | None = None  # largest max_tokens a request may ask for (default: the context)
     default_max_tokens: int = 256  # when a request gives none (never beyond the context)
     timeout_s: float = 600.0  # a request still generating after this is cancelled (504)
+    max_body_bytes: int = 4 * 2**20  # a larger request body is refused (413) before it is read whole
 
 
 class BadRequest(Exception):
     """A request the server refuses: an OpenAI-style error with this status, naming the field."""
 
     def __init__(self, message: str, param: str | None = None, status: int = 400, code: str | None = None) -> None:
+        message = shorten(message)
         super().__init__(message)
         self.message, self.param, self.status, self.code = message, param, status, code
 
     def body(self) -> dict[str, Any]:
-        kinds = {401: "authentication_error", 429: "rate_limit_error", 503: "service_unavailable"}
+        kinds = {401: "authentication_error", 413: "invalid_request_error", 429: "rate_limit_error",
+                 503: "service_unavailable"}  # fmt: skip
         kind = kinds.get(self.status, "server_error" if self.status >= 500 else "invalid_request_error")
         error = {"message": self.message, "type": kind, "param": self.param, "code": self.code}
         return {"error": error}
@@ -80,16 +89,29 @@ def _integer(body: dict[str, Any], key: str) -> int | None:
     return value
 
 
+GREEDY_BELOW = 1e-5  # temperatures under this are greedy decoding (vLLM's threshold)
+
+
+def _unicode(text: str, param: str) -> str:
+    """Text the tokenizer and the log can take: JSON admits lone surrogates ("\\ud800"), UTF-8 does not."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        where = f"at character {exc.start}"
+        raise BadRequest(f"'{param}' holds a lone surrogate {where} (not valid Unicode)", param) from None
+    return text
+
+
 def _text(content: Any, param: str) -> str:
     """A message's content: a string, or OpenAI content parts of type text."""
     if isinstance(content, str):
-        return content
+        return _unicode(content, param)
     if isinstance(content, list):
         texts = []
         for i, part in enumerate(content):
             if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
                 raise BadRequest(f"'{param}[{i}]': only text content parts are supported", f"{param}[{i}]")
-            texts.append(part["text"])
+            texts.append(_unicode(part["text"], f"{param}[{i}].text"))
         return "".join(texts)
     raise BadRequest(f"'{param}' must be a string or a list of text parts", param)
 
@@ -125,17 +147,19 @@ def parse_body(body: Any, chat: bool) -> Body:
             prompt = prompt[0]  # one prompt in a list, as some clients send it
         if not isinstance(prompt, str):
             raise BadRequest("'prompt' must be a string (one prompt per request)", "prompt")
-        parsed.prompt = prompt
+        parsed.prompt = _unicode(prompt, "prompt")
     key = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
     parsed.max_tokens = _integer(body, key)
     if parsed.max_tokens is not None and parsed.max_tokens < 1:
         raise BadRequest(f"'{key}' must be at least 1, got {parsed.max_tokens}", key)
-    if (_integer(body, "n") or 1) != 1:
+    if _integer(body, "n") not in (None, 1):
         raise BadRequest("'n' must be 1: send one request per answer", "n")
     for penalty in ("presence_penalty", "frequency_penalty"):
         if _number(body, penalty, -2, 2, 0.0) != 0:
             raise BadRequest(f"unsupported parameter '{penalty}': only 0 is implemented", penalty)
     parsed.temperature = _number(body, "temperature", 0, 2, 1.0)
+    if parsed.temperature < GREEDY_BELOW:
+        parsed.temperature = 0.0
     parsed.top_p = _number(body, "top_p", 0, 1, 1.0)
     if parsed.top_p == 0:
         raise BadRequest("'top_p' must be above 0", "top_p")
@@ -147,7 +171,7 @@ def parse_body(body: Any, chat: bool) -> Body:
     stops = [stop] if isinstance(stop, str) else stop if stop is not None else []
     if not isinstance(stops, list) or len(stops) > 4 or not all(isinstance(s, str) and s for s in stops):
         raise BadRequest("'stop' must be a string or a list of at most 4 non-empty strings", "stop")
-    parsed.stop = stops
+    parsed.stop = [_unicode(stop, "stop") for stop in stops]
     for flag in ("stream", "ignore_eos"):
         if not isinstance(body.get(flag, False), bool):
             raise BadRequest(f"'{flag}' must be true or false", flag)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import importlib.util
+import math
 import os
 import signal
 import socket
@@ -46,25 +47,54 @@ def bind(host: str, port: int) -> socket.socket:
     return sock
 
 
-def check_limits(limits: Limits) -> None:
+def check_limits(limits: Limits, port: int = 0) -> None:
     for option, value, least in (("--max-batch", limits.max_batch, 1), ("--max-queue", limits.max_queue, 0),
                                  ("--default-max-tokens", limits.default_max_tokens, 1),
                                  ("--max-prompt-tokens", limits.max_prompt_tokens, 1),
-                                 ("--max-tokens", limits.max_tokens, 1)):  # fmt: skip
+                                 ("--max-tokens", limits.max_tokens, 1),
+                                 ("--max-body-bytes", limits.max_body_bytes, 1024)):  # fmt: skip
         if value is not None and value < least:
             raise UserError(f"{option}: must be at least {least}, got {value}")
-    if limits.timeout_s <= 0:
-        raise UserError(f"--request-timeout: must be positive, got {limits.timeout_s:g}")
+    if not math.isfinite(limits.timeout_s) or limits.timeout_s <= 0:
+        raise UserError(f"--request-timeout: must be a positive number of seconds, got {limits.timeout_s:g}")
+    if not 0 <= port <= 65535:
+        raise UserError(f"--port {port}: a port is 0 (any free one) to 65535")
 
 
-def serve(model: str, host: str, port: int, name: str | None, api_key: str | None, limits: Limits,
+def api_key_from(flag: str | None, file: Path | None) -> tuple[str, str] | None:
+    """(the API key, where it came from): --api-key, --api-key-file or LLMKIT_API_KEY, in that order; None for an
+    open API. An empty key is refused (it used to turn authentication off silently), and so is one that is not
+    printable ASCII (a header carries it: such a key could never match)."""
+    if flag is not None:
+        key, source = flag, "--api-key"
+    elif file is not None:
+        try:
+            lines = file.read_text(encoding="utf-8").splitlines()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise UserError(f"--api-key-file {file}: cannot read it ({exc})") from None
+        key, source = (lines[0] if lines else ""), f"--api-key-file {file}"
+    elif "LLMKIT_API_KEY" in os.environ:
+        key, source = os.environ["LLMKIT_API_KEY"], "LLMKIT_API_KEY"
+    else:
+        return None
+    key = key.strip()
+    if not key:
+        raise UserError(f"{source} is empty: an empty key would leave the API open; give a key, or unset it to "
+                        "serve without one")  # fmt: skip
+    if not (key.isascii() and key.isprintable()):
+        raise UserError(f"{source}: an API key travels in an HTTP header, so it must be printable ASCII")
+    return key, source
+
+
+def serve(model: str, host: str, port: int, name: str | None, key: tuple[str, str] | None, limits: Limits,
           request_log: Path | None, log_prompts: bool, engine: str, tensor_parallel: int) -> int:  # fmt: skip
-    """Serve until SIGTERM / Ctrl-C; returns the exit code (0 after a clean drain, 2 when the model cannot load)."""
+    """Serve until SIGTERM / Ctrl-C; returns the exit code (0 after a clean drain, 2 when the model cannot load).
+    `key`: (API key, where it came from) from `api_key_from`, or None for an open API."""
     if engine not in ENGINES:
         raise UserError(f"--engine {engine}: choose one of {', '.join(ENGINES)}")
-    check_limits(limits)
+    check_limits(limits, port)
     name = name or served_name(model)
-    api_key = api_key or os.environ.get("LLMKIT_API_KEY") or None
+    api_key = key[0] if key else None
     if engine == "vllm":
         return _exec_vllm(model, name, host, port, api_key, tensor_parallel, limits.max_batch)
     missing = [name for name in ("starlette", "uvicorn", "prometheus_client") if importlib.util.find_spec(name) is None]
@@ -84,8 +114,15 @@ def serve(model: str, host: str, port: int, name: str | None, api_key: str | Non
                             timeout_graceful_shutdown=int(limits.timeout_s) + 5)  # fmt: skip
     server = draining_server(config, state)
     shown = f"[{host}]" if ":" in host else host
-    print(f"serving {name} at http://{shown}:{sock.getsockname()[1]}/v1 (loading the model; /health answers ok when "
-          "ready)", flush=True)  # fmt: skip
+    address = f"{shown}:{sock.getsockname()[1]}"
+    print(f"serving {name} at http://{address}/v1 (loading the model; /health answers ok when ready)", flush=True)
+    if key is None:
+        print(f"no API key: anyone who can reach {address} can use the API (set LLMKIT_API_KEY to require one)")
+    else:
+        print(f"API key required (from {key[1]})")
+        if key[1] == "--api-key":
+            print("note: a key given on the command line is visible to other users of this machine (ps); prefer "
+                  "LLMKIT_API_KEY or --api-key-file", file=sys.stderr)  # fmt: skip
     failure: list[BaseException] = []
     threading.Thread(target=_load, args=(model, state, server, failure, request_log), daemon=True).start()
     try:
@@ -106,6 +143,11 @@ def _load(model: str, state: Any, server: Any, failure: list[BaseException], log
 
     try:
         served = load_served(model, state.limits.max_batch)
+        longest = state.limits.max_prompt_tokens
+        if longest is not None and longest >= served.context:
+            served.engine.close()
+            raise UserError(f"--max-prompt-tokens {longest}: the model's context is {served.context} tokens, which "
+                            f"must also hold the answer; give at most {served.context - 1}")  # fmt: skip
     except BaseException as exc:  # the main thread reports it (one line for a UserError)
         failure.append(exc)
         server.should_exit = True

@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from llmkit.config import RunConfig
+from llmkit.config import RunConfig, input_paths
 from llmkit.console import info
 from llmkit.data.readers import resolve_sources
 from llmkit.data.templates import setup_chat_template
@@ -70,7 +70,7 @@ def finetune(
 
     accelerator = make_accelerator(cfg)
     sources = resolve_sources([*cfg.data.sources, *([ft.val_file] if ft.val_file else [])])
-    reads = [base_dir, *(source.name for source in sources if source.kind == "file")]
+    reads = [base_dir, *input_paths(cfg, skip=["data.dataset_dir"]), *(s.name for s in sources if s.kind == "file")]
     with own_run_dir(cfg, reads, resume, accelerator):
         return _finetune(cfg, task, base_dir, tokenizer, chat, data, accelerator, overwrite, resume,
                          resume_fallback, allow_config_change)  # fmt: skip

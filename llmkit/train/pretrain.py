@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from llmkit.config import RunConfig
+from llmkit.config import RunConfig, input_paths
 from llmkit.console import info
 from llmkit.data.store import PreparedDataset, open_dataset
 from llmkit.data.tokenizer import load_tokenizer, tokenizer_hash
@@ -67,7 +67,7 @@ def pretrain(
     if block_size != cfg.data.block_size and accelerator.is_main_process:
         info(f"{dataset.root}: using the dataset's blocks of {block_size} (the recipe says {cfg.data.block_size})")
     cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"block_size": block_size})})
-    with own_run_dir(cfg, [dataset.root, cfg.model.init_from], resume, accelerator):
+    with own_run_dir(cfg, input_paths(cfg), resume, accelerator):
         return _pretrain(cfg, dataset, tokenizer, accelerator, overwrite, resume, resume_fallback, allow_config_change)
 
 

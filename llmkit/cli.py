@@ -300,8 +300,6 @@ def pretrain_command(
     Ctrl-C or --max-time, after a checkpoint when training had begun (continue with --resume auto); 130 a second
     Ctrl-C (stopped at once; the newest checkpoint is kept).
     """
-    from llmkit.train.pretrain import pretrain
-
     flags = {
         "out_dir": out,
         "data.dataset_dir": data,
@@ -318,7 +316,7 @@ def pretrain_command(
         "distributed.device": "cpu" if cpu else None,
     }
     launch = (num_processes, num_machines, machine_rank, main_process_ip, main_process_port, accelerate_config)
-    _train(pretrain, config, overrides, flags, launch, overwrite, resume, resume_fallback, allow_config_change)
+    _train("pretrain", config, overrides, flags, launch, overwrite, resume, resume_fallback, allow_config_change)
 
 
 @app.command("finetune")
@@ -386,8 +384,6 @@ def finetune_command(
     Exit codes as for pretrain: 0 done, 2 bad input, 3 non-finite loss, 75 stopped by a signal or --max-time
     (after a checkpoint once training had begun), 130 a second Ctrl-C.
     """
-    from llmkit.train.finetune import finetune
-
     flags = {
         "model.init_from": model,
         "data.sources": list(data) if data else None,
@@ -412,7 +408,7 @@ def finetune_command(
         "distributed.device": "cpu" if cpu else None,
     }
     launch = (num_processes, num_machines, machine_rank, main_process_ip, main_process_port, accelerate_config)
-    _train(finetune, config, overrides, flags, launch, overwrite, resume, resume_fallback, allow_config_change)
+    _train("finetune", config, overrides, flags, launch, overwrite, resume, resume_fallback, allow_config_change)
 
 
 def _shared_training_flags(
@@ -451,7 +447,7 @@ def _training_process() -> Iterator[None]:
 
 @_training_process()
 def _train(
-    run: Callable[..., Any],
+    command: str,
     config: Path | None,
     overrides: list[str] | None,
     flags: dict[str, Any],
@@ -461,7 +457,11 @@ def _train(
     resume_fallback: bool,
     allow_config_change: bool,
 ) -> None:
-    """Relaunch under accelerate when more processes are asked for; else resolve the config, run, report."""
+    """Relaunch under accelerate when more processes are asked for; else resolve the config, run, report.
+    `command` (pretrain or finetune) is imported here, once the stop signals are handled: torch's import takes
+    seconds, and a SIGTERM during it used to end the process with 143 instead of 75."""
+    import importlib
+
     from llmkit.config import load_config
     from llmkit.reports import print_fit_summary
     from llmkit.train.launch import relaunch
@@ -470,7 +470,7 @@ def _train(
 
     cfg = load_config(config, overrides, flags)  # a bad config fails here, before any process starts
     processes, machines, machine_rank, ip, port, accelerate_config = launch
-    check_available(cfg, (processes or 1) * (machines or 1), run.__name__ == "finetune", processes or 1)
+    check_available(cfg, (processes or 1) * (machines or 1), command == "finetune", processes or 1)
     check_trackers(cfg.logging.report_to)
     deepspeed = cfg.distributed.strategy not in ("ddp", "fsdp") or cfg.distributed.deepspeed_config is not None
     single = "--use_deepspeed" if deepspeed else ("--use_fsdp" if cfg.distributed.strategy == "fsdp" else None)
@@ -487,6 +487,10 @@ def _train(
     )
     if code is not None:
         raise typer.Exit(code)
+    from llmkit.train import faults
+
+    faults.maybe_kill("loading", 0)
+    run = getattr(importlib.import_module(f"llmkit.train.{command}"), command)
     result = run(cfg, overwrite, resume, resume_fallback, allow_config_change)
     if result.already_finished:
         if result.main_process:

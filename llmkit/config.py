@@ -161,6 +161,9 @@ class DecontaminateConfig(Section):
     )
 
 
+MAX_MIX_EPOCHS = 1000  # a source repeated more often than this is a typo (1e308 ran for ever)
+
+
 class DataConfig(Section):
     """Where text comes from, how it is cleaned, tokenized and packed, and where the result lives."""
 
@@ -239,8 +242,10 @@ class DataConfig(Section):
                 raise ValueError(
                     f"mix names '{name}', which is not one of data.sources{did_you_mean(name, self.sources)}"
                 )
-            if weight < 0:
-                raise ValueError(f"mix weight of '{name}' is {weight}; weights are epochs, 0 or more")
+            if not 0 <= weight <= MAX_MIX_EPOCHS:
+                raise ValueError(f"mix weight of '{name}' is {weight:g}; weights are epochs, 0 to {MAX_MIX_EPOCHS}")
+        if self.mix and all(self.mix.get(source, 1.0) == 0 for source in self.sources):
+            raise ValueError("every source's mix weight is 0, so the training split would be empty; give one a weight")
         return self
 
 

@@ -286,3 +286,53 @@ def test_a_scoring_model_is_never_exported_without_its_head_nor_asked_to_generat
                         (["serve", run, "--port", "0"], "cannot be served")):  # fmt: skip
         assert_user_error(run_cli(*args), "a reward model scores text", doing, "llmkit eval")
     assert not (tmp_path / "export").exists() and not (tmp_path / "gguf").exists()
+
+
+def test_monitor_input_it_cannot_read_is_one_line(open_server: Server, tiny_run: Path, tmp_path: Path) -> None:
+    good = json.dumps({"time": 1.0, "status": 200, "duration_s": 0.5})
+    cases = {
+        b"\xff\xfe not utf-8\n": "not a request-log line",
+        json.dumps({"time": "noon", "status": 200, "duration_s": 0.5}).encode() + b"\n": "'time' is 'noon'",
+        json.dumps({"time": 1.0, "status": 200.5, "duration_s": 0.5}).encode() + b"\n": "'status' is 200.5",
+    }
+    for line, fragment in cases.items():
+        log = tmp_path / "requests.jsonl"
+        log.write_bytes(good.encode() + b"\n" + line)
+        assert_user_error(run_cli("monitor", log), f"{log}:2", fragment)
+    models = f"http://127.0.0.1:{open_server.port}/v1/models"  # JSON, not Prometheus text
+    assert_user_error(run_cli("monitor", models), "not the /metrics of `llmkit serve`")
+    log = tmp_path / "prompts.jsonl"
+    log.write_text(json.dumps({"time": 1.0, "status": 200, "duration_s": 0.5, "prompt": {"text": "hi"}}) + "\n")
+    assert_user_error(run_cli("monitor", log, "--model", tiny_run), "request 1", "neither text nor chat")
+
+
+def test_data_prep_settings_that_cannot_work_are_one_line(tmp_path: Path) -> None:
+    corpus = tmp_path / "a.txt"
+    corpus.write_text("Once upon a time there was a cat. " * 50)
+    data = [str(corpus), "--out", str(tmp_path / "ds"), "--vocab-size", "300", "--block-size", "16"]
+    for setting, fragment in ((f"data.mix={{{corpus}: 1e308}}", "weights are epochs, 0 to 1000"),
+                              (f"data.mix={{{corpus}: 0}}", "training split would be empty"),
+                              (f"data.decontaminate.tasks=[{tmp_path}]", "names a folder")):  # fmt: skip
+        assert_user_error(run_cli("data-prep", *data, "--set", setting), fragment)
+    assert not (tmp_path / "ds").exists()
+
+
+def test_a_world_size_that_is_not_a_count_is_one_line(tiny_dataset: Path, tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setenv("WORLD_SIZE", "abc")
+    result = run_cli("pretrain", *tiny_train_args(tiny_dataset, tmp_path / "run", steps=2))
+    assert_user_error(result, "WORLD_SIZE='abc'", "not a number of processes")
+    assert not (tmp_path / "run").exists()
+
+
+def test_sigterm_before_torch_is_imported_exits_75(tiny_dataset: Path, tmp_path: Path) -> None:
+    """The stop handlers are in place before the training code's imports (seconds, torch's): a SIGTERM then used to
+    end the process with 143."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "LLMKIT_FAULT_INJECT": "term@loading"}
+    command = [sys.executable, "-m", "llmkit", "pretrain", *tiny_train_args(tiny_dataset, tmp_path / "run", steps=2)]
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 75, result.stderr
+    assert "Traceback" not in result.stderr and not (tmp_path / "run").exists()

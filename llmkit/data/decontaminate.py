@@ -78,6 +78,9 @@ def _items(paths: list[str]) -> Iterator[tuple[str, str]]:
             yield from _harness_items(spec.removeprefix(HARNESS_PREFIX))
             continue
         path = Path(spec)
+        if path.is_dir():
+            raise UserError(f"{path}: data.decontaminate.tasks names a folder; give llmkit task files (YAML), item "
+                            "files (.jsonl/.json/.csv/.parquet) or harness:NAME")  # fmt: skip
         if path.suffix in ITEM_FILES:
             if not path.is_file():
                 raise UserError(f"{path}: data.decontaminate.tasks names a file that does not exist")

@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from llmkit.errors import UserError, parse_duration
+from llmkit.errors import UserError, parse_duration, shorten
 from llmkit.eval.gates import check_gates, checks_as_dicts
 
 QUANTILES = (50, 95, 99)
@@ -33,21 +33,39 @@ def read_log(path: Path, since: str | None = None) -> list[dict[str, Any]]:
         raise UserError(f"{path}: request log not found (llmkit serve --request-log writes it)")
     cutoff = time.time() - parse_duration(since, "--since") if since else -math.inf
     records = []
-    with path.open(encoding="utf-8") as lines:
-        for number, line in enumerate(lines, 1):
-            if not line.strip():
+    with path.open("rb") as lines:
+        for number, raw in enumerate(lines, 1):
+            if not raw.strip():
                 continue
             try:
-                record = json.loads(line)
-                if not isinstance(record, dict) or not {"time", "status", "duration_s"} <= set(record):
-                    raise ValueError("not a request record")
-            except ValueError as exc:
-                raise UserError(f"{path}:{number}: not a request-log line ({exc})") from None
+                record = _record(raw)
+            except ValueError as exc:  # undecodable bytes, JSON or fields of the wrong kind
+                raise UserError(f"{path}:{number}: not a request-log line ({shorten(str(exc), 200)})") from None
             if record["time"] >= cutoff:
                 records.append(record)
     if not records:
         raise UserError(f"{path}: no requests{' in the last ' + since if since else ''} to report on")
     return records
+
+
+FIELDS = {"time": float, "status": int, "duration_s": float}  # what every line has; the rest as llmkit writes it
+OPTIONAL = {"queue_s": float, "ttft_s": float, "tpot_s": float, "prompt_tokens": int, "completion_tokens": int}
+
+
+def _record(raw: bytes) -> dict[str, Any]:
+    """One request-log line, its fields of the kinds `summarize` computes with (ValueError otherwise)."""
+    record = json.loads(raw.decode("utf-8"))
+    if not isinstance(record, dict) or not set(FIELDS) <= set(record):
+        raise ValueError("not a request record: it needs time, status and duration_s")
+    for key, kind in {**FIELDS, **OPTIONAL}.items():
+        value = record.get(key)
+        if value is None and key in OPTIONAL:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int | float) or (kind is int and value != int(value)):
+            raise ValueError(f"'{key}' is {shorten(repr(value), 40)}, not a number")
+        if not math.isfinite(value):
+            raise ValueError(f"'{key}' is {value}")
+    return record
 
 
 def summarize(records: list[dict[str, Any]]) -> dict[str, float]:
@@ -84,13 +102,17 @@ def scrape(url: str) -> dict[str, float]:
 
     try:
         with urllib.request.urlopen(url, timeout=10) as response:
-            text = response.read().decode()
-    except OSError as exc:
-        raise UserError(f"{url}: cannot read the metrics ({exc}); is `llmkit serve` running there?") from None
+            body = response.read(16 * 2**20)
+    except (OSError, ValueError) as exc:  # ValueError: not a URL urllib can open
+        raise UserError(f"{url}: cannot read the metrics ({shorten(str(exc), 200)}); is `llmkit serve` running "
+                        "there?") from None  # fmt: skip
     samples: dict[str, list[Any]] = {}
-    for metric_family in text_string_to_metric_families(text):
-        for sample in metric_family.samples:
-            samples.setdefault(sample.name, []).append(sample)
+    try:
+        for metric_family in text_string_to_metric_families(body.decode("utf-8")):
+            for sample in metric_family.samples:
+                samples.setdefault(sample.name, []).append(sample)
+    except ValueError:  # undecodable bytes or text that is not Prometheus' format (an HTML page, ...)
+        samples = {}
     if "llmkit_requests_total" not in samples and "llmkit_model_loaded" not in samples:
         raise UserError(f"{url}: not the /metrics of `llmkit serve`")
     by_status: dict[int, float] = {}
@@ -153,7 +175,16 @@ def drift(records: list[dict[str, Any]], model: str | Path, limit: int) -> dict[
     from llmkit.generate import load_generator
     from llmkit.runs import resolve_model_dir
 
-    prompts = [r["prompt"] for r in records if r.get("prompt") is not None][-limit:]
+    logged = [(number, r["prompt"]) for number, r in enumerate(records, 1) if r.get("prompt") is not None]
+    for number, prompt in logged:  # a string, or chat messages as serve logs them
+        chat = isinstance(prompt, list) and all(
+            isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in prompt
+        )
+        if not (isinstance(prompt, str) or chat):
+            shown = shorten(repr(prompt), 80)
+            raise UserError(f"--model: request {number} of the log has a prompt that is neither text nor chat "
+                            f"messages ({shown}); was the log written by `llmkit serve`?")  # fmt: skip
+    prompts = [prompt for _, prompt in logged][-limit:]
     if not prompts:
         raise UserError("--model: the log holds no prompts; run `llmkit serve --log-prompts` to measure drift")
     reference = validation_perplexity(resolve_model_dir(model))

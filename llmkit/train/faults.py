@@ -5,6 +5,7 @@ Set ``LLMKIT_FAULT_INJECT`` to one of:
 * ``kill@STEP.MICRO``  after micro-batch MICRO (0-based) of optimizer step STEP (1-based) has run backward;
 * ``kill-in-save@STEP`` while the checkpoint of STEP is half written (model saved, nothing else);
 * ``term@startup``      send SIGTERM to this process during start-up, once it owns its run directory (no step yet);
+* ``term@loading``      send SIGTERM before the training code (and torch) is imported;
 * ``nan@STEP``          make the loss of optimizer step STEP not a number (a diverging step, exactly where wanted).
 
 It is read once at import, is meant for tests and for users who want to check their own recovery, and
@@ -37,5 +38,5 @@ def maybe_kill(point: str, step: int, micro: int = 0) -> None:
         _kill()
     if point == "save" and kind == "kill-in-save" and where == str(step):
         _kill()
-    if point == "startup" and kind == "term" and where == "startup":
+    if point in ("startup", "loading") and kind == "term" and where == point:
         os.kill(os.getpid(), signal.SIGTERM)

@@ -24,7 +24,16 @@ LAUNCH_OPTIONS = (
 
 
 def under_launcher() -> bool:
-    return "LOCAL_RANK" in os.environ or int(os.environ.get("WORLD_SIZE", "1")) > 1
+    return "LOCAL_RANK" in os.environ or world_size() > 1
+
+
+def world_size() -> int:
+    """WORLD_SIZE as torchrun and accelerate launch set it (1 when unset); one line when it is not a count."""
+    text = os.environ.get("WORLD_SIZE", "1")
+    if not text.strip().isdigit() or int(text) < 1:
+        raise UserError(f"WORLD_SIZE={text[:40]!r}: not a number of processes (torchrun and accelerate launch set "
+                        "it); unset it, or use --num-processes")  # fmt: skip
+    return int(text)
 
 
 def relaunch(

@@ -64,7 +64,7 @@ def make_accelerator(cfg: RunConfig) -> Any:
     from accelerate.state import AcceleratorState
     from accelerate.utils import DeepSpeedPlugin, InitProcessGroupKwargs
 
-    from llmkit.train.launch import under_launcher
+    from llmkit.train.launch import under_launcher, world_size
 
     precision, cuda = cfg.precision, use_cuda(cfg)
     if precision.dtype == "fp16" and not cuda:
@@ -83,7 +83,7 @@ def make_accelerator(cfg: RunConfig) -> Any:
                 f"distributed.strategy={cfg.distributed.strategy} runs under a launcher: add --num-processes N "
                 "(1 is fine) or start it with accelerate launch / torchrun"
             )
-        world = int(os.environ.get("WORLD_SIZE", "1"))
+        world = world_size()
         kwargs["deepspeed_plugin"] = DeepSpeedPlugin(hf_ds_config=deepspeed_config(cfg, world))
         kwargs["gradient_accumulation_steps"] = cfg.train.grad_accum_steps  # as in the DeepSpeed config
         if not cuda:

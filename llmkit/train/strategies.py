@@ -97,6 +97,9 @@ def check_available(cfg: RunConfig, world_size: int = 1, finetuning: bool = Fals
             "distributed.strategy=fsdp needs CUDA GPUs (Accelerate runs FSDP on GPUs only); on CPU use zero3, "
             "which shards weights, gradients and optimizer states the same way"
         )
+    from llmkit.train.launch import world_size as launched_world
+
+    launched_world()  # a WORLD_SIZE that is not a count is one line here (Accelerate reads it with a traceback)
     compiles(cfg)  # refuses what cannot be compiled
     if cfg.precision.dtype == "fp8":
         check_float8(cfg, finetuning)

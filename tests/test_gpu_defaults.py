@@ -17,13 +17,20 @@ import torch
 from safetensors.torch import load_file
 
 from tests.conftest import run_cli, tiny_train_args
-from tests.gpu_defaults import GPU_DEFAULTS, assert_one_graph, clear_compile_counters, logits_of, plain_load, val_loss
+from tests.gpu_defaults import (
+    GPU_DEFAULTS,
+    TRACED,
+    assert_one_graph,
+    clear_compile_counters,
+    logits_of,
+    plain_load,
+    val_loss,
+)
 
-# GPT-2 with dropout drawn inside the compiled graph (the resume test uses the same graph, cached).
-ARCH = {
-    "llama": [],
-    "gpt2": ["--set", "model.arch=gpt2", "--set", "model.n_kv_heads=null", "--set", "model.dropout=0.1"],
-}
+# Llama with attention dropout drawn inside the compiled graph (inductor; the resume test compiles the same graph,
+# from the cache), GPT-2 traced (aot_eager: its keys, tied head and loss; its kernels are of the kinds Llama's are).
+ARCH = {"llama": [*GPU_DEFAULTS, "--set", "model.dropout=0.1"],
+        "gpt2": [*TRACED, "--set", "model.arch=gpt2", "--set", "model.n_kv_heads=null"]}  # fmt: skip
 
 
 @pytest.mark.parametrize("arch", list(ARCH))
@@ -32,7 +39,7 @@ def test_compiled_bf16_pretraining_saves_the_weights_it_trained(arch: str, tiny_
     the run measured (an untrained model's is far above it); eval and a parity-checked export run on it."""
     out = tmp_path / arch
     clear_compile_counters()
-    result = run_cli("pretrain", *tiny_train_args(tiny_dataset, out, steps=20), *GPU_DEFAULTS, *ARCH[arch])
+    result = run_cli("pretrain", *tiny_train_args(tiny_dataset, out, steps=20), *ARCH[arch])
     assert result.exit_code == 0, result.stderr + result.stdout
     assert_one_graph()  # validation and checkpoints every 10 steps run eagerly: nothing recompiles
     final = plain_load(out / "final")
@@ -52,10 +59,14 @@ def test_compiled_bf16_pretraining_saves_the_weights_it_trained(arch: str, tiny_
 
 
 def test_a_killed_compiled_run_resumes_bitwise(tiny_dataset: Path, tmp_path: Path) -> None:
-    """Compiled, bf16, GPT-2 with dropout drawn inside the compiled graph: killed mid-step and resumed in a new
+    """Compiled with inductor, bf16, dropout drawn inside the compiled graph: killed mid-step and resumed in a new
     process (which compiles again), its weights are the bits of the run never killed."""
-    args = [*tiny_train_args(tiny_dataset, Path("OUT"), steps=12)[4:], *GPU_DEFAULTS, *ARCH["gpt2"],
-            "--set", "checkpoint.every_steps=4"]  # fmt: skip
+    args = [
+        *tiny_train_args(tiny_dataset, Path("OUT"), steps=12)[4:],
+        *ARCH["llama"],
+        "--set",
+        "checkpoint.every_steps=4",
+    ]
 
     def launch(out: Path, *extra: str, fault: str | None = None) -> subprocess.CompletedProcess:
         # One thread: inductor's CPU reductions add the threads' partial sums in no fixed order (on a GPU,

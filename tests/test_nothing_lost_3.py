@@ -12,6 +12,7 @@ import pytest
 import zstandard
 
 from tests.conftest import assert_user_error, run_cli, tiny_data_args, tiny_train_args
+from tests.test_distill import cached_reference  # noqa: F401 (a fixture)
 from tests.test_finetune import write_chat_rows
 from tests.test_nothing_lost import small_disk, snapshot  # noqa: F401 (small_disk: a fixture)
 from tests.test_serve import Server, chat_model, start_server  # noqa: F401 (fixtures)
@@ -130,21 +131,27 @@ def test_a_glob_through_a_symlink_loop_reads_each_real_file_once(tmp_path: Path)
 # --- one client, one request or one file never stops the service for the others ---------------------------------
 
 
+KEY_FILE_KEY = "sk-from-a-file"
+
+
 @pytest.fixture(scope="module")
-def open_server(chat_model: Path, tmp_path_factory: pytest.TempPathFactory):
-    """A server with no API key (its start-up says so) and a small body limit."""
-    log = tmp_path_factory.mktemp("serve3") / "requests.jsonl"
-    server = Server(chat_model, log, "--max-body-bytes", "200000")
+def key_server(chat_model: Path, tmp_path_factory: pytest.TempPathFactory):
+    """A server whose API key comes from a file (its start-up says so), with a small body limit."""
+    folder = tmp_path_factory.mktemp("serve3")
+    (folder / "key").write_text(KEY_FILE_KEY + "\n")
+    server = Server(chat_model, folder / "requests.jsonl", "--api-key-file", str(folder / "key"),
+                    "--max-body-bytes", "200000")  # fmt: skip
     try:
         yield server
     finally:
         server.stop()
 
 
-def post(server: Server, path: str, body: object, **headers: str) -> httpx.Response:
+def post(server: Server, path: str, body: object, key: str | None = KEY_FILE_KEY) -> httpx.Response:
     content = body if isinstance(body, bytes) else json.dumps(body).encode()
+    authorization = {"Authorization": f"Bearer {key}"} if key else {}
     return httpx.post(f"{server.url}/{path}", content=content, timeout=120,
-                      headers={"Content-Type": "application/json", **headers})  # fmt: skip
+                      headers={"Content-Type": "application/json", **authorization})  # fmt: skip
 
 
 def still_serving(server: Server) -> None:
@@ -153,16 +160,16 @@ def still_serving(server: Server) -> None:
     assert httpx.get(f"http://127.0.0.1:{server.port}/health").json()["status"] == "ok"
 
 
-def test_sampling_values_the_engine_cannot_take_are_read_as_vllm_reads_them(open_server: Server) -> None:
+def test_sampling_values_the_engine_cannot_take_are_read_as_vllm_reads_them(key_server: Server) -> None:
     """top_k of 2^63 (the whole vocabulary) and a temperature of 1e-40 (greedy) used to kill the batching thread:
     every later request hung while /health said ok."""
-    greedy = post(open_server, "completions", {"model": "chat", "prompt": "Once", "max_tokens": 6, "temperature": 0})
+    greedy = post(key_server, "completions", {"model": "chat", "prompt": "Once", "max_tokens": 6, "temperature": 0})
     for sampling in ({"top_k": 2**63}, {"top_k": 2**70, "temperature": 0.7}, {"temperature": 1e-40}):
-        answer = post(open_server, "completions", {"model": "chat", "prompt": "Once", "max_tokens": 6, **sampling})
+        answer = post(key_server, "completions", {"model": "chat", "prompt": "Once", "max_tokens": 6, **sampling})
         assert answer.status_code == 200, (sampling, answer.text)
-    tiny = post(open_server, "completions", {"model": "chat", "prompt": "Once", "max_tokens": 6, "temperature": 1e-40})
+    tiny = post(key_server, "completions", {"model": "chat", "prompt": "Once", "max_tokens": 6, "temperature": 1e-40})
     assert tiny.json()["choices"][0]["text"] == greedy.json()["choices"][0]["text"]
-    still_serving(open_server)
+    still_serving(key_server)
 
 
 @pytest.mark.parametrize(
@@ -178,27 +185,29 @@ def test_sampling_values_the_engine_cannot_take_are_read_as_vllm_reads_them(open
     ids=["body-over-the-limit", "prompt-too-long-to-tokenize", "nested-json", "lone-surrogate", "n-0", "huge-echo"],
 )  # fmt: skip
 def test_one_request_is_refused_in_one_json_error_and_the_others_are_served(
-    open_server: Server, body: object, status: int, param: str | None, fragment: str
+    key_server: Server, body: object, status: int, param: str | None, fragment: str
 ) -> None:
-    answer = post(open_server, "completions", body)
+    answer = post(key_server, "completions", body)
     assert answer.status_code == status, answer.text
     error = answer.json()["error"]
     assert error["param"] == param and fragment in error["message"], error
     assert len(error["message"]) < 600
-    still_serving(open_server)
-    last = open_server.records()[-2]  # the refused request's line, before the request that followed it
+    still_serving(key_server)
+    last = key_server.records()[-2]  # the refused request's line, before the request that followed it
     assert last["status"] == status and len(json.dumps(last)) < 1000
 
 
-def test_a_streamed_answer_never_shows_the_start_of_a_stop_string(open_server: Server) -> None:
-    whole = post(open_server, "completions", {"model": "chat", "prompt": "Once", "max_tokens": 24, "temperature": 0})
+def test_a_streamed_answer_never_shows_the_start_of_a_stop_string(key_server: Server) -> None:
+    whole = post(key_server, "completions", {"model": "chat", "prompt": "Once", "max_tokens": 24, "temperature": 0})
     text = whole.json()["choices"][0]["text"]
     stop = text[len(text) // 2 : len(text) // 2 + 6]  # a stop string that spans tokens
     assert len(stop) == 6
     request = {"model": "chat", "prompt": "Once", "max_tokens": 24, "temperature": 0, "stop": [stop]}
-    cut = post(open_server, "completions", request).json()["choices"][0]["text"]
+    cut = post(key_server, "completions", request).json()["choices"][0]["text"]
     streamed = ""
-    with httpx.stream("POST", f"{open_server.url}/completions", json={**request, "stream": True}, timeout=120) as r:
+    headers = {"Authorization": f"Bearer {KEY_FILE_KEY}"}
+    with httpx.stream("POST", f"{key_server.url}/completions", json={**request, "stream": True}, headers=headers,
+                      timeout=120) as r:  # fmt: skip
         for line in r.iter_lines():
             if line.startswith("data: {"):
                 streamed += json.loads(line[6:])["choices"][0]["text"]
@@ -206,7 +215,7 @@ def test_a_streamed_answer_never_shows_the_start_of_a_stop_string(open_server: S
 
 
 def test_api_keys_that_cannot_protect_are_refused_and_an_open_api_says_so(
-    open_server: Server, tiny_run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    key_server: Server, tiny_run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("LLMKIT_API_KEY", "")
     assert_user_error(run_cli("serve", tiny_run, "--port", "0"), "LLMKIT_API_KEY is empty", "leave the API open")
@@ -219,30 +228,18 @@ def test_api_keys_that_cannot_protect_are_refused_and_an_open_api_says_so(
     assert_user_error(run_cli("serve", tiny_run, "--port", "70000"), "--port 70000")
     assert_user_error(run_cli("serve", tiny_run, "--request-timeout", "nan"), "--request-timeout")
     assert_user_error(run_cli("serve", tiny_run, "--request-timeout", "inf"), "--request-timeout")
-    assert "no API key: anyone who can reach" in open_server.started
 
 
-def test_a_key_from_a_file_is_required(chat_model: Path, tmp_path: Path, start_server) -> None:
-    key_file = tmp_path / "key"
-    key_file.write_text("sk-from-a-file\n")
-    server = start_server(chat_model, tmp_path / "log.jsonl", "--api-key-file", str(key_file))
-    assert f"API key required (from --api-key-file {key_file})" in server.started
+def test_a_key_from_a_file_is_required(key_server: Server) -> None:
+    assert "API key required (from --api-key-file" in key_server.started
     body = {"model": "chat", "prompt": "hi", "max_tokens": 2}
-    assert post(server, "completions", body).status_code == 401
-    assert post(server, "completions", body, Authorization="Bearer sk-from-a-file").status_code == 200
+    assert post(key_server, "completions", body, key=None).status_code == 401
+    assert post(key_server, "completions", body).status_code == 200
 
 
 def test_a_prompt_limit_beyond_the_context_is_one_line(chat_model: Path, tmp_path: Path) -> None:
-    import subprocess
-    import sys
-
-    result = subprocess.run([sys.executable, "-m", "llmkit", "serve", str(chat_model), "--port", "0",
-                             "--request-log", str(tmp_path / "log.jsonl"), "--max-prompt-tokens", "4096"],
-                            capture_output=True, text=True, timeout=300)  # fmt: skip
-    assert result.returncode == 2, result.stderr
-    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1 and "--max-prompt-tokens 4096" in errors[0] and "at most 4095" in errors[0]
-    assert "Traceback" not in result.stderr
+    result = run_cli("serve", chat_model, "--port", "0", "--max-prompt-tokens", "4096")
+    assert_user_error(result, "--max-prompt-tokens 4096", "context is 4096 tokens", "at most 4095")
 
 
 def test_a_full_request_log_disk_never_fails_an_answer(small_disk: Path, chat_model: Path, start_server) -> None:
@@ -255,8 +252,9 @@ def test_a_full_request_log_disk_never_fails_an_answer(small_disk: Path, chat_mo
             except OSError:
                 break
     server = start_server(chat_model, log)
+    assert "no API key: anyone who can reach" in server.started
     body = {"model": "chat", "prompt": "Once", "max_tokens": 4, "temperature": 0}
-    answers = [post(server, "completions", body) for _ in range(4)]
+    answers = [post(server, "completions", body, key=None) for _ in range(4)]
     assert [a.status_code for a in answers] == [200] * 4
     assert server.metric("llmkit_request_log_errors_total") >= 1
     assert server.metric('llmkit_requests_total{endpoint="completions",status="200"}') == 4
@@ -288,7 +286,7 @@ def test_a_scoring_model_is_never_exported_without_its_head_nor_asked_to_generat
     assert not (tmp_path / "export").exists() and not (tmp_path / "gguf").exists()
 
 
-def test_monitor_input_it_cannot_read_is_one_line(open_server: Server, tiny_run: Path, tmp_path: Path) -> None:
+def test_monitor_input_it_cannot_read_is_one_line(key_server: Server, tiny_run: Path, tmp_path: Path) -> None:
     good = json.dumps({"time": 1.0, "status": 200, "duration_s": 0.5})
     cases = {
         b"\xff\xfe not utf-8\n": "not a request-log line",
@@ -299,8 +297,8 @@ def test_monitor_input_it_cannot_read_is_one_line(open_server: Server, tiny_run:
         log = tmp_path / "requests.jsonl"
         log.write_bytes(good.encode() + b"\n" + line)
         assert_user_error(run_cli("monitor", log), f"{log}:2", fragment)
-    models = f"http://127.0.0.1:{open_server.port}/v1/models"  # JSON, not Prometheus text
-    assert_user_error(run_cli("monitor", models), "not the /metrics of `llmkit serve`")
+    health = f"http://127.0.0.1:{key_server.port}/health"  # JSON, not Prometheus text
+    assert_user_error(run_cli("monitor", health), "not the /metrics of `llmkit serve`")
     log = tmp_path / "prompts.jsonl"
     log.write_text(json.dumps({"time": 1.0, "status": 200, "duration_s": 0.5, "prompt": {"text": "hi"}}) + "\n")
     assert_user_error(run_cli("monitor", log, "--model", tiny_run), "request 1", "neither text nor chat")
@@ -336,3 +334,33 @@ def test_sigterm_before_torch_is_imported_exits_75(tiny_dataset: Path, tmp_path:
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 75, result.stderr
     assert "Traceback" not in result.stderr and not (tmp_path / "run").exists()
+
+
+def test_a_damaged_teacher_cache_is_one_line_before_the_run_is_started(
+    cached_reference: Path, tiny_dataset: Path, tiny_run: Path, tmp_path: Path
+) -> None:
+    cache = tmp_path / "cache"
+    shutil.copytree(cached_reference / "teacher_cache", cache)
+    ids = cache / "ids.npy"
+    ids.write_bytes(ids.read_bytes()[: ids.stat().st_size // 2])  # cut short
+    out = tmp_path / "run"
+    args = [*tiny_train_args(tiny_dataset, out, steps=2), "--teacher", tiny_run, "--set", "distill.top_k=8",
+            "--set", f"distill.cache={cache}"]  # fmt: skip
+    assert_user_error(run_cli("pretrain", *args), str(cache), "damaged teacher cache", "computed again")
+    assert not out.exists()  # nothing half-made to block the corrected command
+
+
+def test_distilling_across_vocabularies_names_the_tokens_that_differ(tiny_run: Path, tmp_path: Path) -> None:
+    chats = write_chat_rows(tmp_path / "chat.jsonl", 20)
+    args = ["finetune", "--task", "distill", "--model", tiny_run, "--teacher", tiny_run, "--data", chats,
+            "--out", tmp_path / "run"]  # fmt: skip
+    assert_user_error(run_cli(*args), "different vocabularies", "the student also has '<|im_start|>'", "chat template")
+
+
+def test_a_tensorboard_folder_that_cannot_be_written_is_one_line(tiny_run: Path, tiny_dataset: Path, tmp_path) -> None:
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    shutil.rmtree(run / "tensorboard")
+    (run / "tensorboard").write_text("not a folder")  # as unwritable as it gets, also for root
+    result = run_cli("pretrain", *tiny_train_args(tiny_dataset, run, steps=35), "--resume", "auto")
+    assert_user_error(result, "tensorboard: cannot write TensorBoard events there", "logging.report_to=[]")

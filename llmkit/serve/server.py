@@ -17,6 +17,7 @@ import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 from llmkit.errors import UserError
@@ -59,6 +60,25 @@ def check_limits(limits: Limits, port: int = 0) -> None:
         raise UserError(f"--request-timeout: must be a positive number of seconds, got {limits.timeout_s:g}")
     if not 0 <= port <= 65535:
         raise UserError(f"--port {port}: a port is 0 (any free one) to 65535")
+
+
+def context_of(model_dir: Path) -> int:
+    """The model's context from its config.json (0 when it has none: a LoRA adapter's is its base's)."""
+    import json
+
+    from llmkit.models import model_context
+
+    config = model_dir / "config.json"
+    if not config.is_file():
+        return 0
+    return model_context(SimpleNamespace(**json.loads(config.read_text(encoding="utf-8"))))
+
+
+def check_prompt_limit(limits: Limits, context: int) -> None:
+    longest = limits.max_prompt_tokens
+    if context and longest is not None and longest >= context:
+        raise UserError(f"--max-prompt-tokens {longest}: the model's context is {context} tokens, which must also "
+                        f"hold the answer; give at most {context - 1}")  # fmt: skip
 
 
 def api_key_from(flag: str | None, file: Path | None) -> tuple[str, str] | None:
@@ -104,7 +124,7 @@ def serve(model: str, host: str, port: int, name: str | None, key: tuple[str, st
     from llmkit.serve.engines import servable_dir
     from llmkit.serve.metrics import RequestLog
 
-    servable_dir(model)
+    check_prompt_limit(limits, context_of(servable_dir(model)))  # before anything listens, where the config says
     sock = bind(host, port)
     import uvicorn
 
@@ -143,11 +163,11 @@ def _load(model: str, state: Any, server: Any, failure: list[BaseException], log
 
     try:
         served = load_served(model, state.limits.max_batch)
-        longest = state.limits.max_prompt_tokens
-        if longest is not None and longest >= served.context:
+        try:
+            check_prompt_limit(state.limits, served.context)  # a LoRA run's context is known once loaded
+        except UserError:
             served.engine.close()
-            raise UserError(f"--max-prompt-tokens {longest}: the model's context is {served.context} tokens, which "
-                            f"must also hold the answer; give at most {served.context - 1}")  # fmt: skip
+            raise
     except BaseException as exc:  # the main thread reports it (one line for a UserError)
         failure.append(exc)
         server.should_exit = True

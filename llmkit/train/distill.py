@@ -125,6 +125,14 @@ def check_same_tokenizer(teacher: Any, student: Any, teacher_name: str, student_
         return
     if len(teacher_vocab) != len(student_vocab):
         detail = f"{len(teacher_vocab):,} tokens vs {len(student_vocab):,}"
+        sides = (("student", student_vocab, teacher_vocab), ("teacher", teacher_vocab, student_vocab))
+        for owner, more, fewer in sides:
+            extra = sorted(set(more) - set(fewer), key=more.__getitem__)
+            if extra:
+                shown = ", ".join(repr(token) for token in extra[:4]) + (", ..." if len(extra) > 4 else "")
+                detail += f"; the {owner} also has {shown}"
+                if any(token.startswith("<|") for token in extra):
+                    detail += " (a chat template's tokens: give both the same one, e.g. distill from a fine-tune)"
     else:
         differ = sorted(set(teacher_vocab.items()) ^ set(student_vocab.items()))[:1]
         detail = f"same size ({len(teacher_vocab):,}) but different ids, e.g. {differ[0][0]!r}"
@@ -289,11 +297,22 @@ class TeacherCache:
     """
 
     def __init__(self, root: Path) -> None:
+        """Open the cache; a damaged one (files cut short, altered or missing) is one line naming it."""
         self.root = root
-        self.manifest = json.loads((root / "manifest.json").read_text(encoding="utf-8"))
-        self.offsets = np.load(root / "offsets.npy")
-        self.ids = np.load(root / "ids.npy", mmap_mode="r")
-        self.logp = np.load(root / "logp.npy", mmap_mode="r")
+        try:
+            self.manifest = json.loads((root / "manifest.json").read_text(encoding="utf-8"))
+            self.offsets = np.load(root / "offsets.npy")
+            self.ids = np.load(root / "ids.npy", mmap_mode="r")
+            self.logp = np.load(root / "logp.npy", mmap_mode="r")
+            tokens, k = int(self.manifest["tokens"]), int(self.manifest["key"]["k"])
+            shapes = {"offsets.npy": (self.offsets.shape, (int(self.manifest["samples"]) + 1,)),
+                      "ids.npy": (self.ids.shape, (tokens, k)), "logp.npy": (self.logp.shape, (tokens, k))}  # fmt: skip
+            wrong = [f"{name} is {got}, not {want}" for name, (got, want) in shapes.items() if tuple(got) != want]
+            if wrong or int(self.offsets[-1]) != tokens:
+                raise ValueError("; ".join(wrong) or "its offsets do not end at its token count")
+        except (OSError, ValueError, KeyError, TypeError, EOFError) as exc:
+            raise UserError(f"{root}: damaged teacher cache ({str(exc)[:200]}); remove it, or point distill.cache "
+                            "at a new directory, and it is computed again") from None  # fmt: skip
 
     @property
     def k(self) -> int:
@@ -341,6 +360,8 @@ def saved_cache_key(root: Path) -> dict[str, Any] | None:
 def check_given_cache(root: Path, key: dict[str, Any]) -> None:
     """A cache the user named (distill.cache) that holds another setting is refused, never replaced."""
     saved = saved_cache_key(root)
+    if saved == key:
+        TeacherCache(root)  # a damaged one is refused now, before the run directory is touched
     if saved is not None and saved != key:
         changed = ", ".join(name for name in key if saved.get(name) != key[name])
         raise UserError(

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 from typing import Any
 
 from llmkit.config import LoggingConfig
+from llmkit.errors import UserError
 from llmkit.train.trackers import finish_trackers, flat_config, open_trackers
 
 
@@ -36,7 +38,12 @@ class MetricsLog:
             from torch.utils.tensorboard import SummaryWriter
 
             purge = resume_step + 1 if resume_step is not None else None
-            self.writer = SummaryWriter(log_dir=str(run_dir / "tensorboard"), purge_step=purge)
+            folder = run_dir / "tensorboard"
+            if folder.exists() and not (folder.is_dir() and os.access(folder, os.W_OK | os.X_OK)):
+                # TensorBoard writes on a thread of its own, where a failure is a traceback and nothing logged
+                raise UserError(f"{folder}: cannot write TensorBoard events there; make it writable, or log "
+                                "without it (logging.report_to=[])")  # fmt: skip
+            self.writer = SummaryWriter(log_dir=str(folder), purge_step=purge)
         self.trackers = open_trackers(
             logging.report_to, run_dir, logging.project, flat_config(config), resume=resume_step is not None
         )

@@ -17,7 +17,8 @@ from transformers import AutoTokenizer
 from llmkit.config import DataConfig, QualityConfig
 from llmkit.data import quality
 from llmkit.data.cleaning import clean_text
-from llmkit.data.planted import planted_corpus
+from llmkit.data.curate import Shingles, jaccard
+from llmkit.data.planted import graded_copies, planted_corpus
 from llmkit.data.prep import prepare_dataset
 from llmkit.data.store import open_dataset
 from tests.conftest import assert_user_error, run_cli
@@ -130,9 +131,34 @@ def test_near_duplicates_are_found_with_measured_precision_and_recall(tmp_path: 
     assert recall >= 0.9 and precision >= 0.98, (recall, precision)
     assert originals_lost == 0  # related pages (half their paragraphs shared) included
     near = manifest["curation"]["near_dedup"]
-    assert (near["bands"], near["rows"]) == (14, 9)
+    assert (near["bands"], near["rows"]) == (25, 5)  # 99% of pairs at 0.75 become candidates
+    assert near["candidates_checked"] >= removed
     pair = near["sample_pairs"][0]
     assert pair["removed"].startswith(str(source)) and pair["kept_text"] and pair["removed_text"]
+
+
+def test_near_dedup_finds_pairs_just_above_the_threshold_and_none_below(tmp_path: Path) -> None:
+    """Copies whose true word-5-gram Jaccard similarity covers 0.4 to 1: at the default threshold 0.8, at least 95%
+    of those at 0.85 or more are removed (bands split at the threshold found 81% of 0.82-0.95), none below 0.8 (every
+    candidate is checked on its true similarity), and no original."""
+    graded = graded_copies(150, seed=2)
+    last = "A last page, cut short by the final partial block in place of a page that counts. " * 4
+    source = write_jsonl(tmp_path / "pages.jsonl", [*graded.texts, last])
+    cfg = config([str(source)], near_dedup={"enabled": True}, val_fraction=0)
+    manifest = prepare_dataset(cfg, tmp_path / "ds").manifest
+    survivors = set(documents(tmp_path / "ds"))
+    cleaned = [clean_text(text, "NFC") for text in graded.texts]
+    shingles = Shingles(cfg.near_dedup, tmp_path / "scratch")
+    truth = {copy: jaccard(shingles(cleaned[copy]), shingles(cleaned[original]))
+             for copy, original in graded.copies.items() if cleaned[copy] != cleaned[original]}  # fmt: skip
+    gone = {copy for copy in truth if cleaned[copy] not in survivors}
+    above = [copy for copy, s in truth.items() if s >= 0.85]
+    below = [copy for copy, s in truth.items() if s < 0.8]
+    assert len(above) >= 20 and len(below) >= 50
+    assert sum(copy in gone for copy in above) / len(above) >= 0.95
+    assert not gone & set(below)
+    assert all(cleaned[original] in survivors for original in graded.copies.values())
+    assert manifest["curation"]["near_dedup"]["candidates_below_threshold"] > 0  # the check had work to do
 
 
 def test_decontamination_drops_or_flags_planted_leaks(tmp_path: Path) -> None:

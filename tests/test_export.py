@@ -220,6 +220,8 @@ def test_export_format_errors(tiny_run: Path, tmp_path: Path) -> None:
         run_cli("export", tiny_run, "--out", tmp_path / "c", "--format", "gguf", "--quantize", "int8"),
         "applies to --format hf (torchao) and onnx",
     )
+    assert_user_error(run_cli("export", tiny_run, "--out", tmp_path / "g", "--quantize", "int3"),
+                      "--quantize int3: choose int8 or int4")  # fmt: skip
     qwen = tmp_path / "qwen2"
     tokenizer = AutoTokenizer.from_pretrained(tiny_run / "final")
     AutoModelForCausalLM.from_config(Qwen2Config(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
@@ -235,7 +237,7 @@ def test_export_format_errors(tiny_run: Path, tmp_path: Path) -> None:
     if llama_cpp_missing():
         assert_user_error(run_cli("export", tiny_run, "--out", tmp_path / "f", "--format", "gguf", "--dtype", "q4_k_m"),
                           "--dtype q4_k_m: k-quants", "pip install llama-cpp-python")  # fmt: skip
-    assert not any((tmp_path / name).exists() for name in "abcdef")
+    assert not any((tmp_path / name).exists() for name in "abcdefg")
 
 
 LLAMA_CPP_CHECK = """

@@ -364,3 +364,94 @@ def test_a_tensorboard_folder_that_cannot_be_written_is_one_line(tiny_run: Path,
     (run / "tensorboard").write_text("not a folder")  # as unwritable as it gets, also for root
     result = run_cli("pretrain", *tiny_train_args(tiny_dataset, run, steps=35), "--resume", "auto")
     assert_user_error(result, "tensorboard: cannot write TensorBoard events there", "logging.report_to=[]")
+
+
+def _write_sources(folder: Path, files: int, docs: int, words: int = 60) -> list[Path]:
+    import random
+
+    rng = random.Random(0)
+    vocabulary = ["".join(rng.choice("abcdefghij") for _ in range(5)) for _ in range(2000)]
+    folder.mkdir()
+    paths = []
+    for k in range(files):
+        rows = (json.dumps({"text": " ".join(rng.choices(vocabulary, k=words))}) for _ in range(docs))
+        paths.append(folder / f"part{k}.jsonl")
+        paths[-1].write_text("\n".join(rows) + "\n")
+    return paths
+
+
+@pytest.mark.parametrize("change", ["edited", "deleted"])
+def test_a_source_changed_or_deleted_during_data_prep_is_one_line_and_nothing_is_kept(
+    change: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The user's edit lands after the file was hashed and before it was read (here: as curation starts)."""
+    from llmkit.data import curate
+
+    first, second = _write_sources(tmp_path / "src", 2, 50)
+    curate_shards = curate.curate_shards
+
+    def user_changes_a_file(*args, **kwargs):
+        if change == "edited":
+            with second.open("a") as handle:
+                handle.write(json.dumps({"text": "a line added while data-prep ran"}) + "\n")
+        else:
+            second.unlink()
+        return curate_shards(*args, **kwargs)
+
+    monkeypatch.setattr(curate, "curate_shards", user_changes_a_file)
+    out = tmp_path / "out"
+    result = run_cli("data-prep", tmp_path / "src", "--out", out, "--vocab-size", "300")
+    assert_user_error(result, f"{second}: {change.replace('edited', 'changed')} while data-prep read it")
+    assert not out.exists() and not list(tmp_path.glob(".out*"))  # no dataset, no staging, no stale curation
+
+
+def test_a_killed_data_prep_leaves_no_process_behind(tmp_path: Path) -> None:
+    """datatrove's Manager (a forked child) outlived a kill -9 and kept its fork server and resource tracker alive."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    def children() -> dict[int, list[int]]:
+        found: dict[int, list[int]] = {}
+        for stat in Path("/proc").glob("[0-9]*/stat"):
+            try:
+                parent = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError):
+                continue
+            found.setdefault(parent, []).append(int(stat.parent.name))
+        return found
+
+    def descendants(pid: int) -> set[int]:
+        tree, todo, seen = children(), [pid], set()
+        while todo:
+            for child in tree.get(todo.pop(), []):
+                seen.add(child)
+                todo.append(child)
+        return seen
+
+    def alive(pid: int) -> bool:  # a zombie waiting for its (new) parent to reap it is dead
+        try:
+            return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+        except OSError:
+            return False
+
+    _write_sources(tmp_path / "src", 2, 6000, words=100)
+    command = [sys.executable, "-m", "llmkit", "data-prep", str(tmp_path / "src"), "--out", str(tmp_path / "out"),
+               "--vocab-size", "300", "--set", "data.near_dedup.enabled=true", "--set", "data.workers=2"]  # fmt: skip
+    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while len(helpers := descendants(proc.pid)) < 3:  # datatrove's Manager, fork server and resource tracker
+        assert proc.poll() is None and time.monotonic() < deadline, "data-prep ended before curating in parallel"
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    helpers |= descendants(proc.pid)
+    deadline = time.monotonic() + 20
+    while any(alive(pid) for pid in helpers) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    left = [pid for pid in helpers if alive(pid)]
+    for pid in left:
+        os.kill(pid, signal.SIGKILL)
+    assert not left, f"{len(left)} process(es) outlived the killed data-prep"

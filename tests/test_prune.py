@@ -89,5 +89,8 @@ def test_prune_refuses_bad_requests_in_one_line(tiny_run: Path, tiny_dataset: Pa
     assert_user_error(prune_cli("c", "--target-params", "0.5", "--mlp", "8"), "--target-params picks the counts")
     assert_user_error(prune_cli("d", "--drop-layers", "2"), "--drop-layers 2: the model has 2 blocks")
     assert_user_error(prune_cli("e", "--target-params", "0.75", "--axis", "sideways"), "--axis sideways")
-    for name in "abcde":
+    assert_user_error(prune_cli("f", "--mlp", "32", "--batches", "0"), "--batches 0: must be at least 1")
+    assert_user_error(prune_cli("g", "--hidden", "33"), "--hidden 33: keep between 1 and the model's 32")
+    assert_user_error(prune_cli("h", "--drop-layers", "-1"), "--drop-layers -1: the model has 2 blocks")
+    for name in "abcdefgh":
         assert_nothing_written(tmp_path, name)

@@ -360,6 +360,8 @@ def prune_model(source: str, out: Path, data: str, spec: PruneSpec, batches: int
         raise UserError(f"--target-params {spec.target_params}: must be a positive fraction or count")
     if spec.target_params is None and all(v is None for v in (spec.drop_layers, spec.heads, spec.mlp, spec.hidden)):
         raise UserError("say what to remove: --target-params, or --drop-layers/--heads/--mlp/--hidden")
+    if batches < 1:
+        raise UserError(f"--batches {batches}: must be at least 1 (calibration batches of 8 sequences)")
     model_dir, tokenizer, model = open_source(source, out, data, overwrite)
     layers_of(model)
     spec = resolve(spec, model)

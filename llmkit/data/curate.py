@@ -23,6 +23,7 @@ import json
 import math
 import os
 import struct
+import sys
 from array import array
 from collections import Counter
 from collections.abc import Iterator
@@ -169,18 +170,21 @@ def _write_bytes(path: Path, data: bytes) -> None:
 # --- running the tasks ----------------------------------------------------------------------------------------
 
 
+LSH_RECALL = 0.99  # of pairs 0.05 above the threshold, by the bands alone
+
+
 def lsh_bands(threshold: float, num_perm: int) -> tuple[int, int]:
-    """Bands and rows per band (bands x rows <= num_perm) whose LSH curve best separates pairs above `threshold`
-    from those below: the least area of false positives plus false negatives under 1 - (1 - s^rows)^bands."""
-    best, best_error = (1, num_perm), float("inf")
-    grid = np.linspace(0.0, 1.0, 401)
-    for bands in range(1, num_perm + 1):
-        rows = num_perm // bands
-        found = 1 - (1 - grid**rows) ** bands
-        error = float(np.trapezoid(np.where(grid < threshold, found, 1 - found), grid))
-        if error < best_error:
-            best, best_error = (bands, rows), error
-    return best
+    """Bands and rows per band (bands x rows <= num_perm), chosen for recall: the most rows (the fewest dissimilar
+    candidates) whose S-curve 1 - (1 - s^rows)^bands still makes candidates of LSH_RECALL of the pairs 0.05 above
+    the threshold (halfway to 1 above 0.9). Candidates are then kept or dropped on their true similarity
+    (`Similarity`), so precision does not rest on the curve: a curve split at the threshold missed half the pairs
+    just above it."""
+    target = min(threshold + 0.05, (1 + threshold) / 2)
+    for rows in range(num_perm, 0, -1):
+        bands = num_perm // rows
+        if 1 - (1 - target**rows) ** bands >= LSH_RECALL:
+            return bands, rows
+    return num_perm, 1
 
 
 def minhash_config(cfg: NearDedupConfig) -> Any:
@@ -220,9 +224,42 @@ def run_tasks(pipeline: list[Any], tasks: int, cfg: DataConfig, logs: Path) -> i
     """
     done = len(list((logs / "completions").glob("*"))) if (logs / "completions").is_dir() else 0
     logs.mkdir(parents=True, exist_ok=True)
-    with _stderr_to(logs / "stderr.log"):
+    with _stderr_to(logs / "stderr.log"), _children_die_with_us():
         _executor(pipeline, tasks, cfg, logs).run()
     return done
+
+
+_FORKING = {"active": False, "parent": 0}
+
+
+def _record_parent() -> None:
+    _FORKING["parent"] = os.getpid()
+
+
+def _die_with_parent() -> None:
+    """In a child forked while `_children_die_with_us` is active: be killed when the forking process dies, even by
+    SIGKILL (Linux's parent-death signal). datatrove's Manager is such a child: left alive, it also holds the pipes
+    that would end the fork server and the resource tracker, so all three outlived a killed data-prep."""
+    if not _FORKING["active"] or not sys.platform.startswith("linux"):
+        return
+    import ctypes
+    import signal
+
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    if os.getppid() != _FORKING["parent"]:  # the parent died before the line above
+        os._exit(1)
+
+
+os.register_at_fork(before=_record_parent, after_in_child=_die_with_parent)
+
+
+@contextlib.contextmanager
+def _children_die_with_us() -> Iterator[None]:
+    _FORKING["active"] = True
+    try:
+        yield
+    finally:
+        _FORKING["active"] = False
 
 
 def _executor(pipeline: list[Any], tasks: int, cfg: DataConfig, logs: Path) -> Any:
@@ -238,8 +275,6 @@ def _executor(pipeline: list[Any], tasks: int, cfg: DataConfig, logs: Path) -> A
 @contextlib.contextmanager
 def _stderr_to(path: Path) -> Iterator[None]:
     """Point stderr (the file descriptor, which worker processes inherit, and sys.stderr) at `path`."""
-    import sys
-
     sys.stderr.flush()
     saved, saved_stream = os.dup(2), sys.stderr
     with path.open("a", encoding="utf-8") as log:
@@ -308,9 +343,10 @@ class Duplicates:
     removed: dict[int, np.ndarray]
     counts: Counter[str]
     sample: list[tuple[tuple[int, int], tuple[int, int]]]  # (removed, kept), as (shard, position)
+    candidates: Counter[str] = field(default_factory=Counter)  # near-dedup candidate pairs: checked, below threshold
 
 
-def find_duplicates(work: Path, shards: int, exact: bool, near: bool) -> Duplicates:
+def find_duplicates(work: Path, shards: int, exact: bool, near: NearDedupConfig | None) -> Duplicates:
     """Exact copies straight from the digest merge (only their positions are held); near-duplicate pairs grouped
     with a union-find over the pages that have one, an exact copy standing for the first page of its text."""
     removed: dict[int, array[int]] = {}
@@ -327,8 +363,9 @@ def find_duplicates(work: Path, shards: int, exact: bool, near: bool) -> Duplica
             else:
                 previous = (digest, node)
     sample: list[tuple[tuple[int, int], tuple[int, int]]] = []
+    candidates: Counter[str] = Counter()
     if near:
-        parent = _near_groups(work, first_of)
+        parent = _near_groups(work, first_of, Similarity(work, near), candidates)
         for node in sorted(parent):
             kept = _root(parent, node)
             if kept != node:
@@ -337,21 +374,120 @@ def find_duplicates(work: Path, shards: int, exact: bool, near: bool) -> Duplica
                 if len(sample) < SAMPLE_PAIRS:
                     sample.append((node, kept))
     positions = {shard: np.sort(np.frombuffer(docs, dtype=np.int64)) for shard, docs in removed.items()}
-    return Duplicates(positions, counts, sample)
+    return Duplicates(positions, counts, sample, candidates)
 
 
-def _near_groups(work: Path, first_of: dict[tuple[int, int], tuple[int, int]]) -> dict[tuple[int, int], Any]:
-    """Union-find over datatrove's candidate pairs ((shard, position) twice, as uint32): each group's root is its
-    earliest page."""
+RUN_GROUPS = 32  # groups a document in one LSH bucket is compared with (the bucket's earliest member of each)
+
+
+def _near_groups(
+    work: Path, first_of: dict[tuple[int, int], tuple[int, int]], similarity: Similarity, candidates: Counter[str]
+) -> dict[tuple[int, int], Any]:
+    """Union-find over the documents that share an LSH bucket and whose true similarity reaches the threshold: each
+    group's root is its earliest page.
+
+    datatrove writes a bucket's members as a chain of pairs (a, b), (b, c), ...; with every pair checked, a chain
+    through one dissimilar member would hide a and c from each other, so each bucket's run is read whole and every
+    member compared with the earliest member of each group met in that run (at most RUN_GROUPS)."""
     parent: dict[tuple[int, int], tuple[int, int]] = {}
+    checked: set[tuple[tuple[int, int], tuple[int, int]]] = set()
     for path in sorted((work / "minhash" / "buckets").glob("*.dups")):
-        for f1, d1, f2, d2 in np.fromfile(path, dtype="<u4").reshape(-1, 4).tolist():
-            a, b = first_of.get((f1, d1), (f1, d1)), first_of.get((f2, d2), (f2, d2))
-            ra, rb = _root(parent, a), _root(parent, b)
-            if ra != rb:
-                parent[max(ra, rb)] = min(ra, rb)
-                parent.setdefault(min(ra, rb), min(ra, rb))
+        for run in _bucket_runs(path):
+            firsts: dict[tuple[int, int], tuple[int, int]] = {}  # group root -> its earliest member in this run
+            for node in dict.fromkeys(first_of.get(member, member) for member in run):
+                for other in list(firsts.values())[:RUN_GROUPS]:
+                    a, b = min(node, other), max(node, other)
+                    ra, rb = _root(parent, a), _root(parent, b)
+                    if ra == rb or (a, b) in checked:
+                        continue
+                    checked.add((a, b))
+                    if similarity(a, b) < similarity.threshold:
+                        candidates["below_threshold"] += 1
+                        continue
+                    parent[max(ra, rb)] = min(ra, rb)
+                    parent.setdefault(min(ra, rb), min(ra, rb))
+                firsts.setdefault(_root(parent, node), node)
+    candidates["checked"] = len(checked)
     return parent
+
+
+def _bucket_runs(path: Path) -> Iterator[list[tuple[int, int]]]:
+    """The runs of one bucket file: the documents sharing one band's hash, from datatrove's chain of pairs ((shard,
+    position) twice, as uint32)."""
+    run: list[tuple[int, int]] = []
+    for f1, d1, f2, d2 in np.fromfile(path, dtype="<u4").reshape(-1, 4).tolist():
+        if run and run[-1] == (f1, d1):
+            run.append((f2, d2))
+            continue
+        if run:
+            yield run
+        run = [(f1, d1), (f2, d2)]
+    if run:
+        yield run
+
+
+class Shingles:
+    """A text's set of hashed word n-grams, made by the same datatrove code that makes its MinHash signature."""
+
+    def __init__(self, cfg: NearDedupConfig, scratch: Path) -> None:
+        from datatrove.pipeline.dedup.minhash import MinhashDedupSignature
+
+        self.signature = MinhashDedupSignature(str(scratch), minhash_config(cfg), language=simplified_words())
+
+    def __call__(self, text: str) -> np.ndarray:
+        return np.unique(self.signature.get_shingles(text))
+
+
+def jaccard(first: np.ndarray, second: np.ndarray) -> float:
+    """|A & B| / |A | B| of two sets of shingles (sorted, unique)."""
+    union = len(np.union1d(first, second))
+    return len(np.intersect1d(first, second, assume_unique=True)) / union if union else 0.0
+
+
+SHINGLES_KEPT = 4096
+
+
+class Similarity:
+    """The true Jaccard similarity of two curated documents. Texts are read from the curated shards on disk (an
+    offset per document of a shard that has a candidate), so memory grows with the candidates' shards, not with
+    the corpus's text; the last SHINGLES_KEPT documents' shingles are kept (a document meets its group in many
+    bands)."""
+
+    def __init__(self, work: Path, cfg: NearDedupConfig) -> None:
+        self.work, self.threshold = work, cfg.threshold
+        self.shingles = Shingles(cfg, work / "minhash" / "sigs")
+        self.offsets: dict[int, np.ndarray] = {}
+        self.recent: dict[tuple[int, int], np.ndarray] = {}
+
+    def __call__(self, a: tuple[int, int], b: tuple[int, int]) -> float:
+        return jaccard(self.of(a), self.of(b))
+
+    def of(self, node: tuple[int, int]) -> np.ndarray:
+        if node not in self.recent:
+            if len(self.recent) >= SHINGLES_KEPT:
+                del self.recent[next(iter(self.recent))]
+            self.recent[node] = self.shingles(self.text(node))
+        return self.recent[node]
+
+    def text(self, node: tuple[int, int]) -> str:
+        shard, position = node
+        path = self.work / "docs" / f"{shard:05d}.bin"
+        if shard not in self.offsets:
+            self.offsets[shard] = _record_offsets(path)
+        with path.open("rb") as records:
+            records.seek(int(self.offsets[shard][position]))
+            text_bytes, _, _ = _RECORD.unpack(records.read(_RECORD.size))
+            return records.read(text_bytes).decode("utf-8")
+
+
+def _record_offsets(path: Path) -> np.ndarray:
+    offsets = array("q")
+    with path.open("rb") as records:
+        while header := records.read(_RECORD.size):
+            offsets.append(records.tell() - _RECORD.size)
+            text_bytes, origin_bytes, _ = _RECORD.unpack(header)
+            records.seek(text_bytes + origin_bytes, os.SEEK_CUR)
+    return np.frombuffer(offsets, dtype=np.int64)
 
 
 def _root(parent: dict[tuple[int, int], tuple[int, int]], node: tuple[int, int]) -> tuple[int, int]:
@@ -442,7 +578,7 @@ class CuratedCorpus:
             first = sum(map(len, self.shards_of))
             self.shards_of.append(list(range(first, first + len(group))))
         shards = sum(map(len, groups))
-        self.duplicates = find_duplicates(work, shards, cfg.dedup, cfg.near_dedup.enabled)
+        self.duplicates = find_duplicates(work, shards, cfg.dedup, cfg.near_dedup if cfg.near_dedup.enabled else None)
         stats = [shard_stats(work, shard) for shard in range(shards)]
         self.read = sum(stat["read"] for stat in stats)
         self.kept = sum(stat["kept"] for stat in stats) - sum(self.duplicates.counts.values())
@@ -518,6 +654,8 @@ class CuratedCorpus:
                 "bands": mh.num_buckets,
                 "rows": mh.hashes_per_bucket,
                 "lsh_threshold": round((1 / mh.num_buckets) ** (1 / mh.hashes_per_bucket), 4),
+                "candidates_checked": self.duplicates.candidates["checked"],
+                "candidates_below_threshold": self.duplicates.candidates["below_threshold"],
                 "sample_pairs": self._sample_pairs(),
             }
         return report

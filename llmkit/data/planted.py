@@ -80,3 +80,28 @@ def _change(text: str, kind: str, vocabulary: list[str], rng: random.Random) -> 
         else:
             words.insert(at, rng.choice(vocabulary))
     return " ".join(words)
+
+
+def graded_copies(originals: int, paragraphs: int = 6, seed: int = 0) -> PlantedCorpus:
+    """`originals` pages, each followed later by one copy with a share of its words replaced, spread so the copies'
+    word-5-gram Jaccard similarities to their originals cover about 0.4 to 1 evenly: recall by similarity."""
+    rng = random.Random(seed)
+    stories = generate(BUILTIN_CORPORA["stories"], originals * paragraphs, seed)
+    texts = ["\n\n".join(next(stories).text for _ in range(paragraphs)) for _ in range(originals)]
+    vocabulary = sorted({word for text in texts[:50] for word in text.split()})
+    entries = [(original, False) for original in range(originals)]
+    for original in range(originals):
+        after = entries.index((original, False)) + 1
+        entries.insert(rng.randint(after, len(entries)), (original, True))
+    position = {original: index for index, (original, copy) in enumerate(entries) if not copy}
+
+    def copy_of(text: str) -> str:
+        words = text.split(" ")
+        # k scattered replacements leave about (n - 5k) / (n + 5k) of the 5-gram sets shared: k from 1 to n / 12
+        for at in rng.sample(range(len(words)), rng.randint(1, len(words) // 12)):
+            words[at] = rng.choice(vocabulary)
+        return " ".join(words)
+
+    pages = [copy_of(texts[original]) if copy else texts[original] for original, copy in entries]
+    copies = {index: position[original] for index, (original, copy) in enumerate(entries) if copy}
+    return PlantedCorpus(pages, copies, dict.fromkeys(copies, "graded"), set())

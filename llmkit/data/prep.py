@@ -33,7 +33,7 @@ from llmkit.console import console, progress_bar
 from llmkit.data import curate
 from llmkit.data.corpus import BUILTIN_CORPORA, entropy_rate
 from llmkit.data.decontaminate import Contamination, load_contamination
-from llmkit.data.readers import Source, resolve_sources
+from llmkit.data.readers import Source, check_unchanged, resolve_sources
 from llmkit.data.store import FORMAT_VERSION, MANIFEST, SPLITS, ShardWriter, token_dtype
 from llmkit.data.tokenizer import load_tokenizer, tokenizer_hash, train_bpe
 from llmkit.errors import UserError
@@ -155,7 +155,11 @@ def _build(
     sources = [source for group in groups for source in group]
     with atomic_directory(out) as staging:
         with console.status(f"curating {len(sources)} shard(s) on {min(cfg.workers, len(sources))} process(es)"):
-            reused = curate.curate_shards(cfg, sources, work, contamination)
+            try:
+                reused = curate.curate_shards(cfg, sources, work, contamination)
+            except FileNotFoundError:
+                check_unchanged(sources)  # names a source deleted since it was found
+                raise
             corpus = curate.CuratedCorpus(cfg, work, groups)
         if corpus.kept == 0:
             raise UserError(_nothing_left(corpus.dropped))
@@ -165,6 +169,7 @@ def _build(
             tokenizer, tokenizer_source = _train_tokenizer(cfg, corpus), "trained"
         tokenizer.save_pretrained(staging / "tokenizer")
         result = _tokenize_and_pack(cfg, corpus, tokenizer, staging)
+        check_unchanged(sources)
         manifest = _manifest(cfg, sources, tokenizer, str(tokenizer_source), fingerprint, result)
         write_json(staging / MANIFEST, manifest)
         if corpus.contaminated:
@@ -199,6 +204,8 @@ def _fingerprint(cfg: DataConfig, sources: list[Source], tokenizer: Any, contami
             if s.kind == "builtin"
         },
     }
+    if cfg.near_dedup.enabled:  # bands for recall and a check of every candidate (before: bands split at threshold)
+        spec["near_dedup_method"] = "recall-bands+true-jaccard"
     return hashlib.sha256(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()
 
 

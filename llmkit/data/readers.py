@@ -39,9 +39,27 @@ class Source:
     name: str  # path, hub dataset name, or built-in corpus name
     size: int = 0
     sha256: str = ""
+    mtime_ns: int = 0  # when it was hashed: a file changed since is not what the hash says
 
     def describe(self) -> dict[str, Any]:
         return {"kind": self.kind, "name": self.name, "size": self.size, "sha256": self.sha256}
+
+
+def check_unchanged(sources: list[Source], command: str = "data-prep") -> None:
+    """Refuse a result built from files that were deleted or changed after they were hashed: the hash recorded for
+    them would describe text that was not read."""
+    for source in sources:
+        if source.kind != "file":
+            continue
+        try:
+            stat = os.stat(source.name)
+        except FileNotFoundError:
+            raise UserError(f"{source.name}: deleted while {command} read it; nothing was kept") from None
+        if (stat.st_size, stat.st_mtime_ns) != (source.size, source.mtime_ns):
+            raise UserError(
+                f"{source.name}: changed while {command} read it, so its recorded hash would be wrong; nothing was "
+                "kept: run again once the file is final"
+            )
 
 
 @dataclass(frozen=True)
@@ -189,7 +207,8 @@ def _file_sources(spec: str, skip: list[Path]) -> list[Source]:
                 f"{p}: unsupported file type '{''.join(p.suffixes[-2:])}' (use {', '.join(sorted(SUFFIXES))}, "
                 f"the text ones also compressed as {', '.join(COMPRESSIONS)})"
             )
-        sources.append(Source("file", str(p), p.stat().st_size, file_sha256(p)))
+        stat = p.stat()  # before hashing: a change while hashing shows in check_unchanged
+        sources.append(Source("file", str(p), stat.st_size, file_sha256(p), stat.st_mtime_ns))
     return sources
 
 

@@ -70,7 +70,9 @@ def export_model(
     dtype = dtype or DEFAULT_DTYPE[fmt]
     if dtype not in FORMATS[fmt]:
         raise UserError(f"--dtype {dtype}: --format {fmt} takes {', '.join(FORMATS[fmt])}")
-    if quantize not in (None, "int8", "int4") or (quantize and fmt == "gguf") or (quantize == "int4" and fmt != "hf"):
+    if quantize not in (None, "int8", "int4"):
+        raise UserError(f"--quantize {quantize}: choose int8 or int4; GGUF levels are --dtype q8_0 ... q4_0")
+    if (quantize and fmt == "gguf") or (quantize == "int4" and fmt != "hf"):
         raise UserError("--quantize int8 applies to --format hf (torchao) and onnx, int4 to --format hf "
                         "(bitsandbytes NF4); GGUF has --dtype q8_0 ... q4_0")  # fmt: skip
     if quantize and fmt == "hf":

@@ -124,7 +124,7 @@ def main() -> None:
 
 
 def _device_peak() -> float | None:
-    from llmkit.plan import device_peak_flops
+    from llmkit.flops import device_peak_flops
 
     return device_peak_flops(torch.cuda.get_device_name()) if torch.cuda.is_available() else None
 
@@ -153,7 +153,7 @@ def _prepare(args: argparse.Namespace, work: Path) -> tuple[float, int]:
     """The data (enough built-in stories for every step) and the starting weights every contender loads."""
     from llmkit.data.prep import prepare_dataset
     from llmkit.data.tokenizer import load_tokenizer
-    from llmkit.plan import model_flops_per_token
+    from llmkit.flops import model_flops_per_token
 
     cfg = _config(args, work)
     tokens = args.steps * args.batch * args.block

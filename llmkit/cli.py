@@ -866,6 +866,13 @@ def plan_command(
         bool, typer.Option("--gradient-checkpointing", help="Estimate with activation checkpointing.")
     ] = False,
     train_tokens: Annotated[int | None, typer.Option(help="Tokens per epoch, when the recipe budgets epochs.")] = None,
+    stage: Annotated[
+        str | None,
+        typer.Option(
+            help="pretrain or finetune; default: finetune when the recipe has model.init_from and a "
+            "finetune section, else pretrain (from scratch, or continued from model.init_from)."
+        ),
+    ] = None,  # fmt: skip
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
 ) -> None:
     """Before a run: parameters, FLOPs, memory per GPU, time and cost.
@@ -878,7 +885,7 @@ def plan_command(
     from llmkit.reports import print_plan
 
     cfg = load_config(recipe, overrides)
-    plan = plan_run(cfg, gpus, gpu_type, strategy, mfu, price_per_gpu_hour, gradient_checkpointing, train_tokens)
+    plan = plan_run(cfg, gpus, gpu_type, strategy, mfu, price_per_gpu_hour, gradient_checkpointing, train_tokens, stage)
     if as_json:
         print(json.dumps(plan.as_dict(), indent=2))
     else:

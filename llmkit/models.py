@@ -100,21 +100,6 @@ def _llama_mlp_width(hidden: int) -> int:
     return int(math.ceil(8 * hidden / 3 / 64) * 64)
 
 
-def count_parameters(model: Any) -> tuple[int, int]:
-    """(trainable, total) parameters, counting tied weights once (and whole tensors under ZeRO-3 sharding)."""
-    seen: set[int] = set()
-    trainable = total = 0
-    for parameter in model.parameters():
-        if id(parameter) in seen:
-            continue
-        seen.add(id(parameter))
-        count = getattr(parameter, "ds_numel", None) or parameter.numel()
-        total += count
-        if parameter.requires_grad:
-            trainable += count
-    return trainable, total
-
-
 def place_weights(model: Any, frozen_dtype: Any) -> dict[str, int]:
     """Trained weights in float32 (what the optimizer updates), frozen ones in the compute dtype: a LoRA, QLoRA or
     freeze fine-tune in bf16 holds its frozen base in bf16, never in float32 copies. Returns the bytes of each."""
@@ -248,8 +233,8 @@ def load_trained_model(model_dir: Path, dtype: Any = None, merge: bool = False) 
     """
     import json
 
-    from llmkit.compress.lowrank import densify, is_factored, load_factored
     from llmkit.data.tokenizer import load_tokenizer
+    from llmkit.factored import densify, is_factored, load_factored
     from llmkit.runs import find_tokenizer_dir
 
     if is_factored(model_dir):  # llmkit factor's output: rebuilt here (plain transformers cannot)

@@ -24,23 +24,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 from llmkit.config import RunConfig
 from llmkit.errors import UserError
+from llmkit.flops import GIB, GPU_TYPES, count_parameters, matmul_parameters, model_shape, training_flops_per_token
 
-GIB = 2**30
-# Dense bf16 tensor-core peak (FLOP/s) and memory per GPU type.
-GPU_TYPES: dict[str, tuple[float, float]] = {
-    "h200": (989e12, 141 * GIB),
-    "h100": (989e12, 80 * GIB),
-    "a100": (312e12, 80 * GIB),
-    "a100-40": (312e12, 40 * GIB),
-    "l40s": (362e12, 48 * GIB),
-    "a10": (125e12, 24 * GIB),
-    "rtx4090": (165e12, 24 * GIB),
-    "v100": (125e12, 32 * GIB),
-}
+Stage = Literal["pretrain", "finetune"]
 # Cheapest communication first: the first that fits is the suggestion.
 STRATEGIES = ("ddp", "zero1", "zero2", "fsdp", "zero3", "zero2-offload", "zero3-offload")
 CUDA_CONTEXT = 1 * GIB
@@ -97,7 +87,21 @@ class ModelSize:
     width: int
 
 
-def count_parameters(cfg: RunConfig, vocab: int) -> ModelSize:
+def recipe_stage(cfg: RunConfig) -> Stage:
+    """The stage a recipe is planned for when `--stage` does not say: fine-tuning when it starts from a model and has
+    a finetune section; otherwise pretraining, from scratch or continued from model.init_from."""
+    return "finetune" if cfg.model.init_from and "finetune" in cfg.model_fields_set else "pretrain"
+
+
+def _stage(name: str) -> Stage:
+    if name == "pretrain":
+        return "pretrain"
+    if name == "finetune":
+        return "finetune"
+    raise UserError(f"--stage {name}: choose pretrain or finetune")
+
+
+def model_size(cfg: RunConfig, vocab: int, stage: Stage) -> ModelSize:
     """The recipe's model (a fine-tune's base model), built on the meta device: counts and shape."""
     import torch
 
@@ -105,32 +109,17 @@ def count_parameters(cfg: RunConfig, vocab: int) -> ModelSize:
 
     with torch.device("meta"):
         model = _meta_model(cfg, vocab)
-    seen: set[int] = set()
-    total = 0
-    for parameter in model.parameters():
-        if id(parameter) not in seen:
-            seen.add(id(parameter))
-            total += parameter.numel()
-    embedding = model.get_input_embeddings().weight
-    output = model.get_output_embeddings()
-    tied = output is not None and output.weight is embedding
-    matmul = total - (0 if tied else embedding.numel())
+    total = count_parameters(model)[1]
     trainable = total
-    if cfg.finetune.method in ("lora", "qlora") and cfg.model.init_from:
+    if stage == "finetune" and cfg.finetune.method in ("lora", "qlora"):
         targets = set(cfg.finetune.lora.target_modules or lora_target_modules(model))
         trainable = 0
         for name, module in model.named_modules():
             if name.rsplit(".", 1)[-1] in targets and isinstance(module, torch.nn.Linear):
                 trainable += cfg.finetune.lora.r * (module.in_features + module.out_features)
     layers, width = model_shape(model.config)
-    return ModelSize(total, trainable, matmul, int(embedding.shape[0]), layers, width)
-
-
-def model_shape(config: Any) -> tuple[int, int]:
-    """(layers, width) from a transformers config of any naming convention."""
-    layers = int(getattr(config, "num_hidden_layers", 0) or getattr(config, "n_layer", 0) or 0)
-    width = int(getattr(config, "hidden_size", 0) or getattr(config, "n_embd", 0) or 0)
-    return layers, width
+    vocab = int(model.get_input_embeddings().weight.shape[0])
+    return ModelSize(total, trainable, matmul_parameters(model, total), vocab, layers, width)
 
 
 @dataclass
@@ -169,24 +158,48 @@ def estimate_memory(
     strategy: str,
     gpus: int,
     gradient_checkpointing: bool,
+    stage: Stage,
     teacher: ModelSize | None = None,
 ) -> Memory:
     """Bytes per GPU under `strategy` (see the module docstring for every term); `teacher`: a live distillation
     teacher, whole on every GPU in the compute dtype, with its logits."""
-    from llmkit.losses import CHUNK_ELEMENTS
+    compute_bytes = memory_dtype(cfg)
+    weights, gradients, optimizer = _sharded_state(*_training_state(cfg, size, stage), strategy, max(gpus, 1))
+    micro, seq = cfg.train.micro_batch_size, _sequence(cfg, stage)
+    scale = 2.0 if cfg.precision.dtype == "fp32" else 1.0
+    per_layer = 34.0 * seq * micro * size.width * scale
+    if gradient_checkpointing:
+        activations = 2.0 * seq * micro * size.width * scale * size.layers + per_layer
+    else:
+        activations = per_layer * size.layers
+    if teacher is not None:  # its weights, its logits, and one chunk of both sides' float32 log-softmax
+        from llmkit.train.distill import ROWS_PER_CHUNK
 
+        weights += compute_bytes * teacher.total
+        activations += compute_bytes * micro * seq * teacher.vocab + 16.0 * ROWS_PER_CHUNK * teacher.vocab
+    activations += _logits_bytes(cfg, stage, strategy, micro * seq * size.vocab)
+    return Memory(weights, gradients, optimizer, activations)
+
+
+def _training_state(cfg: RunConfig, size: ModelSize, stage: Stage) -> tuple[float, float, float]:
+    """Bytes of weights, gradients and optimizer states on one process before sharding: fp32 master weights of
+    what trains, frozen weights in the compute dtype (QLoRA's 4-bit matrices ~0.55 bytes), Adam's two moments."""
     adam = cfg.optimizer.name in ("adamw", "adam")
     state_bytes = 8 if adam else (4 if cfg.optimizer.momentum > 0 else 0)
-    adapters = cfg.finetune.method in ("lora", "qlora") and bool(cfg.model.init_from)
+    adapters = stage == "finetune" and cfg.finetune.method in ("lora", "qlora")
     frozen = size.total if adapters else size.total - size.trainable  # adapters come on top of the base model
-    compute_bytes = 4.0 if cfg.precision.dtype == "fp32" else 2.0
     if adapters and cfg.finetune.method == "qlora":
         frozen_bytes = 0.55 * size.matmul + 2.0 * (size.total - size.matmul)  # 4-bit matrices, 16-bit embedding
     else:
-        frozen_bytes = compute_bytes * frozen
-    weights, gradients = 4.0 * size.trainable + frozen_bytes, 4.0 * size.trainable
-    optimizer = float(state_bytes * size.trainable)
-    shard = max(gpus, 1)
+        frozen_bytes = memory_dtype(cfg) * frozen
+    return 4.0 * size.trainable + frozen_bytes, 4.0 * size.trainable, float(state_bytes * size.trainable)
+
+
+def _sharded_state(
+    weights: float, gradients: float, optimizer: float, strategy: str, shard: int
+) -> tuple[float, float, float]:
+    """What one GPU holds: ZeRO-1 shards optimizer states, ZeRO-2 also gradients, ZeRO-3 and FSDP also weights;
+    offload moves optimizer states (and ZeRO-3's weights) to CPU memory."""
     if strategy in ("zero1", "zero2", "zero3", "fsdp", "zero2-offload", "zero3-offload"):
         optimizer /= shard
     if strategy in ("zero2", "zero3", "fsdp", "zero2-offload", "zero3-offload"):
@@ -197,58 +210,31 @@ def estimate_memory(
         optimizer = 0.0
     if strategy == "zero3-offload":
         weights = 0.0
+    return weights, gradients, optimizer
+
+
+def _logits_bytes(cfg: RunConfig, stage: Stage, strategy: str, logits: int) -> float:
+    """The loss's logits: none (a classification head); whole (distillation, tasks that need them), with their
+    gradient and the float32 log-softmax; whole with their gradient (a compiled step's plain loss, ZeRO-3/FSDP); or
+    one chunk of the fused head (float32 and its 16-bit copy)."""
+    from llmkit.losses import CHUNK_ELEMENTS
     from llmkit.train.strategies import compiles
 
+    compute_bytes = memory_dtype(cfg)
+    head = "whole" if cfg.distill.teacher else _task(cfg).logits if stage == "finetune" else "fused"
     compiled = strategy == "ddp" and compiles(cfg, cuda=True)  # as the run would decide on a GPU
-    micro, seq = cfg.train.micro_batch_size, _sequence(cfg)
-    scale = 2.0 if cfg.precision.dtype == "fp32" else 1.0
-    per_layer = 34.0 * seq * micro * size.width * scale
-    if gradient_checkpointing:
-        activations = 2.0 * seq * micro * size.width * scale * size.layers + per_layer
-    else:
-        activations = per_layer * size.layers
-    logits = micro * seq * size.vocab
-    head = "whole" if cfg.distill.teacher else _task(cfg).logits if cfg.model.init_from else "fused"
-    if teacher is not None:  # its weights, its logits, and one chunk of both sides' float32 log-softmax
-        from llmkit.train.distill import ROWS_PER_CHUNK
-
-        weights += compute_bytes * teacher.total
-        activations += compute_bytes * micro * seq * teacher.vocab + 16.0 * ROWS_PER_CHUNK * teacher.vocab
-    if head == "whole":  # the logits, their gradient and the float32 log-softmax kept for backward
-        activations += (2.0 * compute_bytes + 4.0) * logits
-    elif head == "fused" and (strategy in ("zero3", "fsdp", "zero3-offload") or compiled):
-        activations += 2.0 * compute_bytes * logits  # whole logits and their gradient (a compiled step's plain loss)
-    elif head == "fused":  # the fused head: one chunk of float32 logits and its 16-bit copy
-        activations += 6.0 * min(logits, CHUNK_ELEMENTS)
-    return Memory(weights, gradients, optimizer, activations)
+    if head == "none":  # a classification head: no vocabulary logits
+        return 0.0
+    if head == "whole":
+        return (2.0 * compute_bytes + 4.0) * logits
+    if strategy in ("zero3", "fsdp", "zero3-offload") or compiled:
+        return 2.0 * compute_bytes * logits
+    return 6.0 * min(logits, CHUNK_ELEMENTS)
 
 
-def device_peak_flops(device_name: str) -> float | None:
-    """Dense bf16 peak of a CUDA device from its name ("NVIDIA H100 80GB HBM3" -> h100), None when unknown."""
-    name = device_name.lower().replace(" ", "")
-    for gpu_type in sorted(GPU_TYPES, key=len, reverse=True):
-        if gpu_type.split("-")[0] in name:
-            return GPU_TYPES[gpu_type][0]
-    return None
-
-
-def model_flops_per_token(model: Any, sequence: int, gradient_checkpointing: bool = False) -> float:
-    """Training FLOPs per token of a real model, by the same formula as the plan (6N + attention)."""
-    from llmkit.models import count_parameters as count_model_parameters
-
-    trainable, total = count_model_parameters(model)
-    embedding = model.get_input_embeddings().weight
-    output = model.get_output_embeddings()
-    tied = output is not None and output.weight is embedding
-    matmul = total - (0 if tied else (getattr(embedding, "ds_numel", None) or embedding.numel()))
-    flops = 4 * matmul + 2 * min(matmul, trainable) + (2 * matmul if gradient_checkpointing else 0)
-    layers, width = model_shape(model.config)
-    return float(flops + 12 * layers * sequence * width)
-
-
-def _sequence(cfg: RunConfig) -> int:
+def _sequence(cfg: RunConfig, stage: Stage) -> int:
     """Tokens in one row of a micro-batch: a block, an example, or a pair's two answers side by side."""
-    if not cfg.model.init_from:
+    if stage == "pretrain":
         return cfg.data.block_size
     return cfg.finetune.max_length * _task(cfg).sequences_per_row
 
@@ -268,7 +254,59 @@ def plan_run(
     price_per_gpu_hour: float | None = None,
     gradient_checkpointing: bool = False,
     train_tokens: int | None = None,
+    stage: str | None = None,
 ) -> Plan:
+    planned = _stage(stage) if stage is not None else recipe_stage(cfg)
+    _check_request(cfg, planned, gpus, gpu_type, strategy, mfu, price_per_gpu_hour, train_tokens)
+    peak, capacity = GPU_TYPES[gpu_type]
+    vocab, vocab_source = vocabulary_size(cfg) if not cfg.model.init_from else (0, cfg.model.init_from)
+    size = model_size(cfg, vocab, planned)
+    total, trainable, matmul, vocab = size.total, size.trainable, size.matmul, size.vocab
+    seq = _sequence(cfg, planned)
+    flops = training_flops_per_token(matmul, trainable, size.layers, size.width, seq, gradient_checkpointing)
+    teacher = teacher_size(cfg)
+    teacher_flops = 2 * teacher.matmul + 4 * teacher.layers * seq * teacher.width if teacher else 0  # a forward
+    live = teacher if teacher is not None and not cfg.distill.top_k else None
+    flops += teacher_flops if live else 0
+    tokens_per_step = cfg.train.micro_batch_size * cfg.train.grad_accum_steps * gpus * seq
+    budget = _budget_tokens(cfg, tokens_per_step, train_tokens)
+    by_strategy = {
+        name: estimate_memory(cfg, size, name, gpus, gradient_checkpointing, planned, live).total for name in STRATEGIES
+    }
+    memory = estimate_memory(cfg, size, strategy, gpus, gradient_checkpointing, planned, live)
+    usable = 0.9 * capacity
+    suggestion = _suggestion(by_strategy, usable, capacity, gradient_checkpointing)
+    hours = budget * flops / (gpus * peak * mfu) / 3600 if budget else None
+    cost = hours * gpus * price_per_gpu_hour if hours is not None and price_per_gpu_hour is not None else None
+    notes = [f"vocabulary {vocab:,} from {vocab_source}"] if not cfg.model.init_from else []
+    if budget is None:
+        notes.append("no token budget: set train.max_tokens/max_steps, run data-prep, or pass --train-tokens")
+    notes.append(_stage_note(cfg, planned))
+    if planned == "finetune":
+        notes.extend(_task(cfg).plan_notes(cfg))
+    if cfg.precision.dtype == "fp8":
+        notes.append(
+            "precision fp8: memory as in bf16 (torchao keeps what backward needs in bf16) and time at the "
+            "bf16 rate; float8's speed-up depends on the layer widths: measure it with bench/mfu.py --fp8"
+        )
+    if teacher is not None:
+        notes.extend(_distill_notes(cfg, planned, teacher, teacher_flops, gpus * peak * mfu, memory_dtype(cfg)))
+    return Plan(total, trainable, matmul, flops, tokens_per_step, budget, gpus, gpu_type, strategy, mfu, memory,
+                memory.total <= usable, hours, cost, suggestion, by_strategy, notes)  # fmt: skip
+
+
+def _check_request(
+    cfg: RunConfig,
+    stage: Stage,
+    gpus: int,
+    gpu_type: str,
+    strategy: str,
+    mfu: float,
+    price_per_gpu_hour: float | None,
+    train_tokens: int | None,
+) -> None:
+    if stage == "finetune" and not cfg.model.init_from:
+        raise UserError("--stage finetune: set model.init_from to the model being fine-tuned")
     if gpu_type not in GPU_TYPES:
         raise UserError(f"--gpu-type {gpu_type}: choose one of {', '.join(GPU_TYPES)}")
     if strategy not in STRATEGIES:
@@ -278,50 +316,17 @@ def plan_run(
     for name, value in (("--price-per-gpu-hour", price_per_gpu_hour), ("--train-tokens", train_tokens)):
         if value is not None and not value > 0:  # also refuses nan
             raise UserError(f"{name} {value}: must be a positive number")
-    peak, capacity = GPU_TYPES[gpu_type]
-    vocab, vocab_source = vocabulary_size(cfg) if not cfg.model.init_from else (0, cfg.model.init_from)
-    size = count_parameters(cfg, vocab)
-    total, trainable, matmul, vocab = size.total, size.trainable, size.matmul, size.vocab
-    seq = _sequence(cfg)
-    full = trainable == total
-    flops = 2 * matmul + 2 * matmul + (2 * matmul if full else 2 * trainable)
-    flops += 2 * matmul if gradient_checkpointing else 0
-    flops += 12 * size.layers * seq * size.width
-    teacher = teacher_size(cfg)
-    teacher_flops = 2 * teacher.matmul + 4 * teacher.layers * seq * teacher.width if teacher else 0  # a forward
-    live = teacher if teacher is not None and not cfg.distill.top_k else None
-    flops += teacher_flops if live else 0
-    tokens_per_step = cfg.train.micro_batch_size * cfg.train.grad_accum_steps * gpus * seq
-    budget = _budget_tokens(cfg, tokens_per_step, train_tokens)
-    by_strategy = {
-        name: estimate_memory(cfg, size, name, gpus, gradient_checkpointing, live).total for name in STRATEGIES
-    }
-    memory = estimate_memory(cfg, size, strategy, gpus, gradient_checkpointing, live)
-    usable = 0.9 * capacity
-    # fsdp is estimated for comparison, but not suggested until it has run on a GPU (docs/distributed.md).
+
+
+def _suggestion(by_strategy: dict[str, float], usable: float, capacity: float, gradient_checkpointing: bool) -> str:
+    """The cheapest strategy that fits; fsdp is estimated for comparison, but not suggested until it has run on a
+    GPU (docs/distributed.md)."""
     fitting = [name for name in STRATEGIES if by_strategy[name] <= usable and name != "fsdp"]
     if fitting:
-        suggestion = f"{fitting[0]} fits ({by_strategy[fitting[0]] / GIB:.1f} of {capacity / GIB:.0f} GiB per GPU)"
-    elif not gradient_checkpointing:
-        suggestion = "nothing fits: add gradient checkpointing or lower train.micro_batch_size"
-    else:
-        suggestion = "nothing fits: lower train.micro_batch_size, use more GPUs, or LoRA"
-    hours = budget * flops / (gpus * peak * mfu) / 3600 if budget else None
-    cost = hours * gpus * price_per_gpu_hour if hours is not None and price_per_gpu_hour is not None else None
-    notes = [f"vocabulary {vocab:,} from {vocab_source}"] if not cfg.model.init_from else []
-    if budget is None:
-        notes.append("no token budget: set train.max_tokens/max_steps, run data-prep, or pass --train-tokens")
-    if cfg.model.init_from:
-        notes.extend(_task(cfg).plan_notes(cfg))
-    if cfg.precision.dtype == "fp8":
-        notes.append(
-            "precision fp8: memory as in bf16 (torchao keeps what backward needs in bf16) and time at the "
-            "bf16 rate; float8's speed-up depends on the layer widths: measure it with bench/mfu.py --fp8"
-        )
-    if teacher is not None:
-        notes.extend(_distill_notes(cfg, teacher, teacher_flops, gpus * peak * mfu, compute_bytes=memory_dtype(cfg)))
-    return Plan(total, trainable, matmul, flops, tokens_per_step, budget, gpus, gpu_type, strategy, mfu, memory,
-                memory.total <= usable, hours, cost, suggestion, by_strategy, notes)  # fmt: skip
+        return f"{fitting[0]} fits ({by_strategy[fitting[0]] / GIB:.1f} of {capacity / GIB:.0f} GiB per GPU)"
+    if not gradient_checkpointing:
+        return "nothing fits: add gradient checkpointing or lower train.micro_batch_size"
+    return "nothing fits: lower train.micro_batch_size, use more GPUs, or LoRA"
 
 
 def teacher_size(cfg: RunConfig) -> ModelSize | None:
@@ -335,15 +340,24 @@ def teacher_size(cfg: RunConfig) -> ModelSize | None:
         "model": cfg.model.model_copy(update={"init_from": source}),
         "finetune": cfg.finetune.model_copy(update={"method": "full"}),
     })  # fmt: skip
-    return count_parameters(teacher_cfg, 0)
+    return model_size(teacher_cfg, 0, "pretrain")
 
 
 def memory_dtype(cfg: RunConfig) -> float:
     return 4.0 if cfg.precision.dtype == "fp32" else 2.0
 
 
-def _distill_notes(cfg: RunConfig, teacher: ModelSize, forward_flops: float, flops_per_s: float,
-                   compute_bytes: float) -> list[str]:  # fmt: skip
+def _stage_note(cfg: RunConfig, stage: Stage) -> str:
+    if stage == "finetune":
+        return f"stage: fine-tuning {cfg.model.init_from} ({cfg.finetune.task}; --stage pretrain plans pretraining)"
+    if cfg.model.init_from:
+        return f"stage: continued pretraining of {cfg.model.init_from} (--stage finetune plans a fine-tune)"
+    return "stage: pretraining from scratch"
+
+
+def _distill_notes(
+    cfg: RunConfig, stage: Stage, teacher: ModelSize, forward_flops: float, flops_per_s: float, compute_bytes: float
+) -> list[str]:
     """What distillation costs beyond the student: the live teacher, or the top-k cache's pass and disk."""
     from llmkit.train.distill import cache_bytes
 
@@ -355,7 +369,7 @@ def _distill_notes(cfg: RunConfig, teacher: ModelSize, forward_flops: float, flo
             f"a forward pass per token ({forward_flops / 1e9:,.2f} GFLOPs, counted in the FLOPs)"
         ]
     k = cfg.distill.top_k
-    tokens = _train_tokens(cfg) if not cfg.model.init_from else None
+    tokens = _train_tokens(cfg) if stage == "pretrain" else None
     per_token = cache_bytes(1, k, teacher.vocab)
     if tokens:
         disk = f"{cache_bytes(tokens, k, teacher.vocab) / GIB:.2f} GiB on disk for {tokens:,} training tokens"

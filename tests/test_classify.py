@@ -12,7 +12,7 @@ from transformers import AutoConfig
 
 from llmkit.config import AugmentConfig
 from llmkit.data.formats import Example
-from llmkit.eval.classification import classification_metrics, roc_auc
+from llmkit.scoring import classification_metrics, roc_auc
 from llmkit.train.tasks.classify import augment_examples
 from tests.conftest import assert_user_error, run_cli
 

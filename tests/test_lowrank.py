@@ -11,7 +11,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig
 
-from llmkit.compress.lowrank import densify, factor_model, rank_for
+from llmkit.compress.lowrank import factor_model, rank_for
+from llmkit.factored import densify
 from llmkit.models import load_trained_model
 from tests.conftest import assert_user_error, run_cli
 

@@ -10,8 +10,9 @@ import torch
 
 from llmkit.config import load_config
 from llmkit.data.tokenizer import train_bpe
-from llmkit.models import attach_lora, build_model, count_parameters
-from llmkit.plan import GIB, ModelSize, estimate_memory, plan_run
+from llmkit.flops import GIB, count_parameters
+from llmkit.models import attach_lora, build_model
+from llmkit.plan import ModelSize, estimate_memory, plan_run
 from tests.conftest import assert_user_error, run_cli
 
 RECIPES = Path(__file__).parent.parent / "recipes"
@@ -61,16 +62,16 @@ def test_sharding_divides_what_each_strategy_shards() -> None:
     cfg = load_config(RECIPES / "llama-1b.yaml")
     n = 1_000_000
     size = ModelSize(n, n, n, 32000, cfg.model.n_layers, cfg.model.hidden_size)
-    ddp = estimate_memory(cfg, size, "ddp", 8, False)
-    zero1, zero2 = estimate_memory(cfg, size, "zero1", 8, False), estimate_memory(cfg, size, "zero2", 8, False)
-    zero3 = estimate_memory(cfg, size, "zero3", 8, False)
-    offload = estimate_memory(cfg, size, "zero3-offload", 8, False)
+    ddp, zero1, zero2, zero3, offload = (
+        estimate_memory(cfg, size, strategy, 8, False, "pretrain")
+        for strategy in ("ddp", "zero1", "zero2", "zero3", "zero3-offload")
+    )
     assert (ddp.weights, ddp.gradients, ddp.optimizer) == (4 * n, 4 * n, 8 * n)
     assert zero1.optimizer == n and zero1.gradients == 4 * n
     assert zero2.gradients == n / 2 and zero2.weights == 4 * n
     assert zero3.weights == n / 2
     assert offload.weights == offload.optimizer == 0
-    checkpointed = estimate_memory(cfg, size, "ddp", 8, True)
+    checkpointed = estimate_memory(cfg, size, "ddp", 8, True, "pretrain")
     assert checkpointed.activations < ddp.activations
 
 
@@ -111,8 +112,8 @@ def test_plan_cli_prints_and_writes_json() -> None:
 def test_training_reports_the_plans_flops_and_mfu_counts_every_device(recipe: str) -> None:
     """The MFU a run reports uses the plan's 6N + attention on the real model; tokens/s is global, so the
     peak is that of all devices together (8 devices at 8x the tokens/s of one give the same MFU)."""
-    from llmkit.plan import device_peak_flops, model_flops_per_token
-    from llmkit.train.loop import mfu
+    from llmkit.flops import device_peak_flops, model_flops_per_token
+    from llmkit.train.throughput import mfu
 
     cfg = load_config(RECIPES / recipe, ["data.vocab_size=1000"])
     tokenizer = type("Vocab", (), {"__len__": lambda self: 1000, "bos_token_id": 0, "eos_token_id": 0,
@@ -187,3 +188,31 @@ def test_plan_counts_a_live_teacher_and_the_disk_of_a_top_k_cache(tmp_path: Path
     assert cached.memory.weights == alone.memory.weights and cached.flops_per_token == alone.flops_per_token
     assert any("top-16 cache" in note and "per training token" in note for note in cached.notes)
     assert cache_bytes(1000, 16, 1024) == 1000 * 16 * 4 and cache_bytes(1, 16, 128_256) == 16 * 6
+
+
+def test_continued_pretraining_is_planned_as_pretraining_and_the_stage_can_be_named(tmp_path: Path) -> None:
+    """tiny-cpu.yaml from its own saved weights is continued pretraining: the block length, activations and FLOPs
+    of pretraining from scratch, not a fine-tune's (was 8x the activations); --stage finetune plans a fine-tune."""
+    cfg = load_config(RECIPES / "tiny-cpu.yaml", ["data.vocab_size=1000"])
+    tokenizer = type("Vocab", (), {"__len__": lambda self: 1000, "bos_token_id": 0, "eos_token_id": 0,
+                                   "pad_token_id": 1})()  # fmt: skip
+    build_model(cfg.model, tokenizer).save_pretrained(tmp_path / "base")
+    continued_cfg = load_config(
+        RECIPES / "tiny-cpu.yaml", ["data.vocab_size=1000", f"model.init_from={tmp_path / 'base'}"]
+    )
+    scratch, continued = plan_run(cfg), plan_run(continued_cfg)
+    assert continued.memory.activations == scratch.memory.activations
+    assert continued.flops_per_token == scratch.flops_per_token
+    assert (
+        continued.tokens_per_step
+        == scratch.tokens_per_step
+        == cfg.train.micro_batch_size * cfg.data.block_size * cfg.train.grad_accum_steps
+    )
+    assert any("continued pretraining" in note for note in continued.notes)
+    finetune = plan_run(continued_cfg, stage="finetune")
+    assert finetune.tokens_per_step == cfg.train.micro_batch_size * cfg.finetune.max_length * cfg.train.grad_accum_steps
+    shown = json.loads(run_cli("plan", RECIPES / "tiny-cpu.yaml", "--set", f"model.init_from={tmp_path / 'base'}",
+                               "--stage", "finetune", "--json").stdout)  # fmt: skip
+    assert shown["tokens_per_step"] == finetune.tokens_per_step
+    assert_user_error(run_cli("plan", RECIPES / "tiny-cpu.yaml", "--stage", "finetune"), "model.init_from")
+    assert_user_error(run_cli("plan", RECIPES / "tiny-cpu.yaml", "--stage", "sft"), "--stage sft")

@@ -18,17 +18,11 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from llmkit.config import PreferenceConfig
 from llmkit.data.corpus import story_preference_pairs
 from llmkit.data.formats import Example
+from llmkit.data.pairs import Pair, _split_shared_prefix
 from llmkit.data.templates import Encoded
 from llmkit.data.tokenizer import train_bpe
 from llmkit.losses import IGNORE
-from llmkit.train.tasks.preference import (
-    REFERENCE_FILE,
-    Pair,
-    _split_shared_prefix,
-    collate_pairs,
-    pair_scores,
-    sequence_logps,
-)
+from llmkit.train.tasks.preference import REFERENCE_FILE, collate_pairs, pair_scores, sequence_logps
 from tests.conftest import assert_user_error, run_cli
 
 ROWS = list(story_preference_pairs(8, 1))
@@ -351,7 +345,7 @@ def test_a_killed_dpo_run_resumes_bitwise_with_its_reference_log_probs(random_ba
 
 def test_pair_rows_keep_their_format_fields() -> None:
     """A message-list prompt with string answers becomes a chat: the answers are assistant turns."""
-    from llmkit.train.tasks.preference import _answer_row
+    from llmkit.data.pairs import _answer_row
 
     example = Example("x:1", messages=({"role": "user", "content": "Hi"},), extra={"chosen": "a", "rejected": "b"})
     row = _answer_row(example, "a")
@@ -427,8 +421,8 @@ def test_dpo_on_two_processes_at_batch_b_matches_one_process_at_2b(random_base: 
 
 
 def test_answers_identical_once_cut_to_max_length_are_refused(tokenizer) -> None:
+    from llmkit.data.pairs import encode_pair
     from llmkit.errors import UserError
-    from llmkit.train.tasks.preference import encode_pair
 
     prompt = "The cat sat on the mat."
     row = Example("pairs.jsonl:3", prompt=prompt, extra={"chosen": " The dog ran far.", "rejected": " The dog sat."})

@@ -48,7 +48,7 @@ def test_run_directory_holds_everything(tiny_run: Path) -> None:
 
 
 def test_throughput_is_recent_for_progress_and_steady_for_the_summary() -> None:
-    from llmkit.train.loop import Throughput
+    from llmkit.train.throughput import Throughput
 
     rate = Throughput(warmup=2)
     rate.add(100, 10.0)  # compilation

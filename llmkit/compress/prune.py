@@ -116,7 +116,7 @@ def importance(model: Any, batches: list[torch.Tensor]) -> Importance:
 
 
 def parameters(model: Any) -> int:
-    from llmkit.models import count_parameters
+    from llmkit.flops import count_parameters
 
     return count_parameters(model)[1]
 

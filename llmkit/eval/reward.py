@@ -24,7 +24,7 @@ DEFAULT_MAX_LENGTH = 1024
 
 def is_reward_dir(model_dir: Path) -> bool:
     """Does this directory hold a reward model (full weights; a LoRA run is told by its run's config)?"""
-    from llmkit.train.tasks.reward import REWARD_LABEL
+    from llmkit.scoring import REWARD_LABEL
 
     config, run_config = model_dir / "config.json", model_dir.parent / "config.yaml"
     if config.is_file():
@@ -42,7 +42,7 @@ def load_reward_model(model_dir: Path) -> Any:
     """A reward model directory (full weights) or a LoRA run's adapter directory on its base."""
     from transformers import AutoConfig, AutoModelForSequenceClassification
 
-    from llmkit.train.tasks.reward import is_reward_model
+    from llmkit.scoring import is_reward_model
 
     adapters = (model_dir / "adapter_config.json").is_file()  # its base's config is known only once loaded
     if not adapters and not is_reward_model(AutoConfig.from_pretrained(str(model_dir))):
@@ -60,12 +60,12 @@ def load_reward_model(model_dir: Path) -> Any:
 
 def evaluate_reward(model_dir: Path, data: str, batch_size: int, scores: Path | None = None,
                     encoding: str = "utf-8") -> dict[str, Any]:  # fmt: skip
+    from llmkit.data.pairs import PAIR_FORMATS, encode_pair
     from llmkit.data.templates import encode_example
     from llmkit.data.tokenizer import load_tokenizer
     from llmkit.models import model_context
     from llmkit.runs import find_tokenizer_dir
-    from llmkit.train.tasks.preference import PAIR_FORMATS, encode_pair
-    from llmkit.train.tasks.reward import rewards_of
+    from llmkit.scoring import rewards_of
 
     model = load_reward_model(model_dir)
     tokenizer = load_tokenizer(find_tokenizer_dir(model_dir))

@@ -194,7 +194,7 @@ def divergence_metric(cfg: DistillConfig, vocab: int, teacher: Any) -> Callable[
 def evaluation(cfg: DistillConfig, vocab: int, teacher: Any) -> Callable[..., dict[str, Any]]:
     """Validation: the student's own loss and perplexity on the data (what bits per character come from), and
     its divergence from the teacher when the teacher is loaded."""
-    from llmkit.train.loop import evaluate_language_model, evaluate_loss
+    from llmkit.train.job import evaluate_language_model, evaluate_loss
 
     data_loss = lambda logits, batch: causal_lm_nll(logits, batch["labels"])  # noqa: E731
     metric = divergence_metric(cfg, vocab, teacher) if teacher is not None else None

@@ -18,10 +18,11 @@ from llmkit.data.readers import resolve_sources
 from llmkit.data.templates import setup_chat_template
 from llmkit.data.tokenizer import load_tokenizer, tokenizer_hash
 from llmkit.errors import UserError
-from llmkit.models import attach_lora, count_parameters, freeze_except, model_context, padded_vocab_size, place_weights
-from llmkit.plan import model_flops_per_token
+from llmkit.flops import count_parameters, model_flops_per_token
+from llmkit.models import attach_lora, freeze_except, model_context, padded_vocab_size, place_weights
 from llmkit.runs import find_tokenizer_dir, resolve_model_dir
-from llmkit.train.loop import FitResult, TrainJob, fit
+from llmkit.train.job import FitResult, TrainJob
+from llmkit.train.loop import fit
 from llmkit.train.packing import ExampleLoader, TooFewRows
 from llmkit.train.resume import (
     find_checkpoint,

@@ -1,6 +1,6 @@
 """The training loop shared by every training command. Read `fit` top to bottom: that is a run.
 
-A setup function (pretrain, and later finetune) builds a `TrainJob`; `fit` runs the optimizer steps,
+A setup function (pretrain, finetune) builds a `TrainJob` (llmkit.train.job); `fit` runs the optimizer steps,
 validates, checkpoints and writes the final model. Nothing else hides behind callbacks.
 """
 
@@ -11,8 +11,6 @@ import json
 import math
 import shutil
 import time
-from collections import deque
-from collections.abc import Callable
 from contextlib import closing, nullcontext
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -22,10 +20,8 @@ import torch
 import yaml
 
 from llmkit.atomic import atomic_directory, write_json
-from llmkit.config import RunConfig
 from llmkit.console import info, progress_bar
 from llmkit.errors import TrainingDiverged, UserError
-from llmkit.losses import causal_lm_nll, count_targets
 from llmkit.train import faults
 from llmkit.train.checkpoint import (
     DEEPSPEED_DIR,
@@ -38,105 +34,13 @@ from llmkit.train.checkpoint import (
     save_checkpoint,
     shared_staging,
 )
-from llmkit.train.loader import BatchSource, ReadAhead
+from llmkit.train.job import NOT_ON_DEVICE, FitResult, TrainJob, strategy_name
+from llmkit.train.loader import ReadAhead
 from llmkit.train.metrics import MetricsLog, plot_loss, truncate_records
 from llmkit.train.schedules import lr_at
 from llmkit.train.setup import uses_deepspeed, uses_fsdp
 from llmkit.train.signals import stop_signals
-from llmkit.train.step import MicroStep, autocast_context, model_inputs
-from llmkit.train.strategies import compiles
-
-
-@dataclass
-class ResumeState:
-    """Where a resumed run continues: read from a checkpoint by the setup function."""
-
-    checkpoint: Path
-    step: int
-    tokens: int
-    best_val_loss: float
-    bad_evals: int
-    rng: dict[str, Any]  # this process's RNG states at the checkpoint
-    window: dict[str, float] = field(default_factory=dict)  # the open logging window (LogWindow.state_dict)
-    train_loss: float = math.nan  # the last step's loss and the last validation loss, for the summary
-    val_loss: float | None = None
-    stopped_early: bool = False  # the run ended there by early stopping: fit only writes what is missing
-
-
-LossFn = Callable[[torch.Tensor, dict[str, torch.Tensor]], tuple[torch.Tensor, torch.Tensor]]
-EvalFn = Callable[[Any, list[dict[str, torch.Tensor]], Any], dict[str, Any]]
-
-
-def next_token_loss(logits: torch.Tensor, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """The language-modelling objective: (sum of next-token losses, target tokens)."""
-    return causal_lm_nll(logits, batch["labels"])
-
-
-def next_token_targets(batch: dict[str, torch.Tensor]) -> int:
-    return count_targets(batch["labels"])
-
-
-@dataclass
-class TrainJob:
-    """Everything `fit` needs; built by a command's setup function."""
-
-    cfg: RunConfig
-    run_dir: Path
-    accelerator: Any
-    model: Any  # prepared by the accelerator (may be wrapped)
-    optimizer: Any
-    loader: BatchSource
-    val_batches: list[dict[str, torch.Tensor]]
-    total_steps: int
-    tokens_per_step: int
-    tokenizer: Any
-    config_yaml: str
-    fingerprints: dict[str, Any] = field(default_factory=dict)
-    resume: ResumeState | None = None
-    # The objective: language modelling unless a command supplies another (classification does).
-    loss_fn: LossFn = next_token_loss
-    count_targets: Callable[[dict[str, torch.Tensor]], int] = next_token_targets
-    eval_fn: EvalFn | None = None  # unset: validation loss and perplexity with loss_fn
-    # A task's rewrite of a micro-batch before the step counts its targets: (model, batch, step, micro) -> batch
-    # (on-policy distillation replaces answers with the student's own samples).
-    rewrite: Callable[[Any, dict[str, torch.Tensor], int, int], dict[str, torch.Tensor]] | None = None
-    flops_per_token: float = 0.0  # training FLOPs per token (6N + attention): MFU is reported on known GPUs
-    fixed_shapes: bool = True  # every micro-batch has one shape (packed blocks); fine-tuning rows vary in length
-    micro_step: MicroStep = field(init=False)  # forward and loss, under autocast, compiled when train.compile is on
-
-    def __post_init__(self) -> None:
-        autocast = autocast_context(self.accelerator)
-        backend = self.cfg.train.compile_backend if compiles(self.cfg) else None
-        self.micro_step = MicroStep(self.loss_fn, autocast, backend, self.fixed_shapes)
-        if self.eval_fn is None:
-            loss_fn = self.loss_fn
-            self.eval_fn = lambda model, batches, acc: evaluate_language_model(model, batches, acc, loss_fn)
-
-
-@dataclass
-class FitResult:
-    steps: int
-    tokens: int
-    seconds: float
-    train_loss: float
-    val_loss: float | None
-    best_val_loss: float | None
-    stopped_early: bool
-    final_dir: Path | None
-    interrupted: str | None = None  # "SIGTERM", "SIGINT", "SIGUSR1" or "time limit": a checkpoint was saved
-    checkpoint: Path | None = None
-    main_process: bool = True
-    mfu: float | None = None  # over the steady state, on GPUs whose peak is known
-    run_tokens: int = 0  # tokens trained by this invocation (a resumed run counts from its checkpoint)
-    already_finished: bool = False  # resumed a finished run: nothing was changed
-    steady_tokens_per_second: float | None = None  # see Throughput; None for a run too short to have one
-    steady_from_step: int | None = None
-    memory: dict[str, float] = field(default_factory=dict)  # peak memory in GiB (see peak_memory)
-    evaluation: dict[str, Any] = field(default_factory=dict)  # the last validation's figures (this invocation's)
-
-    @property
-    def tokens_per_second(self) -> float:
-        return self.run_tokens / self.seconds if self.seconds else 0.0
+from llmkit.train.throughput import LogWindow, Throughput, mfu, peak_flops, peak_memory
 
 
 @dataclass
@@ -155,34 +59,6 @@ class _EarlyStopping:
 
 
 @dataclass
-class LogWindow:
-    """Training metrics over the steps since the last log line. Checkpoints save it, so the first line after a
-    resume averages the same steps as the uninterrupted run's."""
-
-    loss: float = 0.0
-    steps: int = 0
-    tokens: int = 0
-    start: float = field(default_factory=time.perf_counter)
-
-    def add(self, loss: float | None, tokens: int) -> None:
-        """One optimizer step: its loss (None for a skipped step) and its tokens."""
-        if loss is not None:
-            self.loss += loss
-            self.steps += 1
-        self.tokens += tokens
-
-    def state_dict(self) -> dict[str, float]:
-        return {"loss": self.loss, "steps": self.steps, "tokens": self.tokens,
-                "seconds": time.perf_counter() - self.start}  # fmt: skip
-
-    @classmethod
-    def restored(cls, state: dict[str, float]) -> LogWindow:
-        seconds = float(state.get("seconds", 0.0))
-        return cls(float(state.get("loss", 0.0)), int(state.get("steps", 0)), int(state.get("tokens", 0)),
-                   time.perf_counter() - seconds)  # fmt: skip
-
-
-@dataclass
 class _Progress:
     """What a checkpoint records besides the weights: the last losses, the open log window, and whether early
     stopping ended the run there (such a run resumed changes nothing, whatever its budget)."""
@@ -191,44 +67,6 @@ class _Progress:
     val_loss: float | None
     window: LogWindow
     stopped_early: bool
-
-
-@dataclass
-class Throughput:
-    """Tokens/s as they should be read. The progress bar shows the recent steps; the summary the steady state:
-    this invocation's training steps after the first `warmup` (compilation, allocator and cache warm-up), timed
-    without validation and checkpoints. A run too short to have a steady state reports none. Time is taken in
-    windows that end where the host reads the device (every step, or every logging step when the step runs
-    without synchronization), so a window's time is the device's."""
-
-    warmup: int = 5
-    recent: deque[tuple[int, float, int]] = field(default_factory=lambda: deque(maxlen=20))
-    steps: int = 0
-    steady_tokens: int = 0
-    steady_seconds: float = 0.0
-    steady_from: int | None = None  # the first steady step, counted from this invocation's first
-
-    def add(self, tokens: int, seconds: float, steps: int = 1) -> None:
-        self.recent.append((tokens, seconds, steps))
-        if self.steps >= self.warmup:
-            self.steady_tokens += tokens
-            self.steady_seconds += seconds
-            self.steady_from = self.steady_from or self.steps + 1
-        self.steps += steps
-
-    @property
-    def recent_rate(self) -> float:
-        """Over the newest windows that hold at most 20 steps (at least the newest window)."""
-        tokens = seconds = steps = 0.0
-        for window_tokens, window_seconds, window_steps in reversed(self.recent):
-            if steps and steps + window_steps > 20:
-                break
-            tokens, seconds, steps = tokens + window_tokens, seconds + window_seconds, steps + window_steps
-        return tokens / seconds if seconds else 0.0
-
-    @property
-    def steady_rate(self) -> float | None:
-        return self.steady_tokens / self.steady_seconds if self.steady_seconds else None
 
 
 @dataclass
@@ -478,7 +316,7 @@ def _finish(job: TrainJob, run: _Run, metrics: MetricsLog, interrupted: str | No
         memory=peak_memory(acc.device),
         evaluation=run.evaluation,
     )
-    peak = _peak_flops(acc)
+    peak = peak_flops(acc)
     if peak and job.flops_per_token and result.steady_tokens_per_second:
         result.mfu = mfu(result.steady_tokens_per_second, job.flops_per_token, peak, acc.num_processes)
     if acc.is_main_process:
@@ -494,17 +332,6 @@ def _finish(job: TrainJob, run: _Run, metrics: MetricsLog, interrupted: str | No
     else:
         metrics.close()
     return result
-
-
-def peak_memory(device: torch.device) -> dict[str, float]:
-    """The process's peak memory in GiB: CUDA's allocated and reserved on a GPU, and the resident set on the host."""
-    import resource
-
-    memory = {"peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}  # ru_maxrss is in KiB
-    if device.type == "cuda":
-        memory["peak_allocated_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
-        memory["peak_reserved_gib"] = torch.cuda.max_memory_reserved(device) / 2**30
-    return memory
 
 
 def _forward_backward(job: TrainJob, batch: dict[str, torch.Tensor], step_targets: int, last: bool) -> torch.Tensor:
@@ -599,25 +426,12 @@ def _window_record(
         "epoch": job.loader.position.epochs_done,
         "elapsed_s": now - start,
     }
-    peak = _peak_flops(job.accelerator) if job.flops_per_token else None
+    peak = peak_flops(job.accelerator) if job.flops_per_token else None
     if peak:
         record["mfu"] = mfu(record["tokens_per_s"], job.flops_per_token, peak, job.accelerator.num_processes)
     if job.accelerator.device.type == "cuda":
         record.update(peak_memory(job.accelerator.device))
     return record
-
-
-def mfu(tokens_per_s: float, flops_per_token: float, peak_per_device: float, devices: int) -> float:
-    """Model FLOPs utilization: achieved training FLOP/s over the peak of all devices together."""
-    return tokens_per_s * flops_per_token / (peak_per_device * devices)
-
-
-def _peak_flops(acc: Any) -> float | None:
-    from llmkit.plan import device_peak_flops
-
-    if acc.device.type != "cuda":
-        return None
-    return device_peak_flops(torch.cuda.get_device_name(acc.device))
 
 
 def _agree(acc: Any, reason: str | None) -> str | None:
@@ -629,9 +443,6 @@ def _agree(acc: Any, reason: str | None) -> str | None:
     if reason is not None:
         return reason
     return "signal on another process" if signalled else ("time limit" if timed_out else None)
-
-
-NOT_ON_DEVICE = ("sample_indices", "num_tokens")
 
 
 class DataTrace:
@@ -676,33 +487,6 @@ def _global_sums(acc: Any, *values: int) -> list[int]:
         return list(values)
     summed = acc.reduce(torch.tensor(values, device=acc.device, dtype=torch.float64), reduction="sum")
     return [int(v) for v in summed.tolist()]
-
-
-def evaluate_language_model(
-    model: Any, batches: list[dict[str, torch.Tensor]], acc: Any, loss_fn: LossFn = next_token_loss
-) -> dict[str, Any]:
-    loss = evaluate_loss(model, batches, acc, loss_fn)
-    return {"val_loss": loss, "val_ppl": math.exp(loss)}
-
-
-@torch.no_grad()
-def evaluate_loss(
-    model: Any, batches: list[dict[str, torch.Tensor]], acc: Any, loss_fn: LossFn = next_token_loss
-) -> float:
-    """Mean loss over fixed validation batches, across all processes."""
-    model.eval()
-    total = torch.zeros((), device=acc.device, dtype=torch.float64)
-    count = torch.zeros((), device=acc.device, dtype=torch.float64)
-    autocast = autocast_context(acc)
-    for batch in batches:
-        batch = {key: value.to(acc.device) for key, value in batch.items() if key not in NOT_ON_DEVICE}
-        with autocast():
-            nll_sum, targets = loss_fn(model(**model_inputs(batch)).logits, batch)
-        total += nll_sum.double()
-        count += targets.double()
-    model.train()
-    total, count = acc.reduce(total, reduction="sum"), acc.reduce(count, reduction="sum")
-    return float(total / count)
 
 
 def _checkpoint(job: TrainJob, step: int, tokens: int, stopping: _EarlyStopping, progress: _Progress) -> Path | None:
@@ -769,15 +553,6 @@ def _all_finite(acc: Any, state_dict: dict[str, torch.Tensor] | None) -> bool:
     if acc.num_processes > 1:
         bad = bool(acc.reduce(torch.tensor([float(bad)], device=acc.device), reduction="sum").item())
     return not bad
-
-
-def strategy_name(acc: Any) -> str:
-    """What wrote the optimizer state: "ddp" or "fsdp" (one optimizer.pt) or "zeroN" (DeepSpeed shards)."""
-    if uses_fsdp(acc):
-        return "fsdp"
-    if not uses_deepspeed(acc):
-        return "ddp"
-    return f"zero{acc.state.deepspeed_plugin.zero_stage}"
 
 
 def full_optimizer_state(model: Any, optimizer: Any) -> dict[str, Any]:

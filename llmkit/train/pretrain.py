@@ -14,11 +14,12 @@ from llmkit.console import info
 from llmkit.data.store import PreparedDataset, open_dataset
 from llmkit.data.tokenizer import load_tokenizer, tokenizer_hash
 from llmkit.errors import UserError
-from llmkit.models import build_model, check_vocab_fits, count_parameters, load_model, model_context
-from llmkit.plan import model_flops_per_token
+from llmkit.flops import count_parameters, model_flops_per_token
+from llmkit.models import build_model, check_vocab_fits, load_model, model_context
 from llmkit.train.distill import cache_key, check_given_cache, check_teacher, pretrain_objective
+from llmkit.train.job import FitResult, TrainJob
 from llmkit.train.loader import BlockLoader, validation_batches
-from llmkit.train.loop import FitResult, TrainJob, fit
+from llmkit.train.loop import fit
 from llmkit.train.resume import (
     find_checkpoint,
     finished_run,

@@ -31,7 +31,7 @@ from llmkit.train.checkpoint import (
     safe_torch_load,
     select_checkpoint,
 )
-from llmkit.train.loop import FitResult, ResumeState, strategy_name
+from llmkit.train.job import FitResult, ResumeState, strategy_name
 from llmkit.train.setup import claim_run_dir, uses_deepspeed, uses_fsdp
 
 # Changing these under a resumed run would silently change what the run means (--allow-config-change allows it).

@@ -21,7 +21,7 @@ from llmkit.config import AugmentConfig, RunConfig
 from llmkit.data.formats import Example
 from llmkit.data.templates import Encoded
 from llmkit.errors import UserError
-from llmkit.eval.classification import classification_metrics
+from llmkit.scoring import classification_metrics, pad_right
 from llmkit.train.tasks.base import Collate, Task, TaskData, data_fingerprint, split_examples
 
 
@@ -112,17 +112,6 @@ def collate_classification(rows: list[list[Encoded]], pad_id: int, sample_indice
     if sample_indices is not None:
         batch["sample_indices"] = torch.tensor(sample_indices)
     return batch
-
-
-def pad_right(sequences: list[Encoded], pad_id: int) -> dict[str, torch.Tensor]:
-    """Sequences as rows padded right, with a 2D attention mask and the count of real tokens."""
-    width = max(len(s) for s in sequences)
-    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(sequences), width), dtype=torch.long)
-    for i, sequence in enumerate(sequences):
-        ids[i, : len(sequence)] = torch.from_numpy(sequence.ids)
-        mask[i, : len(sequence)] = 1
-    return {"input_ids": ids, "attention_mask": mask, "num_tokens": mask.sum()}
 
 
 def class_weights(setting: str | list[float], train: list[Encoded], classes: int) -> torch.Tensor | None:

@@ -11,17 +11,15 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
 from llmkit.config import RunConfig
-from llmkit.data.templates import Encoded
+from llmkit.data.pairs import Pair
+from llmkit.scoring import REWARD_LABEL, pad_right
 from llmkit.train.tasks.base import Collate, Task, TaskData
-from llmkit.train.tasks.classify import LabelMap, pad_right
-from llmkit.train.tasks.preference import Pair, load_pairs
-
-REWARD_LABEL = "reward"
+from llmkit.train.tasks.classify import LabelMap
+from llmkit.train.tasks.preference import load_pairs
 
 
 def collate_reward_pairs(rows: list[list[Pair]], pad_id: int, indices: list[int] | None = None) -> dict:
@@ -96,20 +94,3 @@ class Reward(Task):
 
     def describe(self, data: TaskData, chat: Any) -> str:
         return f"template {chat.name if chat else '-'}, reward model on chosen/rejected pairs"
-
-
-def is_reward_model(config: Any) -> bool:
-    return getattr(config, "num_labels", 0) == 1 and dict(getattr(config, "id2label", {}) or {}).get(0) == REWARD_LABEL
-
-
-def rewards_of(model: Any, sequences: list[Encoded], pad_id: int, batch_size: int) -> np.ndarray:
-    """The model's score of every sequence, batched by length."""
-    order = sorted(range(len(sequences)), key=lambda i: len(sequences[i]))
-    scores = np.zeros(len(sequences))
-    with torch.no_grad():
-        for first in range(0, len(order), batch_size):
-            chunk = order[first : first + batch_size]
-            batch = pad_right([sequences[i] for i in chunk], pad_id)
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-            scores[chunk] = logits[:, 0].double().numpy()
-    return scores

@@ -1,0 +1,78 @@
+"""Counts shared by `llmkit plan` and training: parameters, training FLOPs per token, devices' peaks.
+
+A leaf module (it imports nothing of llmkit), so the plan and the training loop use one formula without importing
+each other. The formula and its sources are in docs/plan.md.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+GIB = 2**30
+# Dense bf16 tensor-core peak (FLOP/s) and memory per GPU type.
+GPU_TYPES: dict[str, tuple[float, float]] = {
+    "h200": (989e12, 141 * GIB),
+    "h100": (989e12, 80 * GIB),
+    "a100": (312e12, 80 * GIB),
+    "a100-40": (312e12, 40 * GIB),
+    "l40s": (362e12, 48 * GIB),
+    "a10": (125e12, 24 * GIB),
+    "rtx4090": (165e12, 24 * GIB),
+    "v100": (125e12, 32 * GIB),
+}
+
+
+def device_peak_flops(device_name: str) -> float | None:
+    """Dense bf16 peak of a CUDA device from its name ("NVIDIA H100 80GB HBM3" -> h100), None when unknown."""
+    name = device_name.lower().replace(" ", "")
+    for gpu_type in sorted(GPU_TYPES, key=len, reverse=True):
+        if gpu_type.split("-")[0] in name:
+            return GPU_TYPES[gpu_type][0]
+    return None
+
+
+def count_parameters(model: Any) -> tuple[int, int]:
+    """(trainable, total) parameters, counting tied weights once (and whole tensors under ZeRO-3 sharding)."""
+    seen: set[int] = set()
+    trainable = total = 0
+    for parameter in model.parameters():
+        if id(parameter) in seen:
+            continue
+        seen.add(id(parameter))
+        count = getattr(parameter, "ds_numel", None) or parameter.numel()
+        total += count
+        if parameter.requires_grad:
+            trainable += count
+    return trainable, total
+
+
+def matmul_parameters(model: Any, total: int) -> int:
+    """The parameters that multiply: all but the input embedding (a lookup), unless the output head shares it."""
+    embedding = model.get_input_embeddings().weight
+    output = model.get_output_embeddings()
+    tied = output is not None and output.weight is embedding
+    return total - (0 if tied else (getattr(embedding, "ds_numel", None) or embedding.numel()))
+
+
+def model_shape(config: Any) -> tuple[int, int]:
+    """(layers, width) from a transformers config of any naming convention."""
+    layers = int(getattr(config, "num_hidden_layers", 0) or getattr(config, "n_layer", 0) or 0)
+    width = int(getattr(config, "hidden_size", 0) or getattr(config, "n_embd", 0) or 0)
+    return layers, width
+
+
+def training_flops_per_token(
+    matmul: int, trainable: int, layers: int, width: int, sequence: int, gradient_checkpointing: bool = False
+) -> float:
+    """2N forward + 2N backward through activations + 2 min(N, trainable) for weight gradients, another 2N forward
+    with gradient checkpointing, and attention's 12 * layers * sequence * width."""
+    flops = 4 * matmul + 2 * min(matmul, trainable) + (2 * matmul if gradient_checkpointing else 0)
+    return float(flops + 12 * layers * sequence * width)
+
+
+def model_flops_per_token(model: Any, sequence: int, gradient_checkpointing: bool = False) -> float:
+    """Training FLOPs per token of a real model, by the plan's formula."""
+    trainable, total = count_parameters(model)
+    layers, width = model_shape(model.config)
+    matmul = matmul_parameters(model, total)
+    return training_flops_per_token(matmul, trainable, layers, width, sequence, gradient_checkpointing)

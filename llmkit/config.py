@@ -51,6 +51,12 @@ class ModelConfig(Section):
     )
     context_length: int = Field(256, ge=8, description="Maximum sequence length (position embeddings).")
     rope_theta: float = Field(10000.0, gt=0, description="RoPE base frequency (llama).")
+    rope_scaling: Literal["none", "linear", "dynamic", "yarn", "llama3"] = Field(
+        "none",
+        description="Extend a loaded RoPE model's context (model.init_from, or finetune's --model) by rope_factor: "
+        "linear position interpolation, dynamic NTK, YaRN or Llama 3's scaling, through transformers' RoPE code.",
+    )
+    rope_factor: float = Field(1.0, ge=1, description="New context / the model's own, with rope_scaling.")
     tie_embeddings: bool = Field(True, description="Share input embedding and output head weights.")
     dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on attention and residual paths.")
     init_from: str | None = Field(
@@ -81,6 +87,8 @@ class ModelConfig(Section):
             raise ValueError(f"n_heads {self.n_heads} is not divisible by n_kv_heads {kv}")
         if self.arch == "gpt2" and kv != self.n_heads:
             raise ValueError("gpt2 has no grouped-query attention: leave n_kv_heads unset")
+        if (self.rope_scaling == "none") != (self.rope_factor == 1.0):
+            raise ValueError("rope_scaling and rope_factor go together: a scaling type and a factor above 1")
         head = self.hidden_size // self.n_heads
         if self.arch == "llama" and head % 2:
             raise ValueError(f"head size hidden_size/n_heads = {head} is odd; rotary embeddings need an even head size")
@@ -333,9 +341,14 @@ class OptimizerConfig(Section):
 class ScheduleConfig(Section):
     """Learning-rate schedule: linear warmup, then a decay to min_lr_ratio * lr."""
 
-    name: Literal["cosine", "linear", "exponential", "constant"] = Field("cosine", description="Decay shape.")
+    name: Literal["cosine", "linear", "exponential", "constant", "wsd"] = Field(
+        "cosine",
+        description="Decay shape; wsd (warmup-stable-decay) holds the peak and decays only over the last "
+        "decay_fraction of the steps, as 1 - sqrt(progress).",
+    )
     warmup_steps: int = Field(0, ge=0, description="Linear warmup steps from 0 to the peak.")
     min_lr_ratio: float = Field(0.1, ge=0, le=1, description="Final learning rate as a fraction of the peak.")
+    decay_fraction: float = Field(0.2, gt=0, le=1, description="wsd: the share of all steps spent decaying.")
 
 
 class PrecisionConfig(Section):
@@ -402,6 +415,9 @@ class LoraConfig(Section):
         None, description="Module names to adapt; unset detects the attention and MLP projections."
     )
     dora: bool = Field(False, description="Weight-decomposed LoRA (DoRA).")
+    rslora: bool = Field(False, description="Rank-stabilized LoRA: updates scaled by alpha / sqrt(r), not alpha / r.")
+    plus_ratio: float = Field(1.0, ge=1, description="LoRA+: the B matrices learn this many times faster than the "
+                              "rest (the LoRA+ paper suggests 16); 1 is plain LoRA.")  # fmt: skip
 
 
 class PreferenceConfig(Section):

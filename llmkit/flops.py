@@ -47,11 +47,27 @@ def count_parameters(model: Any) -> tuple[int, int]:
 
 
 def matmul_parameters(model: Any, total: int) -> int:
-    """The parameters that multiply: all but the input embedding (a lookup), unless the output head shares it."""
+    """The parameters that multiply each token: all but the input embedding (a lookup), unless the output head shares
+    it, and, in a mixture of experts, but the experts a token is not routed to."""
     embedding = model.get_input_embeddings().weight
     output = model.get_output_embeddings()
     tied = output is not None and output.weight is embedding
-    return total - (0 if tied else (getattr(embedding, "ds_numel", None) or embedding.numel()))
+    return total - (0 if tied else _numel(embedding)) - idle_expert_parameters(model)
+
+
+def idle_expert_parameters(model: Any) -> int:
+    """Expert weights a token does not use: (experts - top k) / experts of every parameter under an `experts` module."""
+    config = getattr(model, "config", None)
+    experts = getattr(config, "num_local_experts", None) or getattr(config, "num_experts", None)
+    top_k = getattr(config, "num_experts_per_tok", None)
+    if not (isinstance(experts, int) and isinstance(top_k, int) and 0 < top_k < experts):
+        return 0
+    expert_weights = sum(_numel(p) for name, p in model.named_parameters() if "experts" in name.split(".")[:-1])
+    return expert_weights * (experts - top_k) // experts
+
+
+def _numel(parameter: Any) -> int:
+    return int(getattr(parameter, "ds_numel", None) or parameter.numel())
 
 
 def model_shape(config: Any) -> tuple[int, int]:

@@ -62,22 +62,68 @@ def build_model(cfg: ModelConfig, tokenizer: Any) -> Any:
 
 
 def load_model(
-    name_or_path: str | Path, trust_remote_code: bool = False, dtype: Any = None, token: str | None = None
+    name_or_path: str | Path,
+    trust_remote_code: bool = False,
+    dtype: Any = None,
+    token: str | None = None,
+    rope: tuple[str, float] | None = None,
 ) -> Any:
-    """Load a causal LM from safetensors (a local directory or a hub name), with one-line errors."""
-    from transformers import AutoModelForCausalLM
+    """Load a causal LM from safetensors (a local directory or a hub name), with one-line errors; `rope`:
+    (scaling type, factor) to extend its context (see `extend_context`)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     from llmkit.hub import prepare_hub_access
 
     prepare_hub_access(name_or_path)
     try:
+        config = AutoConfig.from_pretrained(str(name_or_path), trust_remote_code=trust_remote_code, token=token)
+        if rope is not None:
+            extend_context(config, *rope, where=str(name_or_path))
         return AutoModelForCausalLM.from_pretrained(
-            str(name_or_path), trust_remote_code=trust_remote_code, use_safetensors=True, dtype=dtype, token=token
-        )
+            str(name_or_path), config=config, trust_remote_code=trust_remote_code, use_safetensors=True, dtype=dtype,
+            token=token,
+        )  # fmt: skip
+    except UserError:
+        raise
     except Exception as exc:  # OSError offline or missing files, ValueError for unknown architectures
         where = "directory" if Path(name_or_path).exists() else "hub name (offline or not found?)"
         reason = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
         raise UserError(f"{name_or_path}: cannot load a causal LM from this {where}: {reason}") from None
+
+
+def extend_context(config: Any, scaling: str, factor: float, where: str) -> None:
+    """Scale a RoPE model's rotary embedding by `factor` (transformers' own linear, dynamic, yarn or llama3 code reads
+    `rope_parameters`) and raise its context to match. A config already scaled this way keeps its original length,
+    so loading a scaled model again (a resumed fine-tune) does not scale twice."""
+    params = dict(getattr(config, "rope_parameters", None) or {})
+    if "rope_theta" not in params:
+        raise UserError(
+            f"{where}: {config.model_type} has no rotary position embedding; model.rope_scaling extends RoPE models "
+            "(Llama, Qwen, Mistral, Gemma...)"
+        )
+    already = params.get("rope_type", "default") == scaling and params.get("original_max_position_embeddings")
+    original = int(already or model_context(config))
+    if not original:
+        raise UserError(f"{where}: its config gives no context length (max_position_embeddings) to extend")
+    params.update(rope_type=scaling, factor=float(factor), original_max_position_embeddings=original)
+    if scaling == "llama3":  # Llama 3.1's published settings
+        params.setdefault("low_freq_factor", 1.0)
+        params.setdefault("high_freq_factor", 4.0)
+    config.rope_parameters = params
+    config.max_position_embeddings = int(original * factor)
+
+
+def rope_request(cfg: Any) -> tuple[str, float] | None:
+    """(scaling type, factor) from `model.rope_scaling` / `model.rope_factor`, or None."""
+    return None if cfg.model.rope_scaling == "none" else (cfg.model.rope_scaling, cfg.model.rope_factor)
+
+
+def check_rope_applied(model: Any, cfg: Any, what: str) -> None:
+    """Refuse a rope_scaling request a loading path could not honour (a scoring head, a quantized base)."""
+    request = rope_request(cfg)
+    params = getattr(model.config, "rope_parameters", None) or {}
+    if request is not None and params.get("rope_type") != request[0]:
+        raise UserError(f"model.rope_scaling is not supported for {what}; extend the base model's context first")
 
 
 def check_vocab_fits(model: Any, tokenizer: Any, where: str) -> None:
@@ -177,6 +223,7 @@ def attach_lora(model: Any, cfg: Any, task_type: str, new_token_ids: list[int]) 
         lora_dropout=cfg.dropout,
         target_modules=cfg.target_modules or lora_target_modules(model),
         use_dora=cfg.dora,
+        use_rslora=cfg.rslora,
         task_type=task_type,
         trainable_token_indices={embedding_name: new_token_ids} if new_token_ids else None,
     )

@@ -105,10 +105,18 @@ def model_size(cfg: RunConfig, vocab: int, stage: Stage) -> ModelSize:
     """The recipe's model (a fine-tune's base model), built on the meta device: counts and shape."""
     import torch
 
-    from llmkit.models import lora_target_modules
+    from llmkit.models import lora_target_modules, model_context
 
     with torch.device("meta"):
         model = _meta_model(cfg, vocab)
+    context = model_context(model)
+    what, sequence = ("data.block_size", cfg.data.block_size) if stage == "pretrain" else \
+        ("finetune.max_length", cfg.finetune.max_length)  # fmt: skip
+    if context and sequence > context:  # the run refuses it too
+        raise UserError(
+            f"{what} {sequence} exceeds the model's context of {context} tokens; shorten it, or extend a loaded "
+            "model's context with model.rope_scaling and model.rope_factor"
+        )
     total = count_parameters(model)[1]
     trainable = total
     if stage == "finetune" and cfg.finetune.method in ("lora", "qlora"):
@@ -136,7 +144,7 @@ class _Vocabulary:
 
 
 def _meta_model(cfg: RunConfig, vocab: int) -> Any:
-    from llmkit.models import build_model
+    from llmkit.models import build_model, extend_context
 
     if cfg.model.init_from:
         from transformers import AutoConfig, AutoModelForCausalLM
@@ -148,6 +156,8 @@ def _meta_model(cfg: RunConfig, vocab: int) -> Any:
             config = AutoConfig.from_pretrained(cfg.model.init_from, trust_remote_code=cfg.model.trust_remote_code)
         except Exception as exc:  # OSError offline, ValueError for unknown model types
             raise UserError(f"{cfg.model.init_from}: cannot read this model's config ({type(exc).__name__})") from None
+        if cfg.model.rope_scaling != "none":
+            extend_context(config, cfg.model.rope_scaling, cfg.model.rope_factor, cfg.model.init_from)
         return AutoModelForCausalLM.from_config(config)
     return build_model(cfg.model, _Vocabulary(vocab))
 

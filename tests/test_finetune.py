@@ -270,8 +270,16 @@ def test_eval_scores_a_lora_run(lora_run: Path, chat_rows: Path, tmp_path: Path)
     assert "perplexity" in result.stdout
 
 
+# rsLoRA, LoRA+ and the warmup-stable-decay schedule: one setting each, resumed and merged like plain LoRA.
+VARIANTS = ["--set", "finetune.lora.rslora=true", "--set", "finetune.lora.plus_ratio=16", "--set", "schedule.name=wsd",
+            "--set", "schedule.decay_fraction=0.5"]  # fmt: skip
+
+
 @pytest.mark.slow
-def test_a_killed_lora_run_resumes_bitwise_exactly(tiny_run: Path, chat_rows: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("variant", [[], VARIANTS], ids=["lora", "rslora-loraplus-wsd"])
+def test_a_killed_lora_run_resumes_bitwise_exactly(
+    variant: list[str], tiny_run: Path, chat_rows: Path, tmp_path: Path
+) -> None:
     import os
     import signal
     import subprocess
@@ -280,7 +288,8 @@ def test_a_killed_lora_run_resumes_bitwise_exactly(tiny_run: Path, chat_rows: Pa
     from safetensors.torch import load_file
 
     args = ft_args(tiny_run, chat_rows, tmp_path / "run", "--method", "lora", "--set", "checkpoint.every_steps=4",
-                   "--set", "train.grad_accum_steps=2", "--set", "logging.data_trace=true", steps=10)  # fmt: skip
+                   "--set", "train.grad_accum_steps=2", "--set", "logging.data_trace=true", *variant,
+                   steps=10)  # fmt: skip
     reference = run_cli(*ft_args(tiny_run, chat_rows, tmp_path / "ref", *args[args.index("--method") :], steps=10))
     assert reference.exit_code == 0, reference.stderr
     env = {**os.environ, "LLMKIT_FAULT_INJECT": "kill@6.1", "PYTHONWARNINGS": "ignore"}
@@ -294,6 +303,16 @@ def test_a_killed_lora_run_resumes_bitwise_exactly(tiny_run: Path, chat_rows: Pa
     assert final.keys() == expected.keys() and all(torch.equal(final[k], expected[k]) for k in final)
     trace = (tmp_path / "run" / "data_trace.jsonl").read_text()
     assert trace == (tmp_path / "ref" / "data_trace.jsonl").read_text()
+    if not variant:
+        return
+    assert json.loads((tmp_path / "run" / "final" / "adapter_config.json").read_text())["use_rslora"] is True
+    groups = torch.load(tmp_path / "run" / "checkpoints" / "step-00000008" / "optimizer.pt")["param_groups"]
+    faster = [g for g in groups if g["lr_scale"] == 16.0]
+    assert faster and all(g["lr"] == pytest.approx(16 * groups[0]["lr"]) for g in faster)  # B matrices only
+    lrs = [r["lr"] for r in map(json.loads, (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()) if "lr" in r]
+    assert lrs[0] == pytest.approx(1e-3) and lrs[-1] < 1e-3  # stable at the peak, then decaying
+    merged = run_cli("export", tmp_path / "run", "--out", tmp_path / "merged", "--merge-lora")  # its parity gate
+    assert merged.exit_code == 0, merged.stderr
 
 
 @pytest.mark.parametrize("method, extra", [("lora", []), ("freeze", ["--set", "finetune.freeze_top_layers=1"])])

@@ -286,6 +286,11 @@ def test_schedules() -> None:
     assert lr_at(50, 101, 1.0, exponential) == pytest.approx(0.1)
     constant = ScheduleConfig(name="constant", warmup_steps=5)
     assert lr_at(2, 100, 1.0, constant) == pytest.approx(0.6) and lr_at(99, 100, 1.0, constant) == 1.0
+    wsd = ScheduleConfig(name="wsd", warmup_steps=10, min_lr_ratio=0.0, decay_fraction=0.2)
+    lrs = [lr_at(s, 100, 2.0, wsd) for s in range(100)]
+    assert lrs[9] == lrs[10] == lrs[79] == 2.0  # warmup, then stable at the peak until the last 20 steps
+    assert lrs[80] == pytest.approx(2.0 * (1 - 0.05**0.5)) and lrs[89] == pytest.approx(2.0 * (1 - 0.5**0.5))
+    assert lrs[99] == 0.0 and all(a > b for a, b in zip(lrs[80:], lrs[81:], strict=False))
 
 
 def test_budgets_convert_to_steps() -> None:

@@ -101,6 +101,12 @@ def check_gguf_supported(model: Any) -> None:
             f"--format gguf writes Llama- and GPT-2-architecture models; this one is {model.config.model_type!r} "
             "(use --format hf or onnx)"
         )
+    scaling = _rope_scaling(model.config)
+    if scaling not in ("default", "linear", "yarn"):
+        raise UserError(
+            f"--format gguf: this model's context is extended with {scaling!r} RoPE scaling, which llmkit's GGUF "
+            "writer does not describe (linear and yarn it does); use --format hf"
+        )
 
 
 def write_gguf(model: Any, tokenizer: Any, path: Path, kind: str, name: str) -> None:
@@ -163,6 +169,18 @@ def _add_hyperparameters(writer: Any, config: Any) -> None:
     writer.add_rope_dimension_count(getattr(config, "head_dim", None) or config.hidden_size // heads)
     writer.add_layer_norm_rms_eps(config.rms_norm_eps)
     writer.add_rope_freq_base(float(getattr(config, "rope_theta", None) or _rope_theta(config)))
+    scaling = _rope_scaling(config)
+    if scaling != "default":  # an extended context (model.rope_scaling): llama.cpp reads the same three numbers
+        import gguf
+
+        parameters = config.rope_parameters
+        writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR if scaling == "linear" else gguf.RopeScalingType.YARN)
+        writer.add_rope_scaling_factor(float(parameters["factor"]))
+        writer.add_rope_scaling_orig_ctx_len(int(parameters["original_max_position_embeddings"]))
+
+
+def _rope_scaling(config: Any) -> str:
+    return str((getattr(config, "rope_parameters", None) or {}).get("rope_type", "default"))
 
 
 @contextmanager

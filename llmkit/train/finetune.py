@@ -19,7 +19,14 @@ from llmkit.data.templates import setup_chat_template
 from llmkit.data.tokenizer import load_tokenizer, tokenizer_hash
 from llmkit.errors import UserError
 from llmkit.flops import count_parameters, model_flops_per_token
-from llmkit.models import attach_lora, freeze_except, model_context, padded_vocab_size, place_weights
+from llmkit.models import (
+    attach_lora,
+    check_rope_applied,
+    freeze_except,
+    model_context,
+    padded_vocab_size,
+    place_weights,
+)
 from llmkit.runs import find_tokenizer_dir, resolve_model_dir
 from llmkit.train.job import FitResult, TrainJob
 from llmkit.train.loop import fit
@@ -43,6 +50,7 @@ from llmkit.train.setup import (
     make_accelerator,
     steps_for_budget,
 )
+from llmkit.train.step import router_balance
 from llmkit.train.strategies import use_cuda
 from llmkit.train.tasks import Task, TaskData, get_task
 
@@ -105,11 +113,13 @@ def _finetune(
     set_seed(cfg.train.seed)
     source = base_dir.resolve() if base_dir.exists() else str(cfg.model.init_from)
     model = task.load_model(source, cfg, token, data, tokenizer)
+    router_balance(model)  # a mixture of experts whose balancing loss is unknown: refused before anything is written
+    check_rope_applied(model, cfg, f"--task {ft.task}" + (" with --method qlora" if ft.method == "qlora" else ""))
     context = model_context(model)
     if context and ft.max_length > context:
         raise UserError(
             f"finetune.max_length {ft.max_length} exceeds the context of {cfg.model.init_from} ({context} tokens); "
-            f"pass --max-length {context} or less"
+            f"pass --max-length {context} or less, or extend the context with model.rope_scaling and model.rope_factor"
         )
     if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
         model.resize_token_embeddings(padded_vocab_size(len(tokenizer)))
@@ -146,7 +156,8 @@ def _finetune(
 
     run_dir, config_yaml = open_run_dir(cfg, checkpoint, resume, overwrite, accelerator, tokenizer)
     objective = task.objective(model, accelerator, data, cfg, liger)
-    optimizer = build_optimizer(model, cfg.optimizer, accelerator)
+    lora_plus = ft.lora.plus_ratio if ft.method in ("lora", "qlora") else 1.0
+    optimizer = build_optimizer(model, cfg.optimizer, accelerator, lora_plus)
     model, optimizer = accelerator.prepare(model, optimizer)
     task.prepare(model, accelerator, data, run_dir, checkpoint is not None, cfg, collate)
     val_batches = _validation_batches(data.val, micro, cfg.train.eval_batches, collate)

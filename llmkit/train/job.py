@@ -18,7 +18,7 @@ from llmkit.config import RunConfig
 from llmkit.losses import causal_lm_nll, count_targets
 from llmkit.train.loader import BatchSource
 from llmkit.train.setup import uses_deepspeed, uses_fsdp
-from llmkit.train.step import MicroStep, autocast_context, model_inputs
+from llmkit.train.step import MicroStep, autocast_context, model_inputs, router_balance
 from llmkit.train.strategies import compiles
 
 
@@ -84,7 +84,10 @@ class TrainJob:
     def __post_init__(self) -> None:
         autocast = autocast_context(self.accelerator)
         backend = self.cfg.train.compile_backend if compiles(self.cfg) else None
-        self.micro_step = MicroStep(self.loss_fn, autocast, backend, self.fixed_shapes)
+        router = router_balance(self.accelerator.unwrap_model(self.model))
+        if router is not None:
+            router.attach()
+        self.micro_step = MicroStep(self.loss_fn, autocast, backend, self.fixed_shapes, router)
         if self.eval_fn is None:
             loss_fn = self.loss_fn
             self.eval_fn = lambda model, batches, acc: evaluate_language_model(model, batches, acc, loss_fn)

@@ -162,7 +162,7 @@ def _train_step(job: TrainJob, run: _Run, trace: DataTrace) -> float:
     cfg, acc, optimizer = job.cfg, job.accelerator, job.optimizer
     lr = lr_at(run.step, job.total_steps, cfg.optimizer.lr, cfg.schedule)
     for group in optimizer.param_groups:
-        group["lr"] = lr
+        group["lr"] = lr * group.get("lr_scale", 1.0)
 
     # The micro-batches are fetched first so the loss can be normalized by the number of target tokens in the
     # whole step (exact under accumulation and across processes).
@@ -426,6 +426,9 @@ def _window_record(
         "epoch": job.loader.position.epochs_done,
         "elapsed_s": now - start,
     }
+    balance = job.micro_step.router.take() if job.micro_step.router is not None else None
+    if balance is not None:  # a mixture of experts: its load-balancing loss (unscaled; `loss` holds it scaled)
+        record["router_aux_loss"] = balance
     peak = peak_flops(job.accelerator) if job.flops_per_token else None
     if peak:
         record["mfu"] = mfu(record["tokens_per_s"], job.flops_per_token, peak, job.accelerator.num_processes)

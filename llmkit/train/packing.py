@@ -149,6 +149,7 @@ def collate_rows(
         "labels": torch.from_numpy(labels),
         "position_ids": torch.from_numpy(positions),
         "num_tokens": torch.tensor(int((segments >= 0).sum())),
+        "token_mask": torch.from_numpy(segments >= 0),  # real tokens, for a mixture of experts' balancing loss
     }
     if attn_implementation != "flash_attention_2":
         batch["attention_mask"] = block_causal_mask(torch.from_numpy(segments), attn_implementation)

@@ -15,7 +15,7 @@ from llmkit.data.store import PreparedDataset, open_dataset
 from llmkit.data.tokenizer import load_tokenizer, tokenizer_hash
 from llmkit.errors import UserError
 from llmkit.flops import count_parameters, model_flops_per_token
-from llmkit.models import build_model, check_vocab_fits, load_model, model_context
+from llmkit.models import build_model, check_vocab_fits, load_model, model_context, rope_request
 from llmkit.train.distill import cache_key, check_given_cache, check_teacher, pretrain_objective
 from llmkit.train.job import FitResult, TrainJob
 from llmkit.train.loader import BlockLoader, validation_batches
@@ -38,6 +38,7 @@ from llmkit.train.setup import (
     make_accelerator,
     steps_for_budget,
 )
+from llmkit.train.step import router_balance
 
 
 def pretrain(
@@ -104,7 +105,14 @@ def _pretrain(
     if checkpoint is not None:
         model = load_model(checkpoint / "model")
     elif cfg.model.init_from:
-        model = load_model(cfg.model.init_from, trust_remote_code=cfg.model.trust_remote_code, token=_token(cfg))
+        model = load_model(cfg.model.init_from, trust_remote_code=cfg.model.trust_remote_code, token=_token(cfg),
+                           rope=rope_request(cfg))  # fmt: skip
+        router_balance(model)  # an unknown balancing loss is refused before anything is written
+    elif cfg.model.rope_scaling != "none":
+        raise UserError(
+            "model.rope_scaling extends a loaded model's context (model.init_from); a model built from scratch "
+            "trains at model.context_length: set that instead"
+        )
     else:
         model = build_model(cfg.model, tokenizer)
     check_vocab_fits(model, tokenizer, str(dataset.root))

@@ -272,21 +272,26 @@ def enable_gradient_checkpointing(model: Any) -> None:
     model.config.use_cache = False
 
 
-def build_optimizer(model: Any, cfg: OptimizerConfig, accelerator: Any = None) -> torch.optim.Optimizer:
+def build_optimizer(
+    model: Any, cfg: OptimizerConfig, accelerator: Any = None, lora_plus_ratio: float = 1.0
+) -> torch.optim.Optimizer:
     """AdamW/Adam/SGD with weight decay on matrices only (not on norms and biases).
+
+    Each group carries `lr_scale`, the multiple of the schedule's learning rate it trains at: `lora_plus_ratio` for
+    LoRA's B matrices (LoRA+), 1 for everything else.
 
     When DeepSpeed keeps optimizer states in CPU memory (the -offload strategies), Adam runs as DeepSpeed's
     CPU Adam with the same hyperparameters (Accelerate's automatic swap would drop betas and epsilon).
     """
-    decay: list[torch.nn.Parameter] = []
-    no_decay: list[torch.nn.Parameter] = []
-    for parameter in model.parameters():
+    kinds: dict[tuple[bool, float], list[torch.nn.Parameter]] = {(True, 1.0): [], (False, 1.0): []}
+    for name, parameter in model.named_parameters():
         if parameter.requires_grad:
             shape = getattr(parameter, "ds_shape", parameter.shape)  # ZeRO-3 parameters are built sharded (1-D)
-            (decay if len(shape) >= 2 else no_decay).append(parameter)
+            scale = lora_plus_ratio if ".lora_B." in name else 1.0
+            kinds.setdefault((len(shape) >= 2, scale), []).append(parameter)
     groups = [
-        {"params": decay, "weight_decay": cfg.weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
+        {"params": params, "weight_decay": cfg.weight_decay if decays else 0.0, "lr": cfg.lr * scale, "lr_scale": scale}
+        for (decays, scale), params in kinds.items()
     ]
     if accelerator is not None and uses_deepspeed(accelerator):
         ds_config = accelerator.state.deepspeed_plugin.deepspeed_config

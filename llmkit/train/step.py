@@ -13,6 +13,7 @@ graph is specialized to training (grad mode, shapes), and those run a few times 
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 from typing import Any
@@ -20,6 +21,7 @@ from typing import Any
 import torch
 
 from llmkit.console import info
+from llmkit.errors import UserError
 
 Batch = dict[str, torch.Tensor]
 LossFn = Callable[[torch.Tensor, Batch], tuple[torch.Tensor, torch.Tensor]]
@@ -40,9 +42,92 @@ def autocast_context(accelerator: Any) -> Callable[[], AbstractContextManager[An
     return accelerator.autocast
 
 
+class RouterBalance:
+    """A mixture-of-experts model's load-balancing loss, added as the model's own forward adds it when given labels:
+    coefficient x transformers' `load_balancing_loss_func` of the routers' logits, over real tokens only.
+
+    The routers' logits are taken by forward hooks on the model's router modules (the ones transformers records
+    as `router_logits`), not by `output_router_logits=True`: with it, the model computes the loss itself from the
+    attention mask, and fine-tuning's packed rows carry a 4-D block mask that function cannot read. The mask of real
+    tokens comes from the batch (`token_mask`, or a 2-D attention mask; every token of a packed pretraining block).
+    """
+
+    def __init__(
+        self,
+        model: Any,
+        coefficient: float,
+        experts: int,
+        top_k: int,
+        loss_func: Callable,
+        router: type[torch.nn.Module],
+    ):
+        self.model, self.router = model, router
+        self.coefficient, self.experts, self.top_k, self.loss_func = coefficient, experts, top_k, loss_func
+        self.logits: list[torch.Tensor] = []
+        self.total: torch.Tensor | float = 0.0  # unscaled losses since the last `take`, for the metrics
+        self.count = 0
+
+    def attach(self) -> RouterBalance:
+        """Record the routers' logits from now on (once per model: training builds one of these)."""
+        if self.model.config.output_router_logits:  # the model would compute the loss itself, from a 2-D mask
+            self.model.config.output_router_logits = False
+            info("output_router_logits turned off in the model's config: llmkit adds the load-balancing loss itself")
+        for module in self.model.modules():
+            if isinstance(module, self.router):
+                module.register_forward_hook(self._record)
+        return self
+
+    def _record(self, module: Any, inputs: Any, output: Any) -> None:
+        self.logits.append(output[0] if isinstance(output, tuple) else output)
+
+    def loss(self, batch: Batch) -> torch.Tensor:
+        """The unscaled load-balancing loss of the forward pass just run."""
+        mask = batch.get("token_mask")
+        if mask is None and batch.get("attention_mask") is not None and batch["attention_mask"].dim() == 2:
+            mask = batch["attention_mask"]
+        logits, self.logits = tuple(self.logits), []
+        return self.loss_func(logits, self.experts, self.top_k, mask)
+
+    def take(self) -> float | None:
+        """The mean unscaled loss of this process's micro-batches since the last call (None if there were none)."""
+        mean = float(self.total) / self.count if self.count else None
+        self.total, self.count = 0.0, 0
+        return mean
+
+
+def router_balance(model: Any) -> RouterBalance | None:
+    """The load-balancing loss of a mixture-of-experts model (Mixtral, Qwen-MoE, OLMoE...: a config with
+    `output_router_logits` and a `router_aux_loss_coef`), not yet attached; None for a dense model or a coefficient
+    of 0. A model whose loss cannot be computed is refused (call it on loading, before anything is written)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    config = getattr(base, "config", None)
+    if config is None or not hasattr(config, "output_router_logits"):
+        return None
+    coefficient = float(getattr(config, "router_aux_loss_coef", 0.0) or 0.0)
+    if coefficient == 0.0:
+        return None
+    experts = getattr(config, "num_local_experts", None) or getattr(config, "num_experts", None)
+    top_k = getattr(config, "num_experts_per_tok", None)
+    loss_func = getattr(sys.modules[type(base).__module__], "load_balancing_loss_func", None)
+    recorders = ((getattr(type(module), "_can_record_outputs", None) or {}) for module in base.modules())
+    router = next((getattr(r["router_logits"], "target_class", None) for r in recorders if "router_logits" in r), None)
+    if not (experts and top_k and loss_func and isinstance(router, type) and issubclass(router, torch.nn.Module)):
+        where = getattr(config, "_name_or_path", "") or "the model"
+        raise UserError(
+            f"{where}: {config.model_type} is a mixture of experts whose load-balancing loss llmkit cannot compute "
+            f"(router_aux_loss_coef={coefficient}), and training without it unbalances the experts; to train "
+            f"without it on purpose, set router_aux_loss_coef to 0 in {where}/config.json"
+        )
+    return RouterBalance(base, coefficient, int(experts), int(top_k), loss_func, router)
+
+
 class MicroStep:
     """`step(model, batch)` -> (summed loss, target count) of one micro-batch: forward and loss in one autocast
     region, and in one compiled graph when `compiled`.
+
+    `router`: a mixture-of-experts model's load-balancing loss, added to the micro-batch's as the model adds it to
+    its mean loss (coefficient x loss x the micro-batch's targets, so one micro-batch's normalized loss equals the
+    model's own `loss` with labels).
 
     `fixed_shapes`: every micro-batch has one shape (packed pretraining blocks), so the graph is specialized to it;
     otherwise (fine-tuning rows of any length) the sequence length is marked dynamic from the first step, so new
@@ -51,29 +136,42 @@ class MicroStep:
     """
 
     def __init__(self, loss_fn: LossFn, autocast: Callable[[], AbstractContextManager[Any]], backend: str | None,
-                 fixed_shapes: bool = True) -> None:  # fmt: skip
+                 fixed_shapes: bool = True, router: RouterBalance | None = None) -> None:  # fmt: skip
         """`backend`: torch.compile's (train.compile_backend), or None to run eagerly."""
-        self.loss_fn, self.autocast, self.fixed_shapes = loss_fn, autocast, fixed_shapes
+        self.loss_fn, self.autocast, self.fixed_shapes, self.router = loss_fn, autocast, fixed_shapes, router
         self.compiled = torch.compile(self.eager, backend=backend) if backend else None
 
-    def eager(self, model: Any, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.loss_fn(model(**model_inputs(batch)).logits, batch)
+    def eager(self, model: Any, batch: Batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        if self.router is not None:  # drop what evaluation, sampling or recomputation in backward recorded
+            self.router.logits = []
+        total, targets = self.loss_fn(model(**model_inputs(batch)).logits, batch)
+        if self.router is None:
+            return total, targets, None
+        balance = self.router.loss(batch)
+        return total + self.router.coefficient * balance * targets, targets, balance
 
     def __call__(self, model: Any, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
         with self.autocast():
-            if self.compiled is None:
-                return self.eager(model, batch)
-            if not self.fixed_shapes:
-                _mark_dynamic(batch)
-            try:
-                return self.compiled(model, batch)
-            except Exception as exc:
-                if not _compile_failure(exc):
-                    raise
-                reason = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
-                info(f"torch.compile failed ({type(exc).__name__}: {reason}); training eagerly (--no-compile skips it)")
-                self.compiled = None
-                return self.eager(model, batch)
+            total, targets, balance = self._run(model, batch)
+        if balance is not None and self.router is not None:
+            self.router.total = self.router.total + balance.detach()  # read at logging time: no sync per step
+            self.router.count += 1
+        return total, targets
+
+    def _run(self, model: Any, batch: Batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        if self.compiled is None:
+            return self.eager(model, batch)
+        if not self.fixed_shapes:
+            _mark_dynamic(batch)
+        try:
+            return self.compiled(model, batch)
+        except Exception as exc:
+            if not _compile_failure(exc):
+                raise
+            reason = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
+            info(f"torch.compile failed ({type(exc).__name__}: {reason}); training eagerly (--no-compile skips it)")
+            self.compiled = None
+            return self.eager(model, batch)
 
 
 def _mark_dynamic(batch: Batch) -> None:

@@ -58,11 +58,11 @@ class Task(ABC):
         """Read, check, split and encode the rows (before any output is written)."""
 
     def load_model(self, source: str | Path, cfg: RunConfig, token: str | None, data: TaskData, tokenizer: Any) -> Any:
-        from llmkit.models import load_model
+        from llmkit.models import load_model, rope_request
 
         if cfg.finetune.method == "qlora":
             return load_quantized(source, token)
-        return load_model(source, trust_remote_code=cfg.model.trust_remote_code, token=token)
+        return load_model(source, trust_remote_code=cfg.model.trust_remote_code, token=token, rope=rope_request(cfg))
 
     def collate(self, pad_id: int, attn_implementation: str) -> Collate:
         return lambda rows, indices=None: collate_rows(rows, pad_id, attn_implementation, indices)

@@ -39,7 +39,11 @@ class Section(BaseModel):
 class ModelConfig(Section):
     """The network: built from these numbers, or continued from an existing checkpoint."""
 
-    arch: Literal["llama", "gpt2"] = Field("llama", description="Decoder family built through transformers.")
+    arch: Literal["llama", "qwen3", "gpt2"] = Field(
+        "llama",
+        description="Decoder family built through transformers: llama, qwen3 (Llama's block with RMS-normed queries "
+        "and keys, Qwen3's config class) or gpt2.",
+    )
     n_layers: int = Field(2, ge=1, description="Number of transformer blocks.")
     hidden_size: int = Field(128, ge=8, description="Width of the residual stream.")
     n_heads: int = Field(4, ge=1, description="Attention heads.")
@@ -90,7 +94,7 @@ class ModelConfig(Section):
         if (self.rope_scaling == "none") != (self.rope_factor == 1.0):
             raise ValueError("rope_scaling and rope_factor go together: a scaling type and a factor above 1")
         head = self.hidden_size // self.n_heads
-        if self.arch == "llama" and head % 2:
+        if self.arch != "gpt2" and head % 2:
             raise ValueError(f"head size hidden_size/n_heads = {head} is odd; rotary embeddings need an even head size")
         return self
 
@@ -322,12 +326,17 @@ FLOAT32_MAX = 3.4e38
 class OptimizerConfig(Section):
     """The optimizer and gradient clipping."""
 
-    name: Literal["adamw", "adam", "sgd"] = Field("adamw", description="Optimizer.")
+    name: Literal["adamw", "adam", "sgd", "adamw8bit", "muon"] = Field(
+        "adamw",
+        description="Optimizer: adamw (fused), adam, sgd; adamw8bit keeps Adam's moments in 8 bits (torchao, a "
+        "quarter of the memory); muon orthogonalizes the hidden matrices' momentum (torch.optim.Muon; AdamW for "
+        "embeddings, head, norms and biases). adamw8bit and muon run with ddp only.",
+    )
     lr: float = Field(3e-4, gt=0, description="Peak learning rate.")
     weight_decay: float = Field(0.1, ge=0, description="Decoupled weight decay (not on norms and biases).")
     betas: tuple[float, float] = Field((0.9, 0.95), description="Adam betas.")
     eps: float = Field(1e-8, gt=0, description="Adam epsilon.")
-    momentum: float = Field(0.9, ge=0, description="SGD momentum.")
+    momentum: float = Field(0.9, ge=0, description="SGD and Muon momentum (Muon's authors use 0.95).")
     grad_clip: float | None = Field(1.0, gt=0, description="Clip the global gradient norm (unset: no clip).")
 
     @field_validator("lr", "weight_decay", "eps", "momentum", "grad_clip")
@@ -418,6 +427,18 @@ class LoraConfig(Section):
     rslora: bool = Field(False, description="Rank-stabilized LoRA: updates scaled by alpha / sqrt(r), not alpha / r.")
     plus_ratio: float = Field(1.0, ge=1, description="LoRA+: the B matrices learn this many times faster than the "
                               "rest (the LoRA+ paper suggests 16); 1 is plain LoRA.")  # fmt: skip
+    init: Literal["default", "pissa", "olora"] = Field(
+        "default",
+        description="Adapter initialization: default (B = 0), pissa (the base's principal singular components) or "
+        "olora (its QR factors); both move that part out of the base while training and are saved as a plain LoRA "
+        "adapter of rank 2r for the original base.",
+    )
+
+    @model_validator(mode="after")
+    def _init_without_dora(self) -> LoraConfig:
+        if self.init != "default" and self.dora:
+            raise ValueError(f"init={self.init} and dora together are not supported; choose one")
+        return self
 
 
 class PreferenceConfig(Section):

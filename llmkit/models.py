@@ -20,7 +20,7 @@ def model_context(model_or_config: Any) -> int:
 
 def build_model(cfg: ModelConfig, tokenizer: Any) -> Any:
     """A freshly initialized causal LM whose vocabulary and special tokens come from `tokenizer`."""
-    from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig
+    from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig, Qwen3Config
 
     special = {
         "bos_token_id": tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id,
@@ -29,20 +29,23 @@ def build_model(cfg: ModelConfig, tokenizer: Any) -> Any:
     }
     vocab = padded_vocab_size(len(tokenizer))
     config: Any
-    if cfg.arch == "llama":
-        config = LlamaConfig(
-            vocab_size=vocab,
-            hidden_size=cfg.hidden_size,
-            intermediate_size=cfg.intermediate_size or _llama_mlp_width(cfg.hidden_size),
-            num_hidden_layers=cfg.n_layers,
-            num_attention_heads=cfg.n_heads,
-            num_key_value_heads=cfg.n_kv_heads or cfg.n_heads,
-            max_position_embeddings=cfg.context_length,
-            rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_theta},
-            tie_word_embeddings=cfg.tie_embeddings,
-            attention_dropout=cfg.dropout,
-            **special,
-        )
+    if cfg.arch in ("llama", "qwen3"):
+        shape: dict[str, Any] = {
+            "vocab_size": vocab,
+            "hidden_size": cfg.hidden_size,
+            "intermediate_size": cfg.intermediate_size or _llama_mlp_width(cfg.hidden_size),
+            "num_hidden_layers": cfg.n_layers,
+            "num_attention_heads": cfg.n_heads,
+            "num_key_value_heads": cfg.n_kv_heads or cfg.n_heads,
+            "max_position_embeddings": cfg.context_length,
+            "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta},
+            "tie_word_embeddings": cfg.tie_embeddings,
+            "attention_dropout": cfg.dropout,
+        }
+        if cfg.arch == "llama":
+            config = LlamaConfig(**shape, **special)
+        else:  # Qwen3 fixes its head size apart from the width (128 by default): here width / heads, as Llama's
+            config = Qwen3Config(**shape, head_dim=cfg.hidden_size // cfg.n_heads, use_sliding_window=False, **special)
     else:
         config = GPT2Config(
             vocab_size=vocab,
@@ -224,10 +227,53 @@ def attach_lora(model: Any, cfg: Any, task_type: str, new_token_ids: list[int]) 
         target_modules=cfg.target_modules or lora_target_modules(model),
         use_dora=cfg.dora,
         use_rslora=cfg.rslora,
+        init_lora_weights=True if cfg.init == "default" else cfg.init,
         task_type=task_type,
         trainable_token_indices={embedding_name: new_token_ids} if new_token_ids else None,
     )
-    return get_peft_model(model, config)
+    model = get_peft_model(model, config)
+    if cfg.init != "default":  # the base now holds the residual: keep the initial adapter to save plain LoRA
+        from peft import get_peft_model_state_dict
+
+        model.llmkit_initial_adapter = {k: v.detach().clone() for k, v in get_peft_model_state_dict(model).items()}
+    return model
+
+
+def save_pretrained(model: Any, path: str | Path, **kwargs: Any) -> None:
+    """`model.save_pretrained`; an adapter initialized from the base's own components (PiSSA, OLoRA), whose base was
+    rewritten to the residual, is saved as the plain LoRA adapter of rank 2r that gives the same model on the
+    original base: A' = [A; A0], B' = [B, -B0] (what peft's `path_initial_model_for_weight_conversion` computes; its
+    own path fails on adapters with trainable token rows, and loads a second adapter at every save)."""
+    model.save_pretrained(path, **kwargs)
+    initial = getattr(model, "llmkit_initial_adapter", None)
+    if initial is None:
+        return
+    import json
+    import math
+
+    from safetensors.torch import load_file, save_file
+
+    weights_file, config_file = Path(path) / "adapter_model.safetensors", Path(path) / "adapter_config.json"
+    trained = load_file(str(weights_file))
+    plain = {}
+    for key, weight in trained.items():
+        if ".lora_A." in key:
+            plain[key] = torch.cat([weight, initial[key].to(weight.dtype)], dim=0)
+        elif ".lora_B." in key:
+            plain[key] = torch.cat([weight, -initial[key].to(weight.dtype)], dim=1)
+        else:
+            plain[key] = weight
+    save_file({k: v.contiguous() for k, v in plain.items()}, str(weights_file), metadata={"format": "pt"})
+    config = json.loads(config_file.read_text())
+    config["lora_alpha"] *= math.sqrt(2) if config.get("use_rslora") else 2  # the same scale at rank 2r
+    config.update(r=2 * config["r"], init_lora_weights=True)
+    config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
+def trained_factors(weights: dict[str, Any], r: int) -> dict[str, Any]:
+    """The rank-r factors training left, out of an adapter `save_pretrained` converted: to resume a PiSSA or OLoRA
+    run onto a base initialized again the same way."""
+    return {k: w[:r] if ".lora_A." in k else w[:, :r] if ".lora_B." in k else w for k, w in weights.items()}
 
 
 def _embedding_module_name(model: Any) -> str:

@@ -194,15 +194,28 @@ def estimate_memory(
 def _training_state(cfg: RunConfig, size: ModelSize, stage: Stage) -> tuple[float, float, float]:
     """Bytes of weights, gradients and optimizer states on one process before sharding: fp32 master weights of
     what trains, frozen weights in the compute dtype (QLoRA's 4-bit matrices ~0.55 bytes), Adam's two moments."""
-    adam = cfg.optimizer.name in ("adamw", "adam")
-    state_bytes = 8 if adam else (4 if cfg.optimizer.momentum > 0 else 0)
+    state_bytes = _optimizer_state_bytes(cfg, size)
     adapters = stage == "finetune" and cfg.finetune.method in ("lora", "qlora")
     frozen = size.total if adapters else size.total - size.trainable  # adapters come on top of the base model
     if adapters and cfg.finetune.method == "qlora":
         frozen_bytes = 0.55 * size.matmul + 2.0 * (size.total - size.matmul)  # 4-bit matrices, 16-bit embedding
     else:
         frozen_bytes = memory_dtype(cfg) * frozen
-    return 4.0 * size.trainable + frozen_bytes, 4.0 * size.trainable, float(state_bytes * size.trainable)
+    return 4.0 * size.trainable + frozen_bytes, 4.0 * size.trainable, state_bytes
+
+
+def _optimizer_state_bytes(cfg: RunConfig, size: ModelSize) -> float:
+    """Adam's two float32 moments (8 bytes a parameter); 8-bit AdamW's two 8-bit moments and a float32 scale per
+    256 (2.03); Muon's one momentum on the hidden matrices (4) and AdamW's on the rest; SGD's momentum (4) or none."""
+    name, trainable = cfg.optimizer.name, size.trainable
+    if name in ("adamw", "adam"):
+        return 8.0 * trainable
+    if name == "adamw8bit":
+        return (2.0 + 8.0 / 256) * trainable
+    if name == "muon":
+        hidden = min(trainable, max(0, size.matmul - size.vocab * size.width))  # all matrices but the head
+        return 4.0 * hidden + 8.0 * (trainable - hidden)
+    return (4.0 if cfg.optimizer.momentum > 0 else 0.0) * trainable
 
 
 def _sharded_state(

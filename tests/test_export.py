@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from transformers import AutoModelForCausalLM, AutoTokenizer, Qwen2Config
+from transformers import AutoModelForCausalLM, AutoTokenizer, MistralConfig, Phi3Config
 
-from tests.conftest import assert_user_error, run_cli
+from tests.conftest import assert_nothing_written, assert_user_error, run_cli
 
 
 @pytest.mark.parametrize(("dtype", "tensor_type", "atol"), [("f32", "F32", 0.0), ("f16", "F16", 1e-3),
@@ -222,14 +222,18 @@ def test_export_format_errors(tiny_run: Path, tmp_path: Path) -> None:
     )
     assert_user_error(run_cli("export", tiny_run, "--out", tmp_path / "g", "--quantize", "int3"),
                       "--quantize int3: choose int8 or int4")  # fmt: skip
-    qwen = tmp_path / "qwen2"
     tokenizer = AutoTokenizer.from_pretrained(tiny_run / "final")
-    AutoModelForCausalLM.from_config(Qwen2Config(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
-                                                 num_hidden_layers=1, num_attention_heads=4,
-                                                 num_key_value_heads=2)).save_pretrained(qwen)  # fmt: skip
-    tokenizer.save_pretrained(qwen)
-    assert_user_error(run_cli("export", qwen, "--out", tmp_path / "d", "--format", "gguf"),
-                      "writes Llama- and GPT-2-architecture models; this one is 'qwen2'")  # fmt: skip
+    shape = {"vocab_size": len(tokenizer), "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
+             "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 128, "bos_token_id": 0,
+             "eos_token_id": 0, "pad_token_id": 1}  # fmt: skip
+    refused = {"writes llama, mistral, qwen2, qwen3, gemma, gpt2 models; this one is 'phi3'": Phi3Config(**shape),
+               "attends through a sliding window": MistralConfig(**shape, sliding_window=32)}  # fmt: skip
+    for message, config in refused.items():
+        source = tmp_path / config.model_type
+        AutoModelForCausalLM.from_config(config).save_pretrained(source)
+        tokenizer.save_pretrained(source)
+        assert_user_error(run_cli("export", source, "--out", tmp_path / "d", "--format", "gguf"), message)
+        assert_nothing_written(tmp_path, "d")
     assert_user_error(run_cli("export", tiny_run, "--out", tmp_path / "e", "--format", "gguf", "--ladder", "--dtype",
                               "q8_0"), "--ladder measures every GGUF level")  # fmt: skip
     from llmkit.export.gguf import llama_cpp_missing
@@ -255,7 +259,9 @@ print(json.dumps({"logits": np.asarray(llm.scores[: len(ids)]).tolist(),
 @pytest.mark.parametrize(
     ("arch", "dtype", "max_diff", "agreement"),
     [("llama", "f32", 1e-3, 1.0), ("llama", "q8_0", 0.05, 0.9), ("llama", "q4_0", 0.05, 0.9),
-     ("llama", "q4_k_m", 0.05, 0.9), ("gpt2", "f32", 1e-3, 1.0), ("gpt2", "q5_1", 0.05, 0.9)],
+     ("llama", "q4_k_m", 0.05, 0.9), ("gpt2", "f32", 1e-3, 1.0), ("gpt2", "q5_1", 0.05, 0.9),
+     ("mistral", "f32", 1e-3, 1.0), ("qwen2", "f32", 1e-3, 1.0), ("qwen3", "f32", 1e-3, 1.0),
+     ("gemma", "f32", 1e-3, 1.0)],
 )  # fmt: skip
 def test_gguf_runs_in_llama_cpp_with_the_models_logits(
     tiny_run: Path, gpt2_model: Path, tmp_path: Path, arch: str, dtype: str, max_diff: float, agreement: float
@@ -276,6 +282,13 @@ def test_gguf_runs_in_llama_cpp_with_the_models_logits(
     if probe.returncode != 0:
         pytest.skip("llama-cpp-python is not installed (set LLMKIT_LLAMA_CPP_PYTHON)")
     source = tiny_run / "final" if arch == "llama" else gpt2_model
+    if arch not in ("llama", "gpt2"):  # a family built from its own config class, with the tiny run's tokenizer
+        from tests.test_model_families import tiny_family
+
+        source = tmp_path / arch
+        tokenizer = AutoTokenizer.from_pretrained(tiny_run / "final")
+        tiny_family(arch, len(tokenizer)).save_pretrained(source)
+        tokenizer.save_pretrained(source)
     out = tmp_path / dtype
     export = subprocess.run([python, "-m", "llmkit", "export", str(source), "--out", str(out), "--format", "gguf",
                              "--dtype", dtype], capture_output=True, text=True)  # fmt: skip

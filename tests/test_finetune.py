@@ -225,6 +225,39 @@ def test_merged_lora_export_has_the_logits_of_base_plus_adapter(lora_run: Path, 
     assert_user_error(full_run, "not a LoRA adapter")
 
 
+def render_ollama(template: str, messages: list[dict[str, str]]) -> str:
+    """What Ollama makes of a `{{- range .Messages }}BODY{{ end }}PROMPT` template without conditions."""
+    body, prompt = template.removeprefix("{{- range .Messages }}").split("{{ end }}")
+    return (
+        "".join(body.replace("{{ .Role }}", m["role"]).replace("{{ .Content }}", m["content"]) for m in messages)
+        + prompt
+    )
+
+
+@pytest.mark.parametrize("name", ["chatml", "llama3"])
+def test_ollama_gets_the_runs_template_and_stop_tokens(name: str, lora_run: Path, tmp_path: Path) -> None:
+    from llmkit.export.gguf import ollama_modelfile
+
+    conversation = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What color is the cat?"},
+                    {"role": "assistant", "content": "Red."}, {"role": "user", "content": "And the dog?"}]  # fmt: skip
+    if name == "chatml":  # the run's own export: the template it trained with, and its end-of-turn token
+        result = run_cli("export", lora_run, "--out", tmp_path / "gguf", "--format", "gguf", "--dtype", "f16")
+        assert result.exit_code == 0, result.stderr
+        modelfile = (tmp_path / "gguf" / "Modelfile").read_text()
+        tokenizer = AutoTokenizer.from_pretrained(lora_run / "final")
+    else:
+        tokenizer = AutoTokenizer.from_pretrained(lora_run / "final")
+        chat = setup_chat_template(tokenizer, "llama3")
+        modelfile = ollama_modelfile(tokenizer, list(chat.stop_token_ids))
+    lines = modelfile.splitlines()
+    assert "FROM ./model.gguf" in lines
+    template = modelfile.split('TEMPLATE """', 1)[1].split('"""', 1)[0]
+    expected = tokenizer.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False)
+    assert render_ollama(template, conversation) == expected
+    stop = "<|im_end|>" if name == "chatml" else "<|eot_id|>"
+    assert f'PARAMETER stop "{stop}"' in lines
+
+
 def test_generate_and_chat_use_the_runs_template(lora_run: Path) -> None:
     answer = run_cli("generate", lora_run, "--prompt", "What color is the cat?", "--temperature", "0",
                      "--max-new-tokens", "6")  # fmt: skip
@@ -275,8 +308,39 @@ VARIANTS = ["--set", "finetune.lora.rslora=true", "--set", "finetune.lora.plus_r
             "--set", "schedule.decay_fraction=0.5"]  # fmt: skip
 
 
+@pytest.mark.parametrize("init", ["pissa", "olora"])
+def test_an_adapter_from_the_bases_own_components_saves_as_plain_lora(
+    init: str, tiny_run: Path, tmp_path: Path
+) -> None:
+    """PiSSA and OLoRA move part of the base into the adapter; saved, the adapter applies to the original base
+    and gives the model that trained (peft's conversion to rank 2r), and its first r factors are the trained ones."""
+    from peft import get_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    from llmkit.config import LoraConfig
+    from llmkit.models import attach_lora, save_pretrained, trained_factors
+    from tests.gpu_defaults import logits_of, plain_load
+
+    model = attach_lora(plain_load(tiny_run / "final"), LoraConfig(r=4, init=init, dropout=0.0), "CAUSAL_LM", [])
+    original = plain_load(tiny_run / "final").model.layers[0].self_attn.q_proj.weight
+    assert not torch.equal(model.base_model.model.model.layers[0].self_attn.q_proj.base_layer.weight, original)
+    with torch.no_grad():  # as if trained
+        for name, parameter in model.named_parameters():
+            if "lora_" in name:
+                parameter.add_(0.05 * torch.randn_like(parameter))
+    save_pretrained(model, tmp_path / "adapter")
+    ids = torch.tensor([[1, 5, 9, 14, 20, 33, 41, 57]])
+    loaded = plain_load(tmp_path / "adapter", base=tiny_run / "final")
+    torch.testing.assert_close(logits_of(loaded, ids), logits_of(model.eval(), ids), atol=1e-4, rtol=1e-4)
+    assert json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())["r"] == 8
+    saved = load_file(tmp_path / "adapter" / "adapter_model.safetensors")
+    trained = get_peft_model_state_dict(model)
+    assert all(torch.equal(v, trained[k]) for k, v in trained_factors(saved, 4).items())
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("variant", [[], VARIANTS], ids=["lora", "rslora-loraplus-wsd"])
+@pytest.mark.parametrize("variant", [[], VARIANTS, ["--set", "finetune.lora.init=pissa"]],
+                         ids=["lora", "rslora-loraplus-wsd", "pissa"])  # fmt: skip
 def test_a_killed_lora_run_resumes_bitwise_exactly(
     variant: list[str], tiny_run: Path, chat_rows: Path, tmp_path: Path
 ) -> None:
@@ -305,14 +369,18 @@ def test_a_killed_lora_run_resumes_bitwise_exactly(
     assert trace == (tmp_path / "ref" / "data_trace.jsonl").read_text()
     if not variant:
         return
-    assert json.loads((tmp_path / "run" / "final" / "adapter_config.json").read_text())["use_rslora"] is True
+    merged = run_cli("export", tmp_path / "run", "--out", tmp_path / "merged", "--merge-lora")  # its parity gate
+    assert merged.exit_code == 0, merged.stderr
+    adapter = json.loads((tmp_path / "run" / "final" / "adapter_config.json").read_text())
+    if variant != VARIANTS:  # PiSSA: saved as plain LoRA of twice the rank, for the original base
+        assert adapter["r"] == 32 and adapter["init_lora_weights"] is True
+        return
+    assert adapter["use_rslora"] is True
     groups = torch.load(tmp_path / "run" / "checkpoints" / "step-00000008" / "optimizer.pt")["param_groups"]
     faster = [g for g in groups if g["lr_scale"] == 16.0]
     assert faster and all(g["lr"] == pytest.approx(16 * groups[0]["lr"]) for g in faster)  # B matrices only
     lrs = [r["lr"] for r in map(json.loads, (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()) if "lr" in r]
     assert lrs[0] == pytest.approx(1e-3) and lrs[-1] < 1e-3  # stable at the peak, then decaying
-    merged = run_cli("export", tmp_path / "run", "--out", tmp_path / "merged", "--merge-lora")  # its parity gate
-    assert merged.exit_code == 0, merged.stderr
 
 
 @pytest.mark.parametrize("method, extra", [("lora", []), ("freeze", ["--set", "finetune.freeze_top_layers=1"])])

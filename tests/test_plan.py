@@ -52,7 +52,8 @@ def test_lora_trainable_count_matches_peft(tmp_path: Path) -> None:
     tokenizer = type("Vocab", (), {"__len__": lambda self: 1000, "bos_token_id": 0, "eos_token_id": 0,
                                    "pad_token_id": 1})()  # fmt: skip
     build_model(cfg.model, tokenizer).save_pretrained(tmp_path / "base")
-    lora = load_config(RECIPES / "sft-lora.yaml", [f"model.init_from={tmp_path / 'base'}", "finetune.lora.r=4"])
+    lora = load_config(RECIPES / "sft-lora.yaml", [f"model.init_from={tmp_path / 'base'}", "finetune.lora.r=4",
+                                                   "finetune.max_length=128"])  # the base's context  # fmt: skip
     plan = plan_run(lora)
     peft_model = attach_lora(build_model(cfg.model, tokenizer), lora.finetune.lora, "CAUSAL_LM", [])
     assert plan.trainable == count_parameters(peft_model)[0]
@@ -136,7 +137,8 @@ def test_a_lora_plan_uses_the_base_models_shape_and_bf16_frozen_weights(tmp_path
     tokenizer = type("Vocab", (), {"__len__": lambda self: 1000, "bos_token_id": 0, "eos_token_id": 0,
                                    "pad_token_id": 1})()  # fmt: skip
     build_model(cfg.model, tokenizer).save_pretrained(tmp_path / "base")
-    base = [f"model.init_from={tmp_path / 'base'}", "finetune.lora.r=4", "precision.dtype=bf16"]
+    base = [f"model.init_from={tmp_path / 'base'}", "finetune.lora.r=4", "precision.dtype=bf16",
+            "finetune.max_length=128"]  # the base's context  # fmt: skip
     plan = plan_run(load_config(RECIPES / "sft-lora.yaml", base))
     other_shape = plan_run(
         load_config(RECIPES / "sft-lora.yaml", [*base, "model.hidden_size=4096", "model.n_layers=48"])
@@ -209,10 +211,14 @@ def test_continued_pretraining_is_planned_as_pretraining_and_the_stage_can_be_na
         == cfg.train.micro_batch_size * cfg.data.block_size * cfg.train.grad_accum_steps
     )
     assert any("continued pretraining" in note for note in continued.notes)
-    finetune = plan_run(continued_cfg, stage="finetune")
-    assert finetune.tokens_per_step == cfg.train.micro_batch_size * cfg.finetune.max_length * cfg.train.grad_accum_steps
+    finetune_cfg = load_config(
+        RECIPES / "tiny-cpu.yaml",
+        ["data.vocab_size=1000", f"model.init_from={tmp_path / 'base'}", "finetune.max_length=128"],
+    )  # at most the base's context, as the run requires
+    finetune = plan_run(finetune_cfg, stage="finetune")
+    assert finetune.tokens_per_step == cfg.train.micro_batch_size * 128 * cfg.train.grad_accum_steps
     shown = json.loads(run_cli("plan", RECIPES / "tiny-cpu.yaml", "--set", f"model.init_from={tmp_path / 'base'}",
-                               "--stage", "finetune", "--json").stdout)  # fmt: skip
+                               "--set", "finetune.max_length=128", "--stage", "finetune", "--json").stdout)  # fmt: skip
     assert shown["tokens_per_step"] == finetune.tokens_per_step
     assert_user_error(run_cli("plan", RECIPES / "tiny-cpu.yaml", "--stage", "finetune"), "model.init_from")
     assert_user_error(run_cli("plan", RECIPES / "tiny-cpu.yaml", "--stage", "sft"), "--stage sft")

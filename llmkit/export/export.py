@@ -309,15 +309,23 @@ def _write_hf(
 def _write_gguf(
     model_dir: Path, staging: Path, tokenizer: Any, dtype: str, quantize: Any, adapter: bool, name: str
 ) -> Any:
-    from llmkit.export.gguf import read_gguf, write_gguf
+    from llmkit.export.gguf import gguf_architecture, ollama_modelfile, read_gguf, write_gguf
 
     model = load_trained_model(model_dir, dtype=torch.float32, merge=True).eval()
     path = staging / "model.gguf"
     write_gguf(model, tokenizer, path, dtype, name)
+    generation = getattr(model, "generation_config", None)  # a LoRA run's own, not its base's
+    if (model_dir / "generation_config.json").is_file():
+        from transformers import GenerationConfig
+
+        generation = GenerationConfig.from_pretrained(model_dir)
+    stop = getattr(generation, "eos_token_id", None) if generation is not None else None
+    stop = stop if stop is not None else tokenizer.eos_token_id
+    write_text(staging / "Modelfile", ollama_modelfile(tokenizer, stop if isinstance(stop, list) else [stop]))
     model.config.save_pretrained(staging)  # with the tokenizer: `llmkit eval` runs the file as the HF model
     tokenizer.save_pretrained(staging)
     state, metadata = read_gguf(path, model)  # read back: what a GGUF runtime would load
-    if metadata["tokens"] < len(tokenizer) or metadata["architecture"] != model.config.model_type:
+    if metadata["tokens"] < len(tokenizer) or metadata["architecture"] != gguf_architecture(model.config):
         raise UserError(
             f"{path}: read back {metadata['tokens']} tokens / {metadata['architecture']}: not written right"
         )

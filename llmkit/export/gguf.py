@@ -1,16 +1,19 @@
-"""GGUF for llama.cpp and its kin, written with the `gguf` package: Llama and GPT-2 architectures.
+"""GGUF for llama.cpp and its kin, written with the `gguf` package: the Llama, Mistral, Qwen2, Qwen3, Gemma and
+GPT-2 architectures.
 
-Tensors take llama.cpp's names (`blk.N.attn_q.weight`, ...). Llama's query and key projections are permuted
-from Hugging Face's rotary layout (first half / second half of each head) to llama.cpp's (interleaved pairs), as
-llama.cpp's own converter does; GPT-2's Conv1D weights are transposed to [out, in]. Types: f32; f16 (norms and
-biases stay f32); the block types q8_0, q5_1, q5_0, q4_1 and q4_0 (blocks of 32 weights with f16 scales, written
-by the gguf package; tensors whose rows are not a multiple of 32 fall back to f16, as in llama.cpp); and the
-k-quants (q6_k ... q2_k), which the gguf package cannot write: llama.cpp's own quantizer makes them from the f16
-file, through llama-cpp-python when it is installed. The tokenizer travels in the file: byte-level BPE tokens,
-merges, token types and special ids, and the chat template when there is one.
+Tensors take llama.cpp's names (`blk.N.attn_q.weight`, ...) and the architecture llama.cpp knows the layout by
+(Mistral's is `llama`). Llama's and Mistral's query and key projections are permuted from Hugging Face's rotary
+layout (first half / second half of each head) to llama.cpp's (interleaved pairs), as llama.cpp's own converter
+does; Qwen and Gemma rotate halves in llama.cpp too and are written as they are. Gemma's norms are stored as w where
+the layer multiplies by 1 + w: llama.cpp wants 1 + w. GPT-2's Conv1D weights are transposed to [out, in]. Types:
+f32; f16 (norms and biases stay f32); the block types q8_0, q5_1, q5_0, q4_1 and q4_0 (blocks of 32 weights with
+f16 scales, written by the gguf package; tensors whose rows are not a multiple of 32 fall back to f16, as in
+llama.cpp); and the k-quants (q6_k ... q2_k), which the gguf package cannot write: llama.cpp's own quantizer makes
+them from the f16 file, through llama-cpp-python when it is installed. The tokenizer travels in the file: byte-level
+BPE tokens, merges, token types and special ids, and the chat template when there is one.
 
-`read_gguf` reads a file back into a Hugging Face state dict (dequantized, permutation undone): the export is
-verified by loading that into the model and comparing its logits with the source's.
+`read_gguf` reads a file back into a Hugging Face state dict (dequantized, layout undone): the export is verified by
+loading that into the model and comparing its logits with the source's.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import os
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +31,7 @@ import numpy as np
 import torch
 
 from llmkit.errors import UserError
+from llmkit.models import model_context
 
 BLOCK_TYPES = ("q8_0", "q5_1", "q5_0", "q4_1", "q4_0")  # written here, blocks of 32
 K_QUANTS = ("q6_k", "q5_k_m", "q5_k_s", "q4_k_m", "q4_k_s", "q3_k_m", "q3_k_s", "q2_k")  # llama.cpp's quantizer
@@ -41,6 +46,8 @@ _LAYER_NAMES = {
     "mlp.gate_proj": "ffn_gate",
     "mlp.up_proj": "ffn_up",
     "mlp.down_proj": "ffn_down",
+    "self_attn.q_norm": "attn_q_norm",  # Qwen3's per-head RMS norms of queries and keys
+    "self_attn.k_norm": "attn_k_norm",
 }
 _TOP_NAMES = {"model.embed_tokens": "token_embd", "model.norm": "output_norm", "lm_head": "output"}
 _GPT2_LAYER_NAMES = {
@@ -53,7 +60,30 @@ _GPT2_LAYER_NAMES = {
 }
 _GPT2_TOP_NAMES = {"transformer.wte": "token_embd", "transformer.wpe": "position_embd",
                    "transformer.ln_f": "output_norm", "lm_head": "output"}  # fmt: skip
-ARCHITECTURES = ("llama", "gpt2")
+
+
+@dataclass(frozen=True)
+class Layout:
+    """How one Hugging Face model type is written for llama.cpp."""
+
+    arch: str  # llama.cpp's name for the architecture (general.architecture, the prefix of its keys)
+    permute_rotary: bool  # q/k from half-split to interleaved rotary pairs
+    norm_offset: float = 0.0  # added to every RMS norm weight (Gemma: the layer multiplies by 1 + w)
+
+
+LAYOUTS = {
+    "llama": Layout("llama", permute_rotary=True),
+    "mistral": Layout("llama", permute_rotary=True),
+    "qwen2": Layout("qwen2", permute_rotary=False),
+    "qwen3": Layout("qwen3", permute_rotary=False),
+    "gemma": Layout("gemma", permute_rotary=False, norm_offset=1.0),
+    "gpt2": Layout("gpt2", permute_rotary=False),
+}
+ARCHITECTURES = tuple(LAYOUTS)
+
+
+def gguf_architecture(config: Any) -> str:
+    return LAYOUTS[config.model_type].arch
 
 
 def gguf_name(hf_name: str) -> str:
@@ -71,9 +101,15 @@ def gguf_name(hf_name: str) -> str:
 
 
 def _layout(hf_name: str, data: np.ndarray, config: Any, to_gguf: bool) -> np.ndarray:
-    """Hugging Face layout <-> llama.cpp's: rotary permutation (Llama q/k), [out, in] matrices (GPT-2's Conv1D)."""
+    """Hugging Face layout <-> llama.cpp's: rotary permutation (Llama q/k), norm offset (Gemma), [out, in] matrices
+    (GPT-2's Conv1D)."""
     if config.model_type == "gpt2":
         return data.T if data.ndim == 2 and hf_name.startswith("transformer.h.") else data
+    layout = LAYOUTS[config.model_type]
+    if layout.norm_offset and hf_name.endswith("norm.weight"):
+        return data + layout.norm_offset if to_gguf else data - layout.norm_offset
+    if not layout.permute_rotary:
+        return data
     permute = _rotary_permute if to_gguf else _rotary_unpermute
     if hf_name.endswith("q_proj.weight"):
         return permute(data, config.num_attention_heads)
@@ -96,10 +132,17 @@ def _rotary_unpermute(weight: np.ndarray, heads: int) -> np.ndarray:
 
 
 def check_gguf_supported(model: Any) -> None:
-    if getattr(model.config, "model_type", None) not in ARCHITECTURES:
+    config = model.config
+    if getattr(config, "model_type", None) not in ARCHITECTURES:
         raise UserError(
-            f"--format gguf writes Llama- and GPT-2-architecture models; this one is {model.config.model_type!r} "
+            f"--format gguf writes {', '.join(ARCHITECTURES)} models; this one is {config.model_type!r} "
             "(use --format hf or onnx)"
+        )
+    window = getattr(config, "sliding_window", None) if config.model_type == "mistral" else None
+    if getattr(config, "use_sliding_window", False) or (window is not None and window < model_context(config)):
+        raise UserError(
+            f"--format gguf: this {config.model_type} model attends through a sliding window, which llama.cpp's "
+            f"{gguf_architecture(config)} layout does not apply; use --format hf"
         )
     scaling = _rope_scaling(model.config)
     if scaling not in ("default", "linear", "yarn"):
@@ -123,7 +166,7 @@ def write_gguf(model: Any, tokenizer: Any, path: Path, kind: str, name: str) -> 
 
     check_gguf_supported(model)
     config = model.config
-    writer = gguf.GGUFWriter(str(path), config.model_type)
+    writer = gguf.GGUFWriter(str(path), gguf_architecture(config))
     writer.add_name(name)
     _add_hyperparameters(writer, config)
     file_type = "ALL_F32" if kind == "f32" else f"MOSTLY_{kind.upper()}"
@@ -166,7 +209,11 @@ def _add_hyperparameters(writer: Any, config: Any) -> None:
     writer.add_feed_forward_length(config.intermediate_size)
     writer.add_head_count(heads)
     writer.add_head_count_kv(kv_heads)
-    writer.add_rope_dimension_count(getattr(config, "head_dim", None) or config.hidden_size // heads)
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    writer.add_rope_dimension_count(head_dim)
+    if head_dim * heads != config.hidden_size:  # Qwen3, Gemma: heads sized apart from the width
+        writer.add_key_length(head_dim)
+        writer.add_value_length(head_dim)
     writer.add_layer_norm_rms_eps(config.rms_norm_eps)
     writer.add_rope_freq_base(float(getattr(config, "rope_theta", None) or _rope_theta(config)))
     scaling = _rope_scaling(config)
@@ -231,8 +278,9 @@ def _add_tokenizer(writer: Any, tokenizer: Any, model: Any) -> None:
     import gguf
 
     spec = json.loads(tokenizer.backend_tokenizer.to_str())
-    if spec["model"]["type"] != "BPE" or (spec.get("pre_tokenizer") or {}).get("type") != "ByteLevel":
+    if spec["model"]["type"] != "BPE":
         raise UserError("GGUF export: only byte-level BPE tokenizers are written (this one is not)")
+    pre = _pre_tokenizer_name(spec.get("pre_tokenizer") or {})
     rows = model.get_input_embeddings().weight.shape[0]
     vocab = tokenizer.get_vocab()
     by_id = {index: token for token, index in vocab.items()}
@@ -247,7 +295,7 @@ def _add_tokenizer(writer: Any, tokenizer: Any, model: Any) -> None:
             types.append(gguf.TokenType.UNUSED)
     merges = [" ".join(pair) if isinstance(pair, list) else pair for pair in spec["model"]["merges"]]
     writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre("gpt-2")  # llama.cpp's name for the GPT-2 split regex
+    writer.add_tokenizer_pre(pre)
     writer.add_token_list(tokens)
     writer.add_token_types(types)
     writer.add_token_merges(merges)
@@ -259,6 +307,57 @@ def _add_tokenizer(writer: Any, tokenizer: Any, model: Any) -> None:
     writer.add_add_bos_token(False)
     if getattr(tokenizer, "chat_template", None):
         writer.add_chat_template(tokenizer.chat_template)
+
+
+# The split rules llama.cpp knows by name (its `tokenizer.ggml.pre`), as tokenizers write them.
+_WORDS = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|"
+_REST = r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+_SPLIT_RULES = {_WORDS + r"\p{N}" + _REST: "qwen2", _WORDS + r"\p{N}{1,3}" + _REST: "llama-bpe"}  # digits: 1 or 1-3
+
+
+def _pre_tokenizer_name(pre: dict[str, Any]) -> str:
+    """llama.cpp's name for how the text is split before BPE: GPT-2's byte-level regex, or a known split rule
+    followed by byte-level mapping (Qwen2/Qwen3, Llama 3); anything else is refused rather than tokenized otherwise."""
+    if pre.get("type") == "ByteLevel" and pre.get("use_regex", True):
+        return "gpt-2"
+    steps = pre.get("pretokenizers", []) if pre.get("type") == "Sequence" else []
+    if len(steps) == 2 and steps[0].get("type") == "Split" and steps[1].get("type") == "ByteLevel":
+        rule = (steps[0].get("pattern") or {}).get("Regex", "")
+        if rule in _SPLIT_RULES:
+            return _SPLIT_RULES[rule]
+        raise UserError(f"GGUF export: the tokenizer splits text by a rule llama.cpp has no name for ({rule[:60]!r})")
+    raise UserError(f"GGUF export: the tokenizer's pre-tokenizer ({pre.get('type')}) is not byte-level BPE's")
+
+
+# llmkit's built-in chat templates (data/templates.py) in Ollama's Go template language.
+OLLAMA_TEMPLATES = {
+    "chatml": "{{- range .Messages }}<|im_start|>{{ .Role }}\n{{ .Content }}<|im_end|>\n{{ end }}"
+    "<|im_start|>assistant\n",
+    "llama3": "{{- range .Messages }}<|start_header_id|>{{ .Role }}<|end_header_id|>\n\n{{ .Content }}<|eot_id|>"
+    "{{ end }}<|start_header_id|>assistant<|end_header_id|>\n\n",
+    "alpaca": '{{- range .Messages }}{{ if eq .Role "system" }}{{ .Content }}\n\n'
+    '{{ else if eq .Role "user" }}### Instruction:\n{{ .Content }}\n\n'
+    "{{ else }}### Response:\n{{ .Content }}{eos}\n\n{{ end }}{{ end }}### Response:\n",
+}
+
+
+def ollama_modelfile(tokenizer: Any, stop_ids: list[int]) -> str:
+    """An Ollama Modelfile for `model.gguf` beside it: the chat template in Ollama's language when it is one of
+    llmkit's built-in ones, and the stop tokens the run generates until."""
+    from llmkit.data.templates import BUILTIN_TEMPLATES
+
+    lines = ["# Ollama: ollama create NAME -f Modelfile, then ollama run NAME", "FROM ./model.gguf"]
+    template = getattr(tokenizer, "chat_template", None)
+    name = next((n for n, (jinja, _, _) in BUILTIN_TEMPLATES.items() if jinja == template), None)
+    if name is not None:
+        body = OLLAMA_TEMPLATES[name].replace("{eos}", tokenizer.eos_token or "")
+        lines.append(f'TEMPLATE """{body}"""')
+    elif template:
+        lines.append("# TEMPLATE: this model's chat template is its own (in the GGUF's tokenizer.chat_template, which")
+        lines.append("# Ollama reads for templates it knows); for others write one: ollama's docs/template.md")
+    for token in dict.fromkeys(tokenizer.convert_ids_to_tokens(stop_ids)):
+        lines.append(f"PARAMETER stop {json.dumps(token)}")
+    return "\n".join(lines) + "\n"
 
 
 def read_gguf(path: Path, model: Any) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -283,7 +382,7 @@ def read_gguf(path: Path, model: Any) -> tuple[dict[str, torch.Tensor], dict[str
         "tokens": len(reader.fields["tokenizer.ggml.tokens"].data),
         "merges": len(reader.fields["tokenizer.ggml.merges"].data),
         "eos_token_id": _field(reader, "tokenizer.ggml.eos_token_id"),
-        "block_count": _field(reader, f"{config.model_type}.block_count"),
+        "block_count": _field(reader, f"{gguf_architecture(config)}.block_count"),
         "tensor_types": sorted(set(types.values())),
     }
     return state, metadata

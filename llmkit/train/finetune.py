@@ -26,10 +26,12 @@ from llmkit.models import (
     model_context,
     padded_vocab_size,
     place_weights,
+    trained_factors,
 )
 from llmkit.runs import find_tokenizer_dir, resolve_model_dir
 from llmkit.train.job import FitResult, TrainJob
 from llmkit.train.loop import fit
+from llmkit.train.optimizers import build_optimizer
 from llmkit.train.packing import ExampleLoader, TooFewRows
 from llmkit.train.resume import (
     find_checkpoint,
@@ -43,7 +45,6 @@ from llmkit.train.setup import (
     apply_float8,
     apply_kernels,
     autocast_precision,
-    build_optimizer,
     compute_dtype,
     describe_speedups,
     enable_gradient_checkpointing,
@@ -224,7 +225,10 @@ def _apply_method(
             from peft import set_peft_model_state_dict
             from safetensors.torch import load_file
 
-            set_peft_model_state_dict(model, load_file(checkpoint / "model" / "adapter_model.safetensors"))
+            weights = load_file(checkpoint / "model" / "adapter_model.safetensors")
+            if ft.lora.init != "default":  # saved converted for the original base; the base is rewritten again
+                weights = trained_factors(weights, ft.lora.r)
+            set_peft_model_state_dict(model, weights)
         return model
     if checkpoint is not None:
         from safetensors.torch import load_file

@@ -22,6 +22,7 @@ import yaml
 from llmkit.atomic import atomic_directory, write_json
 from llmkit.console import info, progress_bar
 from llmkit.errors import TrainingDiverged, UserError
+from llmkit.models import save_pretrained
 from llmkit.train import faults
 from llmkit.train.checkpoint import (
     DEEPSPEED_DIR,
@@ -162,7 +163,10 @@ def _train_step(job: TrainJob, run: _Run, trace: DataTrace) -> float:
     cfg, acc, optimizer = job.cfg, job.accelerator, job.optimizer
     lr = lr_at(run.step, job.total_steps, cfg.optimizer.lr, cfg.schedule)
     for group in optimizer.param_groups:
-        group["lr"] = lr * group.get("lr_scale", 1.0)
+        if isinstance(group["lr"], torch.Tensor):  # torchao's 8-bit AdamW keeps it as a tensor (no recompiles)
+            group["lr"].fill_(lr * group.get("lr_scale", 1.0))
+        else:
+            group["lr"] = lr * group.get("lr_scale", 1.0)
 
     # The micro-batches are fetched first so the loss can be normalized by the number of target tokens in the
     # whole step (exact under accumulation and across processes).
@@ -583,7 +587,7 @@ class _WithState:
         self.model, self.state_dict = model, state_dict
 
     def save_pretrained(self, path: Path, **kwargs: Any) -> None:
-        self.model.save_pretrained(path, state_dict=self.state_dict, **kwargs)
+        save_pretrained(self.model, path, state_dict=self.state_dict, **kwargs)
 
 
 def save_final_model(job: TrainJob) -> Path:
@@ -594,7 +598,7 @@ def save_final_model(job: TrainJob) -> Path:
     if acc.is_main_process:
         model = acc.unwrap_model(job.model)
         with atomic_directory(final_dir) as staging:
-            model.save_pretrained(staging, state_dict=state_dict, safe_serialization=True)
+            save_pretrained(model, staging, state_dict=state_dict, safe_serialization=True)
             job.tokenizer.save_pretrained(staging)
             if getattr(model, "peft_config", None) and getattr(model, "generation_config", None) is not None:
                 model.generation_config.save_pretrained(staging)  # adapters do not save it themselves

@@ -20,6 +20,7 @@ from llmkit.train.distill import cache_key, check_given_cache, check_teacher, pr
 from llmkit.train.job import FitResult, TrainJob
 from llmkit.train.loader import BlockLoader, validation_batches
 from llmkit.train.loop import fit
+from llmkit.train.optimizers import build_optimizer
 from llmkit.train.resume import (
     find_checkpoint,
     finished_run,
@@ -31,7 +32,6 @@ from llmkit.train.resume import (
 from llmkit.train.setup import (
     apply_float8,
     apply_kernels,
-    build_optimizer,
     describe_speedups,
     enable_gradient_checkpointing,
     language_model_loss,

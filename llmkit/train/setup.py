@@ -12,14 +12,13 @@ from typing import Any
 
 import torch
 
-from llmkit.config import OptimizerConfig, RunConfig, TrainConfig
+from llmkit.config import RunConfig, TrainConfig
 from llmkit.errors import UserError
 from llmkit.train.strategies import (
     check_available,
     compiles,
     deepspeed_config,
     fsdp_plugin,
-    offloads_optimizer,
     use_cuda,
     wants_deepspeed,
 )
@@ -270,44 +269,6 @@ def enable_gradient_checkpointing(model: Any) -> None:
         raise UserError(f"{type(model).__name__} does not support gradient checkpointing")
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.config.use_cache = False
-
-
-def build_optimizer(
-    model: Any, cfg: OptimizerConfig, accelerator: Any = None, lora_plus_ratio: float = 1.0
-) -> torch.optim.Optimizer:
-    """AdamW/Adam/SGD with weight decay on matrices only (not on norms and biases).
-
-    Each group carries `lr_scale`, the multiple of the schedule's learning rate it trains at: `lora_plus_ratio` for
-    LoRA's B matrices (LoRA+), 1 for everything else.
-
-    When DeepSpeed keeps optimizer states in CPU memory (the -offload strategies), Adam runs as DeepSpeed's
-    CPU Adam with the same hyperparameters (Accelerate's automatic swap would drop betas and epsilon).
-    """
-    kinds: dict[tuple[bool, float], list[torch.nn.Parameter]] = {(True, 1.0): [], (False, 1.0): []}
-    for name, parameter in model.named_parameters():
-        if parameter.requires_grad:
-            shape = getattr(parameter, "ds_shape", parameter.shape)  # ZeRO-3 parameters are built sharded (1-D)
-            scale = lora_plus_ratio if ".lora_B." in name else 1.0
-            kinds.setdefault((len(shape) >= 2, scale), []).append(parameter)
-    groups = [
-        {"params": params, "weight_decay": cfg.weight_decay if decays else 0.0, "lr": cfg.lr * scale, "lr_scale": scale}
-        for (decays, scale), params in kinds.items()
-    ]
-    if accelerator is not None and uses_deepspeed(accelerator):
-        ds_config = accelerator.state.deepspeed_plugin.deepspeed_config
-        if offloads_optimizer(ds_config):
-            if cfg.name == "sgd":
-                raise UserError("optimizer offload runs Adam on the CPU; use optimizer.name=adamw or adam")
-            from deepspeed.ops.adam import DeepSpeedCPUAdam
-
-            return DeepSpeedCPUAdam(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, adamw_mode=cfg.name == "adamw")
-    fused = True  # one fused kernel over all parameters, on CUDA and on CPU alike
-    if cfg.name == "adamw":
-        return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, fused=fused)
-    if cfg.name == "adam":
-        # Adam's weight decay is L2 added to the gradient (the classic form), unlike AdamW's decoupled decay.
-        return torch.optim.Adam(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, fused=fused)
-    return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum)
 
 
 def steps_for_budget(cfg: TrainConfig, batches_per_epoch: int, tokens_per_step: int) -> int:

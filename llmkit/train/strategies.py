@@ -101,6 +101,7 @@ def check_available(cfg: RunConfig, world_size: int = 1, finetuning: bool = Fals
 
     launched_world()  # a WORLD_SIZE that is not a count is one line here (Accelerate reads it with a traceback)
     compiles(cfg)  # refuses what cannot be compiled
+    check_optimizer(cfg, finetuning)
     if cfg.precision.dtype == "fp8":
         check_float8(cfg, finetuning)
     if cfg.distributed.strategy in ZERO_STAGES or cfg.distributed.deepspeed_config is not None:
@@ -109,6 +110,25 @@ def check_available(cfg: RunConfig, world_size: int = 1, finetuning: bool = Fals
                 f"distributed.strategy={cfg.distributed.strategy} needs DeepSpeed: pip install 'llmkit[deepspeed]'"
             )
         deepspeed_config(cfg, world_size)
+
+
+def check_optimizer(cfg: RunConfig, finetuning: bool) -> None:
+    """Optimizers that keep their own state run with DDP only; Muon trains whole matrices; 8-bit AdamW needs torchao."""
+    name = cfg.optimizer.name
+    if name in ("adamw8bit", "muon") and cfg.distributed.strategy != "ddp":
+        raise UserError(
+            f"optimizer.name={name} keeps its own state layout, which distributed.strategy="
+            f"{cfg.distributed.strategy} cannot shard; use distributed.strategy=ddp or optimizer.name=adamw"
+        )
+    if finetuning and cfg.finetune.method == "qlora" and cfg.finetune.lora.init != "default":
+        raise UserError(
+            f"finetune.lora.init={cfg.finetune.lora.init} rewrites the base weights, which qlora keeps in 4 bits; "
+            "use method lora, or init=default"
+        )
+    if name == "muon" and finetuning and cfg.finetune.method in ("lora", "qlora"):
+        raise UserError("optimizer.name=muon orthogonalizes whole weight matrices, not LoRA's thin factors; use adamw")
+    if name == "adamw8bit" and importlib.util.find_spec("torchao") is None:
+        raise UserError("optimizer.name=adamw8bit needs torchao: pip install 'llmkit[gpu]' (it runs on CPU too)")
 
 
 def check_float8(cfg: RunConfig, finetuning: bool) -> None:

@@ -174,3 +174,36 @@ def test_fp8_on_the_gpu_follows_bf16_or_is_refused_before_ada(tiny_dataset: Path
                              if "loss" in json.loads(line)]  # fmt: skip
     assert curves["bf16"][-1] < curves["bf16"][0] - 1.0
     assert curves["fp8"] == pytest.approx(curves["bf16"], rel=2e-2)
+
+
+def test_a_mixture_of_experts_compiles_on_the_gpu_with_its_balancing_loss() -> None:
+    """The CPU suite traces the MoE step with aot_eager; on the GPU the default is inductor in bf16."""
+    from contextlib import nullcontext
+
+    import torch
+
+    from llmkit.train.job import next_token_loss
+    from llmkit.train.step import MicroStep, router_balance
+    from tests.test_moe import padded_batch, tiny_mixtral
+
+    model = tiny_mixtral().cuda()
+    batch = {k: v.cuda() for k, v in padded_batch([17, 30, 9]).items()}
+    router = router_balance(model)
+    assert router is not None
+    step = MicroStep(next_token_loss, nullcontext, "inductor", fixed_shapes=False, router=router.attach())
+    total, targets = step(model, batch)
+    own = model(input_ids=batch["input_ids"], attention_mask=batch["token_mask"].long(),
+                position_ids=batch["position_ids"], labels=batch["labels"], output_router_logits=True)  # fmt: skip
+    torch.testing.assert_close(total / targets, own.loss, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["adamw8bit", "muon"])
+def test_the_leaner_optimizers_on_the_gpu(name: str, tiny_dataset: Path, tmp_path: Path) -> None:
+    out = tmp_path / name
+    result = run_cli("pretrain", *tiny_train_args(tiny_dataset, out, steps=20), "--precision", "bf16",
+                     "--set", f"optimizer.name={name}", "--set", "optimizer.momentum=0.95")  # fmt: skip
+    assert result.exit_code == 0, result.stderr + result.stdout
+    losses = [json.loads(line)["val_loss"] for line in (out / "metrics.jsonl").read_text().splitlines()
+              if "val_loss" in line]  # fmt: skip
+    assert losses[-1] < losses[0] and math.isfinite(losses[-1])
+    plain_load(out / "final")

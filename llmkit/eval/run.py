@@ -41,20 +41,13 @@ def evaluate_model(
     not after the evaluation, and never names an input."""
     from llmkit.data.task_files import load_task_files
     from llmkit.eval.exported import export_format, runtime_name
-    from llmkit.eval.gates import check_gates, check_regressions, checks_as_dicts, read_baseline
+    from llmkit.eval.gates import read_baseline
     from llmkit.eval.tasks import flat_metrics, run_tasks
     from llmkit.runs import resolve_model_dir
 
-    if data is None and not task_files and not harness:
-        raise UserError("nothing to evaluate: give --data, --tasks or --harness")
-    if task not in EVAL_TASKS:
-        raise UserError(f"--task {task}: choose one of {', '.join(EVAL_TASKS)}")
-    if (task == "reward" or scores is not None) and data is None:
-        raise UserError("--task reward and --scores need --data: the pairs or candidates to score")
-    for name, value, least in (("--batch-size", batch_size, 1), ("--seq-len", seq_len, 2),
-                               ("--max-batches", max_batches, 1), ("--limit", limit, 1)):  # fmt: skip
-        if value is not None and value < least:
-            raise UserError(f"{name} {value}: must be at least {least}")
+    _check_request(data is not None, bool(task_files or harness), task, scores is not None,
+                   {"--batch-size": (batch_size, 1), "--seq-len": (seq_len, 2), "--max-batches": (max_batches, 1),
+                    "--limit": (limit, 1)})  # fmt: skip
     check_report_paths([*(reports or []), *([scores] if scores else [])], [model, data, baseline, *(task_files or [])])
     task_specs, file_gates = load_task_files(list(task_files or []))  # bad task files fail before the model loads
     old_metrics = read_baseline(baseline) if baseline is not None else None
@@ -79,14 +72,41 @@ def evaluate_model(
         result["harness"] = run_harness(model_dir, harness, batch_size, limit)
         metrics.update(flat_metrics({f"harness.{name}": values for name, values in result["harness"].items()}))
 
-    gate_checks = check_gates([*file_gates, *(gates or [])], metrics)
-    regressions = check_regressions(metrics, old_metrics, max_regression) if old_metrics is not None else []
-    result.update(
-        metrics=metrics, gates=checks_as_dicts(gate_checks), regressions=checks_as_dicts(regressions),
-        baseline=str(baseline) if baseline else None, baseline_metrics=old_metrics,
-        passed=all(c.passed for c in gate_checks + regressions),
-    )  # fmt: skip
+    result.update(_judge(metrics, [*file_gates, *(gates or [])], old_metrics, baseline, max_regression))
     return result
+
+
+def _judge(
+    metrics: dict[str, float],
+    gates: list[str],
+    old_metrics: dict[str, float] | None,
+    baseline: Path | None,
+    max_regression: float,
+) -> dict[str, Any]:
+    """The gates and regression checks on the metrics, and whether all passed."""
+    from llmkit.eval.gates import check_gates, check_regressions, checks_as_dicts
+
+    gate_checks = check_gates(gates, metrics)
+    regressions = check_regressions(metrics, old_metrics, max_regression) if old_metrics is not None else []
+    return {
+        "metrics": metrics, "gates": checks_as_dicts(gate_checks), "regressions": checks_as_dicts(regressions),
+        "baseline": str(baseline) if baseline else None, "baseline_metrics": old_metrics,
+        "passed": all(c.passed for c in gate_checks + regressions),
+    }  # fmt: skip
+
+
+def _check_request(data: bool, tasks: bool, task: str, scores: bool, counts: dict[str, tuple[int | None, int]]) -> None:
+    """What was asked, checked before anything loads: something to evaluate, a known --task, counts at least their
+    least."""
+    if not data and not tasks:
+        raise UserError("nothing to evaluate: give --data, --tasks or --harness")
+    if task not in EVAL_TASKS:
+        raise UserError(f"--task {task}: choose one of {', '.join(EVAL_TASKS)}")
+    if (task == "reward" or scores) and not data:
+        raise UserError("--task reward and --scores need --data: the pairs or candidates to score")
+    for name, (value, least) in counts.items():
+        if value is not None and value < least:
+            raise UserError(f"{name} {value}: must be at least {least}")
 
 
 def _evaluate_data(

@@ -63,25 +63,7 @@ def export_model(
     push_to_hub: str | None = None,
     public: bool = False,
 ) -> dict[str, Any]:
-    if ladder and (fmt != "gguf" or dtype is not None or quantize):
-        raise UserError("--ladder measures every GGUF level and keeps one: pass --format gguf and no --dtype")
-    if fmt not in FORMATS:
-        raise UserError(f"--format {fmt}: choose one of {', '.join(FORMATS)}")
-    dtype = dtype or DEFAULT_DTYPE[fmt]
-    if dtype not in FORMATS[fmt]:
-        raise UserError(f"--dtype {dtype}: --format {fmt} takes {', '.join(FORMATS[fmt])}")
-    if quantize not in (None, "int8", "int4"):
-        raise UserError(f"--quantize {quantize}: choose int8 or int4; GGUF levels are --dtype q8_0 ... q4_0")
-    if (quantize and fmt == "gguf") or (quantize == "int4" and fmt != "hf"):
-        raise UserError("--quantize int8 applies to --format hf (torchao) and onnx, int4 to --format hf "
-                        "(bitsandbytes NF4); GGUF has --dtype q8_0 ... q4_0")  # fmt: skip
-    if quantize and fmt == "hf":
-        _check_quantizer(quantize, dtype)
-    if fmt == "gguf" and dtype in K_QUANTS and llama_cpp_missing():
-        raise UserError(f"--dtype {dtype}: {llama_cpp_missing()}; q8_0, q5_1, q5_0, q4_1 and q4_0 need nothing more")
-    for key, value in (tolerance or {}).items():  # checked where they enter, before any work
-        if value is not None and (not 0 <= value < float("inf") or (key == "min_greedy_agreement" and value > 1)):
-            raise UserError(f"--{key.replace('_', '-')} {value}: must be a finite number >= 0 (an agreement at most 1)")
+    dtype = _check_request(fmt, dtype, quantize, ladder, tolerance)
     out = Path(out)
     model_dir = resolve_model_dir(source)
     refuse_scoring_model(model_dir, "exported yet (its scoring head would be lost)")
@@ -107,6 +89,36 @@ def export_model(
         url = push_folder(out, push_to_hub, private=not public)
         report["pushed"] = {"repo": push_to_hub, "private": not public, "commit": url}
     return report
+
+
+def _check_request(
+    fmt: str, dtype: str | None, quantize: str | None, ladder: bool, tolerance: dict[str, float | None] | None
+) -> str:
+    """The format, precision, quantizer and tolerances asked for, checked before any work; the dtype to write."""
+    if ladder and (fmt != "gguf" or dtype is not None or quantize):
+        raise UserError("--ladder measures every GGUF level and keeps one: pass --format gguf and no --dtype")
+    if fmt not in FORMATS:
+        raise UserError(f"--format {fmt}: choose one of {', '.join(FORMATS)}")
+    dtype = dtype or DEFAULT_DTYPE[fmt]
+    if dtype not in FORMATS[fmt]:
+        raise UserError(f"--dtype {dtype}: --format {fmt} takes {', '.join(FORMATS[fmt])}")
+    if quantize not in (None, "int8", "int4"):
+        raise UserError(f"--quantize {quantize}: choose int8 or int4; GGUF levels are --dtype q8_0 ... q4_0")
+    if (quantize and fmt == "gguf") or (quantize == "int4" and fmt != "hf"):
+        raise UserError("--quantize int8 applies to --format hf (torchao) and onnx, int4 to --format hf "
+                        "(bitsandbytes NF4); GGUF has --dtype q8_0 ... q4_0")  # fmt: skip
+    if quantize and fmt == "hf":
+        _check_quantizer(quantize, dtype)
+    if fmt == "gguf" and dtype in K_QUANTS and llama_cpp_missing():
+        raise UserError(f"--dtype {dtype}: {llama_cpp_missing()}; q8_0, q5_1, q5_0, q4_1 and q4_0 need nothing more")
+    _check_tolerance(tolerance or {})
+    return dtype
+
+
+def _check_tolerance(tolerance: dict[str, float | None]) -> None:
+    for key, value in tolerance.items():  # checked where they enter, before any work
+        if value is not None and (not 0 <= value < float("inf") or (key == "min_greedy_agreement" and value > 1)):
+            raise UserError(f"--{key.replace('_', '-')} {value}: must be a finite number >= 0 (an agreement at most 1)")
 
 
 def _export(

@@ -98,23 +98,7 @@ def summarize(records: list[dict[str, Any]]) -> dict[str, float]:
 
 def scrape(url: str) -> dict[str, float]:
     """The same figures from one scrape of /metrics: counts since the server started, estimated percentiles."""
-    from prometheus_client.parser import text_string_to_metric_families
-
-    try:
-        with urllib.request.urlopen(url, timeout=10) as response:
-            body = response.read(16 * 2**20)
-    except (OSError, ValueError) as exc:  # ValueError: not a URL urllib can open
-        raise UserError(f"{url}: cannot read the metrics ({shorten(str(exc), 200)}); is `llmkit serve` running "
-                        "there?") from None  # fmt: skip
-    samples: dict[str, list[Any]] = {}
-    try:
-        for metric_family in text_string_to_metric_families(body.decode("utf-8")):
-            for sample in metric_family.samples:
-                samples.setdefault(sample.name, []).append(sample)
-    except ValueError:  # undecodable bytes or text that is not Prometheus' format (an HTML page, ...)
-        samples = {}
-    if "llmkit_requests_total" not in samples and "llmkit_model_loaded" not in samples:
-        raise UserError(f"{url}: not the /metrics of `llmkit serve`")
+    samples = _read_samples(url)
     by_status: dict[int, float] = {}
     for sample in samples.get("llmkit_requests_total", []):
         status = int(sample.labels["status"])
@@ -145,11 +129,31 @@ def scrape(url: str) -> dict[str, float]:
         for sample in samples.get(f"{family}_bucket", []):
             bound = float(sample.labels["le"])
             buckets[bound] = buckets.get(bound, 0) + sample.value  # summed over endpoints
-        for q in QUANTILES:
-            value = bucket_quantile(q / 100, sorted(buckets.items()))
-            if value is not None:
-                metrics[f"p{q}_{name}_s"] = value
+        quantiles = {q: bucket_quantile(q / 100, sorted(buckets.items())) for q in QUANTILES}
+        metrics.update({f"p{q}_{name}_s": value for q, value in quantiles.items() if value is not None})
     return metrics
+
+
+def _read_samples(url: str) -> dict[str, list[Any]]:
+    """The samples of one scrape by name; one line when the URL cannot be read or is not llmkit's /metrics."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    try:
+        with urllib.request.urlopen(url, timeout=10) as response:
+            body = response.read(16 * 2**20)
+    except (OSError, ValueError) as exc:  # ValueError: not a URL urllib can open
+        raise UserError(f"{url}: cannot read the metrics ({shorten(str(exc), 200)}); is `llmkit serve` running "
+                        "there?") from None  # fmt: skip
+    samples: dict[str, list[Any]] = {}
+    try:
+        for metric_family in text_string_to_metric_families(body.decode("utf-8")):
+            for sample in metric_family.samples:
+                samples.setdefault(sample.name, []).append(sample)
+    except ValueError:  # undecodable bytes or text that is not Prometheus' format (an HTML page, ...)
+        samples = {}
+    if "llmkit_requests_total" not in samples and "llmkit_model_loaded" not in samples:
+        raise UserError(f"{url}: not the /metrics of `llmkit serve`")
+    return samples
 
 
 def bucket_quantile(q: float, buckets: list[tuple[float, float]]) -> float | None:

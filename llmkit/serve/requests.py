@@ -120,67 +120,93 @@ def parse_body(body: Any, chat: bool) -> Body:
     """Check a decoded JSON body for /v1/chat/completions (chat) or /v1/completions."""
     if not isinstance(body, dict):
         raise BadRequest("the request body must be a JSON object")
-    allowed = CHAT if chat else COMPLETION
     for key in body:
-        if key not in allowed:
+        if key not in (CHAT if chat else COMPLETION):
             raise BadRequest(f"unsupported parameter '{key}': llmkit serve does not implement it", key)
     model = body.get("model")
     if not isinstance(model, str) or not model:
         raise BadRequest("'model' is required: the name /v1/models lists", "model")
     parsed = Body(chat=chat, model=model)
     if chat:
-        messages = body.get("messages")
-        if not isinstance(messages, list) or not messages:
-            raise BadRequest("'messages' must be a non-empty list of {role, content}", "messages")
-        for i, message in enumerate(messages):
-            if not isinstance(message, dict) or message.get("role") not in ROLES:
-                raise BadRequest(f"'messages[{i}].role' must be one of {', '.join(ROLES)}", f"messages[{i}].role")
-            unknown = set(message) - {"role", "content", "name"}
-            if unknown:
-                key = sorted(unknown)[0]
-                raise BadRequest(f"unsupported parameter 'messages[{i}].{key}'", f"messages[{i}].{key}")
-            content = _text(message.get("content"), f"messages[{i}].content")
-            parsed.messages.append({"role": message["role"], "content": content})
+        parsed.messages = _messages(body.get("messages"))
     else:
-        prompt = body.get("prompt")
-        if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
-            prompt = prompt[0]  # one prompt in a list, as some clients send it
-        if not isinstance(prompt, str):
-            raise BadRequest("'prompt' must be a string (one prompt per request)", "prompt")
-        parsed.prompt = _unicode(prompt, "prompt")
+        parsed.prompt = _prompt(body.get("prompt"))
+    parsed.max_tokens = _max_tokens(body)
+    _refuse_unimplemented(body)
+    parsed.temperature, parsed.top_p, parsed.top_k = _sampling(body)
+    parsed.stop = _stops(body.get("stop"))
+    parsed.stream, parsed.ignore_eos, parsed.include_usage = _flags(body)
+    if body.get("user") is not None and not isinstance(body["user"], str):
+        raise BadRequest("'user' must be a string", "user")
+    return parsed
+
+
+def _messages(messages: Any) -> list[dict[str, str]]:
+    if not isinstance(messages, list) or not messages:
+        raise BadRequest("'messages' must be a non-empty list of {role, content}", "messages")
+    checked = []
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict) or message.get("role") not in ROLES:
+            raise BadRequest(f"'messages[{i}].role' must be one of {', '.join(ROLES)}", f"messages[{i}].role")
+        unknown = set(message) - {"role", "content", "name"}
+        if unknown:
+            key = sorted(unknown)[0]
+            raise BadRequest(f"unsupported parameter 'messages[{i}].{key}'", f"messages[{i}].{key}")
+        checked.append({"role": message["role"], "content": _text(message.get("content"), f"messages[{i}].content")})
+    return checked
+
+
+def _prompt(prompt: Any) -> str:
+    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
+        prompt = prompt[0]  # one prompt in a list, as some clients send it
+    if not isinstance(prompt, str):
+        raise BadRequest("'prompt' must be a string (one prompt per request)", "prompt")
+    return _unicode(prompt, "prompt")
+
+
+def _max_tokens(body: dict[str, Any]) -> int | None:
     key = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
-    parsed.max_tokens = _integer(body, key)
-    if parsed.max_tokens is not None and parsed.max_tokens < 1:
-        raise BadRequest(f"'{key}' must be at least 1, got {parsed.max_tokens}", key)
+    value = _integer(body, key)
+    if value is not None and value < 1:
+        raise BadRequest(f"'{key}' must be at least 1, got {value}", key)
+    return value
+
+
+def _refuse_unimplemented(body: dict[str, Any]) -> None:
+    """OpenAI fields llmkit accepts only at the value that changes nothing."""
     if _integer(body, "n") not in (None, 1):
         raise BadRequest("'n' must be 1: send one request per answer", "n")
     for penalty in ("presence_penalty", "frequency_penalty"):
         if _number(body, penalty, -2, 2, 0.0) != 0:
             raise BadRequest(f"unsupported parameter '{penalty}': only 0 is implemented", penalty)
-    parsed.temperature = _number(body, "temperature", 0, 2, 1.0)
-    if parsed.temperature < GREEDY_BELOW:
-        parsed.temperature = 0.0
-    parsed.top_p = _number(body, "top_p", 0, 1, 1.0)
-    if parsed.top_p == 0:
+
+
+def _sampling(body: dict[str, Any]) -> tuple[float, float, int]:
+    """(temperature, top_p, top_k) as the engine takes them: greedy below 1e-5, top_k 0 for the whole vocabulary."""
+    temperature = _number(body, "temperature", 0, 2, 1.0)
+    top_p = _number(body, "top_p", 0, 1, 1.0)
+    if top_p == 0:
         raise BadRequest("'top_p' must be above 0", "top_p")
     top_k = _integer(body, "top_k")
     if top_k is not None and top_k < -1:
         raise BadRequest("'top_k' must be -1 or 0 (all tokens) or a positive count", "top_k")
-    parsed.top_k = max(top_k or 0, 0)
-    stop = body.get("stop")
+    return (0.0 if temperature < GREEDY_BELOW else temperature), top_p, max(top_k or 0, 0)
+
+
+def _stops(stop: Any) -> list[str]:
     stops = [stop] if isinstance(stop, str) else stop if stop is not None else []
     if not isinstance(stops, list) or len(stops) > 4 or not all(isinstance(s, str) and s for s in stops):
         raise BadRequest("'stop' must be a string or a list of at most 4 non-empty strings", "stop")
-    parsed.stop = [_unicode(stop, "stop") for stop in stops]
+    return [_unicode(stop, "stop") for stop in stops]
+
+
+def _flags(body: dict[str, Any]) -> tuple[bool, bool, bool]:
+    """(stream, ignore_eos, include_usage)."""
     for flag in ("stream", "ignore_eos"):
         if not isinstance(body.get(flag, False), bool):
             raise BadRequest(f"'{flag}' must be true or false", flag)
-    parsed.stream, parsed.ignore_eos = bool(body.get("stream")), bool(body.get("ignore_eos"))
+    stream = bool(body.get("stream"))
     options = body.get("stream_options")
-    if options is not None:
-        if not isinstance(options, dict) or set(options) - {"include_usage"} or not parsed.stream:
-            raise BadRequest("'stream_options' takes only include_usage, with stream true", "stream_options")
-        parsed.include_usage = bool(options.get("include_usage"))
-    if body.get("user") is not None and not isinstance(body["user"], str):
-        raise BadRequest("'user' must be a string", "user")
-    return parsed
+    if options is not None and (not isinstance(options, dict) or set(options) - {"include_usage"} or not stream):
+        raise BadRequest("'stream_options' takes only include_usage, with stream true", "stream_options")
+    return stream, bool(body.get("ignore_eos")), bool((options or {}).get("include_usage"))

@@ -18,7 +18,7 @@ from llmkit.data.readers import resolve_sources
 from llmkit.data.templates import setup_chat_template
 from llmkit.data.tokenizer import load_tokenizer, tokenizer_hash
 from llmkit.errors import UserError
-from llmkit.flops import count_parameters, model_flops_per_token
+from llmkit.flops import count_parameters
 from llmkit.models import (
     attach_lora,
     check_rope_applied,
@@ -29,18 +29,14 @@ from llmkit.models import (
     trained_factors,
 )
 from llmkit.runs import find_tokenizer_dir, resolve_model_dir
-from llmkit.train.job import FitResult, TrainJob
-from llmkit.train.loop import fit
-from llmkit.train.optimizers import build_optimizer
+from llmkit.train.job import FitResult
 from llmkit.train.packing import ExampleLoader, TooFewRows
 from llmkit.train.resume import (
     find_checkpoint,
-    finished_run,
-    open_run_dir,
     own_run_dir,
-    restore_state,
     run_fingerprints,
 )
+from llmkit.train.run import Found, Parts, train
 from llmkit.train.setup import (
     apply_float8,
     apply_kernels,
@@ -49,7 +45,6 @@ from llmkit.train.setup import (
     describe_speedups,
     enable_gradient_checkpointing,
     make_accelerator,
-    steps_for_budget,
 )
 from llmkit.train.step import router_balance
 from llmkit.train.strategies import use_cuda
@@ -113,20 +108,7 @@ def _finetune(
 
     set_seed(cfg.train.seed)
     source = base_dir.resolve() if base_dir.exists() else str(cfg.model.init_from)
-    model = task.load_model(source, cfg, token, data, tokenizer)
-    router_balance(model)  # a mixture of experts whose balancing loss is unknown: refused before anything is written
-    check_rope_applied(model, cfg, f"--task {ft.task}" + (" with --method qlora" if ft.method == "qlora" else ""))
-    context = model_context(model)
-    if context and ft.max_length > context:
-        raise UserError(
-            f"finetune.max_length {ft.max_length} exceeds the context of {cfg.model.init_from} ({context} tokens); "
-            f"pass --max-length {context} or less, or extend the context with model.rope_scaling and model.rope_factor"
-        )
-    if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
-        model.resize_token_embeddings(padded_vocab_size(len(tokenizer)))
-    if chat is not None and getattr(model, "generation_config", None) is not None:  # generative models only
-        model.generation_config.eos_token_id = list(chat.stop_token_ids)
-        model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model = _load_base(task.load_model(source, cfg, token, data, tokenizer), cfg, tokenizer, chat)
     if cfg.train.gradient_checkpointing:
         enable_gradient_checkpointing(model)
     liger = apply_kernels(model, cfg) if task.kernels else False
@@ -150,66 +132,68 @@ def _finetune(
             + " or add data"
         ) from None
     tokens_per_step = micro * cfg.train.grad_accum_steps * world * row_length  # an upper bound, for budgets
-    total_steps = steps_for_budget(cfg.train, loader.batches_per_epoch, tokens_per_step)
-    done = finished_run(Path(cfg.out_dir), saved_state, total_steps)
-    if done is not None:
-        return done
 
-    run_dir, config_yaml = open_run_dir(cfg, checkpoint, resume, overwrite, accelerator, tokenizer)
-    objective = task.objective(model, accelerator, data, cfg, liger)
-    lora_plus = ft.lora.plus_ratio if ft.method in ("lora", "qlora") else 1.0
-    optimizer = build_optimizer(model, cfg.optimizer, accelerator, lora_plus)
-    model, optimizer = accelerator.prepare(model, optimizer)
-    task.prepare(model, accelerator, data, run_dir, checkpoint is not None, cfg, collate)
-    val_batches = _validation_batches(data.val, micro, cfg.train.eval_batches, collate)
-    resume_state = None
-    if checkpoint is not None and saved_state is not None:
-        resume_state = restore_state(checkpoint, saved_state, model, optimizer, loader, accelerator)
+    def objective(run_dir: Path) -> tuple[dict[str, Any], Any]:
+        return task.objective(model, accelerator, data, cfg, liger), loader
 
-    if accelerator.is_main_process:
-        trainable, total = count_parameters(model)
-        efficiency = loader.efficiency()
-        info(
-            f"finetune {ft.task} ({ft.method}): {total / 1e6:.2f}M parameters, {trainable / 1e6:.3f}M trainable "
-            f"({trainable / total:.2%}); format {data.fmt}, {task.describe(data, chat)}; {len(data.train):,} train / "
-            f"{len(data.val):,} val examples ({data.truncated} truncated to {ft.max_length}); "
-            f"{'packing' if loader.packing else 'padding'} efficiency {efficiency:.3f} (real tokens / slots); "
-            f"{total_steps:,} steps on {world} process(es){speedups}"
-            + (
-                f"; frozen weights {weight_bytes['frozen_bytes'] / 2**30:.2f} GiB in {autocast_precision(cfg)}"
-                if weight_bytes.get("frozen_bytes")
-                else ""
-            )
-        )
-        if resume_state is not None:
-            info(f"resuming from {checkpoint} at step {resume_state.step:,} of {total_steps:,}")
-        (run_dir / "data_stats.json").write_text(json.dumps({
-            "task": ft.task, "format": data.fmt, **task.stats(data, chat), "train_examples": len(data.train),
-            "val_examples": len(data.val), "truncated": data.truncated, "packing": loader.packing,
-            "efficiency": efficiency, "trainable_parameters": trainable, "total_parameters": total, **weight_bytes,
-        }, indent=2) + "\n")  # fmt: skip
+    def prepare(prepared: Any, run_dir: Path) -> None:
+        task.prepare(prepared, accelerator, data, run_dir, checkpoint is not None, cfg, collate)
 
-    job = TrainJob(
-        cfg=cfg,
-        run_dir=run_dir,
-        accelerator=accelerator,
-        model=model,
-        optimizer=optimizer,
-        loader=loader,
-        val_batches=val_batches,
-        total_steps=total_steps,
-        tokens_per_step=tokens_per_step,
-        flops_per_token=model_flops_per_token(
-            accelerator.unwrap_model(model), ft.max_length, cfg.train.gradient_checkpointing
-        ),
-        tokenizer=tokenizer,
-        config_yaml=config_yaml,
-        fingerprints=fingerprints,
-        resume=resume_state,
+    def announce(prepared: Any, run_dir: Path, total_steps: int, val_batches: list[dict[str, Any]]) -> None:
+        _announce(cfg, task, data, chat, prepared, loader, run_dir, total_steps, weight_bytes, world, speedups)
+
+    parts = Parts(
+        model, loader, loader.batches_per_epoch, tokens_per_step, ft.max_length, objective,
+        lambda: _validation_batches(data.val, micro, cfg.train.eval_batches, collate), announce, prepare,
+        lora_plus_ratio=ft.lora.plus_ratio if ft.method in ("lora", "qlora") else 1.0,
         fixed_shapes=False,  # rows of any length
-        **objective,
+    )  # fmt: skip
+    return train(cfg, accelerator, tokenizer, Found(fingerprints, checkpoint, saved_state), resume, overwrite, parts)
+
+
+def _announce(cfg: RunConfig, task: Task, data: TaskData, chat: Any, model: Any, loader: Any, run_dir: Path,
+              total_steps: int, weight_bytes: dict[str, int], world: int, speedups: str) -> None:  # fmt: skip
+    """The run's one-line summary, and RUN/data_stats.json."""
+    ft = cfg.finetune
+    trainable, total = count_parameters(model)
+    efficiency = loader.efficiency()
+    info(
+        f"finetune {ft.task} ({ft.method}): {total / 1e6:.2f}M parameters, {trainable / 1e6:.3f}M trainable "
+        f"({trainable / total:.2%}); format {data.fmt}, {task.describe(data, chat)}; {len(data.train):,} train / "
+        f"{len(data.val):,} val examples ({data.truncated} truncated to {ft.max_length}); "
+        f"{'packing' if loader.packing else 'padding'} efficiency {efficiency:.3f} (real tokens / slots); "
+        f"{total_steps:,} steps on {world} process(es){speedups}"
+        + (
+            f"; frozen weights {weight_bytes['frozen_bytes'] / 2**30:.2f} GiB in {autocast_precision(cfg)}"
+            if weight_bytes.get("frozen_bytes")
+            else ""
+        )
     )
-    return fit(job)
+    (run_dir / "data_stats.json").write_text(json.dumps({
+        "task": ft.task, "format": data.fmt, **task.stats(data, chat), "train_examples": len(data.train),
+        "val_examples": len(data.val), "truncated": data.truncated, "packing": loader.packing,
+        "efficiency": efficiency, "trainable_parameters": trainable, "total_parameters": total, **weight_bytes,
+    }, indent=2) + "\n")  # fmt: skip
+
+
+def _load_base(model: Any, cfg: RunConfig, tokenizer: Any, chat: Any) -> Any:
+    """The loaded base, checked against the run (a mixture of experts' balancing loss, a RoPE extension, the
+    length) before anything is written, its embedding grown to the tokenizer, generating until the chat's ends."""
+    ft = cfg.finetune
+    router_balance(model)  # a mixture of experts whose balancing loss is unknown is refused
+    check_rope_applied(model, cfg, f"--task {ft.task}" + (" with --method qlora" if ft.method == "qlora" else ""))
+    context = model_context(model)
+    if context and ft.max_length > context:
+        raise UserError(
+            f"finetune.max_length {ft.max_length} exceeds the context of {cfg.model.init_from} ({context} tokens); "
+            f"pass --max-length {context} or less, or extend the context with model.rope_scaling and model.rope_factor"
+        )
+    if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
+        model.resize_token_embeddings(padded_vocab_size(len(tokenizer)))
+    if chat is not None and getattr(model, "generation_config", None) is not None:  # generative models only
+        model.generation_config.eos_token_id = list(chat.stop_token_ids)
+        model.generation_config.pad_token_id = tokenizer.pad_token_id
+    return model
 
 
 def _apply_method(

@@ -66,28 +66,36 @@ def relaunch(
         raise UserError("--num-machines > 1 needs --main-process-ip (the address of machine rank 0)")
     command = [sys.executable, "-m", "accelerate.commands.launch"]
     if accelerate_config is not None:
-        command += ["--config_file", str(accelerate_config)]
         given = {"--num_processes": num_processes and processes * machines, "--num_machines": num_machines,
                  "--machine_rank": machine_rank, "--main_process_ip": main_process_ip,
                  "--main_process_port": main_process_port}  # fmt: skip
+        command += ["--config_file", str(accelerate_config)]
         command += [str(part) for name, value in given.items() if value is not None for part in (name, value)]
     else:
-        # --multi_gpu also serves CPU runs: llmkit's Accelerator picks gloo when there is no GPU. DeepSpeed
-        # is configured by llmkit itself (the strategy's file), so the launcher only starts the processes;
-        # a single process is started in DeepSpeed's or FSDP's launcher mode (--multi_gpu wants two or more).
-        single = processes * machines == 1
-        command += [
-            (single_process_launch or "--multi_gpu") if single else "--multi_gpu",
-            "--num_processes", str(processes * machines),
-            "--num_machines", str(machines),
-            "--machine_rank", str(machine_rank or 0), "--mixed_precision", "no", "--dynamo_backend", "no",
-            "--main_process_port", str(main_process_port or 29500),
-        ]  # fmt: skip
-        if main_process_ip:
-            command += ["--main_process_ip", main_process_ip]
+        command += _launch_options(processes, machines, machine_rank, main_process_ip, main_process_port,
+                                   single_process_launch)  # fmt: skip
     command += ["-m", "llmkit", *strip_launch_options(argv)]
     print(f"launching {processes * machines} process(es): {' '.join(command[2:])}", file=sys.stderr, flush=True)
     return run_launcher(command, {"CUDA_VISIBLE_DEVICES": "", "DS_ACCELERATOR": "cpu"} if cpu else {})
+
+
+def _launch_options(
+    processes: int, machines: int, machine_rank: int | None, main_process_ip: str | None,
+    main_process_port: int | None, single_process_launch: str | None,
+) -> list[str]:  # fmt: skip
+    """accelerate launch's options without a config file. --multi_gpu also serves CPU runs: llmkit's Accelerator
+    picks gloo when there is no GPU. DeepSpeed is configured by llmkit itself (the strategy's file), so the launcher
+    only starts the processes; a single process is started in DeepSpeed's or FSDP's launcher mode (--multi_gpu
+    wants two or more)."""
+    single = processes * machines == 1
+    options = [
+        (single_process_launch or "--multi_gpu") if single else "--multi_gpu",
+        "--num_processes", str(processes * machines),
+        "--num_machines", str(machines),
+        "--machine_rank", str(machine_rank or 0), "--mixed_precision", "no", "--dynamo_backend", "no",
+        "--main_process_port", str(main_process_port or 29500),
+    ]  # fmt: skip
+    return options + (["--main_process_ip", main_process_ip] if main_process_ip else [])
 
 
 EXIT_DIR = "LLMKIT_EXIT_DIR"

@@ -14,21 +14,17 @@ from llmkit.console import info
 from llmkit.data.store import PreparedDataset, open_dataset
 from llmkit.data.tokenizer import load_tokenizer, tokenizer_hash
 from llmkit.errors import UserError
-from llmkit.flops import count_parameters, model_flops_per_token
+from llmkit.flops import count_parameters
 from llmkit.models import build_model, check_vocab_fits, load_model, model_context, rope_request
 from llmkit.train.distill import cache_key, check_given_cache, check_teacher, pretrain_objective
-from llmkit.train.job import FitResult, TrainJob
+from llmkit.train.job import FitResult
 from llmkit.train.loader import BlockLoader, validation_batches
-from llmkit.train.loop import fit
-from llmkit.train.optimizers import build_optimizer
 from llmkit.train.resume import (
     find_checkpoint,
-    finished_run,
-    open_run_dir,
     own_run_dir,
-    restore_state,
     run_fingerprints,
 )
+from llmkit.train.run import Found, Parts, train
 from llmkit.train.setup import (
     apply_float8,
     apply_kernels,
@@ -36,7 +32,6 @@ from llmkit.train.setup import (
     enable_gradient_checkpointing,
     language_model_loss,
     make_accelerator,
-    steps_for_budget,
 )
 from llmkit.train.step import router_balance
 
@@ -125,59 +120,28 @@ def _pretrain(
             "re-run data-prep with a smaller data.block_size"
         )
 
-    loader = BlockLoader(train_split, micro, cfg.train.seed, accelerator.process_index, world)
-    tokens_per_step = micro * cfg.train.grad_accum_steps * world * block_size
-    total_steps = steps_for_budget(cfg.train, loader.batches_per_epoch, tokens_per_step)
-    done = finished_run(Path(cfg.out_dir), saved_state, total_steps)
-    if done is not None:
-        return done
-    run_dir, config_yaml = open_run_dir(cfg, checkpoint, resume, overwrite, accelerator, tokenizer)
-
     if cfg.train.gradient_checkpointing:
         enable_gradient_checkpointing(model)
-    if cfg.distill.teacher:
-        objective, loader = pretrain_objective(cfg, tokenizer, loader, _blocks_fingerprint(manifest), accelerator,
-                                               run_dir)  # fmt: skip
-    else:
-        objective = {"loss_fn": language_model_loss(model, accelerator, liger=liger)}
-    optimizer = build_optimizer(model, cfg.optimizer, accelerator)
-    model, optimizer = accelerator.prepare(model, optimizer)
-    val_batches = (
-        validation_batches(val_split, micro, cfg.train.eval_batches, accelerator.process_index, world)
-        if len(val_split) >= micro * world
-        else []
-    )
-    resume_state = None
-    if checkpoint is not None and saved_state is not None:
-        resume_state = restore_state(checkpoint, saved_state, model, optimizer, loader, accelerator)
+    loader = BlockLoader(train_split, micro, cfg.train.seed, accelerator.process_index, world)
+    tokens_per_step = micro * cfg.train.grad_accum_steps * world * block_size
 
-    if accelerator.is_main_process:
-        _print_plan(cfg, model, dataset, train_split, val_split, total_steps, tokens_per_step, accelerator, speedups)
-        if resume_state is not None:
-            info(f"resuming from {checkpoint} at step {resume_state.step:,} of {total_steps:,}")
+    def objective(run_dir: Path) -> tuple[dict[str, Any], Any]:
+        if cfg.distill.teacher:
+            return pretrain_objective(cfg, tokenizer, loader, _blocks_fingerprint(manifest), accelerator, run_dir)
+        return {"loss_fn": language_model_loss(model, accelerator, liger=liger)}, loader
+
+    def validation() -> list[dict[str, Any]]:
+        if len(val_split) < micro * world:
+            return []
+        return validation_batches(val_split, micro, cfg.train.eval_batches, accelerator.process_index, world)
+
+    def announce(prepared: Any, run_dir: Path, total_steps: int, val_batches: list[dict[str, Any]]) -> None:
+        _print_plan(cfg, prepared, dataset, train_split, val_split, total_steps, tokens_per_step, accelerator, speedups)
         if not val_batches:
             info("no validation split large enough for one batch: validation and early stopping are off")
 
-    job = TrainJob(
-        cfg=cfg,
-        run_dir=run_dir,
-        accelerator=accelerator,
-        model=model,
-        optimizer=optimizer,
-        loader=loader,
-        val_batches=val_batches,
-        total_steps=total_steps,
-        tokens_per_step=tokens_per_step,
-        flops_per_token=model_flops_per_token(
-            accelerator.unwrap_model(model), block_size, cfg.train.gradient_checkpointing
-        ),
-        tokenizer=tokenizer,
-        config_yaml=config_yaml,
-        fingerprints=fingerprints,
-        resume=resume_state,
-        **objective,
-    )
-    return fit(job)
+    parts = Parts(model, loader, loader.batches_per_epoch, tokens_per_step, block_size, objective, validation, announce)
+    return train(cfg, accelerator, tokenizer, Found(fingerprints, checkpoint, saved_state), resume, overwrite, parts)
 
 
 def _print_plan(

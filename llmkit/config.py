@@ -293,6 +293,12 @@ class TrainConfig(Section):
     gradient_checkpointing: bool = Field(
         False, description="Recompute activations in the backward pass: much less memory, about a third more compute."
     )
+    activation_offload: bool = Field(
+        False,
+        description="Keep the activations saved for the backward pass in CPU memory (torch's save_on_cpu, pinned on "
+        "CUDA) and copy them back as backward needs them: little GPU memory for activations, slower; not with "
+        "train.compile (auto leaves the step uncompiled).",
+    )
     compile: bool | Literal["auto"] = Field(
         "auto",
         description="torch.compile the training step (the model's forward and the loss, as one graph); auto: on for "

@@ -187,6 +187,8 @@ def estimate_memory(
 
         weights += compute_bytes * teacher.total
         activations += compute_bytes * micro * seq * teacher.vocab + 16.0 * ROWS_PER_CHUNK * teacher.vocab
+    if cfg.train.activation_offload:  # saved in CPU memory: the GPU holds one layer's while it computes
+        activations = activations / max(size.layers, 1)
     activations += _logits_bytes(cfg, stage, strategy, micro * seq * size.vocab)
     return Memory(weights, gradients, optimizer, activations)
 
@@ -311,6 +313,13 @@ def plan_run(
         notes.append(
             "precision fp8: memory as in bf16 (torchao keeps what backward needs in bf16) and time at the "
             "bf16 rate; float8's speed-up depends on the layer widths: measure it with bench/mfu.py --fp8"
+        )
+    if cfg.train.activation_offload:
+        on_gpu = cfg.model_copy(update={"train": cfg.train.model_copy(update={"activation_offload": False})})
+        kept = estimate_memory(on_gpu, size, strategy, gpus, gradient_checkpointing, planned, live).activations
+        notes.append(
+            f"activation offload: about {(kept - memory.activations) / GIB:.2f} GiB of activations per process in "
+            "CPU memory (pinned), copied back during backward; the step is not compiled"
         )
     if teacher is not None:
         notes.extend(_distill_notes(cfg, planned, teacher, teacher_flops, gpus * peak * mfu, memory_dtype(cfg)))

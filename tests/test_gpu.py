@@ -207,3 +207,17 @@ def test_the_leaner_optimizers_on_the_gpu(name: str, tiny_dataset: Path, tmp_pat
               if "val_loss" in line]  # fmt: skip
     assert losses[-1] < losses[0] and math.isfinite(losses[-1])
     plain_load(out / "final")
+
+
+def test_activation_offload_lowers_the_gpu_peak(tiny_dataset: Path, tmp_path: Path) -> None:
+    peaks = {}
+    for offload in ("false", "true"):
+        out = tmp_path / offload
+        settings = ["--no-compile", "--precision", "bf16", "--set", f"train.activation_offload={offload}"]
+        result = run_cli(
+            "pretrain", *tiny_train_args(tiny_dataset, out, steps=6), *settings, "--micro-batch-size", "32"
+        )
+        assert result.exit_code == 0, result.stderr + result.stdout
+        records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+        peaks[offload] = max(r.get("peak_allocated_gib", 0) for r in records)
+    assert peaks["true"] < peaks["false"], peaks

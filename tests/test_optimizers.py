@@ -92,3 +92,25 @@ def test_what_the_leaner_settings_cannot_do_is_one_line(tiny_dataset: Path, tiny
     dora = run_cli("finetune", "--model", tiny_run, "--data", rows, "--out", tmp_path / "d", "--method", "lora",
                    "--set", "finetune.lora.init=olora", "--set", "finetune.lora.dora=true")  # fmt: skip
     assert_user_error(dora, "init=olora and dora together")
+
+
+def test_activation_offload_trains_the_same_weights_and_plan_counts_it(tiny_dataset: Path, tmp_path: Path) -> None:
+    """Saved activations in CPU memory change where they live, not what is computed: the same weights to the bit.
+    (On a CPU the copy is to the same memory; tests/test_gpu.py measures the GPU memory it saves.)"""
+    finals = {}
+    for offload in ("false", "true"):
+        out = tmp_path / f"offload-{offload}"
+        result = run_cli("pretrain", *tiny_train_args(tiny_dataset, out, steps=6), "--no-compile",
+                         "--set", f"train.activation_offload={offload}", "--set", "logging.plot=false")  # fmt: skip
+        assert result.exit_code == 0, result.stderr + result.stdout
+        finals[offload] = plain_load(out / "final").state_dict()
+    assert all(torch.equal(finals["true"][k], v) for k, v in finals["false"].items())
+    compiled = run_cli("pretrain", *tiny_train_args(tiny_dataset, tmp_path / "c"), "--compile",
+                       "--set", "train.activation_offload=true")  # fmt: skip
+    assert_user_error(compiled, "train.activation_offload", "torch.compile", "--no-compile")
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("model:\n  n_layers: 4\n  hidden_size: 256\n  n_heads: 4\n")
+    plans = [json.loads(run_cli("plan", recipe, "--json", "--set", f"train.activation_offload={o}").stdout)
+             for o in ("false", "true")]  # fmt: skip
+    assert plans[1]["memory"]["activations"] < plans[0]["memory"]["activations"]
+    assert any("activation offload" in note for note in plans[1]["notes"])

@@ -87,7 +87,8 @@ class TrainJob:
         router = router_balance(self.accelerator.unwrap_model(self.model))
         if router is not None:
             router.attach()
-        self.micro_step = MicroStep(self.loss_fn, autocast, backend, self.fixed_shapes, router)
+        self.micro_step = MicroStep(self.loss_fn, autocast, backend, self.fixed_shapes, router,
+                                    offload=self.cfg.train.activation_offload)  # fmt: skip
         if self.eval_fn is None:
             loss_fn = self.loss_fn
             self.eval_fn = lambda model, batches, acc: evaluate_language_model(model, batches, acc, loss_fn)

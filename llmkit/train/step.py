@@ -135,10 +135,19 @@ class MicroStep:
     op) falls back to eager once, with one line; the failed call computed nothing, so the step stays exact.
     """
 
-    def __init__(self, loss_fn: LossFn, autocast: Callable[[], AbstractContextManager[Any]], backend: str | None,
-                 fixed_shapes: bool = True, router: RouterBalance | None = None) -> None:  # fmt: skip
-        """`backend`: torch.compile's (train.compile_backend), or None to run eagerly."""
+    def __init__(
+        self,
+        loss_fn: LossFn,
+        autocast: Callable[[], AbstractContextManager[Any]],
+        backend: str | None,
+        fixed_shapes: bool = True,
+        router: RouterBalance | None = None,
+        offload: bool = False,
+    ) -> None:
+        """`backend`: torch.compile's (train.compile_backend), or None to run eagerly. `offload`: the activations
+        the backward pass needs are saved in CPU memory (torch.autograd.graph.save_on_cpu; eager only)."""
         self.loss_fn, self.autocast, self.fixed_shapes, self.router = loss_fn, autocast, fixed_shapes, router
+        self.offload = offload
         self.compiled = torch.compile(self.eager, backend=backend) if backend else None
 
     def eager(self, model: Any, batch: Batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
@@ -151,7 +160,8 @@ class MicroStep:
         return total + self.router.coefficient * balance * targets, targets, balance
 
     def __call__(self, model: Any, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
-        with self.autocast():
+        offload = torch.autograd.graph.save_on_cpu(torch.cuda.is_available()) if self.offload else nullcontext()
+        with self.autocast(), offload:  # the hooks pack what forward saves; backward unpacks it after the block
             total, targets, balance = self._run(model, batch)
         if balance is not None and self.router is not None:
             self.router.total = self.router.total + balance.detach()  # read at logging time: no sync per step

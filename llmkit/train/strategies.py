@@ -75,9 +75,14 @@ def compiles(cfg: RunConfig, cuda: bool | None = None) -> bool:
             "model.kernels=liger and train.compile both fuse the model's layers and do not mix; choose one "
             "(--no-compile, or model.kernels=auto)"
         )
+    if wanted is True and cfg.train.activation_offload:
+        raise UserError(
+            "train.activation_offload moves saved activations through hooks torch.compile does not trace; "
+            "choose one (--no-compile, or train.activation_offload=false)"
+        )
     if wanted == "auto":
         on_gpu = use_cuda(cfg) if cuda is None else cuda and cfg.distributed.device != "cpu"
-        return on_gpu and not sharded and cfg.model.kernels != "liger"
+        return on_gpu and not sharded and cfg.model.kernels != "liger" and not cfg.train.activation_offload
     return bool(wanted)
 
 

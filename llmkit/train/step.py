@@ -78,7 +78,8 @@ class RouterBalance:
         return self
 
     def _record(self, module: Any, inputs: Any, output: Any) -> None:
-        self.logits.append(output[0] if isinstance(output, tuple) else output)
+        if torch.is_grad_enabled():  # training forwards only: evaluation and sampling run without grad
+            self.logits.append(output[0] if isinstance(output, tuple) else output)
 
     def loss(self, batch: Batch) -> torch.Tensor:
         """The unscaled load-balancing loss of the forward pass just run."""

@@ -79,8 +79,9 @@ def load_model(
 
     prepare_hub_access(name_or_path)
     try:
-        config = AutoConfig.from_pretrained(str(name_or_path), trust_remote_code=trust_remote_code, token=token)
+        config = None  # read by from_pretrained itself, unless the context is to be extended first
         if rope is not None:
+            config = AutoConfig.from_pretrained(str(name_or_path), trust_remote_code=trust_remote_code, token=token)
             extend_context(config, *rope, where=str(name_or_path))
         return AutoModelForCausalLM.from_pretrained(
             str(name_or_path), config=config, trust_remote_code=trust_remote_code, use_safetensors=True, dtype=dtype,

@@ -6,7 +6,6 @@ matrices faster); the loop sets each group's rate from it. Weight decay falls on
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -97,9 +96,6 @@ class MuonWithAdamW(torch.optim.Optimizer):
     @state.setter
     def state(self, value: Any) -> None:
         pass  # each part keeps its own
-
-    def parameters(self) -> Iterator[torch.nn.Parameter]:
-        return (p for group in self.param_groups for p in group["params"])
 
     @torch.no_grad()
     def step(self, closure: Any = None) -> None:  # type: ignore[override]

@@ -97,6 +97,11 @@ def check_available(cfg: RunConfig, world_size: int = 1, finetuning: bool = Fals
             "4-bit weights; use zero2 (the base model is frozen, so ZeRO-2 already shards everything that is "
             "trained) or method lora with zero3"
         )
+    if finetuning and cfg.finetune.method == "qlora" and cfg.finetune.lora.init != "default":
+        raise UserError(
+            f"finetune.lora.init={cfg.finetune.lora.init} rewrites the base weights, which qlora keeps in 4 bits; "
+            "use method lora, or init=default"
+        )
     if cfg.distributed.strategy == "fsdp" and not use_cuda(cfg):
         raise UserError(
             "distributed.strategy=fsdp needs CUDA GPUs (Accelerate runs FSDP on GPUs only); on CPU use zero3, "
@@ -124,11 +129,6 @@ def check_optimizer(cfg: RunConfig, finetuning: bool) -> None:
         raise UserError(
             f"optimizer.name={name} keeps its own state layout, which distributed.strategy="
             f"{cfg.distributed.strategy} cannot shard; use distributed.strategy=ddp or optimizer.name=adamw"
-        )
-    if finetuning and cfg.finetune.method == "qlora" and cfg.finetune.lora.init != "default":
-        raise UserError(
-            f"finetune.lora.init={cfg.finetune.lora.init} rewrites the base weights, which qlora keeps in 4 bits; "
-            "use method lora, or init=default"
         )
     if name == "muon" and finetuning and cfg.finetune.method in ("lora", "qlora"):
         raise UserError("optimizer.name=muon orthogonalizes whole weight matrices, not LoRA's thin factors; use adamw")

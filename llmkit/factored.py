@@ -14,8 +14,7 @@ import torch
 
 from llmkit.errors import UserError
 
-PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj",
-               "c_attn", "c_proj", "c_fc")  # fmt: skip
+PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "c_attn", "c_proj", "c_fc")
 MANIFEST = "lowrank.json"
 
 
@@ -85,8 +84,9 @@ def load_factored(model_dir: Path, dtype: Any = None) -> Any:
         if weight is None:
             raise UserError(f"{model_dir}/{MANIFEST}: {name} is not a projection of this architecture")
         out_features, in_features = weight.shape
-        pair = torch.nn.Sequential(torch.nn.Linear(in_features, rank, bias=False),
-                                   torch.nn.Linear(rank, out_features, bias=bias is not None))  # fmt: skip
+        pair = torch.nn.Sequential(
+            torch.nn.Linear(in_features, rank, bias=False), torch.nn.Linear(rank, out_features, bias=bias is not None)
+        )
         replace_module(model, name, pair.to(weight.dtype))
     state = {}
     for path in sorted(Path(model_dir).glob("*.safetensors")):

@@ -10,7 +10,7 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -18,6 +18,9 @@ from llmkit.data.tokenizer import load_tokenizer
 from llmkit.errors import UserError
 from llmkit.models import load_trained_model, model_context
 from llmkit.runs import find_tokenizer_dir, refuse_scoring_model, resolve_model_dir
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 END_OF_TURN = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>")
 
@@ -37,7 +40,7 @@ class Sampling:
 @dataclass
 class Generator:
     model: Any
-    tokenizer: Any
+    tokenizer: PreTrainedTokenizerBase
     stop_ids: list[int]
 
     @property
@@ -95,8 +98,11 @@ class Generator:
             dropped += 1
             ids = self.chat_ids(history)
         if dropped:
-            print(f"(dropped the {dropped} oldest message(s) to fit the model's context of {context} tokens)",
-                  file=sys.stderr, flush=True)  # fmt: skip
+            print(
+                f"(dropped the {dropped} oldest message(s) to fit the model's context of {context} tokens)",
+                file=sys.stderr,
+                flush=True,
+            )
         return ids
 
     def complete(self, ids: list[int], sampling: Sampling, stream: bool) -> str:
@@ -105,8 +111,11 @@ class Generator:
         max_new_tokens = self.room(ids, sampling)
         input_ids = torch.tensor([ids])
         streamer = TextStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True) if stream else None
-        options = {"do_sample": True, "temperature": sampling.temperature, "top_k": sampling.top_k,
-                   "top_p": sampling.top_p} if sampling.temperature > 0 else {"do_sample": False}  # fmt: skip
+        options = (
+            {"do_sample": True, "temperature": sampling.temperature, "top_k": sampling.top_k, "top_p": sampling.top_p}
+            if sampling.temperature > 0
+            else {"do_sample": False}
+        )
         output = self.model.generate(
             input_ids,
             attention_mask=torch.ones_like(input_ids),
@@ -130,9 +139,13 @@ def load_generator(model_path: str | Path) -> Generator:
 
 
 def generate_text(
-    model_path: str | Path, prompt: str, sampling: Sampling, seed: int | None = None, raw: bool = False,
+    model_path: str | Path,
+    prompt: str,
+    sampling: Sampling,
+    seed: int | None = None,
+    raw: bool = False,
     stream: bool = True,
-) -> str:  # fmt: skip
+) -> str:
     """The model's answer to `prompt` (chat models) or its continuation (pretrained models)."""
     sampling.check()
     generator = load_generator(model_path)
@@ -146,9 +159,12 @@ def generate_text(
 
 
 def chat_loop(
-    model_path: str | Path, sampling: Sampling, system: str | None, read: Callable[[str], str] = input,
+    model_path: str | Path,
+    sampling: Sampling,
+    system: str | None,
+    read: Callable[[str], str] = input,
     seed: int | None = None,
-) -> int:  # fmt: skip
+) -> int:
     """A REPL over the model's own chat template; returns the number of turns. /reset clears, /exit leaves."""
     sampling.check()
     generator = load_generator(model_path)
@@ -174,8 +190,11 @@ def chat_loop(
         ids = generator.fit_history(history, sampling)
         if generator.context and len(ids) >= generator.context:  # the new message alone fills it
             history.pop()
-            print(f"(that message is too long for the model's context of {generator.context} tokens; shorten it)",
-                  file=sys.stderr, flush=True)  # fmt: skip
+            print(
+                f"(that message is too long for the model's context of {generator.context} tokens; shorten it)",
+                file=sys.stderr,
+                flush=True,
+            )
             continue
         sys.stdout.write("model> ")
         sys.stdout.flush()

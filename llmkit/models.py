@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from llmkit.config import ModelConfig
 from llmkit.errors import UserError
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 
 def model_context(model_or_config: Any) -> int:
@@ -84,9 +87,13 @@ def load_model(
             config = AutoConfig.from_pretrained(str(name_or_path), trust_remote_code=trust_remote_code, token=token)
             extend_context(config, *rope, where=str(name_or_path))
         return AutoModelForCausalLM.from_pretrained(
-            str(name_or_path), config=config, trust_remote_code=trust_remote_code, use_safetensors=True, dtype=dtype,
+            str(name_or_path),
+            config=config,
+            trust_remote_code=trust_remote_code,
+            use_safetensors=True,
+            dtype=dtype,
             token=token,
-        )  # fmt: skip
+        )
     except UserError:
         raise
     except Exception as exc:  # OSError offline or missing files, ValueError for unknown architectures
@@ -130,7 +137,7 @@ def check_rope_applied(model: Any, cfg: Any, what: str) -> None:
         raise UserError(f"model.rope_scaling is not supported for {what}; extend the base model's context first")
 
 
-def check_vocab_fits(model: Any, tokenizer: Any, where: str) -> None:
+def check_vocab_fits(model: Any, tokenizer: PreTrainedTokenizerBase, where: str) -> None:
     """Refuse a tokenizer with ids the model's embedding cannot hold."""
     weight = model.get_input_embeddings().weight
     embedding_rows = getattr(weight, "ds_shape", weight.shape)[0]  # ZeRO-3 builds the model already sharded
@@ -172,8 +179,23 @@ def place_weights(model: Any, frozen_dtype: Any) -> dict[str, int]:
 
 
 # Architectures whose logits are exactly `lm_head(last hidden states)`: no soft-capping or scaling after the head.
-PLAIN_HEAD_TYPES = frozenset({"llama", "gpt2", "mistral", "mixtral", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe",
-                              "phi3", "olmo", "olmo2", "starcoder2", "smollm3"})  # fmt: skip
+PLAIN_HEAD_TYPES = frozenset(
+    {
+        "llama",
+        "gpt2",
+        "mistral",
+        "mixtral",
+        "qwen2",
+        "qwen2_moe",
+        "qwen3",
+        "qwen3_moe",
+        "phi3",
+        "olmo",
+        "olmo2",
+        "starcoder2",
+        "smollm3",
+    }
+)
 
 
 class HiddenStatesHead(torch.nn.Module):
@@ -203,8 +225,22 @@ def defer_output_head(model: Any) -> torch.nn.Parameter | None:
 
 
 # Projection names of common architectures: Llama/Mistral/Qwen, GPT-2, BERT-style encoders.
-LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj",
-                "c_attn", "c_proj", "c_fc", "query", "key", "value", "dense")  # fmt: skip
+LORA_TARGETS = (
+    "q_proj",
+    "k_proj",
+    "v_proj",
+    "o_proj",
+    "gate_proj",
+    "up_proj",
+    "down_proj",
+    "c_attn",
+    "c_proj",
+    "c_fc",
+    "query",
+    "key",
+    "value",
+    "dense",
+)
 
 
 def lora_target_modules(model: Any) -> list[str]:

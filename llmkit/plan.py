@@ -110,8 +110,11 @@ def model_size(cfg: RunConfig, vocab: int, stage: Stage) -> ModelSize:
     with torch.device("meta"):
         model = _meta_model(cfg, vocab)
     context = model_context(model)
-    what, sequence = ("data.block_size", cfg.data.block_size) if stage == "pretrain" else \
-        ("finetune.max_length", cfg.finetune.max_length)  # fmt: skip
+    what, sequence = (
+        ("data.block_size", cfg.data.block_size)
+        if stage == "pretrain"
+        else ("finetune.max_length", cfg.finetune.max_length)
+    )
     if context and sequence > context:  # the run refuses it too
         raise UserError(
             f"{what} {sequence} exceeds the model's context of {context} tokens; shorten it, or extend a loaded "
@@ -323,8 +326,25 @@ def plan_run(
         )
     if teacher is not None:
         notes.extend(_distill_notes(cfg, planned, teacher, teacher_flops, gpus * peak * mfu, memory_dtype(cfg)))
-    return Plan(total, trainable, matmul, flops, tokens_per_step, budget, gpus, gpu_type, strategy, mfu, memory,
-                memory.total <= usable, hours, cost, suggestion, by_strategy, notes)  # fmt: skip
+    return Plan(
+        total,
+        trainable,
+        matmul,
+        flops,
+        tokens_per_step,
+        budget,
+        gpus,
+        gpu_type,
+        strategy,
+        mfu,
+        memory,
+        memory.total <= usable,
+        hours,
+        cost,
+        suggestion,
+        by_strategy,
+        notes,
+    )
 
 
 def _check_request(
@@ -368,10 +388,12 @@ def teacher_size(cfg: RunConfig) -> ModelSize | None:
     from llmkit.runs import resolve_model_dir
 
     source = str(resolve_model_dir(cfg.distill.teacher))
-    teacher_cfg = cfg.model_copy(update={
-        "model": cfg.model.model_copy(update={"init_from": source}),
-        "finetune": cfg.finetune.model_copy(update={"method": "full"}),
-    })  # fmt: skip
+    teacher_cfg = cfg.model_copy(
+        update={
+            "model": cfg.model.model_copy(update={"init_from": source}),
+            "finetune": cfg.finetune.model_copy(update={"method": "full"}),
+        }
+    )
     return model_size(teacher_cfg, 0, "pretrain")
 
 

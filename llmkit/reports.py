@@ -103,9 +103,14 @@ def print_fit_summary(result: Any) -> None:
         rows.append(("val loss", f"{result.val_loss:.4f} (best {result.best_val_loss:.4f})"))
     evaluation = getattr(result, "evaluation", {})
     if "val_rewards/accuracy" in evaluation:
-        rows.append(("val rewards", f"accuracy {evaluation['val_rewards/accuracy']:.3f}, margin "
-                     f"{evaluation['val_rewards/margin']:.4f} (chosen {evaluation['val_rewards/chosen']:.4f}, "
-                     f"rejected {evaluation['val_rewards/rejected']:.4f})"))  # fmt: skip
+        rows.append(
+            (
+                "val rewards",
+                f"accuracy {evaluation['val_rewards/accuracy']:.3f}, margin "
+                f"{evaluation['val_rewards/margin']:.4f} (chosen {evaluation['val_rewards/chosen']:.4f}, "
+                f"rejected {evaluation['val_rewards/rejected']:.4f})",
+            )
+        )
     if result.final_dir is not None:
         rows.append(("final model", str(result.final_dir)))
     console.print(_table("training stopped" if result.interrupted else "training finished", rows))
@@ -139,12 +144,18 @@ def print_export_report(report: dict[str, Any]) -> None:
         ("format", f"{report['format']} ({report['kind']}), {report['precision']}"),
         ("size", f"{report['size_bytes'] / 2**20:.2f} MiB"),
         ("max |logit diff|", f"{report['max_abs_logit_diff']:.3g} vs source (limit {limits['max_logit_diff']:g})"),
-        ("greedy agreement", f"{report['greedy_agreement']:.1%} of {report['probe_tokens']} probe tokens "
-                             f"(at least {limits['min_greedy_agreement']:.0%})"),
-        ("perplexity", f"{report['exported_perplexity']:.4g} vs {report['source_perplexity']:.4g} on the probe "
-                       f"({report['perplexity_increase']:+.3%}; within +-{limits['max_ppl_increase']:.2%}; the probe "
-                       "holds general sentences too, so it is higher than eval's on your data)"),
-    ]  # fmt: skip
+        (
+            "greedy agreement",
+            f"{report['greedy_agreement']:.1%} of {report['probe_tokens']} probe tokens "
+            f"(at least {limits['min_greedy_agreement']:.0%})",
+        ),
+        (
+            "perplexity",
+            f"{report['exported_perplexity']:.4g} vs {report['source_perplexity']:.4g} on the probe "
+            f"({report['perplexity_increase']:+.3%}; within +-{limits['max_ppl_increase']:.2%}; the probe "
+            "holds general sentences too, so it is higher than eval's on your data)",
+        ),
+    ]
     if "pushed" in report:
         pushed = report["pushed"]
         rows.append(
@@ -155,41 +166,69 @@ def print_export_report(report: dict[str, Any]) -> None:
 
 def print_prune_report(report: dict[str, Any]) -> None:
     rows = [
-        ("parameters", f"{report['parameters_before']:,} -> {report['parameters_after']:,} "
-                       f"({report['parameter_fraction']:.1%})"),
-        ("removed", ", ".join(f"{key}: {value}" if key != "blocks" else f"blocks {value['dropped']}"
-                              for key, value in report["removed"].items())),
-        ("held-out perplexity", f"{report['held_out_perplexity_before']:.4g} -> "
-                                f"{report['held_out_perplexity_after']:.4g} ({report['held_out_tokens']:,} tokens; "
-                                "not healed)"),
-    ]  # fmt: skip
+        (
+            "parameters",
+            f"{report['parameters_before']:,} -> {report['parameters_after']:,} ({report['parameter_fraction']:.1%})",
+        ),
+        (
+            "removed",
+            ", ".join(
+                f"{key}: {value}" if key != "blocks" else f"blocks {value['dropped']}"
+                for key, value in report["removed"].items()
+            ),
+        ),
+        (
+            "held-out perplexity",
+            f"{report['held_out_perplexity_before']:.4g} -> "
+            f"{report['held_out_perplexity_after']:.4g} ({report['held_out_tokens']:,} tokens; "
+            "not healed)",
+        ),
+    ]
     console.print(_table(f"pruned {report['out']}", rows))
 
 
 def print_factor_report(report: dict[str, Any]) -> None:
     ranks = sorted(set(report["ranks"].values()))
     rows = [
-        ("factored", f"{len(report['ranks'])} projections, rank {ranks[0]}"
-                     + (f"..{ranks[-1]}" if len(ranks) > 1 else "")),
-        ("parameters", f"{report['parameters_before']:,} -> {report['parameters_factored']:,} factored"
-                       + (" (written dense: the original size)" if report["dense"] else "")),
-    ]  # fmt: skip
+        (
+            "factored",
+            f"{len(report['ranks'])} projections, rank {ranks[0]}" + (f"..{ranks[-1]}" if len(ranks) > 1 else ""),
+        ),
+        (
+            "parameters",
+            f"{report['parameters_before']:,} -> {report['parameters_factored']:,} factored"
+            + (" (written dense: the original size)" if report["dense"] else ""),
+        ),
+    ]
     if report["held_out_perplexity_before"] is not None:
-        rows.append(("held-out perplexity", f"{report['held_out_perplexity_before']:.4g} -> "
-                                            f"{report['held_out_perplexity_after']:.4g}"))  # fmt: skip
+        rows.append(
+            (
+                "held-out perplexity",
+                f"{report['held_out_perplexity_before']:.4g} -> {report['held_out_perplexity_after']:.4g}",
+            )
+        )
     console.print(_table(f"factored {report['out']}", rows))
 
 
 def print_reward_report(report: dict[str, Any]) -> None:
     if "pairs" in report:
-        margin = (f"{report['margin']:.4f} (chosen {report['reward_chosen']:.4f}, rejected "
-                  f"{report['reward_rejected']:.4f})")  # fmt: skip
-        rows = [("pairwise accuracy", f"{report['accuracy']:.4f} (chosen scored above rejected)"),
-                ("margin", margin), ("pairs", f"{report['pairs']:,} in {report['seconds']:.1f}s")]  # fmt: skip
+        margin = (
+            f"{report['margin']:.4f} (chosen {report['reward_chosen']:.4f}, rejected {report['reward_rejected']:.4f})"
+        )
+        rows = [
+            ("pairwise accuracy", f"{report['accuracy']:.4f} (chosen scored above rejected)"),
+            ("margin", margin),
+            ("pairs", f"{report['pairs']:,} in {report['seconds']:.1f}s"),
+        ]
     else:
-        rows = [("reward", f"mean {report['reward_mean']:.4f}, std {report['reward_std']:.4f}, range "
-                 f"{report['reward_min']:.4f} .. {report['reward_max']:.4f}"),
-                ("candidates", f"{report['candidates']:,} in {report['seconds']:.1f}s")]  # fmt: skip
+        rows = [
+            (
+                "reward",
+                f"mean {report['reward_mean']:.4f}, std {report['reward_std']:.4f}, range "
+                f"{report['reward_min']:.4f} .. {report['reward_max']:.4f}",
+            ),
+            ("candidates", f"{report['candidates']:,} in {report['seconds']:.1f}s"),
+        ]
     if report.get("scores"):
         rows.append(("scores", report["scores"]))
     console.print(_table(f"eval {report['model']} on {report['data']} (reward model)", rows))
@@ -249,8 +288,9 @@ def print_plan(plan: Any) -> None:
 def print_task_results(results: dict[str, dict[str, Any]], title: str = "tasks") -> None:
     rows = []
     for name, metrics in results.items():
-        shown = [f"{key} {value:.4f}" for key, value in metrics.items()
-                 if isinstance(value, float) and key not in ("items",)]  # fmt: skip
+        shown = [
+            f"{key} {value:.4f}" for key, value in metrics.items() if isinstance(value, float) and key not in ("items",)
+        ]
         count = f" ({metrics['items']} items)" if metrics.get("items") else ""
         rows.append((name, ", ".join(shown) + count))
     console.print(_table(title, rows))

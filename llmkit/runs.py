@@ -67,5 +67,7 @@ def refuse_scoring_model(model_dir: Path, doing: str) -> None:
     token soup; exporting one dropped its trained head while the parity check passed)."""
     kind = scoring_kind(model_dir)
     if kind is not None:
-        raise UserError(f"{model_dir}: {kind} scores text and does not generate it, so it cannot be {doing}; "
-                        "score with `llmkit eval` on the run")  # fmt: skip
+        raise UserError(
+            f"{model_dir}: {kind} scores text and does not generate it, so it cannot be {doing}; "
+            "score with `llmkit eval` on the run"
+        )

@@ -44,7 +44,7 @@ def classification_metrics(probabilities: np.ndarray, labels: np.ndarray, names:
         "per_class": {
             name: {"precision": float(p), "recall": float(r), "f1": float(f), "support": int(n)}
             for name, p, r, f, n in zip(names, precision, recall, f1, actual, strict=True)
-        },  # fmt: skip
+        },
         "confusion_matrix": {"labels": names, "rows_true_columns_predicted": confusion.tolist()},
         "examples": int(len(labels)),
     }

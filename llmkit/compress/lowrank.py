@@ -63,8 +63,9 @@ def factor_model(model: Any, rank: int | None = None, energy: float | None = Non
     return ranks
 
 
-def factor_directory(source: str, out: Path, rank: int | None, energy: float | None, dense: bool,
-                     data: str | None, overwrite: bool) -> dict[str, Any]:  # fmt: skip
+def factor_directory(
+    source: str, out: Path, rank: int | None, energy: float | None, dense: bool, data: str | None, overwrite: bool
+) -> dict[str, Any]:
     """`llmkit factor`: load, factor, measure (parameters, held-out perplexity when `data` is given), save."""
     from llmkit.atomic import atomic_directory, write_json
     from llmkit.compress.prune import calibration_text, open_source, parameters, perplexity
@@ -80,9 +81,18 @@ def factor_directory(source: str, out: Path, rank: int | None, energy: float | N
         raise UserError(f"rank {rank or f'for energy {energy}'} saves nothing on any projection of {source}: lower it")
     factored_params = parameters(model)
     after = perplexity(model, held_out) if held_out else None
-    report = {"source": str(model_dir), "out": str(out), "rank": rank, "energy": energy, "ranks": ranks,
-              "dense": dense, "parameters_before": before_params, "parameters_factored": factored_params,
-              "held_out_perplexity_before": before, "held_out_perplexity_after": after}  # fmt: skip
+    report = {
+        "source": str(model_dir),
+        "out": str(out),
+        "rank": rank,
+        "energy": energy,
+        "ranks": ranks,
+        "dense": dense,
+        "parameters_before": before_params,
+        "parameters_factored": factored_params,
+        "held_out_perplexity_before": before,
+        "held_out_perplexity_after": after,
+    }
     with output_lock(out), atomic_directory(out) as staging:
         if dense:
             densify(model)

@@ -21,13 +21,16 @@ import math
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
 from llmkit.atomic import atomic_directory, write_json, write_text
 from llmkit.errors import UserError
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 
 @dataclass
@@ -218,8 +221,11 @@ def _prune_heads(model: Any, keep: int, scores: Importance) -> dict[str, Any]:
     for index, layer in enumerate(layers_of(model)):
         if grouped:
             score = scores.heads[index].reshape(groups, per_group)
-            chosen = [g * per_group + int(h) for g in range(groups)
-                      for h in sorted(np.argsort(-score[g], kind="stable")[:kept_per_group])]  # fmt: skip
+            chosen = [
+                g * per_group + int(h)
+                for g in range(groups)
+                for h in sorted(np.argsort(-score[g], kind="stable")[:kept_per_group])
+            ]
         else:
             chosen = sorted(int(h) for h in np.argsort(-scores.heads[index], kind="stable")[:keep])
         rows = torch.tensor([h * head_dim + d for h in chosen for d in range(head_dim)])
@@ -286,7 +292,9 @@ def _prune_hidden(model: Any, keep: int, scores: Importance) -> dict[str, int]:
 
 
 # ------------------------------------------------------------------------------------------- text and the command
-def calibration_text(data: str, tokenizer: Any, context: int, batches: int, batch: int = 8) -> tuple[list, list]:
+def calibration_text(
+    data: str, tokenizer: PreTrainedTokenizerBase, context: int, batches: int, batch: int = 8
+) -> tuple[list, list]:
     """(calibration batches, held-out batches) of token ids: from a prepared dataset's train and val splits, or from
     the documents of a text file (the first four fifths calibrate, the rest measure)."""
     from llmkit.data.store import open_dataset
@@ -295,10 +303,14 @@ def calibration_text(data: str, tokenizer: Any, context: int, batches: int, batc
     if (path / "manifest.json").is_file():
         dataset = open_dataset(path)
         train, val = dataset.split("train"), dataset.split("val")
-        calibrate = [torch.from_numpy(train.blocks(np.arange(i, min(i + batch, len(train))))[:, :context])
-                     for i in range(0, min(len(train), batches * batch), batch)]  # fmt: skip
-        held_out = [torch.from_numpy(val.blocks(np.arange(i, min(i + batch, len(val))))[:, :context])
-                    for i in range(0, min(len(val), batches * batch), batch)]  # fmt: skip
+        calibrate = [
+            torch.from_numpy(train.blocks(np.arange(i, min(i + batch, len(train))))[:, :context])
+            for i in range(0, min(len(train), batches * batch), batch)
+        ]
+        held_out = [
+            torch.from_numpy(val.blocks(np.arange(i, min(i + batch, len(val))))[:, :context])
+            for i in range(0, min(len(val), batches * batch), batch)
+        ]
         return calibrate, held_out
     from llmkit.export.parity import probe_texts
 
@@ -324,8 +336,9 @@ def perplexity(model: Any, batches: list[torch.Tensor]) -> float:
     total, count = 0.0, 0
     for ids in batches:
         logits = model(input_ids=ids).logits[:, :-1].float()
-        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1),
-                                                 reduction="sum")  # fmt: skip
+        loss = torch.nn.functional.cross_entropy(
+            logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="sum"
+        )
         total, count = total + float(loss), count + ids[:, 1:].numel()
     return math.exp(total / max(count, 1))
 
@@ -346,8 +359,9 @@ def open_source(source: str, out: Path, data: str | None, overwrite: bool) -> tu
     return model_dir, tokenizer, load_trained_model(model_dir, dtype=torch.float32, merge=True).eval()
 
 
-def prune_model(source: str, out: Path, data: str, spec: PruneSpec, batches: int = 16, overwrite: bool = False
-                ) -> dict[str, Any]:  # fmt: skip
+def prune_model(
+    source: str, out: Path, data: str, spec: PruneSpec, batches: int = 16, overwrite: bool = False
+) -> dict[str, Any]:
     """Load, score on calibration text, cut, check that the directory loads in plain transformers, and save."""
     from transformers import AutoModelForCausalLM
 
@@ -371,13 +385,19 @@ def prune_model(source: str, out: Path, data: str, spec: PruneSpec, batches: int
     removed = prune(model, spec, scores)
     after_params, after_ppl = parameters(model), perplexity(model, held_out)
     report = {
-        "source": str(model_dir), "out": str(out), "spec": {k: v for k, v in spec.__dict__.items() if v is not None},
-        "removed": removed, "parameters_before": before_params, "parameters_after": after_params,
-        "parameter_fraction": after_params / before_params, "held_out_perplexity_before": before_ppl,
-        "held_out_perplexity_after": after_ppl, "calibration": data,
+        "source": str(model_dir),
+        "out": str(out),
+        "spec": {k: v for k, v in spec.__dict__.items() if v is not None},
+        "removed": removed,
+        "parameters_before": before_params,
+        "parameters_after": after_params,
+        "parameter_fraction": after_params / before_params,
+        "held_out_perplexity_before": before_ppl,
+        "held_out_perplexity_after": after_ppl,
+        "calibration": data,
         "calibration_tokens": int(sum(b.numel() for b in calibrate)),
         "held_out_tokens": int(sum(b.numel() for b in held_out)),
-    }  # fmt: skip
+    }
     with output_lock(out), atomic_directory(out) as staging:
         model.save_pretrained(staging, safe_serialization=True)
         tokenizer.save_pretrained(staging)
@@ -393,25 +413,39 @@ def _card(name: str, report: dict[str, Any]) -> str:
     removed = report["removed"]
     what = []
     if "blocks" in removed:
-        what.append(f"blocks {removed['blocks']['dropped']} (lowest block influence; all: "
-                    f"{removed['blocks']['influence']})")  # fmt: skip
+        what.append(
+            f"blocks {removed['blocks']['dropped']} (lowest block influence; all: {removed['blocks']['influence']})"
+        )
     if "heads" in removed:
         what.append(f"attention heads per layer {json.dumps(removed['heads'])}")
     if "mlp_channels" in removed:
         what.append(f"{removed['mlp_channels']['per_layer']} MLP channels in every layer")
     if "hidden_channels" in removed:
         what.append(f"{removed['hidden_channels']['removed']} hidden channels")
-    return "\n".join([
-        f"# {name}", "",
-        f"Pruned by llmkit from `{report['source']}`: a standard Hugging Face model directory "
-        "(`AutoModelForCausalLM.from_pretrained` loads it; the config carries the new shape).", "",
-        "## What was removed", "", *[f"- {line}" for line in what], "",
-        "Scored on calibration text (`" + report["calibration"] + f"`, {report['calibration_tokens']:,} tokens).", "",
-        "## What it cost", "", "| | before | after |", "| --- | ---: | ---: |",
-        f"| parameters | {report['parameters_before']:,} | {report['parameters_after']:,} "
-        f"({report['parameter_fraction']:.1%}) |",
-        f"| held-out perplexity ({report['held_out_tokens']:,} tokens) | {report['held_out_perplexity_before']:.4g} "
-        f"| {report['held_out_perplexity_after']:.4g} |", "",
-        "Not healed yet: distill it from the original to recover (`llmkit pretrain --init-from THIS --teacher "
-        "ORIGINAL --data DATA`, docs/compression.md).", "",
-    ])  # fmt: skip
+    return "\n".join(
+        [
+            f"# {name}",
+            "",
+            f"Pruned by llmkit from `{report['source']}`: a standard Hugging Face model directory "
+            "(`AutoModelForCausalLM.from_pretrained` loads it; the config carries the new shape).",
+            "",
+            "## What was removed",
+            "",
+            *[f"- {line}" for line in what],
+            "",
+            "Scored on calibration text (`" + report["calibration"] + f"`, {report['calibration_tokens']:,} tokens).",
+            "",
+            "## What it cost",
+            "",
+            "| | before | after |",
+            "| --- | ---: | ---: |",
+            f"| parameters | {report['parameters_before']:,} | {report['parameters_after']:,} "
+            f"({report['parameter_fraction']:.1%}) |",
+            f"| held-out perplexity ({report['held_out_tokens']:,} tokens) "
+            f"| {report['held_out_perplexity_before']:.4g} | {report['held_out_perplexity_after']:.4g} |",
+            "",
+            "Not healed yet: distill it from the original to recover (`llmkit pretrain --init-from THIS --teacher "
+            "ORIGINAL --data DATA`, docs/compression.md).",
+            "",
+        ]
+    )

@@ -70,8 +70,9 @@ class CurateShard:
 
         cfg, stats = self.cfg, ShardStats()
         with ShardOutput(self.work, rank, cfg) as output:
-            for raw in read_documents(self.shards[rank], cfg.text_field, cfg.txt_mode, cfg.builtin_docs, cfg.seed,
-                                      cfg.encoding):  # fmt: skip
+            for raw in read_documents(
+                self.shards[rank], cfg.text_field, cfg.txt_mode, cfg.builtin_docs, cfg.seed, cfg.encoding
+            ):
                 stats.read += 1
                 text = self._curate(clean_text(raw.text, cfg.normalize), raw.origin, stats)
                 if text is not None:
@@ -668,7 +669,11 @@ class CuratedCorpus:
                 if (shard, position) in wanted:
                     records[(shard, position)] = record
         return [
-            {"removed": records[removed].origin, "kept": records[kept].origin,
-             "removed_text": excerpt(records[removed].text), "kept_text": excerpt(records[kept].text)}
+            {
+                "removed": records[removed].origin,
+                "kept": records[kept].origin,
+                "removed_text": excerpt(records[removed].text),
+                "kept_text": excerpt(records[kept].text),
+            }
             for removed, kept in self.duplicates.sample
-        ]  # fmt: skip
+        ]

@@ -79,8 +79,10 @@ def _items(paths: list[str]) -> Iterator[tuple[str, str]]:
             continue
         path = Path(spec)
         if path.is_dir():
-            raise UserError(f"{path}: data.decontaminate.tasks names a folder; give llmkit task files (YAML), item "
-                            "files (.jsonl/.json/.csv/.parquet) or harness:NAME")  # fmt: skip
+            raise UserError(
+                f"{path}: data.decontaminate.tasks names a folder; give llmkit task files (YAML), item "
+                "files (.jsonl/.json/.csv/.parquet) or harness:NAME"
+            )
         if path.suffix in ITEM_FILES:
             if not path.is_file():
                 raise UserError(f"{path}: data.decontaminate.tasks names a file that does not exist")
@@ -100,8 +102,10 @@ def _harness_items(spec: str) -> Iterator[tuple[str, str]]:
     import importlib.util
 
     if importlib.util.find_spec("lm_eval") is None:
-        raise UserError(f"{HARNESS_PREFIX}{spec}: decontaminating against harness tasks needs lm-evaluation-harness: "
-                        "pip install 'llmkit[eval]'")  # fmt: skip
+        raise UserError(
+            f"{HARNESS_PREFIX}{spec}: decontaminating against harness tasks needs lm-evaluation-harness: "
+            "pip install 'llmkit[eval]'"
+        )
     from llmkit.data.task_files import harness_task_names
     from llmkit.hub import prepare_hub_access
 

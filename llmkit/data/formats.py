@@ -28,8 +28,15 @@ FORMATS: dict[str, tuple[str, ...]] = {
     "classification": ("text", "label"),
     "text": ("text",),
 }
-ROLES = {"system": "system", "user": "user", "human": "user", "assistant": "assistant", "gpt": "assistant",
-         "model": "assistant", "bot": "assistant"}  # fmt: skip
+ROLES = {
+    "system": "system",
+    "user": "user",
+    "human": "user",
+    "assistant": "assistant",
+    "gpt": "assistant",
+    "model": "assistant",
+    "bot": "assistant",
+}
 
 
 @dataclass(frozen=True)

@@ -22,7 +22,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from itertools import chain
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -38,6 +38,9 @@ from llmkit.data.store import FORMAT_VERSION, MANIFEST, SPLITS, ShardWriter, tok
 from llmkit.data.tokenizer import load_tokenizer, tokenizer_hash, train_bpe
 from llmkit.errors import UserError
 from llmkit.outputs import check_output, output_lock
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 BLOCKS_PER_SHARD_TARGET_BYTES = 256 * 2**20
 # Memory per document is bounded: longer documents are tokenized in pieces of about this many characters
@@ -191,7 +194,12 @@ def _settings(cfg: DataConfig) -> dict[str, Any]:
     return cfg.model_dump(include=set(_FINGERPRINT_FIELDS))
 
 
-def _fingerprint(cfg: DataConfig, sources: list[Source], tokenizer: Any, contamination: Contamination | None) -> str:
+def _fingerprint(
+    cfg: DataConfig,
+    sources: list[Source],
+    tokenizer: PreTrainedTokenizerBase | None,
+    contamination: Contamination | None,
+) -> str:
     spec = {
         "format_version": FORMAT_VERSION,
         "sources": [source.describe() for source in sources],
@@ -223,7 +231,9 @@ def _train_tokenizer(cfg: DataConfig, corpus: curate.CuratedCorpus) -> Any:
         return train_bpe(texts(), cfg.vocab_size)
 
 
-def _tokenize_and_pack(cfg: DataConfig, corpus: curate.CuratedCorpus, tokenizer: Any, staging: Path) -> dict[str, Any]:
+def _tokenize_and_pack(
+    cfg: DataConfig, corpus: curate.CuratedCorpus, tokenizer: PreTrainedTokenizerBase, staging: Path
+) -> dict[str, Any]:
     dtype = token_dtype(len(tokenizer))
     blocks_per_shard = max(1, BLOCKS_PER_SHARD_TARGET_BYTES // (cfg.block_size * dtype.itemsize))
     writers = {split: ShardWriter(staging / split, cfg.block_size, dtype, blocks_per_shard) for split in SPLITS}
@@ -298,7 +308,7 @@ def split_long(text: str, limit: int = PIECE_CHARS) -> Iterator[tuple[str, bool]
 
 
 def _encode_stream(
-    batches: Iterator[tuple[str, Batch]], tokenizer: Any, tokenizer_file: Path, num_proc: int
+    batches: Iterator[tuple[str, Batch]], tokenizer: PreTrainedTokenizerBase, tokenizer_file: Path, num_proc: int
 ) -> Iterator[tuple[str, int, np.ndarray]]:
     """Tokenize batches in order: in this process, or in `num_proc` workers with a bounded queue."""
     eos = int(tokenizer.eos_token_id)
@@ -355,7 +365,7 @@ def _nothing_left(dropped: Counter[str]) -> str:
 def _manifest(
     cfg: DataConfig,
     sources: list[Source],
-    tokenizer: Any,
+    tokenizer: PreTrainedTokenizerBase,
     tokenizer_source: str,
     fingerprint: str,
     result: Any,

@@ -112,9 +112,8 @@ def _walk(folder: Path, skip: list[Path]) -> list[Path]:
     for root, dirs, files in os.walk(folder):
         here = Path(root)
         dirs[:] = sorted(
-            d for d in dirs
-            if Path(os.path.realpath(here / d)) not in skip and not is_llmkit_output(here / d)
-        )  # fmt: skip
+            d for d in dirs if Path(os.path.realpath(here / d)) not in skip and not is_llmkit_output(here / d)
+        )
         found += [here / f for f in files if data_suffix(Path(f)) in SUFFIXES]
     return sorted(found)
 

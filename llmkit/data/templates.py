@@ -9,13 +9,16 @@ is a target when it starts inside an assistant turn (its content and its end-of-
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from llmkit.data.formats import Example
 from llmkit.errors import UserError
 from llmkit.losses import IGNORE
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 BUILTIN_TEMPLATES: dict[str, tuple[str, tuple[str, ...], str | None]] = {
     # name: (Jinja template, special tokens it needs, end-of-turn token; None means the tokenizer's EOS)
@@ -51,7 +54,7 @@ class ChatSetup:
     stop_token_ids: tuple[int, ...]
 
 
-def setup_chat_template(tokenizer: Any, choice: str) -> ChatSetup:
+def setup_chat_template(tokenizer: PreTrainedTokenizerBase, choice: str) -> ChatSetup:
     """Give `tokenizer` the chat template to train with; add the special tokens a built-in one needs."""
     if choice == "auto" and getattr(tokenizer, "chat_template", None):
         return ChatSetup("tokenizer", 0, (int(tokenizer.eos_token_id),))
@@ -62,7 +65,7 @@ def setup_chat_template(tokenizer: Any, choice: str) -> ChatSetup:
     tokenizer.chat_template = template
     stops = {int(tokenizer.eos_token_id)}
     if end_of_turn is not None:
-        stops.add(int(tokenizer.convert_tokens_to_ids(end_of_turn)))
+        stops.add(tokenizer.get_vocab()[end_of_turn])
     return ChatSetup(name, added, tuple(sorted(stops)))
 
 
@@ -81,7 +84,9 @@ class Encoded:
         return int((self.labels[1:] != IGNORE).sum())
 
 
-def encode_example(tokenizer: Any, example: Example, max_length: int, train_on_prompt: bool) -> Encoded:
+def encode_example(
+    tokenizer: PreTrainedTokenizerBase, example: Example, max_length: int, train_on_prompt: bool
+) -> Encoded:
     """Token ids and loss labels for one example."""
     eos = int(tokenizer.eos_token_id)
     if example.is_chat:
@@ -101,15 +106,19 @@ def encode_example(tokenizer: Any, example: Example, max_length: int, train_on_p
     return Encoded(array, labels, truncated)
 
 
-def _encode_chat(tokenizer: Any, example: Example, train_on_prompt: bool) -> tuple[list[int], list[bool]]:
+def _encode_chat(
+    tokenizer: PreTrainedTokenizerBase, example: Example, train_on_prompt: bool
+) -> tuple[list[int], list[bool]]:
     messages = list(example.messages)
-    text = tokenizer.apply_chat_template(messages, tokenize=False)
+    text = str(tokenizer.apply_chat_template(messages, tokenize=False))
     spans = []
     for k, message in enumerate(messages):
         if message["role"] != "assistant":
             continue
-        before = tokenizer.apply_chat_template(messages[:k], tokenize=False, add_generation_prompt=True) if k else ""
-        through = tokenizer.apply_chat_template(messages[: k + 1], tokenize=False)
+        before = str(
+            tokenizer.apply_chat_template(messages[:k], tokenize=False, add_generation_prompt=True) if k else ""
+        )
+        through = str(tokenizer.apply_chat_template(messages[: k + 1], tokenize=False))
         if not (through.startswith(before) and text.startswith(through)):
             raise UserError(
                 f"{example.where}: the chat template does not render turns as prefixes of each other, so the "

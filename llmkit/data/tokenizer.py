@@ -6,11 +6,14 @@ import hashlib
 import json
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from llmkit.errors import UserError
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 EOS = "<|endoftext|>"
 PAD = "<|pad|>"
@@ -63,7 +66,7 @@ def load_tokenizer(name_or_path: str | Path, trust_remote_code: bool = False, re
     return tokenizer
 
 
-def tokenizer_hash(tokenizer: Any) -> str:
+def tokenizer_hash(tokenizer: PreTrainedTokenizerBase) -> str:
     """A fingerprint of what the tokenizer does: its vocabulary, rules and special tokens."""
     spec = {
         "backend": json.loads(tokenizer.backend_tokenizer.to_str()),
@@ -72,7 +75,7 @@ def tokenizer_hash(tokenizer: Any) -> str:
     return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()
 
 
-def char_counts(tokenizer: Any) -> np.ndarray:
+def char_counts(tokenizer: PreTrainedTokenizerBase) -> np.ndarray:
     """Characters each token id stands for, so bits per character can be summed token by token.
 
     For byte-level vocabularies this is exact: a token's characters are its bytes that start a UTF-8
@@ -92,7 +95,7 @@ def char_counts(tokenizer: Any) -> np.ndarray:
     return counts
 
 
-def _is_byte_level(tokenizer: Any) -> bool:
+def _is_byte_level(tokenizer: PreTrainedTokenizerBase) -> bool:
     decoder = json.loads(tokenizer.backend_tokenizer.to_str()).get("decoder") or {}
     return decoder.get("type") == "ByteLevel"
 

@@ -39,8 +39,11 @@ def evaluate_classifier(model_dir: Any, data: Any, batch_size: int = 32, max_len
     tokenizer = load_tokenizer(find_tokenizer_dir(model_dir), require_eos=False)
     names = [model.config.id2label[i] for i in range(model.config.num_labels)]
     ids = {name: i for i, name in enumerate(names)}
-    rows = [example for source in resolve_sources([str(data)])
-            for _, example in normalize(read_records(source), "classification", {})]  # fmt: skip
+    rows = [
+        example
+        for source in resolve_sources([str(data)])
+        for _, example in normalize(read_records(source), "classification", {})
+    ]
     unknown = [row for row in rows if str(row.label) not in ids]
     if unknown:
         raise UserError(
@@ -52,8 +55,9 @@ def evaluate_classifier(model_dir: Any, data: Any, batch_size: int = 32, max_len
     with torch.no_grad(), progress_bar("evaluating", len(order), unit="rows") as update:
         for first in range(0, len(order), batch_size):
             chunk = order[first : first + batch_size]
-            batch = tokenizer([rows[i].text for i in chunk], truncation=True, max_length=max_length,
-                              padding=True, return_tensors="pt")  # fmt: skip
+            batch = tokenizer(
+                [rows[i].text for i in chunk], truncation=True, max_length=max_length, padding=True, return_tensors="pt"
+            )
             probabilities[chunk] = torch.softmax(model(**batch).logits.float(), dim=-1).numpy()
             update(len(chunk))
     labels = np.array([ids[str(row.label)] for row in rows])

@@ -21,8 +21,12 @@ from llmkit.config import read_json_mapping
 from llmkit.errors import UserError, did_you_mean
 
 OPERATORS: dict[str, Callable[[float, float], bool]] = {
-    ">=": operator.ge, "<=": operator.le, "==": operator.eq, ">": operator.gt, "<": operator.lt,
-}  # fmt: skip
+    ">=": operator.ge,
+    "<=": operator.le,
+    "==": operator.eq,
+    ">": operator.gt,
+    "<": operator.lt,
+}
 GATE = re.compile(r"^\s*([A-Za-z0-9_.\-]+)\s*(>=|<=|==|>|<)\s*([-+0-9.eE]+)\s*$")
 LOWER_IS_BETTER = ("loss", "perplexity", "bits_per_token", "bits_per_char", "bits_per_char_over_floor")
 
@@ -120,5 +124,16 @@ def junit_report(report: dict[str, Any]) -> str:
         body = "" if c["passed"] else f"<failure message={quoteattr(c['detail'])}>{escape(c['detail'])}</failure>"
         cases.append(f'    <testcase classname="llmkit.eval" name={quoteattr(c["name"])}>{body}</testcase>')
     header = f'  <testsuite name="llmkit-eval" tests="{len(checks)}" failures="{failures}" errors="0">'
-    return "\n".join(['<?xml version="1.0" encoding="UTF-8"?>', "<testsuites>", header, *cases, "  </testsuite>",
-                      "</testsuites>"]) + "\n"  # fmt: skip
+    return (
+        "\n".join(
+            [
+                '<?xml version="1.0" encoding="UTF-8"?>',
+                "<testsuites>",
+                header,
+                *cases,
+                "  </testsuite>",
+                "</testsuites>",
+            ]
+        )
+        + "\n"
+    )

@@ -11,7 +11,7 @@ import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -26,6 +26,9 @@ from llmkit.eval.exported import load_for_eval
 from llmkit.losses import IGNORE
 from llmkit.models import check_vocab_fits, model_context
 from llmkit.runs import find_tokenizer_dir, resolve_model_dir
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 LN2 = math.log(2)
 
@@ -114,7 +117,9 @@ def evaluate(
     return report
 
 
-def _load_eval_data(data: str | Path, tokenizer: Any, seq_len: int, text_field: str, encoding: str) -> EvalData:
+def _load_eval_data(
+    data: str | Path, tokenizer: PreTrainedTokenizerBase, seq_len: int, text_field: str, encoding: str
+) -> EvalData:
     path = Path(data)
     if path.is_dir() and (path / MANIFEST).is_file():
         dataset = open_dataset(path)

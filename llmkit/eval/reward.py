@@ -58,8 +58,9 @@ def load_reward_model(model_dir: Path) -> Any:
     return model.eval()
 
 
-def evaluate_reward(model_dir: Path, data: str, batch_size: int, scores: Path | None = None,
-                    encoding: str = "utf-8") -> dict[str, Any]:  # fmt: skip
+def evaluate_reward(
+    model_dir: Path, data: str, batch_size: int, scores: Path | None = None, encoding: str = "utf-8"
+) -> dict[str, Any]:
     from llmkit.data.pairs import PAIR_FORMATS, encode_pair
     from llmkit.data.templates import encode_example
     from llmkit.data.tokenizer import load_tokenizer
@@ -78,27 +79,50 @@ def evaluate_reward(model_dir: Path, data: str, batch_size: int, scores: Path | 
     record, _ = first
     pad = int(tokenizer.pad_token_id)
     if isinstance(record, dict) and {"chosen", "rejected"} <= record.keys():
-        rows = [example for source in sources for _, example in normalize(read_records(source, encoding=encoding),
-                                                                          "auto", {}, PAIR_FORMATS)]  # fmt: skip
+        rows = [
+            example
+            for source in sources
+            for _, example in normalize(read_records(source, encoding=encoding), "auto", {}, PAIR_FORMATS)
+        ]
         pairs = [encode_pair(tokenizer, row, max_length) for row in rows]
         rewards = rewards_of(model, [s for p in pairs for s in (p.chosen, p.rejected)], pad, batch_size)
         chosen, rejected = rewards[0::2], rewards[1::2]
-        result = {"kind": "reward", "data": data, "pairs": len(pairs), "accuracy": float(np.mean(chosen > rejected)),
-                  "margin": float(np.mean(chosen - rejected)), "reward_chosen": float(np.mean(chosen)),
-                  "reward_rejected": float(np.mean(rejected))}  # fmt: skip
+        result = {
+            "kind": "reward",
+            "data": data,
+            "pairs": len(pairs),
+            "accuracy": float(np.mean(chosen > rejected)),
+            "margin": float(np.mean(chosen - rejected)),
+            "reward_chosen": float(np.mean(chosen)),
+            "reward_rejected": float(np.mean(rejected)),
+        }
         if scores is not None:
-            _write_scores(scores, [{"where": r.where, "chosen": float(c), "rejected": float(j)}
-                                   for r, c, j in zip(rows, chosen, rejected, strict=True)])  # fmt: skip
+            _write_scores(
+                scores,
+                [
+                    {"where": r.where, "chosen": float(c), "rejected": float(j)}
+                    for r, c, j in zip(rows, chosen, rejected, strict=True)
+                ],
+            )
     else:
-        rows = [example for source in sources for _, example in normalize(read_records(source, encoding=encoding),
-                                                                          "auto", {})]  # fmt: skip
+        rows = [
+            example
+            for source in sources
+            for _, example in normalize(read_records(source, encoding=encoding), "auto", {})
+        ]
         if rows and rows[0].label is not None:
             raise UserError(f"{rows[0].where}: text + label rows; a reward model scores pairs or candidates")
         encoded = [encode_example(tokenizer, row, max_length, train_on_prompt=True) for row in rows]
         rewards = rewards_of(model, encoded, pad, batch_size)
-        result = {"kind": "reward", "data": data, "candidates": len(rows), "reward_mean": float(np.mean(rewards)),
-                  "reward_std": float(np.std(rewards)), "reward_min": float(np.min(rewards)),
-                  "reward_max": float(np.max(rewards))}  # fmt: skip
+        result = {
+            "kind": "reward",
+            "data": data,
+            "candidates": len(rows),
+            "reward_mean": float(np.mean(rewards)),
+            "reward_std": float(np.std(rewards)),
+            "reward_min": float(np.min(rewards)),
+            "reward_max": float(np.max(rewards)),
+        }
         if scores is not None:
             _write_scores(scores, [{"where": r.where, "reward": float(v)} for r, v in zip(rows, rewards, strict=True)])
     result["seconds"] = time.perf_counter() - start

@@ -10,9 +10,22 @@ from typing import Any
 from llmkit.errors import UserError
 from llmkit.outputs import check_report_paths
 
-DATA_METRICS = ("loss", "perplexity", "bits_per_token", "bits_per_char", "bits_per_char_over_floor", "accuracy",
-                "macro_precision", "macro_recall", "macro_f1", "roc_auc", "margin", "reward_chosen",
-                "reward_rejected", "reward_mean")  # fmt: skip
+DATA_METRICS = (
+    "loss",
+    "perplexity",
+    "bits_per_token",
+    "bits_per_char",
+    "bits_per_char_over_floor",
+    "accuracy",
+    "macro_precision",
+    "macro_recall",
+    "macro_f1",
+    "roc_auc",
+    "margin",
+    "reward_chosen",
+    "reward_rejected",
+    "reward_mean",
+)
 EVAL_TASKS = ("auto", "reward")
 
 
@@ -40,28 +53,40 @@ def evaluate_model(
     `reports` are the files the caller will write: checked before any work, so a bad path fails in a second,
     not after the evaluation, and never names an input."""
     from llmkit.data.task_files import load_task_files
-    from llmkit.eval.exported import export_format, runtime_name
     from llmkit.eval.gates import read_baseline
     from llmkit.eval.tasks import flat_metrics, run_tasks
+    from llmkit.export.formats import export_format
     from llmkit.runs import resolve_model_dir
 
-    _check_request(data is not None, bool(task_files or harness), task, scores is not None,
-                   {"--batch-size": (batch_size, 1), "--seq-len": (seq_len, 2), "--max-batches": (max_batches, 1),
-                    "--limit": (limit, 1)})  # fmt: skip
+    _check_request(
+        data is not None,
+        bool(task_files or harness),
+        task,
+        scores is not None,
+        {
+            "--batch-size": (batch_size, 1),
+            "--seq-len": (seq_len, 2),
+            "--max-batches": (max_batches, 1),
+            "--limit": (limit, 1),
+        },
+    )
     check_report_paths([*(reports or []), *([scores] if scores else [])], [model, data, baseline, *(task_files or [])])
     task_specs, file_gates = load_task_files(list(task_files or []))  # bad task files fail before the model loads
     old_metrics = read_baseline(baseline) if baseline is not None else None
     model_dir = resolve_model_dir(model)
-    runtime = export_format(model_dir)
-    if runtime and (harness or task == "reward"):
-        raise UserError(f"{model_dir}: a {runtime} export is evaluated with --data and --tasks; --harness and "
-                        "--task reward take the HF model it was exported from")  # fmt: skip
+    exported = export_format(model_dir)
+    if exported and (harness or task == "reward"):
+        raise UserError(
+            f"{model_dir}: a {exported.name} export is evaluated with --data and --tasks; --harness and "
+            "--task reward take the HF model it was exported from"
+        )
 
-    result: dict[str, Any] = {"model": str(model_dir), "runtime": runtime_name(runtime)}
+    result: dict[str, Any] = {"model": str(model_dir), "runtime": exported.runtime if exported else "transformers"}
     metrics: dict[str, float] = {}
     if data is not None:
-        result.update(_evaluate_data(model, model_dir, data, batch_size, seq_len, max_batches, text_field, encoding,
-                                     task, scores))  # fmt: skip
+        result.update(
+            _evaluate_data(model, model_dir, data, batch_size, seq_len, max_batches, text_field, encoding, task, scores)
+        )
         metrics.update({k: float(v) for k, v in result.items() if k in DATA_METRICS and v is not None})
     if task_specs:
         result["tasks"] = run_tasks(model_dir, task_specs, batch_size)
@@ -89,10 +114,13 @@ def _judge(
     gate_checks = check_gates(gates, metrics)
     regressions = check_regressions(metrics, old_metrics, max_regression) if old_metrics is not None else []
     return {
-        "metrics": metrics, "gates": checks_as_dicts(gate_checks), "regressions": checks_as_dicts(regressions),
-        "baseline": str(baseline) if baseline else None, "baseline_metrics": old_metrics,
+        "metrics": metrics,
+        "gates": checks_as_dicts(gate_checks),
+        "regressions": checks_as_dicts(regressions),
+        "baseline": str(baseline) if baseline else None,
+        "baseline_metrics": old_metrics,
         "passed": all(c.passed for c in gate_checks + regressions),
-    }  # fmt: skip
+    }
 
 
 def _check_request(data: bool, tasks: bool, task: str, scores: bool, counts: dict[str, tuple[int | None, int]]) -> None:

@@ -98,8 +98,10 @@ class LanguageModel:
     def generate(self, prompts: list[str], max_new_tokens: int, stop: list[str]) -> list[str]:
         """Greedy answers to prompts of similar length at once: left-padded, so every answer starts together."""
         pad = int(self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0)
-        rows = [self.tokenizer(p, add_special_tokens=False)["input_ids"][-(self.context - max_new_tokens) :]
-                for p in prompts]  # fmt: skip
+        rows = [
+            self.tokenizer(p, add_special_tokens=False)["input_ids"][-(self.context - max_new_tokens) :]
+            for p in prompts
+        ]
         width = max(len(row) for row in rows)
         ids = torch.full((len(rows), width), pad, dtype=torch.long)
         mask = torch.zeros((len(rows), width), dtype=torch.long)
@@ -107,9 +109,12 @@ class LanguageModel:
             ids[i, width - len(row) :] = torch.tensor(row)
             mask[i, width - len(row) :] = 1
         output = self.model.generate(
-            input_ids=ids.to(self.device), attention_mask=mask.to(self.device), max_new_tokens=max_new_tokens,
-            do_sample=False, pad_token_id=pad,
-        )  # fmt: skip
+            input_ids=ids.to(self.device),
+            attention_mask=mask.to(self.device),
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            pad_token_id=pad,
+        )
         answers = []
         for row in output[:, width:]:
             text = str(self.tokenizer.decode(row, skip_special_tokens=True))
@@ -163,8 +168,9 @@ def run_generation(lm: LanguageModel, task: TaskSpec, batch_size: int) -> dict[s
     with progress_bar(task.name, len(items), unit="items") as update:
         for first in range(0, len(order), batch_size):
             chunk = order[first : first + batch_size]
-            for index, answer in zip(chunk, lm.generate([prompts[i] for i in chunk], task.max_new_tokens, task.stop),
-                                     strict=True):  # fmt: skip
+            for index, answer in zip(
+                chunk, lm.generate([prompts[i] for i in chunk], task.max_new_tokens, task.stop), strict=True
+            ):
                 outputs[index] = answer
             update(len(chunk))
     where = f"{task.source}: task {task.name}"
@@ -221,8 +227,11 @@ def run_tasks(model_dir: Path, tasks: list[TaskSpec], batch_size: int = 16) -> d
                 metrics = {"accuracy": report["accuracy"], "macro_f1": report["macro_f1"], "items": report["examples"]}
             else:
                 report = evaluate(model_dir, path, batch_size=batch_size, text_field=task.text_field)
-                metrics = {"perplexity": report["perplexity"], "bits_per_char": report["bits_per_char"],
-                           "tokens": report["tokens"]}  # fmt: skip
+                metrics = {
+                    "perplexity": report["perplexity"],
+                    "bits_per_char": report["bits_per_char"],
+                    "tokens": report["tokens"],
+                }
             results[task.name] = {"kind": task.kind, **metrics}
     return results
 

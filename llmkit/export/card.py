@@ -8,6 +8,8 @@ from typing import Any
 
 import yaml
 
+from llmkit.export.formats import FORMATS
+
 
 def find_run_files(model_dir: Path) -> dict[str, Path]:
     """config.yaml, summary.json, eval.json and data_stats.json of the run a model directory belongs to."""
@@ -22,8 +24,13 @@ def find_run_files(model_dir: Path) -> dict[str, Path]:
 def model_card(name: str, model_dir: Path, report: dict[str, Any], eval_report: Path | None) -> str:
     files = find_run_files(model_dir)
     config = yaml.safe_load(files["config.yaml"].read_text()) if "config.yaml" in files else None
-    lines = [f"# {name}", "", f"Exported by llmkit from `{model_dir}` as **{report['format']}** "
-             f"({report['precision']}, {report['size_bytes'] / 2**20:.1f} MiB).", ""]  # fmt: skip
+    lines = [
+        f"# {name}",
+        "",
+        f"Exported by llmkit from `{model_dir}` as **{report['format']}** "
+        f"({report['precision']}, {report['size_bytes'] / 2**20:.1f} MiB).",
+        "",
+    ]
     lines += ["## Base model", "", _base(config, report), ""]
     lines += ["## Data", "", *_data(config, files), ""]
     if "summary.json" in files:
@@ -35,36 +42,54 @@ def model_card(name: str, model_dir: Path, report: dict[str, Any], eval_report: 
                 lines.append(f"| {key} | {value:,.4f} |" if isinstance(value, float) else f"| {key} | {value:,} |")
         lines.append("")
     if config is not None:
-        lines += ["Training config (secrets removed):", "", "```yaml", yaml.safe_dump(config, sort_keys=False).strip(),
-                  "```", ""]  # fmt: skip
+        lines += [
+            "Training config (secrets removed):",
+            "",
+            "```yaml",
+            yaml.safe_dump(config, sort_keys=False).strip(),
+            "```",
+            "",
+        ]
     evaluation = eval_report or files.get("eval.json")
     lines += ["## Evaluation", "", *_evaluation(evaluation), ""]
     limits = report["tolerance"]
     probe = f"Compared with the source model in float32 on the probe set ({report['probe']}):"
-    lines += ["## Export check", "", probe, "",
-              "| check | value | tolerance |", "| --- | ---: | ---: |",
-              f"| max abs logit difference | {report['max_abs_logit_diff']:.3g} | {limits['max_logit_diff']:g} |",
-              f"| greedy agreement | {report['greedy_agreement']:.2%} | >= {limits['min_greedy_agreement']:.0%} |",
-              f"| perplexity change | {report['perplexity_increase']:+.3%} | +-{limits['max_ppl_increase']:.2%} |",
-              ""]  # fmt: skip
+    lines += [
+        "## Export check",
+        "",
+        probe,
+        "",
+        "| check | value | tolerance |",
+        "| --- | ---: | ---: |",
+        f"| max abs logit difference | {report['max_abs_logit_diff']:.3g} | {limits['max_logit_diff']:g} |",
+        f"| greedy agreement | {report['greedy_agreement']:.2%} | >= {limits['min_greedy_agreement']:.0%} |",
+        f"| perplexity change | {report['perplexity_increase']:+.3%} | +-{limits['max_ppl_increase']:.2%} |",
+        "",
+    ]
     if report.get("ladder"):
         lines += _ladder(report)
-    lines += ["## Use", "", "```python", *USAGE[report["format"]], "```", ""]
+    lines += ["## Use", "", "```python", *FORMATS[report["format"]].usage, "```", ""]
     return "\n".join(lines)
 
 
 def _ladder(report: dict[str, Any]) -> list[str]:
     limits = report["tolerance"]
-    lines = ["## Quantization ladder", "",
-             f"Every level measured on the same probe; kept: the smallest inside greedy agreement >= "
-             f"{limits['min_greedy_agreement']:.0%} and perplexity change within +-{limits['max_ppl_increase']:.0%} "
-             f"(**{report['recommended']}**).", "",
-             "| level | size (MiB) | greedy agreement | perplexity change | tokens/s (llama.cpp) | within |",
-             "| --- | ---: | ---: | ---: | ---: | --- |"]  # fmt: skip
+    lines = [
+        "## Quantization ladder",
+        "",
+        f"Every level measured on the same probe; kept: the smallest inside greedy agreement >= "
+        f"{limits['min_greedy_agreement']:.0%} and perplexity change within +-{limits['max_ppl_increase']:.0%} "
+        f"(**{report['recommended']}**).",
+        "",
+        "| level | size (MiB) | greedy agreement | perplexity change | tokens/s (llama.cpp) | within |",
+        "| --- | ---: | ---: | ---: | ---: | --- |",
+    ]
     for row in report["ladder"]:
         speed = f"{row['tokens_per_second']:,.0f}" if row.get("tokens_per_second") else "-"
-        lines.append(f"| {row['level']} | {row['size_bytes'] / 2**20:.2f} | {row['greedy_agreement']:.2%} | "
-                     f"{row['perplexity_increase']:+.2%} | {speed} | {'yes' if row['within'] else 'no'} |")  # fmt: skip
+        lines.append(
+            f"| {row['level']} | {row['size_bytes'] / 2**20:.2f} | {row['greedy_agreement']:.2%} | "
+            f"{row['perplexity_increase']:+.2%} | {speed} | {'yes' if row['within'] else 'no'} |"
+        )
     if report.get("ladder_note"):
         lines += ["", f"Not measured: {report['ladder_note']}."]
     if not any(row.get("tokens_per_second") for row in report["ladder"]):
@@ -79,8 +104,10 @@ def _base(config: dict[str, Any] | None, report: dict[str, Any]) -> str:
     if model.get("init_from"):
         method = config.get("finetune", {}).get("method", "full")
         return f"Fine-tuned from `{model['init_from']}` (method: {method})."
-    return (f"Trained from scratch: {model['arch']}, {model['n_layers']} layers, width {model['hidden_size']}, "
-            f"{model['n_heads']} heads, context {model['context_length']}.")  # fmt: skip
+    return (
+        f"Trained from scratch: {model['arch']}, {model['n_layers']} layers, width {model['hidden_size']}, "
+        f"{model['n_heads']} heads, context {model['context_length']}."
+    )
 
 
 def _data(config: dict[str, Any] | None, files: dict[str, Path]) -> list[str]:
@@ -114,13 +141,3 @@ def _evaluation(path: Path | None) -> list[str]:
     rows = ["| metric | value |", "| --- | ---: |"] + [f"| {k} | {v:.4f} |" for k, v in metrics.items()]
     verdict = {True: "All gates passed.", False: "Some gates FAILED."}.get(report.get("passed"), "")
     return [f"From `{path}`. {verdict}".strip(), "", *rows]
-
-
-USAGE = {
-    "hf": ["from transformers import AutoModelForCausalLM, AutoTokenizer",
-           "model = AutoModelForCausalLM.from_pretrained('.')", "tokenizer = AutoTokenizer.from_pretrained('.')"],
-    "gguf": ["# llama.cpp: llama-cli -m model.gguf -p 'Once upon a time'",
-             "from llama_cpp import Llama", "llm = Llama(model_path='model.gguf')"],
-    "onnx": ["import onnxruntime, numpy as np", "session = onnxruntime.InferenceSession('model.onnx')",
-             "logits = session.run(['logits'], {'input_ids': ids, 'attention_mask': np.ones_like(ids)})[0]"],
-}  # fmt: skip

@@ -28,18 +28,13 @@ from llmkit.atomic import atomic_directory, write_json, write_text
 from llmkit.data.tokenizer import load_tokenizer
 from llmkit.errors import GATE_FAILED_EXIT, UserError
 from llmkit.export.card import model_card
-from llmkit.export.gguf import GGUF_TYPES, K_QUANTS, llama_cpp_missing
+from llmkit.export.formats import FORMATS, check_quantizer, model_logits
+from llmkit.export.gguf import K_QUANTS, llama_cpp_missing
 from llmkit.export.parity import Tolerance, failures, measure, probe_batch, probe_texts
 from llmkit.hub import check_push, push_folder
 from llmkit.models import load_trained_model
 from llmkit.outputs import check_output, output_lock
 from llmkit.runs import find_tokenizer_dir, refuse_scoring_model, resolve_model_dir
-
-FORMATS = {"hf": ("float32", "bfloat16", "float16"), "gguf": GGUF_TYPES, "onnx": ("float32",)}
-DEFAULT_DTYPE = {"hf": "float32", "gguf": "f16", "onnx": "float32"}
-TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-WEIGHT_FILES = (".safetensors", ".gguf", ".onnx")
-PRECISION = {"f32": "float32", "f16": "float16"}  # GGUF types as parity precisions (the others: their names)
 
 
 class ParityFailed(UserError):
@@ -99,16 +94,19 @@ def _check_request(
         raise UserError("--ladder measures every GGUF level and keeps one: pass --format gguf and no --dtype")
     if fmt not in FORMATS:
         raise UserError(f"--format {fmt}: choose one of {', '.join(FORMATS)}")
-    dtype = dtype or DEFAULT_DTYPE[fmt]
-    if dtype not in FORMATS[fmt]:
-        raise UserError(f"--dtype {dtype}: --format {fmt} takes {', '.join(FORMATS[fmt])}")
+    record = FORMATS[fmt]
+    dtype = dtype or record.default_dtype
+    if dtype not in record.dtypes:
+        raise UserError(f"--dtype {dtype}: --format {fmt} takes {', '.join(record.dtypes)}")
     if quantize not in (None, "int8", "int4"):
         raise UserError(f"--quantize {quantize}: choose int8 or int4; GGUF levels are --dtype q8_0 ... q4_0")
-    if (quantize and fmt == "gguf") or (quantize == "int4" and fmt != "hf"):
-        raise UserError("--quantize int8 applies to --format hf (torchao) and onnx, int4 to --format hf "
-                        "(bitsandbytes NF4); GGUF has --dtype q8_0 ... q4_0")  # fmt: skip
+    if quantize and quantize not in record.quantizers:
+        raise UserError(
+            "--quantize int8 applies to --format hf (torchao) and onnx, int4 to --format hf "
+            "(bitsandbytes NF4); GGUF has --dtype q8_0 ... q4_0"
+        )
     if quantize and fmt == "hf":
-        _check_quantizer(quantize, dtype)
+        check_quantizer(quantize, dtype)
     if fmt == "gguf" and dtype in K_QUANTS and llama_cpp_missing():
         raise UserError(f"--dtype {dtype}: {llama_cpp_missing()}; q8_0, q5_1, q5_0, q4_1 and q4_0 need nothing more")
     _check_tolerance(tolerance or {})
@@ -139,7 +137,8 @@ def _export(
         from llmkit.export.gguf import check_gguf_supported
 
         check_gguf_supported(reference)
-    precision = quantize or PRECISION.get(dtype, dtype)
+    record = FORMATS[fmt]
+    precision = record.precision(dtype, quantize)
     limits = Tolerance.default(precision)
     for key, value in (tolerance or {}).items():
         if value is not None:
@@ -149,15 +148,19 @@ def _export(
     ids, mask = probe_batch(tokenizer, probe_texts(probe_data))
 
     with atomic_directory(out) as staging:
-        exported = _WRITERS[fmt](model_dir, staging, tokenizer, dtype, quantize, adapter and not merge, out.name)
-        report = measure(_logits(reference), exported, ids, mask)
+        exported = record.writer(model_dir, staging, tokenizer, dtype, quantize, adapter and not merge, out.name)
+        report = measure(model_logits(reference), exported, ids, mask)
         report.update(
-            format=fmt, precision=precision, source=str(model_dir), out=str(out),
+            format=fmt,
+            precision=precision,
+            source=str(model_dir),
+            out=str(out),
             kind="adapter" if adapter and not merge else ("merged" if merge else "full"),
-            size_bytes=sum(p.stat().st_size for p in staging.iterdir() if p.suffix in WEIGHT_FILES),
-            files=sorted(p.name for p in staging.iterdir()), tolerance=limits.__dict__,
+            size_bytes=sum(p.stat().st_size for p in staging.iterdir() if p.suffix == record.weights),
+            files=sorted(p.name for p in staging.iterdir()),
+            tolerance=limits.__dict__,
             probe=probe_data or "built-in (8 held-out stories, 4 general sentences)",
-        )  # fmt: skip
+        )
         problems = failures(report, limits)
         if problems:
             raise ParityFailed(
@@ -203,15 +206,17 @@ def _export_ladder(
         for level in levels:
             folder = staging / f".{level}"
             folder.mkdir()
-            exported = _write_gguf(model_dir, folder, tokenizer, level, None, False, out.name)
-            row = {"level": level, **measure(_logits(reference), exported, ids, mask)}
+            exported = FORMATS["gguf"].writer(model_dir, folder, tokenizer, level, None, False, out.name)
+            row = {"level": level, **measure(model_logits(reference), exported, ids, mask)}
             row["size_bytes"] = (folder / "model.gguf").stat().st_size
             row["tokens_per_second"] = llama_cpp_speed(folder / "model.gguf", ids[0, :16].tolist())
             row["within"] = not failures(row, bar)
             rows.append(row)
-            info(f"ladder: {level:7} {row['size_bytes'] / 2**20:8.2f} MiB, greedy agreement "
-                 f"{row['greedy_agreement']:.1%}, perplexity {row['perplexity_increase']:+.2%}"
-                 f"{'' if row['within'] else ' (outside the bar)'}")  # fmt: skip
+            info(
+                f"ladder: {level:7} {row['size_bytes'] / 2**20:8.2f} MiB, greedy agreement "
+                f"{row['greedy_agreement']:.1%}, perplexity {row['perplexity_increase']:+.2%}"
+                f"{'' if row['within'] else ' (outside the bar)'}"
+            )
         inside = [row for row in rows if row["within"]]
         if not inside:
             raise ParityFailed(
@@ -226,12 +231,18 @@ def _export_ladder(
             shutil.rmtree(staging / f".{level}")
         report = {key: value for key, value in best.items() if key not in ("level", "within")}
         report.update(
-            format="gguf", precision=best["level"], source=str(model_dir), out=str(out), kind="full",
+            format="gguf",
+            precision=best["level"],
+            source=str(model_dir),
+            out=str(out),
+            kind="full",
             files=sorted([p.name for p in staging.iterdir()] + ["export_report.json", "README.md"]),
             tolerance=bar.__dict__,
             probe=probe_data or "built-in (8 held-out stories, 4 general sentences)",
-            ladder=rows, recommended=best["level"], ladder_note=skipped,
-        )  # fmt: skip
+            ladder=rows,
+            recommended=best["level"],
+            ladder_note=skipped,
+        )
         write_json(staging / "export_report.json", report)
         write_text(staging / "README.md", model_card(out.name, model_dir, report, eval_report))
     return report
@@ -253,114 +264,3 @@ def llama_cpp_speed(path: Path, prompt: list[int], new_tokens: int = 48) -> floa
         result = llm.create_completion(prompt, max_tokens=new_tokens, temperature=0.0)
         seconds = time.perf_counter() - start
     return result["usage"]["completion_tokens"] / seconds if seconds > 0 else None
-
-
-def _logits(model: Any) -> Any:
-    return lambda ids, mask: model(input_ids=ids, attention_mask=mask).logits
-
-
-QUANTIZERS = {"int8": "torchao", "int4": "bitsandbytes"}
-
-
-def _check_quantizer(quantize: str, dtype: str | None) -> None:
-    import importlib.util
-
-    library = QUANTIZERS[quantize]
-    if importlib.util.find_spec(library) is None:
-        raise UserError(f"--format hf --quantize {quantize} quantizes through {library}: pip install {library}")
-    if dtype not in (None, "float32"):
-        raise UserError(f"--quantize {quantize} keeps float32 for what it does not quantize; leave --dtype out")
-
-
-def _quantization_config(quantize: str) -> Any:
-    """int8: torchao's int8 weight-only; int4: bitsandbytes' 4-bit NormalFloat with double quantization (QLoRA's
-    format), both applied by transformers at load and saved with the checkpoint."""
-    from transformers import BitsAndBytesConfig, TorchAoConfig
-
-    if quantize == "int8":
-        from torchao.quantization import Int8WeightOnlyConfig
-
-        return TorchAoConfig(Int8WeightOnlyConfig())
-    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                              bnb_4bit_compute_dtype=torch.float32)  # fmt: skip
-
-
-def _write_hf_quantized(model_dir: Path, staging: Path, tokenizer: Any, quantize: str) -> Any:
-    """Weight-only quantization of every linear layer, as transformers applies it at load; checked by loading the
-    saved directory back through plain transformers."""
-    from transformers import AutoModelForCausalLM
-
-    merged = staging / ".float32"
-    load_trained_model(model_dir, dtype=torch.float32, merge=True).save_pretrained(merged, safe_serialization=True)
-    config = _quantization_config(quantize)
-    model = AutoModelForCausalLM.from_pretrained(merged, quantization_config=config, dtype=torch.float32)
-    model.save_pretrained(staging, safe_serialization=True)
-    import shutil
-
-    shutil.rmtree(merged)
-    tokenizer.save_pretrained(staging)
-    return _logits(AutoModelForCausalLM.from_pretrained(staging).eval())
-
-
-def _write_hf(
-    model_dir: Path, staging: Path, tokenizer: Any, dtype: str, quantize: Any, adapter: bool, name: str
-) -> Any:
-    if quantize:
-        return _write_hf_quantized(model_dir, staging, tokenizer, quantize)
-    if adapter:
-        model = load_trained_model(model_dir, dtype=torch.float32)
-    else:
-        model = load_trained_model(model_dir, dtype=TORCH_DTYPES[dtype], merge=True)
-    model.save_pretrained(staging, safe_serialization=True)
-    if getattr(model, "generation_config", None) is not None:
-        model.generation_config.save_pretrained(staging)
-    tokenizer.save_pretrained(staging)
-    return _logits(load_trained_model(staging, dtype=TORCH_DTYPES[dtype]).eval())
-
-
-def _write_gguf(
-    model_dir: Path, staging: Path, tokenizer: Any, dtype: str, quantize: Any, adapter: bool, name: str
-) -> Any:
-    from llmkit.export.gguf import gguf_architecture, ollama_modelfile, read_gguf, write_gguf
-
-    model = load_trained_model(model_dir, dtype=torch.float32, merge=True).eval()
-    path = staging / "model.gguf"
-    write_gguf(model, tokenizer, path, dtype, name)
-    generation = getattr(model, "generation_config", None)  # a LoRA run's own, not its base's
-    if (model_dir / "generation_config.json").is_file():
-        from transformers import GenerationConfig
-
-        generation = GenerationConfig.from_pretrained(model_dir)
-    stop = getattr(generation, "eos_token_id", None) if generation is not None else None
-    stop = stop if stop is not None else tokenizer.eos_token_id
-    write_text(staging / "Modelfile", ollama_modelfile(tokenizer, stop if isinstance(stop, list) else [stop]))
-    model.config.save_pretrained(staging)  # with the tokenizer: `llmkit eval` runs the file as the HF model
-    tokenizer.save_pretrained(staging)
-    state, metadata = read_gguf(path, model)  # read back: what a GGUF runtime would load
-    if metadata["tokens"] < len(tokenizer) or metadata["architecture"] != gguf_architecture(model.config):
-        raise UserError(
-            f"{path}: read back {metadata['tokens']} tokens / {metadata['architecture']}: not written right"
-        )
-    from transformers import AutoModelForCausalLM
-
-    restored = AutoModelForCausalLM.from_config(model.config, dtype=torch.float32)
-    missing, unexpected = restored.load_state_dict(state, strict=False)
-    if unexpected or [key for key in missing if key != "lm_head.weight"]:
-        raise UserError(f"{path}: tensors do not match the model (missing {missing}, unexpected {unexpected})")
-    restored.tie_weights()
-    return _logits(restored.eval())
-
-
-def _write_onnx(
-    model_dir: Path, staging: Path, tokenizer: Any, dtype: str, quantize: Any, adapter: bool, name: str
-) -> Any:
-    from llmkit.export.onnx import onnx_logits, write_onnx
-
-    model = load_trained_model(model_dir, dtype=torch.float32, merge=True).eval()
-    write_onnx(model, staging / "model.onnx", quantize)
-    model.config.save_pretrained(staging)
-    tokenizer.save_pretrained(staging)
-    return onnx_logits(staging / "model.onnx")
-
-
-_WRITERS = {"hf": _write_hf, "gguf": _write_gguf, "onnx": _write_onnx}

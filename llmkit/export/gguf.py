@@ -25,13 +25,16 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
 from llmkit.errors import UserError
 from llmkit.models import model_context
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 BLOCK_TYPES = ("q8_0", "q5_1", "q5_0", "q4_1", "q4_0")  # written here, blocks of 32
 K_QUANTS = ("q6_k", "q5_k_m", "q5_k_s", "q4_k_m", "q4_k_s", "q3_k_m", "q3_k_s", "q2_k")  # llama.cpp's quantizer
@@ -58,8 +61,12 @@ _GPT2_LAYER_NAMES = {
     "mlp.c_fc": "ffn_up",
     "mlp.c_proj": "ffn_down",
 }
-_GPT2_TOP_NAMES = {"transformer.wte": "token_embd", "transformer.wpe": "position_embd",
-                   "transformer.ln_f": "output_norm", "lm_head": "output"}  # fmt: skip
+_GPT2_TOP_NAMES = {
+    "transformer.wte": "token_embd",
+    "transformer.wpe": "position_embd",
+    "transformer.ln_f": "output_norm",
+    "lm_head": "output",
+}
 
 
 @dataclass(frozen=True)
@@ -152,7 +159,7 @@ def check_gguf_supported(model: Any) -> None:
         )
 
 
-def write_gguf(model: Any, tokenizer: Any, path: Path, kind: str, name: str) -> None:
+def write_gguf(model: Any, tokenizer: PreTrainedTokenizerBase, path: Path, kind: str, name: str) -> None:
     """`model` as one GGUF file of type `kind`; a k-quant is written as f16 and quantized by llama.cpp."""
     if kind in K_QUANTS:
         f16 = path.with_name(f".{path.name}.f16")
@@ -274,7 +281,7 @@ def _rope_theta(config: Any) -> float:
     return float(parameters.get("rope_theta", 10000.0))
 
 
-def _add_tokenizer(writer: Any, tokenizer: Any, model: Any) -> None:
+def _add_tokenizer(writer: Any, tokenizer: PreTrainedTokenizerBase, model: Any) -> None:
     import gguf
 
     spec = json.loads(tokenizer.backend_tokenizer.to_str())
@@ -299,9 +306,11 @@ def _add_tokenizer(writer: Any, tokenizer: Any, model: Any) -> None:
     writer.add_token_list(tokens)
     writer.add_token_types(types)
     writer.add_token_merges(merges)
-    for setter, token_id in ((writer.add_bos_token_id, tokenizer.bos_token_id),
-                             (writer.add_eos_token_id, tokenizer.eos_token_id),
-                             (writer.add_pad_token_id, tokenizer.pad_token_id)):  # fmt: skip
+    for setter, token_id in (
+        (writer.add_bos_token_id, tokenizer.bos_token_id),
+        (writer.add_eos_token_id, tokenizer.eos_token_id),
+        (writer.add_pad_token_id, tokenizer.pad_token_id),
+    ):
         if token_id is not None:
             setter(int(token_id))
     writer.add_add_bos_token(False)
@@ -341,7 +350,7 @@ OLLAMA_TEMPLATES = {
 }
 
 
-def ollama_modelfile(tokenizer: Any, stop_ids: list[int]) -> str:
+def ollama_modelfile(tokenizer: PreTrainedTokenizerBase, stop_ids: list[int]) -> str:
     """An Ollama Modelfile for `model.gguf` beside it: the chat template in Ollama's language when it is one of
     llmkit's built-in ones, and the stop tokens the run generates until."""
     from llmkit.data.templates import BUILTIN_TEMPLATES
@@ -396,3 +405,41 @@ def _field(reader: Any, key: str) -> Any:
     if field.types and field.types[0].name == "STRING":
         return bytes(value).decode("utf-8")
     return value.tolist()[0]
+
+
+def llama_cpp_logits(model_dir: Path, config: Any) -> Any:
+    """Logits of every position from llama.cpp (llama-cpp-python), one row at a time."""
+    if llama_cpp_missing():
+        raise UserError(
+            f"{model_dir}: a GGUF export is evaluated in llama.cpp, and llama-cpp-python is not installed: "
+            "pip install llama-cpp-python (or evaluate the HF model it was exported from)"
+        )
+    from llama_cpp import Llama
+
+    from llmkit.models import model_context
+
+    with quiet_native_stderr():
+        llm = Llama(
+            model_path=str(model_dir / "model.gguf"),
+            n_ctx=model_context(config) or 2048,
+            n_batch=512,
+            logits_all=True,
+            verbose=False,
+        )
+
+    vocab = llm.n_vocab()
+
+    def run(ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        out = torch.zeros((*ids.shape, max(vocab, config.vocab_size)), dtype=torch.float32)
+        out[..., vocab:] = float("-inf")  # embedding rows past the tokenizer: never a token
+        for row, (tokens, keep) in enumerate(zip(ids, mask, strict=True)):
+            positions = keep.bool().nonzero().flatten()
+            if len(positions) == 0:
+                continue
+            llm.reset()
+            with quiet_native_stderr():
+                llm.eval(tokens[positions].tolist())
+            out[row, positions, :vocab] = torch.from_numpy(np.array(llm.scores[: len(positions)], dtype=np.float32))
+        return out[..., : config.vocab_size]
+
+    return run

@@ -45,10 +45,16 @@ def write_onnx(model: Any, path: Path, quantize: str | None) -> None:
     with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():  # the exporter narrates every stage
         warnings.simplefilter("ignore")
         torch.onnx.export(
-            _LogitsOnly(model), (ids, torch.ones_like(ids)), str(full), input_names=["input_ids", "attention_mask"],
-            output_names=["logits"], dynamic_shapes={"input_ids": dynamic, "attention_mask": dynamic}, dynamo=True,
-            external_data=False, verbose=False,
-        )  # fmt: skip
+            _LogitsOnly(model),
+            (ids, torch.ones_like(ids)),
+            str(full),
+            input_names=["input_ids", "attention_mask"],
+            output_names=["logits"],
+            dynamic_shapes={"input_ids": dynamic, "attention_mask": dynamic},
+            dynamo=True,
+            external_data=False,
+            verbose=False,
+        )
     if quantize == "int8":
         from onnxruntime.quantization import QuantType, quantize_dynamic
 

@@ -16,11 +16,14 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from llmkit.errors import UserError
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 LogitsFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -80,7 +83,9 @@ def probe_texts(path: str | None = None, count: int = 32) -> list[str]:
     return texts
 
 
-def probe_batch(tokenizer: Any, texts: list[str], length: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+def probe_batch(
+    tokenizer: PreTrainedTokenizerBase, texts: list[str], length: int = 64
+) -> tuple[torch.Tensor, torch.Tensor]:
     """The probe texts' first `length` tokens, right-padded to one batch."""
     rows = [tokenizer(text, add_special_tokens=False)["input_ids"][:length] for text in texts]
     rows = [row for row in rows if len(row) >= 2]

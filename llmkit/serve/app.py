@@ -14,7 +14,7 @@ import hmac
 import json
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -82,8 +82,10 @@ def error_response(error: BadRequest) -> JSONResponse:
 
 def _stop_prefix(text: str, stops: list[str]) -> int:
     """The length of the longest end of `text` that a stop string starts with (0 when none does)."""
-    return max((n for stop in stops for n in range(min(len(stop) - 1, len(text)), 0, -1)
-                if stop.startswith(text[-n:])), default=0)  # fmt: skip
+    return max(
+        (n for stop in stops for n in range(min(len(stop) - 1, len(text)), 0, -1) if stop.startswith(text[-n:])),
+        default=0,
+    )
 
 
 class Generation:
@@ -106,8 +108,11 @@ class Generation:
         if body.max_tokens is not None and body.max_tokens > allowed:
             raise BadRequest(f"'max_tokens' is {body.max_tokens}; this server allows at most {allowed}", "max_tokens")
         if body.max_tokens is not None and body.max_tokens > room:
-            raise BadRequest(f"the prompt ({len(self.ids)} tokens) and max_tokens ({body.max_tokens}) exceed the "
-                             f"model's context of {context} tokens", "max_tokens")  # fmt: skip
+            raise BadRequest(
+                f"the prompt ({len(self.ids)} tokens) and max_tokens ({body.max_tokens}) exceed the "
+                f"model's context of {context} tokens",
+                "max_tokens",
+            )
         self.max_tokens = body.max_tokens or min(limits.default_max_tokens, allowed, room)
         self.state, self.body, self.served = state, body, served
         self.id = f"{'chatcmpl' if body.chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
@@ -116,8 +121,11 @@ class Generation:
         self.tokens: list[int] = []
         prompt = None
         if state.log_prompts:  # for `llmkit monitor`'s drift: enough of each text, never megabytes of it
-            prompt = ([{**m, "content": shorten(m["content"], LOGGED_CHARS)} for m in body.messages] if body.chat
-                      else shorten(body.prompt, LOGGED_CHARS))  # fmt: skip
+            prompt = (
+                [{**m, "content": shorten(m["content"], LOGGED_CHARS)} for m in body.messages]
+                if body.chat
+                else shorten(body.prompt, LOGGED_CHARS)
+            )
         self.record = Record(time.time(), self.id, endpoint, 200, body.stream, len(self.ids), prompt=prompt)
         self.start = time.perf_counter()
 
@@ -170,7 +178,7 @@ class Generation:
         ended = bool(tokens) and tokens[-1] in stops and not self.body.ignore_eos
         if ended:
             self.finish_reason = "stop"
-        text = self.served.tokenizer.decode(tokens[:-1] if ended else tokens, skip_special_tokens=True)
+        text = str(self.served.tokenizer.decode(tokens[:-1] if ended else tokens, skip_special_tokens=True))
         for stop in self.body.stop:
             at = text.find(stop, max(0, len(self.text) - len(stop)))
             if at >= 0:
@@ -205,8 +213,13 @@ class Generation:
         else:
             choice = {"index": 0, "text": piece or "", "finish_reason": finish, "logprobs": None}
             kind = "text_completion"
-        return {"id": self.id, "object": kind, "created": self.created, "model": self.state.model_name,
-                "choices": [choice]}  # fmt: skip
+        return {
+            "id": self.id,
+            "object": kind,
+            "created": self.created,
+            "model": self.state.model_name,
+            "choices": [choice],
+        }
 
     def whole(self) -> dict[str, Any]:
         if self.body.chat:
@@ -216,22 +229,30 @@ class Generation:
         else:
             choice = {"index": 0, "text": self.text, "finish_reason": self.finish_reason, "logprobs": None}
             kind = "text_completion"
-        return {"id": self.id, "object": kind, "created": self.created, "model": self.state.model_name,
-                "choices": [choice], "usage": self.usage()}  # fmt: skip
+        return {
+            "id": self.id,
+            "object": kind,
+            "created": self.created,
+            "model": self.state.model_name,
+            "choices": [choice],
+            "usage": self.usage(),
+        }
 
 
 async def read_body(request: HttpRequest, limit: int) -> bytes:
     """The request's body, refused (413) once it is larger than `limit` bytes, before it is read whole."""
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > limit:
-        raise BadRequest(f"the body is {int(declared):,} bytes; this server takes at most {limit:,} "
-                         "(--max-body-bytes)", status=413)  # fmt: skip
+        raise BadRequest(
+            f"the body is {int(declared):,} bytes; this server takes at most {limit:,} (--max-body-bytes)", status=413
+        )
     chunks, size = [], 0
     async for chunk in request.stream():
         size += len(chunk)
         if size > limit:
-            raise BadRequest(f"the body is over {limit:,} bytes, the most this server takes (--max-body-bytes)",
-                             status=413)  # fmt: skip
+            raise BadRequest(
+                f"the body is over {limit:,} bytes, the most this server takes (--max-body-bytes)", status=413
+            )
         chunks.append(chunk)
     return b"".join(chunks)
 
@@ -243,8 +264,11 @@ def too_long(body: Body, served: Served, limits: Limits) -> None:
     chars = sum(len(m["content"]) for m in body.messages) if body.chat else len(body.prompt)
     if chars > max_prompt * served.token_chars:
         param = "messages" if body.chat else "prompt"
-        raise BadRequest(f"the prompt is {chars:,} characters, more than {max_prompt} tokens can hold; this server "
-                         f"takes at most {max_prompt} tokens", param)  # fmt: skip
+        raise BadRequest(
+            f"the prompt is {chars:,} characters, more than {max_prompt} tokens can hold; this server "
+            f"takes at most {max_prompt} tokens",
+            param,
+        )
 
 
 def sse(data: dict[str, Any] | str) -> bytes:
@@ -252,140 +276,164 @@ def sse(data: dict[str, Any] | str) -> bytes:
 
 
 def build_app(state: ServerState) -> Starlette:
-    def authorized(request: HttpRequest) -> None:
-        if state.api_key is None:
-            return
-        header = request.headers.get("authorization", "")
-        given = header[7:] if header.lower().startswith("bearer ") else ""
-        if not hmac.compare_digest(given.encode(), state.api_key.encode()):
-            raise BadRequest("missing or wrong API key (send Authorization: Bearer KEY)", status=401,
-                             code="invalid_api_key")  # fmt: skip
+    """The routes of the OpenAI-compatible API, each handler given the server's state."""
 
-    async def admit(request: HttpRequest, chat: bool) -> Generation:
-        authorized(request)
-        served = state.ready()
-        try:
-            payload = json.loads(await read_body(request, state.limits.max_body_bytes))
-        except (ValueError, UnicodeDecodeError) as exc:
-            raise BadRequest(f"the body is not valid JSON: {exc}") from None
-        except RecursionError:
-            raise BadRequest("the body is JSON nested too deeply to read") from None
-        body = parse_body(payload, chat)
-        if body.model != state.model_name:
-            raise BadRequest(f"model '{body.model}' is not served here; this server serves '{state.model_name}'",
-                             "model", code="model_not_found")  # fmt: skip
-        too_long(body, served, state.limits)
-        # Tokenizing takes time in proportion to the prompt: on a thread, so other clients are still answered.
-        endpoint = "chat" if chat else "completions"
-        generation = await asyncio.get_running_loop().run_in_executor(
-            state.tokenizing, Generation, state, served, body, endpoint
-        )
-        assert state.slots is not None
-        if state.slots.locked() and state.waiting >= state.limits.max_queue:
-            raise BadRequest(f"the server is full ({state.limits.max_batch} generating, {state.waiting} waiting); "
-                             "retry later", status=429, code="queue_full")  # fmt: skip
-        return generation
+    def bound(
+        handler: Callable[..., Awaitable[Response]], **options: Any
+    ) -> Callable[[HttpRequest], Awaitable[Response]]:
+        async def route(request: HttpRequest) -> Response:
+            return await handler(state, request, **options)
 
-    async def completions(request: HttpRequest, chat: bool) -> Response:
-        endpoint = "chat" if chat else "completions"
-        start = time.perf_counter()
-        try:
-            generation = await admit(request, chat)
-        except BadRequest as error:
-            state.finished(Record(time.time(), "-", endpoint, error.status, duration_s=time.perf_counter() - start,
-                                  error=error.message))  # fmt: skip
-            return error_response(error)
-        except ClientDisconnect:  # gone before its request was read: nobody to answer
-            state.finished(Record(time.time(), "-", endpoint, 499, duration_s=time.perf_counter() - start,
-                                  error="client disconnected"))  # fmt: skip
-            return Response(status_code=499)
-        if generation.body.stream:
-            return StreamingResponse(stream(generation), media_type="text/event-stream",
-                                     headers={"Cache-Control": "no-cache"})  # fmt: skip
-        return await whole(request, generation)
-
-    async def whole(request: HttpRequest, generation: Generation) -> Response:
-        async def collect() -> None:
-            async for _ in generation.run():
-                pass
-
-        task = asyncio.create_task(collect())
-        while not task.done():
-            await asyncio.wait([task], timeout=0.5)
-            if not task.done() and await request.is_disconnected():
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
-                generation.finish(499, "client disconnected")
-                return Response(status_code=499)
-        try:
-            task.result()
-        except (TimeoutError, RuntimeError) as exc:
-            error = generation_error(exc, state.limits)
-            generation.finish(error.status, error.message)
-            return error_response(error)
-        generation.finish(200)
-        return JSONResponse(generation.whole())
-
-    async def stream(generation: Generation) -> AsyncIterator[bytes]:
-        status: int = 499
-        error: str | None = "client disconnected"
-        try:
-            yield sse(generation.chunk(None, first=True))
-            try:
-                async for piece in generation.run():
-                    yield sse(generation.chunk(piece))
-            except (TimeoutError, RuntimeError) as exc:
-                failure = generation_error(exc, state.limits)
-                status, error = failure.status, failure.message
-                yield sse(failure.body())
-                return
-            yield sse(generation.chunk(None, finish=generation.finish_reason))
-            if generation.body.include_usage:
-                yield sse({**generation.chunk(None), "choices": [], "usage": generation.usage()})
-            yield sse("[DONE]")
-            status, error = 200, None
-        finally:
-            generation.finish(status, error)
-
-    async def chat_route(request: HttpRequest) -> Response:
-        return await completions(request, chat=True)
-
-    async def completions_route(request: HttpRequest) -> Response:
-        return await completions(request, chat=False)
-
-    async def models(request: HttpRequest) -> Response:
-        try:
-            authorized(request)
-        except BadRequest as error:
-            return error_response(error)
-        model = {"id": state.model_name, "object": "model", "created": 0, "owned_by": "llmkit"}
-        if state.served is not None:
-            model["max_model_len"] = state.served.context
-        return JSONResponse({"object": "list", "data": [model]})
-
-    async def health(request: HttpRequest) -> Response:
-        served = state.served
-        status = "draining" if state.draining else "ok" if served is not None else "loading"
-        if status == "ok" and served is not None and not served.engine.alive():
-            status = "failed"  # the engine stopped and could not start again: restart the server
-        answer: dict[str, Any] = {"status": status}
-        if served is not None and served.engine.restarts:
-            answer["engine_restarts"] = served.engine.restarts
-        return JSONResponse(answer, status_code=200 if status == "ok" else 503)
-
-    async def metrics(request: HttpRequest) -> Response:
-        return Response(state.metrics.exposition(), media_type="text/plain; version=0.0.4; charset=utf-8")
-
-    async def not_found(request: HttpRequest, exc: Exception) -> Response:
-        return error_response(BadRequest(f"no route {request.url.path}", status=404))
+        return route
 
     routes = [
-        Route("/v1/chat/completions", chat_route, methods=["POST"]),
-        Route("/v1/completions", completions_route, methods=["POST"]),
-        Route("/v1/models", models, methods=["GET"]),
-        Route("/health", health, methods=["GET"]),
-        Route("/metrics", metrics, methods=["GET"]),
+        Route("/v1/chat/completions", bound(_completions, chat=True), methods=["POST"]),
+        Route("/v1/completions", bound(_completions, chat=False), methods=["POST"]),
+        Route("/v1/models", bound(_models), methods=["GET"]),
+        Route("/health", bound(_health), methods=["GET"]),
+        Route("/metrics", bound(_metrics), methods=["GET"]),
     ]
-    app = Starlette(routes=routes, exception_handlers={404: not_found})
-    return app
+    return Starlette(routes=routes, exception_handlers={404: _not_found})
+
+
+def _authorized(state: ServerState, request: HttpRequest) -> None:
+    if state.api_key is None:
+        return
+    header = request.headers.get("authorization", "")
+    given = header[7:] if header.lower().startswith("bearer ") else ""
+    if not hmac.compare_digest(given.encode(), state.api_key.encode()):
+        raise BadRequest(
+            "missing or wrong API key (send Authorization: Bearer KEY)", status=401, code="invalid_api_key"
+        )
+
+
+async def _admit(state: ServerState, request: HttpRequest, chat: bool) -> Generation:
+    _authorized(state, request)
+    served = state.ready()
+    try:
+        payload = json.loads(await read_body(request, state.limits.max_body_bytes))
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise BadRequest(f"the body is not valid JSON: {exc}") from None
+    except RecursionError:
+        raise BadRequest("the body is JSON nested too deeply to read") from None
+    body = parse_body(payload, chat)
+    if body.model != state.model_name:
+        raise BadRequest(
+            f"model '{body.model}' is not served here; this server serves '{state.model_name}'",
+            "model",
+            code="model_not_found",
+        )
+    too_long(body, served, state.limits)
+    # Tokenizing takes time in proportion to the prompt: on a thread, so other clients are still answered.
+    endpoint = "chat" if chat else "completions"
+    generation = await asyncio.get_running_loop().run_in_executor(
+        state.tokenizing, Generation, state, served, body, endpoint
+    )
+    assert state.slots is not None
+    if state.slots.locked() and state.waiting >= state.limits.max_queue:
+        raise BadRequest(
+            f"the server is full ({state.limits.max_batch} generating, {state.waiting} waiting); retry later",
+            status=429,
+            code="queue_full",
+        )
+    return generation
+
+
+async def _completions(state: ServerState, request: HttpRequest, chat: bool) -> Response:
+    endpoint = "chat" if chat else "completions"
+    start = time.perf_counter()
+    try:
+        generation = await _admit(state, request, chat)
+    except BadRequest as error:
+        state.finished(
+            Record(
+                time.time(), "-", endpoint, error.status, duration_s=time.perf_counter() - start, error=error.message
+            )
+        )
+        return error_response(error)
+    except ClientDisconnect:  # gone before its request was read: nobody to answer
+        state.finished(
+            Record(time.time(), "-", endpoint, 499, duration_s=time.perf_counter() - start, error="client disconnected")
+        )
+        return Response(status_code=499)
+    if generation.body.stream:
+        return StreamingResponse(
+            _stream(state, generation), media_type="text/event-stream", headers={"Cache-Control": "no-cache"}
+        )
+    return await _whole(state, request, generation)
+
+
+async def _whole(state: ServerState, request: HttpRequest, generation: Generation) -> Response:
+    async def collect() -> None:
+        async for _ in generation.run():
+            pass
+
+    task = asyncio.create_task(collect())
+    while not task.done():
+        await asyncio.wait([task], timeout=0.5)
+        if not task.done() and await request.is_disconnected():
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+            generation.finish(499, "client disconnected")
+            return Response(status_code=499)
+    try:
+        task.result()
+    except (TimeoutError, RuntimeError) as exc:
+        error = generation_error(exc, state.limits)
+        generation.finish(error.status, error.message)
+        return error_response(error)
+    generation.finish(200)
+    return JSONResponse(generation.whole())
+
+
+async def _stream(state: ServerState, generation: Generation) -> AsyncIterator[bytes]:
+    status: int = 499
+    error: str | None = "client disconnected"
+    try:
+        yield sse(generation.chunk(None, first=True))
+        try:
+            async for piece in generation.run():
+                yield sse(generation.chunk(piece))
+        except (TimeoutError, RuntimeError) as exc:
+            failure = generation_error(exc, state.limits)
+            status, error = failure.status, failure.message
+            yield sse(failure.body())
+            return
+        yield sse(generation.chunk(None, finish=generation.finish_reason))
+        if generation.body.include_usage:
+            yield sse({**generation.chunk(None), "choices": [], "usage": generation.usage()})
+        yield sse("[DONE]")
+        status, error = 200, None
+    finally:
+        generation.finish(status, error)
+
+
+async def _models(state: ServerState, request: HttpRequest) -> Response:
+    try:
+        _authorized(state, request)
+    except BadRequest as error:
+        return error_response(error)
+    model = {"id": state.model_name, "object": "model", "created": 0, "owned_by": "llmkit"}
+    if state.served is not None:
+        model["max_model_len"] = state.served.context
+    return JSONResponse({"object": "list", "data": [model]})
+
+
+async def _health(state: ServerState, request: HttpRequest) -> Response:
+    served = state.served
+    status = "draining" if state.draining else "ok" if served is not None else "loading"
+    if status == "ok" and served is not None and not served.engine.alive():
+        status = "failed"  # the engine stopped and could not start again: restart the server
+    answer: dict[str, Any] = {"status": status}
+    if served is not None and served.engine.restarts:
+        answer["engine_restarts"] = served.engine.restarts
+    return JSONResponse(answer, status_code=200 if status == "ok" else 503)
+
+
+async def _metrics(state: ServerState, request: HttpRequest) -> Response:
+    return Response(state.metrics.exposition(), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+
+async def _not_found(request: HttpRequest, exc: Exception) -> Response:
+    return error_response(BadRequest(f"no route {request.url.path}", status=404))

@@ -17,12 +17,15 @@ import shutil
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from llmkit.errors import UserError
-from llmkit.eval.exported import export_format
+from llmkit.export.formats import export_format
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 # On CPU, transformers sizes the paged KV cache from the machine's whole memory, which makes each step slow;
 # llmkit gives it what the running batch can use: every request at its longest, in pages of this many tokens.
@@ -73,8 +76,9 @@ class TransformersEngine:
             pages = max_batch * math.ceil(max(context, PAGE_TOKENS) / PAGE_TOKENS) + 1
             sizing = {"page_size": PAGE_TOKENS, "num_blocks": pages, "max_batch_tokens": max(2048, context)}
         batching = ContinuousBatchingConfig(max_requests_per_batch=max_batch, per_request_processors=True, **sizing)
-        self.start = lambda: model.init_continuous_batching(generation_config=generation,
-                                                            continuous_batching_config=batching)  # fmt: skip
+        self.start = lambda: model.init_continuous_batching(
+            generation_config=generation, continuous_batching_config=batching
+        )
         self.manager = self.start()
         self.manager.start()
         self.stop_ids = stop_ids
@@ -153,8 +157,13 @@ class LlamaCppEngine:
                     self.llama.reset()
                     greedy = request.temperature == 0
                     top_k = 1 if greedy else min(request.top_k, self.llama.n_vocab())
-                    sampling = {"top_k": top_k, "top_p": request.top_p, "min_p": 0.0,
-                                "temp": 0.0 if greedy else request.temperature, "repeat_penalty": 1.0}  # fmt: skip
+                    sampling = {
+                        "top_k": top_k,
+                        "top_p": request.top_p,
+                        "min_p": 0.0,
+                        "temp": 0.0 if greedy else request.temperature,
+                        "repeat_penalty": 1.0,
+                    }
                     for token in self.llama.generate(request.ids, reset=True, **sampling):
                         if request_id in self.cancelled or len(tokens) >= request.max_new_tokens:
                             break
@@ -185,7 +194,7 @@ class Served:
     """A loaded model, ready to serve: the engine, the tokenizer, and what the API needs to know about it."""
 
     engine: Any
-    tokenizer: Any
+    tokenizer: PreTrainedTokenizerBase
     context: int
     generator: Any  # llmkit.generate.Generator: the chat template and prompt handling `llmkit generate` uses
     token_chars: int = 64  # the most characters one token stands for: a longer text needs more tokens than chars/this
@@ -200,9 +209,9 @@ def servable_dir(model_path: str | Path) -> Path:
     model_dir = resolve_model_dir(model_path)
     refuse_scoring_model(model_dir, "served")
     fmt = export_format(model_dir)
-    if fmt == "onnx":
-        raise UserError(f"{model_path}: an ONNX export; serve the run, the HF export or a GGUF export instead")
-    if fmt == "gguf" and llama_cpp_missing():
+    if fmt is not None and fmt.serves is not None:
+        raise UserError(f"{model_path}: {fmt.serves}")
+    if fmt is not None and fmt.name == "gguf" and llama_cpp_missing():
         raise UserError(f"{model_path}: a GGUF export is served by llama.cpp: pip install llama-cpp-python")
     return model_dir
 
@@ -219,7 +228,8 @@ def load_served(model_path: str | Path, max_batch: int) -> Served:
     vocab = tokenizer.get_vocab()
     stops = sorted({int(tokenizer.eos_token_id)} | {vocab[token] for token in END_OF_TURN if token in vocab})
     token_chars = max(len(token) for token in vocab)
-    if export_format(model_dir) == "gguf":
+    exported = export_format(model_dir)
+    if exported is not None and exported.name == "gguf":
         from transformers import AutoConfig
 
         context = model_context(AutoConfig.from_pretrained(model_dir))
@@ -233,8 +243,9 @@ def load_served(model_path: str | Path, max_batch: int) -> Served:
     return Served(engine, tokenizer, context, Generator(model, tokenizer, stops), token_chars)
 
 
-def vllm_command(model_path: str | Path, name: str, host: str, port: int, tensor_parallel: int,
-                 max_batch: int) -> list[str]:  # fmt: skip
+def vllm_command(
+    model_path: str | Path, name: str, host: str, port: int, tensor_parallel: int, max_batch: int
+) -> list[str]:
     """The `vllm serve` command line for a run or model directory (vLLM serves it with its own API and metrics;
     the API key goes to it in VLLM_API_KEY, never on a command line other users can read)."""
     from llmkit.runs import resolve_model_dir
@@ -244,7 +255,21 @@ def vllm_command(model_path: str | Path, name: str, host: str, port: int, tensor
     model_dir = resolve_model_dir(model_path)
     if (model_dir / "adapter_config.json").is_file():
         raise UserError(f"{model_path}: a LoRA run; export it merged first (`llmkit export`), then serve the export")
-    if export_format(model_dir):
-        raise UserError(f"{model_path}: an ONNX/GGUF export; vLLM serves the HF model directory")
-    return ["vllm", "serve", str(model_dir), "--served-model-name", name, "--host", host, "--port", str(port),
-               "--tensor-parallel-size", str(tensor_parallel), "--max-num-seqs", str(max_batch)]  # fmt: skip
+    exported = export_format(model_dir)
+    if exported is not None:
+        raise UserError(f"{model_path}: a {exported.name} export; vLLM serves the HF model directory")
+    return [
+        "vllm",
+        "serve",
+        str(model_dir),
+        "--served-model-name",
+        name,
+        "--host",
+        host,
+        "--port",
+        str(port),
+        "--tensor-parallel-size",
+        str(tensor_parallel),
+        "--max-num-seqs",
+        str(max_batch),
+    ]

@@ -18,38 +18,85 @@ LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 
 TOKEN_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56)
 
 
+@dataclass(frozen=True)
+class Family:
+    """One Prometheus metric family of `llmkit serve`: how the server defines it and the monitor reads it."""
+
+    name: str
+    kind: str  # counter, gauge or histogram
+    help: str
+    labels: tuple[str, ...] = ()
+    buckets: tuple[float, ...] = ()
+
+    @property
+    def sample(self) -> str:
+        """The name its samples carry in the exposition (counters end in _total, histogram buckets in _bucket)."""
+        return {"counter": f"{self.name}_total", "histogram": f"{self.name}_bucket"}.get(self.kind, self.name)
+
+
+REQUESTS = Family(
+    "llmkit_requests",
+    "counter",
+    "Requests by endpoint and HTTP status (499: client went away).",
+    ("endpoint", "status"),
+)
+DURATION = Family(
+    "llmkit_request_duration_seconds",
+    "histogram",
+    "Time from arrival to the last byte.",
+    ("endpoint",),
+    LATENCY_BUCKETS,
+)
+QUEUE_TIME = Family(
+    "llmkit_queue_time_seconds", "histogram", "Time waiting for a generation slot.", (), LATENCY_BUCKETS
+)
+TTFT = Family(
+    "llmkit_time_to_first_token_seconds", "histogram", "Time from arrival to the first new token.", (), LATENCY_BUCKETS
+)
+TPOT = Family(
+    "llmkit_time_per_output_token_seconds", "histogram", "Mean time per new token after the first.", (), TOKEN_BUCKETS
+)
+PROMPT_TOKENS = Family("llmkit_prompt_tokens", "counter", "Prompt tokens read.")
+GENERATION_TOKENS = Family("llmkit_generation_tokens", "counter", "Tokens generated.")
+QUEUE_DEPTH = Family("llmkit_queue_depth", "gauge", "Requests waiting for a generation slot.")
+IN_FLIGHT = Family("llmkit_requests_in_flight", "gauge", "Requests generating now.")
+LOADED = Family("llmkit_model_loaded", "gauge", "1 once the model is loaded and serving.")
+LOG_ERRORS = Family("llmkit_request_log_errors", "counter", "Request-log lines that could not be written.")
+GPU_ALLOCATED = Family("llmkit_gpu_memory_allocated_bytes", "gauge", "GPU memory held by tensors.")
+GPU_RESERVED = Family("llmkit_gpu_memory_reserved_bytes", "gauge", "GPU memory reserved by the allocator.")
+
+
 class Metrics:
     """Prometheus metrics in their own registry (requests, latencies, tokens, queue, memory)."""
 
     def __init__(self) -> None:
         import torch
-        from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector
+        from prometheus_client import CollectorRegistry, ProcessCollector
 
         self.registry = CollectorRegistry()
         ProcessCollector(registry=self.registry)  # process_resident_memory_bytes, cpu seconds, open fds
-        r = self.registry
-        self.requests = Counter("llmkit_requests", "Requests by endpoint and HTTP status (499: client went away).",
-                                ["endpoint", "status"], registry=r)  # fmt: skip
-        self.duration = Histogram("llmkit_request_duration_seconds", "Time from arrival to the last byte.",
-                                  ["endpoint"], buckets=LATENCY_BUCKETS, registry=r)  # fmt: skip
-        self.queued = Histogram("llmkit_queue_time_seconds", "Time waiting for a generation slot.",
-                                buckets=LATENCY_BUCKETS, registry=r)  # fmt: skip
-        self.ttft = Histogram("llmkit_time_to_first_token_seconds", "Time from arrival to the first new token.",
-                              buckets=LATENCY_BUCKETS, registry=r)  # fmt: skip
-        self.tpot = Histogram("llmkit_time_per_output_token_seconds", "Mean time per new token after the first.",
-                              buckets=TOKEN_BUCKETS, registry=r)  # fmt: skip
-        self.prompt_tokens = Counter("llmkit_prompt_tokens", "Prompt tokens read.", registry=r)
-        self.generation_tokens = Counter("llmkit_generation_tokens", "Tokens generated.", registry=r)
-        self.queue_depth = Gauge("llmkit_queue_depth", "Requests waiting for a generation slot.", registry=r)
-        self.in_flight = Gauge("llmkit_requests_in_flight", "Requests generating now.", registry=r)
-        self.ready = Gauge("llmkit_model_loaded", "1 once the model is loaded and serving.", registry=r)
-        self.log_errors = Counter("llmkit_request_log_errors", "Request-log lines that could not be written.",
-                                  registry=r)  # fmt: skip
+        self.requests = self._add(REQUESTS)
+        self.duration = self._add(DURATION)
+        self.queued = self._add(QUEUE_TIME)
+        self.ttft = self._add(TTFT)
+        self.tpot = self._add(TPOT)
+        self.prompt_tokens = self._add(PROMPT_TOKENS)
+        self.generation_tokens = self._add(GENERATION_TOKENS)
+        self.queue_depth = self._add(QUEUE_DEPTH)
+        self.in_flight = self._add(IN_FLIGHT)
+        self.ready = self._add(LOADED)
+        self.log_errors = self._add(LOG_ERRORS)
         if torch.cuda.is_available():
-            allocated = Gauge("llmkit_gpu_memory_allocated_bytes", "GPU memory held by tensors.", registry=r)
-            reserved = Gauge("llmkit_gpu_memory_reserved_bytes", "GPU memory reserved by the allocator.", registry=r)
-            allocated.set_function(torch.cuda.memory_allocated)
-            reserved.set_function(torch.cuda.memory_reserved)
+            self._add(GPU_ALLOCATED).set_function(torch.cuda.memory_allocated)
+            self._add(GPU_RESERVED).set_function(torch.cuda.memory_reserved)
+
+    def _add(self, family: Family) -> Any:
+        from prometheus_client import Counter, Gauge, Histogram
+
+        if family.kind == "histogram":
+            return Histogram(family.name, family.help, family.labels, buckets=family.buckets, registry=self.registry)
+        kind = Counter if family.kind == "counter" else Gauge
+        return kind(family.name, family.help, family.labels, registry=self.registry)
 
     def exposition(self) -> bytes:
         from prometheus_client import generate_latest
@@ -83,8 +130,11 @@ class Record:
             metrics.prompt_tokens.inc(self.prompt_tokens)
         if self.completion_tokens:
             metrics.generation_tokens.inc(self.completion_tokens)
-        for histogram, value in ((metrics.queued, self.queue_s), (metrics.ttft, self.ttft_s),
-                                 (metrics.tpot, self.tpot_s)):  # fmt: skip
+        for histogram, value in (
+            (metrics.queued, self.queue_s),
+            (metrics.ttft, self.ttft_s),
+            (metrics.tpot, self.tpot_s),
+        ):
             if value is not None:
                 histogram.observe(value)
 
@@ -105,8 +155,10 @@ class RequestLog:
                 path.parent.mkdir(parents=True, exist_ok=True)
                 self.fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
             except OSError as exc:
-                raise UserError(f"--request-log {path}: cannot write there ({exc.strerror}); give a writable path, "
-                                "e.g. a mounted volume the server's user owns") from None  # fmt: skip
+                raise UserError(
+                    f"--request-log {path}: cannot write there ({exc.strerror}); give a writable path, "
+                    "e.g. a mounted volume the server's user owns"
+                ) from None
 
     def write(self, record: Record) -> bool:
         """Log one request; False when the line could not be written."""
@@ -126,9 +178,12 @@ class RequestLog:
                     os.ftruncate(self.fd, end)  # no half line for the monitor to trip on
                 self.failures += 1
                 if self.failures == 1:
-                    print(f"warning: --request-log {self.path}: cannot write ({exc.strerror}); requests are still "
-                          "answered and counted in /metrics (llmkit_request_log_errors), not logged",
-                          file=sys.stderr, flush=True)  # fmt: skip
+                    print(
+                        f"warning: --request-log {self.path}: cannot write ({exc.strerror}); requests are still "
+                        "answered and counted in /metrics (llmkit_request_log_errors), not logged",
+                        file=sys.stderr,
+                        flush=True,
+                    )
                 return False
 
     def close(self) -> None:

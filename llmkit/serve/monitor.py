@@ -22,6 +22,17 @@ import numpy as np
 
 from llmkit.errors import UserError, parse_duration, shorten
 from llmkit.eval.gates import check_gates, checks_as_dicts
+from llmkit.serve.metrics import (
+    DURATION,
+    GENERATION_TOKENS,
+    IN_FLIGHT,
+    LOADED,
+    QUEUE_DEPTH,
+    QUEUE_TIME,
+    REQUESTS,
+    TPOT,
+    TTFT,
+)
 
 QUANTILES = (50, 95, 99)
 TIMINGS = {"latency": "duration_s", "ttft": "ttft_s", "tpot": "tpot_s", "queue": "queue_s"}
@@ -100,33 +111,32 @@ def scrape(url: str) -> dict[str, float]:
     """The same figures from one scrape of /metrics: counts since the server started, estimated percentiles."""
     samples = _read_samples(url)
     by_status: dict[int, float] = {}
-    for sample in samples.get("llmkit_requests_total", []):
+    for sample in samples.get(REQUESTS.sample, []):
         status = int(sample.labels["status"])
         by_status[status] = by_status.get(status, 0) + sample.value
     requests = sum(by_status.values())
     errors = sum(v for s, v in by_status.items() if s >= 400 and s != 499)
     started = samples["process_start_time_seconds"][0].value if "process_start_time_seconds" in samples else None
     uptime = max(time.time() - started, 1e-9) if started else None
-    generated = sum(sample.value for sample in samples.get("llmkit_generation_tokens_total", []))
+    generated = sum(sample.value for sample in samples.get(GENERATION_TOKENS.sample, []))
     metrics: dict[str, float] = {
         "requests": requests,
         "errors": errors,
         "error_rate": errors / requests if requests else 0.0,
         "cancelled": by_status.get(499, 0),
         "rejected_full": by_status.get(429, 0),
-        "queue_depth": samples["llmkit_queue_depth"][0].value,
-        "in_flight": samples["llmkit_requests_in_flight"][0].value,
+        "queue_depth": samples[QUEUE_DEPTH.sample][0].value,
+        "in_flight": samples[IN_FLIGHT.sample][0].value,
     }
     if "process_resident_memory_bytes" in samples:
         metrics["resident_memory_gib"] = samples["process_resident_memory_bytes"][0].value / 2**30
     if uptime:
         metrics["uptime_s"] = uptime
         metrics["output_tokens_per_s"] = generated / uptime
-    histograms = {"latency": "llmkit_request_duration_seconds", "ttft": "llmkit_time_to_first_token_seconds",
-                  "tpot": "llmkit_time_per_output_token_seconds", "queue": "llmkit_queue_time_seconds"}  # fmt: skip
+    histograms = {"latency": DURATION, "ttft": TTFT, "tpot": TPOT, "queue": QUEUE_TIME}
     for name, family in histograms.items():
         buckets: dict[float, float] = {}
-        for sample in samples.get(f"{family}_bucket", []):
+        for sample in samples.get(family.sample, []):
             bound = float(sample.labels["le"])
             buckets[bound] = buckets.get(bound, 0) + sample.value  # summed over endpoints
         quantiles = {q: bucket_quantile(q / 100, sorted(buckets.items())) for q in QUANTILES}
@@ -142,8 +152,9 @@ def _read_samples(url: str) -> dict[str, list[Any]]:
         with urllib.request.urlopen(url, timeout=10) as response:
             body = response.read(16 * 2**20)
     except (OSError, ValueError) as exc:  # ValueError: not a URL urllib can open
-        raise UserError(f"{url}: cannot read the metrics ({shorten(str(exc), 200)}); is `llmkit serve` running "
-                        "there?") from None  # fmt: skip
+        raise UserError(
+            f"{url}: cannot read the metrics ({shorten(str(exc), 200)}); is `llmkit serve` running there?"
+        ) from None
     samples: dict[str, list[Any]] = {}
     try:
         for metric_family in text_string_to_metric_families(body.decode("utf-8")):
@@ -151,7 +162,7 @@ def _read_samples(url: str) -> dict[str, list[Any]]:
                 samples.setdefault(sample.name, []).append(sample)
     except ValueError:  # undecodable bytes or text that is not Prometheus' format (an HTML page, ...)
         samples = {}
-    if "llmkit_requests_total" not in samples and "llmkit_model_loaded" not in samples:
+    if REQUESTS.sample not in samples and LOADED.sample not in samples:
         raise UserError(f"{url}: not the /metrics of `llmkit serve`")
     return samples
 
@@ -186,8 +197,10 @@ def drift(records: list[dict[str, Any]], model: str | Path, limit: int) -> dict[
         )
         if not (isinstance(prompt, str) or chat):
             shown = shorten(repr(prompt), 80)
-            raise UserError(f"--model: request {number} of the log has a prompt that is neither text nor chat "
-                            f"messages ({shown}); was the log written by `llmkit serve`?")  # fmt: skip
+            raise UserError(
+                f"--model: request {number} of the log has a prompt that is neither text nor chat "
+                f"messages ({shown}); was the log written by `llmkit serve`?"
+            )
     prompts = [prompt for _, prompt in logged][-limit:]
     if not prompts:
         raise UserError("--model: the log holds no prompts; run `llmkit serve --log-prompts` to measure drift")
@@ -208,8 +221,12 @@ def drift(records: list[dict[str, Any]], model: str | Path, limit: int) -> dict[
     if not tokens:
         raise UserError("--model: the logged prompts are too short to score (need two tokens)")
     perplexity = math.exp(nll / tokens)
-    return {"prompts_scored": len(prompts), "prompt_perplexity": perplexity, "val_perplexity": reference,
-            "ppl_drift": perplexity / reference}  # fmt: skip
+    return {
+        "prompts_scored": len(prompts),
+        "prompt_perplexity": perplexity,
+        "val_perplexity": reference,
+        "ppl_drift": perplexity / reference,
+    }
 
 
 def validation_perplexity(model_dir: Path) -> float:
@@ -219,8 +236,10 @@ def validation_perplexity(model_dir: Path) -> float:
             loss = json.loads(summary.read_text(encoding="utf-8")).get("val_loss")
             if isinstance(loss, (int, float)) and math.isfinite(loss):
                 return math.exp(loss)
-    raise UserError(f"{model_dir}: no validation loss in the run's summary.json to compare prompts with; "
-                    "give the run directory the model came from")  # fmt: skip
+    raise UserError(
+        f"{model_dir}: no validation loss in the run's summary.json to compare prompts with; "
+        "give the run directory the model came from"
+    )
 
 
 def monitor(source: str, since: str | None, model: str | None, gates: list[str], max_prompts: int) -> dict[str, Any]:
@@ -238,5 +257,13 @@ def monitor(source: str, since: str | None, model: str | None, gates: list[str],
             metrics.update(drift(records, model, max_prompts))
     checks = checks_as_dicts(check_gates(gates, metrics))
     passed = all(check["passed"] for check in checks)
-    return {"title": "llmkit monitor", "model": str(model or source), "source": source, "since": since,
-            "metrics": metrics, "gates": checks, "regressions": [], "passed": passed}  # fmt: skip
+    return {
+        "title": "llmkit monitor",
+        "model": str(model or source),
+        "source": source,
+        "since": since,
+        "metrics": metrics,
+        "gates": checks,
+        "regressions": [],
+        "passed": passed,
+    }

@@ -17,8 +17,21 @@ from typing import Any
 
 from llmkit.errors import shorten
 
-COMMON = {"model", "max_tokens", "temperature", "top_p", "top_k", "stop", "stream", "stream_options", "n", "user",
-          "ignore_eos", "presence_penalty", "frequency_penalty"}  # fmt: skip
+COMMON = {
+    "model",
+    "max_tokens",
+    "temperature",
+    "top_p",
+    "top_k",
+    "stop",
+    "stream",
+    "stream_options",
+    "n",
+    "user",
+    "ignore_eos",
+    "presence_penalty",
+    "frequency_penalty",
+}
 CHAT = COMMON | {"messages", "max_completion_tokens"}
 COMPLETION = COMMON | {"prompt"}
 ROLES = ("system", "user", "assistant")
@@ -44,8 +57,12 @@ class BadRequest(Exception):
         self.message, self.param, self.status, self.code = message, param, status, code
 
     def body(self) -> dict[str, Any]:
-        kinds = {401: "authentication_error", 413: "invalid_request_error", 429: "rate_limit_error",
-                 503: "service_unavailable"}  # fmt: skip
+        kinds = {
+            401: "authentication_error",
+            413: "invalid_request_error",
+            429: "rate_limit_error",
+            503: "service_unavailable",
+        }
         kind = kinds.get(self.status, "server_error" if self.status >= 500 else "invalid_request_error")
         error = {"message": self.message, "type": kind, "param": self.param, "code": self.code}
         return {"error": error}

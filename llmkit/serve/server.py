@@ -49,11 +49,14 @@ def bind(host: str, port: int) -> socket.socket:
 
 
 def check_limits(limits: Limits, port: int = 0) -> None:
-    for option, value, least in (("--max-batch", limits.max_batch, 1), ("--max-queue", limits.max_queue, 0),
-                                 ("--default-max-tokens", limits.default_max_tokens, 1),
-                                 ("--max-prompt-tokens", limits.max_prompt_tokens, 1),
-                                 ("--max-tokens", limits.max_tokens, 1),
-                                 ("--max-body-bytes", limits.max_body_bytes, 1024)):  # fmt: skip
+    for option, value, least in (
+        ("--max-batch", limits.max_batch, 1),
+        ("--max-queue", limits.max_queue, 0),
+        ("--default-max-tokens", limits.default_max_tokens, 1),
+        ("--max-prompt-tokens", limits.max_prompt_tokens, 1),
+        ("--max-tokens", limits.max_tokens, 1),
+        ("--max-body-bytes", limits.max_body_bytes, 1024),
+    ):
         if value is not None and value < least:
             raise UserError(f"{option}: must be at least {least}, got {value}")
     if not math.isfinite(limits.timeout_s) or limits.timeout_s <= 0:
@@ -77,8 +80,10 @@ def context_of(model_dir: Path) -> int:
 def check_prompt_limit(limits: Limits, context: int) -> None:
     longest = limits.max_prompt_tokens
     if context and longest is not None and longest >= context:
-        raise UserError(f"--max-prompt-tokens {longest}: the model's context is {context} tokens, which must also "
-                        f"hold the answer; give at most {context - 1}")  # fmt: skip
+        raise UserError(
+            f"--max-prompt-tokens {longest}: the model's context is {context} tokens, which must also "
+            f"hold the answer; give at most {context - 1}"
+        )
 
 
 def api_key_from(flag: str | None, file: Path | None) -> tuple[str, str] | None:
@@ -99,15 +104,26 @@ def api_key_from(flag: str | None, file: Path | None) -> tuple[str, str] | None:
         return None
     key = key.strip()
     if not key:
-        raise UserError(f"{source} is empty: an empty key would leave the API open; give a key, or unset it to "
-                        "serve without one")  # fmt: skip
+        raise UserError(
+            f"{source} is empty: an empty key would leave the API open; give a key, or unset it to serve without one"
+        )
     if not (key.isascii() and key.isprintable()):
         raise UserError(f"{source}: an API key travels in an HTTP header, so it must be printable ASCII")
     return key, source
 
 
-def serve(model: str, host: str, port: int, name: str | None, key: tuple[str, str] | None, limits: Limits,
-          request_log: Path | None, log_prompts: bool, engine: str, tensor_parallel: int) -> int:  # fmt: skip
+def serve(
+    model: str,
+    host: str,
+    port: int,
+    name: str | None,
+    key: tuple[str, str] | None,
+    limits: Limits,
+    request_log: Path | None,
+    log_prompts: bool,
+    engine: str,
+    tensor_parallel: int,
+) -> int:
     """Serve until SIGTERM / Ctrl-C; returns the exit code (0 after a clean drain, 2 when the model cannot load).
     `key`: (API key, where it came from) from `api_key_from`, or None for an open API."""
     if engine not in ENGINES:
@@ -130,8 +146,13 @@ def serve(model: str, host: str, port: int, name: str | None, key: tuple[str, st
 
     state = ServerState(name, limits, api_key, RequestLog(request_log), log_prompts)
     state.slots = asyncio.Semaphore(limits.max_batch)
-    config = uvicorn.Config(build_app(state), log_level="warning", access_log=False, lifespan="off",
-                            timeout_graceful_shutdown=int(limits.timeout_s) + 5)  # fmt: skip
+    config = uvicorn.Config(
+        build_app(state),
+        log_level="warning",
+        access_log=False,
+        lifespan="off",
+        timeout_graceful_shutdown=int(limits.timeout_s) + 5,
+    )
     server = draining_server(config, state)
     shown = f"[{host}]" if ":" in host else host
     address = f"{shown}:{sock.getsockname()[1]}"
@@ -141,8 +162,11 @@ def serve(model: str, host: str, port: int, name: str | None, key: tuple[str, st
     else:
         print(f"API key required (from {key[1]})")
         if key[1] == "--api-key":
-            print("note: a key given on the command line is visible to other users of this machine (ps); prefer "
-                  "LLMKIT_API_KEY or --api-key-file", file=sys.stderr)  # fmt: skip
+            print(
+                "note: a key given on the command line is visible to other users of this machine (ps); prefer "
+                "LLMKIT_API_KEY or --api-key-file",
+                file=sys.stderr,
+            )
     failure: list[BaseException] = []
     threading.Thread(target=_load, args=(model, state, server, failure, request_log), daemon=True).start()
     try:
@@ -174,8 +198,11 @@ def _load(model: str, state: Any, server: Any, failure: list[BaseException], log
         return
     state.served = served
     engine = served.engine
-    batching = (f"continuous batching of up to {state.limits.max_batch} requests" if engine.name == "transformers"
-                else "one request at a time")  # fmt: skip
+    batching = (
+        f"continuous batching of up to {state.limits.max_batch} requests"
+        if engine.name == "transformers"
+        else "one request at a time"
+    )
     where = f"; request log {log}" if log else ""
     print(f"ready: {engine.name}, {batching}, context {served.context} tokens{where}", flush=True)
 
@@ -208,8 +235,9 @@ def draining_server(config: Any, state: Any) -> Any:
     return Server(config)
 
 
-def _exec_vllm(model: str, name: str, host: str, port: int, api_key: str | None, tensor_parallel: int,
-               max_batch: int) -> int:  # fmt: skip
+def _exec_vllm(
+    model: str, name: str, host: str, port: int, api_key: str | None, tensor_parallel: int, max_batch: int
+) -> int:
     from llmkit.serve.engines import vllm_command
 
     command = vllm_command(model, name, host, port, tensor_parallel, max_batch)

@@ -106,8 +106,9 @@ def verify_checkpoint(checkpoint: Path) -> None:
         raise UserError(f"{checkpoint}: incomplete checkpoint (no {COMPLETE} marker: its save was cut off)")
     try:
         seal = json.loads(seal_path.read_text(encoding="utf-8"))["files"]
-        if not all(isinstance(v, dict) and isinstance(v["bytes"], int) and isinstance(v["sha256"], str)
-                   for v in seal.values()):  # fmt: skip
+        if not all(
+            isinstance(v, dict) and isinstance(v["bytes"], int) and isinstance(v["sha256"], str) for v in seal.values()
+        ):
             raise ValueError
     except (ValueError, KeyError, TypeError, AttributeError, UnicodeDecodeError):
         raise UserError(

@@ -24,7 +24,7 @@ import math
 import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -35,6 +35,11 @@ from llmkit.config import DistillConfig, RunConfig
 from llmkit.console import info
 from llmkit.errors import UserError
 from llmkit.losses import IGNORE, causal_lm_nll, shifted_targets
+from llmkit.train.job import Objective
+
+if TYPE_CHECKING:
+    from accelerate import Accelerator
+    from transformers import PreTrainedTokenizerBase
 
 CACHE_VERSION = 1
 ROWS_PER_CHUNK = 2048  # target tokens whose full-vocabulary distributions are compared at once
@@ -199,7 +204,7 @@ def evaluation(cfg: DistillConfig, vocab: int, teacher: Any) -> Callable[..., di
     data_loss = lambda logits, batch: causal_lm_nll(logits, batch["labels"])  # noqa: E731
     metric = divergence_metric(cfg, vocab, teacher) if teacher is not None else None
 
-    def eval_fn(model: Any, batches: list[dict[str, torch.Tensor]], acc: Any) -> dict[str, Any]:
+    def eval_fn(model: Any, batches: list[dict[str, torch.Tensor]], acc: Accelerator) -> dict[str, Any]:
         result = evaluate_language_model(model, batches, acc, data_loss)
         if metric is not None:
             result[f"val_{cfg.loss}"] = evaluate_loss(model, batches, acc, metric)
@@ -219,8 +224,16 @@ class OnPolicy:
     are drawn from (seed, step, micro-batch, process), so a resumed run draws the same ones. The new rows are packed
     like any others (llmkit.train.packing)."""
 
-    def __init__(self, cfg: RunConfig, examples: list[Any], tokenizer: Any, stop_ids: list[int], width: int,
-                 attn_implementation: str, accelerator: Any) -> None:  # fmt: skip
+    def __init__(
+        self,
+        cfg: RunConfig,
+        examples: list[Any],
+        tokenizer: PreTrainedTokenizerBase,
+        stop_ids: list[int],
+        width: int,
+        attn_implementation: str,
+        accelerator: Accelerator,
+    ) -> None:
         self.share, self.seed = cfg.distill.on_policy, cfg.train.seed
         self.examples, self.width, self.attn = examples, width, attn_implementation
         self.pad_id, self.stop_ids = int(tokenizer.pad_token_id), stop_ids
@@ -243,8 +256,12 @@ class OnPolicy:
             samples = self._sample([self.examples[index] for index in indices], student)
         student.train(was_training)
         rows = first_fit_decreasing(np.asarray([len(e.ids) for e in samples]), self.width)
-        new = collate_rows([[samples[i] for i in row] for row in rows], self.pad_id, self.attn,
-                           [indices[i] for row in rows for i in row])  # fmt: skip
+        new = collate_rows(
+            [[samples[i] for i in row] for row in rows],
+            self.pad_id,
+            self.attn,
+            [indices[i] for row in rows for i in row],
+        )
         new["on_policy"] = torch.ones(())
         return new
 
@@ -266,9 +283,17 @@ class OnPolicy:
             prompts[row, width - start :] = torch.from_numpy(example.ids[:start])
             mask[row, width - start :] = 1
         device = self.accelerator.device
-        out = student.generate(input_ids=prompts.to(device), attention_mask=mask.to(device), do_sample=True,
-                               temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=max(budgets),
-                               eos_token_id=self.stop_ids, pad_token_id=self.pad_id)  # fmt: skip
+        out = student.generate(
+            input_ids=prompts.to(device),
+            attention_mask=mask.to(device),
+            do_sample=True,
+            temperature=1.0,
+            top_k=0,
+            top_p=1.0,
+            max_new_tokens=max(budgets),
+            eos_token_id=self.stop_ids,
+            pad_token_id=self.pad_id,
+        )
         samples = []
         for row, (example, start, budget) in enumerate(zip(examples, starts, budgets, strict=True)):
             answer = out[row, width : width + budget].cpu().numpy()
@@ -305,14 +330,19 @@ class TeacherCache:
             self.ids = np.load(root / "ids.npy", mmap_mode="r")
             self.logp = np.load(root / "logp.npy", mmap_mode="r")
             tokens, k = int(self.manifest["tokens"]), int(self.manifest["key"]["k"])
-            shapes = {"offsets.npy": (self.offsets.shape, (int(self.manifest["samples"]) + 1,)),
-                      "ids.npy": (self.ids.shape, (tokens, k)), "logp.npy": (self.logp.shape, (tokens, k))}  # fmt: skip
+            shapes = {
+                "offsets.npy": (self.offsets.shape, (int(self.manifest["samples"]) + 1,)),
+                "ids.npy": (self.ids.shape, (tokens, k)),
+                "logp.npy": (self.logp.shape, (tokens, k)),
+            }
             wrong = [f"{name} is {got}, not {want}" for name, (got, want) in shapes.items() if tuple(got) != want]
             if wrong or int(self.offsets[-1]) != tokens:
                 raise ValueError("; ".join(wrong) or "its offsets do not end at its token count")
         except (OSError, ValueError, KeyError, TypeError, EOFError) as exc:
-            raise UserError(f"{root}: damaged teacher cache ({str(exc)[:200]}); remove it, or point distill.cache "
-                            "at a new directory, and it is computed again") from None  # fmt: skip
+            raise UserError(
+                f"{root}: damaged teacher cache ({str(exc)[:200]}); remove it, or point distill.cache "
+                "at a new directory, and it is computed again"
+            ) from None
 
     @property
     def k(self) -> int:
@@ -398,7 +428,7 @@ def open_or_build_cache(
     lengths: list[int],
     batches: Callable[[list[int]], Iterator[dict[str, torch.Tensor]]],
     teacher: Callable[[], Any],
-    accelerator: Any,
+    accelerator: Accelerator,
     given: bool,
 ) -> TeacherCache:
     """The cache at `root` when its key matches; else (or when absent) one pass of the teacher over the samples,
@@ -415,8 +445,10 @@ def open_or_build_cache(
     k, vocab = key["k"], key["vocab"]
     if accelerator.is_main_process:
         size = cache_bytes(int(offsets[-1]), k, vocab) / 2**20
-        info(f"teacher cache: one pass of the teacher over {len(lengths):,} samples ({int(offsets[-1]):,} tokens), "
-             f"top-{k} -> {root} ({size:,.1f} MiB)")  # fmt: skip
+        info(
+            f"teacher cache: one pass of the teacher over {len(lengths):,} samples ({int(offsets[-1]):,} tokens), "
+            f"top-{k} -> {root} ({size:,.1f} MiB)"
+        )
     staging = root.parent / f".{root.name}.partial"
     if accelerator.is_main_process:
         shutil.rmtree(staging, ignore_errors=True)
@@ -431,8 +463,9 @@ def open_or_build_cache(
     model = teacher()
     mine = list(range(accelerator.process_index, len(lengths), accelerator.num_processes))
     for batch in batches(mine):
-        logits = teacher_logits(model, {key: value.to(accelerator.device) for key, value in batch.items()
-                                        if key != "sample_indices"})  # fmt: skip
+        logits = teacher_logits(
+            model, {key: value.to(accelerator.device) for key, value in batch.items() if key != "sample_indices"}
+        )
         top = torch.topk(F.log_softmax(logits[..., :vocab].float() / key["temperature"], dim=-1), k, dim=-1)
         top_ids, top_logp = top.indices.cpu().numpy(), top.values.cpu().numpy()
         for row, sample in enumerate(batch["sample_indices"].tolist()):
@@ -469,16 +502,21 @@ class CachedBlocks:
 
 
 def pretrain_objective(
-    cfg: RunConfig, tokenizer: Any, loader: Any, dataset_fingerprint: str, accelerator: Any, run_dir: Path
-) -> tuple[dict[str, Any], Any]:
+    cfg: RunConfig,
+    tokenizer: PreTrainedTokenizerBase,
+    loader: Any,
+    dataset_fingerprint: str,
+    accelerator: Accelerator,
+    run_dir: Path,
+) -> tuple[Objective, Any]:
     """`loss_fn` and `eval_fn` for `llmkit pretrain --teacher` (every token of a block is a target), and the loader
     to train from. With distill.top_k, the teacher's top-k over every training block is computed once (or reused)
     first, and the loader's batches carry it."""
     vocab = len(tokenizer)
     if not cfg.distill.top_k:
         teacher = load_teacher(cfg, accelerator.device)
-        return {"loss_fn": distillation_loss(cfg.distill, vocab, teacher=teacher),
-                "eval_fn": evaluation(cfg.distill, vocab, teacher)}, loader  # fmt: skip
+        loss_fn = distillation_loss(cfg.distill, vocab, teacher=teacher)
+        return Objective(loss_fn, eval_fn=evaluation(cfg.distill, vocab, teacher)), loader
     train_split = loader.dataset
     root = Path(cfg.distill.cache) if cfg.distill.cache else run_dir / "teacher_cache"
     key = cache_key(cfg.distill, dataset_fingerprint, vocab)
@@ -490,8 +528,14 @@ def pretrain_objective(
             tokens = torch.from_numpy(train_split.blocks(group))
             yield {"input_ids": tokens, "sample_indices": torch.from_numpy(group)}
 
-    cache = open_or_build_cache(root, key, [cfg.data.block_size] * blocks, batches,
-                                lambda: load_teacher(cfg, accelerator.device), accelerator,
-                                given=cfg.distill.cache is not None)  # fmt: skip
-    objective = {"loss_fn": distillation_loss(cfg.distill, vocab), "eval_fn": evaluation(cfg.distill, vocab, None)}
+    cache = open_or_build_cache(
+        root,
+        key,
+        [cfg.data.block_size] * blocks,
+        batches,
+        lambda: load_teacher(cfg, accelerator.device),
+        accelerator,
+        given=cfg.distill.cache is not None,
+    )
+    objective = Objective(distillation_loss(cfg.distill, vocab), eval_fn=evaluation(cfg.distill, vocab, None))
     return objective, CachedBlocks(loader, cache)

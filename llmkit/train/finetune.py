@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -29,7 +29,7 @@ from llmkit.models import (
     trained_factors,
 )
 from llmkit.runs import find_tokenizer_dir, resolve_model_dir
-from llmkit.train.job import FitResult
+from llmkit.train.job import FitResult, Objective
 from llmkit.train.packing import ExampleLoader, TooFewRows
 from llmkit.train.resume import (
     find_checkpoint,
@@ -44,11 +44,16 @@ from llmkit.train.setup import (
     compute_dtype,
     describe_speedups,
     enable_gradient_checkpointing,
+    language_model_loss,
     make_accelerator,
 )
 from llmkit.train.step import router_balance
-from llmkit.train.strategies import use_cuda
+from llmkit.train.strategies import Strategy, check_added_token_rows, use_cuda
 from llmkit.train.tasks import Task, TaskData, get_task
+
+if TYPE_CHECKING:
+    from accelerate import Accelerator
+    from transformers import PreTrainedTokenizerBase
 
 
 def finetune(
@@ -73,28 +78,39 @@ def finetune(
     chat = setup_chat_template(tokenizer, ft.chat_template) if task.chat else None
     data = task.load_data(cfg, tokenizer)
 
-    accelerator = make_accelerator(cfg)
+    accelerator, strategy = make_accelerator(cfg)
     sources = resolve_sources([*cfg.data.sources, *([ft.val_file] if ft.val_file else [])])
     reads = [base_dir, *input_paths(cfg, skip=["data.dataset_dir"]), *(s.name for s in sources if s.kind == "file")]
     with own_run_dir(cfg, reads, resume, accelerator):
-        return _finetune(cfg, task, base_dir, tokenizer, chat, data, accelerator, overwrite, resume,
-                         resume_fallback, allow_config_change)  # fmt: skip
+        return _finetune(
+            cfg,
+            task,
+            base_dir,
+            tokenizer,
+            chat,
+            data,
+            strategy,
+            overwrite,
+            resume,
+            resume_fallback,
+            allow_config_change,
+        )
 
 
 def _finetune(
     cfg: RunConfig,
     task: Task,
     base_dir: Path,
-    tokenizer: Any,
+    tokenizer: PreTrainedTokenizerBase,
     chat: Any,
     data: TaskData,
-    accelerator: Any,
+    strategy: Strategy,
     overwrite: bool,
     resume: str | None,
     resume_fallback: bool,
     allow_config_change: bool,
 ) -> FitResult:
-    ft = cfg.finetune
+    ft, accelerator = cfg.finetune, strategy.accelerator
     token = cfg.model.hub_token.get_secret_value() if cfg.model.hub_token else None
     world, micro = accelerator.num_processes, cfg.train.micro_batch_size
     fingerprints = run_fingerprints(
@@ -113,16 +129,63 @@ def _finetune(
         enable_gradient_checkpointing(model)
     liger = apply_kernels(model, cfg) if task.kernels else False
     model = _apply_method(model, cfg, task, chat.added_tokens if chat else 0, tokenizer, checkpoint)
-    weight_bytes = _place_weights(model, cfg, accelerator)
+    # Frozen weights in the compute dtype, trained ones in float32 (DeepSpeed and FSDP place weights themselves).
+    weight_bytes = {} if strategy.places_weights else place_weights(model, compute_dtype(cfg))
     speedups = describe_speedups(liger, apply_float8(model, cfg))
     attn = getattr(model.config, "_attn_implementation", None) or "sdpa"
     pad_id = int(tokenizer.pad_token_id)
     collate = task.collate(pad_id, attn)
-    packing = ft.packing and task.packs
-    row_length = ft.max_length * task.sequences_per_row
+    loader = _row_loader(cfg, task, data, pad_id, attn, collate, accelerator)
+    # an upper bound, for budgets
+    tokens_per_step = micro * cfg.train.grad_accum_steps * world * ft.max_length * task.sequences_per_row
+
+    def objective(run_dir: Path) -> tuple[Objective, Any]:
+        lm_loss = lambda: language_model_loss(model, strategy, liger)  # noqa: E731
+        return task.objective(model, accelerator, data, cfg, lm_loss), loader
+
+    def prepare(prepared: Any, run_dir: Path) -> None:
+        task.prepare(prepared, accelerator, data, run_dir, checkpoint is not None, cfg, collate)
+
+    def announce(prepared: Any, run_dir: Path, total_steps: int, val_batches: list[dict[str, Any]]) -> None:
+        _announce(cfg, task, data, chat, prepared, loader, run_dir, total_steps, weight_bytes, world, speedups)
+
+    validation = lambda: _validation_batches(data.val, micro, cfg.train.eval_batches, collate)  # noqa: E731
+    lora_plus = ft.lora.plus_ratio if ft.method in ("lora", "qlora") else 1.0
+    parts = Parts(
+        model,
+        loader,
+        loader.batches_per_epoch,
+        tokens_per_step,
+        ft.max_length,
+        objective,
+        validation,
+        announce,
+        prepare,
+        lora_plus_ratio=lora_plus,
+        fixed_shapes=False,
+    )  # fixed_shapes: rows of any length
+    return train(cfg, strategy, tokenizer, Found(fingerprints, checkpoint, saved_state), resume, overwrite, parts)
+
+
+def _row_loader(
+    cfg: RunConfig, task: Task, data: TaskData, pad_id: int, attn: str, collate: Any, accelerator: Accelerator
+) -> ExampleLoader:
+    """The task's training rows in micro-batches for this process, packed where the task and recipe allow."""
+    micro, world, ft = cfg.train.micro_batch_size, accelerator.num_processes, cfg.finetune
+    packing, row_length = ft.packing and task.packs, ft.max_length * task.sequences_per_row
     try:
-        loader = ExampleLoader(data.train, micro, row_length, cfg.train.seed, packing, pad_id, attn,
-                               accelerator.process_index, world, collate)  # fmt: skip
+        return ExampleLoader(
+            data.train,
+            micro,
+            row_length,
+            cfg.train.seed,
+            packing,
+            pad_id,
+            attn,
+            accelerator.process_index,
+            world,
+            collate,
+        )
     except TooFewRows as exc:
         packed = f"pack into {exc.rows} rows of up to {row_length} tokens, " if packing else ""
         raise UserError(
@@ -131,28 +194,21 @@ def _finetune(
             + (", lower finetune.max_length or turn packing off (--no-packing)," if packing else "")
             + " or add data"
         ) from None
-    tokens_per_step = micro * cfg.train.grad_accum_steps * world * row_length  # an upper bound, for budgets
-
-    def objective(run_dir: Path) -> tuple[dict[str, Any], Any]:
-        return task.objective(model, accelerator, data, cfg, liger), loader
-
-    def prepare(prepared: Any, run_dir: Path) -> None:
-        task.prepare(prepared, accelerator, data, run_dir, checkpoint is not None, cfg, collate)
-
-    def announce(prepared: Any, run_dir: Path, total_steps: int, val_batches: list[dict[str, Any]]) -> None:
-        _announce(cfg, task, data, chat, prepared, loader, run_dir, total_steps, weight_bytes, world, speedups)
-
-    parts = Parts(
-        model, loader, loader.batches_per_epoch, tokens_per_step, ft.max_length, objective,
-        lambda: _validation_batches(data.val, micro, cfg.train.eval_batches, collate), announce, prepare,
-        lora_plus_ratio=ft.lora.plus_ratio if ft.method in ("lora", "qlora") else 1.0,
-        fixed_shapes=False,  # rows of any length
-    )  # fmt: skip
-    return train(cfg, accelerator, tokenizer, Found(fingerprints, checkpoint, saved_state), resume, overwrite, parts)
 
 
-def _announce(cfg: RunConfig, task: Task, data: TaskData, chat: Any, model: Any, loader: Any, run_dir: Path,
-              total_steps: int, weight_bytes: dict[str, int], world: int, speedups: str) -> None:  # fmt: skip
+def _announce(
+    cfg: RunConfig,
+    task: Task,
+    data: TaskData,
+    chat: Any,
+    model: Any,
+    loader: Any,
+    run_dir: Path,
+    total_steps: int,
+    weight_bytes: dict[str, int],
+    world: int,
+    speedups: str,
+) -> None:
     """The run's one-line summary, and RUN/data_stats.json."""
     ft = cfg.finetune
     trainable, total = count_parameters(model)
@@ -169,14 +225,28 @@ def _announce(cfg: RunConfig, task: Task, data: TaskData, chat: Any, model: Any,
             else ""
         )
     )
-    (run_dir / "data_stats.json").write_text(json.dumps({
-        "task": ft.task, "format": data.fmt, **task.stats(data, chat), "train_examples": len(data.train),
-        "val_examples": len(data.val), "truncated": data.truncated, "packing": loader.packing,
-        "efficiency": efficiency, "trainable_parameters": trainable, "total_parameters": total, **weight_bytes,
-    }, indent=2) + "\n")  # fmt: skip
+    (run_dir / "data_stats.json").write_text(
+        json.dumps(
+            {
+                "task": ft.task,
+                "format": data.fmt,
+                **task.stats(data, chat),
+                "train_examples": len(data.train),
+                "val_examples": len(data.val),
+                "truncated": data.truncated,
+                "packing": loader.packing,
+                "efficiency": efficiency,
+                "trainable_parameters": trainable,
+                "total_parameters": total,
+                **weight_bytes,
+            },
+            indent=2,
+        )
+        + "\n"
+    )
 
 
-def _load_base(model: Any, cfg: RunConfig, tokenizer: Any, chat: Any) -> Any:
+def _load_base(model: Any, cfg: RunConfig, tokenizer: PreTrainedTokenizerBase, chat: Any) -> Any:
     """The loaded base, checked against the run (a mixture of experts' balancing loss, a RoPE extension, the
     length) before anything is written, its embedding grown to the tokenizer, generating until the chat's ends."""
     ft = cfg.finetune
@@ -197,12 +267,17 @@ def _load_base(model: Any, cfg: RunConfig, tokenizer: Any, chat: Any) -> Any:
 
 
 def _apply_method(
-    model: Any, cfg: RunConfig, task: Task, added_tokens: int, tokenizer: Any, checkpoint: Path | None
+    model: Any,
+    cfg: RunConfig,
+    task: Task,
+    added_tokens: int,
+    tokenizer: PreTrainedTokenizerBase,
+    checkpoint: Path | None,
 ) -> Any:
     ft = cfg.finetune
     if ft.method in ("lora", "qlora"):
         new_ids = list(range(len(tokenizer) - added_tokens, len(tokenizer))) if added_tokens else []
-        _check_lora_under_zero3(new_ids, cfg)
+        check_added_token_rows(new_ids, str(cfg.model.init_from))
         torch.manual_seed(cfg.train.seed)  # the adapters' initialization, whatever loading the base drew (ZeRO-3)
         model = attach_lora(model, ft.lora, task.peft_task_type, new_ids)
         if checkpoint is not None:
@@ -223,29 +298,6 @@ def _apply_method(
     if ft.method == "freeze":
         freeze_except(model, ft.freeze_top_layers, ft.trainable_modules)
     return model
-
-
-def _place_weights(model: Any, cfg: RunConfig, accelerator: Any) -> dict[str, int]:
-    """Frozen weights in the compute dtype, trained ones in float32 (see models.place_weights). DeepSpeed and FSDP
-    place weights themselves (DeepSpeed holds the model in bf16/fp16 with float32 master copies)."""
-    from llmkit.train.setup import uses_deepspeed, uses_fsdp
-
-    if uses_deepspeed(accelerator) or uses_fsdp(accelerator):
-        return {}
-    return place_weights(model, compute_dtype(cfg))
-
-
-def _check_lora_under_zero3(new_ids: list[int], cfg: RunConfig) -> None:
-    """Under ZeRO-3, peft trains the rows of added tokens through a layer that gathers the sharded embedding on
-    a CUDA device: without one it cannot run (LoRA on the existing vocabulary can)."""
-    from transformers.integrations import is_deepspeed_zero3_enabled
-
-    if new_ids and is_deepspeed_zero3_enabled() and not torch.cuda.is_available():
-        raise UserError(
-            f"the chat template adds {len(new_ids)} tokens to {cfg.model.init_from}, whose embedding rows LoRA "
-            "trains; under ZeRO-3 that needs CUDA GPUs (peft gathers the sharded embedding on one); on CPU use "
-            "zero2, or start from a model whose tokenizer has the template's tokens (any llmkit fine-tune of it)"
-        )
 
 
 def _validation_batches(

@@ -10,16 +10,19 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from llmkit.config import RunConfig
 from llmkit.losses import causal_lm_nll, count_targets
 from llmkit.train.loader import BatchSource
-from llmkit.train.setup import uses_deepspeed, uses_fsdp
 from llmkit.train.step import MicroStep, autocast_context, model_inputs, router_balance
-from llmkit.train.strategies import compiles
+from llmkit.train.strategies import Strategy, compiles
+
+if TYPE_CHECKING:
+    from accelerate import Accelerator
+    from transformers import PreTrainedTokenizerBase
 
 
 @dataclass
@@ -53,30 +56,47 @@ def next_token_targets(batch: dict[str, torch.Tensor]) -> int:
     return count_targets(batch["labels"])
 
 
+Batch = dict[str, torch.Tensor]
+Rewrite = Callable[[Any, Batch, int, int], Batch]
+
+
+@dataclass(frozen=True)
+class Objective:
+    """What a run minimizes and how it is validated: language modelling unless a task supplies another."""
+
+    loss_fn: LossFn = next_token_loss  # (model output, batch) -> (summed loss, its targets)
+    count_targets: Callable[[Batch], int] = next_token_targets  # what the step's loss is normalized by
+    eval_fn: EvalFn | None = None  # unset: validation loss and perplexity with loss_fn
+    # A rewrite of a micro-batch before the step counts its targets: (model, batch, step, micro) -> batch
+    # (on-policy distillation replaces answers with the student's own samples).
+    rewrite: Rewrite | None = None
+
+    def evaluation(self) -> EvalFn:
+        if self.eval_fn is not None:
+            return self.eval_fn
+        loss_fn = self.loss_fn
+        return lambda model, batches, acc: evaluate_language_model(model, batches, acc, loss_fn)
+
+
 @dataclass
 class TrainJob:
     """Everything `fit` needs; built by a command's setup function."""
 
     cfg: RunConfig
     run_dir: Path
-    accelerator: Any
+    accelerator: Accelerator
+    strategy: Strategy
     model: Any  # prepared by the accelerator (may be wrapped)
     optimizer: Any
     loader: BatchSource
     val_batches: list[dict[str, torch.Tensor]]
     total_steps: int
     tokens_per_step: int
-    tokenizer: Any
+    tokenizer: PreTrainedTokenizerBase
     config_yaml: str
     fingerprints: dict[str, Any] = field(default_factory=dict)
     resume: ResumeState | None = None
-    # The objective: language modelling unless a command supplies another (classification does).
-    loss_fn: LossFn = next_token_loss
-    count_targets: Callable[[dict[str, torch.Tensor]], int] = next_token_targets
-    eval_fn: EvalFn | None = None  # unset: validation loss and perplexity with loss_fn
-    # A task's rewrite of a micro-batch before the step counts its targets: (model, batch, step, micro) -> batch
-    # (on-policy distillation replaces answers with the student's own samples).
-    rewrite: Callable[[Any, dict[str, torch.Tensor], int, int], dict[str, torch.Tensor]] | None = None
+    objective: Objective = field(default_factory=Objective)
     flops_per_token: float = 0.0  # training FLOPs per token (6N + attention): MFU is reported on known GPUs
     fixed_shapes: bool = True  # every micro-batch has one shape (packed blocks); fine-tuning rows vary in length
     micro_step: MicroStep = field(init=False)  # forward and loss, under autocast, compiled when train.compile is on
@@ -87,11 +107,14 @@ class TrainJob:
         router = router_balance(self.accelerator.unwrap_model(self.model))
         if router is not None:
             router.attach()
-        self.micro_step = MicroStep(self.loss_fn, autocast, backend, self.fixed_shapes, router,
-                                    offload=self.cfg.train.activation_offload)  # fmt: skip
-        if self.eval_fn is None:
-            loss_fn = self.loss_fn
-            self.eval_fn = lambda model, batches, acc: evaluate_language_model(model, batches, acc, loss_fn)
+        self.micro_step = MicroStep(
+            self.objective.loss_fn,
+            autocast,
+            backend,
+            self.fixed_shapes,
+            router,
+            offload=self.cfg.train.activation_offload,
+        )
 
 
 @dataclass
@@ -124,7 +147,7 @@ NOT_ON_DEVICE = ("sample_indices", "num_tokens")
 
 
 def evaluate_language_model(
-    model: Any, batches: list[dict[str, torch.Tensor]], acc: Any, loss_fn: LossFn = next_token_loss
+    model: Any, batches: list[dict[str, torch.Tensor]], acc: Accelerator, loss_fn: LossFn = next_token_loss
 ) -> dict[str, Any]:
     loss = evaluate_loss(model, batches, acc, loss_fn)
     return {"val_loss": loss, "val_ppl": math.exp(loss)}
@@ -132,7 +155,7 @@ def evaluate_language_model(
 
 @torch.no_grad()
 def evaluate_loss(
-    model: Any, batches: list[dict[str, torch.Tensor]], acc: Any, loss_fn: LossFn = next_token_loss
+    model: Any, batches: list[dict[str, torch.Tensor]], acc: Accelerator, loss_fn: LossFn = next_token_loss
 ) -> float:
     """Mean loss over fixed validation batches, across all processes."""
     model.eval()
@@ -148,12 +171,3 @@ def evaluate_loss(
     model.train()
     total, count = acc.reduce(total, reduction="sum"), acc.reduce(count, reduction="sum")
     return float(total / count)
-
-
-def strategy_name(acc: Any) -> str:
-    """What wrote the optimizer state: "ddp" or "fsdp" (one optimizer.pt) or "zeroN" (DeepSpeed shards)."""
-    if uses_fsdp(acc):
-        return "fsdp"
-    if not uses_deepspeed(acc):
-        return "ddp"
-    return f"zero{acc.state.deepspeed_plugin.zero_stage}"

@@ -18,9 +18,13 @@ from pathlib import Path
 from llmkit.errors import UserError
 
 LAUNCH_OPTIONS = (
-    "--num-processes", "--num-machines", "--machine-rank", "--main-process-ip", "--main-process-port",
+    "--num-processes",
+    "--num-machines",
+    "--machine-rank",
+    "--main-process-ip",
+    "--main-process-port",
     "--accelerate-config",
-)  # fmt: skip
+)
 
 
 def under_launcher() -> bool:
@@ -31,8 +35,10 @@ def world_size() -> int:
     """WORLD_SIZE as torchrun and accelerate launch set it (1 when unset); one line when it is not a count."""
     text = os.environ.get("WORLD_SIZE", "1")
     if not text.strip().isdigit() or int(text) < 1:
-        raise UserError(f"WORLD_SIZE={text[:40]!r}: not a number of processes (torchrun and accelerate launch set "
-                        "it); unset it, or use --num-processes")  # fmt: skip
+        raise UserError(
+            f"WORLD_SIZE={text[:40]!r}: not a number of processes (torchrun and accelerate launch set "
+            "it); unset it, or use --num-processes"
+        )
     return int(text)
 
 
@@ -66,23 +72,32 @@ def relaunch(
         raise UserError("--num-machines > 1 needs --main-process-ip (the address of machine rank 0)")
     command = [sys.executable, "-m", "accelerate.commands.launch"]
     if accelerate_config is not None:
-        given = {"--num_processes": num_processes and processes * machines, "--num_machines": num_machines,
-                 "--machine_rank": machine_rank, "--main_process_ip": main_process_ip,
-                 "--main_process_port": main_process_port}  # fmt: skip
+        given = {
+            "--num_processes": num_processes and processes * machines,
+            "--num_machines": num_machines,
+            "--machine_rank": machine_rank,
+            "--main_process_ip": main_process_ip,
+            "--main_process_port": main_process_port,
+        }
         command += ["--config_file", str(accelerate_config)]
         command += [str(part) for name, value in given.items() if value is not None for part in (name, value)]
     else:
-        command += _launch_options(processes, machines, machine_rank, main_process_ip, main_process_port,
-                                   single_process_launch)  # fmt: skip
+        command += _launch_options(
+            processes, machines, machine_rank, main_process_ip, main_process_port, single_process_launch
+        )
     command += ["-m", "llmkit", *strip_launch_options(argv)]
     print(f"launching {processes * machines} process(es): {' '.join(command[2:])}", file=sys.stderr, flush=True)
     return run_launcher(command, {"CUDA_VISIBLE_DEVICES": "", "DS_ACCELERATOR": "cpu"} if cpu else {})
 
 
 def _launch_options(
-    processes: int, machines: int, machine_rank: int | None, main_process_ip: str | None,
-    main_process_port: int | None, single_process_launch: str | None,
-) -> list[str]:  # fmt: skip
+    processes: int,
+    machines: int,
+    machine_rank: int | None,
+    main_process_ip: str | None,
+    main_process_port: int | None,
+    single_process_launch: str | None,
+) -> list[str]:
     """accelerate launch's options without a config file. --multi_gpu also serves CPU runs: llmkit's Accelerator
     picks gloo when there is no GPU. DeepSpeed is configured by llmkit itself (the strategy's file), so the launcher
     only starts the processes; a single process is started in DeepSpeed's or FSDP's launcher mode (--multi_gpu
@@ -90,11 +105,19 @@ def _launch_options(
     single = processes * machines == 1
     options = [
         (single_process_launch or "--multi_gpu") if single else "--multi_gpu",
-        "--num_processes", str(processes * machines),
-        "--num_machines", str(machines),
-        "--machine_rank", str(machine_rank or 0), "--mixed_precision", "no", "--dynamo_backend", "no",
-        "--main_process_port", str(main_process_port or 29500),
-    ]  # fmt: skip
+        "--num_processes",
+        str(processes * machines),
+        "--num_machines",
+        str(machines),
+        "--machine_rank",
+        str(machine_rank or 0),
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "--main_process_port",
+        str(main_process_port or 29500),
+    ]
     return options + (["--main_process_ip", main_process_ip] if main_process_ip else [])
 
 

@@ -39,8 +39,12 @@ class LoaderPosition:
         return self.epoch + self.index / self.batches_per_epoch
 
     def state_dict(self) -> dict[str, Any]:
-        return {"epoch": self.epoch, "index": self.index, "seed": self.seed,
-                "consumed": self.index * self.items_per_batch}  # fmt: skip
+        return {
+            "epoch": self.epoch,
+            "index": self.index,
+            "seed": self.seed,
+            "consumed": self.index * self.items_per_batch,
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore a saved position; one saved under another layout continues at the same item when the items

@@ -9,12 +9,11 @@ from __future__ import annotations
 import errno
 import json
 import math
-import shutil
 import time
-from contextlib import closing, nullcontext
+from contextlib import closing
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import yaml
@@ -25,23 +24,22 @@ from llmkit.errors import TrainingDiverged, UserError
 from llmkit.models import save_pretrained
 from llmkit.train import faults
 from llmkit.train.checkpoint import (
-    DEEPSPEED_DIR,
-    DEEPSPEED_TAG,
     checkpoint_name,
     complete_checkpoints,
     prune_checkpoints,
     restore_rng_state,
     rng_state,
     save_checkpoint,
-    shared_staging,
 )
-from llmkit.train.job import NOT_ON_DEVICE, FitResult, TrainJob, strategy_name
+from llmkit.train.job import NOT_ON_DEVICE, FitResult, TrainJob
 from llmkit.train.loader import ReadAhead
 from llmkit.train.metrics import MetricsLog, plot_loss, truncate_records
 from llmkit.train.schedules import lr_at
-from llmkit.train.setup import uses_deepspeed, uses_fsdp
 from llmkit.train.signals import stop_signals
 from llmkit.train.throughput import LogWindow, Throughput, mfu, peak_flops, peak_memory
+
+if TYPE_CHECKING:
+    from accelerate import Accelerator
 
 
 @dataclass
@@ -109,8 +107,9 @@ class _Run:
             return cls(0, 0, LogWindow(), stopping)
         stopping.best, stopping.bad_evals = resume.best_val_loss, resume.bad_evals
         restore_rng_state(resume.rng)
-        return cls(resume.step, resume.tokens, LogWindow.restored(resume.window), stopping, resume.train_loss,
-                   resume.val_loss)  # fmt: skip
+        return cls(
+            resume.step, resume.tokens, LogWindow.restored(resume.window), stopping, resume.train_loss, resume.val_loss
+        )
 
 
 def fit(job: TrainJob) -> FitResult:
@@ -144,8 +143,10 @@ def fit(job: TrainJob) -> FitResult:
             update(1, _progress_text(run, lr))
             if run.stopped_early:  # every process agrees: the validation loss is reduced across all of them
                 if acc.is_main_process:
-                    info(f"early stopping at step {run.step}: no validation improvement in "
-                         f"{run.stopping.patience} evaluations")  # fmt: skip
+                    info(
+                        f"early stopping at step {run.step}: no validation improvement in "
+                        f"{run.stopping.patience} evaluations"
+                    )
                 break
             if interrupted:
                 break
@@ -172,10 +173,11 @@ def _train_step(job: TrainJob, run: _Run, trace: DataTrace) -> float:
     # whole step (exact under accumulation and across processes).
     micro_batches = [job.loader.next_batch() for _ in range(cfg.train.grad_accum_steps)]
     trace.record(run.step + 1, micro_batches)
-    if job.rewrite is not None:
-        micro_batches = [job.rewrite(job.model, batch, run.step + 1, i) for i, batch in enumerate(micro_batches)]
+    objective = job.objective
+    if objective.rewrite is not None:
+        micro_batches = [objective.rewrite(job.model, batch, run.step + 1, i) for i, batch in enumerate(micro_batches)]
     step_targets, step_tokens = _global_sums(
-        acc, sum(job.count_targets(b) for b in micro_batches), sum(real_tokens(b) for b in micro_batches)
+        acc, sum(objective.count_targets(b) for b in micro_batches), sum(real_tokens(b) for b in micro_batches)
     )
     micro_batches = [_on_device(batch, acc.device) for batch in micro_batches]
     step_loss = torch.zeros((), device=acc.device)
@@ -186,11 +188,9 @@ def _train_step(job: TrainJob, run: _Run, trace: DataTrace) -> float:
     loss = acc.reduce(step_loss, reduction="sum")
     if faults.poisoned(run.step + 1):
         loss = loss * math.nan
-    if uses_deepspeed(acc):  # DeepSpeed clips inside its step and reports the norm after it
+    if job.strategy.steps_itself:
         finite = math.isfinite(float(loss))
-        if finite:
-            job.model.step()  # clip, optimizer step (skipped by DeepSpeed on an fp16 overflow), zero the gradients
-        norm = float(job.model.get_global_grad_norm() or 0.0) if finite else math.nan
+        norm = job.strategy.engine_step(job.model, finite)
         outcome = _Outcome(run.step + 1, step_tokens, float(loss), norm, finite)
     else:
         grad_norm = acc.clip_grad_norm_(job.model.parameters(), cfg.optimizer.grad_clip or math.inf)
@@ -218,10 +218,9 @@ def _inner(optimizer: Any) -> Any:
 
 def _checks_on_device(job: TrainJob) -> bool:
     """Whether the optimizer can skip a non-finite step on the device: fused Adam/AdamW, no fp16 loss scaler (which
-    sets found_inf itself), no DeepSpeed or FSDP."""
-    acc = job.accelerator
+    sets found_inf itself), a plain strategy."""
     fused = bool(getattr(_inner(job.optimizer), "defaults", {}).get("fused"))
-    return fused and acc.scaler is None and not uses_deepspeed(acc) and not uses_fsdp(acc)
+    return fused and job.accelerator.scaler is None and job.strategy.plain
 
 
 def _check_due(job: TrainJob, run: _Run, interrupted: str | None) -> bool:
@@ -242,8 +241,12 @@ def _settle(job: TrainJob, run: _Run, metrics: MetricsLog) -> None:
     outcomes, run.pending = run.pending, []
     run.throughput.add(sum(o.tokens for o in outcomes), time.perf_counter() - run.clock, len(outcomes))
     if isinstance(outcomes[0].finite, torch.Tensor):
-        rows = torch.stack([torch.stack([o.loss.float(), o.grad_norm.float(), o.finite.float()])  # type: ignore[union-attr]
-                            for o in outcomes]).tolist()  # fmt: skip
+        rows = torch.stack(
+            [
+                torch.stack([o.loss.float(), o.grad_norm.float(), o.finite.float()])  # type: ignore[union-attr]
+                for o in outcomes
+            ]
+        ).tolist()
     else:
         rows = [[float(o.loss), float(o.grad_norm), float(o.finite)] for o in outcomes]
     tokens = run.tokens - sum(o.tokens for o in outcomes)  # before the first of them
@@ -274,8 +277,7 @@ def _log_and_validate(job: TrainJob, run: _Run, metrics: MetricsLog, lr: float, 
         metrics.log(_window_record(job, run.window, step, run.tokens, lr, run.grad_norm, start))
         run.window = LogWindow()
     if job.val_batches and (step % cfg.train.eval_every == 0 or last):
-        assert job.eval_fn is not None  # set in __post_init__
-        evaluation = job.eval_fn(job.model, job.val_batches, job.accelerator)
+        evaluation = job.objective.evaluation()(job.model, job.val_batches, job.accelerator)
         run.val_loss, run.evaluation = float(evaluation["val_loss"]), evaluation
         metrics.log({"step": step, "tokens": run.tokens, **evaluation})
         run.stopped_early = run.stopping.should_stop(run.val_loss) and not last
@@ -342,16 +344,10 @@ def _forward_backward(job: TrainJob, batch: dict[str, torch.Tensor], step_target
     """One micro-batch: forward, the loss normalized by the whole step's targets, backward; returns the loss."""
     acc, model = job.accelerator, job.model
     batch = {key: value.to(acc.device, non_blocking=True) for key, value in batch.items() if key not in NOT_ON_DEVICE}
-    if uses_deepspeed(acc):  # DeepSpeed reduces the gradients itself at the boundary of the step
+    with job.strategy.accumulating(model, last):
         nll_sum, _ = job.micro_step(model, batch)
         loss = nll_sum * acc.num_processes / step_targets
-        model.set_gradient_accumulation_boundary(last)
-        model.backward(loss, scale_wrt_gas=False)  # the loss is already normalized for the step
-    else:
-        with nullcontext() if last or acc.num_processes == 1 else acc.no_sync(model):
-            nll_sum, _ = job.micro_step(model, batch)
-            loss = nll_sum * acc.num_processes / step_targets
-            acc.backward(loss)
+        job.strategy.backward(model, loss, last)
     return loss.detach() / acc.num_processes
 
 
@@ -361,8 +357,10 @@ def _on_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str
     pinning a pinned tensor returns it as it is.)"""
     if device.type != "cuda":
         return batch
-    return {key: value if key in NOT_ON_DEVICE else value.pin_memory().to(device, non_blocking=True)
-            for key, value in batch.items()}  # fmt: skip
+    return {
+        key: value if key in NOT_ON_DEVICE else value.pin_memory().to(device, non_blocking=True)
+        for key, value in batch.items()
+    }
 
 
 def _report_spike(
@@ -383,10 +381,9 @@ def _skip_or_stop(job: TrainJob, run: _Run, outcome: _Outcome, loss: float, grad
     check found it (the device skipped it and went on), they are those of the current step. Either way they are
     saved (when finite and not saved yet) so nothing is lost.
     """
-    deepspeed = uses_deepspeed(job.accelerator)
     problem = f"step {outcome.step}: non-finite loss ({loss}) or gradient norm ({grad_norm})"
     allowed = job.cfg.train.max_bad_steps
-    if run.bad_steps <= allowed and not deepspeed:
+    if run.bad_steps <= allowed and not job.strategy.steps_itself:
         info(f"{problem}: skipped ({run.bad_steps} of {allowed} allowed)")
         return
     if newest:
@@ -404,7 +401,7 @@ def _skip_or_stop(job: TrainJob, run: _Run, outcome: _Outcome, loss: float, grad
         kept = f"saved as {saved}"
     advice = (
         "DeepSpeed holds the step's gradients in its own buffers, so it cannot skip a step"
-        if deepspeed
+        if job.strategy.steps_itself
         else "allow skips with train.max_bad_steps"
     )
     raise TrainingDiverged(f"{problem}; {where}; {kept}. Lower optimizer.lr, check the data, or {advice}")
@@ -441,7 +438,7 @@ def _window_record(
     return record
 
 
-def _agree(acc: Any, reason: str | None) -> str | None:
+def _agree(acc: Accelerator, reason: str | None) -> str | None:
     """Every process stops at the same step: if any one was asked to stop, all stop."""
     if acc.num_processes == 1:
         return reason
@@ -488,7 +485,7 @@ def real_tokens(batch: dict[str, torch.Tensor]) -> int:
     return int(batch["num_tokens"]) if "num_tokens" in batch else batch["input_ids"].numel()
 
 
-def _global_sums(acc: Any, *values: int) -> list[int]:
+def _global_sums(acc: Accelerator, *values: int) -> list[int]:
     """Sums over all processes, in one collective."""
     if acc.num_processes == 1:
         return list(values)
@@ -509,16 +506,7 @@ def _checkpoint(job: TrainJob, step: int, tokens: int, stopping: _EarlyStopping,
         return None
     rng_states = gather_object([rng_state()]) if acc.num_processes > 1 else [rng_state()]
     checkpoints = job.run_dir / "checkpoints"
-    staging, optimizer = None, job.optimizer
-    if uses_deepspeed(acc):  # every process writes its own optimizer shard into one shared staging directory
-        staging, optimizer = shared_staging(checkpoints, step), None
-        if acc.is_main_process:
-            shutil.rmtree(staging, ignore_errors=True)
-            staging.mkdir(parents=True)
-        acc.wait_for_everyone()
-        job.model.save_checkpoint(str(staging / DEEPSPEED_DIR), tag=DEEPSPEED_TAG, save_latest=False)
-    elif uses_fsdp(acc):  # gather the sharded optimizer states into one whole state dict (a collective)
-        optimizer = _Saved(full_optimizer_state(job.model, job.optimizer))
+    staging, optimizer = job.strategy.optimizer_to_save(job.model, job.optimizer, checkpoints, step)
     acc.wait_for_everyone()
     if acc.is_main_process:
         trainer_state = {
@@ -532,7 +520,7 @@ def _checkpoint(job: TrainJob, step: int, tokens: int, stopping: _EarlyStopping,
             "train_loss": progress.train_loss,
             "val_loss": progress.val_loss,
             "num_processes": acc.num_processes,
-            "strategy": strategy_name(acc),
+            "strategy": job.strategy.name,
             **job.fingerprints,
         }
         model = _WithState(acc.unwrap_model(job.model), state_dict)
@@ -552,7 +540,7 @@ def _checkpoint(job: TrainJob, step: int, tokens: int, stopping: _EarlyStopping,
     return checkpoints / checkpoint_name(step)
 
 
-def _all_finite(acc: Any, state_dict: dict[str, torch.Tensor] | None) -> bool:
+def _all_finite(acc: Accelerator, state_dict: dict[str, torch.Tensor] | None) -> bool:
     """Whether every floating-point weight is finite, agreed by all processes (under ZeRO-3 only the main process
     holds the gathered state dict; the others hold None)."""
     tensors = (state_dict or {}).values()
@@ -560,24 +548,6 @@ def _all_finite(acc: Any, state_dict: dict[str, torch.Tensor] | None) -> bool:
     if acc.num_processes > 1:
         bad = bool(acc.reduce(torch.tensor([float(bad)], device=acc.device), reduction="sum").item())
     return not bad
-
-
-def full_optimizer_state(model: Any, optimizer: Any) -> dict[str, Any]:
-    """FSDP's optimizer states gathered whole, keyed by parameter name, on the CPU (every process calls it)."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
-
-    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    return dict(get_optimizer_state_dict(model, optimizer.optimizer, options=options))
-
-
-class _Saved:
-    """An optimizer state dict computed beforehand, saved like an optimizer."""
-
-    def __init__(self, state: dict[str, Any]) -> None:
-        self.state = state
-
-    def state_dict(self) -> dict[str, Any]:
-        return self.state
 
 
 class _WithState:

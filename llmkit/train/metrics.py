@@ -41,8 +41,10 @@ class MetricsLog:
             folder = run_dir / "tensorboard"
             if folder.exists() and not (folder.is_dir() and os.access(folder, os.W_OK | os.X_OK)):
                 # TensorBoard writes on a thread of its own, where a failure is a traceback and nothing logged
-                raise UserError(f"{folder}: cannot write TensorBoard events there; make it writable, or log "
-                                "without it (logging.report_to=[])")  # fmt: skip
+                raise UserError(
+                    f"{folder}: cannot write TensorBoard events there; make it writable, or log "
+                    "without it (logging.report_to=[])"
+                )
             self.writer = SummaryWriter(log_dir=str(folder), purge_step=purge)
         self.trackers = open_trackers(
             logging.report_to, run_dir, logging.project, flat_config(config), resume=resume_step is not None

@@ -12,15 +12,14 @@ import torch
 
 from llmkit.config import OptimizerConfig
 from llmkit.errors import UserError
-from llmkit.train.setup import uses_deepspeed
-from llmkit.train.strategies import offloads_optimizer
+from llmkit.train.strategies import Strategy
 
 # Optimizers that keep their own state layout: a ZeRO/FSDP shard of it is not theirs to read.
 SINGLE_PROCESS_STATE = ("adamw8bit", "muon")
 
 
 def build_optimizer(
-    model: Any, cfg: OptimizerConfig, accelerator: Any = None, lora_plus_ratio: float = 1.0
+    model: Any, cfg: OptimizerConfig, strategy: Strategy | None = None, lora_plus_ratio: float = 1.0
 ) -> torch.optim.Optimizer:
     """The optimizer over `model`'s trained parameters (see the module's docstring).
 
@@ -28,14 +27,12 @@ def build_optimizer(
     CPU Adam with the same hyperparameters (Accelerate's automatic swap would drop betas and epsilon).
     """
     groups = _groups(model, cfg, lora_plus_ratio)
-    if accelerator is not None and uses_deepspeed(accelerator):
-        ds_config = accelerator.state.deepspeed_plugin.deepspeed_config
-        if offloads_optimizer(ds_config):
-            if cfg.name not in ("adamw", "adam"):
-                raise UserError("optimizer offload runs Adam on the CPU; use optimizer.name=adamw or adam")
-            from deepspeed.ops.adam import DeepSpeedCPUAdam
+    if strategy is not None and strategy.offloads_optimizer:
+        if cfg.name not in ("adamw", "adam"):
+            raise UserError("optimizer offload runs Adam on the CPU; use optimizer.name=adamw or adam")
+        from deepspeed.ops.adam import DeepSpeedCPUAdam
 
-            return DeepSpeedCPUAdam(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, adamw_mode=cfg.name == "adamw")
+        return DeepSpeedCPUAdam(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, adamw_mode=cfg.name == "adamw")
     if cfg.name == "adamw":  # one fused kernel over all parameters, on CUDA and on CPU alike
         return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, fused=True)
     if cfg.name == "adam":
@@ -82,8 +79,9 @@ class MuonWithAdamW(torch.optim.Optimizer):
                     (hidden if use_muon else rest).append({**group, "params": params})
         if not hidden:
             raise UserError("optimizer.name=muon: no hidden-layer matrix trains here; use adamw")
-        self.muon = torch.optim.Muon(hidden, lr=cfg.lr, weight_decay=cfg.weight_decay, momentum=cfg.momentum,
-                                     adjust_lr_fn="match_rms_adamw")  # fmt: skip
+        self.muon = torch.optim.Muon(
+            hidden, lr=cfg.lr, weight_decay=cfg.weight_decay, momentum=cfg.momentum, adjust_lr_fn="match_rms_adamw"
+        )
         self.adamw = torch.optim.AdamW(rest or [{"params": []}], lr=cfg.lr, betas=cfg.betas, eps=cfg.eps)
         self.defaults = {"lr": cfg.lr}
         self.param_groups = self.muon.param_groups + self.adamw.param_groups

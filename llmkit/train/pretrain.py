@@ -7,7 +7,7 @@ leaves nothing behind. With `resume`, the run continues from a verified checkpoi
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from llmkit.config import RunConfig, input_paths
 from llmkit.console import info
@@ -17,7 +17,7 @@ from llmkit.errors import UserError
 from llmkit.flops import count_parameters
 from llmkit.models import build_model, check_vocab_fits, load_model, model_context, rope_request
 from llmkit.train.distill import cache_key, check_given_cache, check_teacher, pretrain_objective
-from llmkit.train.job import FitResult
+from llmkit.train.job import FitResult, Objective
 from llmkit.train.loader import BlockLoader, validation_batches
 from llmkit.train.resume import (
     find_checkpoint,
@@ -34,6 +34,11 @@ from llmkit.train.setup import (
     make_accelerator,
 )
 from llmkit.train.step import router_balance
+from llmkit.train.strategies import Strategy
+
+if TYPE_CHECKING:
+    from accelerate import Accelerator
+    from transformers import PreTrainedTokenizerBase
 
 
 def pretrain(
@@ -60,24 +65,25 @@ def pretrain(
         if cfg.distill.top_k and cfg.distill.cache:
             key = cache_key(cfg.distill, _blocks_fingerprint(dataset.manifest), len(tokenizer))
             check_given_cache(Path(cfg.distill.cache), key)
-    accelerator = make_accelerator(cfg)
+    accelerator, strategy = make_accelerator(cfg)
     if block_size != cfg.data.block_size and accelerator.is_main_process:
         info(f"{dataset.root}: using the dataset's blocks of {block_size} (the recipe says {cfg.data.block_size})")
     cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"block_size": block_size})})
     with own_run_dir(cfg, input_paths(cfg), resume, accelerator):
-        return _pretrain(cfg, dataset, tokenizer, accelerator, overwrite, resume, resume_fallback, allow_config_change)
+        return _pretrain(cfg, dataset, tokenizer, strategy, overwrite, resume, resume_fallback, allow_config_change)
 
 
 def _pretrain(
     cfg: RunConfig,
     dataset: PreparedDataset,
-    tokenizer: Any,
-    accelerator: Any,
+    tokenizer: PreTrainedTokenizerBase,
+    strategy: Strategy,
     overwrite: bool,
     resume: str | None,
     resume_fallback: bool,
     allow_config_change: bool,
 ) -> FitResult:
+    accelerator = strategy.accelerator
     train_split, val_split = dataset.split("train"), dataset.split("val")
     block_size = cfg.data.block_size
     world, micro = accelerator.num_processes, cfg.train.micro_batch_size
@@ -100,8 +106,12 @@ def _pretrain(
     if checkpoint is not None:
         model = load_model(checkpoint / "model")
     elif cfg.model.init_from:
-        model = load_model(cfg.model.init_from, trust_remote_code=cfg.model.trust_remote_code, token=_token(cfg),
-                           rope=rope_request(cfg))  # fmt: skip
+        model = load_model(
+            cfg.model.init_from,
+            trust_remote_code=cfg.model.trust_remote_code,
+            token=_token(cfg),
+            rope=rope_request(cfg),
+        )
         router_balance(model)  # an unknown balancing loss is refused before anything is written
     elif cfg.model.rope_scaling != "none":
         raise UserError(
@@ -125,10 +135,10 @@ def _pretrain(
     loader = BlockLoader(train_split, micro, cfg.train.seed, accelerator.process_index, world)
     tokens_per_step = micro * cfg.train.grad_accum_steps * world * block_size
 
-    def objective(run_dir: Path) -> tuple[dict[str, Any], Any]:
+    def objective(run_dir: Path) -> tuple[Objective, Any]:
         if cfg.distill.teacher:
             return pretrain_objective(cfg, tokenizer, loader, _blocks_fingerprint(manifest), accelerator, run_dir)
-        return {"loss_fn": language_model_loss(model, accelerator, liger=liger)}, loader
+        return Objective(loss_fn=language_model_loss(model, strategy, liger=liger)), loader
 
     def validation() -> list[dict[str, Any]]:
         if len(val_split) < micro * world:
@@ -141,7 +151,7 @@ def _pretrain(
             info("no validation split large enough for one batch: validation and early stopping are off")
 
     parts = Parts(model, loader, loader.batches_per_epoch, tokens_per_step, block_size, objective, validation, announce)
-    return train(cfg, accelerator, tokenizer, Found(fingerprints, checkpoint, saved_state), resume, overwrite, parts)
+    return train(cfg, strategy, tokenizer, Found(fingerprints, checkpoint, saved_state), resume, overwrite, parts)
 
 
 def _print_plan(
@@ -152,7 +162,7 @@ def _print_plan(
     val_split: Any,
     total_steps: int,
     tokens_per_step: int,
-    acc: Any,
+    acc: Accelerator,
     speedups: str,
 ) -> None:
     trainable, total = count_parameters(model)

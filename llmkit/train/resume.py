@@ -14,9 +14,7 @@ import shutil
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from llmkit.atomic import remove_stale_staging
 from llmkit.config import RunConfig, dump_config
@@ -25,20 +23,33 @@ from llmkit.errors import UserError
 from llmkit.outputs import check_output, output_lock
 from llmkit.train import faults
 from llmkit.train.checkpoint import (
-    DEEPSPEED_DIR,
-    DEEPSPEED_TAG,
     read_trainer_state,
     safe_torch_load,
     select_checkpoint,
 )
-from llmkit.train.job import FitResult, ResumeState, strategy_name
-from llmkit.train.setup import claim_run_dir, uses_deepspeed, uses_fsdp
+from llmkit.train.job import FitResult, ResumeState
+from llmkit.train.setup import claim_run_dir
+from llmkit.train.strategies import Strategy
+
+if TYPE_CHECKING:
+    from accelerate import Accelerator
+    from transformers import PreTrainedTokenizerBase
 
 # Changing these under a resumed run would silently change what the run means (--allow-config-change allows it).
 GUARDED_FIELDS = ("global_batch_size", "block_size", "tokenizer_hash", "dataset_fingerprint")
 # The model a checkpoint holds: a resumed run loads it from the checkpoint, so these can never change.
-MODEL_KEYS = ("arch", "n_layers", "hidden_size", "n_heads", "n_kv_heads", "intermediate_size", "context_length",
-              "rope_theta", "tie_embeddings", "init_from")  # fmt: skip
+MODEL_KEYS = (
+    "arch",
+    "n_layers",
+    "hidden_size",
+    "n_heads",
+    "n_kv_heads",
+    "intermediate_size",
+    "context_length",
+    "rope_theta",
+    "tie_embeddings",
+    "init_from",
+)
 METHOD_KEYS = ("task", "method", "lora", "freeze_top_layers", "trainable_modules")
 
 
@@ -52,7 +63,7 @@ def model_fingerprint(cfg: RunConfig, finetuning: bool = False) -> dict[str, Any
 
 
 @contextmanager
-def own_run_dir(cfg: RunConfig, reads: list[Any], resume: str | None, accelerator: Any) -> Iterator[None]:
+def own_run_dir(cfg: RunConfig, reads: list[Any], resume: str | None, accelerator: Accelerator) -> Iterator[None]:
     """Check that the run directory swallows none of `reads` (nor a checkpoint of another run to branch from),
     then own it for the run: the main process takes its lock and every process learns whether it got it (a
     second job on one run directory is refused)."""
@@ -73,7 +84,7 @@ def own_run_dir(cfg: RunConfig, reads: list[Any], resume: str | None, accelerato
         yield
 
 
-def _from_main(accelerator: Any, value: Any) -> Any:
+def _from_main(accelerator: Accelerator, value: Any) -> Any:
     """The main process's `value`, on every process."""
     if accelerator.num_processes == 1:
         return value
@@ -168,14 +179,25 @@ def finished_run(run_dir: Path, saved: dict[str, Any] | None, total_steps: int) 
     val_loss = saved.get("val_loss")
     best = (saved.get("early_stopping") or {}).get("best")
     return FitResult(
-        steps=step, tokens=int(saved["tokens"]), seconds=0.0, train_loss=float(saved.get("train_loss") or math.nan),
-        val_loss=val_loss, best_val_loss=best if isinstance(best, float) and math.isfinite(best) else None,
-        stopped_early=step < total_steps, final_dir=run_dir / "final", already_finished=True,
-    )  # fmt: skip
+        steps=step,
+        tokens=int(saved["tokens"]),
+        seconds=0.0,
+        train_loss=float(saved.get("train_loss") or math.nan),
+        val_loss=val_loss,
+        best_val_loss=best if isinstance(best, float) and math.isfinite(best) else None,
+        stopped_early=step < total_steps,
+        final_dir=run_dir / "final",
+        already_finished=True,
+    )
 
 
 def open_run_dir(
-    cfg: RunConfig, checkpoint: Path | None, resume: str | None, overwrite: bool, accelerator: Any, tokenizer: Any
+    cfg: RunConfig,
+    checkpoint: Path | None,
+    resume: str | None,
+    overwrite: bool,
+    accelerator: Accelerator,
+    tokenizer: PreTrainedTokenizerBase,
 ) -> tuple[Path, str]:
     """Claim (fresh run) or reuse (resumed run) the run directory; write config.yaml and tokenizer/."""
     run_dir = Path(cfg.out_dir)
@@ -201,7 +223,9 @@ def open_run_dir(
     return run_dir, config_yaml
 
 
-def _branch(cfg: RunConfig, checkpoint: Path, accelerator: Any, tokenizer: Any) -> tuple[Path, str]:
+def _branch(
+    cfg: RunConfig, checkpoint: Path, accelerator: Accelerator, tokenizer: PreTrainedTokenizerBase
+) -> tuple[Path, str]:
     """`--resume CHECKPOINT --out NEW`: a new run that continues another run's checkpoint; the other run is
     only read. The new run's metrics start with the other run's, up to the checkpoint."""
     run_dir = claim_run_dir(cfg.out_dir, False, accelerator)
@@ -217,92 +241,12 @@ def _branch(cfg: RunConfig, checkpoint: Path, accelerator: Any, tokenizer: Any) 
     return run_dir, config_yaml
 
 
-def _load_resharded(checkpoint: Path, model: Any, accelerator: Any) -> None:
-    """A DeepSpeed checkpoint written by another number of processes: DeepSpeed converts its per-rank shards
-    into a universal checkpoint (whole fp32 weights and optimizer moments per parameter), which every process
-    loads and shards anew. The conversion lives beside the checkpoints and is removed once loaded; the sealed
-    checkpoint itself is only read."""
-    universal = checkpoint.parent / f".{checkpoint.name}.universal"
-    if accelerator.is_main_process:
-        shutil.rmtree(universal, ignore_errors=True)
-        to_universal(checkpoint / DEEPSPEED_DIR / DEEPSPEED_TAG, universal / DEEPSPEED_TAG)
-    accelerator.wait_for_everyone()
-    # ZeRO-3's universal loader copies the first parameter group's settings onto every group, which would put
-    # weight decay on norms and biases: keep each group's own settings.
-    groups = model.optimizer.optimizer.param_groups
-    settings = [{key: value for key, value in group.items() if key != "params"} for group in groups]
-    model._config.load_universal_checkpoint = True  # the engine reads this flag when it loads
-    try:
-        model.load_checkpoint(
-            str(universal), tag=DEEPSPEED_TAG, load_optimizer_states=True, load_lr_scheduler_states=False,
-            load_module_strict=True,
-        )  # fmt: skip
-    finally:
-        model._config.load_universal_checkpoint = False  # later checkpoints are ordinary ones
-    for group, kept in zip(groups, settings, strict=True):
-        group.update(kept)
-    # It also gives every group's state one shared `step` tensor, which fused Adam advances in place once per
-    # group: each state needs its own.
-    for state in model.optimizer.optimizer.state.values():
-        if isinstance(state.get("step"), torch.Tensor):
-            state["step"] = state["step"].clone()
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        shutil.rmtree(universal, ignore_errors=True)
-
-
-def to_universal(tag_dir: Path, out: Path) -> None:
-    """DeepSpeed's ds_to_universal on one checkpoint tag (its progress lines are kept off the console)."""
-    import contextlib
-    import io
-
-    from deepspeed.checkpoint import ds_to_universal
-
-    arguments = ["--input_folder", str(tag_dir), "--output_folder", str(out), "--inject_missing_state",
-                 "--num_extract_workers", "1", "--num_merge_workers", "1"]  # fmt: skip
-    with contextlib.redirect_stdout(io.StringIO()), _argv(arguments):
-        ds_to_universal.main(ds_to_universal.parse_arguments())
-
-
-@contextmanager
-def _argv(arguments: list[str]) -> Iterator[None]:
-    import sys
-
-    saved = sys.argv
-    sys.argv = ["ds_to_universal", *arguments]
-    try:
-        yield
-    finally:
-        sys.argv = saved
-
-
 def restore_state(
-    checkpoint: Path, saved: dict[str, Any], model: Any, optimizer: Any, loader: Any, accelerator: Any
+    checkpoint: Path, saved: dict[str, Any], model: Any, optimizer: Any, loader: Any, strategy: Strategy
 ) -> ResumeState:
     """Load the optimizer (after accelerator.prepare), scaler, loader position and RNG states."""
-    written_by, now = saved.get("strategy", "ddp"), strategy_name(accelerator)
-    if written_by != now:
-        raise UserError(
-            f"{checkpoint}: written under strategy {written_by}, resumed under {now}; "
-            f"resume with distributed.strategy={written_by}"
-        )
-    if uses_deepspeed(accelerator):
-        if saved["num_processes"] == accelerator.num_processes:
-            # DeepSpeed's own files (checked against the seal above) hold the module, the shards and the step.
-            model.load_checkpoint(
-                str(checkpoint / DEEPSPEED_DIR), tag=DEEPSPEED_TAG, load_optimizer_states=True,
-                load_lr_scheduler_states=False, load_module_strict=True,
-            )  # fmt: skip
-        else:
-            _load_resharded(checkpoint, model, accelerator)
-    elif uses_fsdp(accelerator):  # whole states keyed by parameter name: FSDP shards them as it loads them
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
-
-        state = safe_torch_load(checkpoint / "optimizer.pt")
-        options = StateDictOptions(full_state_dict=True)
-        set_optimizer_state_dict(model, optimizer.optimizer, optim_state_dict=state, options=options)
-    else:
-        optimizer.load_state_dict(safe_torch_load(checkpoint / "optimizer.pt"))
+    accelerator = strategy.accelerator
+    strategy.restore_optimizer(checkpoint, saved, model, optimizer)
     if accelerator.scaler is not None and (checkpoint / "scaler.pt").is_file():
         accelerator.scaler.load_state_dict(safe_torch_load(checkpoint / "scaler.pt"))
     try:

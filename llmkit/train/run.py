@@ -10,16 +10,20 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from llmkit.console import info
 from llmkit.flops import model_flops_per_token
-from llmkit.train.job import FitResult, ResumeState, TrainJob
+from llmkit.train.job import FitResult, Objective, ResumeState, TrainJob
 from llmkit.train.loader import BatchSource
 from llmkit.train.loop import fit
 from llmkit.train.optimizers import build_optimizer
 from llmkit.train.resume import finished_run, open_run_dir, restore_state
 from llmkit.train.setup import steps_for_budget
+from llmkit.train.strategies import Strategy
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 Batches = list[dict[str, Any]]
 
@@ -42,7 +46,7 @@ class Parts:
     batches_per_epoch: int  # the loader's, for a budget given in epochs
     tokens_per_step: int
     sequence: int  # tokens in one row: the FLOPs per token are counted at this length
-    objective: Callable[[Path], tuple[dict[str, Any], BatchSource]]  # TrainJob's loss fields once the run dir exists
+    objective: Callable[[Path], tuple[Objective, BatchSource]]  # once the run directory exists
     validation: Callable[[], Batches]
     announce: Callable[[Any, Path, int, Batches], None]  # main process: the prepared model, run dir, total steps
     prepare: Callable[[Any, Path], None] | None = None  # after accelerator.prepare (a reference model, a cache)
@@ -50,23 +54,31 @@ class Parts:
     fixed_shapes: bool = True  # every micro-batch one shape (packed blocks)
 
 
-def train(cfg: Any, accelerator: Any, tokenizer: Any, found: Found, resume: str | None, overwrite: bool,
-          parts: Parts) -> FitResult:  # fmt: skip
+def train(
+    cfg: Any,
+    strategy: Strategy,
+    tokenizer: PreTrainedTokenizerBase,
+    found: Found,
+    resume: str | None,
+    overwrite: bool,
+    parts: Parts,
+) -> FitResult:
     """Train `parts` to the recipe's budget (or return the finished run's result), resuming `found.checkpoint`."""
+    accelerator = strategy.accelerator
     total_steps = steps_for_budget(cfg.train, parts.batches_per_epoch, parts.tokens_per_step)
     done = finished_run(Path(cfg.out_dir), found.saved_state, total_steps)
     if done is not None:
         return done
     run_dir, config_yaml = open_run_dir(cfg, found.checkpoint, resume, overwrite, accelerator, tokenizer)
     objective, loader = parts.objective(run_dir)
-    optimizer = build_optimizer(parts.model, cfg.optimizer, accelerator, parts.lora_plus_ratio)
+    optimizer = build_optimizer(parts.model, cfg.optimizer, strategy, parts.lora_plus_ratio)
     model, optimizer = accelerator.prepare(parts.model, optimizer)
     if parts.prepare is not None:
         parts.prepare(model, run_dir)
     val_batches = parts.validation()
     resume_state: ResumeState | None = None
     if found.checkpoint is not None and found.saved_state is not None:
-        resume_state = restore_state(found.checkpoint, found.saved_state, model, optimizer, loader, accelerator)
+        resume_state = restore_state(found.checkpoint, found.saved_state, model, optimizer, loader, strategy)
     if accelerator.is_main_process:
         parts.announce(model, run_dir, total_steps, val_batches)
         if resume_state is not None:
@@ -75,6 +87,7 @@ def train(cfg: Any, accelerator: Any, tokenizer: Any, found: Found, resume: str 
         cfg=cfg,
         run_dir=run_dir,
         accelerator=accelerator,
+        strategy=strategy,
         model=model,
         optimizer=optimizer,
         loader=loader,
@@ -89,6 +102,6 @@ def train(cfg: Any, accelerator: Any, tokenizer: Any, found: Found, resume: str 
         fingerprints=found.fingerprints,
         resume=resume_state,
         fixed_shapes=parts.fixed_shapes,
-        **objective,
+        objective=objective,
     )
     return fit(job)

@@ -8,25 +8,23 @@ import shutil
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from llmkit.config import RunConfig, TrainConfig
 from llmkit.errors import UserError
-from llmkit.train.strategies import (
-    check_available,
-    compiles,
-    deepspeed_config,
-    fsdp_plugin,
-    use_cuda,
-    wants_deepspeed,
-)
+from llmkit.train.strategies import Strategy, accelerator_options, check_available, compiles, use_cuda
+
+if TYPE_CHECKING:
+    from accelerate import Accelerator
 
 RUN_MARKERS = ("config.yaml", "metrics.jsonl", "checkpoints", "final")
 
 
-def claim_run_dir(path: str | Path, overwrite: bool, accelerator: Any, restart_unsaved_run: bool = False) -> Path:
+def claim_run_dir(
+    path: str | Path, overwrite: bool, accelerator: Accelerator, restart_unsaved_run: bool = False
+) -> Path:
     """Create the run directory; refuse one that already holds a run unless `overwrite` is given.
 
     `restart_unsaved_run` (from `--resume auto`) replaces a run that never saved a checkpoint. Every process
@@ -53,17 +51,13 @@ def claim_run_dir(path: str | Path, overwrite: bool, accelerator: Any, restart_u
     return run_dir
 
 
-def make_accelerator(cfg: RunConfig) -> Any:
-    """An Accelerator for the run's precision and strategy (plain data parallel, or DeepSpeed ZeRO).
+def make_accelerator(cfg: RunConfig) -> tuple[Any, Strategy]:
+    """An Accelerator for the run's precision and strategy, and the Strategy to ask about it.
 
-    fp16 needs CUDA (it relies on a loss scaler). Without CUDA, processes talk over gloo: plain runs ask
-    Accelerate for its CPU mode, DeepSpeed runs name the gloo backend (Accelerate's CPU mode turns DeepSpeed off).
+    fp16 needs CUDA (it relies on a loss scaler). Without CUDA, processes talk over gloo.
     """
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
-    from accelerate.utils import DeepSpeedPlugin, InitProcessGroupKwargs
-
-    from llmkit.train.launch import under_launcher, world_size
 
     precision, cuda = cfg.precision, use_cuda(cfg)
     if precision.dtype == "fp16" and not cuda:
@@ -72,34 +66,17 @@ def make_accelerator(cfg: RunConfig) -> Any:
     if cfg.train.deterministic:
         use_deterministic_kernels()
     autocast = autocast_precision(cfg)  # fp8: bf16, and apply_float8 converts the body's linear layers
-    mixed = "no" if autocast == "fp32" else autocast
-    # llmkit compiles the training step itself (llmkit.train.step); Accelerate's compiled wrapper would rename
-    # every key of every saved state dict.
-    kwargs: dict[str, Any] = {"mixed_precision": mixed, "dynamo_backend": "no"}
-    if wants_deepspeed(cfg):
-        if not under_launcher():
-            raise UserError(
-                f"distributed.strategy={cfg.distributed.strategy} runs under a launcher: add --num-processes N "
-                "(1 is fine) or start it with accelerate launch / torchrun"
-            )
-        world = world_size()
-        kwargs["deepspeed_plugin"] = DeepSpeedPlugin(hf_ds_config=deepspeed_config(cfg, world))
-        kwargs["gradient_accumulation_steps"] = cfg.train.grad_accum_steps  # as in the DeepSpeed config
-        if not cuda:
-            kwargs["kwargs_handlers"] = [InitProcessGroupKwargs(backend="gloo")]
-    elif cfg.distributed.strategy == "fsdp":
-        if not under_launcher():
-            raise UserError("distributed.strategy=fsdp runs under a launcher: add --num-processes N (1 is fine)")
-        kwargs["fsdp_plugin"] = fsdp_plugin()
-    else:
-        kwargs["cpu"] = not cuda
+    options = accelerator_options(cfg, cuda)
     # Accelerate keeps its settings in a process-wide singleton; a second run in the same Python process
     # (a notebook, the test suite) may ask for another precision. The process group (PartialState) is kept.
     AcceleratorState._reset_state()
-    accelerator = Accelerator(**kwargs)
-    if cfg.distributed.strategy == "fsdp" and not uses_fsdp(accelerator):  # never fall back to DDP silently
+    # dynamo_backend "no": llmkit compiles the training step itself (llmkit.train.step); Accelerate's compiled
+    # wrapper would rename every key of every saved state dict.
+    accelerator = Accelerator(mixed_precision="no" if autocast == "fp32" else autocast, dynamo_backend="no", **options)
+    strategy = Strategy(accelerator)
+    if cfg.distributed.strategy == "fsdp" and not strategy.fsdp:  # never fall back to DDP silently
         raise UserError(f"Accelerate did not enable FSDP here ({accelerator.distributed_type}); use ddp or zero3")
-    return accelerator
+    return accelerator, strategy
 
 
 def use_deterministic_kernels() -> None:
@@ -115,18 +92,6 @@ def use_deterministic_kernels() -> None:
     torch.backends.cudnn.deterministic = True
     if torch.cuda.is_available():
         torch.backends.cuda.enable_mem_efficient_sdp(False)
-
-
-def uses_fsdp(accelerator: Any) -> bool:
-    from accelerate.utils import DistributedType
-
-    return bool(accelerator.distributed_type == DistributedType.FSDP)
-
-
-def uses_deepspeed(accelerator: Any) -> bool:
-    from accelerate.utils import DistributedType
-
-    return bool(accelerator.distributed_type == DistributedType.DEEPSPEED)
 
 
 def apply_kernels(model: Any, cfg: RunConfig) -> bool:
@@ -159,8 +124,16 @@ def apply_kernels(model: Any, cfg: RunConfig) -> bool:
     # The loss is llmkit's (language_model_loss), so Liger's patched forward and cross-entropy stay off. RoPE stays
     # PyTorch's: Liger patches it as a function of the modeling module, which no instance patch can limit.
     with module_globals_kept(type(model).__module__):
-        _apply_liger_kernel_to_instance(model, rope=False, rms_norm=True, swiglu=True, layer_norm=True, geglu=True,
-                                        cross_entropy=False, fused_linear_cross_entropy=False)  # fmt: skip
+        _apply_liger_kernel_to_instance(
+            model,
+            rope=False,
+            rms_norm=True,
+            swiglu=True,
+            layer_norm=True,
+            geglu=True,
+            cross_entropy=False,
+            fused_linear_cross_entropy=False,
+        )
     return True
 
 
@@ -245,18 +218,16 @@ def describe_speedups(liger: bool, float8_layers: int) -> str:
     return "".join(f", {part}" for part in parts)
 
 
-def language_model_loss(model: Any, accelerator: Any, liger: bool = False) -> Callable[..., Any]:
+def language_model_loss(model: Any, strategy: Strategy, liger: bool = False) -> Callable[..., Any]:
     """The causal-LM loss of a run: fused with the output head, so no logits exist (llmkit.losses.fused_lm_nll,
     or Liger's Triton kernel when `liger`), where every process holds whole weights and the architecture's logits
     are a plain linear head; else from the logits the model returns, with a chunked float32 softmax. Call before
     `accelerator.prepare`."""
-    from transformers.integrations import is_deepspeed_zero3_enabled
-
     from llmkit.losses import causal_lm_nll, fused_lm_nll, liger_lm_nll
     from llmkit.models import defer_output_head
 
-    sharded = uses_fsdp(accelerator) or is_deepspeed_zero3_enabled()  # the head's weight exists only in forward
-    weight = None if sharded else defer_output_head(model)
+    # Sharded weights: the head's weight exists only inside the forward.
+    weight = defer_output_head(model) if strategy.whole_weights else None
     if weight is None:
         return lambda logits, batch: causal_lm_nll(logits, batch["labels"])
     fused = liger_lm_nll if liger else fused_lm_nll

@@ -16,12 +16,15 @@ from __future__ import annotations
 import sys
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from llmkit.console import info
 from llmkit.errors import UserError
+
+if TYPE_CHECKING:
+    from accelerate import Accelerator
 
 Batch = dict[str, torch.Tensor]
 LossFn = Callable[[torch.Tensor, Batch], tuple[torch.Tensor, torch.Tensor]]
@@ -34,7 +37,7 @@ def model_inputs(batch: Batch) -> Batch:
     return {key: value for key, value in batch.items() if key in MODEL_INPUTS}
 
 
-def autocast_context(accelerator: Any) -> Callable[[], AbstractContextManager[Any]]:
+def autocast_context(accelerator: Accelerator) -> Callable[[], AbstractContextManager[Any]]:
     """The run's autocast (bf16/fp16 mixed precision; nothing for fp32 and for DeepSpeed, which holds the model in
     its own precision), as a factory of context managers."""
     if not getattr(accelerator, "native_amp", False):

@@ -15,18 +15,251 @@ silently winning. Edit a copy and pass it back with ``--deepspeed-config FILE``.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
+import io
 import json
+import math
 import os
+import shutil
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from llmkit.config import RunConfig, read_json_mapping
 from llmkit.errors import UserError
+from llmkit.train import launch
+from llmkit.train.checkpoint import DEEPSPEED_DIR, DEEPSPEED_TAG, safe_torch_load, shared_staging
+
+if TYPE_CHECKING:
+    from accelerate import Accelerator
 
 ZERO_STAGES = {"zero1": 1, "zero2": 2, "zero3": 3, "zero2-offload": 2, "zero3-offload": 3}
+
+
+class Strategy:
+    """The run's strategy as Accelerate set it up: built once, right after the Accelerator, and asked. Nothing
+    else in llmkit tells plain data parallel, DeepSpeed and FSDP apart.
+
+    `name` is what a checkpoint records ("ddp", "fsdp", "zero1".."zero3"): a run resumes under the same one.
+    """
+
+    def __init__(self, accelerator: Accelerator) -> None:
+        from accelerate.utils import DistributedType
+
+        self.accelerator = accelerator
+        self.deepspeed = accelerator.distributed_type == DistributedType.DEEPSPEED
+        self.fsdp = accelerator.distributed_type == DistributedType.FSDP
+        plugin = accelerator.state.deepspeed_plugin if self.deepspeed else None
+        self.name = f"zero{plugin.zero_stage}" if plugin else "fsdp" if self.fsdp else "ddp"
+        # DeepSpeed keeps optimizer states in CPU memory (the -offload strategies): Adam runs as its CPU Adam.
+        self.offloads_optimizer = plugin is not None and offloads_optimizer(plugin.deepspeed_config)
+
+    @property
+    def places_weights(self) -> bool:
+        """DeepSpeed and FSDP place and cast the weights themselves (DeepSpeed keeps float32 master copies)."""
+        return self.deepspeed or self.fsdp
+
+    @property
+    def whole_weights(self) -> bool:
+        """Every process holds every weight outside the forward (not under FSDP or ZeRO-3)."""
+        return not self.fsdp and self.name != "zero3"
+
+    @property
+    def steps_itself(self) -> bool:
+        """DeepSpeed reduces, clips and steps inside its engine, and reports the norm after the step; it cannot
+        skip a bad step once taken, so a non-finite loss stops the run instead of being skipped."""
+        return self.deepspeed
+
+    @property
+    def plain(self) -> bool:
+        """Accelerate's own backward and a plain torch optimizer (DDP or one process): the optimizer may skip a
+        non-finite step on the device."""
+        return not self.deepspeed and not self.fsdp
+
+    def accumulating(self, model: Any, last: bool) -> contextlib.AbstractContextManager[Any]:
+        """Around a micro-batch's forward and backward: DDP reduces gradients only on the window's last one."""
+        if self.deepspeed or last or self.accelerator.num_processes == 1:
+            return nullcontext()  # DeepSpeed reduces at the boundary it is told of (backward)
+        return self.accelerator.no_sync(model)
+
+    def backward(self, model: Any, loss: torch.Tensor, last: bool) -> None:
+        """Backward of a loss already normalized for the whole step."""
+        if self.deepspeed:
+            model.set_gradient_accumulation_boundary(last)
+            model.backward(loss, scale_wrt_gas=False)
+        else:
+            self.accelerator.backward(loss)
+
+    def engine_step(self, model: Any, finite: bool) -> float:
+        """DeepSpeed's step (clip, optimizer step, zero the gradients) when the loss is finite; the norm it saw."""
+        if not finite:
+            return math.nan
+        model.step()  # skipped by DeepSpeed itself on an fp16 overflow
+        return float(model.get_global_grad_norm() or 0.0)
+
+    def optimizer_to_save(self, model: Any, optimizer: Any, checkpoints: Path, step: int) -> tuple[Path | None, Any]:
+        """(a shared staging directory already holding the optimizer state, or None; what to save as
+        optimizer.pt, or None). Every process calls it: DeepSpeed writes one shard per process into the staging
+        directory, FSDP gathers its shards into one whole state dict (both are collectives)."""
+        acc = self.accelerator
+        if self.deepspeed:
+            staging = shared_staging(checkpoints, step)
+            if acc.is_main_process:
+                shutil.rmtree(staging, ignore_errors=True)
+                staging.mkdir(parents=True)
+            acc.wait_for_everyone()
+            model.save_checkpoint(str(staging / DEEPSPEED_DIR), tag=DEEPSPEED_TAG, save_latest=False)
+            return staging, None
+        if self.fsdp:
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+            options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+            return None, _Saved(dict(get_optimizer_state_dict(model, optimizer.optimizer, options=options)))
+        return None, optimizer
+
+    def restore_optimizer(self, checkpoint: Path, saved: dict[str, Any], model: Any, optimizer: Any) -> None:
+        """Load the optimizer state `optimizer_to_save` wrote (after accelerator.prepare), under the same strategy;
+        DeepSpeed shards written by another number of processes are resharded."""
+        written_by = saved.get("strategy", "ddp")
+        if written_by != self.name:
+            raise UserError(
+                f"{checkpoint}: written under strategy {written_by}, resumed under {self.name}; "
+                f"resume with distributed.strategy={written_by}"
+            )
+        if self.deepspeed:
+            if saved["num_processes"] == self.accelerator.num_processes:
+                # DeepSpeed's own files (checked against the seal) hold the module, the shards and the step.
+                model.load_checkpoint(
+                    str(checkpoint / DEEPSPEED_DIR),
+                    tag=DEEPSPEED_TAG,
+                    load_optimizer_states=True,
+                    load_lr_scheduler_states=False,
+                    load_module_strict=True,
+                )
+            else:
+                _load_resharded(checkpoint, model, self.accelerator)
+        elif self.fsdp:  # whole states keyed by parameter name: FSDP shards them as it loads them
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+            state = safe_torch_load(checkpoint / "optimizer.pt")
+            options = StateDictOptions(full_state_dict=True)
+            set_optimizer_state_dict(model, optimizer.optimizer, optim_state_dict=state, options=options)
+        else:
+            optimizer.load_state_dict(safe_torch_load(checkpoint / "optimizer.pt"))
+
+
+class _Saved:
+    """An optimizer state dict computed beforehand, saved like an optimizer."""
+
+    def __init__(self, state: dict[str, Any]) -> None:
+        self.state = state
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.state
+
+
+def _load_resharded(checkpoint: Path, model: Any, accelerator: Accelerator) -> None:
+    """A DeepSpeed checkpoint written by another number of processes: DeepSpeed converts its per-rank shards
+    into a universal checkpoint (whole fp32 weights and optimizer moments per parameter), which every process
+    loads and shards anew. The conversion lives beside the checkpoints and is removed once loaded; the sealed
+    checkpoint itself is only read."""
+    universal = checkpoint.parent / f".{checkpoint.name}.universal"
+    if accelerator.is_main_process:
+        shutil.rmtree(universal, ignore_errors=True)
+        to_universal(checkpoint / DEEPSPEED_DIR / DEEPSPEED_TAG, universal / DEEPSPEED_TAG)
+    accelerator.wait_for_everyone()
+    # ZeRO-3's universal loader copies the first parameter group's settings onto every group, which would put
+    # weight decay on norms and biases: keep each group's own settings.
+    groups = model.optimizer.optimizer.param_groups
+    settings = [{key: value for key, value in group.items() if key != "params"} for group in groups]
+    model._config.load_universal_checkpoint = True  # the engine reads this flag when it loads
+    try:
+        model.load_checkpoint(
+            str(universal),
+            tag=DEEPSPEED_TAG,
+            load_optimizer_states=True,
+            load_lr_scheduler_states=False,
+            load_module_strict=True,
+        )
+    finally:
+        model._config.load_universal_checkpoint = False  # later checkpoints are ordinary ones
+    for group, kept in zip(groups, settings, strict=True):
+        group.update(kept)
+    # It also gives every group's state one shared `step` tensor, which fused Adam advances in place once per
+    # group: each state needs its own.
+    for state in model.optimizer.optimizer.state.values():
+        if isinstance(state.get("step"), torch.Tensor):
+            state["step"] = state["step"].clone()
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        shutil.rmtree(universal, ignore_errors=True)
+
+
+def to_universal(tag_dir: Path, out: Path) -> None:
+    """DeepSpeed's ds_to_universal on one checkpoint tag (its progress lines are kept off the console)."""
+    from deepspeed.checkpoint import ds_to_universal
+
+    arguments = [
+        "--input_folder",
+        str(tag_dir),
+        "--output_folder",
+        str(out),
+        "--inject_missing_state",
+        "--num_extract_workers",
+        "1",
+        "--num_merge_workers",
+        "1",
+    ]
+    with contextlib.redirect_stdout(io.StringIO()), _argv(arguments):
+        ds_to_universal.main(ds_to_universal.parse_arguments())
+
+
+@contextmanager
+def _argv(arguments: list[str]) -> Iterator[None]:
+    saved = sys.argv
+    sys.argv = ["ds_to_universal", *arguments]
+    try:
+        yield
+    finally:
+        sys.argv = saved
+
+
+def launch_mode(cfg: RunConfig) -> str | None:
+    """accelerate launch's mode for a single process of this run: DeepSpeed and FSDP expect a launcher's
+    environment even for one process."""
+    if wants_deepspeed(cfg):
+        return "--use_deepspeed"
+    return "--use_fsdp" if cfg.distributed.strategy == "fsdp" else None
+
+
+def accelerator_options(cfg: RunConfig, cuda: bool) -> dict[str, Any]:
+    """The Accelerator's options for the strategy: DeepSpeed's plugin (gloo without CUDA), FSDP's, or plain data
+    parallel (Accelerate's CPU mode without CUDA: it turns DeepSpeed off, so DeepSpeed runs name gloo instead)."""
+    from accelerate.utils import DeepSpeedPlugin, InitProcessGroupKwargs
+
+    if wants_deepspeed(cfg):
+        if not launch.under_launcher():
+            raise UserError(
+                f"distributed.strategy={cfg.distributed.strategy} runs under a launcher: add --num-processes N "
+                "(1 is fine) or start it with accelerate launch / torchrun"
+            )
+        options: dict[str, Any] = {
+            "deepspeed_plugin": DeepSpeedPlugin(hf_ds_config=deepspeed_config(cfg, launch.world_size())),
+            "gradient_accumulation_steps": cfg.train.grad_accum_steps,  # as in the DeepSpeed config
+        }
+        if not cuda:
+            options["kwargs_handlers"] = [InitProcessGroupKwargs(backend="gloo")]
+        return options
+    if cfg.distributed.strategy == "fsdp":
+        if not launch.under_launcher():
+            raise UserError("distributed.strategy=fsdp runs under a launcher: add --num-processes N (1 is fine)")
+        return {"fsdp_plugin": fsdp_plugin()}
+    return {"cpu": not cuda}
 
 
 def deepspeed_template(strategy: str) -> dict[str, Any]:
@@ -91,6 +324,7 @@ def check_available(cfg: RunConfig, world_size: int = 1, finetuning: bool = Fals
     gpus = torch.cuda.device_count() if cfg.distributed.device != "cpu" else 0  # counts without initializing CUDA
     check_gpu_count(local_processes, gpus)
     zero3 = ZERO_STAGES.get(cfg.distributed.strategy) == 3
+    shards_weights = zero3 or cfg.distributed.strategy == "fsdp"
     if finetuning and zero3 and cfg.finetune.method == "qlora":
         raise UserError(
             f"finetune.method=qlora with distributed.strategy={cfg.distributed.strategy}: ZeRO-3 cannot shard "
@@ -102,14 +336,17 @@ def check_available(cfg: RunConfig, world_size: int = 1, finetuning: bool = Fals
             f"finetune.lora.init={cfg.finetune.lora.init} rewrites the base weights, which qlora keeps in 4 bits; "
             "use method lora, or init=default"
         )
+    if finetuning and cfg.finetune.task == "distill" and cfg.distill.on_policy and shards_weights:
+        raise UserError(
+            "distill.on_policy samples from the whole student on every process; "
+            f"--strategy {cfg.distributed.strategy} shards it: use ddp, zero1 or zero2"
+        )
     if cfg.distributed.strategy == "fsdp" and not use_cuda(cfg):
         raise UserError(
             "distributed.strategy=fsdp needs CUDA GPUs (Accelerate runs FSDP on GPUs only); on CPU use zero3, "
             "which shards weights, gradients and optimizer states the same way"
         )
-    from llmkit.train.launch import world_size as launched_world
-
-    launched_world()  # a WORLD_SIZE that is not a count is one line here (Accelerate reads it with a traceback)
+    launch.world_size()  # a WORLD_SIZE that is not a count is one line here (Accelerate reads it with a traceback)
     compiles(cfg)  # refuses what cannot be compiled
     check_optimizer(cfg, finetuning)
     if cfg.precision.dtype == "fp8":
@@ -120,6 +357,19 @@ def check_available(cfg: RunConfig, world_size: int = 1, finetuning: bool = Fals
                 f"distributed.strategy={cfg.distributed.strategy} needs DeepSpeed: pip install 'llmkit[deepspeed]'"
             )
         deepspeed_config(cfg, world_size)
+
+
+def check_added_token_rows(new_ids: list[int], model_name: str) -> None:
+    """Under ZeRO-3, peft trains the rows of added tokens through a layer that gathers the sharded embedding on
+    a CUDA device: without one it cannot run (LoRA on the existing vocabulary can)."""
+    from transformers.integrations import is_deepspeed_zero3_enabled
+
+    if new_ids and is_deepspeed_zero3_enabled() and not torch.cuda.is_available():
+        raise UserError(
+            f"the chat template adds {len(new_ids)} tokens to {model_name}, whose embedding rows LoRA "
+            "trains; under ZeRO-3 that needs CUDA GPUs (peft gathers the sharded embedding on one); on CPU use "
+            "zero2, or start from a model whose tokenizer has the template's tokens (any llmkit fine-tune of it)"
+        )
 
 
 def check_optimizer(cfg: RunConfig, finetuning: bool) -> None:
@@ -166,9 +416,12 @@ def fsdp_plugin() -> Any:
     from accelerate.utils import FullyShardedDataParallelPlugin
 
     return FullyShardedDataParallelPlugin(
-        fsdp_version=2, auto_wrap_policy="transformer_based_wrap", reshard_after_forward=True,
-        state_dict_type="FULL_STATE_DICT", cpu_ram_efficient_loading=False,
-    )  # fmt: skip
+        fsdp_version=2,
+        auto_wrap_policy="transformer_based_wrap",
+        reshard_after_forward=True,
+        state_dict_type="FULL_STATE_DICT",
+        cpu_ram_efficient_loading=False,
+    )
 
 
 def wants_deepspeed(cfg: RunConfig) -> bool:

@@ -5,9 +5,12 @@ from __future__ import annotations
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:
+    from accelerate import Accelerator
 
 
 @dataclass
@@ -28,14 +31,22 @@ class LogWindow:
         self.tokens += tokens
 
     def state_dict(self) -> dict[str, float]:
-        return {"loss": self.loss, "steps": self.steps, "tokens": self.tokens,
-                "seconds": time.perf_counter() - self.start}  # fmt: skip
+        return {
+            "loss": self.loss,
+            "steps": self.steps,
+            "tokens": self.tokens,
+            "seconds": time.perf_counter() - self.start,
+        }
 
     @classmethod
     def restored(cls, state: dict[str, float]) -> LogWindow:
         seconds = float(state.get("seconds", 0.0))
-        return cls(float(state.get("loss", 0.0)), int(state.get("steps", 0)), int(state.get("tokens", 0)),
-                   time.perf_counter() - seconds)  # fmt: skip
+        return cls(
+            float(state.get("loss", 0.0)),
+            int(state.get("steps", 0)),
+            int(state.get("tokens", 0)),
+            time.perf_counter() - seconds,
+        )
 
 
 @dataclass
@@ -92,7 +103,7 @@ def mfu(tokens_per_s: float, flops_per_token: float, peak_per_device: float, dev
     return tokens_per_s * flops_per_token / (peak_per_device * devices)
 
 
-def peak_flops(acc: Any) -> float | None:
+def peak_flops(acc: Accelerator) -> float | None:
     from llmkit.flops import device_peak_flops
 
     if acc.device.type != "cuda":

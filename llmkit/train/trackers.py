@@ -106,9 +106,12 @@ def _build(name: str, run_dir: Path, project: str, run_id: str | None) -> Any:
 
     if name == "wandb":
         return WandBTracker(
-            os.environ.get("WANDB_PROJECT", project), dir=str(run_dir), name=run_dir.name,
-            id=run_id or uuid.uuid4().hex[:12], resume="allow",
-        )  # fmt: skip
+            os.environ.get("WANDB_PROJECT", project),
+            dir=str(run_dir),
+            name=run_dir.name,
+            id=run_id or uuid.uuid4().hex[:12],
+            resume="allow",
+        )
     if name == "mlflow":
         import mlflow
 

@@ -1,5 +1,5 @@
 """Fine-tuning tasks, by name (`llmkit finetune --task NAME`). A new task is a module with a `Task` subclass
-(see llmkit.train.tasks.base) and one row here."""
+(see llmkit.train.tasks.base), one row here and its name and one-line description in config.FINETUNE_TASKS."""
 
 from __future__ import annotations
 
@@ -16,10 +16,10 @@ __all__ = ["TASKS", "Task", "TaskData", "get_task"]
 TASKS: dict[str, Task] = {
     "sft": SFT(),
     "classify": Classify(),
-    "dpo": PreferenceTask("dpo", "direct preference optimization (sigmoid, IPO, hinge or robust loss) on pairs"),
-    "orpo": PreferenceTask("orpo", "odds-ratio preference optimization: SFT on chosen answers plus an odds-ratio term"),
-    "simpo": PreferenceTask("simpo", "simple preference optimization: length-normalized rewards, no reference"),
-    "kto": PreferenceTask("kto", "Kahneman-Tversky optimization: single answers labelled desirable or not"),
+    "dpo": PreferenceTask("dpo"),
+    "orpo": PreferenceTask("orpo"),
+    "simpo": PreferenceTask("simpo"),
+    "kto": PreferenceTask("kto"),
     "reward": Reward(),
     "distill": Distill(),
 }

@@ -14,7 +14,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
@@ -23,9 +23,15 @@ from llmkit.data.cleaning import is_validation
 from llmkit.data.formats import Example, RowFormats, normalize
 from llmkit.data.readers import read_records, resolve_sources
 from llmkit.errors import UserError
+from llmkit.train.job import LossFn, Objective
 from llmkit.train.packing import collate_rows
 
+if TYPE_CHECKING:
+    from accelerate import Accelerator
+    from transformers import PreTrainedTokenizerBase
+
 Collate = Callable[..., dict[str, torch.Tensor]]
+LmLoss = Callable[[], LossFn]
 
 
 @dataclass
@@ -44,7 +50,6 @@ class Task(ABC):
     """The interface every task implements; the defaults are those of a causal language-model task."""
 
     name: ClassVar[str]
-    description: ClassVar[str]  # one line, for `--help` and the docs
     needs_eos: ClassVar[bool] = True  # the tokenizer must have an EOS (causal LMs end answers with it)
     chat: ClassVar[bool] = True  # the tokenizer gets a chat template (finetune.chat_template)
     peft_task_type: ClassVar[str] = "CAUSAL_LM"
@@ -54,10 +59,12 @@ class Task(ABC):
     logits: ClassVar[str] = "fused"  # the LM head's logits: fused with the loss, "whole" (materialized), or "none"
 
     @abstractmethod
-    def load_data(self, cfg: RunConfig, tokenizer: Any) -> TaskData:
+    def load_data(self, cfg: RunConfig, tokenizer: PreTrainedTokenizerBase) -> TaskData:
         """Read, check, split and encode the rows (before any output is written)."""
 
-    def load_model(self, source: str | Path, cfg: RunConfig, token: str | None, data: TaskData, tokenizer: Any) -> Any:
+    def load_model(
+        self, source: str | Path, cfg: RunConfig, token: str | None, data: TaskData, tokenizer: PreTrainedTokenizerBase
+    ) -> Any:
         from llmkit.models import load_model, rope_request
 
         if cfg.finetune.method == "qlora":
@@ -68,11 +75,22 @@ class Task(ABC):
         return lambda rows, indices=None: collate_rows(rows, pad_id, attn_implementation, indices)
 
     @abstractmethod
-    def objective(self, model: Any, accelerator: Any, data: TaskData, cfg: RunConfig, liger: bool) -> dict[str, Any]:
-        """`loss_fn` (and optionally `count_targets`, `eval_fn`) for TrainJob; called before accelerator.prepare."""
+    def objective(
+        self, model: Any, accelerator: Accelerator, data: TaskData, cfg: RunConfig, lm_loss: LmLoss
+    ) -> Objective:
+        """What the task minimizes and how it validates; called before accelerator.prepare. `lm_loss()` builds the
+        run's causal-LM loss (fused with the head where the strategy keeps whole weights, Liger's when applied)."""
 
-    def prepare(self, model: Any, accelerator: Any, data: TaskData, run_dir: Path, resumed: bool, cfg: RunConfig,
-                collate: Collate) -> None:  # fmt: skip
+    def prepare(
+        self,
+        model: Any,
+        accelerator: Accelerator,
+        data: TaskData,
+        run_dir: Path,
+        resumed: bool,
+        cfg: RunConfig,
+        collate: Collate,
+    ) -> None:
         """Work before the first step, on the prepared model (the preference tasks' reference log-probs); none by
         default."""
         return None
@@ -127,8 +145,9 @@ def data_fingerprint(cfg: RunConfig, *settings: Any) -> str:
     digest = hashlib.sha256()
     for source in resolve_sources(cfg.data.sources) + (resolve_sources([ft.val_file]) if ft.val_file else []):
         digest.update(json.dumps(source.describe(), sort_keys=True).encode())
-    common = ft.model_dump(mode="json", include={"task", "format", "columns", "max_length", "chat_template",
-                                                 "train_on_prompt", "augment"})  # fmt: skip
+    common = ft.model_dump(
+        mode="json", include={"task", "format", "columns", "max_length", "chat_template", "train_on_prompt", "augment"}
+    )
     digest.update(json.dumps([common, cfg.data.val_fraction, cfg.data.seed, *settings], sort_keys=True).encode())
     return digest.hexdigest()
 

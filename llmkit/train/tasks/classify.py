@@ -11,7 +11,7 @@ from __future__ import annotations
 import random
 from collections import Counter
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -22,12 +22,16 @@ from llmkit.data.formats import Example
 from llmkit.data.templates import Encoded
 from llmkit.errors import UserError
 from llmkit.scoring import classification_metrics, pad_right
-from llmkit.train.tasks.base import Collate, Task, TaskData, data_fingerprint, split_examples
+from llmkit.train.job import Objective
+from llmkit.train.tasks.base import Collate, LmLoss, Task, TaskData, data_fingerprint, split_examples
+
+if TYPE_CHECKING:
+    from accelerate import Accelerator
+    from transformers import PreTrainedTokenizerBase
 
 
 class Classify(Task):
     name = "classify"
-    description = "text classification: text + label rows, a classification head on any HF model"
     needs_eos = False  # encoders have none
     chat = False
     peft_task_type = "SEQ_CLS"
@@ -35,7 +39,7 @@ class Classify(Task):
     kernels = False
     logits = "none"
 
-    def load_data(self, cfg: RunConfig, tokenizer: Any) -> TaskData:
+    def load_data(self, cfg: RunConfig, tokenizer: PreTrainedTokenizerBase) -> TaskData:
         """Text + label rows: the label map from the training rows, then encoding with the model's tokenizer."""
         ft = cfg.finetune
         train_examples, val_examples, fmt = split_examples(cfg)
@@ -48,7 +52,9 @@ class Classify(Task):
         truncated = sum(e.truncated for e in train)
         return TaskData(train, val, fmt, data_fingerprint(cfg), truncated, {"labels": labels})
 
-    def load_model(self, source: Any, cfg: RunConfig, token: str | None, data: TaskData, tokenizer: Any) -> Any:
+    def load_model(
+        self, source: Any, cfg: RunConfig, token: str | None, data: TaskData, tokenizer: PreTrainedTokenizerBase
+    ) -> Any:
         from llmkit.models import load_classifier
 
         model = load_classifier(source, data.details["labels"], cfg.model.trust_remote_code, token)
@@ -58,11 +64,12 @@ class Classify(Task):
     def collate(self, pad_id: int, attn_implementation: str) -> Collate:
         return lambda rows, indices=None: collate_classification(rows, pad_id, indices)
 
-    def objective(self, model: Any, accelerator: Any, data: TaskData, cfg: RunConfig, liger: bool) -> dict[str, Any]:
+    def objective(
+        self, model: Any, accelerator: Accelerator, data: TaskData, cfg: RunConfig, lm_loss: LmLoss
+    ) -> Objective:
         labels = data.details["labels"]
         weights = class_weights(cfg.finetune.class_weights, data.train, len(labels.names))
-        return {"loss_fn": make_loss(weights), "count_targets": count_examples,
-                "eval_fn": make_evaluation(labels, weights)}  # fmt: skip
+        return Objective(make_loss(weights), count_examples, make_evaluation(labels, weights))
 
     def describe(self, data: TaskData, chat: Any) -> str:
         return f"classes {', '.join(data.details['labels'].names)}"
@@ -96,7 +103,9 @@ class LabelMap:
         return self.ids[example.label]
 
 
-def encode_classification(tokenizer: Any, examples: list[Example], labels: LabelMap, max_length: int) -> list[Encoded]:
+def encode_classification(
+    tokenizer: PreTrainedTokenizerBase, examples: list[Example], labels: LabelMap, max_length: int
+) -> list[Encoded]:
     encoded = tokenizer([e.text for e in examples], truncation=True, max_length=max_length)
     return [
         Encoded(np.asarray(ids, dtype=np.int64), np.asarray([labels.id_of(e)], dtype=np.int64), len(ids) >= max_length)
@@ -143,7 +152,7 @@ def make_evaluation(labels: LabelMap, weights: torch.Tensor | None) -> Any:
     loss_fn = make_loss(weights)
 
     @torch.no_grad()
-    def evaluate(model: Any, batches: list[dict[str, torch.Tensor]], acc: Any) -> dict[str, Any]:
+    def evaluate(model: Any, batches: list[dict[str, torch.Tensor]], acc: Accelerator) -> dict[str, Any]:
         model.eval()
         total, count, probabilities, targets = 0.0, 0, [], []
         for batch in batches:

@@ -5,35 +5,37 @@ freeze); to distill into a model built from a recipe, pretrain it with `--teache
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from llmkit.config import RunConfig
 from llmkit.errors import UserError
 from llmkit.train import distill
+from llmkit.train.job import Objective
 from llmkit.train.packing import collate_rows
-from llmkit.train.tasks.base import Collate, TaskData
+from llmkit.train.tasks.base import Collate, LmLoss, TaskData
 from llmkit.train.tasks.sft import SFT
+
+if TYPE_CHECKING:
+    from accelerate import Accelerator
+    from transformers import PreTrainedTokenizerBase
 
 
 class Distill(SFT):
     name = "distill"
-    description = "SFT rows taught by a teacher model (forward/reverse KL or JSD, mixed with the data loss)"
     logits = "whole"
 
     def __init__(self) -> None:
         self.cache: distill.TeacherCache | None = None  # set by prepare when distill.top_k is given
 
-    def load_data(self, cfg: RunConfig, tokenizer: Any) -> TaskData:
+    def load_data(self, cfg: RunConfig, tokenizer: PreTrainedTokenizerBase) -> TaskData:
         if not cfg.distill.teacher:
             raise UserError("--task distill needs a teacher: pass --teacher MODEL (distill.teacher)")
         if cfg.distill.on_policy and cfg.distill.top_k:
-            raise UserError("distill.on_policy needs the live teacher (it scores the student's own samples); "
-                            "unset distill.top_k")  # fmt: skip
-        if cfg.distill.on_policy and cfg.distributed.strategy in ("zero3", "zero3-offload", "fsdp"):
-            raise UserError(f"distill.on_policy samples from the whole student on every process; "
-                            f"--strategy {cfg.distributed.strategy} shards it: use ddp, zero1 or zero2")  # fmt: skip
+            raise UserError(
+                "distill.on_policy needs the live teacher (it scores the student's own samples); unset distill.top_k"
+            )
         distill.check_teacher(cfg.distill, tokenizer, str(cfg.model.init_from))
         self.cache = None
         data = super().load_data(cfg, tokenizer)
@@ -43,19 +45,19 @@ class Distill(SFT):
             distill.check_given_cache(Path(cfg.distill.cache), key)
         return data
 
-    def objective(self, model: Any, accelerator: Any, data: TaskData, cfg: RunConfig, liger: bool) -> dict[str, Any]:
+    def objective(
+        self, model: Any, accelerator: Accelerator, data: TaskData, cfg: RunConfig, lm_loss: LmLoss
+    ) -> Objective:
         tokenizer = data.details["tokenizer"]
         teacher = None if cfg.distill.top_k else self._teacher(cfg, data, accelerator)
-        objective: dict[str, Any] = {
-            "loss_fn": distill.distillation_loss(cfg.distill, len(tokenizer), teacher=teacher),
-            "eval_fn": distill.evaluation(cfg.distill, len(tokenizer), teacher),
-        }
-        if cfg.distill.on_policy:
-            attn = getattr(model.config, "_attn_implementation", None) or "sdpa"
-            stop_ids = list(model.generation_config.eos_token_id or [tokenizer.eos_token_id])
-            objective["rewrite"] = distill.OnPolicy(cfg, data.train, tokenizer, stop_ids,
-                                                    cfg.finetune.max_length, attn, accelerator)  # fmt: skip
-        return objective
+        loss_fn = distill.distillation_loss(cfg.distill, len(tokenizer), teacher=teacher)
+        eval_fn = distill.evaluation(cfg.distill, len(tokenizer), teacher)
+        if not cfg.distill.on_policy:
+            return Objective(loss_fn, eval_fn=eval_fn)
+        attn = getattr(model.config, "_attn_implementation", None) or "sdpa"
+        stop_ids = list(model.generation_config.eos_token_id or [tokenizer.eos_token_id])
+        on_policy = distill.OnPolicy(cfg, data.train, tokenizer, stop_ids, cfg.finetune.max_length, attn, accelerator)
+        return Objective(loss_fn, eval_fn=eval_fn, rewrite=on_policy)
 
     def collate(self, pad_id: int, attn_implementation: str) -> Collate:
         def collate(rows: list[list[Any]], indices: list[int] | None = None) -> dict[str, torch.Tensor]:
@@ -70,8 +72,16 @@ class Distill(SFT):
 
         return collate
 
-    def prepare(self, model: Any, accelerator: Any, data: TaskData, run_dir: Path, resumed: bool, cfg: RunConfig,
-                collate: Collate) -> None:  # fmt: skip
+    def prepare(
+        self,
+        model: Any,
+        accelerator: Accelerator,
+        data: TaskData,
+        run_dir: Path,
+        resumed: bool,
+        cfg: RunConfig,
+        collate: Collate,
+    ) -> None:
         """With distill.top_k: the teacher's top-k over every training example, computed once (or reused)."""
         if not cfg.distill.top_k:
             return
@@ -86,12 +96,17 @@ class Distill(SFT):
                 yield collate_rows([[data.train[i]] for i in group], int(tokenizer.pad_token_id), "sdpa", group)
 
         self.cache = distill.open_or_build_cache(
-            root, key, [len(e.ids) for e in data.train], batches, lambda: self._teacher(cfg, data, accelerator),
-            accelerator, given=cfg.distill.cache is not None,
-        )  # fmt: skip
+            root,
+            key,
+            [len(e.ids) for e in data.train],
+            batches,
+            lambda: self._teacher(cfg, data, accelerator),
+            accelerator,
+            given=cfg.distill.cache is not None,
+        )
 
     def describe(self, data: TaskData, chat: Any) -> str:
         return f"{super().describe(data, chat)}, teacher {data.details.get('teacher', '-')}"
 
-    def _teacher(self, cfg: RunConfig, data: TaskData, accelerator: Any) -> Any:
+    def _teacher(self, cfg: RunConfig, data: TaskData, accelerator: Accelerator) -> Any:
         return distill.load_teacher(cfg, accelerator.device)

@@ -24,7 +24,7 @@ from __future__ import annotations
 import io
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -34,9 +34,14 @@ from llmkit.config import PreferenceConfig, RunConfig
 from llmkit.data.pairs import PAIR_FORMATS, UNPAIRED_FORMATS, Pair, encode_pair, encode_unpaired
 from llmkit.errors import UserError
 from llmkit.losses import IGNORE
+from llmkit.train.job import Objective
 from llmkit.train.packing import collate_rows, first_fit_decreasing
 from llmkit.train.step import model_inputs
-from llmkit.train.tasks.base import Collate, Task, TaskData, data_fingerprint, split_examples
+from llmkit.train.tasks.base import Collate, LmLoss, Task, TaskData, data_fingerprint, split_examples
+
+if TYPE_CHECKING:
+    from accelerate import Accelerator
+    from transformers import PreTrainedTokenizerBase
 
 REFERENCE_FILE = "reference_logps.npy"
 
@@ -44,13 +49,12 @@ REFERENCE_FILE = "reference_logps.npy"
 # --- rows -------------------------------------------------------------------------------------------------------
 
 
-def load_unpaired(cfg: RunConfig, tokenizer: Any) -> TaskData:
+def load_unpaired(cfg: RunConfig, tokenizer: PreTrainedTokenizerBase) -> TaskData:
     train_rows, val_rows, fmt = split_examples(cfg, UNPAIRED_FORMATS)
     labels = {row.label for row in train_rows}
     if labels != {True, False}:
         only = "desirable" if True in labels else "undesirable"
-        raise UserError(f"{cfg.data.sources[0]}: every training row is {only}; KTO needs rows labelled true and "
-                        "false")  # fmt: skip
+        raise UserError(f"{cfg.data.sources[0]}: every training row is {only}; KTO needs rows labelled true and false")
     group, max_length = max(2, cfg.train.micro_batch_size), cfg.finetune.max_length
     train = encode_unpaired(tokenizer, train_rows, max_length, group)
     val = encode_unpaired(tokenizer, val_rows, max_length, group)
@@ -59,7 +63,7 @@ def load_unpaired(cfg: RunConfig, tokenizer: Any) -> TaskData:
     return TaskData(train, val, fmt, data_fingerprint(cfg, settings, group), truncated)
 
 
-def load_pairs(cfg: RunConfig, tokenizer: Any) -> TaskData:
+def load_pairs(cfg: RunConfig, tokenizer: PreTrainedTokenizerBase) -> TaskData:
     train_rows, val_rows, fmt = split_examples(cfg, PAIR_FORMATS)
     max_length = cfg.finetune.max_length
     train = [encode_pair(tokenizer, row, max_length) for row in train_rows]
@@ -107,8 +111,12 @@ def sequence_logps(logits: torch.Tensor, batch: dict[str, torch.Tensor]) -> tupl
     sequences = 2 * batch["pair_ids"].numel()
     step = max(1, 2**26 // logits.shape[-1])
     flat = logits.flatten(0, 1)
-    logps = torch.cat([-F.cross_entropy(rows.float(), row_targets, ignore_index=IGNORE, reduction="none")
-                       for rows, row_targets in zip(flat.split(step), targets.split(step), strict=True)])  # fmt: skip
+    logps = torch.cat(
+        [
+            -F.cross_entropy(rows.float(), row_targets, ignore_index=IGNORE, reduction="none")
+            for rows, row_targets in zip(flat.split(step), targets.split(step), strict=True)
+        ]
+    )
     trained = (targets != IGNORE) & (owner >= 0)
     index = owner.clamp(min=0)
     sums = torch.zeros(sequences, device=logits.device).index_add(0, index, torch.where(trained, logps, 0.0))
@@ -186,8 +194,11 @@ def kto_losses(
     own, mismatched = policy[0::2], policy[1::2]
     ratio = own - reference[:, 0].to(own.dtype)
     kl = (mismatched - reference[:, 1].to(own.dtype)).mean().detach().clamp(min=0)
-    losses = torch.where(desirable, cfg.desirable_weight * (1 - torch.sigmoid(cfg.beta * (ratio - kl))),
-                         cfg.undesirable_weight * (1 - torch.sigmoid(cfg.beta * (kl - ratio))))  # fmt: skip
+    losses = torch.where(
+        desirable,
+        cfg.desirable_weight * (1 - torch.sigmoid(cfg.beta * (ratio - kl))),
+        cfg.undesirable_weight * (1 - torch.sigmoid(cfg.beta * (kl - ratio))),
+    )
     rewards = cfg.beta * ratio.detach()
     right = torch.where(desirable, rewards > 0, rewards < 0)  # a desirable answer gained, an undesirable one lost
     scores = PairScores(losses, rewards[desirable], rewards[~desirable], own[desirable], own[~desirable], right)
@@ -199,8 +210,9 @@ def _log1mexp(x: torch.Tensor) -> torch.Tensor:
     return torch.where(x < -0.6931471805599453, torch.log1p(-torch.exp(x)), torch.log(-torch.expm1(x)))
 
 
-def pair_scores(task: str, logits: torch.Tensor, batch: dict[str, torch.Tensor], cfg: PreferenceConfig
-                ) -> tuple[PairScores, torch.Tensor]:  # fmt: skip
+def pair_scores(
+    task: str, logits: torch.Tensor, batch: dict[str, torch.Tensor], cfg: PreferenceConfig
+) -> tuple[PairScores, torch.Tensor]:
     """The pairs' scores and the batch's loss summed over pairs (ORPO: plus pairs x the chosen answers' mean NLL)."""
     policy, counts = sequence_logps(logits, batch)
     if task == "dpo":
@@ -232,48 +244,73 @@ class PreferenceTask(Task):
     sequences_per_row = 2
     logits = "whole"  # the loss needs each sequence's log-prob: the head is not fused with it
 
-    def __init__(self, name: str, description: str) -> None:
-        self.name, self.description = name, description  # type: ignore[misc]
+    def __init__(self, name: str) -> None:
+        self.name = name  # type: ignore[misc]
         self.needs_reference = name in ("dpo", "kto")  # ORPO and SimPO are reference-free
 
-    def load_data(self, cfg: RunConfig, tokenizer: Any) -> TaskData:
+    def load_data(self, cfg: RunConfig, tokenizer: PreTrainedTokenizerBase) -> TaskData:
         return load_unpaired(cfg, tokenizer) if self.name == "kto" else load_pairs(cfg, tokenizer)
 
     def collate(self, pad_id: int, attn_implementation: str) -> Collate:
         return lambda rows, indices=None: collate_pairs(rows, pad_id, attn_implementation, indices)
 
-    def objective(self, model: Any, accelerator: Any, data: TaskData, cfg: RunConfig, liger: bool) -> dict[str, Any]:
+    def objective(
+        self, model: Any, accelerator: Accelerator, data: TaskData, cfg: RunConfig, lm_loss: LmLoss
+    ) -> Objective:
         settings, task = cfg.finetune.preference, self.name
 
         def loss_fn(logits: torch.Tensor, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
             scores, total = pair_scores(task, logits, batch, settings)
             return total, torch.tensor(scores.losses.numel(), device=logits.device)
 
-        return {"loss_fn": loss_fn, "count_targets": count_pairs,
-                "eval_fn": lambda model, batches, acc: evaluate_pairs(model, batches, acc, task, settings)}  # fmt: skip
+        def eval_fn(model: Any, batches: list[dict[str, torch.Tensor]], acc: Accelerator) -> dict[str, Any]:
+            return evaluate_pairs(model, batches, acc, task, settings)
 
-    def prepare(self, model: Any, accelerator: Any, data: TaskData, run_dir: Path, resumed: bool, cfg: RunConfig,
-                collate: Collate) -> None:  # fmt: skip
+        return Objective(loss_fn, count_pairs, eval_fn)
+
+    def prepare(
+        self,
+        model: Any,
+        accelerator: Accelerator,
+        data: TaskData,
+        run_dir: Path,
+        resumed: bool,
+        cfg: RunConfig,
+        collate: Collate,
+    ) -> None:
         if self.needs_reference:
             row_length = cfg.finetune.max_length * self.sequences_per_row
-            attach_reference(model, accelerator, data, run_dir, resumed, cfg.train.micro_batch_size, row_length,
-                             collate)  # fmt: skip
+            attach_reference(
+                model, accelerator, data, run_dir, resumed, cfg.train.micro_batch_size, row_length, collate
+            )
 
     def plan_notes(self, cfg: RunConfig) -> list[str]:
-        notes = [f"{self.name}: a row holds a pair's two answers (2 x finetune.max_length tokens); the logits are "
-                 "materialized for the pairs' log-probs (counted in activations)"]  # fmt: skip
+        notes = [
+            f"{self.name}: a row holds a pair's two answers (2 x finetune.max_length tokens); the logits are "
+            "materialized for the pairs' log-probs (counted in activations)"
+        ]
         if self.needs_reference:
-            notes.append(f"{self.name}: no reference model in memory; its log-probs take one forward pass over the "
-                         "rows before the first step (about a third of an epoch's compute) and 16 bytes a pair on disk "
-                         f"(RUN/{REFERENCE_FILE}, reused on resume)")  # fmt: skip
+            notes.append(
+                f"{self.name}: no reference model in memory; its log-probs take one forward pass over the "
+                "rows before the first step (about a third of an epoch's compute) and 16 bytes a pair on disk "
+                f"(RUN/{REFERENCE_FILE}, reused on resume)"
+            )
         return notes
 
     def describe(self, data: TaskData, chat: Any) -> str:
         return f"template {chat.name if chat else '-'}, {self.name} on chosen/rejected pairs"
 
 
-def attach_reference(model: Any, accelerator: Any, data: TaskData, run_dir: Path, resumed: bool, micro: int,
-                     row_length: int, collate: Collate) -> None:  # fmt: skip
+def attach_reference(
+    model: Any,
+    accelerator: Accelerator,
+    data: TaskData,
+    run_dir: Path,
+    resumed: bool,
+    micro: int,
+    row_length: int,
+    collate: Collate,
+) -> None:
     """Every pair's reference log-probs: read from the run directory, or computed by the model before its first
     step (every process computes all of them the same way, in packed rows of `row_length` tokens, `micro` rows a
     forward pass, as training batches them) and saved there by the main process."""
@@ -283,12 +320,15 @@ def attach_reference(model: Any, accelerator: Any, data: TaskData, run_dir: Path
     path = run_dir / REFERENCE_FILE
     if resumed:
         if not path.exists():
-            raise UserError(f"{path}: missing; this run's reference log-probs are gone, so it cannot resume exactly; "
-                            "start it again with --overwrite")  # fmt: skip
+            raise UserError(
+                f"{path}: missing; this run's reference log-probs are gone, so it cannot resume exactly; "
+                "start it again with --overwrite"
+            )
         values = np.load(path)
         if values.shape != (len(pairs), 2):
-            raise UserError(f"{path}: holds {values.shape[0]} pairs, the data has {len(pairs)}; start again with "
-                            "--overwrite")  # fmt: skip
+            raise UserError(
+                f"{path}: holds {values.shape[0]} pairs, the data has {len(pairs)}; start again with --overwrite"
+            )
     else:
         values = np.zeros((len(pairs), 2), dtype=np.float64)
         rows = first_fit_decreasing(np.asarray([len(pair) for pair in pairs]), row_length)
@@ -311,8 +351,9 @@ def attach_reference(model: Any, accelerator: Any, data: TaskData, run_dir: Path
 
 
 @torch.no_grad()
-def evaluate_pairs(model: Any, batches: list[dict[str, torch.Tensor]], acc: Any, task: str,
-                   cfg: PreferenceConfig) -> dict[str, Any]:  # fmt: skip
+def evaluate_pairs(
+    model: Any, batches: list[dict[str, torch.Tensor]], acc: Accelerator, task: str, cfg: PreferenceConfig
+) -> dict[str, Any]:
     """Mean loss, mean implicit rewards of chosen and rejected answers (KTO: of desirable and undesirable rows),
     reward accuracy (chosen strictly above rejected; KTO: a reward of the label's sign), margin and mean summed
     log-probs, over all processes."""
@@ -321,9 +362,17 @@ def evaluate_pairs(model: Any, batches: list[dict[str, torch.Tensor]], acc: Any,
     for batch in batches:
         batch = {key: value.to(acc.device) for key, value in batch.items() if key != "sample_indices"}
         scores, total = pair_scores(task, model(**model_inputs(batch)).logits, batch, cfg)
-        values: list[Any] = [total, scores.losses.numel(), scores.hits().sum(), scores.chosen_rewards.sum(),
-                  scores.rejected_rewards.sum(), scores.chosen_logps.sum(), scores.rejected_logps.sum(),
-                  scores.chosen_rewards.numel(), scores.rejected_rewards.numel()]  # fmt: skip
+        values: list[Any] = [
+            total,
+            scores.losses.numel(),
+            scores.hits().sum(),
+            scores.chosen_rewards.sum(),
+            scores.rejected_rewards.sum(),
+            scores.chosen_logps.sum(),
+            scores.rejected_logps.sum(),
+            scores.chosen_rewards.numel(),
+            scores.rejected_rewards.numel(),
+        ]
         sums += torch.tensor([float(v) for v in values], device=acc.device, dtype=torch.float64)
     model.train()
     loss, rows, right, chosen, rejected, chosen_logps, rejected_logps, n_chosen, n_rejected = (

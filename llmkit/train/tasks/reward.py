@@ -9,7 +9,7 @@ scores a file of candidates.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -17,9 +17,14 @@ import torch.nn.functional as F
 from llmkit.config import RunConfig
 from llmkit.data.pairs import Pair
 from llmkit.scoring import REWARD_LABEL, pad_right
-from llmkit.train.tasks.base import Collate, Task, TaskData
+from llmkit.train.job import Objective
+from llmkit.train.tasks.base import Collate, LmLoss, Task, TaskData
 from llmkit.train.tasks.classify import LabelMap
 from llmkit.train.tasks.preference import load_pairs
+
+if TYPE_CHECKING:
+    from accelerate import Accelerator
+    from transformers import PreTrainedTokenizerBase
 
 
 def collate_reward_pairs(rows: list[list[Pair]], pad_id: int, indices: list[int] | None = None) -> dict:
@@ -43,18 +48,22 @@ def count_pairs(batch: dict[str, torch.Tensor]) -> int:
 
 
 @torch.no_grad()
-def evaluate_reward_model(model: Any, batches: list[dict[str, torch.Tensor]], acc: Any) -> dict[str, Any]:
+def evaluate_reward_model(model: Any, batches: list[dict[str, torch.Tensor]], acc: Accelerator) -> dict[str, Any]:
     model.eval()
     sums = torch.zeros(5, device=acc.device, dtype=torch.float64)
     for batch in batches:
         inputs = {k: batch[k].to(acc.device) for k in ("input_ids", "attention_mask")}
         rewards = model(**inputs).logits[:, 0].double()
         chosen, rejected = rewards[0::2], rewards[1::2]
-        sums += torch.stack([
-            (-F.logsigmoid(chosen - rejected)).sum(), torch.tensor(float(chosen.numel()), device=acc.device,
-                                                                  dtype=torch.float64),
-            (chosen > rejected).double().sum(), chosen.sum(), rejected.sum(),
-        ])  # fmt: skip
+        sums += torch.stack(
+            [
+                (-F.logsigmoid(chosen - rejected)).sum(),
+                torch.tensor(float(chosen.numel()), device=acc.device, dtype=torch.float64),
+                (chosen > rejected).double().sum(),
+                chosen.sum(),
+                rejected.sum(),
+            ]
+        )
     model.train()
     loss, pairs, right, chosen_sum, rejected_sum = (float(v) for v in acc.reduce(sums, reduction="sum"))
     pairs = max(pairs, 1.0)
@@ -69,17 +78,18 @@ def evaluate_reward_model(model: Any, batches: list[dict[str, torch.Tensor]], ac
 
 class Reward(Task):
     name = "reward"
-    description = "reward model (Bradley-Terry) on preference pairs: one score per prompt + answer"
     peft_task_type = "SEQ_CLS"
     packs = False  # the head reads each row's last token
     kernels = False
     sequences_per_row = 2
     logits = "none"
 
-    def load_data(self, cfg: RunConfig, tokenizer: Any) -> TaskData:
+    def load_data(self, cfg: RunConfig, tokenizer: PreTrainedTokenizerBase) -> TaskData:
         return load_pairs(cfg, tokenizer)
 
-    def load_model(self, source: str | Path, cfg: RunConfig, token: str | None, data: TaskData, tokenizer: Any) -> Any:
+    def load_model(
+        self, source: str | Path, cfg: RunConfig, token: str | None, data: TaskData, tokenizer: PreTrainedTokenizerBase
+    ) -> Any:
         from llmkit.models import load_classifier
 
         model = load_classifier(source, LabelMap([REWARD_LABEL], {}), cfg.model.trust_remote_code, token)
@@ -89,8 +99,10 @@ class Reward(Task):
     def collate(self, pad_id: int, attn_implementation: str) -> Collate:
         return lambda rows, indices=None: collate_reward_pairs(rows, pad_id, indices)
 
-    def objective(self, model: Any, accelerator: Any, data: TaskData, cfg: RunConfig, liger: bool) -> dict[str, Any]:
-        return {"loss_fn": bradley_terry, "count_targets": count_pairs, "eval_fn": evaluate_reward_model}
+    def objective(
+        self, model: Any, accelerator: Accelerator, data: TaskData, cfg: RunConfig, lm_loss: LmLoss
+    ) -> Objective:
+        return Objective(bradley_terry, count_pairs, evaluate_reward_model)
 
     def describe(self, data: TaskData, chat: Any) -> str:
         return f"template {chat.name if chat else '-'}, reward model on chosen/rejected pairs"

@@ -6,21 +6,24 @@ to each other (llmkit.train.packing).
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from llmkit.config import RunConfig
 from llmkit.data.templates import encode_example
 from llmkit.errors import UserError
-from llmkit.train.setup import language_model_loss
-from llmkit.train.tasks.base import Task, TaskData, data_fingerprint, split_examples
+from llmkit.train.job import Objective
+from llmkit.train.tasks.base import LmLoss, Task, TaskData, data_fingerprint, split_examples
 from llmkit.train.tasks.classify import augment_examples
+
+if TYPE_CHECKING:
+    from accelerate import Accelerator
+    from transformers import PreTrainedTokenizerBase
 
 
 class SFT(Task):
     name = "sft"
-    description = "supervised fine-tuning: chat, instruction, prompt/completion or text rows"
 
-    def load_data(self, cfg: RunConfig, tokenizer: Any) -> TaskData:
+    def load_data(self, cfg: RunConfig, tokenizer: PreTrainedTokenizerBase) -> TaskData:
         """Read, normalize, split and encode the rows; refuse data with nothing to learn."""
         ft = cfg.finetune
         train_examples, val_examples, fmt = split_examples(cfg)
@@ -41,5 +44,7 @@ class SFT(Task):
             )
         return TaskData(train, val, fmt, data_fingerprint(cfg), truncated)
 
-    def objective(self, model: Any, accelerator: Any, data: TaskData, cfg: RunConfig, liger: bool) -> dict[str, Any]:
-        return {"loss_fn": language_model_loss(model, accelerator, liger=liger)}
+    def objective(
+        self, model: Any, accelerator: Accelerator, data: TaskData, cfg: RunConfig, lm_loss: LmLoss
+    ) -> Objective:
+        return Objective(loss_fn=lm_loss())

@@ -1,0 +1,243 @@
+"""The export formats, one record each: what `llmkit export` writes (dtypes, quantizers, the writer), how its
+parity is judged, what the model card tells a user, and what `llmkit eval` and `llmkit serve` run an export
+directory in. A new format is one row in FORMATS and its writer below.
+
+A writer turns the source model directory into the format's files in `staging` and returns a logits function
+(input_ids, attention_mask -> logits) of what it wrote, read back as a user would load it: parity is measured on it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from llmkit.atomic import write_text
+from llmkit.errors import UserError
+from llmkit.export.gguf import GGUF_TYPES, llama_cpp_logits
+from llmkit.models import load_trained_model
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+Logits = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+Writer = Callable[[Path, Path, Any, str, Any, bool, str], Logits]
+TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass(frozen=True)
+class ExportFormat:
+    name: str  # --format
+    dtypes: tuple[str, ...]  # --dtype values
+    default_dtype: str
+    quantizers: tuple[str, ...]  # --quantize values it takes
+    weights: str  # the suffix of its weight files (the report's size counts them)
+    marker: str | None  # the file that marks an export directory of this format; None: a Hugging Face directory
+    runtime: str  # what `llmkit eval` runs it in
+    serves: str | None  # None: `llmkit serve` serves it; else why not, and what to serve instead
+    usage: tuple[str, ...]  # the model card's lines on how to load it
+    writer: Writer
+    reader: Callable[[Path, Any], Logits] | None  # (export dir, its HF config) -> logits, for eval; None: transformers
+
+    @staticmethod
+    def precision(dtype: str, quantize: str | None) -> str:
+        """The parity tolerance's name: the quantizer, or the dtype (GGUF's f32/f16 as float32/float16)."""
+        return quantize or {"f32": "float32", "f16": "float16"}.get(dtype, dtype)
+
+
+def export_format(model_dir: Path) -> ExportFormat | None:
+    """The format of an export directory that holds a marked export file (GGUF, ONNX); None for an HF model."""
+    return next((f for f in FORMATS.values() if f.marker and (Path(model_dir) / f.marker).is_file()), None)
+
+
+def model_logits(model: Any) -> Logits:
+    return lambda ids, mask: model(input_ids=ids, attention_mask=mask).logits
+
+
+QUANTIZERS = {"int8": "torchao", "int4": "bitsandbytes"}
+
+
+def check_quantizer(quantize: str, dtype: str | None) -> None:
+    import importlib.util
+
+    library = QUANTIZERS[quantize]
+    if importlib.util.find_spec(library) is None:
+        raise UserError(f"--format hf --quantize {quantize} quantizes through {library}: pip install {library}")
+    if dtype not in (None, "float32"):
+        raise UserError(f"--quantize {quantize} keeps float32 for what it does not quantize; leave --dtype out")
+
+
+def _quantization_config(quantize: str) -> Any:
+    """int8: torchao's int8 weight-only; int4: bitsandbytes' 4-bit NormalFloat with double quantization (QLoRA's
+    format), both applied by transformers at load and saved with the checkpoint."""
+    from transformers import BitsAndBytesConfig, TorchAoConfig
+
+    if quantize == "int8":
+        from torchao.quantization import Int8WeightOnlyConfig
+
+        return TorchAoConfig(Int8WeightOnlyConfig())
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=torch.float32,
+    )
+
+
+def _write_hf_quantized(model_dir: Path, staging: Path, tokenizer: PreTrainedTokenizerBase, quantize: str) -> Any:
+    """Weight-only quantization of every linear layer, as transformers applies it at load; checked by loading the
+    saved directory back through plain transformers."""
+    from transformers import AutoModelForCausalLM
+
+    merged = staging / ".float32"
+    load_trained_model(model_dir, dtype=torch.float32, merge=True).save_pretrained(merged, safe_serialization=True)
+    config = _quantization_config(quantize)
+    model = AutoModelForCausalLM.from_pretrained(merged, quantization_config=config, dtype=torch.float32)
+    model.save_pretrained(staging, safe_serialization=True)
+    import shutil
+
+    shutil.rmtree(merged)
+    tokenizer.save_pretrained(staging)
+    return model_logits(AutoModelForCausalLM.from_pretrained(staging).eval())
+
+
+def _write_hf(
+    model_dir: Path,
+    staging: Path,
+    tokenizer: PreTrainedTokenizerBase,
+    dtype: str,
+    quantize: Any,
+    adapter: bool,
+    name: str,
+) -> Any:
+    if quantize:
+        return _write_hf_quantized(model_dir, staging, tokenizer, quantize)
+    if adapter:
+        model = load_trained_model(model_dir, dtype=torch.float32)
+    else:
+        model = load_trained_model(model_dir, dtype=TORCH_DTYPES[dtype], merge=True)
+    model.save_pretrained(staging, safe_serialization=True)
+    if getattr(model, "generation_config", None) is not None:
+        model.generation_config.save_pretrained(staging)
+    tokenizer.save_pretrained(staging)
+    return model_logits(load_trained_model(staging, dtype=TORCH_DTYPES[dtype]).eval())
+
+
+def _write_gguf(
+    model_dir: Path,
+    staging: Path,
+    tokenizer: PreTrainedTokenizerBase,
+    dtype: str,
+    quantize: Any,
+    adapter: bool,
+    name: str,
+) -> Any:
+    from llmkit.export.gguf import gguf_architecture, ollama_modelfile, read_gguf, write_gguf
+
+    model = load_trained_model(model_dir, dtype=torch.float32, merge=True).eval()
+    path = staging / "model.gguf"
+    write_gguf(model, tokenizer, path, dtype, name)
+    generation = getattr(model, "generation_config", None)  # a LoRA run's own, not its base's
+    if (model_dir / "generation_config.json").is_file():
+        from transformers import GenerationConfig
+
+        generation = GenerationConfig.from_pretrained(model_dir)
+    stop = getattr(generation, "eos_token_id", None) if generation is not None else None
+    stop = stop if stop is not None else tokenizer.eos_token_id
+    write_text(staging / "Modelfile", ollama_modelfile(tokenizer, stop if isinstance(stop, list) else [stop]))
+    model.config.save_pretrained(staging)  # with the tokenizer: `llmkit eval` runs the file as the HF model
+    tokenizer.save_pretrained(staging)
+    state, metadata = read_gguf(path, model)  # read back: what a GGUF runtime would load
+    if metadata["tokens"] < len(tokenizer) or metadata["architecture"] != gguf_architecture(model.config):
+        raise UserError(
+            f"{path}: read back {metadata['tokens']} tokens / {metadata['architecture']}: not written right"
+        )
+    from transformers import AutoModelForCausalLM
+
+    restored = AutoModelForCausalLM.from_config(model.config, dtype=torch.float32)
+    missing, unexpected = restored.load_state_dict(state, strict=False)
+    if unexpected or [key for key in missing if key != "lm_head.weight"]:
+        raise UserError(f"{path}: tensors do not match the model (missing {missing}, unexpected {unexpected})")
+    restored.tie_weights()
+    return model_logits(restored.eval())
+
+
+def _write_onnx(
+    model_dir: Path,
+    staging: Path,
+    tokenizer: PreTrainedTokenizerBase,
+    dtype: str,
+    quantize: Any,
+    adapter: bool,
+    name: str,
+) -> Any:
+    from llmkit.export.onnx import onnx_logits, write_onnx
+
+    model = load_trained_model(model_dir, dtype=torch.float32, merge=True).eval()
+    write_onnx(model, staging / "model.onnx", quantize)
+    model.config.save_pretrained(staging)
+    tokenizer.save_pretrained(staging)
+    return onnx_logits(staging / "model.onnx")
+
+
+def _onnx_reader(model_dir: Path, config: Any) -> Logits:
+    from llmkit.export.onnx import onnx_logits
+
+    return onnx_logits(model_dir / "model.onnx")
+
+
+HF = ExportFormat(
+    name="hf",
+    dtypes=("float32", "bfloat16", "float16"),
+    default_dtype="float32",
+    quantizers=("int8", "int4"),
+    weights=".safetensors",
+    marker=None,
+    runtime="transformers",
+    serves=None,
+    usage=(
+        "from transformers import AutoModelForCausalLM, AutoTokenizer",
+        "model = AutoModelForCausalLM.from_pretrained('.')",
+        "tokenizer = AutoTokenizer.from_pretrained('.')",
+    ),
+    writer=_write_hf,
+    reader=None,
+)
+GGUF = ExportFormat(
+    name="gguf",
+    dtypes=GGUF_TYPES,
+    default_dtype="f16",
+    quantizers=(),  # its levels are dtypes
+    weights=".gguf",
+    marker="model.gguf",
+    runtime="llama.cpp",
+    serves=None,
+    usage=(
+        "# llama.cpp: llama-cli -m model.gguf -p 'Once upon a time'",
+        "from llama_cpp import Llama",
+        "llm = Llama(model_path='model.gguf')",
+    ),
+    writer=_write_gguf,
+    reader=llama_cpp_logits,
+)
+ONNX = ExportFormat(
+    name="onnx",
+    dtypes=("float32",),
+    default_dtype="float32",
+    quantizers=("int8",),
+    weights=".onnx",
+    marker="model.onnx",
+    runtime="onnxruntime",
+    serves="an ONNX export; serve the run, the HF export or a GGUF export instead",
+    usage=(
+        "import onnxruntime, numpy as np",
+        "session = onnxruntime.InferenceSession('model.onnx')",
+        "logits = session.run(['logits'], {'input_ids': ids, 'attention_mask': np.ones_like(ids)})[0]",
+    ),
+    writer=_write_onnx,
+    reader=_onnx_reader,
+)
+FORMATS = {fmt.name: fmt for fmt in (HF, GGUF, ONNX)}

@@ -17,7 +17,7 @@ import torch
 
 from llmkit.atomic import write_text
 from llmkit.errors import UserError
-from llmkit.export.gguf import GGUF_TYPES, llama_cpp_logits
+from llmkit.export.gguf import GGUF_TYPES, WRITTEN, llama_cpp_logits
 from llmkit.models import load_trained_model
 
 if TYPE_CHECKING:
@@ -42,10 +42,9 @@ class ExportFormat:
     writer: Writer
     reader: Callable[[Path, Any], Logits] | None  # (export dir, its HF config) -> logits, for eval; None: transformers
 
-    @staticmethod
-    def precision(dtype: str, quantize: str | None) -> str:
-        """The parity tolerance's name: the quantizer, or the dtype (GGUF's f32/f16 as float32/float16)."""
-        return quantize or {"f32": "float32", "f16": "float16"}.get(dtype, dtype)
+    def precision(self, dtype: str, quantize: str | None) -> str:
+        """The parity tolerance's name: the quantizer, or the dtype (a GGUF type's own precision)."""
+        return quantize or (WRITTEN[dtype][1] if self.name == "gguf" and dtype in WRITTEN else dtype)
 
 
 def export_format(model_dir: Path) -> ExportFormat | None:

@@ -36,9 +36,20 @@ from llmkit.models import model_context
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
-BLOCK_TYPES = ("q8_0", "q5_1", "q5_0", "q4_1", "q4_0")  # written here, blocks of 32
+# The types llmkit writes itself, one row each: llama.cpp's tensor type for the 2-D weights (vectors stay F32; a
+# weight whose rows are not whole blocks of the type is stored in F16) and the precision whose parity tolerance an
+# export of this type is held to (llmkit.export.parity.Tolerance).
+WRITTEN = {
+    "f32": ("F32", "float32"),
+    "f16": ("F16", "float16"),
+    "q8_0": ("Q8_0", "q8_0"),
+    "q5_1": ("Q5_1", "q5_1"),
+    "q5_0": ("Q5_0", "q5_0"),
+    "q4_1": ("Q4_1", "q4_1"),
+    "q4_0": ("Q4_0", "q4_0"),
+}
 K_QUANTS = ("q6_k", "q5_k_m", "q5_k_s", "q4_k_m", "q4_k_s", "q3_k_m", "q3_k_s", "q2_k")  # llama.cpp's quantizer
-GGUF_TYPES = ("f32", "f16", *BLOCK_TYPES, *K_QUANTS)
+GGUF_TYPES = (*WRITTEN, *K_QUANTS)
 _LAYER_NAMES = {
     "input_layernorm": "attn_norm",
     "self_attn.q_proj": "attn_q",
@@ -185,15 +196,15 @@ def write_gguf(model: Any, tokenizer: PreTrainedTokenizerBase, path: Path, kind:
         if tied and hf_name == "lm_head.weight":
             continue  # llama.cpp reuses token_embd when there is no output tensor
         data = _layout(hf_name, tensor.detach().to(torch.float32).cpu().numpy(), config, to_gguf=True)
-        target = gguf_name(hf_name)
-        if data.ndim == 1 or kind == "f32":
-            writer.add_tensor(target, np.ascontiguousarray(data, dtype=np.float32))
-        elif kind in BLOCK_TYPES and data.shape[-1] % 32 == 0:
-            qtype = getattr(gguf.GGMLQuantizationType, kind.upper())
-            quantized = gguf.quants.quantize(np.ascontiguousarray(data), qtype)
-            writer.add_tensor(target, quantized, raw_shape=quantized.shape, raw_dtype=qtype)
+        qtype = gguf.GGMLQuantizationType[WRITTEN[kind][0] if data.ndim > 1 else "F32"]
+        if data.shape[-1] % gguf.GGML_QUANT_SIZES[qtype][0]:
+            qtype = gguf.GGMLQuantizationType.F16
+        data = np.ascontiguousarray(data, dtype=np.float32)
+        if qtype in (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16):
+            writer.add_tensor(gguf_name(hf_name), data.astype(np.float16 if qtype.name == "F16" else np.float32))
         else:
-            writer.add_tensor(target, np.ascontiguousarray(data, dtype=np.float16))
+            quantized = gguf.quants.quantize(data, qtype)
+            writer.add_tensor(gguf_name(hf_name), quantized, raw_shape=quantized.shape, raw_dtype=qtype)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()

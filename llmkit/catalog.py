@@ -12,5 +12,6 @@ FINETUNE_TASKS = {
     "simpo": "simple preference optimization: length-normalized rewards, no reference",
     "kto": "Kahneman-Tversky optimization: single answers labelled desirable or not",
     "reward": "reward model (Bradley-Terry) on preference pairs: one score per prompt + answer",
+    "grpo": "online RL: answers sampled by the model, scored by task files, reward models or functions (GRPO family)",
     "distill": "SFT rows taught by a teacher model (forward/reverse KL or JSD, mixed with the data loss)",
 }

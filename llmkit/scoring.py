@@ -13,12 +13,16 @@ answer by its last token.
 
 from __future__ import annotations
 
+import json
+import re
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
 from llmkit.data.templates import Encoded
+from llmkit.errors import UserError
 
 REWARD_LABEL = "reward"
 
@@ -100,6 +104,74 @@ def rewards_of(model: Any, sequences: list[Encoded], pad_id: int, batch_size: in
         for first in range(0, len(order), batch_size):
             chunk = order[first : first + batch_size]
             batch = pad_right([sequences[i] for i in chunk], pad_id)
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-            scores[chunk] = logits[:, 0].double().numpy()
+            device = next(model.parameters()).device
+            inputs = {key: batch[key].to(device) for key in ("input_ids", "attention_mask")}
+            scores[chunk] = model(**inputs).logits[:, 0].double().cpu().numpy()
     return scores
+
+
+MATCH_METRICS = {"exact": "exact_match", "contains": "contains", "regex": "regex_match", "numeric": "numeric_match"}
+NUMBER = re.compile(r"[-+]?(?:\d[\d,]*\.?\d*|\.\d+)(?:[eE][-+]?\d+)?")
+
+
+def answer_score(output: str, target: str, task: Any, where: str) -> float:
+    """1.0 when a generated answer matches an item's answer as its task file says (`match`), else 0.0: exact
+    (after trimming), contains (case-insensitive), regex (the answer field is the pattern) or numeric (the first
+    number in the output within `tolerance` of the answer). Shared by `llmkit eval` and GRPO's rewards."""
+    how = task.match
+    if how == "exact":
+        return float(output.strip() == target.strip())
+    if how == "contains":
+        return float(target.strip().lower() in output.lower())
+    if how == "numeric":
+        expected = _number(target)
+        if expected is None:
+            raise UserError(f"{where}: answer {target!r} is not a number (match: numeric)")
+        found = _number(output)
+        return float(found is not None and abs(found - expected) <= task.tolerance)
+    try:
+        return float(re.search(target, output) is not None)
+    except re.error as exc:
+        raise UserError(f"{where}: answer is not a valid regular expression ({exc})") from None
+
+
+def _number(text: str) -> float | None:
+    match = NUMBER.search(text)
+    if match is None:
+        return None
+    try:
+        return float(match.group().replace(",", ""))
+    except ValueError:
+        return None
+
+
+def is_reward_dir(model_dir: Path) -> bool:
+    """Does this directory hold a reward model (full weights; a LoRA run is told by its run's config)?"""
+    config, run_config = model_dir / "config.json", model_dir.parent / "config.yaml"
+    if config.is_file():
+        mapping = json.loads(config.read_text(encoding="utf-8"))
+        return dict(mapping.get("id2label") or {}).get("0") == REWARD_LABEL and len(mapping["id2label"]) == 1
+    if (model_dir / "adapter_config.json").is_file() and run_config.is_file():
+        import yaml
+
+        saved = yaml.safe_load(run_config.read_text(encoding="utf-8")) or {}
+        return (saved.get("finetune") or {}).get("task") == "reward"
+    return False
+
+
+def load_reward_model(model_dir: Path) -> Any:
+    """A reward model directory (full weights) or a LoRA run's adapter directory on its base."""
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+
+    adapters = (model_dir / "adapter_config.json").is_file()  # its base's config is known only once loaded
+    if not adapters and not is_reward_model(AutoConfig.from_pretrained(str(model_dir))):
+        raise UserError(f"{model_dir}: not a reward model (train one with llmkit finetune --task reward)")
+    if adapters:
+        from peft import AutoPeftModelForSequenceClassification
+
+        model = AutoPeftModelForSequenceClassification.from_pretrained(str(model_dir), num_labels=1)
+        if not is_reward_model(model.config):
+            raise UserError(f"{model_dir}: not a reward model (train one with llmkit finetune --task reward)")
+    else:
+        model = AutoModelForSequenceClassification.from_pretrained(str(model_dir), use_safetensors=True)
+    return model.eval()

@@ -71,7 +71,7 @@ def test_every_option_and_config_key_the_docs_name_exists() -> None:
     walk(RunConfig)
     sections = sorted({key.split(".")[0] for key in keys if "." in key})
     key_pattern = re.compile(rf"(?<![\w./-])(?:{'|'.join(sections)})\.[a-z_]+(?:\.[a-z_]+)*(?![\w/-])")
-    file_like = re.compile(r"\.(?:pt|py|md|gguf|onnx|safetensors|lrr|load_universal)$")  # files; a typo's example
+    file_like = re.compile(r"\.(?:pt|py|md|jsonl|gguf|onnx|safetensors|lrr|load_universal)$")  # files; a typo's example
     for doc in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]:
         if doc.name == "config.md":
             continue

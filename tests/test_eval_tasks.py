@@ -185,3 +185,24 @@ def test_a_bundled_task_file_loads_by_name_with_its_includes_and_data() -> None:
     assert [t.name for t in by_name] == [t.name for t in by_path] and gates == path_gates and by_name
     assert all(Path(t.base).resolve() == Path(p.base).resolve() for t, p in zip(by_name, by_path, strict=True))
     assert all(task_items(task) for task in by_name)  # data files found beside the bundled task files
+
+
+def test_generation_answers_are_checked_as_the_task_file_says() -> None:
+    """The check `llmkit eval` scores generation tasks with, and GRPO's task-file rewards reuse."""
+    from types import SimpleNamespace
+
+    from llmkit.errors import UserError
+    from llmkit.scoring import answer_score
+
+    def check(how: str, output: str, target: str, tolerance: float = 0.0) -> float:
+        return answer_score(output, target, SimpleNamespace(match=how, tolerance=tolerance), "tasks.yaml: item 1")
+
+    assert check("exact", " 7 ", "7") == 1.0 and check("exact", "7.", "7") == 0.0
+    assert check("contains", "The fox is Yellow.", "yellow") == 1.0
+    assert check("regex", "answer: 42", r"\b42\b") == 1.0 and check("regex", "421", r"\b42\b") == 0.0
+    assert check("numeric", "It is 1,234.0 apples", "1234") == 1.0
+    assert check("numeric", "about 3.14", "3.1416", tolerance=0.01) == 1.0
+    assert check("numeric", "about 3.2", "3.1416", tolerance=0.01) == 0.0
+    assert check("numeric", "no number here", "3") == 0.0
+    with pytest.raises(UserError, match="item 1: answer 'seven' is not a number"):
+        check("numeric", "7", "seven")

@@ -14,9 +14,9 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, MistralConfig, Phi
 from tests.conftest import assert_nothing_written, assert_user_error, run_cli
 
 
-@pytest.mark.parametrize(("dtype", "tensor_type", "atol"), [("f32", "F32", 0.0), ("f16", "F16", 1e-3),
-                                                            ("bf16", "BF16", 4e-3), ("q8_0", "Q8_0", 2e-3), ("q5_1", "Q5_1", 0.04),
-                                                            ("q4_0", "Q4_0", 0.07)])  # fmt: skip
+@pytest.mark.parametrize(("dtype", "tensor_type", "atol"),
+                         [("f32", "F32", 0.0), ("f16", "F16", 1e-3), ("bf16", "BF16", 4e-3), ("q8_0", "Q8_0", 2e-3),
+                          ("q5_1", "Q5_1", 0.04), ("q4_0", "Q4_0", 0.07)])  # fmt: skip
 def test_gguf_reads_back_as_the_trained_model(
     tiny_run: Path, tmp_path: Path, dtype: str, tensor_type: str, atol: float
 ):
@@ -62,7 +62,9 @@ def test_gguf_reads_back_as_the_trained_model(
         {"f32": "float32", "f16": "float16", "bf16": "bfloat16"}.get(dtype, dtype)
     )
     assert report["greedy_agreement"] >= (1.0 if dtype == "f32" else report["tolerance"]["min_greedy_agreement"])
-    assert report["max_abs_logit_diff"] <= (1e-5 if dtype == "f32" else 1.0 if dtype in ("f16", "bf16", "q8_0") else 5.0)
+    assert report["max_abs_logit_diff"] <= (
+        1e-5 if dtype == "f32" else 1.0 if dtype in ("f16", "bf16", "q8_0") else 5.0
+    )
 
 
 @pytest.mark.parametrize(
@@ -258,8 +260,9 @@ print(json.dumps({"logits": np.asarray(llm.scores[: len(ids)]).tolist(),
 
 @pytest.mark.parametrize(
     ("arch", "dtype", "max_diff", "agreement"),
-    [("llama", "f32", 1e-3, 1.0), ("llama", "bf16", 0.05, 0.9), ("llama", "q8_0", 0.05, 0.9), ("llama", "q4_0", 0.05, 0.9),
-     ("llama", "q4_k_m", 0.05, 0.9), ("gpt2", "f32", 1e-3, 1.0), ("gpt2", "q5_1", 0.05, 0.9),
+    [("llama", "f32", 1e-3, 1.0), ("llama", "bf16", 0.05, 0.9), ("llama", "q8_0", 0.05, 0.9),
+     ("llama", "q4_0", 0.05, 0.9), ("llama", "q4_k_m", 0.05, 0.9), ("gpt2", "f32", 1e-3, 1.0),
+     ("gpt2", "q5_1", 0.05, 0.9),
      ("mistral", "f32", 1e-3, 1.0), ("qwen2", "f32", 1e-3, 1.0), ("qwen3", "f32", 1e-3, 1.0),
      ("gemma", "f32", 1e-3, 1.0)],
 )  # fmt: skip

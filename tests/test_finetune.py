@@ -137,6 +137,10 @@ def test_finetune_full_writes_a_chat_model_with_its_template(tiny_run: Path, cha
     assert model.get_input_embeddings().weight.shape[0] >= len(tokenizer)
     im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
     assert im_end in model.generation_config.eos_token_id  # generation stops at the end of the turn
+    from llmkit.data.templates import setup_chat_template
+
+    again = setup_chat_template(tokenizer, "auto")  # a second fine-tune (SFT -> DPO, GRPO) keeps the turn's end
+    assert again.name == "tokenizer" and im_end in again.stop_token_ids
     losses = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["val_loss"] for r in losses if "val_loss" in r][-1] < [r["val_loss"] for r in losses if "val_loss" in r][
         0

@@ -97,6 +97,14 @@ RowFormatOpt = Annotated[
         "conversation_pair or unpaired.",
     ),
 ]
+RewardOpt = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--reward",
+        metavar="SPEC",
+        help="Task grpo: a task file, a reward model or module:function, optionally @WEIGHT (repeatable).",
+    ),
+]
 TrainOnPromptOpt = Annotated[
     bool | None, typer.Option("--train-on-prompt", help="Train on every token, not only the answers.")
 ]

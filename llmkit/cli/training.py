@@ -29,6 +29,7 @@ from llmkit.cli.options import (
     OverwriteOpt,
     ResumeFallbackOpt,
     ResumeOpt,
+    RewardOpt,
     RowFormatOpt,
     RowsOpt,
     SeedOpt,
@@ -163,6 +164,7 @@ def finetune_command(
     out: Annotated[str | None, typer.Option("--out", "-o", help="Run directory to create.")] = None,
     task: TaskOpt = None,
     teacher: TeacherOpt = None,
+    reward: RewardOpt = None,
     method: Annotated[str | None, typer.Option(help="full, lora, qlora or freeze.")] = None,
     data_format: RowFormatOpt = None,
     template: Annotated[str | None, typer.Option(help="Chat template: auto, chatml, llama3 or alpaca.")] = None,
@@ -194,7 +196,8 @@ def finetune_command(
 ) -> None:
     """Fine-tune a model on your rows (SFT, DPO, classify, distill).
 
-    Tasks: chat/instruction SFT, classification, preference tuning (DPO, ORPO, SimPO, KTO), a reward model, or
+    Tasks: chat/instruction SFT, classification, preference tuning (DPO, ORPO, SimPO, KTO), a reward model, online
+    RL on sampled answers scored by your rewards (GRPO, Dr. GRPO, DAPO, RLOO), or
     distillation from a teacher; methods: full, LoRA, QLoRA or freeze.
 
     SFT's loss covers assistant and completion tokens only; packed examples never attend to each other.
@@ -209,6 +212,7 @@ def finetune_command(
         "out_dir": out,
         "finetune.task": task,
         "distill.teacher": teacher,
+        "finetune.grpo.rewards": list(reward) if reward else None,
         "finetune.method": method,
         "finetune.format": data_format,
         "finetune.chat_template": template,

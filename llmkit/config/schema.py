@@ -466,6 +466,45 @@ class PreferenceConfig(Section):
     undesirable_weight: float = Field(1.0, gt=0, description="Task kto: loss weight of rows labelled false.")
 
 
+class GrpoConfig(Section):
+    """Online RL with verifiable rewards (task grpo; see docs/rl.md): answers sampled by the model being trained,
+    scored by programs, and learned from relative to the other answers to the same prompt."""
+
+    rewards: list[str] = Field(
+        default_factory=list,
+        description="Scorers, each SPEC or SPEC@WEIGHT (weights default to 1, rewards are summed): a task file "
+        "(YAML: its first generation task's match on the row's answer field), a reward model directory "
+        "(--task reward), or module:function (a Python function (prompt, answer, row) -> float).",
+        json_schema_extra=READS,
+    )
+    loss: Literal["grpo", "dr_grpo", "dapo", "rloo"] = Field(
+        "grpo",
+        description="grpo: advantages scaled by the group's spread, each answer's tokens averaged; dr_grpo: "
+        "unscaled advantages, tokens summed over answers x max_new_tokens; dapo: token-level mean and clip-higher "
+        "(epsilon_high 0.28 unless set); rloo: leave-one-out baseline, token-level mean.",
+    )
+    generations: int = Field(8, ge=2, description="Answers sampled per prompt (the group).")
+    max_new_tokens: int = Field(64, ge=1, description="Longest answer, in tokens.")
+    temperature: float = Field(1.0, gt=0, description="Sampling temperature.")
+    top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling mass.")
+    top_k: int = Field(0, ge=0, description="Sample from the k most likely tokens (0: all).")
+    stop: list[str] = Field(default_factory=list, description="Stop strings: an answer ends at the first one.")
+    beta: float = Field(0.0, ge=0, description="Weight of the KL to the starting model (0: none, TRL's default).")
+    epsilon: float = Field(0.2, gt=0, lt=1, description="The ratio's clip below (and above, unless epsilon_high).")
+    epsilon_high: float | None = Field(None, gt=0, description="The ratio's clip above (DAPO's clip-higher).")
+
+    @field_validator("rewards")
+    @classmethod
+    def _weights(cls, rewards: list[str]) -> list[str]:
+        for spec in rewards:
+            _, _, weight = spec.rpartition("@") if "@" in spec else (spec, "", "1")
+            try:
+                float(weight)
+            except ValueError:
+                raise ValueError(f"reward {spec!r}: the weight after @ must be a number") from None
+        return rewards
+
+
 class AugmentConfig(Section):
     """Seeded text augmentation of training rows (classification and plain text); off unless copies > 0."""
 
@@ -482,7 +521,7 @@ class FinetuneConfig(Section):
     task: str = Field(
         "sft",
         description=f"{', '.join(FINETUNE_TASKS)}: see docs/finetune.md, docs/preference.md (dpo, orpo, simpo, kto, "
-        "reward) and docs/compression.md (distill).",
+        "reward), docs/rl.md (grpo) and docs/compression.md (distill).",
     )
     format: Literal[
         "auto",
@@ -521,6 +560,7 @@ class FinetuneConfig(Section):
     )
     augment: AugmentConfig = Field(default_factory=AugmentConfig)  # type: ignore[arg-type]
     preference: PreferenceConfig = Field(default_factory=PreferenceConfig)  # type: ignore[arg-type]
+    grpo: GrpoConfig = Field(default_factory=GrpoConfig)  # type: ignore[arg-type]
 
     @field_validator("task")
     @classmethod

@@ -31,7 +31,10 @@ class TaskSpec(BaseModel):
     choices_field: str = "choices"
     answer_field: str = Field("answer", description="multiple_choice: index of the right choice; generation: text.")
     target_delimiter: str = Field(" ", description="multiple_choice: put between the prompt and each choice.")
-    match: Literal["exact", "contains", "regex"] = Field("exact", description="generation: how the answer is checked.")
+    match: Literal["exact", "contains", "regex", "numeric"] = Field(
+        "exact", description="generation: how the answer is checked (numeric: the first number, within `tolerance`)."
+    )
+    tolerance: float = Field(0.0, ge=0, description="generation, match numeric: the absolute difference allowed.")
     max_new_tokens: int = Field(32, ge=1)
     stop: list[str] = Field(default_factory=lambda: ["\n"], description="generation: cut the output at these.")
     text_field: str = Field("text", description="perplexity and classification: the text column.")
@@ -111,3 +114,20 @@ def harness_task_names(specs: list[str]) -> tuple[list[str], list[str]]:
             raise UserError(f"{path}: a harness task file needs a 'task' name")
         names.append(name)
     return names, include
+
+
+def render_prompt(task: TaskSpec, item: dict[str, Any], where: str, tokenizer: Any) -> str:
+    """An item's prompt: the task's format string over its fields, as a user turn of the chat template when
+    `chat` is set."""
+    try:
+        prompt = task.prompt.format(**item)
+    except KeyError as exc:
+        raise UserError(f"{where}: prompt needs field {exc} (fields: {', '.join(sorted(item))})") from None
+    if not task.chat:
+        return prompt
+    if not getattr(tokenizer, "chat_template", None):
+        raise UserError(f"{task.source}: task {task.name}: chat: true but the model's tokenizer has no template")
+    rendered = tokenizer.apply_chat_template(
+        [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
+    )
+    return str(rendered)

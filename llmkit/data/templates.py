@@ -57,7 +57,11 @@ class ChatSetup:
 def setup_chat_template(tokenizer: PreTrainedTokenizerBase, choice: str) -> ChatSetup:
     """Give `tokenizer` the chat template to train with; add the special tokens a built-in one needs."""
     if choice == "auto" and getattr(tokenizer, "chat_template", None):
-        return ChatSetup("tokenizer", 0, (int(tokenizer.eos_token_id),))
+        # its own template: a turn ends at EOS, or at the end-of-turn marker the template writes (a model fine-tuned
+        # again, as SFT -> DPO or GRPO, keeps stopping where its answers end)
+        template, vocab = str(tokenizer.chat_template), tokenizer.get_vocab()
+        ends = {vocab[end] for _, _, end in BUILTIN_TEMPLATES.values() if end and end in vocab and end in template}
+        return ChatSetup("tokenizer", 0, tuple(sorted({int(tokenizer.eos_token_id), *ends})))
     name = "chatml" if choice == "auto" else choice
     template, specials, end_of_turn = BUILTIN_TEMPLATES[name]
     missing = [token for token in specials if token not in tokenizer.get_vocab()]

@@ -18,44 +18,9 @@ import numpy as np
 from llmkit.data.formats import normalize
 from llmkit.data.readers import read_records, resolve_sources
 from llmkit.errors import UserError
+from llmkit.scoring import load_reward_model
 
 DEFAULT_MAX_LENGTH = 1024
-
-
-def is_reward_dir(model_dir: Path) -> bool:
-    """Does this directory hold a reward model (full weights; a LoRA run is told by its run's config)?"""
-    from llmkit.scoring import REWARD_LABEL
-
-    config, run_config = model_dir / "config.json", model_dir.parent / "config.yaml"
-    if config.is_file():
-        mapping = json.loads(config.read_text(encoding="utf-8"))
-        return dict(mapping.get("id2label") or {}).get("0") == REWARD_LABEL and len(mapping["id2label"]) == 1
-    if (model_dir / "adapter_config.json").is_file() and run_config.is_file():
-        import yaml
-
-        saved = yaml.safe_load(run_config.read_text(encoding="utf-8")) or {}
-        return (saved.get("finetune") or {}).get("task") == "reward"
-    return False
-
-
-def load_reward_model(model_dir: Path) -> Any:
-    """A reward model directory (full weights) or a LoRA run's adapter directory on its base."""
-    from transformers import AutoConfig, AutoModelForSequenceClassification
-
-    from llmkit.scoring import is_reward_model
-
-    adapters = (model_dir / "adapter_config.json").is_file()  # its base's config is known only once loaded
-    if not adapters and not is_reward_model(AutoConfig.from_pretrained(str(model_dir))):
-        raise UserError(f"{model_dir}: not a reward model (train one with llmkit finetune --task reward)")
-    if adapters:
-        from peft import AutoPeftModelForSequenceClassification
-
-        model = AutoPeftModelForSequenceClassification.from_pretrained(str(model_dir), num_labels=1)
-        if not is_reward_model(model.config):
-            raise UserError(f"{model_dir}: not a reward model (train one with llmkit finetune --task reward)")
-    else:
-        model = AutoModelForSequenceClassification.from_pretrained(str(model_dir), use_safetensors=True)
-    return model.eval()
 
 
 def evaluate_reward(

@@ -151,7 +151,8 @@ def _evaluate_data(
 ) -> dict[str, Any]:
     from llmkit.eval.classification import evaluate_classifier, is_classifier
     from llmkit.eval.perplexity import evaluate
-    from llmkit.eval.reward import evaluate_reward, is_reward_dir
+    from llmkit.eval.reward import evaluate_reward
+    from llmkit.scoring import is_reward_dir
 
     if task == "reward" or is_reward_dir(model_dir):
         return evaluate_reward(model_dir, data, batch_size, scores, encoding)

@@ -11,15 +11,15 @@ generation prompts) are sorted by length and batched, so padding is small.
 from __future__ import annotations
 
 import math
-import re
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from llmkit.console import progress_bar
-from llmkit.data.task_files import TaskSpec, task_items
+from llmkit.data.task_files import TaskSpec, render_prompt, task_items
 from llmkit.errors import UserError
+from llmkit.scoring import MATCH_METRICS, answer_score
 
 
 class LanguageModel:
@@ -38,18 +38,7 @@ class LanguageModel:
         self.context = model_context(self.model) or 2048
 
     def render(self, task: TaskSpec, item: dict[str, Any], where: str) -> str:
-        try:
-            prompt = task.prompt.format(**item)
-        except KeyError as exc:
-            raise UserError(f"{where}: prompt needs field {exc} (fields: {', '.join(sorted(item))})") from None
-        if not task.chat:
-            return prompt
-        if not getattr(self.tokenizer, "chat_template", None):
-            raise UserError(f"{task.source}: task {task.name}: chat: true but the model's tokenizer has no template")
-        rendered = self.tokenizer.apply_chat_template(
-            [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
-        )
-        return str(rendered)
+        return render_prompt(task, item, where, self.tokenizer)
 
     def encode_pair(self, context: str, continuation: str) -> tuple[list[int], list[int]]:
         """lm-evaluation-harness's split: trailing spaces of the context move to the continuation; the
@@ -174,21 +163,10 @@ def run_generation(lm: LanguageModel, task: TaskSpec, batch_size: int) -> dict[s
                 outputs[index] = answer
             update(len(chunk))
     where = f"{task.source}: task {task.name}"
-    hits = [_matches(output, target, task.match, where) for output, target in zip(outputs, targets, strict=True)]
+    hits = [answer_score(output, target, task, where) == 1.0 for output, target in zip(outputs, targets, strict=True)]
     samples = [{"output": o, "target": t, "correct": h} for o, t, h in zip(outputs[:5], targets, hits, strict=False)]
-    metric = {"exact": "exact_match", "contains": "contains", "regex": "regex_match"}[task.match]
+    metric = MATCH_METRICS[task.match]
     return {metric: sum(hits) / len(items), "items": len(items), "samples": samples}
-
-
-def _matches(output: str, target: str, how: str, where: str) -> bool:
-    if how == "exact":
-        return output.strip() == target.strip()
-    if how == "contains":
-        return target.strip().lower() in output.lower()
-    try:
-        return re.search(target, output) is not None
-    except re.error as exc:
-        raise UserError(f"{where}: answer is not a valid regular expression ({exc})") from None
 
 
 def _argmax(values: list[float]) -> int:

@@ -28,7 +28,7 @@ from llmkit.atomic import atomic_directory, write_json, write_text
 from llmkit.data.tokenizer import load_tokenizer
 from llmkit.errors import GATE_FAILED_EXIT, UserError
 from llmkit.export.card import model_card
-from llmkit.export.formats import FORMATS, check_quantizer, model_logits
+from llmkit.export.formats import FORMATS, Written, check_quantizer, model_logits
 from llmkit.export.gguf import K_QUANTS, llama_cpp_missing
 from llmkit.export.parity import Tolerance, failures, measure, probe_batch, probe_texts
 from llmkit.hub import check_push, push_folder
@@ -148,7 +148,9 @@ def _export(
     ids, mask = probe_batch(tokenizer, probe_texts(probe_data))
 
     with atomic_directory(out) as staging:
-        exported = record.writer(model_dir, staging, tokenizer, dtype, quantize, adapter and not merge, out.name)
+        exported = record.writer(
+            Written(model_dir, staging, tokenizer, dtype, quantize, adapter and not merge, out.name)
+        )
         report = measure(model_logits(reference), exported, ids, mask)
         report.update(
             format=fmt,
@@ -206,7 +208,7 @@ def _export_ladder(
         for level in levels:
             folder = staging / f".{level}"
             folder.mkdir()
-            exported = FORMATS["gguf"].writer(model_dir, folder, tokenizer, level, None, False, out.name)
+            exported = FORMATS["gguf"].writer(Written(model_dir, folder, tokenizer, level, name=out.name))
             row = {"level": level, **measure(model_logits(reference), exported, ids, mask)}
             row["size_bytes"] = (folder / "model.gguf").stat().st_size
             row["tokens_per_second"] = llama_cpp_speed(folder / "model.gguf", ids[0, :16].tolist())

@@ -24,7 +24,22 @@ if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
 Logits = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-Writer = Callable[[Path, Path, Any, str, Any, bool, str], Logits]
+
+
+@dataclass(frozen=True)
+class Written:
+    """What a writer is asked for: the source model directory, where to write, and how."""
+
+    model_dir: Path
+    staging: Path  # the export's staging directory (renamed into place once parity holds)
+    tokenizer: PreTrainedTokenizerBase
+    dtype: str
+    quantize: str | None = None
+    adapter: bool = False  # write the LoRA adapter as it is (hf only); else one whole model
+    name: str = "model"  # the model's name inside the file (GGUF)
+
+
+Writer = Callable[[Written], Logits]
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -103,59 +118,36 @@ def _write_hf_quantized(model_dir: Path, staging: Path, tokenizer: PreTrainedTok
     return model_logits(AutoModelForCausalLM.from_pretrained(staging).eval())
 
 
-def _write_hf(
-    model_dir: Path,
-    staging: Path,
-    tokenizer: PreTrainedTokenizerBase,
-    dtype: str,
-    quantize: Any,
-    adapter: bool,
-    name: str,
-) -> Any:
-    if quantize:
-        return _write_hf_quantized(model_dir, staging, tokenizer, quantize)
-    if adapter:
-        model = load_trained_model(model_dir, dtype=torch.float32)
+def _write_hf(job: Written) -> Logits:
+    if job.quantize:
+        return _write_hf_quantized(job.model_dir, job.staging, job.tokenizer, job.quantize)
+    if job.adapter:
+        model = load_trained_model(job.model_dir, dtype=torch.float32)
     else:
-        model = load_trained_model(model_dir, dtype=TORCH_DTYPES[dtype], merge=True)
-    model.save_pretrained(staging, safe_serialization=True)
+        model = load_trained_model(job.model_dir, dtype=TORCH_DTYPES[job.dtype], merge=True)
+    model.save_pretrained(job.staging, safe_serialization=True)
     if getattr(model, "generation_config", None) is not None:
-        model.generation_config.save_pretrained(staging)
-    tokenizer.save_pretrained(staging)
-    return model_logits(load_trained_model(staging, dtype=TORCH_DTYPES[dtype]).eval())
+        model.generation_config.save_pretrained(job.staging)
+    job.tokenizer.save_pretrained(job.staging)
+    return model_logits(load_trained_model(job.staging, dtype=TORCH_DTYPES[job.dtype]).eval())
 
 
-def _write_gguf(
-    model_dir: Path,
-    staging: Path,
-    tokenizer: PreTrainedTokenizerBase,
-    dtype: str,
-    quantize: Any,
-    adapter: bool,
-    name: str,
-) -> Any:
-    from llmkit.export.gguf import gguf_architecture, ollama_modelfile, read_gguf, write_gguf
+def _write_gguf(job: Written) -> Logits:
+    from transformers import AutoModelForCausalLM
 
-    model = load_trained_model(model_dir, dtype=torch.float32, merge=True).eval()
-    path = staging / "model.gguf"
-    write_gguf(model, tokenizer, path, dtype, name)
-    generation = getattr(model, "generation_config", None)  # a LoRA run's own, not its base's
-    if (model_dir / "generation_config.json").is_file():
-        from transformers import GenerationConfig
+    from llmkit.export.gguf import gguf_architecture, read_gguf, write_gguf
 
-        generation = GenerationConfig.from_pretrained(model_dir)
-    stop = getattr(generation, "eos_token_id", None) if generation is not None else None
-    stop = stop if stop is not None else tokenizer.eos_token_id
-    write_text(staging / "Modelfile", ollama_modelfile(tokenizer, stop if isinstance(stop, list) else [stop]))
-    model.config.save_pretrained(staging)  # with the tokenizer: `llmkit eval` runs the file as the HF model
-    tokenizer.save_pretrained(staging)
+    model = load_trained_model(job.model_dir, dtype=torch.float32, merge=True).eval()
+    path = job.staging / "model.gguf"
+    write_gguf(model, job.tokenizer, path, job.dtype, job.name)
+    _write_modelfile(job, model)
+    model.config.save_pretrained(job.staging)  # with the tokenizer: `llmkit eval` runs the file as the HF model
+    job.tokenizer.save_pretrained(job.staging)
     state, metadata = read_gguf(path, model)  # read back: what a GGUF runtime would load
-    if metadata["tokens"] < len(tokenizer) or metadata["architecture"] != gguf_architecture(model.config):
+    if metadata["tokens"] < len(job.tokenizer) or metadata["architecture"] != gguf_architecture(model.config):
         raise UserError(
             f"{path}: read back {metadata['tokens']} tokens / {metadata['architecture']}: not written right"
         )
-    from transformers import AutoModelForCausalLM
-
     restored = AutoModelForCausalLM.from_config(model.config, dtype=torch.float32)
     missing, unexpected = restored.load_state_dict(state, strict=False)
     if unexpected or [key for key in missing if key != "lm_head.weight"]:
@@ -164,22 +156,29 @@ def _write_gguf(
     return model_logits(restored.eval())
 
 
-def _write_onnx(
-    model_dir: Path,
-    staging: Path,
-    tokenizer: PreTrainedTokenizerBase,
-    dtype: str,
-    quantize: Any,
-    adapter: bool,
-    name: str,
-) -> Any:
+def _write_modelfile(job: Written, model: Any) -> None:
+    """Ollama's Modelfile beside the GGUF file, stopping where the run's generation config says (a LoRA run's own
+    config, not its base's)."""
+    from llmkit.export.gguf import ollama_modelfile
+
+    generation = getattr(model, "generation_config", None)
+    if (job.model_dir / "generation_config.json").is_file():
+        from transformers import GenerationConfig
+
+        generation = GenerationConfig.from_pretrained(job.model_dir)
+    stop = getattr(generation, "eos_token_id", None) if generation is not None else None
+    stop = stop if stop is not None else job.tokenizer.eos_token_id
+    write_text(job.staging / "Modelfile", ollama_modelfile(job.tokenizer, stop if isinstance(stop, list) else [stop]))
+
+
+def _write_onnx(job: Written) -> Logits:
     from llmkit.export.onnx import onnx_logits, write_onnx
 
-    model = load_trained_model(model_dir, dtype=torch.float32, merge=True).eval()
-    write_onnx(model, staging / "model.onnx", quantize)
-    model.config.save_pretrained(staging)
-    tokenizer.save_pretrained(staging)
-    return onnx_logits(staging / "model.onnx")
+    model = load_trained_model(job.model_dir, dtype=torch.float32, merge=True).eval()
+    write_onnx(model, job.staging / "model.onnx", job.quantize)
+    model.config.save_pretrained(job.staging)
+    job.tokenizer.save_pretrained(job.staging)
+    return onnx_logits(job.staging / "model.onnx")
 
 
 def _onnx_reader(model_dir: Path, config: Any) -> Logits:

@@ -213,6 +213,9 @@ class Generation:
         else:
             choice = {"index": 0, "text": piece or "", "finish_reason": finish, "logprobs": None}
             kind = "text_completion"
+        return self._envelope(kind, choice)
+
+    def _envelope(self, kind: str, choice: dict[str, Any]) -> dict[str, Any]:
         return {
             "id": self.id,
             "object": kind,
@@ -229,14 +232,7 @@ class Generation:
         else:
             choice = {"index": 0, "text": self.text, "finish_reason": self.finish_reason, "logprobs": None}
             kind = "text_completion"
-        return {
-            "id": self.id,
-            "object": kind,
-            "created": self.created,
-            "model": self.state.model_name,
-            "choices": [choice],
-            "usage": self.usage(),
-        }
+        return {**self._envelope(kind, choice), "usage": self.usage()}
 
 
 async def read_body(request: HttpRequest, limit: int) -> bytes:

@@ -49,7 +49,7 @@ from llmkit.train.setup import (
 )
 from llmkit.train.step import router_balance
 from llmkit.train.strategies import Strategy, check_added_token_rows, use_cuda
-from llmkit.train.tasks import Task, TaskData, get_task
+from llmkit.train.tasks import Preparation, Task, TaskData, get_task
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
@@ -144,7 +144,7 @@ def _finetune(
         return task.objective(model, accelerator, data, cfg, lm_loss), loader
 
     def prepare(prepared: Any, run_dir: Path) -> None:
-        task.prepare(prepared, accelerator, data, run_dir, checkpoint is not None, cfg, collate)
+        task.prepare(prepared, Preparation(cfg, accelerator, data, run_dir, checkpoint is not None, collate))
 
     def announce(prepared: Any, run_dir: Path, total_steps: int, val_batches: list[dict[str, Any]]) -> None:
         _announce(cfg, task, data, chat, prepared, loader, run_dir, total_steps, weight_bytes, world, speedups)

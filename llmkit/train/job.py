@@ -70,6 +70,9 @@ class Objective:
     # A rewrite of a micro-batch before the step counts its targets: (model, batch, step, micro) -> batch
     # (on-policy distillation replaces answers with the student's own samples).
     rewrite: Rewrite | None = None
+    # The objective's own figures for a logging window, taken (and reset) when the window closes; every process
+    # calls it, so it may reduce across processes (GRPO's rewards and answer lengths).
+    metrics: Callable[[], dict[str, float]] | None = None
 
     def evaluation(self) -> EvalFn:
         if self.eval_fn is not None:

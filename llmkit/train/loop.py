@@ -430,6 +430,8 @@ def _window_record(
     balance = job.micro_step.router.take() if job.micro_step.router is not None else None
     if balance is not None:  # a mixture of experts: its load-balancing loss (unscaled; `loss` holds it scaled)
         record["router_aux_loss"] = balance
+    if job.objective.metrics is not None:
+        record.update(job.objective.metrics())
     peak = peak_flops(job.accelerator) if job.flops_per_token else None
     if peak:
         record["mfu"] = mfu(record["tokens_per_s"], job.flops_per_token, peak, job.accelerator.num_processes)

@@ -4,14 +4,15 @@
 from __future__ import annotations
 
 from llmkit.errors import UserError
-from llmkit.train.tasks.base import Task, TaskData
+from llmkit.train.tasks.base import Preparation, Task, TaskData
 from llmkit.train.tasks.classify import Classify
 from llmkit.train.tasks.distill import Distill
+from llmkit.train.tasks.grpo import GRPO
 from llmkit.train.tasks.preference import PreferenceTask
 from llmkit.train.tasks.reward import Reward
 from llmkit.train.tasks.sft import SFT
 
-__all__ = ["TASKS", "Task", "TaskData", "get_task"]
+__all__ = ["TASKS", "Preparation", "Task", "TaskData", "get_task"]
 
 TASKS: dict[str, Task] = {
     "sft": SFT(),
@@ -21,6 +22,7 @@ TASKS: dict[str, Task] = {
     "simpo": PreferenceTask("simpo"),
     "kto": PreferenceTask("kto"),
     "reward": Reward(),
+    "grpo": GRPO(),
     "distill": Distill(),
 }
 

@@ -46,6 +46,18 @@ class TaskData:
     details: dict[str, Any] = field(default_factory=dict)  # task-specific (the label map, ...)
 
 
+@dataclass(frozen=True)
+class Preparation:
+    """What a task's work before the first step sees of the run (Task.prepare)."""
+
+    cfg: RunConfig
+    accelerator: Accelerator
+    data: TaskData
+    run_dir: Path
+    resumed: bool  # the run continues a checkpoint: what was written before the first step may be reused
+    collate: Collate
+
+
 class Task(ABC):
     """The interface every task implements; the defaults are those of a causal language-model task."""
 
@@ -81,16 +93,7 @@ class Task(ABC):
         """What the task minimizes and how it validates; called before accelerator.prepare. `lm_loss()` builds the
         run's causal-LM loss (fused with the head where the strategy keeps whole weights, Liger's when applied)."""
 
-    def prepare(
-        self,
-        model: Any,
-        accelerator: Accelerator,
-        data: TaskData,
-        run_dir: Path,
-        resumed: bool,
-        cfg: RunConfig,
-        collate: Collate,
-    ) -> None:
+    def prepare(self, model: Any, run: Preparation) -> None:
         """Work before the first step, on the prepared model (the preference tasks' reference log-probs); none by
         default."""
         return None

@@ -14,7 +14,7 @@ from llmkit.errors import UserError
 from llmkit.train import distill
 from llmkit.train.job import Objective
 from llmkit.train.packing import collate_rows
-from llmkit.train.tasks.base import Collate, LmLoss, TaskData
+from llmkit.train.tasks.base import Collate, LmLoss, Preparation, TaskData
 from llmkit.train.tasks.sft import SFT
 
 if TYPE_CHECKING:
@@ -72,21 +72,13 @@ class Distill(SFT):
 
         return collate
 
-    def prepare(
-        self,
-        model: Any,
-        accelerator: Accelerator,
-        data: TaskData,
-        run_dir: Path,
-        resumed: bool,
-        cfg: RunConfig,
-        collate: Collate,
-    ) -> None:
+    def prepare(self, model: Any, run: Preparation) -> None:
         """With distill.top_k: the teacher's top-k over every training example, computed once (or reused)."""
+        cfg, data, accelerator = run.cfg, run.data, run.accelerator
         if not cfg.distill.top_k:
             return
         tokenizer = data.details["tokenizer"]
-        root = Path(cfg.distill.cache) if cfg.distill.cache else run_dir / "teacher_cache"
+        root = Path(cfg.distill.cache) if cfg.distill.cache else run.run_dir / "teacher_cache"
         key = distill.cache_key(cfg.distill, data.fingerprint, len(tokenizer))
         micro = cfg.train.micro_batch_size
 

@@ -37,7 +37,7 @@ from llmkit.losses import IGNORE
 from llmkit.train.job import Objective
 from llmkit.train.packing import collate_rows, first_fit_decreasing
 from llmkit.train.step import model_inputs
-from llmkit.train.tasks.base import Collate, LmLoss, Task, TaskData, data_fingerprint, split_examples
+from llmkit.train.tasks.base import Collate, LmLoss, Preparation, Task, TaskData, data_fingerprint, split_examples
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
@@ -268,20 +268,18 @@ class PreferenceTask(Task):
 
         return Objective(loss_fn, count_pairs, eval_fn)
 
-    def prepare(
-        self,
-        model: Any,
-        accelerator: Accelerator,
-        data: TaskData,
-        run_dir: Path,
-        resumed: bool,
-        cfg: RunConfig,
-        collate: Collate,
-    ) -> None:
+    def prepare(self, model: Any, run: Preparation) -> None:
         if self.needs_reference:
-            row_length = cfg.finetune.max_length * self.sequences_per_row
+            row_length = run.cfg.finetune.max_length * self.sequences_per_row
             attach_reference(
-                model, accelerator, data, run_dir, resumed, cfg.train.micro_batch_size, row_length, collate
+                model,
+                run.accelerator,
+                run.data,
+                run.run_dir,
+                run.resumed,
+                run.cfg.train.micro_batch_size,
+                row_length,
+                run.collate,
             )
 
     def plan_notes(self, cfg: RunConfig) -> list[str]:

@@ -1,0 +1,469 @@
+"""`--task grpo`: online RL with verifiable rewards (GRPO and its close variants), one more task on the seam.
+
+Rows are prompts: `prompt` (plain text), `messages` (a chat ending in a user turn), or any fields a task-file reward
+renders with its prompt template; every other field stays with the row for the rewards (llmkit.train.rewards).
+
+At the start of each optimizer step every prompt of the step gets `grpo.generations` answers sampled by the model
+being trained (transformers' `generate` with its KV cache, prompts left-padded, `temperature`/`top_p`/`top_k`, up
+to `max_new_tokens`, ending at the end-of-turn token or a stop string). Samples are drawn from seeds tied to the
+step, the micro-batch and the process, so a run resumed after a kill draws the same answers. The rewards score each
+answer; its advantage compares it with the other answers to the same prompt. The loss is PPO's clipped surrogate
+on the answer tokens, plus `beta` times the k3 estimate of the KL to the starting model (with LoRA: the base, adapters
+off), normalized as the variant says:
+
+| loss | advantage | normalized by |
+| --- | --- | --- |
+| grpo | (r - mean) / (std + 1e-4) | each answer's tokens averaged, then the answers |
+| dr_grpo | r - mean | every answer token summed, / (answers x max_new_tokens) |
+| dapo | (r - mean) / (std + 1e-4); clip above at epsilon_high (0.28) | every answer token of the step averaged |
+| rloo | r - the mean of the group's other answers | every answer token of the step averaged |
+
+Each sampled batch is learned from once (TRL's default, num_iterations=1): the ratio to the sampling policy is 1 in
+value and its gradient is the policy gradient, so the clip does not bind (clip_fraction stays 0). The loss and its
+gradient equal TRL's GRPOTrainer's on the same answers and rewards (tests/test_grpo.py).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from llmkit.config import RunConfig
+from llmkit.data.formats import Example, RowFormats, read_text, read_turns
+from llmkit.data.task_files import render_prompt
+from llmkit.errors import UserError
+from llmkit.losses import IGNORE
+from llmkit.train.job import Objective
+from llmkit.train.rewards import Scorer, load_rewards
+from llmkit.train.tasks.base import Collate, LmLoss, Task, TaskData, data_fingerprint, split_examples
+
+if TYPE_CHECKING:
+    from accelerate import Accelerator
+    from transformers import PreTrainedTokenizerBase
+
+Batch = dict[str, torch.Tensor]
+
+
+@dataclass(frozen=True)
+class Prompt:
+    """One prompt row: its token ids, the text the model sees, and the row as read (for the rewards)."""
+
+    key: int  # unique across the training and validation prompts
+    ids: np.ndarray
+    text: str
+    row: dict[str, Any]
+    where: str
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+
+def _prompt_example(record: dict[str, Any], fmt: str, where: str) -> Example:
+    if fmt == "messages":
+        turns = read_turns(record["messages"], "role", "content", where)
+        if turns[-1]["role"] != "user":
+            raise UserError(f"{where}: a prompt's messages end with a user turn (the model answers it)")
+        return Example(where, messages=turns, extra=record)
+    if fmt == "prompt":
+        return Example(where, prompt=read_text(record, "prompt", where), extra=record)
+    return Example(where, extra=record)  # rendered by a task file's prompt template
+
+
+PROMPT_FORMATS = RowFormats({"prompt": ("prompt",), "messages": ("messages",), "fields": ()}, _prompt_example)
+
+
+class GRPO(Task):
+    name = "grpo"
+    packs = False  # one answer per row; the rows are built each step from the samples
+    logits = "whole"  # per-token log-probs of the answers
+
+    def load_data(self, cfg: RunConfig, tokenizer: PreTrainedTokenizerBase) -> TaskData:
+        settings = cfg.finetune.grpo
+        if settings.beta > 0 and cfg.finetune.method not in ("lora", "qlora"):
+            raise UserError(
+                f"finetune.grpo.beta={settings.beta} with finetune.method={cfg.finetune.method}: the KL's reference "
+                "is the base with LoRA's adapters off; use --method lora, or beta 0 (no KL, TRL's default)"
+            )
+        scorers = load_rewards(settings.rewards)
+        template = next((scorer.task for scorer in scorers if scorer.task is not None), None)
+        train_rows, val_rows, fmt = split_examples(cfg, PROMPT_FORMATS)
+        if fmt == "fields" and template is None:
+            raise UserError(
+                f"{cfg.data.sources[0]}: rows need a 'prompt' or 'messages' field, or a task-file reward whose "
+                "prompt template renders them"
+            )
+        limit = cfg.finetune.max_length - settings.max_new_tokens
+        if limit < 1:
+            raise UserError(
+                f"finetune.max_length {cfg.finetune.max_length} leaves no room for a prompt before "
+                f"finetune.grpo.max_new_tokens {settings.max_new_tokens}; raise max_length"
+            )
+        train = [_encode(e, i, tokenizer, template, limit) for i, e in enumerate(train_rows)]
+        val = [_encode(e, len(train) + i, tokenizer, template, limit) for i, e in enumerate(val_rows)]
+        truncated = sum(len(p.ids) == limit for p in train)  # (a prompt of exactly the limit counts too)
+        for scorer in scorers if train else []:  # a reward that cannot score an empty answer fails here, first
+            scorer.score([train[0].text], [""], [train[0].row], [train[0].where])
+        fingerprint = data_fingerprint(cfg, settings.model_dump(mode="json"))
+        return TaskData(train, val, fmt, fingerprint, truncated, {"scorers": scorers, "tokenizer": tokenizer})
+
+    def collate(self, pad_id: int, attn_implementation: str) -> Collate:
+        return collate_prompts
+
+    def objective(
+        self, model: Any, accelerator: Accelerator, data: TaskData, cfg: RunConfig, lm_loss: LmLoss
+    ) -> Objective:
+        stops = model.generation_config.eos_token_id if getattr(model, "generation_config", None) else None
+        stops = stops if stops is not None else data.details["tokenizer"].eos_token_id
+        rollout = Rollout(cfg, data, accelerator, stops if isinstance(stops, list) else [stops])
+        return Objective(rollout.loss, rollout.count_targets, rollout.evaluate, rollout, rollout.take_metrics)
+
+    def plan_notes(self, cfg: RunConfig) -> list[str]:
+        settings = cfg.finetune.grpo
+        per_step = cfg.train.micro_batch_size * cfg.train.grad_accum_steps * settings.generations
+        notes = [
+            f"grpo: each step samples {settings.generations} answers to each of its prompts ({per_step} answers of "
+            f"up to {settings.max_new_tokens} tokens per process) with the model being trained: about 2N FLOPs per "
+            "sampled token on top of training's 6N, and sampling runs one token at a time (memory-bound on GPUs)",
+            "grpo: a micro-batch is train.micro_batch_size prompts x grpo.generations answers (counted as rows of "
+            "finetune.max_length tokens)",
+        ]
+        if settings.beta > 0:
+            notes.append("grpo: the KL's reference is the base with adapters off: one more forward, no second model")
+        return notes
+
+    def describe(self, data: TaskData, chat: Any) -> str:
+        names = ", ".join(f"{s.name}@{s.weight:g}" for s in data.details["scorers"])
+        return f"template {chat.name if chat else '-'}, prompts scored by {names}"
+
+    def stats(self, data: TaskData, chat: Any) -> dict[str, Any]:
+        return {"template": chat.name if chat else None, "rewards": [s.name for s in data.details["scorers"]]}
+
+
+def _encode(example: Example, key: int, tokenizer: Any, template: Any, limit: int) -> Prompt:
+    if example.messages:
+        text = str(tokenizer.apply_chat_template(list(example.messages), tokenize=False, add_generation_prompt=True))
+    elif example.prompt:
+        text = example.prompt
+    else:
+        text = render_prompt(template, example.extra, example.where, tokenizer)
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"][-limit:]  # keep the end: the question is read last
+    if not ids:
+        raise UserError(f"{example.where}: an empty prompt")
+    return Prompt(key, np.asarray(ids, dtype=np.int64), text, dict(example.extra), example.where)
+
+
+def collate_prompts(rows: list[list[Prompt]], indices: list[int] | None = None) -> Batch:
+    """Prompts left-padded for sampling (their keys say which rows they are)."""
+    prompts = [row[0] for row in rows]
+    width = max(len(p) for p in prompts)
+    ids = torch.zeros((len(prompts), width), dtype=torch.long)
+    mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for i, prompt in enumerate(prompts):
+        ids[i, width - len(prompt) :] = torch.from_numpy(prompt.ids)
+        mask[i, width - len(prompt) :] = 1
+    batch = {"prompt_ids": ids, "prompt_mask": mask, "prompt_keys": torch.tensor([p.key for p in prompts])}
+    batch["num_tokens"] = mask.sum()
+    if indices is not None:
+        batch["sample_indices"] = torch.tensor(indices)
+    return batch
+
+
+@dataclass
+class Group:
+    """The answers sampled for one micro-batch of prompts, and what they earned."""
+
+    prompts: list[Prompt]
+    answers: list[np.ndarray]  # token ids of each answer, through its end token or stop string
+    texts: list[str]  # each answer's text, cut at the first stop string
+    rewards: np.ndarray  # (answers, scorers), unweighted
+    total: np.ndarray  # weighted sum per answer
+
+
+@dataclass
+class _Window:
+    """Figures summed over a logging window on this process."""
+
+    sums: dict[str, float] = field(default_factory=dict)
+
+    def add(self, **values: float) -> None:
+        for key, value in values.items():
+            self.sums[key] = self.sums.get(key, 0.0) + value
+
+
+class Rollout:
+    """GRPO's objective: the rewrite that samples and scores each micro-batch's answers, the loss on them, and
+    the window's figures."""
+
+    def __init__(self, cfg: RunConfig, data: TaskData, accelerator: Accelerator, stop_ids: list[int | None]) -> None:
+        self.settings, self.seed = cfg.finetune.grpo, cfg.train.seed
+        self.scorers: list[Scorer] = data.details["scorers"]
+        self.tokenizer = data.details["tokenizer"]
+        self.accelerator = accelerator
+        self.prompts = {p.key: p for p in [*data.train, *data.val]}
+        self.pad_id = int(self.tokenizer.pad_token_id)
+        # the end of an answer: the model's end-of-turn tokens (a chat template's as well as EOS)
+        self.stop_ids = {int(token) for token in stop_ids if token is not None}
+        self.epsilon_high = self.settings.epsilon_high or (0.28 if self.settings.loss == "dapo" else None)
+        self.window = _Window()
+        self.kl = torch.zeros(2, dtype=torch.float64, device=accelerator.device)  # (KL sum, answer tokens)
+
+    # ------------------------------------------------------------------ sampling
+    def __call__(self, model: Any, batch: Batch, step: int, micro: int) -> Batch:
+        """The micro-batch of prompts becomes one of answers: sampled, scored, with per-token advantages."""
+        policy = self.accelerator.unwrap_model(model)
+        seed = ((self.seed * 1_000_003 + step) * 1009 + micro) * 131 + self.accelerator.process_index
+        start = time.perf_counter()
+        group = self.sample(policy, batch, seed, greedy=False)
+        seconds = time.perf_counter() - start
+        advantages = group_advantages(group.total, self.settings.generations, self.settings.loss)
+        new = answer_rows([p.ids for p in group.prompts], group.answers, advantages, self.pad_id, self.settings.loss)
+        if self.settings.beta > 0:
+            new["ref_logps"] = self._reference_logps(policy, new)
+        self._record(group, advantages, seconds)
+        return new
+
+    @torch.no_grad()
+    def sample(self, policy: Any, batch: Batch, seed: int, greedy: bool) -> Group:
+        settings = self.settings
+        prompts = [self.prompts[int(key)] for key in batch["prompt_keys"]]
+        copies = 1 if greedy else settings.generations
+        device = self.accelerator.device
+        was_training = policy.training
+        policy.eval()
+        options: dict[str, Any] = (
+            {"do_sample": False}
+            if greedy
+            else {
+                "do_sample": True,
+                "temperature": settings.temperature,
+                "top_p": settings.top_p,
+                "top_k": settings.top_k,
+            }
+        )
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            torch.manual_seed(seed)
+            out = policy.generate(
+                input_ids=batch["prompt_ids"].to(device),
+                attention_mask=batch["prompt_mask"].to(device),
+                max_new_tokens=settings.max_new_tokens,
+                num_return_sequences=copies,
+                eos_token_id=sorted(self.stop_ids) or None,
+                pad_token_id=self.pad_id,
+                **options,
+            )
+        policy.train(was_training)
+        width = batch["prompt_ids"].shape[1]
+        answers, texts = [], []
+        for row in out[:, width:].cpu().numpy():
+            ids, text = self._cut(row)
+            answers.append(ids)
+            texts.append(text)
+        expanded = [p for p in prompts for _ in range(copies)]
+        rewards = self.score(expanded, texts)
+        weights = np.asarray([scorer.weight for scorer in self.scorers])
+        return Group(expanded, answers, texts, rewards, rewards @ weights)
+
+    def _cut(self, tokens: np.ndarray) -> tuple[np.ndarray, str]:
+        """An answer's tokens through its first end token or the token that completes a stop string; its text
+        cut before the stop string."""
+        end = len(tokens)
+        for i, token in enumerate(tokens):
+            if int(token) in self.stop_ids:
+                end = i + 1
+                break
+        if self.settings.stop:
+            for i in range(1, end + 1):
+                text = str(self.tokenizer.decode(tokens[:i], skip_special_tokens=True))
+                if any(stop in text for stop in self.settings.stop):
+                    end = i
+                    break
+        text = str(self.tokenizer.decode(tokens[:end], skip_special_tokens=True))
+        for stop in self.settings.stop:
+            if stop in text:
+                text = text[: text.index(stop)]
+        return tokens[:end].astype(np.int64), text
+
+    def score(self, prompts: list[Prompt], texts: list[str]) -> np.ndarray:
+        rows, wheres = [p.row for p in prompts], [p.where for p in prompts]
+        columns = [scorer.score([p.text for p in prompts], texts, rows, wheres) for scorer in self.scorers]
+        return np.asarray(columns, dtype=np.float64).T
+
+    @torch.no_grad()
+    def _reference_logps(self, policy: Any, batch: Batch) -> torch.Tensor:
+        """Per-token log-probs of the answers under the starting model: the base with LoRA's adapters off."""
+        device = self.accelerator.device
+        was_training = policy.training
+        policy.eval()
+        with policy.disable_adapter():
+            logits = policy(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device))
+        policy.train(was_training)
+        return token_logps(logits.logits, batch["labels"].to(device), self.settings.temperature).cpu()
+
+    # ------------------------------------------------------------------ the loss
+    def count_targets(self, batch: Batch) -> int:
+        return loss_normalizer(batch, self.settings.loss, self.settings.max_new_tokens)
+
+    def loss(self, logits: torch.Tensor, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        total, trained, kl = surrogate_loss(logits, batch, self.settings, self.epsilon_high)
+        if kl is not None:  # summed in place on the device (no host sync, no graph break); read when the window closes
+            self.kl.add_(torch.stack([kl.detach(), trained.detach().to(kl.dtype)]).to(self.kl.dtype))
+        return total, trained
+
+    def evaluate(self, model: Any, batches: list[Batch], accelerator: Accelerator) -> dict[str, Any]:
+        """Greedy answers to the validation prompts, scored: val_reward (and each scorer's); val_loss is its
+        negative, so lower is better for early stopping."""
+        policy = accelerator.unwrap_model(model)
+        totals, columns = [], []
+        for batch in batches:
+            group = self.sample(policy, batch, seed=self.seed, greedy=True)
+            totals.append(group.total)
+            columns.append(group.rewards)
+        total = torch.tensor(float(np.concatenate(totals).sum()), device=accelerator.device, dtype=torch.float64)
+        count = torch.tensor(float(sum(len(t) for t in totals)), device=accelerator.device, dtype=torch.float64)
+        per = torch.tensor(np.concatenate(columns).sum(axis=0), device=accelerator.device, dtype=torch.float64)
+        total, count, per = (accelerator.reduce(x, reduction="sum") for x in (total, count, per))
+        reward = float(total / count)
+        result = {"val_loss": -reward, "val_reward": reward}
+        result.update({f"val_reward_{s.name}": float(v / count) for s, v in zip(self.scorers, per, strict=True)})
+        return result
+
+    # ------------------------------------------------------------------ figures
+    def _record(self, group: Group, advantages: np.ndarray, seconds: float) -> None:
+        groups = group.total.reshape(-1, self.settings.generations)
+        lengths = [len(a) for a in group.answers]
+        self.window.add(
+            answers=len(lengths),
+            prompts=len(groups),
+            reward=float(group.total.sum()),
+            squared=float((group.total**2).sum()),
+            same=float((groups.max(1) == groups.min(1)).sum()),
+            answer_tokens=float(sum(lengths)),
+            sample_seconds=seconds,
+            truncated=float(sum(n == self.settings.max_new_tokens for n in lengths)),
+        )
+        for k, scorer in enumerate(self.scorers):
+            self.window.add(**{f"reward_{scorer.name}": float(group.rewards[:, k].sum())})
+
+    def take_metrics(self) -> dict[str, float]:
+        """The window's figures (every process's, summed), then a fresh window."""
+        kl, tokens = self.kl.tolist()
+        if tokens:
+            self.window.add(kl=kl, kl_tokens=tokens)
+            self.kl.zero_()
+        keys = sorted(self.window.sums)
+        values = torch.tensor([self.window.sums[k] for k in keys], dtype=torch.float64, device=self.accelerator.device)
+        if self.accelerator.num_processes > 1:
+            values = self.accelerator.reduce(values, reduction="sum")
+        sums = dict(zip(keys, values.tolist(), strict=True))
+        self.window = _Window()
+        answers = sums.get("answers", 0.0)
+        if not answers:
+            return {}
+        mean = sums["reward"] / answers
+        metrics = {
+            "reward": mean,
+            "reward_std": math.sqrt(max(sums["squared"] / answers - mean**2, 0.0)),
+            "same_reward_share": sums["same"] / sums["prompts"],
+            "answer_tokens_mean": sums["answer_tokens"] / answers,
+            "answers_at_max_tokens": sums["truncated"] / answers,
+            "clip_fraction": 0.0,  # one update per sample: the ratio is 1
+            "sample_tokens_per_s": sums["answer_tokens"] / max(sums["sample_seconds"], 1e-9),
+        }
+        metrics.update({key: sums[key] / answers for key in keys if key.startswith("reward_")})
+        if sums.get("kl_tokens"):
+            metrics["kl"] = sums["kl"] / sums["kl_tokens"]
+        return metrics
+
+
+def _shift(values: torch.Tensor, fill: float) -> torch.Tensor:
+    """Position t's value for the token at t+1 (the target it predicts)."""
+    return F.pad(values[:, 1:], (0, 1), value=fill)
+
+
+def token_logps(logits: torch.Tensor, labels: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """(rows, positions) log-prob of each target token (position t predicts labels[t+1]) in float32, at the
+    sampling temperature; 0 where there is no target."""
+    targets = _shift(labels, IGNORE)
+    flat = (logits.float() / temperature).flatten(0, 1)
+    logps = -F.cross_entropy(flat, targets.flatten(), ignore_index=IGNORE, reduction="none")
+    return logps.view(targets.shape)
+
+
+def group_advantages(total: np.ndarray, generations: int, loss: str) -> np.ndarray:
+    """Each answer's advantage within its prompt's group (consecutive runs of `generations` answers): TRL's
+    (r - mean) / (unbiased std + 1e-4) for grpo and dapo, r - mean for dr_grpo, r - the others' mean for rloo."""
+    groups = total.reshape(-1, generations)
+    if loss == "rloo":
+        return (groups - (groups.sum(axis=1, keepdims=True) - groups) / (generations - 1)).reshape(-1)
+    centred = groups - groups.mean(axis=1, keepdims=True)
+    if loss == "dr_grpo":
+        return centred.reshape(-1)
+    return (centred / (groups.std(axis=1, ddof=1, keepdims=True) + 1e-4)).reshape(-1)
+
+
+def answer_rows(
+    prompts: list[np.ndarray], answers: list[np.ndarray], advantages: np.ndarray, pad_id: int, loss: str
+) -> Batch:
+    """One row per answer, prompt + answer, right-padded (each row's positions start at 0, as in sampling); the
+    answer tokens are the targets and carry their answer's advantage, and a weight: grpo averages each answer's
+    tokens, the other losses weigh every token alike."""
+    width = max(len(p) + len(a) for p, a in zip(prompts, answers, strict=True))
+    ids = torch.full((len(answers), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(answers), width), IGNORE, dtype=torch.long)
+    mask = torch.zeros((len(answers), width), dtype=torch.long)
+    advantage = torch.zeros((len(answers), width), dtype=torch.float32)
+    weight = torch.zeros((len(answers), width), dtype=torch.float32)
+    for i, (prompt, answer) in enumerate(zip(prompts, answers, strict=True)):
+        start, end = len(prompt), len(prompt) + len(answer)
+        ids[i, :start], ids[i, start:end] = torch.from_numpy(prompt), torch.from_numpy(answer)
+        labels[i, start:end], mask[i, :end] = torch.from_numpy(answer), 1
+        advantage[i, :end] = float(advantages[i])
+        weight[i, :end] = 1.0 / max(len(answer), 1) if loss == "grpo" else 1.0
+    return {
+        "input_ids": ids,
+        "labels": labels,
+        "attention_mask": mask,
+        "advantages": advantage,
+        "token_weight": weight,
+        "answers": torch.tensor(len(answers)),
+        "num_tokens": mask.sum(),
+    }
+
+
+def loss_normalizer(batch: Batch, loss: str, max_new_tokens: int) -> int:
+    """What a micro-batch adds to the step's divisor: answers (grpo), answers x max_new_tokens (dr_grpo) or answer
+    tokens (dapo, rloo). The loop sums it over the step's micro-batches and processes."""
+    answers = int(batch["answers"])
+    if loss == "grpo":
+        return answers
+    if loss == "dr_grpo":
+        return answers * max_new_tokens
+    return int((batch["labels"][:, 1:] != IGNORE).sum())
+
+
+def surrogate_loss(
+    logits: torch.Tensor, batch: Batch, settings: Any, epsilon_high: float | None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """(the weighted sum of PPO's clipped surrogate, plus beta x KL, over the answer tokens; their count; the KL's
+    sum, when there is a reference)."""
+    logps = token_logps(logits, batch["labels"], settings.temperature)
+    trained = _shift(batch["labels"], IGNORE) != IGNORE
+    advantage, weight = _shift(batch["advantages"], 0.0), _shift(batch["token_weight"], 0.0)
+    ratio = torch.exp(logps - logps.detach())  # one update per sample: 1, with the policy gradient
+    clipped = torch.clamp(ratio, 1 - settings.epsilon, 1 + (epsilon_high or settings.epsilon))
+    per_token = -torch.min(ratio * advantage, clipped * advantage)
+    kl = None
+    if "ref_logps" in batch:
+        delta = batch["ref_logps"] - logps  # both: position t's log-prob of token t + 1
+        per_token_kl = torch.exp(delta) - delta - 1
+        # times the ratio (1 in value): the sampled-answer estimate of the KL's gradient is then unbiased (TRL's
+        # use_bias_correction_kl, its default)
+        per_token = per_token + settings.beta * per_token_kl * ratio
+        kl = torch.where(trained, per_token_kl, 0.0).sum()
+    return torch.where(trained, per_token * weight, 0.0).sum(), trained.sum(), kl

@@ -1,0 +1,196 @@
+"""`--task grpo`: the loss equals TRL's, the reward rises on a checkable objective, a killed run resumes to the
+bits, and bad rewards are one line."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tests.conftest import assert_nothing_written, assert_user_error, run_cli
+
+NAMES = ["Tom", "Mia", "Sam", "Lily", "Ben", "Anna", "Max", "Zoe"]
+TASK_FILE = """
+name: word
+kind: generation
+prompt: "Once upon a time, {name} saw a"
+answer_field: word
+match: contains
+max_new_tokens: 6
+"""
+REWARD_MODULE = """
+def has_word(prompt, answer, row):
+    return 1.0 if row["word"] in answer.lower() else 0.0
+
+def broken(prompt, answer, row):
+    return {"not": "a number"}
+"""
+
+
+@pytest.fixture()
+def prompts(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Rows with fields only (the task file renders them), a task file, and a reward module in the working dir."""
+    rows = [{"name": NAMES[i % len(NAMES)], "word": "the"} for i in range(48)]
+    (tmp_path / "prompts.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    (tmp_path / "word.yaml").write_text(TASK_FILE.replace("name: word\n", "name: word\ndata: prompts.jsonl\n"))
+    (tmp_path / "rewards_for_test.py").write_text(REWARD_MODULE)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    return tmp_path
+
+
+def grpo_args(model: Path, work: Path, out: Path, *extra: str, steps: int = 8) -> list[str]:
+    return ["finetune", "--model", str(model), "--data", str(work / "prompts.jsonl"), "--out", str(out),
+            "--task", "grpo", "--reward", str(work / "word.yaml"), "--max-steps", str(steps), "--max-length", "48",
+            "--micro-batch-size", "2", "--lr", "3e-3", "--method", "lora", "--set", "finetune.grpo.generations=4",
+            "--set", "finetune.grpo.max_new_tokens=6", "--set", "logging.every_steps=2", "--set", "train.eval_every=4",
+            "--set", "train.eval_batches=2", *extra]  # fmt: skip
+
+
+@pytest.mark.parametrize(("loss", "beta"), [("grpo", 0.0), ("grpo", 0.04), ("dr_grpo", 0.0), ("dapo", 0.1)])
+def test_the_loss_and_its_gradient_equal_trls(tiny_run: Path, tmp_path: Path, loss: str, beta: float) -> None:
+    """TRL's GRPOTrainer._compute_loss and llmkit's on the same answers and advantages (a KL to a perturbed
+    reference where beta > 0): equal within 1e-5, and so are the gradients of every weight."""
+    trl = pytest.importorskip("trl")
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from llmkit.train.tasks.grpo import answer_rows, group_advantages, loss_normalizer, surrogate_loss, token_logps
+
+    source = tiny_run / "final"
+    models = [AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32) for _ in range(3)]
+    ours, reference = models[1], models[2]
+    with torch.no_grad():
+        for parameter in reference.parameters():
+            parameter.add_(0.2 * torch.randn_like(parameter))
+    generations, prompts, longest = 4, 2, 6
+    args = trl.GRPOConfig(output_dir=str(tmp_path / "trl"), per_device_train_batch_size=8, num_generations=4,
+                          loss_type=loss, beta=beta, max_completion_length=longest, report_to=[], use_cpu=True,
+                          bf16=False, epsilon_high=0.28 if loss == "dapo" else None)  # fmt: skip
+    trainer = trl.GRPOTrainer(model=models[0], reward_funcs=[lambda completions, **_: [0.0] * len(completions)],
+                              args=args, train_dataset=Dataset.from_dict({"prompt": ["a"] * 8}),
+                              processing_class=AutoTokenizer.from_pretrained(source))  # fmt: skip
+    generator = torch.Generator().manual_seed(1)
+    prompt_ids = torch.randint(5, 200, (prompts, 5), generator=generator).repeat_interleave(generations, 0)
+    lengths = [6, 3, 4, 6, 2, 5, 6, 1]
+    mask = (torch.arange(longest) < torch.tensor(lengths)[:, None]).long()
+    completions = torch.randint(5, 200, (prompts * generations, longest), generator=generator) * mask
+    rewards = np.array([1.0, 0.0, 0.0, 1.0, 0.5, 0.2, 0.9, 0.1])
+    advantages = torch.tensor(group_advantages(rewards, generations, loss), dtype=torch.float32)
+    inputs = {"prompt_ids": prompt_ids, "prompt_mask": torch.ones_like(prompt_ids), "completion_ids": completions,
+              "completion_mask": mask, "advantages": advantages, "old_per_token_logps": None,
+              "num_items_in_batch": mask.sum()}  # fmt: skip
+    answers = [c[:n].numpy() for c, n in zip(completions, lengths, strict=True)]
+    batch = answer_rows([p.numpy() for p in prompt_ids], answers, advantages.numpy(), 0, loss)
+    if beta:
+        with torch.no_grad():
+            whole = torch.cat([prompt_ids, completions], 1)
+            logits = reference(input_ids=whole, attention_mask=torch.cat([inputs["prompt_mask"], mask], 1)).logits
+            inputs["ref_per_token_logps"] = torch.log_softmax(logits[:, 4:-1], -1).gather(-1, completions[..., None])[
+                ..., 0
+            ]
+            batch["ref_logps"] = token_logps(reference(input_ids=batch["input_ids"]).logits, batch["labels"])
+    trainer.model.train()
+    trainer.current_gradient_accumulation_steps = 1
+    theirs = trainer._compute_loss(trainer.model, inputs)
+    theirs.backward()
+    settings = SimpleNamespace(temperature=1.0, epsilon=0.2, beta=beta)
+    total, _, _ = surrogate_loss(ours(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits,
+                                 batch, settings, 0.28 if loss == "dapo" else None)  # fmt: skip
+    mine = total / loss_normalizer(batch, loss, longest)
+    mine.backward()
+    assert abs(float(mine) - float(theirs)) <= 1e-5 * max(1.0, abs(float(theirs)))
+    for (name, a), b in zip(trainer.model.named_parameters(), ours.parameters(), strict=True):
+        torch.testing.assert_close(b.grad, a.grad, atol=1e-5, rtol=1e-4, msg=lambda m, n=name: f"{n}: {m}")
+
+
+def test_advantages_compare_each_answer_with_its_group() -> None:
+    from llmkit.train.tasks.grpo import group_advantages
+
+    rewards = np.array([1.0, 0.0, 0.0, 1.0, 2.0, 2.0, 2.0, 2.0])
+    grpo = group_advantages(rewards, 4, "grpo")
+    np.testing.assert_allclose(grpo[:4], (rewards[:4] - 0.5) / (np.std(rewards[:4], ddof=1) + 1e-4))
+    assert np.all(grpo[4:] == 0)  # a group whose answers all scored the same teaches nothing
+    np.testing.assert_allclose(group_advantages(rewards, 4, "dr_grpo")[:4], rewards[:4] - 0.5)
+    np.testing.assert_allclose(group_advantages(rewards, 4, "rloo")[:4], [2 / 3, -2 / 3, -2 / 3, 2 / 3])
+
+
+def test_grpo_raises_the_reward_of_a_checkable_answer(tiny_run: Path, prompts: Path, tmp_path: Path) -> None:
+    """Rewarded by a task file (and a Python function, weighted), the held-out reward rises; the run's adapter
+    loads in plain peft and `llmkit eval` gates it with the same task file."""
+    out = tmp_path / "run"
+    result = run_cli(*grpo_args(tiny_run, prompts, out, "--reward", "rewards_for_test:has_word@0.5",
+                                "--set", "finetune.grpo.beta=0.02", steps=24))  # fmt: skip
+    assert result.exit_code == 0, result.stderr + result.stdout
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in records if "reward" in r]
+    val = [r for r in records if "val_reward" in r]
+    for key in ("reward_std", "same_reward_share", "kl", "answer_tokens_mean", "sample_tokens_per_s", "reward_word"):
+        assert key in train[-1], key
+    assert train[-1]["reward_word"] == pytest.approx(train[-1]["reward_has_word"])  # the same check, twice
+    assert train[-1]["reward"] == pytest.approx(1.5 * train[-1]["reward_word"])  # weights 1 and 0.5
+    assert max(r["reward"] for r in train[-3:]) > train[0]["reward"] + 0.2
+    assert val[-1]["val_reward"] > val[0]["val_reward"] or val[0]["val_reward"] == 1.5
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_run / "final"), out / "final")
+    report = tmp_path / "eval.json"
+    gate = run_cli("eval", out, "--tasks", prompts / "word.yaml", "--report", report)
+    assert gate.exit_code in (0, 1), gate.stderr
+    assert "word.contains" in json.loads(report.read_text())["metrics"]
+
+
+@pytest.mark.slow
+def test_a_killed_grpo_run_resumes_bitwise(tiny_run: Path, prompts: Path, tmp_path: Path) -> None:
+    """Killed after sampling, inside an accumulation window: the resumed run samples the same answers and ends
+    with the uninterrupted run's weights to the bit."""
+    extra = ["--set", "train.grad_accum_steps=2", "--set", "checkpoint.every_steps=2"]
+    reference = run_cli(*grpo_args(tiny_run, prompts, tmp_path / "ref", *extra, steps=6))
+    assert reference.exit_code == 0, reference.stderr
+    args = grpo_args(tiny_run, prompts, tmp_path / "run", *extra, steps=6)
+    env = {**os.environ, "LLMKIT_FAULT_INJECT": "kill@3.0", "PYTHONWARNINGS": "ignore"}
+    killed = subprocess.run([sys.executable, "-m", "llmkit", *args], env=env, capture_output=True, timeout=300)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    resumed = run_cli(*args, "--resume", "auto")
+    assert resumed.exit_code == 0, resumed.stderr
+    final = load_file(tmp_path / "run" / "final" / "adapter_model.safetensors")
+    expected = load_file(tmp_path / "ref" / "final" / "adapter_model.safetensors")
+    assert final.keys() == expected.keys() and all(torch.equal(final[k], expected[k]) for k in final)
+
+
+def test_bad_rewards_are_one_line(tiny_run: Path, prompts: Path, tmp_path: Path) -> None:
+    def grpo(name: str, *extra: str) -> object:
+        return run_cli(*grpo_args(tiny_run, prompts, tmp_path / name, *extra, steps=2))
+
+    assert_user_error(grpo("a", "--reward", "rewards_for_test:broken"), "prompts.jsonl:", "rewards_for_test:broken")
+    assert_user_error(grpo("b", "--reward", "no_such_module:f"), "no_such_module:f", "cannot import")
+    assert_user_error(grpo("c", "--reward", str(prompts / "missing.yaml")), "missing.yaml")
+    assert_user_error(grpo("d", "--method", "full", "--set", "finetune.grpo.beta=0.1"), "grpo.beta", "--method lora")
+    assert_user_error(grpo("e", "--reward", "word.yaml@heavy"), "the weight after @")
+    for name in "abcde":
+        assert_nothing_written(tmp_path, name)
+
+
+def test_compiled_bf16_grpo_saves_an_adapter_plain_peft_loads(tiny_run: Path, prompts: Path, tmp_path: Path) -> None:
+    """What a GPU user gets (compiled step, bf16 autocast) with a KL term: one graph for answers of every length,
+    and the adapter loads in plain peft with every key."""
+    from tests.gpu_defaults import TRACED, assert_one_graph, clear_compile_counters, plain_load
+
+    clear_compile_counters()
+    out = tmp_path / "compiled"
+    result = run_cli(*grpo_args(tiny_run, prompts, out, *TRACED, "--set", "finetune.grpo.beta=0.04",
+                                "--set", "finetune.lora.dropout=0", steps=4))  # fmt: skip
+    assert result.exit_code == 0, result.stderr + result.stdout
+    assert_one_graph()
+    plain_load(out / "final", base=tiny_run / "final")
+    assert any("kl" in json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines())

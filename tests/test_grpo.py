@@ -179,6 +179,10 @@ def test_bad_rewards_are_one_line(tiny_run: Path, prompts: Path, tmp_path: Path)
     assert_user_error(grpo("e", "--reward", "word.yaml@heavy"), "the weight after @")
     for name in "abcde":
         assert_nothing_written(tmp_path, name)
+    (prompts / "f").mkdir()
+    (prompts / "f" / "word.yaml").write_text(TASK_FILE.replace("name: word", "name: word2"))
+    weighted = grpo_args(tiny_run, prompts, prompts / "f", "--reward", str(prompts / "f" / "word.yaml@2"), steps=2)
+    assert_user_error(run_cli(*weighted), "contains", "word.yaml, which this command reads")  # never an output
 
 
 def test_compiled_bf16_grpo_saves_an_adapter_plain_peft_loads(tiny_run: Path, prompts: Path, tmp_path: Path) -> None:

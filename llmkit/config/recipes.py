@@ -197,6 +197,8 @@ def input_paths(config: BaseModel, skip: Iterable[str] = ()) -> list[str]:
         for item in value if isinstance(value, list) else [value]:
             if not isinstance(item, str) or item.startswith(("builtin:", "hf:")):
                 continue
+            if key == "finetune.grpo.rewards":  # SPEC@WEIGHT reads SPEC
+                item = item.rpartition("@")[0] if "@" in item else item
             if item.startswith("harness:"):  # a task by name, or the task file harness:FILE.yaml
                 item = item.removeprefix("harness:")
                 if not item.endswith((".yaml", ".yml")):

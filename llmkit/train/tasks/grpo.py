@@ -130,8 +130,9 @@ class GRPO(Task):
             f"grpo: each step samples {settings.generations} answers to each of its prompts ({per_step} answers of "
             f"up to {settings.max_new_tokens} tokens per process) with the model being trained: about 2N FLOPs per "
             "sampled token on top of training's 6N, and sampling runs one token at a time (memory-bound on GPUs)",
-            "grpo: a micro-batch is train.micro_batch_size prompts x grpo.generations answers (counted as rows of "
-            "finetune.max_length tokens)",
+            f"grpo: a micro-batch holds {settings.generations}x train.micro_batch_size rows (each prompt's answers); "
+            "the memory and time above count train.micro_batch_size rows: plan with micro_batch_size x "
+            "generations to see the answers' activations",
         ]
         if settings.beta > 0:
             notes.append("grpo: the KL's reference is the base with adapters off: one more forward, no second model")

@@ -217,7 +217,7 @@ def test_model_card_describes_model_data_training_and_evaluation(tiny_run: Path,
 def test_export_format_errors(tiny_run: Path, tmp_path: Path) -> None:
     assert_user_error(run_cli("export", tiny_run, "--out", tmp_path / "a", "--format", "tflite"), "--format tflite")
     assert_user_error(run_cli("export", tiny_run, "--out", tmp_path / "b", "--format", "gguf", "--dtype", "q4_k"),
-                      "--format gguf takes f32, f16, q8_0, q5_1")  # fmt: skip
+                      "--format gguf takes f32, f16, bf16, q8_0, q5_1")  # fmt: skip
     assert_user_error(
         run_cli("export", tiny_run, "--out", tmp_path / "c", "--format", "gguf", "--quantize", "int8"),
         "applies to --format hf (torchao) and onnx",

@@ -286,12 +286,17 @@ def plan_run(
 ) -> Plan:
     planned = _stage(stage) if stage is not None else recipe_stage(cfg)
     _check_request(cfg, planned, gpus, gpu_type, strategy, mfu, price_per_gpu_hour, train_tokens)
+    rows, forwards = _task(cfg).plan_shape(cfg) if planned == "finetune" else (1, 0)
+    if rows > 1:  # the model sees this many rows per micro-batch row (GRPO's answers)
+        train = cfg.train.model_copy(update={"micro_batch_size": cfg.train.micro_batch_size * rows})
+        cfg = cfg.model_copy(update={"train": train})
     peak, capacity = GPU_TYPES[gpu_type]
     vocab, vocab_source = vocabulary_size(cfg) if not cfg.model.init_from else (0, cfg.model.init_from)
     size = model_size(cfg, vocab, planned)
     total, trainable, matmul, vocab = size.total, size.trainable, size.matmul, size.vocab
     seq = _sequence(cfg, planned)
     flops = training_flops_per_token(matmul, trainable, size.layers, size.width, seq, gradient_checkpointing)
+    flops += forwards * (2 * matmul + 4 * size.layers * seq * size.width)  # the task's own forward passes
     teacher = teacher_size(cfg)
     teacher_flops = 2 * teacher.matmul + 4 * teacher.layers * seq * teacher.width if teacher else 0  # a forward
     live = teacher if teacher is not None and not cfg.distill.top_k else None

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -134,8 +135,9 @@ def test_grpo_raises_the_reward_of_a_checkable_answer(tiny_run: Path, prompts: P
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     train = [r for r in records if "reward" in r]
     val = [r for r in records if "val_reward" in r]
-    for key in ("reward_std", "same_reward_share", "kl", "answer_tokens_mean", "sample_tokens_per_s", "reward_word"):
+    for key in ("reward_std", "same_reward_share", "kl", "answer_tokens_mean", "reward_word"):
         assert key in train[-1], key
+    assert train[-1]["sample_tokens_per_s"] > 0 and train[-1]["train_tokens_per_s"] > 0
     assert train[-1]["reward_word"] == pytest.approx(train[-1]["reward_has_word"])  # the same check, twice
     assert train[-1]["reward"] == pytest.approx(1.5 * train[-1]["reward_word"])  # weights 1 and 0.5
     assert max(r["reward"] for r in train[-3:]) > train[0]["reward"] + 0.2
@@ -198,3 +200,49 @@ def test_compiled_bf16_grpo_saves_an_adapter_plain_peft_loads(tiny_run: Path, pr
     assert_one_graph()
     plain_load(out / "final", base=tiny_run / "final")
     assert any("kl" in json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines())
+
+
+def test_compiled_sampling_draws_the_eager_answers(tiny_run: Path, prompts: Path, tmp_path: Path) -> None:
+    """finetune.grpo.compile_sampling (a static KV cache, the decoding step compiled once, prompts padded to one
+    width): the same answers as eager sampling, so the run ends with the eager run's weights, and no recompiling
+    from step to step."""
+    from safetensors.torch import load_file
+    from torch._dynamo.utils import counters
+
+    from tests.gpu_defaults import clear_compile_counters
+
+    extra = ["--set", "train.eval_every=1000"]
+    eager = run_cli(*grpo_args(tiny_run, prompts, tmp_path / "eager", *extra, steps=4))
+    assert eager.exit_code == 0, eager.stderr + eager.stdout
+    clear_compile_counters()
+    compiled = run_cli(*grpo_args(tiny_run, prompts, tmp_path / "compiled", *extra,
+                                  "--set", "finetune.grpo.compile_sampling=true", steps=4))  # fmt: skip
+    assert compiled.exit_code == 0, compiled.stderr + compiled.stdout
+    assert counters["stats"]["unique_graphs"] >= 1, dict(counters["stats"])  # it did compile
+    assert not counters["recompiles"], dict(counters["recompiles"])
+    weights = [load_file(tmp_path / run / "final" / "adapter_model.safetensors") for run in ("eager", "compiled")]
+    assert weights[0].keys() == weights[1].keys()
+    for name, tensor in weights[0].items():
+        torch.testing.assert_close(weights[1][name], tensor, rtol=0, atol=0, msg=name)
+
+
+@pytest.mark.slow
+def test_grpo_on_two_processes_resumes_bitwise(tiny_run: Path, prompts: Path, tmp_path: Path) -> None:
+    """DDP over gloo: each process samples its own prompts' answers (seeds tied to step, micro-batch and process);
+    a run resumed on two processes from its step-2 checkpoint samples the same answers and ends with the
+    uninterrupted run's weights to the bit."""
+    run = tmp_path / "run"
+    args = grpo_args(tiny_run, prompts, run, "--cpu", "--num-processes", "2", "--main-process-port", "29541",
+                     "--set", "checkpoint.every_steps=2", "--set", "logging.every_steps=1", steps=4)  # fmt: skip
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
+    launch = [sys.executable, "-m", "llmkit", *args]
+    whole = subprocess.run(launch, env=env, capture_output=True, text=True, timeout=300)
+    assert whole.returncode == 0, whole.stderr[-3000:]
+    expected = load_file(run / "final" / "adapter_model.safetensors")
+    shutil.rmtree(run / "final")
+    shutil.rmtree(run / "checkpoints" / "step-00000004")
+    resumed = subprocess.run([*launch, "--resume", "auto"], env=env, capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resuming from" in resumed.stdout and "step-00000002" in resumed.stdout
+    final = load_file(run / "final" / "adapter_model.safetensors")
+    assert final.keys() == expected.keys() and all(torch.equal(final[k], expected[k]) for k in final)

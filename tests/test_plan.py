@@ -168,6 +168,26 @@ def test_plan_knows_preference_tasks(tmp_path: Path) -> None:
     assert any("reference_logps.npy" in note for note in dpo.notes)
 
 
+def test_plan_counts_grpos_answers_and_its_sampling(tmp_path: Path) -> None:
+    """A GRPO prompt row becomes `generations` answer rows (tokens and activations), and sampling (and a KL's
+    reference) are forward passes per token on top of training's FLOPs."""
+    cfg = load_config(RECIPES / "tiny-cpu.yaml", ["data.vocab_size=1000"])
+    tokenizer = type("Vocab", (), {"__len__": lambda self: 1000, "bos_token_id": 0, "eos_token_id": 0,
+                                   "pad_token_id": 1})()  # fmt: skip
+    build_model(cfg.model, tokenizer).save_pretrained(tmp_path / "base")
+    common = [f"model.init_from={tmp_path / 'base'}", "finetune.max_length=128", "finetune.method=lora"]
+    sft = plan_run(load_config(RECIPES / "sft-lora.yaml", [*common, "finetune.task=sft"]))
+    grpo = [*common, "finetune.task=grpo", "finetune.grpo.generations=8"]
+    plain = plan_run(load_config(RECIPES / "sft-lora.yaml", grpo))
+    with_kl = plan_run(load_config(RECIPES / "sft-lora.yaml", [*grpo, "finetune.grpo.beta=0.04"]))
+    assert plain.tokens_per_step == 8 * sft.tokens_per_step
+    assert plain.memory.activations > 8 * sft.memory.activations  # eight answers per prompt, and whole logits
+    forward = plain.flops_per_token - sft.flops_per_token
+    assert forward >= 2 * plain.matmul_parameters  # sampling: one forward per token
+    assert with_kl.flops_per_token - plain.flops_per_token == pytest.approx(forward)  # the reference: another
+    assert any("memory-bound" in note for note in plain.notes)
+
+
 def test_plan_counts_a_live_teacher_and_the_disk_of_a_top_k_cache(tmp_path: Path) -> None:
     """A live teacher adds its weights, its logits and its forward FLOPs; a cached one adds none of them, and the
     plan states the cache's bytes on disk (tokens x k x (2-byte id + 2-byte log-prob) for a small vocabulary)."""

@@ -102,6 +102,11 @@ class Task(ABC):
         """What `llmkit plan` should say about this task beyond memory and FLOPs."""
         return []
 
+    def plan_shape(self, cfg: RunConfig) -> tuple[int, int]:
+        """For `llmkit plan`: the model's rows per training row (a micro-batch's rows times this many go through
+        the model), and the forward passes per trained token beyond training's own (sampling, a reference)."""
+        return 1, 0
+
     def describe(self, data: TaskData, chat: Any) -> str:
         return f"template {chat.name if chat else '-'}"
 

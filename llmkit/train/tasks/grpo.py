@@ -128,15 +128,18 @@ class GRPO(Task):
         per_step = cfg.train.micro_batch_size * cfg.train.grad_accum_steps * settings.generations
         notes = [
             f"grpo: each step samples {settings.generations} answers to each of its prompts ({per_step} answers of "
-            f"up to {settings.max_new_tokens} tokens per process) with the model being trained: about 2N FLOPs per "
-            "sampled token on top of training's 6N, and sampling runs one token at a time (memory-bound on GPUs)",
-            f"grpo: a micro-batch holds {settings.generations}x train.micro_batch_size rows (each prompt's answers); "
-            "the memory and time above count train.micro_batch_size rows: plan with micro_batch_size x "
-            "generations to see the answers' activations",
+            f"up to {settings.max_new_tokens} tokens per process) with the model being trained; a micro-batch holds "
+            f"{settings.generations}x train.micro_batch_size rows, counted above, every row at finetune.max_length",
+            "grpo: sampling is counted as one forward pass per token (2N FLOPs) at the MFU given, but it runs one "
+            "token at a time and is memory-bound on GPUs: its real time is longer (measure with bench/grpo_vs_trl.py)",
         ]
         if settings.beta > 0:
             notes.append("grpo: the KL's reference is the base with adapters off: one more forward, no second model")
         return notes
+
+    def plan_shape(self, cfg: RunConfig) -> tuple[int, int]:
+        """Each prompt row becomes `generations` answer rows; sampling, and the reference with a KL, are forwards."""
+        return cfg.finetune.grpo.generations, 1 + (cfg.finetune.grpo.beta > 0)
 
     def describe(self, data: TaskData, chat: Any) -> str:
         names = ", ".join(f"{s.name}@{s.weight:g}" for s in data.details["scorers"])
@@ -207,11 +210,15 @@ class Rollout:
         self.tokenizer = data.details["tokenizer"]
         self.accelerator = accelerator
         self.prompts = {p.key: p for p in [*data.train, *data.val]}
+        self.compiled: dict[str, Any] = {}
+        if self.settings.compile_sampling:
+            self.compiled = compiled_sampling(max((len(p) for p in self.prompts.values()), default=1))
         self.pad_id = int(self.tokenizer.pad_token_id)
         # the end of an answer: the model's end-of-turn tokens (a chat template's as well as EOS)
         self.stop_ids = {int(token) for token in stop_ids if token is not None}
         self.epsilon_high = self.settings.epsilon_high or (0.28 if self.settings.loss == "dapo" else None)
         self.window = _Window()
+        self.window_began: float | None = None  # when the window's first sampling began
         self.kl = torch.zeros(2, dtype=torch.float64, device=accelerator.device)  # (KL sum, answer tokens)
 
     # ------------------------------------------------------------------ sampling
@@ -220,13 +227,14 @@ class Rollout:
         policy = self.accelerator.unwrap_model(model)
         seed = ((self.seed * 1_000_003 + step) * 1009 + micro) * 131 + self.accelerator.process_index
         start = time.perf_counter()
+        self.window_began = self.window_began or start
         group = self.sample(policy, batch, seed, greedy=False)
         seconds = time.perf_counter() - start
         advantages = group_advantages(group.total, self.settings.generations, self.settings.loss)
         new = answer_rows([p.ids for p in group.prompts], group.answers, advantages, self.pad_id, self.settings.loss)
         if self.settings.beta > 0:
             new["ref_logps"] = self._reference_logps(policy, new)
-        self._record(group, advantages, seconds)
+        self._record(group, seconds, int(new["num_tokens"]))
         return new
 
     @torch.no_grad()
@@ -247,11 +255,16 @@ class Rollout:
                 "top_k": settings.top_k,
             }
         )
+        ids, mask = batch["prompt_ids"], batch["prompt_mask"]
+        if self.compiled and not greedy:  # (validation's greedy answers stay eager: another batch size, rare)
+            options.update(self.compiled["options"])
+            width = self.compiled["prompt_width"]
+            ids, mask = (F.pad(t, (width - t.shape[1], 0), value=v) for t, v in ((ids, self.pad_id), (mask, 0)))
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
             torch.manual_seed(seed)
             out = policy.generate(
-                input_ids=batch["prompt_ids"].to(device),
-                attention_mask=batch["prompt_mask"].to(device),
+                input_ids=ids.to(device),
+                attention_mask=mask.to(device),
                 max_new_tokens=settings.max_new_tokens,
                 num_return_sequences=copies,
                 eos_token_id=sorted(self.stop_ids) or None,
@@ -259,11 +272,10 @@ class Rollout:
                 **options,
             )
         policy.train(was_training)
-        width = batch["prompt_ids"].shape[1]
         answers, texts = [], []
-        for row in out[:, width:].cpu().numpy():
-            ids, text = self._cut(row)
-            answers.append(ids)
+        for row in out[:, ids.shape[1] :].cpu().numpy():
+            answer, text = self._cut(row)
+            answers.append(answer)
             texts.append(text)
         expanded = [p for p in prompts for _ in range(copies)]
         rewards = self.score(expanded, texts)
@@ -335,7 +347,7 @@ class Rollout:
         return result
 
     # ------------------------------------------------------------------ figures
-    def _record(self, group: Group, advantages: np.ndarray, seconds: float) -> None:
+    def _record(self, group: Group, seconds: float, rows_tokens: int) -> None:
         groups = group.total.reshape(-1, self.settings.generations)
         lengths = [len(a) for a in group.answers]
         self.window.add(
@@ -346,6 +358,7 @@ class Rollout:
             same=float((groups.max(1) == groups.min(1)).sum()),
             answer_tokens=float(sum(lengths)),
             sample_seconds=seconds,
+            train_tokens=float(rows_tokens),
             truncated=float(sum(n == self.settings.max_new_tokens for n in lengths)),
         )
         for k, scorer in enumerate(self.scorers):
@@ -353,6 +366,9 @@ class Rollout:
 
     def take_metrics(self) -> dict[str, float]:
         """The window's figures (every process's, summed), then a fresh window."""
+        if self.window_began is not None:  # the window's wall time; what sampling did not take, training took
+            self.window.add(wall_seconds=time.perf_counter() - self.window_began)
+            self.window_began = None
         kl, tokens = self.kl.tolist()
         if tokens:
             self.window.add(kl=kl, kl_tokens=tokens)
@@ -363,7 +379,7 @@ class Rollout:
             values = self.accelerator.reduce(values, reduction="sum")
         sums = dict(zip(keys, values.tolist(), strict=True))
         self.window = _Window()
-        answers = sums.get("answers", 0.0)
+        answers, processes = sums.get("answers", 0.0), self.accelerator.num_processes
         if not answers:
             return {}
         mean = sums["reward"] / answers
@@ -374,12 +390,27 @@ class Rollout:
             "answer_tokens_mean": sums["answer_tokens"] / answers,
             "answers_at_max_tokens": sums["truncated"] / answers,
             "clip_fraction": 0.0,  # one update per sample: the ratio is 1
-            "sample_tokens_per_s": sums["answer_tokens"] / max(sums["sample_seconds"], 1e-9),
+            # all processes together (as tokens_per_s): answer tokens per second of sampling, and prompt + answer
+            # tokens of the training rows per second of the rest of the window
+            "sample_tokens_per_s": sums["answer_tokens"] / max(sums["sample_seconds"] / processes, 1e-9),
+            "train_tokens_per_s": sums["train_tokens"]
+            / max((sums["wall_seconds"] - sums["sample_seconds"]) / processes, 1e-9),
         }
         metrics.update({key: sums[key] / answers for key in keys if key.startswith("reward_")})
         if sums.get("kl_tokens"):
             metrics["kl"] = sums["kl"] / sums["kl_tokens"]
         return metrics
+
+
+def compiled_sampling(prompt_width: int) -> dict[str, Any]:
+    """`generate`'s options for a static KV cache and a compiled decoding step, and the width every prompt is
+    left-padded to: with the batch's shapes fixed the step compiles once. transformers compiles it itself on GPUs;
+    elsewhere (the CPU suite) its CompileConfig's `_compile_all_devices` asks for it."""
+    from transformers.generation.configuration_utils import CompileConfig
+
+    config = CompileConfig(fullgraph=False, dynamic=False)
+    config._compile_all_devices = True
+    return {"options": {"cache_implementation": "static", "compile_config": config}, "prompt_width": prompt_width}
 
 
 def _shift(values: torch.Tensor, fill: float) -> torch.Tensor:

@@ -185,6 +185,8 @@ def estimate_memory(
         activations = 2.0 * seq * micro * size.width * scale * size.layers + per_layer
     else:
         activations = per_layer * size.layers
+    if stage == "finetune" and _task(cfg).keeps_base(cfg):  # a frozen copy of the start (GRPO's KL reference)
+        weights += compute_bytes * size.total
     if teacher is not None:  # its weights, its logits, and one chunk of both sides' float32 log-softmax
         from llmkit.train.distill import ROWS_PER_CHUNK
 

@@ -11,7 +11,7 @@ import torch
 import yaml
 from transformers import AutoModelForCausalLM, AutoTokenizer, MistralConfig, Phi3Config
 
-from tests.conftest import assert_nothing_written, assert_user_error, run_cli
+from tests.conftest import assert_nothing_written, assert_user_error, run_cli, tiny_train_args
 
 
 @pytest.mark.parametrize(("dtype", "tensor_type", "atol"),
@@ -72,11 +72,11 @@ def test_gguf_reads_back_as_the_trained_model(
     [("int8", "torchao", "torchao", "Int8"), ("int4", "bitsandbytes", "bitsandbytes", "Params4bit")],
 )
 def test_hf_weight_only_checkpoints_load_in_plain_transformers(
-    tiny_run: Path, tmp_path: Path, quantize: str, library: str, method: str, layer_type: str
+    wide_run: Path, tmp_path: Path, quantize: str, library: str, method: str, layer_type: str
 ) -> None:
     pytest.importorskip(library)
     out = tmp_path / quantize
-    result = run_cli("export", tiny_run, "--out", out, "--quantize", quantize)
+    result = run_cli("export", wide_run, "--out", out, "--quantize", quantize)
     assert result.exit_code == 0, result.stderr
     assert json.loads((out / "config.json").read_text())["quantization_config"]["quant_method"] == method
     model = AutoModelForCausalLM.from_pretrained(out)  # transformers + the library, no llmkit
@@ -84,9 +84,26 @@ def test_hf_weight_only_checkpoints_load_in_plain_transformers(
     report = json.loads((out / "export_report.json").read_text())
     assert report["precision"] == quantize
     assert report["greedy_agreement"] >= report["tolerance"]["min_greedy_agreement"]
-    full = sum(p.numel() * 4 for p in AutoModelForCausalLM.from_pretrained(tiny_run / "final").parameters())
+    full = sum(p.numel() * 4 for p in AutoModelForCausalLM.from_pretrained(wide_run / "final").parameters())
     assert report["size_bytes"] < full
     assert not list(out.glob(".*"))  # the float32 staging copy is gone
+
+
+@pytest.fixture(scope="module")
+def wide_run(tiny_dataset: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny run 64 wide: bitsandbytes quantizes 4-bit weights in blocks of 64 inputs."""
+    out = tmp_path_factory.mktemp("runs") / "wide"
+    result = run_cli("pretrain", *tiny_train_args(tiny_dataset, out), "--set", "model.hidden_size=64")
+    assert result.exit_code == 0, result.stderr + result.stdout
+    return out
+
+
+def test_int4_refuses_layers_narrower_than_a_4bit_block(tiny_run: Path, tmp_path: Path) -> None:
+    """32 inputs quantize, but bitsandbytes' CPU kernel (AVX512-BF16) cannot run them: one line, on every machine."""
+    pytest.importorskip("bitsandbytes")
+    result = run_cli("export", tiny_run, "--out", tmp_path / "int4", "--quantize", "int4")
+    assert_user_error(result, "--quantize int4", "32 inputs", "block of 64", "--quantize int8")
+    assert_nothing_written(tmp_path, "int4")
 
 
 @pytest.fixture(scope="module")

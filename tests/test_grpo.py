@@ -246,3 +246,25 @@ def test_grpo_on_two_processes_resumes_bitwise(tiny_run: Path, prompts: Path, tm
     assert "resuming from" in resumed.stdout and "step-00000002" in resumed.stdout
     final = load_file(run / "final" / "adapter_model.safetensors")
     assert final.keys() == expected.keys() and all(torch.equal(final[k], expected[k]) for k in final)
+
+
+@pytest.mark.slow
+def test_full_finetuning_keeps_the_start_as_the_kls_reference(tiny_run: Path, prompts: Path, tmp_path: Path) -> None:
+    """With every weight training, the KL's reference is a frozen copy of the start: 0 at the first step, above 0
+    once the policy moved; a killed run resumes with the start (not its checkpoint) as the reference, and ends with
+    the uninterrupted run's weights to the bit."""
+    extra = ["--method", "full", "--set", "finetune.grpo.beta=0.04", "--set", "checkpoint.every_steps=2",
+             "--set", "logging.every_steps=1"]  # fmt: skip
+    whole = run_cli(*grpo_args(tiny_run, prompts, tmp_path / "ref", *extra, steps=4))
+    assert whole.exit_code == 0, whole.stderr + whole.stdout
+    kl = [r["kl"] for r in map(json.loads, (tmp_path / "ref" / "metrics.jsonl").read_text().splitlines()) if "kl" in r]
+    assert len(kl) == 4 and kl[0] == pytest.approx(0.0, abs=1e-7) and kl[-1] > 1e-6
+    args = grpo_args(tiny_run, prompts, tmp_path / "run", *extra, steps=4)
+    env = {**os.environ, "LLMKIT_FAULT_INJECT": "kill@3.0", "PYTHONWARNINGS": "ignore"}
+    killed = subprocess.run([sys.executable, "-m", "llmkit", *args], env=env, capture_output=True, timeout=300)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    resumed = run_cli(*args, "--resume", "auto")
+    assert resumed.exit_code == 0, resumed.stderr
+    final = load_file(tmp_path / "run" / "final" / "model.safetensors")
+    expected = load_file(tmp_path / "ref" / "final" / "model.safetensors")
+    assert final.keys() == expected.keys() and all(torch.equal(final[k], expected[k]) for k in final)

@@ -186,6 +186,10 @@ def test_plan_counts_grpos_answers_and_its_sampling(tmp_path: Path) -> None:
     assert forward >= 2 * plain.matmul_parameters  # sampling: one forward per token
     assert with_kl.flops_per_token - plain.flops_per_token == pytest.approx(forward)  # the reference: another
     assert any("memory-bound" in note for note in plain.notes)
+    full = [*grpo, "finetune.method=full", "precision.dtype=bf16"]
+    full_kl = plan_run(load_config(RECIPES / "sft-lora.yaml", [*full, "finetune.grpo.beta=0.04"]))
+    without = plan_run(load_config(RECIPES / "sft-lora.yaml", full))
+    assert full_kl.memory.weights - without.memory.weights == 2 * full_kl.parameters  # a frozen bf16 copy
 
 
 def test_plan_counts_a_live_teacher_and_the_disk_of_a_top_k_cache(tmp_path: Path) -> None:

@@ -415,7 +415,9 @@ def test_dpo_on_two_processes_at_batch_b_matches_one_process_at_2b(random_base: 
         return [r["loss"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
 
     assert losses(tmp_path / "two") == pytest.approx(losses(tmp_path / "one"), rel=1e-5)
-    assert (tmp_path / "two" / REFERENCE_FILE).read_bytes() == (tmp_path / "one" / REFERENCE_FILE).read_bytes()
+    # the same reference log-probs: to the bit where the CPU's kernels do not depend on the batch's size, and
+    # within float32's rounding where they do (AVX512 CPUs pick kernels by shape)
+    np.testing.assert_allclose(*(np.load(tmp_path / run / REFERENCE_FILE) for run in ("two", "one")), rtol=1e-6)
     a, b = (load_file(tmp_path / name / "final" / "adapter_model.safetensors") for name in ("two", "one"))
     assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
 

@@ -114,6 +114,10 @@ def _quiet_libraries() -> None:
 
     # torchao's optional CUDA extensions, absent on a CPU build: it says so at import, and it works without them.
     stdlib_logging.getLogger("torchao").setLevel(stdlib_logging.ERROR)
+    # bitsandbytes, on a CPU with AVX512-BF16, fetches a faster kernel from the Hub at import (through `kernels`);
+    # offline it logs twice and runs its own kernel: nothing a user can act on.
+    for name in ("kernels", "bitsandbytes.backends.cpu.ops"):
+        stdlib_logging.getLogger(name).setLevel(stdlib_logging.CRITICAL)
     stdlib_logging.getLogger("torch.utils._pytree").setLevel(
         stdlib_logging.ERROR
     )  # torchao registers enums torch now knows

@@ -101,13 +101,31 @@ def _quantization_config(quantize: str) -> Any:
     )
 
 
+BNB_BLOCK = 64  # bitsandbytes' 4-bit blocks: 64 weights, each block with its own scale
+
+
+def _check_4bit_widths(model: Any) -> None:
+    """bitsandbytes quantizes every linear layer but the output head in blocks of 64 inputs; a narrower layer
+    quantizes, but its CPU kernel (on CPUs with AVX512-BF16) cannot run it: refused on every machine alike."""
+    head = model.get_output_embeddings()
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear) and module is not head and module.in_features < BNB_BLOCK:
+            raise UserError(
+                f"--quantize int4: {name} takes {module.in_features} inputs, fewer than bitsandbytes' 4-bit block of "
+                f"{BNB_BLOCK}; a model this narrow exports with --quantize int8"
+            )
+
+
 def _write_hf_quantized(model_dir: Path, staging: Path, tokenizer: PreTrainedTokenizerBase, quantize: str) -> Any:
     """Weight-only quantization of every linear layer, as transformers applies it at load; checked by loading the
     saved directory back through plain transformers."""
     from transformers import AutoModelForCausalLM
 
     merged = staging / ".float32"
-    load_trained_model(model_dir, dtype=torch.float32, merge=True).save_pretrained(merged, safe_serialization=True)
+    trained = load_trained_model(model_dir, dtype=torch.float32, merge=True)
+    if quantize == "int4":
+        _check_4bit_widths(trained)
+    trained.save_pretrained(merged, safe_serialization=True)
     config = _quantization_config(quantize)
     model = AutoModelForCausalLM.from_pretrained(merged, quantization_config=config, dtype=torch.float32)
     model.save_pretrained(staging, safe_serialization=True)

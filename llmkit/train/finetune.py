@@ -125,6 +125,8 @@ def _finetune(
     set_seed(cfg.train.seed)
     source = base_dir.resolve() if base_dir.exists() else str(cfg.model.init_from)
     model = _load_base(task.load_model(source, cfg, token, data, tokenizer), cfg, tokenizer, chat)
+    if task.keeps_base(cfg):
+        data.details["base"] = _frozen_copy(model, cfg, strategy)
     if cfg.train.gradient_checkpointing:
         enable_gradient_checkpointing(model)
     liger = apply_kernels(model, cfg) if task.kernels else False
@@ -264,6 +266,20 @@ def _load_base(model: Any, cfg: RunConfig, tokenizer: PreTrainedTokenizerBase, c
         model.generation_config.eos_token_id = list(chat.stop_token_ids)
         model.generation_config.pad_token_id = tokenizer.pad_token_id
     return model
+
+
+def _frozen_copy(model: Any, cfg: RunConfig, strategy: Strategy) -> Any:
+    """The base as loaded, before any training or checkpoint touches it: frozen, in the compute dtype, on the
+    device, whole on every process."""
+    import copy
+
+    if not strategy.whole_weights:
+        raise UserError(
+            f"--task {cfg.finetune.task} keeps a whole frozen copy of the base on every process, which "
+            f"{strategy.name} would have to shard; use --method lora (the base with adapters off) or another strategy"
+        )
+    base = copy.deepcopy(model).requires_grad_(False).eval()
+    return base.to(strategy.accelerator.device, dtype=compute_dtype(cfg))
 
 
 def _apply_method(

@@ -102,6 +102,11 @@ class Task(ABC):
         """What `llmkit plan` should say about this task beyond memory and FLOPs."""
         return []
 
+    def keeps_base(self, cfg: RunConfig) -> bool:
+        """Whether the run keeps a frozen copy of the base as loaded, in `data.details["base"]` (a KL's reference
+        when every weight trains: it must be the start, also when the run resumes)."""
+        return False
+
     def plan_shape(self, cfg: RunConfig) -> tuple[int, int]:
         """For `llmkit plan`: the model's rows per training row (a micro-batch's rows times this many go through
         the model), and the forward passes per trained token beyond training's own (sampling, a reference)."""

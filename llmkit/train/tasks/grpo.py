@@ -9,7 +9,7 @@ to `max_new_tokens`, ending at the end-of-turn token or a stop string). Samples 
 step, the micro-batch and the process, so a run resumed after a kill draws the same answers. The rewards score each
 answer; its advantage compares it with the other answers to the same prompt. The loss is PPO's clipped surrogate
 on the answer tokens, plus `beta` times the k3 estimate of the KL to the starting model (with LoRA: the base, adapters
-off), normalized as the variant says:
+off; otherwise a frozen copy of the start), normalized as the variant says:
 
 | loss | advantage | normalized by |
 | --- | --- | --- |
@@ -85,11 +85,6 @@ class GRPO(Task):
 
     def load_data(self, cfg: RunConfig, tokenizer: PreTrainedTokenizerBase) -> TaskData:
         settings = cfg.finetune.grpo
-        if settings.beta > 0 and cfg.finetune.method not in ("lora", "qlora"):
-            raise UserError(
-                f"finetune.grpo.beta={settings.beta} with finetune.method={cfg.finetune.method}: the KL's reference "
-                "is the base with LoRA's adapters off; use --method lora, or beta 0 (no KL, TRL's default)"
-            )
         scorers = load_rewards(settings.rewards)
         template = next((scorer.task for scorer in scorers if scorer.task is not None), None)
         train_rows, val_rows, fmt = split_examples(cfg, PROMPT_FORMATS)
@@ -115,6 +110,11 @@ class GRPO(Task):
     def collate(self, pad_id: int, attn_implementation: str) -> Collate:
         return collate_prompts
 
+    def keeps_base(self, cfg: RunConfig) -> bool:
+        """With a KL and every weight training, the reference is a frozen copy of the start (LoRA's is the base
+        with its adapters off)."""
+        return cfg.finetune.grpo.beta > 0 and cfg.finetune.method not in ("lora", "qlora")
+
     def objective(
         self, model: Any, accelerator: Accelerator, data: TaskData, cfg: RunConfig, lm_loss: LmLoss
     ) -> Objective:
@@ -133,7 +133,12 @@ class GRPO(Task):
             "grpo: sampling is counted as one forward pass per token (2N FLOPs) at the MFU given, but it runs one "
             "token at a time and is memory-bound on GPUs: its real time is longer (measure with bench/grpo_vs_trl.py)",
         ]
-        if settings.beta > 0:
+        if settings.beta > 0 and self.keeps_base(cfg):
+            notes.append(
+                "grpo: the KL's reference is a frozen copy of the start: one more forward, and its weights "
+                "in the compute dtype on every GPU (counted above)"
+            )
+        elif settings.beta > 0:
             notes.append("grpo: the KL's reference is the base with adapters off: one more forward, no second model")
         return notes
 
@@ -209,6 +214,7 @@ class Rollout:
         self.scorers: list[Scorer] = data.details["scorers"]
         self.tokenizer = data.details["tokenizer"]
         self.accelerator = accelerator
+        self.base = data.details.get("base")  # the frozen start, the KL's reference when every weight trains
         self.prompts = {p.key: p for p in [*data.train, *data.val]}
         self.compiled: dict[str, Any] = {}
         if self.settings.compile_sampling:
@@ -309,14 +315,19 @@ class Rollout:
 
     @torch.no_grad()
     def _reference_logps(self, policy: Any, batch: Batch) -> torch.Tensor:
-        """Per-token log-probs of the answers under the starting model: the base with LoRA's adapters off."""
+        """Per-token log-probs of the answers under the starting model: the frozen copy of the start, or the base
+        with LoRA's adapters off."""
         device = self.accelerator.device
-        was_training = policy.training
-        policy.eval()
-        with policy.disable_adapter():
-            logits = policy(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device))
-        policy.train(was_training)
-        return token_logps(logits.logits, batch["labels"].to(device), self.settings.temperature).cpu()
+        inputs = {"input_ids": batch["input_ids"].to(device), "attention_mask": batch["attention_mask"].to(device)}
+        if self.base is not None:
+            logits = self.base(**inputs).logits
+        else:
+            was_training = policy.training
+            policy.eval()
+            with policy.disable_adapter():
+                logits = policy(**inputs).logits
+            policy.train(was_training)
+        return token_logps(logits, batch["labels"].to(device), self.settings.temperature).cpu()
 
     # ------------------------------------------------------------------ the loss
     def count_targets(self, batch: Batch) -> int:

@@ -49,6 +49,24 @@ def prompts(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     return tmp_path
 
 
+ADAPTER = "adapter_model.safetensors"
+
+
+def killed_then_resumed(args: list[str], at: str) -> None:
+    """`llmkit ARGS` killed (SIGKILL) at step.micro-batch `at`, then resumed with --resume auto to its end."""
+    env = {**os.environ, "LLMKIT_FAULT_INJECT": f"kill@{at}", "PYTHONWARNINGS": "ignore"}
+    killed = subprocess.run([sys.executable, "-m", "llmkit", *args], env=env, capture_output=True, timeout=300)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    resumed = run_cli(*args, "--resume", "auto")
+    assert resumed.exit_code == 0, resumed.stderr
+
+
+def assert_same_weights(saved: Path, expected: Path) -> None:
+    """Two safetensors files hold the same tensors, to the bit."""
+    a, b = load_file(saved), load_file(expected)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
 def grpo_args(model: Path, work: Path, out: Path, *extra: str, steps: int = 8) -> list[str]:
     return ["finetune", "--model", str(model), "--data", str(work / "prompts.jsonl"), "--out", str(out),
             "--task", "grpo", "--reward", str(work / "word.yaml"), "--max-steps", str(steps), "--max-length", "48",
@@ -160,14 +178,8 @@ def test_a_killed_grpo_run_resumes_bitwise(tiny_run: Path, prompts: Path, tmp_pa
     reference = run_cli(*grpo_args(tiny_run, prompts, tmp_path / "ref", *extra, steps=6))
     assert reference.exit_code == 0, reference.stderr
     args = grpo_args(tiny_run, prompts, tmp_path / "run", *extra, steps=6)
-    env = {**os.environ, "LLMKIT_FAULT_INJECT": "kill@3.0", "PYTHONWARNINGS": "ignore"}
-    killed = subprocess.run([sys.executable, "-m", "llmkit", *args], env=env, capture_output=True, timeout=300)
-    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
-    resumed = run_cli(*args, "--resume", "auto")
-    assert resumed.exit_code == 0, resumed.stderr
-    final = load_file(tmp_path / "run" / "final" / "adapter_model.safetensors")
-    expected = load_file(tmp_path / "ref" / "final" / "adapter_model.safetensors")
-    assert final.keys() == expected.keys() and all(torch.equal(final[k], expected[k]) for k in final)
+    killed_then_resumed(args, at="3.0")
+    assert_same_weights(tmp_path / "run" / "final" / ADAPTER, tmp_path / "ref" / "final" / ADAPTER)
 
 
 def test_bad_rewards_are_one_line(tiny_run: Path, prompts: Path, tmp_path: Path) -> None:
@@ -237,14 +249,13 @@ def test_grpo_on_two_processes_resumes_bitwise(tiny_run: Path, prompts: Path, tm
     launch = [sys.executable, "-m", "llmkit", *args]
     whole = subprocess.run(launch, env=env, capture_output=True, text=True, timeout=300)
     assert whole.returncode == 0, whole.stderr[-3000:]
-    expected = load_file(run / "final" / "adapter_model.safetensors")
+    (run / "final" / ADAPTER).rename(tmp_path / "uninterrupted.safetensors")
     shutil.rmtree(run / "final")
     shutil.rmtree(run / "checkpoints" / "step-00000004")
     resumed = subprocess.run([*launch, "--resume", "auto"], env=env, capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resuming from" in resumed.stdout and "step-00000002" in resumed.stdout
-    final = load_file(run / "final" / "adapter_model.safetensors")
-    assert final.keys() == expected.keys() and all(torch.equal(final[k], expected[k]) for k in final)
+    assert_same_weights(run / "final" / ADAPTER, tmp_path / "uninterrupted.safetensors")
 
 
 @pytest.mark.slow
@@ -259,11 +270,7 @@ def test_full_finetuning_keeps_the_start_as_the_kls_reference(tiny_run: Path, pr
     kl = [r["kl"] for r in map(json.loads, (tmp_path / "ref" / "metrics.jsonl").read_text().splitlines()) if "kl" in r]
     assert len(kl) == 4 and kl[0] == pytest.approx(0.0, abs=1e-7) and kl[-1] > 1e-6
     args = grpo_args(tiny_run, prompts, tmp_path / "run", *extra, steps=4)
-    env = {**os.environ, "LLMKIT_FAULT_INJECT": "kill@3.0", "PYTHONWARNINGS": "ignore"}
-    killed = subprocess.run([sys.executable, "-m", "llmkit", *args], env=env, capture_output=True, timeout=300)
-    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
-    resumed = run_cli(*args, "--resume", "auto")
-    assert resumed.exit_code == 0, resumed.stderr
-    final = load_file(tmp_path / "run" / "final" / "model.safetensors")
-    expected = load_file(tmp_path / "ref" / "final" / "model.safetensors")
-    assert final.keys() == expected.keys() and all(torch.equal(final[k], expected[k]) for k in final)
+    killed_then_resumed(args, at="3.0")
+    assert_same_weights(
+        tmp_path / "run" / "final" / "model.safetensors", tmp_path / "ref" / "final" / "model.safetensors"
+    )

@@ -23,7 +23,6 @@ import itertools
 import json
 import os
 import resource
-import subprocess
 import sys
 import tempfile
 import time
@@ -33,6 +32,7 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
 import torch  # noqa: E402
+from _cli import report, run_apart  # noqa: E402  (bench/_cli.py)
 
 SIZES = {"small": ["model.n_layers=4", "model.hidden_size=128", "model.n_heads=4", "model.n_kv_heads=2"],
          "1b": ["model.n_layers=22", "model.hidden_size=2048", "model.n_heads=32", "model.n_kv_heads=4",
@@ -72,12 +72,14 @@ def main() -> None:
     parser.add_argument("--loss", choices=["grpo", "dr_grpo", "dapo"], default="dapo")
     parser.add_argument("--vocab", type=int, default=2048)
     parser.add_argument("--compile-sampling", action="store_true", help="llmkit: finetune.grpo.compile_sampling")
-    parser.add_argument("--only", choices=CONTENDERS, help=argparse.SUPPRESS)
+    parser.add_argument("--timeout", type=float, default=1800, help="seconds each contender may take")
+    parser.add_argument("--run", choices=CONTENDERS, help=argparse.SUPPRESS)
+    parser.add_argument("--result", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--context", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--work", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.only:
-        print(json.dumps(run_one(args)))
+    if args.run:
+        report(run_one(args), args.result)
         return
 
     from llmkit.config import load_config
@@ -101,15 +103,14 @@ def main() -> None:
           f"({answers:,} answers); loss {args.loss}; {'bf16' if cuda else 'fp32'}")  # fmt: skip
     results = {}
     for name in CONTENDERS:
-        command = [sys.executable, str(Path(__file__).resolve()), "--only", name, "--work", str(work),
-                   "--size", args.size, "--steps", str(args.steps), "--prompts", str(args.prompts),
-                   "--generations", str(args.generations), "--max-new-tokens", str(args.max_new_tokens),
-                   "--loss", args.loss, "--context", str(context),
-                   *(["--compile-sampling"] if args.compile_sampling else [])]  # fmt: skip
-        out = subprocess.run(command, capture_output=True, text=True, cwd=work)
-        if out.returncode != 0:
-            raise SystemExit(f"{name} failed:\n{out.stderr[-3000:]}")
-        results[name] = r = json.loads(out.stdout.strip().splitlines()[-1])
+        same = ["--work", str(work), "--size", args.size, "--steps", str(args.steps), "--prompts", str(args.prompts),
+                "--generations", str(args.generations), "--max-new-tokens", str(args.max_new_tokens),
+                "--loss", args.loss, "--context", str(context),
+                *(["--compile-sampling"] if args.compile_sampling else [])]  # fmt: skip
+        result = run_apart(str(Path(__file__).resolve()), name, same, timeout=args.timeout)
+        if result is None:
+            raise SystemExit(f"{name}: no result (its output is above)")
+        results[name] = r = result
         print(f"{name:<8}{r['seconds']:8.1f} s in all  {r['step_seconds']:6.3f} s/step (steady)  "
               f"{r['sampled_tokens'] / r['seconds']:>9,.0f} answer tokens/s  peak {r['peak_gib']:6.2f} GiB  "
               f"reward {r['reward']:.3f}")  # fmt: skip
@@ -122,7 +123,7 @@ def main() -> None:
 def run_one(args: argparse.Namespace) -> dict[str, float]:
     cuda = torch.cuda.is_available()
     sys.path.insert(0, str(args.work))  # the reward module, for both
-    run = run_llmkit if args.only == "llmkit" else run_trl
+    run = run_llmkit if args.run == "llmkit" else run_trl
     seconds, rewards, sampled, steps = run(args.work, args, cuda)
     if cuda:
         peak = torch.cuda.max_memory_reserved() / 2**30

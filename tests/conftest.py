@@ -79,12 +79,17 @@ def tiny_dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
-@pytest.fixture(scope="session")
-def tiny_run(tiny_dataset: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("runs") / "tiny"
-    result = run_cli("pretrain", *tiny_train_args(tiny_dataset, out))
+def pretrained(data: Path, factory: pytest.TempPathFactory, name: str, *sets: str) -> Path:
+    """The tiny pretraining run, with `--set` overrides (another width, another architecture)."""
+    out = factory.mktemp("runs") / name
+    result = run_cli("pretrain", *tiny_train_args(data, out), *(arg for s in sets for arg in ("--set", s)))
     assert result.exit_code == 0, result.stderr + result.stdout
     return out
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tiny_dataset: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return pretrained(tiny_dataset, tmp_path_factory, "tiny")
 
 
 @pytest.fixture(autouse=True)

@@ -11,7 +11,7 @@ import torch
 import yaml
 from transformers import AutoModelForCausalLM, AutoTokenizer, MistralConfig, Phi3Config
 
-from tests.conftest import assert_nothing_written, assert_user_error, run_cli, tiny_train_args
+from tests.conftest import assert_nothing_written, assert_user_error, pretrained, run_cli
 
 
 @pytest.mark.parametrize(("dtype", "tensor_type", "atol"),
@@ -92,10 +92,7 @@ def test_hf_weight_only_checkpoints_load_in_plain_transformers(
 @pytest.fixture(scope="module")
 def wide_run(tiny_dataset: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The tiny run 64 wide: bitsandbytes quantizes 4-bit weights in blocks of 64 inputs."""
-    out = tmp_path_factory.mktemp("runs") / "wide"
-    result = run_cli("pretrain", *tiny_train_args(tiny_dataset, out), "--set", "model.hidden_size=64")
-    assert result.exit_code == 0, result.stderr + result.stdout
-    return out
+    return pretrained(tiny_dataset, tmp_path_factory, "wide", "model.hidden_size=64")
 
 
 def test_int4_refuses_layers_narrower_than_a_4bit_block(tiny_run: Path, tmp_path: Path) -> None:

@@ -274,3 +274,9 @@ def test_full_finetuning_keeps_the_start_as_the_kls_reference(tiny_run: Path, pr
     assert_same_weights(
         tmp_path / "run" / "final" / "model.safetensors", tmp_path / "ref" / "final" / "model.safetensors"
     )
+    from tests.gpu_defaults import TRACED, plain_load  # what a GPU user gets: compiled, bf16; the copy stays eager
+
+    compiled = run_cli(*grpo_args(tiny_run, prompts, tmp_path / "compiled", *extra, *TRACED, steps=2))
+    assert compiled.exit_code == 0, compiled.stderr + compiled.stdout
+    assert any("kl" in json.loads(line) for line in (tmp_path / "compiled" / "metrics.jsonl").read_text().splitlines())
+    plain_load(tmp_path / "compiled" / "final")

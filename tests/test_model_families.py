@@ -9,16 +9,13 @@ import pytest
 import torch
 
 from llmkit.data.corpus import color_chats
-from tests.conftest import run_cli, tiny_train_args
+from tests.conftest import pretrained, run_cli
 from tests.gpu_defaults import plain_load, val_loss
 
 
 @pytest.fixture(scope="module")
 def qwen3_run(tiny_dataset: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("qwen3") / "run"
-    result = run_cli("pretrain", *tiny_train_args(tiny_dataset, out), "--set", "model.arch=qwen3")
-    assert result.exit_code == 0, result.stderr + result.stdout
-    return out
+    return pretrained(tiny_dataset, tmp_path_factory, "qwen3", "model.arch=qwen3")
 
 
 def test_a_qwen3_block_pretrains_from_scratch_through_transformers_own_class(

@@ -75,10 +75,18 @@ def grpo_args(model: Path, work: Path, out: Path, *extra: str, steps: int = 8) -
             "--set", "train.eval_batches=2", *extra]  # fmt: skip
 
 
-@pytest.mark.parametrize(("loss", "beta"), [("grpo", 0.0), ("grpo", 0.04), ("dr_grpo", 0.0), ("dapo", 0.1)])
-def test_the_loss_and_its_gradient_equal_trls(tiny_run: Path, tmp_path: Path, loss: str, beta: float) -> None:
+@pytest.mark.parametrize(
+    ("loss", "beta", "again"),
+    [("grpo", 0.0, False), ("grpo", 0.04, False), ("dr_grpo", 0.0, False), ("dapo", 0.1, False), ("grpo", 0.04, True),
+     ("dapo", 0.0, True)],
+)  # fmt: skip
+def test_the_loss_and_its_gradient_equal_trls(
+    tiny_run: Path, tmp_path: Path, loss: str, beta: float, again: bool
+) -> None:
     """TRL's GRPOTrainer._compute_loss and llmkit's on the same answers and advantages (a KL to a perturbed
-    reference where beta > 0): equal within 1e-5, and so are the gradients of every weight."""
+    reference where beta > 0; `again`: a step that learns from answers sampled before the last update, whose
+    ratio to the sampling log-probs is clipped): equal within 1e-5, and so are the gradients of every weight and
+    the share of tokens where the clip binds."""
     trl = pytest.importorskip("trl")
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -118,16 +126,24 @@ def test_the_loss_and_its_gradient_equal_trls(tiny_run: Path, tmp_path: Path, lo
                 ..., 0
             ]
             batch["ref_logps"] = token_logps(reference(input_ids=batch["input_ids"]).logits, batch["labels"])
+    if again:  # the sampling policy's log-probs: this model's, moved by up to +-0.5 (past the clip either side)
+        with torch.no_grad():
+            now = token_logps(ours(input_ids=batch["input_ids"]).logits, batch["labels"])
+        batch["old_logps"] = now + (torch.rand(now.shape, generator=generator) - 0.5)
+        inputs["old_per_token_logps"] = torch.stack([batch["old_logps"][i, 4 : 4 + longest] for i in range(8)]) * mask
     trainer.model.train()
     trainer.current_gradient_accumulation_steps = 1
     theirs = trainer._compute_loss(trainer.model, inputs)
     theirs.backward()
     settings = SimpleNamespace(temperature=1.0, epsilon=0.2, beta=beta)
-    total, _, _ = surrogate_loss(ours(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits,
-                                 batch, settings, 0.28 if loss == "dapo" else None)  # fmt: skip
+    total, trained, _, clipped = surrogate_loss(
+        ours(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits,
+        batch, settings, 0.28 if loss == "dapo" else None)  # fmt: skip
     mine = total / loss_normalizer(batch, loss, longest)
     mine.backward()
     assert abs(float(mine) - float(theirs)) <= 1e-5 * max(1.0, abs(float(theirs)))
+    assert float(clipped / trained) == pytest.approx(trainer._metrics["train"]["clip_ratio/region_mean"][-1])
+    assert (float(clipped) > 0) == again
     for (name, a), b in zip(trainer.model.named_parameters(), ours.parameters(), strict=True):
         torch.testing.assert_close(b.grad, a.grad, atol=1e-5, rtol=1e-4, msg=lambda m, n=name: f"{n}: {m}")
 
@@ -180,6 +196,32 @@ def test_a_killed_grpo_run_resumes_bitwise(tiny_run: Path, prompts: Path, tmp_pa
     args = grpo_args(tiny_run, prompts, tmp_path / "run", *extra, steps=6)
     killed_then_resumed(args, at="3.0")
     assert_same_weights(tmp_path / "run" / "final" / ADAPTER, tmp_path / "ref" / "final" / ADAPTER)
+
+
+def test_each_sample_is_learned_from_again_and_a_round_resumes(tiny_run: Path, prompts: Path, tmp_path: Path) -> None:
+    """num_iterations=2: prompts are read every other step, the steps between learn from the kept answers through
+    the clipped ratio, and a run killed after a checkpoint inside a round replays the round's answers from it and
+    ends with the uninterrupted run's weights to the bit."""
+    extra = ["--set", "finetune.grpo.num_iterations=2", "--set", "checkpoint.every_steps=3",
+             "--set", "logging.data_trace=true", "--set", "logging.every_steps=1", "--lr", "2e-2"]  # fmt: skip
+    reference = run_cli(*grpo_args(tiny_run, prompts, tmp_path / "ref", *extra, steps=6))
+    assert reference.exit_code == 0, reference.stderr
+    trace = [json.loads(line) for line in (tmp_path / "ref" / "data_trace.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in trace] == [1, 3, 5]  # read once per round
+    state = json.loads((tmp_path / "ref" / "checkpoints" / "step-00000006" / "trainer_state.json").read_text())
+    assert state["data"]["consumed"] == 3 * 2  # three reads of two prompts: no prompt was skipped
+    records = [json.loads(line) for line in (tmp_path / "ref" / "metrics.jsonl").read_text().splitlines()]
+    steps = {r["step"]: r for r in records if "clip_fraction" in r}
+    assert all("reward" in steps[s] for s in (1, 3, 5)) and not any("reward" in steps[s] for s in (2, 4, 6))
+    assert all(steps[s]["clip_fraction"] == 0 for s in (1, 3, 5))  # the sampling step's ratio is 1
+    assert any(steps[s]["clip_fraction"] > 0 for s in (2, 4, 6))  # one update later the ratio has moved
+    assert (tmp_path / "ref" / "checkpoints" / "step-00000003" / "objective_state.pt").is_file()
+    assert not (tmp_path / "ref" / "checkpoints" / "step-00000006" / "objective_state.pt").exists()
+    args = grpo_args(tiny_run, prompts, tmp_path / "run", *extra, steps=6)
+    killed_then_resumed(args, at="5.0")  # resumes from step 3: step 4 replays the answers sampled at step 3
+    assert_same_weights(tmp_path / "run" / "final" / ADAPTER, tmp_path / "ref" / "final" / ADAPTER)
+    resumed = [json.loads(line) for line in (tmp_path / "run" / "data_trace.jsonl").read_text().splitlines()]
+    assert resumed == trace
 
 
 def test_bad_rewards_are_one_line(tiny_run: Path, prompts: Path, tmp_path: Path) -> None:
@@ -240,22 +282,30 @@ def test_compiled_sampling_draws_the_eager_answers(tiny_run: Path, prompts: Path
 @pytest.mark.slow
 def test_grpo_on_two_processes_resumes_bitwise(tiny_run: Path, prompts: Path, tmp_path: Path) -> None:
     """DDP over gloo: each process samples its own prompts' answers (seeds tied to step, micro-batch and process);
-    a run resumed on two processes from its step-2 checkpoint samples the same answers and ends with the
-    uninterrupted run's weights to the bit."""
+    with num_iterations=2 a run resumed on two processes from its step-3 checkpoint replays each process's kept
+    answers at step 4 and ends with the uninterrupted run's weights to the bit. Resumed there on one process, it is
+    refused in one line (the round's answers belong to two)."""
     run = tmp_path / "run"
-    args = grpo_args(tiny_run, prompts, run, "--cpu", "--num-processes", "2", "--main-process-port", "29541",
-                     "--set", "checkpoint.every_steps=2", "--set", "logging.every_steps=1", steps=4)  # fmt: skip
+    args = grpo_args(tiny_run, prompts, run, "--set", "checkpoint.every_steps=3", "--set", "logging.every_steps=1",
+                     "--set", "finetune.grpo.num_iterations=2", steps=4)  # fmt: skip
+    two = ["--cpu", "--num-processes", "2", "--main-process-port", "29541"]
     env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
     launch = [sys.executable, "-m", "llmkit", *args]
-    whole = subprocess.run(launch, env=env, capture_output=True, text=True, timeout=300)
+    whole = subprocess.run([*launch, *two], env=env, capture_output=True, text=True, timeout=300)
     assert whole.returncode == 0, whole.stderr[-3000:]
     (run / "final" / ADAPTER).rename(tmp_path / "uninterrupted.safetensors")
     shutil.rmtree(run / "final")
     shutil.rmtree(run / "checkpoints" / "step-00000004")
-    resumed = subprocess.run([*launch, "--resume", "auto"], env=env, capture_output=True, text=True, timeout=300)
+    resumed = subprocess.run([*launch, *two, "--resume", "auto"], env=env, capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert "resuming from" in resumed.stdout and "step-00000002" in resumed.stdout
+    assert "resuming from" in resumed.stdout and "step-00000003" in resumed.stdout
     assert_same_weights(run / "final" / ADAPTER, tmp_path / "uninterrupted.safetensors")
+    shutil.rmtree(run / "final")
+    shutil.rmtree(run / "checkpoints" / "step-00000004")
+    alone = [*launch, "--micro-batch-size", "4", "--resume", "auto"]  # the same global batch
+    one = subprocess.run(alone, env=env, capture_output=True, text=True, timeout=300)
+    assert one.returncode == 2 and "Traceback" not in one.stderr, one.stderr[-3000:]
+    assert "inside a round of finetune.grpo.num_iterations=2" in one.stderr and "on 2 process(es)" in one.stderr
 
 
 @pytest.mark.slow

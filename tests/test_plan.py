@@ -170,7 +170,7 @@ def test_plan_knows_preference_tasks(tmp_path: Path) -> None:
 
 def test_plan_counts_grpos_answers_and_its_sampling(tmp_path: Path) -> None:
     """A GRPO prompt row becomes `generations` answer rows (tokens and activations), and sampling (and a KL's
-    reference) are forward passes per token on top of training's FLOPs."""
+    reference) are forward passes per token on top of training's FLOPs, once per num_iterations steps."""
     cfg = load_config(RECIPES / "tiny-cpu.yaml", ["data.vocab_size=1000"])
     tokenizer = type("Vocab", (), {"__len__": lambda self: 1000, "bos_token_id": 0, "eos_token_id": 0,
                                    "pad_token_id": 1})()  # fmt: skip
@@ -186,6 +186,10 @@ def test_plan_counts_grpos_answers_and_its_sampling(tmp_path: Path) -> None:
     assert forward >= 2 * plain.matmul_parameters  # sampling: one forward per token
     assert with_kl.flops_per_token - plain.flops_per_token == pytest.approx(forward)  # the reference: another
     assert any("memory-bound" in note for note in plain.notes)
+    rounds = plan_run(load_config(RECIPES / "sft-lora.yaml", [*grpo, "finetune.grpo.beta=0.04",
+                                                               "finetune.grpo.num_iterations=4"]))  # fmt: skip
+    # sampling, the reference and the kept sampling log-probs: three forwards once per four steps
+    assert rounds.flops_per_token - sft.flops_per_token == pytest.approx(3 / 4 * forward)
     full = [*grpo, "finetune.method=full", "precision.dtype=bf16"]
     full_kl = plan_run(load_config(RECIPES / "sft-lora.yaml", [*full, "finetune.grpo.beta=0.04"]))
     without = plan_run(load_config(RECIPES / "sft-lora.yaml", full))

@@ -492,6 +492,13 @@ class GrpoConfig(Section):
     beta: float = Field(0.0, ge=0, description="Weight of the KL to the starting model (0: none, TRL's default).")
     epsilon: float = Field(0.2, gt=0, lt=1, description="The ratio's clip below (and above, unless epsilon_high).")
     epsilon_high: float | None = Field(None, gt=0, description="The ratio's clip above (DAPO's clip-higher).")
+    num_iterations: int = Field(
+        1,
+        ge=1,
+        description="Optimizer steps per sampled batch (PPO's epochs, TRL's num_iterations): the step that samples "
+        "keeps its answers, their advantages and the sampling policy's log-probs, and the next num_iterations - 1 "
+        "steps learn from them again through the clipped ratio; prompts are read once per sampling.",
+    )
     compile_sampling: bool = Field(
         False,
         description="Sample with a static KV cache and a compiled decoding step (transformers' generate compiles "

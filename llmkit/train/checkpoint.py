@@ -7,6 +7,8 @@ A checkpoint directory ``RUN/checkpoints/step-00000200/`` holds::
     deepspeed/          instead of optimizer.pt under DeepSpeed: every process's shard of the optimizer
                         states, written by DeepSpeed itself (resume needs the same number of processes)
     rng.pt              Python, NumPy, torch CPU and CUDA RNG states, one entry per process
+    objective_state.pt  the objective's state, one entry per process, where it has one (GRPO's answers inside a
+                        num_iterations round)
     scaler.pt           the fp16 loss scaler's state (only when one is used)
     trainer_state.json  step, tokens, data position, early-stopping state, fingerprints
     config.yaml         the resolved config of the run (secrets removed)
@@ -58,6 +60,7 @@ def save_checkpoint(
     config_yaml: str,
     scaler: Any = None,
     staging: Path | None = None,
+    objective_states: list[Any] | None = None,
 ) -> Path:
     """Write a complete checkpoint for `step` and return its path (main process only).
 
@@ -70,6 +73,8 @@ def save_checkpoint(
         if optimizer is not None:
             torch.save(optimizer.state_dict(), staging / "optimizer.pt")
         torch.save(rng_states, staging / "rng.pt")
+        if objective_states is not None and any(state is not None for state in objective_states):
+            torch.save(objective_states, staging / "objective_state.pt")
         if scaler is not None:
             torch.save(scaler.state_dict(), staging / "scaler.pt")
         write_json(staging / "trainer_state.json", trainer_state)

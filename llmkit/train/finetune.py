@@ -156,7 +156,7 @@ def _finetune(
     parts = Parts(
         model,
         loader,
-        loader.batches_per_epoch,
+        loader.batches_per_epoch * task.steps_per_read(cfg),
         tokens_per_step,
         ft.max_length,
         objective,

@@ -10,7 +10,7 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 
@@ -39,6 +39,7 @@ class ResumeState:
     train_loss: float = math.nan  # the last step's loss and the last validation loss, for the summary
     val_loss: float | None = None
     stopped_early: bool = False  # the run ended there by early stopping: fit only writes what is missing
+    objective_states: list[Any] = field(default_factory=list)  # every process's Replay state at the checkpoint
 
 
 LossFn = Callable[[torch.Tensor, dict[str, torch.Tensor]], tuple[torch.Tensor, torch.Tensor]]
@@ -60,6 +61,17 @@ Batch = dict[str, torch.Tensor]
 Rewrite = Callable[[Any, Batch, int, int], Batch]
 
 
+class Replay(Protocol):
+    """An objective whose steps may learn again from the micro-batches an earlier step made (GRPO's
+    num_iterations), and what a checkpoint keeps of them on each process."""
+
+    def replayed(self, step: int) -> list[Batch] | None: ...  # None: the step reads and rewrites new ones
+
+    def state_dict(self, step: int) -> Any: ...  # this process's, after `step`
+
+    def load_state(self, states: list[Any], step: int, rank: int, where: str) -> None: ...  # every process's
+
+
 @dataclass(frozen=True)
 class Objective:
     """What a run minimizes and how it is validated: language modelling unless a task supplies another."""
@@ -73,6 +85,7 @@ class Objective:
     # The objective's own figures for a logging window, taken (and reset) when the window closes; every process
     # calls it, so it may reduce across processes (GRPO's rewards and answer lengths).
     metrics: Callable[[], dict[str, float]] | None = None
+    replay: Replay | None = None
 
     def evaluation(self) -> EvalFn:
         if self.eval_fn is not None:

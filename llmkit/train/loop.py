@@ -107,6 +107,11 @@ class _Run:
             return cls(0, 0, LogWindow(), stopping)
         stopping.best, stopping.bad_evals = resume.best_val_loss, resume.bad_evals
         restore_rng_state(resume.rng)
+        if job.objective.replay is not None:
+            acc = job.accelerator
+            job.objective.replay.load_state(
+                resume.objective_states, resume.step, acc.process_index, str(resume.checkpoint)
+            )
         return cls(
             resume.step, resume.tokens, LogWindow.restored(resume.window), stopping, resume.train_loss, resume.val_loss
         )
@@ -169,13 +174,8 @@ def _train_step(job: TrainJob, run: _Run, trace: DataTrace) -> float:
         else:
             group["lr"] = lr * group.get("lr_scale", 1.0)
 
-    # The micro-batches are fetched first so the loss can be normalized by the number of target tokens in the
-    # whole step (exact under accumulation and across processes).
-    micro_batches = [job.loader.next_batch() for _ in range(cfg.train.grad_accum_steps)]
-    trace.record(run.step + 1, micro_batches)
     objective = job.objective
-    if objective.rewrite is not None:
-        micro_batches = [objective.rewrite(job.model, batch, run.step + 1, i) for i, batch in enumerate(micro_batches)]
+    micro_batches = _step_batches(job, run.step + 1, trace)
     step_targets, step_tokens = _global_sums(
         acc, sum(objective.count_targets(b) for b in micro_batches), sum(real_tokens(b) for b in micro_batches)
     )
@@ -210,6 +210,21 @@ def _train_step(job: TrainJob, run: _Run, trace: DataTrace) -> float:
     run.step += 1
     run.tokens += step_tokens
     return lr
+
+
+def _step_batches(job: TrainJob, step: int, trace: DataTrace) -> list[dict[str, torch.Tensor]]:
+    """The step's micro-batches, all fetched first so the loss can be normalized by the number of target tokens in
+    the whole step (exact under accumulation and across processes), then rewritten by the objective (GRPO's
+    answers); or the ones an earlier step made, for a step that learns from them again."""
+    objective = job.objective
+    replayed = objective.replay.replayed(step) if objective.replay is not None else None
+    if replayed is not None:
+        return replayed
+    micro_batches = [job.loader.next_batch() for _ in range(job.cfg.train.grad_accum_steps)]
+    trace.record(step, micro_batches)
+    if objective.rewrite is not None:
+        micro_batches = [objective.rewrite(job.model, batch, step, i) for i, batch in enumerate(micro_batches)]
+    return micro_batches
 
 
 def _inner(optimizer: Any) -> Any:
@@ -507,6 +522,11 @@ def _checkpoint(job: TrainJob, step: int, tokens: int, stopping: _EarlyStopping,
     if not _all_finite(acc, state_dict):
         return None
     rng_states = gather_object([rng_state()]) if acc.num_processes > 1 else [rng_state()]
+    replay = job.objective.replay
+    objective_states = None
+    if replay is not None:
+        objective_states = [replay.state_dict(step)]
+        objective_states = gather_object(objective_states) if acc.num_processes > 1 else objective_states
     checkpoints = job.run_dir / "checkpoints"
     staging, optimizer = job.strategy.optimizer_to_save(job.model, job.optimizer, checkpoints, step)
     acc.wait_for_everyone()
@@ -528,7 +548,16 @@ def _checkpoint(job: TrainJob, step: int, tokens: int, stopping: _EarlyStopping,
         model = _WithState(acc.unwrap_model(job.model), state_dict)
         try:
             save_checkpoint(
-                checkpoints, step, model, optimizer, trainer_state, rng_states, job.config_yaml, acc.scaler, staging
+                checkpoints,
+                step,
+                model,
+                optimizer,
+                trainer_state,
+                rng_states,
+                job.config_yaml,
+                acc.scaler,
+                staging,
+                objective_states,
             )
         except OSError as exc:
             if exc.errno not in (errno.ENOSPC, errno.EDQUOT):

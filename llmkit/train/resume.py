@@ -261,6 +261,8 @@ def restore_state(
     if not isinstance(rng_states, list) or not rng_states:
         raise UserError(f"{checkpoint / 'rng.pt'}: unexpected content")
     rank = accelerator.process_index
+    objective_file = checkpoint / "objective_state.pt"
+    objective_states = safe_torch_load(objective_file) if objective_file.is_file() else []
     train_loss, best = saved.get("train_loss"), saved["early_stopping"].get("best")
     return ResumeState(
         checkpoint=checkpoint,
@@ -273,4 +275,5 @@ def restore_state(
         train_loss=float(train_loss) if train_loss is not None else math.nan,
         val_loss=saved.get("val_loss"),
         stopped_early=bool(saved.get("stopped_early")),
+        objective_states=list(objective_states),
     )

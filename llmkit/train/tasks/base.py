@@ -107,7 +107,12 @@ class Task(ABC):
         when every weight trains: it must be the start, also when the run resumes)."""
         return False
 
-    def plan_shape(self, cfg: RunConfig) -> tuple[int, int]:
+    def steps_per_read(self, cfg: RunConfig) -> int:
+        """Optimizer steps each step's worth of read rows is trained for (GRPO's num_iterations): a budget in
+        epochs counts this many steps per read."""
+        return 1
+
+    def plan_shape(self, cfg: RunConfig) -> tuple[int, float]:
         """For `llmkit plan`: the model's rows per training row (a micro-batch's rows times this many go through
         the model), and the forward passes per trained token beyond training's own (sampling, a reference)."""
         return 1, 0

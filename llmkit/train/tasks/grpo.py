@@ -18,15 +18,19 @@ off; otherwise a frozen copy of the start), normalized as the variant says:
 | dapo | (r - mean) / (std + 1e-4); clip above at epsilon_high (0.28) | every answer token of the step averaged |
 | rloo | r - the mean of the group's other answers | every answer token of the step averaged |
 
-Each sampled batch is learned from once (TRL's default, num_iterations=1): the ratio to the sampling policy is 1 in
-value and its gradient is the policy gradient, so the clip does not bind (clip_fraction stays 0). The loss and its
-gradient equal TRL's GRPOTrainer's on the same answers and rewards (tests/test_grpo.py).
+By default each sampled batch is learned from once (TRL's default, num_iterations=1): the ratio to the sampling
+policy is 1 in value and its gradient is the policy gradient, so the clip does not bind. With `num_iterations` > 1
+the step that samples also keeps the sampling policy's log-probs, and the next num_iterations - 1 steps learn from
+the same answers again (no new prompts are read) through the clipped ratio; a checkpoint inside such a round keeps
+the round's answers, so a resumed run replays them. The loss and its gradient equal TRL's GRPOTrainer's on the same
+answers, rewards and sampling log-probs (tests/test_grpo.py).
 """
 
 from __future__ import annotations
 
 import math
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -41,6 +45,7 @@ from llmkit.errors import UserError
 from llmkit.losses import IGNORE
 from llmkit.train.job import Objective
 from llmkit.train.rewards import Scorer, load_rewards
+from llmkit.train.step import autocast_context
 from llmkit.train.tasks.base import Collate, LmLoss, Task, TaskData, data_fingerprint, split_examples
 
 if TYPE_CHECKING:
@@ -121,7 +126,11 @@ class GRPO(Task):
         stops = model.generation_config.eos_token_id if getattr(model, "generation_config", None) else None
         stops = stops if stops is not None else data.details["tokenizer"].eos_token_id
         rollout = Rollout(cfg, data, accelerator, stops if isinstance(stops, list) else [stops])
-        return Objective(rollout.loss, rollout.count_targets, rollout.evaluate, rollout, rollout.take_metrics)
+        replay = rollout if cfg.finetune.grpo.num_iterations > 1 else None
+        return Objective(rollout.loss, rollout.count_targets, rollout.evaluate, rollout, rollout.take_metrics, replay)
+
+    def steps_per_read(self, cfg: RunConfig) -> int:
+        return cfg.finetune.grpo.num_iterations
 
     def plan_notes(self, cfg: RunConfig) -> list[str]:
         settings = cfg.finetune.grpo
@@ -142,9 +151,12 @@ class GRPO(Task):
             notes.append("grpo: the KL's reference is the base with adapters off: one more forward, no second model")
         return notes
 
-    def plan_shape(self, cfg: RunConfig) -> tuple[int, int]:
-        """Each prompt row becomes `generations` answer rows; sampling, and the reference with a KL, are forwards."""
-        return cfg.finetune.grpo.generations, 1 + (cfg.finetune.grpo.beta > 0)
+    def plan_shape(self, cfg: RunConfig) -> tuple[int, float]:
+        """Each prompt row becomes `generations` answer rows; sampling, the reference with a KL, and the sampling
+        policy's log-probs with num_iterations > 1 are forwards, once per num_iterations steps."""
+        settings = cfg.finetune.grpo
+        forwards = 1 + (settings.beta > 0) + (settings.num_iterations > 1)
+        return settings.generations, forwards / settings.num_iterations
 
     def describe(self, data: TaskData, chat: Any) -> str:
         names = ", ".join(f"{s.name}@{s.weight:g}" for s in data.details["scorers"])
@@ -224,8 +236,11 @@ class Rollout:
         self.stop_ids = {int(token) for token in stop_ids if token is not None}
         self.epsilon_high = self.settings.epsilon_high or (0.28 if self.settings.loss == "dapo" else None)
         self.window = _Window()
-        self.window_began: float | None = None  # when the window's first sampling began
-        self.kl = torch.zeros(2, dtype=torch.float64, device=accelerator.device)  # (KL sum, answer tokens)
+        self.window_began: float | None = None  # when the window's first step began
+        # summed on the device by the loss: (KL, answer tokens with a KL, tokens where the clip binds, answer tokens)
+        self.figures = torch.zeros(4, dtype=torch.float64, device=accelerator.device)
+        self.kept: Kept | None = None  # the round's micro-batches, with num_iterations > 1
+        self.autocast = autocast_context(accelerator)
 
     # ------------------------------------------------------------------ sampling
     def __call__(self, model: Any, batch: Batch, step: int, micro: int) -> Batch:
@@ -239,9 +254,44 @@ class Rollout:
         advantages = group_advantages(group.total, self.settings.generations, self.settings.loss)
         new = answer_rows([p.ids for p in group.prompts], group.answers, advantages, self.pad_id, self.settings.loss)
         if self.settings.beta > 0:
-            new["ref_logps"] = self._reference_logps(policy, new)
+            new["ref_logps"] = self._answer_logps(policy, new, reference=True)
+        if self.settings.num_iterations > 1:  # the ratio's denominator on the steps that learn from them again
+            new["old_logps"] = self._answer_logps(policy, new, reference=False)
+            self.kept = Kept(step, []) if micro == 0 else self.kept
+            self.kept.batches.append(dict(new))  # type: ignore[union-attr]
         self._record(group, seconds, int(new["num_tokens"]))
         return new
+
+    # ------------------------------------------------------------------ num_iterations > 1
+    def replayed(self, step: int) -> list[Batch] | None:
+        """The micro-batches of a step that learns again from its round's answers; None for a step that samples."""
+        if (step - 1) % self.settings.num_iterations == 0:
+            return None
+        kept = self.kept
+        assert kept is not None and _round(kept.step, self.settings) == _round(step, self.settings), "no round kept"
+        self.window_began = self.window_began or time.perf_counter()
+        self.window.add(train_tokens=float(sum(int(b["num_tokens"]) for b in kept.batches)))
+        return [dict(b) for b in kept.batches]
+
+    def state_dict(self, step: int) -> dict[str, Any] | None:
+        """What a checkpoint after `step` keeps on this process: the round's micro-batches, when a step of the round
+        is still to come."""
+        if step % self.settings.num_iterations == 0 or self.kept is None:
+            return None
+        return {"step": self.kept.step, "batches": self.kept.batches}
+
+    def load_state(self, states: list[Any], step: int, rank: int, where: str) -> None:
+        """Take the round's micro-batches back from the checkpoint after `step`, when that step is inside one."""
+        if step % self.settings.num_iterations == 0:
+            return
+        if len(states) != self.accelerator.num_processes or states[rank] is None:
+            raise UserError(
+                f"{where}: step {step} is inside a round of finetune.grpo.num_iterations="
+                f"{self.settings.num_iterations} whose answers were sampled by {len(states) or 'no'} process(es); "
+                f"resume it on {len(states)} process(es), or from a checkpoint at a multiple of num_iterations"
+            )
+        kept = states[rank]
+        self.kept = Kept(int(kept["step"]), list(kept["batches"]))
 
     @torch.no_grad()
     def sample(self, policy: Any, batch: Batch, seed: int, greedy: bool) -> Group:
@@ -314,19 +364,17 @@ class Rollout:
         return np.asarray(columns, dtype=np.float64).T
 
     @torch.no_grad()
-    def _reference_logps(self, policy: Any, batch: Batch) -> torch.Tensor:
-        """Per-token log-probs of the answers under the starting model: the frozen copy of the start, or the base
-        with LoRA's adapters off."""
+    def _answer_logps(self, policy: Any, batch: Batch, reference: bool) -> torch.Tensor:
+        """Per-token log-probs of the answers, in eval mode under the run's autocast: the policy's as it sampled
+        them, or the starting model's (the frozen copy of the start, or the base with LoRA's adapters off)."""
         device = self.accelerator.device
         inputs = {"input_ids": batch["input_ids"].to(device), "attention_mask": batch["attention_mask"].to(device)}
-        if self.base is not None:
-            logits = self.base(**inputs).logits
-        else:
-            was_training = policy.training
-            policy.eval()
-            with policy.disable_adapter():
-                logits = policy(**inputs).logits
-            policy.train(was_training)
+        model = self.base if reference and self.base is not None else policy
+        was_training = model.training
+        model.eval()
+        with self.autocast(), policy.disable_adapter() if reference and self.base is None else nullcontext():
+            logits = model(**inputs).logits
+        model.train(was_training)
         return token_logps(logits, batch["labels"].to(device), self.settings.temperature).cpu()
 
     # ------------------------------------------------------------------ the loss
@@ -334,9 +382,11 @@ class Rollout:
         return loss_normalizer(batch, self.settings.loss, self.settings.max_new_tokens)
 
     def loss(self, logits: torch.Tensor, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
-        total, trained, kl = surrogate_loss(logits, batch, self.settings, self.epsilon_high)
-        if kl is not None:  # summed in place on the device (no host sync, no graph break); read when the window closes
-            self.kl.add_(torch.stack([kl.detach(), trained.detach().to(kl.dtype)]).to(self.kl.dtype))
+        total, trained, kl, clipped = surrogate_loss(logits, batch, self.settings, self.epsilon_high)
+        # summed in place on the device (no host sync, no graph break); read when the window closes
+        kl_figures = [kl.detach(), trained.detach()] if kl is not None else [torch.zeros(()), torch.zeros(())]
+        figures = torch.stack([f.to(self.figures) for f in (*kl_figures, clipped.detach(), trained.detach())])
+        self.figures.add_(figures)
         return total, trained
 
     def evaluate(self, model: Any, batches: list[Batch], accelerator: Accelerator) -> dict[str, Any]:
@@ -380,37 +430,51 @@ class Rollout:
         if self.window_began is not None:  # the window's wall time; what sampling did not take, training took
             self.window.add(wall_seconds=time.perf_counter() - self.window_began)
             self.window_began = None
-        kl, tokens = self.kl.tolist()
-        if tokens:
-            self.window.add(kl=kl, kl_tokens=tokens)
-            self.kl.zero_()
+        kl, kl_tokens, clipped, trained = self.figures.tolist()
+        self.figures.zero_()
+        self.window.add(kl=kl, kl_tokens=kl_tokens, clipped=clipped, trained=trained)
         keys = sorted(self.window.sums)
         values = torch.tensor([self.window.sums[k] for k in keys], dtype=torch.float64, device=self.accelerator.device)
         if self.accelerator.num_processes > 1:
             values = self.accelerator.reduce(values, reduction="sum")
         sums = dict(zip(keys, values.tolist(), strict=True))
         self.window = _Window()
-        answers, processes = sums.get("answers", 0.0), self.accelerator.num_processes
-        if not answers:
-            return {}
+        processes = self.accelerator.num_processes
+        metrics: dict[str, float] = {}
+        if sums.get("trained"):
+            metrics["clip_fraction"] = sums["clipped"] / sums["trained"]
+        if sums.get("kl_tokens"):
+            metrics["kl"] = sums["kl"] / sums["kl_tokens"]
+        if sums.get("train_tokens"):  # prompt + answer tokens of the training rows per second outside sampling
+            training = sums["wall_seconds"] - sums.get("sample_seconds", 0.0)
+            metrics["train_tokens_per_s"] = sums["train_tokens"] / max(training / processes, 1e-9)
+        answers = sums.get("answers", 0.0)
+        if not answers:  # a window of steps that learned from earlier answers again (num_iterations > 1)
+            return metrics
         mean = sums["reward"] / answers
-        metrics = {
+        metrics |= {
             "reward": mean,
             "reward_std": math.sqrt(max(sums["squared"] / answers - mean**2, 0.0)),
             "same_reward_share": sums["same"] / sums["prompts"],
             "answer_tokens_mean": sums["answer_tokens"] / answers,
             "answers_at_max_tokens": sums["truncated"] / answers,
-            "clip_fraction": 0.0,  # one update per sample: the ratio is 1
-            # all processes together (as tokens_per_s): answer tokens per second of sampling, and prompt + answer
-            # tokens of the training rows per second of the rest of the window
+            # all processes together (as tokens_per_s): answer tokens per second of sampling
             "sample_tokens_per_s": sums["answer_tokens"] / max(sums["sample_seconds"] / processes, 1e-9),
-            "train_tokens_per_s": sums["train_tokens"]
-            / max((sums["wall_seconds"] - sums["sample_seconds"]) / processes, 1e-9),
         }
         metrics.update({key: sums[key] / answers for key in keys if key.startswith("reward_")})
-        if sums.get("kl_tokens"):
-            metrics["kl"] = sums["kl"] / sums["kl_tokens"]
         return metrics
+
+
+def _round(step: int, settings: Any) -> int:
+    return (step - 1) // settings.num_iterations
+
+
+@dataclass
+class Kept:
+    """The micro-batches of answers sampled at `step`, which the rest of its round learns from again."""
+
+    step: int
+    batches: list[Batch]
 
 
 def compiled_sampling(prompt_width: int) -> dict[str, Any]:
@@ -492,15 +556,20 @@ def loss_normalizer(batch: Batch, loss: str, max_new_tokens: int) -> int:
 
 def surrogate_loss(
     logits: torch.Tensor, batch: Batch, settings: Any, epsilon_high: float | None
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor]:
     """(the weighted sum of PPO's clipped surrogate, plus beta x KL, over the answer tokens; their count; the KL's
-    sum, when there is a reference)."""
+    sum, when there is a reference; the count of tokens where the clip binds)."""
     logps = token_logps(logits, batch["labels"], settings.temperature)
     trained = _shift(batch["labels"], IGNORE) != IGNORE
     advantage, weight = _shift(batch["advantages"], 0.0), _shift(batch["token_weight"], 0.0)
-    ratio = torch.exp(logps - logps.detach())  # one update per sample: 1, with the policy gradient
-    clipped = torch.clamp(ratio, 1 - settings.epsilon, 1 + (epsilon_high or settings.epsilon))
+    # the ratio to the sampling policy: 1 in value on the step that sampled (its gradient is the policy gradient),
+    # against the kept log-probs on the steps that learn from the answers again (num_iterations > 1)
+    ratio = torch.exp(logps - batch.get("old_logps", logps.detach()))
+    low, high = 1 - settings.epsilon, 1 + (epsilon_high or settings.epsilon)
+    clipped = torch.clamp(ratio, low, high)
     per_token = -torch.min(ratio * advantage, clipped * advantage)
+    # where the clip binds (no gradient from the token): past the bound in the advantage's direction (TRL's)
+    binds = ((ratio < low) & (advantage < 0)) | ((ratio > high) & (advantage > 0))
     kl = None
     if "ref_logps" in batch:
         delta = batch["ref_logps"] - logps  # both: position t's log-prob of token t + 1
@@ -509,4 +578,5 @@ def surrogate_loss(
         # use_bias_correction_kl, its default)
         per_token = per_token + settings.beta * per_token_kl * ratio
         kl = torch.where(trained, per_token_kl, 0.0).sum()
-    return torch.where(trained, per_token * weight, 0.0).sum(), trained.sum(), kl
+    total = torch.where(trained, per_token * weight, 0.0).sum()
+    return total, trained.sum(), kl, (binds & trained).sum()

@@ -5,13 +5,15 @@
 
 Each contender runs in its own process (so peak memory is its own): llmkit `finetune --task grpo` and TRL's
 GRPOTrainer, both sampling with transformers' `generate` (no vLLM), full fine-tuning, the same loss (`--loss`,
-default dapo, TRL's default), beta 0 (TRL's default: no reference model), one update per sampled batch. Each step
+default dapo, TRL's default), beta 0 (TRL's default: no reference model), `--num-iterations` updates per sampled
+batch (default 1; with more, both keep the sampling log-probs and learn from each batch again). Each step
 takes `--prompts` prompts with `--generations` answers each (TRL: per_device_train_batch_size = prompts x
 generations). The base model is initialized from a config, so answers seldom end before `--max-new-tokens` and
 both sample about the same number of tokens. The prompts are the first sentences of built-in stories; the reward (a
 function both call) is the share of an answer's words that appear in the prompt, a checkable quantity that a model
 can raise. Time is the wall time from the trainer's set-up (libraries imported) to the end of training, sampling
-included; "s/step" is the median step time after the first step (steady state: sampling and update, no set-up); "reward"
+included; "s/step" is the median step time after the first round (steady state: sampling and update, no set-up; a
+round's steps averaged, with --num-iterations above 1); "reward"
 is the mean reward over the last quarter of the steps. Needs `pip install trl` (a dev
 dependency).
 """
@@ -71,6 +73,7 @@ def main() -> None:
     parser.add_argument("--max-new-tokens", type=int, default=48)
     parser.add_argument("--loss", choices=["grpo", "dr_grpo", "dapo"], default="dapo")
     parser.add_argument("--vocab", type=int, default=2048)
+    parser.add_argument("--num-iterations", type=int, default=1, help="optimizer steps per sampled batch")
     parser.add_argument("--compile-sampling", action="store_true", help="llmkit: finetune.grpo.compile_sampling")
     parser.add_argument("--timeout", type=float, default=1800, help="seconds each contender may take")
     parser.add_argument("--run", choices=CONTENDERS, help=argparse.SUPPRESS)
@@ -100,12 +103,13 @@ def main() -> None:
     answers = args.steps * args.prompts * args.generations
     print(f"device: {torch.cuda.get_device_name() if cuda else 'cpu'}; base {args.size}; {args.steps} steps x "
           f"{args.prompts} prompts x {args.generations} answers of up to {args.max_new_tokens} tokens "
-          f"({answers:,} answers); loss {args.loss}; {'bf16' if cuda else 'fp32'}")  # fmt: skip
+          f"({answers:,} answers); loss {args.loss}; num_iterations {args.num_iterations}; "
+          f"{'bf16' if cuda else 'fp32'}")  # fmt: skip
     results = {}
     for name in CONTENDERS:
         same = ["--work", str(work), "--size", args.size, "--steps", str(args.steps), "--prompts", str(args.prompts),
                 "--generations", str(args.generations), "--max-new-tokens", str(args.max_new_tokens),
-                "--loss", args.loss, "--context", str(context),
+                "--loss", args.loss, "--context", str(context), "--num-iterations", str(args.num_iterations),
                 *(["--compile-sampling"] if args.compile_sampling else [])]  # fmt: skip
         result = run_apart(str(Path(__file__).resolve()), name, same, timeout=args.timeout)
         if result is None:
@@ -130,7 +134,9 @@ def run_one(args: argparse.Namespace) -> dict[str, float]:
     else:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     tail = rewards[-max(1, len(rewards) // 4) :]
-    steady = sorted(steps[1:] or steps)
+    rounds = args.num_iterations  # a round: the step that samples and the steps that learn from its answers again
+    per_round = [sum(steps[i : i + rounds]) / rounds for i in range(rounds, len(steps) - rounds + 1, rounds)]
+    steady = sorted(per_round or steps)
     return {"seconds": seconds, "peak_gib": peak, "reward": sum(tail) / len(tail), "sampled_tokens": sampled,
             "step_seconds": steady[len(steady) // 2]}  # fmt: skip
 
@@ -151,6 +157,7 @@ def run_llmkit(work: Path, args: argparse.Namespace, cuda: bool) -> Outcome:
         "finetune.grpo.rewards=[bench_reward:overlap]", f"finetune.grpo.loss={args.loss}",
         f"finetune.grpo.generations={args.generations}", f"finetune.grpo.max_new_tokens={args.max_new_tokens}",
         "finetune.grpo.beta=0", f"finetune.max_length={args.context}",
+        f"finetune.grpo.num_iterations={args.num_iterations}",
         f"train.max_steps={args.steps}", f"train.micro_batch_size={args.prompts}", "train.eval_every=1000000",
         "optimizer.lr=1e-5", "schedule.warmup_steps=0", "logging.report_to=[]", "logging.plot=false",
         "logging.every_steps=1", f"finetune.grpo.compile_sampling={args.compile_sampling}", "train.compile=false",
@@ -160,9 +167,9 @@ def run_llmkit(work: Path, args: argparse.Namespace, cuda: bool) -> Outcome:
     finetune(cfg)
     seconds = time.perf_counter() - start
     records = [json.loads(line) for line in (work / "llmkit" / "metrics.jsonl").read_text().splitlines()]
-    logged = [r for r in records if "reward" in r]
+    logged = [r for r in records if "reward" in r]  # the steps that sampled
     sampled = sum(r["answer_tokens_mean"] for r in logged) * args.prompts * args.generations
-    elapsed = [0.0, *(r["elapsed_s"] for r in logged)]
+    elapsed = [0.0, *(r["elapsed_s"] for r in records if "train_tokens_per_s" in r)]  # every step
     return seconds, [r["reward"] for r in logged], sampled, [b - a for a, b in itertools.pairwise(elapsed)]
 
 
@@ -181,14 +188,21 @@ def run_trl(work: Path, args: argparse.Namespace, cuda: bool) -> Outcome:
         num_generations=args.generations, max_completion_length=args.max_new_tokens, loss_type=args.loss,
         beta=0.0, max_steps=args.steps, learning_rate=1e-5, bf16=cuda, logging_steps=1, save_strategy="no",
         report_to=[], use_cpu=not cuda, lr_scheduler_type="cosine", warmup_steps=0, seed=0,
+        num_iterations=args.num_iterations,
     )  # fmt: skip
     trainer = GRPOTrainer(model=model, reward_funcs=trl_overlap, args=config, train_dataset=Dataset.from_list(rows),
                           processing_class=tokenizer)  # fmt: skip
     trainer.train()
     seconds = time.perf_counter() - start
-    logged = [entry for entry in trainer.state.log_history if "reward" in entry]
+    history = trainer.state.log_history
+    logged = [entry for entry in history if "reward" in entry]
     sampled = sum(entry["completions/mean_length"] for entry in logged) * args.prompts * args.generations
-    return seconds, [entry["reward"] for entry in logged], sampled, [entry["step_time"] for entry in logged]
+    return (
+        seconds,
+        [entry["reward"] for entry in logged],
+        sampled,
+        [e["step_time"] for e in history if "step_time" in e],
+    )
 
 
 if __name__ == "__main__":

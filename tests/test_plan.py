@@ -190,6 +190,7 @@ def test_plan_counts_grpos_answers_and_its_sampling(tmp_path: Path) -> None:
                                                                "finetune.grpo.num_iterations=4"]))  # fmt: skip
     # sampling, the reference and the kept sampling log-probs: three forwards once per four steps
     assert rounds.flops_per_token - sft.flops_per_token == pytest.approx(3 / 4 * forward)
+    assert any("num_iterations 4" in note for note in rounds.notes)
     full = [*grpo, "finetune.method=full", "precision.dtype=bf16"]
     full_kl = plan_run(load_config(RECIPES / "sft-lora.yaml", [*full, "finetune.grpo.beta=0.04"]))
     without = plan_run(load_config(RECIPES / "sft-lora.yaml", full))

@@ -149,6 +149,12 @@ class GRPO(Task):
             )
         elif settings.beta > 0:
             notes.append("grpo: the KL's reference is the base with adapters off: one more forward, no second model")
+        if settings.num_iterations > 1:
+            notes.append(
+                f"grpo: num_iterations {settings.num_iterations}: only the first step of each round samples (and "
+                "takes one more forward for the sampling log-probs); the others learn from its answers again, so "
+                "these forwards count once per round above"
+            )
         return notes
 
     def plan_shape(self, cfg: RunConfig) -> tuple[int, float]:

@@ -141,7 +141,7 @@ def test_the_loss_and_its_gradient_equal_trls(
         batch, settings, 0.28 if loss == "dapo" else None)  # fmt: skip
     mine = total / loss_normalizer(batch, loss, longest)
     mine.backward()
-    assert abs(float(mine) - float(theirs)) <= 1e-5 * max(1.0, abs(float(theirs)))
+    assert abs(mine.item() - theirs.item()) <= 1e-5 * max(1.0, abs(theirs.item()))
     assert float(clipped / trained) == pytest.approx(trainer._metrics["train"]["clip_ratio/region_mean"][-1])
     assert (float(clipped) > 0) == again
     for (name, a), b in zip(trainer.model.named_parameters(), ours.parameters(), strict=True):
@@ -241,18 +241,22 @@ def test_bad_rewards_are_one_line(tiny_run: Path, prompts: Path, tmp_path: Path)
 
 
 def test_compiled_bf16_grpo_saves_an_adapter_plain_peft_loads(tiny_run: Path, prompts: Path, tmp_path: Path) -> None:
-    """What a GPU user gets (compiled step, bf16 autocast) with a KL term: one graph for answers of every length,
-    and the adapter loads in plain peft with every key."""
+    """What a GPU user gets (compiled step, bf16 autocast) with a KL term and steps that learn from kept answers
+    again (num_iterations=2): one graph for answers of every length, and the adapter loads in plain peft with every
+    key."""
     from tests.gpu_defaults import TRACED, assert_one_graph, clear_compile_counters, plain_load
 
     clear_compile_counters()
     out = tmp_path / "compiled"
     result = run_cli(*grpo_args(tiny_run, prompts, out, *TRACED, "--set", "finetune.grpo.beta=0.04",
-                                "--set", "finetune.lora.dropout=0", steps=4))  # fmt: skip
+                                "--set", "finetune.lora.dropout=0", "--set", "finetune.grpo.num_iterations=2",
+                                "--set", "logging.every_steps=1", steps=4))  # fmt: skip
     assert result.exit_code == 0, result.stderr + result.stdout
     assert_one_graph()
     plain_load(out / "final", base=tiny_run / "final")
-    assert any("kl" in json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines())
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert any("kl" in r for r in records)
+    assert [r["step"] for r in records if "clip_fraction" in r and "reward" not in r] == [2, 4]  # the replays
 
 
 def test_compiled_sampling_draws_the_eager_answers(tiny_run: Path, prompts: Path, tmp_path: Path) -> None:

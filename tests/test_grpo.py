@@ -334,3 +334,109 @@ def test_full_finetuning_keeps_the_start_as_the_kls_reference(tiny_run: Path, pr
     assert compiled.exit_code == 0, compiled.stderr + compiled.stdout
     assert any("kl" in json.loads(line) for line in (tmp_path / "compiled" / "metrics.jsonl").read_text().splitlines())
     plain_load(tmp_path / "compiled" / "final")
+
+
+def test_the_vllm_engine_is_refused_in_one_line_where_it_cannot_run(
+    tiny_run: Path, prompts: Path, tmp_path: Path
+) -> None:
+    """engine vllm is handed whole weights with the adapters added in, on one process: a compiled generate,
+    DoRA, a strategy that shards the weights, and (where it is missing) vLLM itself are each one line, before
+    anything is written."""
+    import importlib.util
+
+    vllm = ["--set", "finetune.grpo.engine=vllm"]
+    refusals = [
+        (["--set", "finetune.grpo.compile_sampling=true"], "compile_sampling"),
+        (["--set", "finetune.lora.dora=true"], "DoRA"),
+        (["--strategy", "zero3"], "shards them"),
+    ]
+    if importlib.util.find_spec("vllm") is None:
+        refusals.append(([], "vLLM is not installed here"))
+    for extra, fragment in refusals:
+        result = run_cli(*grpo_args(tiny_run, prompts, tmp_path / "run", *vllm, *extra))
+        assert_user_error(result, fragment)
+        assert_nothing_written(tmp_path, "run")
+
+
+def test_vllm_samples_with_the_weights_being_trained(tmp_path: Path) -> None:
+    """Handed a model's weights (tied head and embedding, as llmkit's), and then a LoRA model's (the adapters and
+    trained token rows added in out of place), vLLM's greedy answers are the model's own; before, with its dummy
+    weights, they are not; the peft model's weights are untouched, and so are the process's threads and random
+    state, which vLLM sets for itself."""
+    pytest.importorskip("vllm")
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from llmkit.train.tasks.vllm_sampling import VllmSampler
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64,
+                         tie_word_embeddings=True)  # fmt: skip
+    model = LlamaForCausalLM(config).eval()
+    with torch.no_grad():  # sharper logits than at initialization: greedy answers far from ties
+        for parameter in model.parameters():
+            parameter.mul_(3)
+    threads, rng, affinity = torch.get_num_threads(), torch.get_rng_state(), os.sched_getaffinity(0)
+    set_threads = torch.set_num_threads
+    sampler = VllmSampler(model, 64, torch.float32, 0.3, seed=0)
+    # what the training run had is as it was: its threads, cores and random state
+    assert torch.get_num_threads() == threads and os.sched_getaffinity(0) == affinity
+    assert torch.equal(torch.get_rng_state(), rng) and torch.set_num_threads is set_threads
+    prompts = [np.array([5, 17, 33, 8]), np.array([100, 200, 30])]
+    greedy = SimpleNamespace(temperature=1.0, top_p=1.0, top_k=1, max_new_tokens=12)
+
+    def assert_answers_are_own(policy: torch.nn.Module) -> list[list[int]]:
+        sampler.sync(policy)
+        answers = [a.tolist() for a in sampler.sample(prompts, 1, 0, greedy, set())]
+        for ids, answer in zip(prompts, answers, strict=True):
+            own = policy.generate(input_ids=torch.tensor(ids).unsqueeze(0), do_sample=False,
+                                  max_new_tokens=12, eos_token_id=None)  # fmt: skip
+            assert answer == own[0, len(ids) :].tolist()
+        return answers
+
+    dummy = [a.tolist() for a in sampler.sample(prompts, 1, 0, greedy, set())]
+    plain = assert_answers_are_own(model)
+    assert plain != dummy
+    rows = list(range(200, 256))  # trained rows of the embedding (and the tied head), as for a chat's added tokens
+    lora = LoraConfig(r=4, target_modules=["q_proj", "v_proj", "down_proj"], init_lora_weights=False,
+                      trainable_token_indices={"embed_tokens": rows})  # fmt: skip
+    policy = get_peft_model(model, lora)
+    with torch.no_grad():
+        for name, parameter in policy.named_parameters():
+            if "trainable_tokens_delta" in name:
+                parameter.normal_(0, 0.5)
+    before = {name: p.clone() for name, p in policy.named_parameters()}
+    assert assert_answers_are_own(policy) != plain
+    assert all(torch.equal(p, before[name]) for name, p in policy.named_parameters())
+    sampled = SimpleNamespace(temperature=1.0, top_p=1.0, top_k=0, max_new_tokens=8)
+    drawn = [sampler.sample(prompts, 3, seed, sampled, set()) for seed in (7, 7, 8)]
+    same = lambda a, b: all(x.tolist() == y.tolist() for x, y in zip(a, b, strict=True))  # noqa: E731
+    assert same(drawn[0], drawn[1]) and not same(drawn[0], drawn[2])  # the seed decides the draw
+    many = [np.arange(40) + i for i in range(32)]  # more prompt tokens than one of vLLM's batches holds
+    assert len(sampler.sample(many, 16, 3, sampled, set())) == 32 * 16
+
+
+@pytest.mark.slow
+def test_grpo_sampled_by_vllm_resumes_bitwise(
+    tiny_dataset: Path, tmp_path_factory: pytest.TempPathFactory, prompts: Path, tmp_path: Path
+) -> None:
+    """With engine vllm a run killed inside an accumulation window resumes (a new engine, handed the checkpoint's
+    weights) to the uninterrupted run's weights, to the bit; its adapter loads in plain peft. (That it learns is
+    bench/grpo_proof.py --engine vllm: docs/rl.md.)"""
+    pytest.importorskip("vllm")
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from tests.conftest import pretrained
+
+    model = pretrained(tiny_dataset, tmp_path_factory, "heads-of-32", "model.n_heads=1", "model.n_kv_heads=1")
+    extra = ["--set", "finetune.grpo.engine=vllm", "--set", "train.grad_accum_steps=2",
+             "--set", "checkpoint.every_steps=2"]  # fmt: skip
+    reference = run_cli(*grpo_args(model, prompts, tmp_path / "ref", *extra, steps=6))
+    assert reference.exit_code == 0, reference.stderr
+    records = [json.loads(line) for line in (tmp_path / "ref" / "metrics.jsonl").read_text().splitlines()]
+    assert [r for r in records if "reward" in r][-1]["sample_tokens_per_s"] > 0
+    killed_then_resumed(grpo_args(model, prompts, tmp_path / "run", *extra, steps=6), at="3.0")
+    assert_same_weights(tmp_path / "run" / "final" / ADAPTER, tmp_path / "ref" / "final" / ADAPTER)
+    PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(model / "final"), tmp_path / "run" / "final")

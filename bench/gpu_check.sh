@@ -3,7 +3,7 @@
 # for (default: all) and print one table.
 #
 #   here:      python bench/offline_wheels.py --have NODE-FREEZE --python 3.12 --extras gpu --add trl --out .whl
-#   the node:  bash bench/gpu_check.sh [tests] [gpt2] [llama] [lora] [grpo]   (logs in $OUT, or ./gpu-check)
+#   the node:  bash bench/gpu_check.sh [tests] [gpt2] [llama] [lora] [grpo] [grpo-vllm]   (logs in $OUT, or ./gpu-check)
 #
 # Parts, with their time limits (the first compilation of a 124M or 1B model takes one to two minutes per process,
 # which sets most of them; measured on one H200 on 2026-12-04, where limits a third of these cut every part off):
@@ -12,6 +12,7 @@
 #   llama  bench/mfu.py Llama-1B compiled: llmkit, Trainer, llmkit fp8                 540 s
 #   lora   bench/lora_vs_trl.py, 1B base, 200 rows of up to 1024 tokens                240 s
 #   grpo   bench/grpo_vs_trl.py, 1B base, llmkit with compiled sampling and TRL        240 s (not yet run on a GPU)
+#   grpo-vllm  the same, both sampling with a colocated vLLM (only where vLLM is installed)   240 s
 # All five take longer than one device call may (10 minutes): run `tests gpt2`, `llama` and `lora grpo` in three calls.
 # Each part has its own limit and the script goes on when one fails; BUDGET (seconds, default 570) bounds the run.
 set -u
@@ -22,7 +23,7 @@ BUDGET=${BUDGET:-570}
 START=$(date +%s)
 export PYTHONUNBUFFERED=1 TRANSFORMERS_VERBOSITY=error HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
 PY=${PYTHON:-python3}
-PARTS=${*:-tests gpt2 llama lora grpo}
+PARTS=${*:-tests gpt2 llama lora grpo grpo-vllm}
 
 left() { echo $((BUDGET - ($(date +%s) - START))); }
 # part NAME CAP COMMAND...: run with at most CAP seconds (less when the budget is nearly spent); log to $OUT/NAME.log
@@ -82,6 +83,9 @@ part llama 540 $PY bench/mfu.py --arch llama --compile --fp8 --steps 40 --conten
   --timeout 240
 part lora 240 $PY bench/lora_vs_trl.py --size 1b --rows 200 --max-length 1024
 part grpo 240 $PY bench/grpo_vs_trl.py --size 1b --steps 10 --max-new-tokens 128 --compile-sampling
+# (vLLM, where the node has it: its wheel is larger than what can be carried to a node without internet)
+$PY -c "import vllm" >/dev/null 2>&1 &&
+  part grpo-vllm 240 $PY bench/grpo_vs_trl.py --size 1b --steps 10 --max-new-tokens 128 --vllm
 
 echo
 echo "GPU check on $(head -n 1 "$OUT/env.txt"), $(($(date +%s) - START))s:"

@@ -4,18 +4,17 @@
     python bench/grpo_vs_trl.py --size 1b --steps 20 --max-new-tokens 256   # one GPU, bf16
 
 Each contender runs in its own process (so peak memory is its own): llmkit `finetune --task grpo` and TRL's
-GRPOTrainer, both sampling with transformers' `generate` (no vLLM), full fine-tuning, the same loss (`--loss`,
-default dapo, TRL's default), beta 0 (TRL's default: no reference model), `--num-iterations` updates per sampled
-batch (default 1; with more, both keep the sampling log-probs and learn from each batch again). Each step
-takes `--prompts` prompts with `--generations` answers each (TRL: per_device_train_batch_size = prompts x
-generations). The base model is initialized from a config, so answers seldom end before `--max-new-tokens` and
-both sample about the same number of tokens. The prompts are the first sentences of built-in stories; the reward (a
-function both call) is the share of an answer's words that appear in the prompt, a checkable quantity that a model
-can raise. Time is the wall time from the trainer's set-up (libraries imported) to the end of training, sampling
-included; "s/step" is the median step time after the first round (steady state: sampling and update, no set-up; a
-round's steps averaged, with --num-iterations above 1); "reward"
-is the mean reward over the last quarter of the steps. Needs `pip install trl` (a dev
-dependency).
+GRPOTrainer, both sampling with transformers' `generate` (or, with `--vllm`, each with a vLLM engine in its process,
+0.3 of a GPU's memory), full fine-tuning, the same loss (`--loss`, default dapo, TRL's default), beta 0 (TRL's
+default: no reference model), `--num-iterations` updates per sampled batch (default 1; with more, both keep the
+sampling log-probs and learn from each batch again). Each step takes `--prompts` prompts with `--generations`
+answers each (TRL: per_device_train_batch_size = prompts x generations). The base model is initialized from a
+config, so answers seldom end before `--max-new-tokens` and both sample about the same number of tokens. The prompts
+are the first sentences of built-in stories; the reward (a function both call) is the share of an answer's words
+that appear in the prompt, a checkable quantity that a model can raise. Time is the wall time from the trainer's
+set-up (libraries imported) to the end of training, sampling included; "s/step" is the median step time after the
+first round (steady state: sampling and update, no set-up; a round's steps averaged, with --num-iterations above 1);
+"reward" is the mean reward over the last quarter of the steps. Needs `pip install trl` (a dev dependency).
 """
 
 from __future__ import annotations
@@ -75,6 +74,9 @@ def main() -> None:
     parser.add_argument("--vocab", type=int, default=2048)
     parser.add_argument("--num-iterations", type=int, default=1, help="optimizer steps per sampled batch")
     parser.add_argument("--compile-sampling", action="store_true", help="llmkit: finetune.grpo.compile_sampling")
+    parser.add_argument("--vllm", action="store_true",
+                        help="both sample with a colocated vLLM (llmkit: finetune.grpo.engine=vllm; TRL: use_vllm, "
+                        "vllm_mode colocate), installed apart")  # fmt: skip
     parser.add_argument("--timeout", type=float, default=1800, help="seconds each contender may take")
     parser.add_argument("--run", choices=CONTENDERS, help=argparse.SUPPRESS)
     parser.add_argument("--result", type=Path, help=argparse.SUPPRESS)
@@ -104,13 +106,14 @@ def main() -> None:
     print(f"device: {torch.cuda.get_device_name() if cuda else 'cpu'}; base {args.size}; {args.steps} steps x "
           f"{args.prompts} prompts x {args.generations} answers of up to {args.max_new_tokens} tokens "
           f"({answers:,} answers); loss {args.loss}; num_iterations {args.num_iterations}; "
-          f"{'bf16' if cuda else 'fp32'}")  # fmt: skip
+          f"{'bf16' if cuda else 'fp32'}; sampled by {'vLLM' if args.vllm else 'generate'}")  # fmt: skip
     results = {}
     for name in CONTENDERS:
         same = ["--work", str(work), "--size", args.size, "--steps", str(args.steps), "--prompts", str(args.prompts),
                 "--generations", str(args.generations), "--max-new-tokens", str(args.max_new_tokens),
                 "--loss", args.loss, "--context", str(context), "--num-iterations", str(args.num_iterations),
-                *(["--compile-sampling"] if args.compile_sampling else [])]  # fmt: skip
+                *(["--compile-sampling"] if args.compile_sampling else []),
+                *(["--vllm"] if args.vllm else [])]  # fmt: skip
         result = run_apart(str(Path(__file__).resolve()), name, same, timeout=args.timeout)
         if result is None:
             raise SystemExit(f"{name}: no result (its output is above)")
@@ -161,7 +164,7 @@ def run_llmkit(work: Path, args: argparse.Namespace, cuda: bool) -> Outcome:
         f"train.max_steps={args.steps}", f"train.micro_batch_size={args.prompts}", "train.eval_every=1000000",
         "optimizer.lr=1e-5", "schedule.warmup_steps=0", "logging.report_to=[]", "logging.plot=false",
         "logging.every_steps=1", f"finetune.grpo.compile_sampling={args.compile_sampling}", "train.compile=false",
-        f"precision.dtype={'bf16' if cuda else 'fp32'}",
+        f"precision.dtype={'bf16' if cuda else 'fp32'}", f"finetune.grpo.engine={'vllm' if args.vllm else 'generate'}",
     ])  # fmt: skip
     start = time.perf_counter()
     finetune(cfg)
@@ -188,7 +191,7 @@ def run_trl(work: Path, args: argparse.Namespace, cuda: bool) -> Outcome:
         num_generations=args.generations, max_completion_length=args.max_new_tokens, loss_type=args.loss,
         beta=0.0, max_steps=args.steps, learning_rate=1e-5, bf16=cuda, logging_steps=1, save_strategy="no",
         report_to=[], use_cpu=not cuda, lr_scheduler_type="cosine", warmup_steps=0, seed=0,
-        num_iterations=args.num_iterations,
+        num_iterations=args.num_iterations, use_vllm=args.vllm, vllm_mode="colocate", vllm_gpu_memory_utilization=0.3,
     )  # fmt: skip
     trainer = GRPOTrainer(model=model, reward_funcs=trl_overlap, args=config, train_dataset=Dataset.from_list(rows),
                           processing_class=tokenizer)  # fmt: skip

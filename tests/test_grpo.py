@@ -4,6 +4,7 @@ bits, and bad rewards are one line."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import signal
@@ -173,6 +174,8 @@ def test_grpo_raises_the_reward_of_a_checkable_answer(tiny_run: Path, prompts: P
         assert key in train[-1], key
     assert train[-1]["sample_tokens_per_s"] > 0 and train[-1]["train_tokens_per_s"] > 0
     assert train[-1]["reward_word"] == pytest.approx(train[-1]["reward_has_word"])  # the same check, twice
+    right = train[-1]["reward_has_word"]  # each answer's 0 or 1: the spread of a share
+    assert train[-1]["reward_has_word_std"] == pytest.approx(math.sqrt(right * (1 - right)), abs=1e-9)
     assert train[-1]["reward"] == pytest.approx(1.5 * train[-1]["reward_word"])  # weights 1 and 0.5
     assert max(r["reward"] for r in train[-3:]) > train[0]["reward"] + 0.2
     assert val[-1]["val_reward"] > val[0]["val_reward"] or val[0]["val_reward"] == 1.5

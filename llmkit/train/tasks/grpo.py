@@ -462,7 +462,8 @@ class Rollout:
             truncated=float(sum(n == self.settings.max_new_tokens for n in lengths)),
         )
         for k, scorer in enumerate(self.scorers):
-            self.window.add(**{f"reward_{scorer.name}": float(group.rewards[:, k].sum())})
+            column = group.rewards[:, k]
+            self.window.add(**{f"reward_{scorer.name}": float(column.sum()), f"squared_{scorer.name}": column @ column})
 
     def take_metrics(self) -> dict[str, float]:
         """The window's figures (every process's, summed), then a fresh window."""
@@ -490,17 +491,22 @@ class Rollout:
         answers = sums.get("answers", 0.0)
         if not answers:  # a window of steps that learned from earlier answers again (num_iterations > 1)
             return metrics
-        mean = sums["reward"] / answers
+
+        def spread(total: float, squared: float) -> float:
+            return math.sqrt(max(squared / answers - (total / answers) ** 2, 0.0))
+
         metrics |= {
-            "reward": mean,
-            "reward_std": math.sqrt(max(sums["squared"] / answers - mean**2, 0.0)),
+            "reward": sums["reward"] / answers,
+            "reward_std": spread(sums["reward"], sums["squared"]),
             "same_reward_share": sums["same"] / sums["prompts"],
             "answer_tokens_mean": sums["answer_tokens"] / answers,
             "answers_at_max_tokens": sums["truncated"] / answers,
             # all processes together (as tokens_per_s): answer tokens per second of sampling
             "sample_tokens_per_s": sums["answer_tokens"] / max(sums["sample_seconds"] / processes, 1e-9),
         }
-        metrics.update({key: sums[key] / answers for key in keys if key.startswith("reward_")})
+        for name in (scorer.name for scorer in self.scorers):
+            metrics[f"reward_{name}"] = sums[f"reward_{name}"] / answers
+            metrics[f"reward_{name}_std"] = spread(sums[f"reward_{name}"], sums[f"squared_{name}"])
         return metrics
 
 

@@ -430,8 +430,8 @@ def test_vllm_samples_with_the_weights_being_trained(tmp_path: Path) -> None:
 @pytest.mark.slow
 def test_grpo_sampled_by_vllm_resumes_bitwise(heads_of_32: Path, prompts: Path, tmp_path: Path) -> None:
     """With engine vllm a run killed inside an accumulation window resumes (a new engine, handed the checkpoint's
-    weights) to the uninterrupted run's weights, to the bit; its adapter loads in plain peft. (That it learns is
-    bench/grpo_proof.py --engine vllm: docs/rl.md.)"""
+    weights) to the uninterrupted run's weights, to the bit; its adapter loads in plain peft, from a compiled bf16
+    run too. (That it learns is bench/grpo_proof.py --engine vllm: docs/rl.md.)"""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
@@ -445,6 +445,12 @@ def test_grpo_sampled_by_vllm_resumes_bitwise(heads_of_32: Path, prompts: Path, 
     killed_then_resumed(grpo_args(model, prompts, tmp_path / "run", *extra, steps=6), at="3.0")
     assert_same_weights(tmp_path / "run" / "final" / ADAPTER, tmp_path / "ref" / "final" / ADAPTER)
     PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(model / "final"), tmp_path / "run" / "final")
+    from tests.gpu_defaults import TRACED, plain_load  # what a GPU user gets: compiled, bf16 (vLLM in bf16 too)
+
+    compiled = run_cli(*grpo_args(model, prompts, tmp_path / "compiled", "--set", "finetune.grpo.engine=vllm",
+                                  *TRACED, steps=2))  # fmt: skip
+    assert compiled.exit_code == 0, compiled.stderr + compiled.stdout
+    plain_load(tmp_path / "compiled" / "final", model / "final")
 
 
 @pytest.mark.slow

@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from llmkit.errors import UserError
+from llmkit.errors import UserError, shorten
 
 
 def merged_weights(policy: Any) -> Iterator[tuple[str, torch.Tensor]]:
@@ -154,4 +154,4 @@ def _index(output: Any) -> int:
 
 def _gist(error: BaseException) -> str:
     """The last line of an error's message: vLLM's most specific."""
-    return (str(error).strip() or type(error).__name__).splitlines()[-1]
+    return shorten((str(error).strip() or type(error).__name__).splitlines()[-1], 200)

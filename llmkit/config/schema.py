@@ -277,7 +277,10 @@ class TrainConfig(Section):
         0, ge=0, description="Skip up to this many steps with a non-finite loss or gradient norm instead of stopping."
     )
     loss_spike_factor: float | None = Field(
-        3.0, gt=1, description="Report a step whose loss exceeds this multiple of the running mean (unset: off)."
+        3.0,
+        gt=1,
+        description="Report a step whose loss exceeds this multiple of the running mean (unset: off; never for "
+        "GRPO, whose loss is a signed quantity near 0).",
     )
     max_time: float | None = Field(
         None, gt=0, description="Wall-clock limit in seconds: checkpoint and exit (code 75) when reached."

@@ -86,6 +86,9 @@ class Objective:
     # calls it, so it may reduce across processes (GRPO's rewards and answer lengths).
     metrics: Callable[[], dict[str, float]] | None = None
     replay: Replay | None = None
+    # Whether a step's loss far above its running mean is worth reporting: a loss bounded below by 0 (a likelihood);
+    # not GRPO's surrogate, a signed quantity near 0 whose ratio to its mean says nothing.
+    reports_spikes: bool = True
 
     def evaluation(self) -> EvalFn:
         if self.eval_fn is not None:

@@ -267,7 +267,8 @@ def _settle(job: TrainJob, run: _Run, metrics: MetricsLog) -> None:
     tokens = run.tokens - sum(o.tokens for o in outcomes)  # before the first of them
     for index, (outcome, (loss, norm, finite)) in enumerate(zip(outcomes, rows, strict=True)):
         if finite:
-            run.running_loss = _report_spike(job.cfg.train, metrics, outcome.step, tokens, loss, run.running_loss)
+            if job.objective.reports_spikes:
+                run.running_loss = _report_spike(job.cfg.train, metrics, outcome.step, tokens, loss, run.running_loss)
             run.window.add(loss, outcome.tokens)
         else:
             run.bad_steps += 1

@@ -130,7 +130,8 @@ class GRPO(Task):
         stops = stops if stops is not None else data.details["tokenizer"].eos_token_id
         rollout = Rollout(cfg, data, accelerator, stops if isinstance(stops, list) else [stops])
         replay = rollout if cfg.finetune.grpo.num_iterations > 1 else None
-        return Objective(rollout.loss, rollout.count_targets, rollout.evaluate, rollout, rollout.take_metrics, replay)
+        return Objective(rollout.loss, rollout.count_targets, rollout.evaluate, rollout, rollout.take_metrics, replay,
+                         reports_spikes=False)  # fmt: skip
 
     def steps_per_read(self, cfg: RunConfig) -> int:
         return cfg.finetune.grpo.num_iterations

@@ -200,9 +200,20 @@ def test_32_concurrent_streaming_clients_get_the_greedy_answers(chat_server: Ser
     assert cli.exit_code == 0 and cli.stdout.strip() == answers[5].strip()
     records = chat_server.records()[before:]
     assert len(records) == 32 and {r["status"] for r in records} == {200}
-    # They were generated together: every request started before any finished.
-    assert max(r["time"] + r["queue_s"] for r in records) < min(r["time"] + r["duration_s"] for r in records)
+    # They were generated together. The clients' threads reach the server staggered on a busy machine, so not every
+    # request starts before the first ends (CI once saw 14 ms between them); one at a time would peak at 1.
+    assert peak_overlap([(r["time"] + r["queue_s"], r["time"] + r["duration_s"]) for r in records]) >= 16
     assert chat_server.metric("llmkit_requests_in_flight") == 0
+
+
+def peak_overlap(spans: list[tuple[float, float]]) -> int:
+    """The most of these (start, end) spans that were under way at one instant."""
+    events = sorted([(start, 1) for start, _ in spans] + [(end, -1) for _, end in spans])  # an end first on a tie
+    running = peak = 0
+    for _, step in events:
+        running += step
+        peak = max(peak, running)
+    return peak
 
 
 @pytest.mark.parametrize(

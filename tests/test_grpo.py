@@ -77,17 +77,20 @@ def grpo_args(model: Path, work: Path, out: Path, *extra: str, steps: int = 8) -
 
 
 @pytest.mark.parametrize(
-    ("loss", "beta", "again"),
-    [("grpo", 0.0, False), ("grpo", 0.04, False), ("dr_grpo", 0.0, False), ("dapo", 0.1, False), ("grpo", 0.04, True),
-     ("dapo", 0.0, True)],
+    ("loss", "beta", "again", "vllm"),
+    [("grpo", 0.0, False, None), ("grpo", 0.04, False, None), ("dr_grpo", 0.0, False, None),
+     ("dapo", 0.1, False, None), ("grpo", 0.04, True, None), ("dapo", 0.0, True, None),
+     ("grpo", 0.04, False, "sequence_mask"), ("dapo", 0.1, True, "token_truncate"),
+     ("dr_grpo", 0.0, False, "token_mask"), ("grpo", 0.0, True, "sequence_truncate")],
 )  # fmt: skip
 def test_the_loss_and_its_gradient_equal_trls(
-    tiny_run: Path, tmp_path: Path, loss: str, beta: float, again: bool
+    tiny_run: Path, tmp_path: Path, loss: str, beta: float, again: bool, vllm: str | None
 ) -> None:
     """TRL's GRPOTrainer._compute_loss and llmkit's on the same answers and advantages (a KL to a perturbed
     reference where beta > 0; `again`: a step that learns from answers sampled before the last update, whose
-    ratio to the sampling log-probs is clipped): equal within 1e-5, and so are the gradients of every weight and
-    the share of tokens where the clip binds."""
+    ratio to the sampling log-probs is clipped; `vllm`: answers drawn by vLLM with log-probs of its own, weighed
+    by that correction, TRL's importance weights computed here as its sampling step does): equal within 1e-5, and
+    so are the gradients of every weight and the share of tokens where the clip binds."""
     trl = pytest.importorskip("trl")
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -132,19 +135,42 @@ def test_the_loss_and_its_gradient_equal_trls(
             now = token_logps(ours(input_ids=batch["input_ids"]).logits, batch["labels"])
         batch["old_logps"] = now + (torch.rand(now.shape, generator=generator) - 0.5)
         inputs["old_per_token_logps"] = torch.stack([batch["old_logps"][i, 4 : 4 + longest] for i in range(8)]) * mask
+    settings = SimpleNamespace(temperature=1.0, epsilon=0.2, beta=beta, vllm_correction=vllm,
+                               vllm_correction_min=0.5 if vllm and vllm.endswith("truncate") else None,
+                               vllm_correction_max=1.2)  # fmt: skip
+    outside = 0
+    if vllm:  # vLLM's log-probs: the policy's at sampling, moved by up to +-0.4 (some weights past the bounds)
+        with torch.no_grad():
+            policy = batch.get("old_logps", token_logps(ours(input_ids=batch["input_ids"]).logits, batch["labels"]))
+        drawn = policy + 0.8 * (torch.rand(policy.shape, generator=generator) - 0.5)
+        sampled = [drawn[i, 4 : 4 + n].numpy() for i, n in enumerate(lengths)]
+        batch = answer_rows([p.numpy() for p in prompt_ids], answers, advantages.numpy(), 0, loss, sampled)
+        if again:
+            batch["old_logps"] = policy
+        gap = torch.stack([policy[i, 4 : 4 + longest] - drawn[i, 4 : 4 + longest] for i in range(8)]) * mask
+        ratio = torch.exp(gap.sum(-1, keepdim=True) if vllm.startswith("sequence") else gap)  # TRL's, as it does
+        low, high = settings.vllm_correction_min or 0.0, settings.vllm_correction_max
+        outside = int((((ratio < low) | (ratio > high)).expand_as(mask) & mask.bool()).sum())
+        inputs["importance_sampling_ratio"] = (
+            ratio.masked_fill((ratio < low) | (ratio > high), 0.0) if vllm.endswith("mask") else ratio.clamp(low, high)
+        )
+        trainer.use_vllm, trainer.vllm_importance_sampling_correction = True, True
+        if beta:
+            batch["ref_logps"] = token_logps(reference(input_ids=batch["input_ids"]).logits, batch["labels"]).detach()
     trainer.model.train()
     trainer.current_gradient_accumulation_steps = 1
     theirs = trainer._compute_loss(trainer.model, inputs)
     theirs.backward()
-    settings = SimpleNamespace(temperature=1.0, epsilon=0.2, beta=beta)
-    total, trained, _, clipped = surrogate_loss(
-        ours(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits,
-        batch, settings, 0.28 if loss == "dapo" else None)  # fmt: skip
+    out = surrogate_loss(ours(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits,
+                         batch, settings, 0.28 if loss == "dapo" else None)  # fmt: skip
+    total, trained, clipped = out.total, out.trained, out.clipped
     mine = total / loss_normalizer(batch, loss, longest)
     mine.backward()
     assert abs(mine.item() - theirs.item()) <= 1e-5 * max(1.0, abs(theirs.item()))
     assert float(clipped / trained) == pytest.approx(trainer._metrics["train"]["clip_ratio/region_mean"][-1])
     assert (float(clipped) > 0) == again
+    if vllm:  # some weights were past their bounds, and the figures say how many tokens they weigh
+        assert out.bound is not None and int(out.bound) == outside > 0
     for (name, a), b in zip(trainer.model.named_parameters(), ours.parameters(), strict=True):
         torch.testing.assert_close(b.grad, a.grad, atol=1e-5, rtol=1e-4, msg=lambda m, n=name: f"{n}: {m}")
 
@@ -399,14 +425,14 @@ def test_vllm_samples_with_the_weights_being_trained(tmp_path: Path) -> None:
 
     def assert_answers_are_own(policy: torch.nn.Module) -> list[list[int]]:
         sampler.sync(policy)
-        answers = [a.tolist() for a in sampler.sample(prompts, 1, 0, greedy, set())]
+        answers = [ids.tolist() for ids, _ in sampler.sample(prompts, 1, 0, greedy, set())]
         for ids, answer in zip(prompts, answers, strict=True):
             own = policy.generate(input_ids=torch.tensor(ids).unsqueeze(0), do_sample=False,
                                   max_new_tokens=12, eos_token_id=None)  # fmt: skip
             assert answer == own[0, len(ids) :].tolist()
         return answers
 
-    dummy = [a.tolist() for a in sampler.sample(prompts, 1, 0, greedy, set())]
+    dummy = [ids.tolist() for ids, _ in sampler.sample(prompts, 1, 0, greedy, set())]
     plain = assert_answers_are_own(model)
     assert plain != dummy
     rows = list(range(200, 256))  # trained rows of the embedding (and the tied head), as for a chat's added tokens
@@ -420,10 +446,25 @@ def test_vllm_samples_with_the_weights_being_trained(tmp_path: Path) -> None:
     before = {name: p.clone() for name, p in policy.named_parameters()}
     assert assert_answers_are_own(policy) != plain
     assert all(torch.equal(p, before[name]) for name, p in policy.named_parameters())
-    sampled = SimpleNamespace(temperature=1.0, top_p=1.0, top_k=0, max_new_tokens=8)
+    sampled = SimpleNamespace(temperature=1.5, top_p=1.0, top_k=0, max_new_tokens=8)
     drawn = [sampler.sample(prompts, 3, seed, sampled, set()) for seed in (7, 7, 8)]
-    same = lambda a, b: all(x.tolist() == y.tolist() for x, y in zip(a, b, strict=True))  # noqa: E731
+    same = lambda a, b: all(x[0].tolist() == y[0].tolist() for x, y in zip(a, b, strict=True))  # noqa: E731
     assert same(drawn[0], drawn[1]) and not same(drawn[0], drawn[2])  # the seed decides the draw
+    # the log-prob each token was drawn with is the policy's own at the sampling temperature (what the loss's
+    # importance weight compares), to float32's rounding
+    import torch.nn.functional as F
+
+    from llmkit.train.tasks.grpo import answer_rows, token_logps
+
+    answers = [ids for ids, _ in drawn[0]]
+    rows = answer_rows([prompts[i // 3] for i in range(6)], answers, np.zeros(6), 0, "grpo", [lp for _, lp in drawn[0]])
+    with torch.no_grad():
+        own = token_logps(policy(input_ids=rows["input_ids"], attention_mask=rows["attention_mask"]).logits,
+                          rows["labels"], temperature=1.5)  # fmt: skip
+    vllm = F.pad(rows["sampling_logps"][:, 1:], (0, 1))
+    answered = F.pad(rows["labels"][:, 1:], (0, 1), value=-100) != -100
+    assert int(answered.sum()) == 6 * 8
+    torch.testing.assert_close(vllm[answered], own[answered], atol=2e-4, rtol=0)
     many = [np.arange(40) + i for i in range(32)]  # more prompt tokens than one of vLLM's batches holds
     assert len(sampler.sample(many, 16, 3, sampled, set())) == 32 * 16
 
@@ -442,7 +483,11 @@ def test_grpo_sampled_by_vllm_resumes_bitwise(heads_of_32: Path, prompts: Path, 
     reference = run_cli(*grpo_args(model, prompts, tmp_path / "ref", *extra, steps=6))
     assert reference.exit_code == 0, reference.stderr
     records = [json.loads(line) for line in (tmp_path / "ref" / "metrics.jsonl").read_text().splitlines()]
-    assert [r for r in records if "reward" in r][-1]["sample_tokens_per_s"] > 0
+    last = [r for r in records if "reward" in r][-1]
+    assert last["sample_tokens_per_s"] > 0
+    # vLLM drew the answers with the policy's own probabilities, to float32's rounding and LoRA's dropout in the
+    # training forward (0.05): no weight near its bounds
+    assert 0 < last["vllm_logp_gap"] < 1e-2 and last["vllm_weight_bound"] == 0
     killed_then_resumed(grpo_args(model, prompts, tmp_path / "run", *extra, steps=6), at="3.0")
     assert_same_weights(tmp_path / "run" / "final" / ADAPTER, tmp_path / "ref" / "final" / ADAPTER)
     PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(model / "final"), tmp_path / "run" / "final")

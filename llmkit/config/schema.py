@@ -522,6 +522,16 @@ class GrpoConfig(Section):
         "KV cache (vLLM's gpu_memory_utilization); on CPU its KV cache takes VLLM_CPU_KVCACHE_SPACE GiB (1 unless "
         "set).",
     )
+    vllm_correction: Literal["sequence_mask", "sequence_truncate", "token_mask", "token_truncate", "none"] = Field(
+        "sequence_mask",
+        description="engine vllm: the importance weight that corrects for vLLM's kernels sampling from a slightly "
+        "other distribution than the policy's (TRL's vllm_importance_sampling_mode, and its default): the ratio of "
+        "the policy's probability to vLLM's, per answer (sequence_) or per token (token_); outside "
+        "[vllm_correction_min, vllm_correction_max] it is set to 0 (_mask) or to the bound (_truncate); none: "
+        "uncorrected.",
+    )
+    vllm_correction_max: float | None = Field(3.0, gt=0, description="The importance weight's upper bound.")
+    vllm_correction_min: float | None = Field(None, ge=0, description="The importance weight's lower bound.")
 
     @model_validator(mode="after")
     def _one_sampler(self) -> GrpoConfig:
@@ -529,6 +539,9 @@ class GrpoConfig(Section):
             raise ValueError(
                 "compile_sampling compiles generate's decoding step, which engine vllm does not run; choose one"
             )
+        low, high = self.vllm_correction_min, self.vllm_correction_max
+        if low is not None and high is not None and low >= high:
+            raise ValueError(f"vllm_correction_min {low:g} must be below vllm_correction_max {high:g}")
         return self
 
     @field_validator("rewards")

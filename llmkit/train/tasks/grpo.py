@@ -33,7 +33,7 @@ import math
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 import torch
@@ -220,6 +220,7 @@ class Group:
     texts: list[str]  # each answer's text, cut at the first stop string
     rewards: np.ndarray  # (answers, scorers), unweighted
     total: np.ndarray  # weighted sum per answer
+    sampling_logps: list[np.ndarray] | None = None  # engine vllm: the log-prob each answer token was drawn with
 
 
 @dataclass
@@ -253,8 +254,9 @@ class Rollout:
         self.epsilon_high = self.settings.epsilon_high or (0.28 if self.settings.loss == "dapo" else None)
         self.window = _Window()
         self.window_began: float | None = None  # when the window's first step began
-        # summed on the device by the loss: (KL, answer tokens with a KL, tokens where the clip binds, answer tokens)
-        self.figures = torch.zeros(4, dtype=torch.float64, device=accelerator.device)
+        # summed on the device by the loss: KL, answer tokens with a KL, tokens where the clip binds, answer tokens;
+        # with vLLM's sampling log-probs: |policy - vLLM| log-prob, tokens outside the weight's bounds, their tokens
+        self.figures = torch.zeros(len(FIGURES), dtype=torch.float64, device=accelerator.device)
         self.kept: Kept | None = None  # the round's micro-batches, with num_iterations > 1
         self.autocast = autocast_context(accelerator)
         # engine vllm: built at the first step that samples, handed the weights once per step
@@ -278,7 +280,9 @@ class Rollout:
         group = self.sample(policy, batch, seed, greedy=False)
         seconds = time.perf_counter() - start
         advantages = group_advantages(group.total, self.settings.generations, self.settings.loss)
-        new = answer_rows([p.ids for p in group.prompts], group.answers, advantages, self.pad_id, self.settings.loss)
+        corrected = group.sampling_logps if self.settings.vllm_correction != "none" else None
+        new = answer_rows([p.ids for p in group.prompts], group.answers, advantages, self.pad_id, self.settings.loss,
+                          corrected)  # fmt: skip
         if self.settings.beta > 0:
             new["ref_logps"] = self._answer_logps(policy, new, reference=True)
         if self.settings.num_iterations > 1:  # the ratio's denominator on the steps that learn from them again
@@ -332,8 +336,8 @@ class Rollout:
         prompts = [self.prompts[int(key)] for key in batch["prompt_keys"]]
         copies = 1 if greedy else settings.generations
         if self.vllm is not None and not greedy:  # (validation's greedy answers stay with generate)
-            rows = [p.ids for p in prompts]
-            return self._scored(prompts, copies, self.vllm.sample(rows, copies, seed, settings, self.stop_ids))
+            drawn = self.vllm.sample([p.ids for p in prompts], copies, seed, settings, self.stop_ids)
+            return self._scored(prompts, copies, [ids for ids, _ in drawn], [logps for _, logps in drawn])
         device = self.accelerator.device
         was_training = policy.training
         policy.eval()
@@ -366,8 +370,11 @@ class Rollout:
         policy.train(was_training)
         return self._scored(prompts, copies, list(out[:, ids.shape[1] :].cpu().numpy()))
 
-    def _scored(self, prompts: list[Prompt], copies: int, rows: list[np.ndarray]) -> Group:
-        """The sampled token rows (`copies` per prompt, in order) cut at their ends and scored."""
+    def _scored(
+        self, prompts: list[Prompt], copies: int, rows: list[np.ndarray], logps: list[np.ndarray] | None = None
+    ) -> Group:
+        """The sampled token rows (`copies` per prompt, in order) cut at their ends (and their sampling log-probs
+        with them) and scored."""
         answers, texts = [], []
         for row in rows:
             answer, text = self._cut(row)
@@ -376,7 +383,9 @@ class Rollout:
         expanded = [p for p in prompts for _ in range(copies)]
         rewards = self.score(expanded, texts)
         weights = np.asarray([scorer.weight for scorer in self.scorers])
-        return Group(expanded, answers, texts, rewards, rewards @ weights)
+        if logps is not None:
+            logps = [row[: len(answer)] for row, answer in zip(logps, answers, strict=True)]
+        return Group(expanded, answers, texts, rewards, rewards @ weights, logps)
 
     def _cut(self, tokens: np.ndarray) -> tuple[np.ndarray, str]:
         """An answer's tokens through its first end token or the token that completes a stop string; its text
@@ -422,12 +431,16 @@ class Rollout:
         return loss_normalizer(batch, self.settings.loss, self.settings.max_new_tokens)
 
     def loss(self, logits: torch.Tensor, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
-        total, trained, kl, clipped = surrogate_loss(logits, batch, self.settings, self.epsilon_high)
+        out = surrogate_loss(logits, batch, self.settings, self.epsilon_high)
         # summed in place on the device (no host sync, no graph break); read when the window closes
-        tokens = trained.detach().to(self.figures.dtype)
-        kl_figures = (kl.detach().to(tokens.dtype), tokens) if kl is not None else (torch.zeros_like(tokens),) * 2
-        self.figures.add_(torch.stack([*kl_figures, clipped.detach().to(tokens.dtype), tokens]))
-        return total, trained
+        tokens = out.trained.detach().to(self.figures.dtype)
+        zero = torch.zeros_like(tokens)
+        kl = (out.kl.detach().to(tokens.dtype), tokens) if out.kl is not None else (zero, zero)
+        gap = (zero, zero, zero)
+        if out.gap is not None and out.bound is not None:
+            gap = (out.gap.to(tokens.dtype), out.bound.to(tokens.dtype), tokens)
+        self.figures.add_(torch.stack([*kl, out.clipped.detach().to(tokens.dtype), tokens, *gap]))
+        return out.total, out.trained
 
     def evaluate(self, model: Any, batches: list[Batch], accelerator: Accelerator) -> dict[str, Any]:
         """Greedy answers to the validation prompts, scored: val_reward (and each scorer's); val_loss is its
@@ -471,9 +484,8 @@ class Rollout:
         if self.window_began is not None:  # the window's wall time; what sampling did not take, training took
             self.window.add(wall_seconds=time.perf_counter() - self.window_began)
             self.window_began = None
-        kl, kl_tokens, clipped, trained = self.figures.tolist()
+        self.window.add(**dict(zip(FIGURES, self.figures.tolist(), strict=True)))
         self.figures.zero_()
-        self.window.add(kl=kl, kl_tokens=kl_tokens, clipped=clipped, trained=trained)
         keys = sorted(self.window.sums)
         values = torch.tensor([self.window.sums[k] for k in keys], dtype=torch.float64, device=self.accelerator.device)
         if self.accelerator.num_processes > 1:
@@ -486,6 +498,9 @@ class Rollout:
             metrics["clip_fraction"] = sums["clipped"] / sums["trained"]
         if sums.get("kl_tokens"):
             metrics["kl"] = sums["kl"] / sums["kl_tokens"]
+        if sums.get("sampled_tokens"):  # engine vllm: how far its sampling is from the policy's, and what it cost
+            metrics["vllm_logp_gap"] = sums["gap"] / sums["sampled_tokens"]
+            metrics["vllm_weight_bound"] = sums["bound"] / sums["sampled_tokens"]
         if sums.get("train_tokens"):  # prompt + answer tokens of the training rows per second outside sampling
             training = sums["wall_seconds"] - sums.get("sample_seconds", 0.0)
             metrics["train_tokens_per_s"] = sums["train_tokens"] / max(training / processes, 1e-9)
@@ -509,6 +524,9 @@ class Rollout:
             metrics[f"reward_{name}"] = sums[f"reward_{name}"] / answers
             metrics[f"reward_{name}_std"] = spread(sums[f"reward_{name}"], sums[f"squared_{name}"])
         return metrics
+
+
+FIGURES = ("kl", "kl_tokens", "clipped", "trained", "gap", "bound", "sampled_tokens")
 
 
 @dataclass
@@ -557,11 +575,17 @@ def group_advantages(total: np.ndarray, generations: int, loss: str) -> np.ndarr
 
 
 def answer_rows(
-    prompts: list[np.ndarray], answers: list[np.ndarray], advantages: np.ndarray, pad_id: int, loss: str
+    prompts: list[np.ndarray],
+    answers: list[np.ndarray],
+    advantages: np.ndarray,
+    pad_id: int,
+    loss: str,
+    sampling_logps: list[np.ndarray] | None = None,
 ) -> Batch:
     """One row per answer, prompt + answer, right-padded (each row's positions start at 0, as in sampling); the
     answer tokens are the targets and carry their answer's advantage, and a weight: grpo averages each answer's
-    tokens, the other losses weigh every token alike."""
+    tokens, the other losses weigh every token alike. With `sampling_logps` (vLLM's), each answer token carries the
+    log-prob it was drawn with."""
     width = max(len(p) + len(a) for p, a in zip(prompts, answers, strict=True))
     ids = torch.full((len(answers), width), pad_id, dtype=torch.long)
     labels = torch.full((len(answers), width), IGNORE, dtype=torch.long)
@@ -574,7 +598,7 @@ def answer_rows(
         labels[i, start:end], mask[i, :end] = torch.from_numpy(answer), 1
         advantage[i, :end] = float(advantages[i])
         weight[i, :end] = 1.0 / max(len(answer), 1) if loss == "grpo" else 1.0
-    return {
+    rows = {
         "input_ids": ids,
         "labels": labels,
         "attention_mask": mask,
@@ -583,6 +607,12 @@ def answer_rows(
         "answers": torch.tensor(len(answers)),
         "num_tokens": mask.sum(),
     }
+    if sampling_logps is not None:
+        sampled = torch.zeros((len(answers), width), dtype=torch.float32)
+        for i, (prompt, logps) in enumerate(zip(prompts, sampling_logps, strict=True)):
+            sampled[i, len(prompt) : len(prompt) + len(logps)] = torch.from_numpy(logps)
+        rows["sampling_logps"] = sampled
+    return rows
 
 
 def loss_normalizer(batch: Batch, loss: str, max_new_tokens: int) -> int:
@@ -596,22 +626,37 @@ def loss_normalizer(batch: Batch, loss: str, max_new_tokens: int) -> int:
     return int((batch["labels"][:, 1:] != IGNORE).sum())
 
 
-def surrogate_loss(
-    logits: torch.Tensor, batch: Batch, settings: Any, epsilon_high: float | None
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor]:
-    """(the weighted sum of PPO's clipped surrogate, plus beta x KL, over the answer tokens; their count; the KL's
-    sum, when there is a reference; the count of tokens where the clip binds)."""
+class Surrogate(NamedTuple):
+    """What the loss sums over a micro-batch's answer tokens."""
+
+    total: torch.Tensor  # the weighted sum of PPO's clipped surrogate, plus beta x KL
+    trained: torch.Tensor  # answer tokens
+    kl: torch.Tensor | None  # the KL's sum, when there is a reference
+    clipped: torch.Tensor  # tokens where the clip binds
+    gap: torch.Tensor | None = None  # with vLLM's sampling log-probs: the sum of |policy - vLLM| per token
+    bound: torch.Tensor | None = None  # ... and the tokens whose importance weight is outside its bounds
+
+
+def surrogate_loss(logits: torch.Tensor, batch: Batch, settings: Any, epsilon_high: float | None) -> Surrogate:
     logps = token_logps(logits, batch["labels"], settings.temperature)
     trained = _shift(batch["labels"], IGNORE) != IGNORE
     advantage, weight = _shift(batch["advantages"], 0.0), _shift(batch["token_weight"], 0.0)
     # the ratio to the sampling policy: 1 in value on the step that sampled (its gradient is the policy gradient),
     # against the kept log-probs on the steps that learn from the answers again (num_iterations > 1)
-    ratio = torch.exp(logps - batch.get("old_logps", logps.detach()))
+    old = batch.get("old_logps", logps.detach())
+    ratio = torch.exp(logps - old)
     low, high = 1 - settings.epsilon, 1 + (epsilon_high or settings.epsilon)
     clipped = torch.clamp(ratio, low, high)
     per_token = -torch.min(ratio * advantage, clipped * advantage)
     # where the clip binds (no gradient from the token): past the bound in the advantage's direction (TRL's)
     binds = ((ratio < low) & (advantage < 0)) | ((ratio > high) & (advantage > 0))
+    gap = bound = None
+    if "sampling_logps" in batch:  # drawn by vLLM: weighed by the policy's probability over vLLM's (before the KL)
+        sampled = _shift(batch["sampling_logps"], 0.0)
+        correction, outside = sampling_weights(old, sampled, trained, settings)
+        per_token = per_token * correction
+        gap = torch.where(trained, (old - sampled).abs(), 0.0).sum()
+        bound = (outside & trained).sum()
     kl = None
     if "ref_logps" in batch:
         delta = batch["ref_logps"] - logps  # both: position t's log-prob of token t + 1
@@ -621,4 +666,25 @@ def surrogate_loss(
         per_token = per_token + settings.beta * per_token_kl * ratio
         kl = torch.where(trained, per_token_kl, 0.0).sum()
     total = torch.where(trained, per_token * weight, 0.0).sum()
-    return total, trained.sum(), kl, (binds & trained).sum()
+    return Surrogate(total, trained.sum(), kl, (binds & trained).sum(), gap, bound)
+
+
+def sampling_weights(
+    logps: torch.Tensor, sampled: torch.Tensor, trained: torch.Tensor, settings: Any
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The importance weight of each answer token drawn by vLLM (TRL's vllm_importance_sampling_mode): the policy's
+    probability over vLLM's, of the answer (sequence_) or the token (token_), set to 0 outside
+    [vllm_correction_min, vllm_correction_max] (_mask) or to the bound (_truncate); and where it was outside."""
+    mode, low, high = settings.vllm_correction, settings.vllm_correction_min, settings.vllm_correction_max
+    gap = torch.where(trained, torch.nan_to_num(logps - sampled, nan=0.0), 0.0)  # (a NaN draw: uncorrected)
+    ratio = torch.exp(gap.sum(-1, keepdim=True) if mode.startswith("sequence") else gap)
+    outside = torch.zeros_like(ratio, dtype=torch.bool)
+    if low is not None:
+        outside |= ratio < low
+    if high is not None:
+        outside |= ratio > high
+    if mode.endswith("mask"):
+        weights = ratio.masked_fill(outside, 0.0)
+    else:
+        weights = ratio if low is None and high is None else ratio.clamp(low, high)
+    return weights, outside.expand_as(trained)

@@ -9,8 +9,10 @@ processes each keeps an engine of its own over the launcher's process group (vLL
 
 Each prompt's answers are drawn from a seed tied to the step, the micro-batch, the process and the prompt's place,
 so a resumed run samples the same answers as the uninterrupted one. The loss's log-probs are the policy's own
-(recomputed by the training forward), as with `generate`; vLLM's kernels make its sampling distribution differ from
-the policy's by rounding.
+(recomputed by the training forward), as with `generate`. vLLM's kernels make its sampling distribution differ from
+the policy's by rounding (more so in bf16), so it also returns the log-prob of each token it drew (after temperature:
+vLLM's processed log-probs), and the loss weighs each answer by how much likelier it is under the policy
+(`finetune.grpo.vllm_correction`, llmkit.train.tasks.grpo.sampling_weights).
 """
 
 from __future__ import annotations
@@ -107,6 +109,7 @@ class VllmSampler:
                     # whole prefills only: a chunked one discards a draw, which a seeded CPU generator cannot undo
                     enable_chunked_prefill=False,
                     seed=seed,
+                    logprobs_mode="processed_logprobs",  # the drawn tokens' log-probs after temperature, as the loss's
                     # on several processes each keeps an engine of its own over the launcher's process group
                     **({"distributed_executor_backend": "external_launcher"} if processes > 1 else {}),
                 )
@@ -123,8 +126,11 @@ class VllmSampler:
         with torch.no_grad():  # LoRA's deltas are computed as the weights are read, outside autograd
             self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": merged_weights(policy)})
 
-    def sample(self, prompts: list[np.ndarray], copies: int, seed: int, settings: Any, stop_ids: set[int]) -> list:
-        """`copies` answers to each prompt (token ids through the first stop token), prompt by prompt."""
+    def sample(
+        self, prompts: list[np.ndarray], copies: int, seed: int, settings: Any, stop_ids: set[int]
+    ) -> list[tuple[np.ndarray, np.ndarray]]:
+        """`copies` answers to each prompt, prompt by prompt: each answer's token ids through the first stop token,
+        and the log-prob vLLM drew each with."""
         from vllm import SamplingParams
 
         requests = [{"prompt_token_ids": [int(t) for t in ids]} for ids in prompts]
@@ -138,6 +144,7 @@ class VllmSampler:
                 stop_token_ids=sorted(stop_ids),
                 seed=(seed * 1_000_003 + i) % 2**63,
                 detokenize=False,
+                logprobs=0,  # the drawn token's only
             )
             for i in range(len(prompts))
         ]
@@ -145,11 +152,17 @@ class VllmSampler:
             outputs = self.llm.generate(requests, params, use_tqdm=False)
         except Exception as error:  # noqa: BLE001
             raise UserError(f"finetune.grpo.engine=vllm: vLLM failed to sample: {_gist(error)}") from None
-        return [np.asarray(o.token_ids, dtype=np.int64) for out in outputs for o in sorted(out.outputs, key=_index)]
+        return [_drawn(o) for out in outputs for o in sorted(out.outputs, key=_index)]
 
 
 def _index(output: Any) -> int:
     return int(output.index)
+
+
+def _drawn(output: Any) -> tuple[np.ndarray, np.ndarray]:
+    ids = [int(t) for t in output.token_ids]
+    logps = [float(step[token].logprob) for step, token in zip(output.logprobs, ids, strict=True)]
+    return np.asarray(ids, dtype=np.int64), np.asarray(logps, dtype=np.float32)
 
 
 def _gist(error: BaseException) -> str:

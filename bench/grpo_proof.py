@@ -194,6 +194,8 @@ def main() -> None:
     parser.add_argument("--engine", choices=["generate", "vllm"], default="generate",
                         help="GRPO's sampler (vllm: installed apart; the model gets heads of 32, which vLLM's CPU "
                         "attention needs)")  # fmt: skip
+    parser.add_argument("--vllm-correction", default="sequence_mask",
+                        help="engine vllm: finetune.grpo.vllm_correction (none: no importance weight)")  # fmt: skip
     parser.add_argument("--work", type=Path, help="keep the runs here (default: a temporary directory)")
     args = parser.parse_args()
     proof = Proof(args.proof)
@@ -223,7 +225,8 @@ def main() -> None:
                               *rewards, "--set", f"finetune.grpo.generations={generations}",
                               "--set", f"finetune.grpo.max_new_tokens={proof.tokens}",
                               "--set", f"finetune.grpo.beta={proof.beta}",
-                              "--set", f"finetune.grpo.engine={args.engine}")  # fmt: skip
+                              "--set", f"finetune.grpo.engine={args.engine}",
+                              "--set", f"finetune.grpo.vllm_correction={args.vllm_correction}")  # fmt: skip
         rows = [("start (random-color chats)", score(work / "start" / "final", work), "-")]
         sampler = " (sampled by vLLM)" if args.engine == "vllm" else ""
         rows.append((f"GRPO{sampler}, {steps} steps x {micro} prompts x {generations} answers",

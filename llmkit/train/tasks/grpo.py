@@ -652,11 +652,11 @@ def surrogate_loss(logits: torch.Tensor, batch: Batch, settings: Any, epsilon_hi
     binds = ((ratio < low) & (advantage < 0)) | ((ratio > high) & (advantage > 0))
     gap = bound = None
     if "sampling_logps" in batch:  # drawn by vLLM: weighed by the policy's probability over vLLM's (before the KL)
-        sampled = _shift(batch["sampling_logps"], 0.0)
-        correction, outside = sampling_weights(old, sampled, trained, settings)
+        # (a NaN draw goes uncorrected)
+        drift = torch.where(trained, torch.nan_to_num(old - _shift(batch["sampling_logps"], 0.0), nan=0.0), 0.0)
+        correction, outside = sampling_weights(drift, settings)
         per_token = per_token * correction
-        gap = torch.where(trained, (old - sampled).abs(), 0.0).sum()
-        bound = (outside & trained).sum()
+        gap, bound = drift.abs().sum(), (outside & trained).sum()
     kl = None
     if "ref_logps" in batch:
         delta = batch["ref_logps"] - logps  # both: position t's log-prob of token t + 1
@@ -669,15 +669,13 @@ def surrogate_loss(logits: torch.Tensor, batch: Batch, settings: Any, epsilon_hi
     return Surrogate(total, trained.sum(), kl, (binds & trained).sum(), gap, bound)
 
 
-def sampling_weights(
-    logps: torch.Tensor, sampled: torch.Tensor, trained: torch.Tensor, settings: Any
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The importance weight of each answer token drawn by vLLM (TRL's vllm_importance_sampling_mode): the policy's
-    probability over vLLM's, of the answer (sequence_) or the token (token_), set to 0 outside
-    [vllm_correction_min, vllm_correction_max] (_mask) or to the bound (_truncate); and where it was outside."""
+def sampling_weights(drift: torch.Tensor, settings: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """The importance weight of each answer token drawn by vLLM (TRL's vllm_importance_sampling_mode), from `drift`,
+    the policy's log-prob less vLLM's (0 off the answers): the policy's probability over vLLM's, of the answer
+    (sequence_) or the token (token_), set to 0 outside [vllm_correction_min, vllm_correction_max] (_mask) or to
+    the bound (_truncate); and where it was outside."""
     mode, low, high = settings.vllm_correction, settings.vllm_correction_min, settings.vllm_correction_max
-    gap = torch.where(trained, torch.nan_to_num(logps - sampled, nan=0.0), 0.0)  # (a NaN draw: uncorrected)
-    ratio = torch.exp(gap.sum(-1, keepdim=True) if mode.startswith("sequence") else gap)
+    ratio = torch.exp(drift.sum(-1, keepdim=True) if mode.startswith("sequence") else drift)
     outside = torch.zeros_like(ratio, dtype=torch.bool)
     if low is not None:
         outside |= ratio < low
@@ -687,4 +685,4 @@ def sampling_weights(
         weights = ratio.masked_fill(outside, 0.0)
     else:
         weights = ratio if low is None and high is None else ratio.clamp(low, high)
-    return weights, outside.expand_as(trained)
+    return weights, outside.expand_as(drift)

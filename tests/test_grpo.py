@@ -175,6 +175,42 @@ def test_the_loss_and_its_gradient_equal_trls(
         torch.testing.assert_close(b.grad, a.grad, atol=1e-5, rtol=1e-4, msg=lambda m, n=name: f"{n}: {m}")
 
 
+@pytest.mark.parametrize("mode", ["sequence_mask", "sequence_truncate", "token_mask", "token_truncate"])
+def test_vllms_weight_inside_a_compiled_graph_gives_the_eager_loss_and_gradient(mode: str) -> None:
+    """What a GPU user gets with engine vllm: the loss, its importance weight and its figures traced whole into a
+    compiled training step (no graph break) on bf16 logits, equal to eager, gradient included; make test has no
+    vLLM, so the weight is fed log-probs as vLLM returns them (the policy's, moved)."""
+    from llmkit.train.tasks.grpo import answer_rows, surrogate_loss, token_logps
+
+    generator = torch.Generator().manual_seed(5)
+    prompts = [np.array([5, 6, 7]), np.array([8, 9])] * 2
+    answers = [np.array([10, 11, 12, 13]), np.array([14]), np.array([15, 16]), np.array([17, 18, 19])]
+    logits = torch.randn(4, 7, 32, generator=generator).to(torch.bfloat16)
+    batch = answer_rows(prompts, answers, np.array([1.0, -1.0, 0.5, -0.5]), 0, "dapo")
+    policy = token_logps(logits, batch["labels"])
+    drawn = [policy[i, len(p) - 1 : len(p) - 1 + len(a)] + 0.6 * (torch.rand(len(a), generator=generator) - 0.5)
+             for i, (p, a) in enumerate(zip(prompts, answers, strict=True))]  # fmt: skip
+    batch = answer_rows(prompts, answers, np.array([1.0, -1.0, 0.5, -0.5]), 0, "dapo", [d.numpy() for d in drawn])
+    settings = SimpleNamespace(temperature=1.0, epsilon=0.2, beta=0.0, vllm_correction=mode,
+                               vllm_correction_min=0.9 if mode.endswith("truncate") else None,
+                               vllm_correction_max=1.1)  # fmt: skip
+
+    def loss(values: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        out = surrogate_loss(values, batch, settings, None)
+        return out.total, out.gap, out.bound
+
+    results = []
+    for run in (loss, torch.compile(loss, backend="aot_eager", fullgraph=True)):
+        leaf = logits.clone().requires_grad_()
+        total, gap, bound = run(leaf)
+        total.backward()
+        results.append((total.detach(), gap, bound, leaf.grad))
+    (total, gap, bound, grad), compiled = results
+    assert 0 < int(bound) < 10  # some weights past their bounds, not all
+    for got, want in zip(compiled, (total, gap, bound, grad), strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
 def test_advantages_compare_each_answer_with_its_group() -> None:
     from llmkit.train.tasks.grpo import group_advantages
 

@@ -1,13 +1,14 @@
 """precision.dtype=fp8: torchao's float8 training of the model body's linear layers.
 
-Float8 tensor cores exist on Ada and Hopper GPUs; torch's float8 matmul also runs on the CPU, where it computes
-the same rounding, so the numerics are checked here: the loss curve follows bf16's, checkpoints hold plain
+Float8 tensor cores exist on Ada and Hopper GPUs; on the CPU torchao emulates them with the same rounding, so the
+numerics are checked here: the loss curve follows bf16's, checkpoints hold plain
 weights, and a killed fp8 run resumes bitwise. The speed-up is measured on a GPU (tests/test_gpu.py,
 bench/mfu.py --fp8).
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import signal
 from pathlib import Path
@@ -29,6 +30,28 @@ WIDER = ["--set", "model.hidden_size=64", "--set", "model.n_heads=4", "--set", "
 def losses(run: Path) -> dict[int, float]:
     lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     return {r["step"]: r["loss"] for r in lines if "loss" in r}
+
+
+def test_on_the_cpu_torchaos_emulation_computes_what_torchs_float8_matmul_does() -> None:
+    """The CPU runs float8 training in torchao's emulation (a float32 matmul of the float8-rounded operands), not in
+    torch's CPU float8 matmul, a reference kernel some 50x slower: both give the same outputs and gradients up to
+    the order of float32's sums."""
+    from torchao.float8 import Float8LinearConfig, convert_to_float8_training
+
+    torch.manual_seed(0)
+    layer, x = torch.nn.Linear(176, 64, bias=False), torch.randn(2, 100, 176)
+    results = []
+    for emulate in (False, True):
+        model = torch.nn.Sequential(copy.deepcopy(layer))
+        convert_to_float8_training(model, config=Float8LinearConfig(pad_inner_dim=True, emulate=emulate))
+        inputs = x.clone().requires_grad_()
+        out = model(inputs)
+        (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
+        results.append((out.detach(), inputs.grad, model[0].weight.grad))
+    for kernel, emulated in zip(*results, strict=True):  # float32's rounding, on the scale of the tensor
+        torch.testing.assert_close(emulated, kernel, rtol=0, atol=1e-6 * float(kernel.abs().max()))
+    bf16 = layer(x.bfloat16().float())  # and float8's rounding is coarser than bf16's: it did compute something else
+    assert not torch.allclose(results[1][0], bf16, rtol=1e-3, atol=1e-3)
 
 
 def test_fp8_follows_the_bf16_loss_curve_and_saves_plain_weights(tiny_dataset: Path, tmp_path: Path) -> None:

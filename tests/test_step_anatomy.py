@@ -115,6 +115,10 @@ def hand_written_step_ops(model_dir: Path, micro: int, block: int) -> Ops:
     return ops
 
 
+def float32_matmuls(ops: Ops) -> collections.Counter[tuple[tuple[int, ...], ...]]:
+    return collections.Counter(tuple(shapes) for shapes, dtypes in ops.matmuls if torch.float32 in dtypes)
+
+
 def test_a_training_step_is_the_hand_written_loop_plus_little(
     monkeypatch: pytest.MonkeyPatch, tiny_dataset: Path, tmp_path: Path
 ) -> None:
@@ -130,8 +134,9 @@ def test_a_training_step_is_the_hand_written_loop_plus_little(
     assert sum(ours.counts.values()) <= 1.15 * sum(reference.counts.values()), (ours.counts, reference.counts)
     vocab = plain_load(out / "final").config.vocab_size
     head = [dtypes for shapes, dtypes in ours.matmuls if any(vocab in shape for shape in shapes)]
-    assert len(head) == 3  # the head's forward, and its two gradients
-    assert all(dtype == torch.bfloat16 for _, dtypes in ours.matmuls for dtype in dtypes), ours.matmuls
+    assert len(head) == 3 and all(dtypes == [torch.bfloat16] * 2 for dtypes in head), head  # forward, 2 gradients
+    # Float32 only where the loop has it too (some transformers versions take RoPE's angles as a float32 matmul).
+    assert float32_matmuls(ours) <= float32_matmuls(reference), (ours.matmuls, reference.matmuls)
 
 
 def test_a_step_that_logs_nothing_reads_nothing_back_from_the_device(

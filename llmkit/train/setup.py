@@ -200,7 +200,7 @@ def apply_float8(model: Any, cfg: RunConfig) -> int:
     # pad_inner_dim: a fine-tune's padded micro-batches may hold any number of tokens (the gradient matmul's
     # inner side); multiples of 16 are left as they are. A CPU has no float8 units: torch's float8 matmul there is
     # a reference kernel some 50x slower than torchao's emulation, the float32 matmul of the same float8-rounded
-    # operands, which gives the same numbers (tests/test_float8.py) at float32 speed.
+    # operands, which gives the same numbers up to the order of float32's sums (tests/test_float8.py).
     settings = Float8LinearConfig(pad_inner_dim=True, emulate=not use_cuda(cfg))
     convert_to_float8_training(model, module_filter_fn=in_float8, config=settings)
     converted = sum(isinstance(module, Float8Linear) for module in model.modules())

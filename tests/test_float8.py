@@ -1,9 +1,8 @@
 """precision.dtype=fp8: torchao's float8 training of the model body's linear layers.
 
 Float8 tensor cores exist on Ada and Hopper GPUs; on the CPU torchao emulates them with the same rounding, so the
-numerics are checked here: the loss curve follows bf16's, checkpoints hold plain
-weights, and a killed fp8 run resumes bitwise. The speed-up is measured on a GPU (tests/test_gpu.py,
-bench/mfu.py --fp8).
+numerics are checked here: the loss curve follows bf16's, checkpoints hold plain weights, and a killed fp8 run,
+compiled as on a GPU, resumes bitwise. The speed-up is measured on a GPU (tests/test_gpu.py, bench/mfu.py --fp8).
 """
 
 from __future__ import annotations

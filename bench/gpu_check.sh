@@ -49,7 +49,7 @@ summary() {
   case $1 in
     tests) { grep -E "passed|failed|skipped|error" "$OUT/$1.log" | tail -n 1; grep -E "^FAILED" "$OUT/$1.log" |
       cut -c1-150; } | tr '\n' ';' ;;
-    *) grep -E "tokens/s|^ratio|loss curve|no result|failed" "$OUT/$1.log" | sed 's/  */ /g' | tr '\n' ';' ;;
+    *) grep -E "tokens/s|^ratio|^plan|loss curve|no result|failed" "$OUT/$1.log" | sed 's/  */ /g' | tr '\n' ';' ;;
   esac
 }
 

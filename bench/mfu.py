@@ -115,12 +115,27 @@ def main() -> None:
         for name in results:
             if name != "llmkit":
                 print(f"ratio llmkit / {name}: {ours / results[name]['rate']:.2f}x")
+    if "llmkit" in results and results["llmkit"].get("allocated_gib") is not None:
+        print(_plan_against(args, work, results["llmkit"]["allocated_gib"]))
     if "llmkit" in results and "llmkit-fp8" in results:
         curve = {int(k): v for k, v in results["llmkit"]["losses"].items()}
         fp8 = {int(k): v for k, v in results["llmkit-fp8"]["losses"].items()}
         worst = max(abs(fp8[step] / loss - 1) for step, loss in curve.items())
         print(f"fp8 loss curve vs {_precision()}: largest difference {worst:.2%} over {len(curve)} logged steps")
     (work / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+
+
+def _plan_against(args: argparse.Namespace, work: Path, allocated: float) -> str:
+    """`llmkit plan`'s memory for the llmkit contender's run, beside the peak CUDA's allocator reported for it."""
+    from llmkit.plan import estimate_memory, model_size
+
+    cfg = _config(args, work)
+    memory = estimate_memory(cfg, model_size(cfg, args.vocab, "pretrain"), "ddp", 1, False, "pretrain")
+    estimate = (memory.total - memory.overhead) / 2**30
+    return (
+        f"plan {estimate:.1f} GiB without CUDA context, llmkit's peak {allocated:.1f} GiB allocated: "
+        f"{estimate / allocated:.2f}x (one micro-batch a step: the plan's gradients are not all held at its peak)"
+    )
 
 
 def _device_peak() -> float | None:
@@ -169,13 +184,15 @@ def _prepare(args: argparse.Namespace, work: Path) -> tuple[float, int]:
 
 
 def _contender(args: argparse.Namespace) -> dict[str, object]:
-    """One contender in this process: {rate (steady tokens/s), peak_gib (CUDA's max reserved), losses}."""
+    """One contender in this process: {rate (steady tokens/s), peak_gib (CUDA's max reserved), allocated_gib
+    (CUDA's max allocated), losses}."""
     runs = {"llmkit": lambda: _llmkit(args), "llmkit-eager": lambda: _llmkit(args, compile=False),
             "llmkit-fp8": lambda: _llmkit(args, precision="fp8"), "trainer": lambda: _trainer(args),
             "loop": lambda: _loop(args)}  # fmt: skip
     rate, losses = runs[args.run]()
     peak = torch.cuda.max_memory_reserved() / 2**30 if torch.cuda.is_available() else None
-    return {"rate": rate, "peak_gib": peak, "losses": losses}
+    allocated = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None
+    return {"rate": rate, "peak_gib": peak, "allocated_gib": allocated, "losses": losses}
 
 
 def _llmkit(args: argparse.Namespace, compile: bool | None = None, precision: str | None = None):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -19,6 +20,19 @@ def model_context(model_or_config: Any) -> int:
     """The longest sequence a model takes, in tokens (0 when its config does not say)."""
     config = getattr(model_or_config, "config", model_or_config)
     return int(getattr(config, "max_position_embeddings", 0) or getattr(config, "n_positions", 0) or 0)
+
+
+@dataclass
+class Vocabulary:
+    """What build_model reads from a tokenizer, for a model built without one: its size and special ids."""
+
+    size: int
+    bos_token_id: int = 0
+    eos_token_id: int = 0
+    pad_token_id: int = 1
+
+    def __len__(self) -> int:
+        return self.size
 
 
 def build_model(cfg: ModelConfig, tokenizer: Any) -> Any:

@@ -11,12 +11,14 @@ Everything is computed from the recipe, and stated so a reader can check it:
 * memory per GPU: trained weights, gradients and optimizer states (fp32 master weights with Accelerate's mixed
   precision: 4 bytes per parameter, 4 per gradient, 8 for Adam's two moments), divided across GPUs as the
   strategy shards them; frozen weights (LoRA, freeze) in the compute dtype (2 bytes in bf16/fp16; QLoRA's
-  4-bit matrices about 0.55 bytes); activations per layer ~34 * sequence * batch * width bytes in 16-bit
-  (Korthikanti et al. 2022, with fused attention that stores no score matrix; doubled in fp32), or only each
-  layer's input with gradient checkpointing, for the real model's shape (a fine-tune's base model, not the
-  recipe's defaults); the loss's logits: one chunk at a time with the fused head (llmkit.losses), or the whole
-  batch's in the compute dtype with their gradient in a compiled step (train.compile, on by default on GPUs for
-  ddp) and under ZeRO-3/FSDP; plus 1 GiB of CUDA context;
+  4-bit matrices about 0.55 bytes); activations per layer and token: in a compiled step (train.compile, on by
+  default on GPUs for ddp) COMPILED_LAYER_BYTES x width, else what the layer's operators keep (eager_layer_bytes)
+  plus autocast's 16-bit copies of the trained matrices; in fp32 about twice; only each layer's input with
+  gradient checkpointing; for the real model's shape (a fine-tune's base model, not the recipe's defaults); the
+  loss's logits: one chunk at a time with the fused head (llmkit.losses) and the head's float32 gradient, or the
+  whole batch's in the compute dtype in a compiled step and under ZeRO-3/FSDP; plus 1 GiB of CUDA context. The
+  estimate is checked against the peak of a real step measured on the CPU (llmkit.train.memory), which matches
+  what CUDA's allocator reports for the same step;
 * time: the recipe's token budget x FLOPs per token / (GPUs x peak x MFU); cost: GPU-hours x price.
 """
 
@@ -28,12 +30,24 @@ from typing import Any, Literal
 
 from llmkit.config import RunConfig
 from llmkit.errors import UserError
-from llmkit.flops import GIB, GPU_TYPES, count_parameters, matmul_parameters, model_shape, training_flops_per_token
+from llmkit.flops import (
+    GIB,
+    GPU_TYPES,
+    count_parameters,
+    idle_expert_parameters,
+    matmul_parameters,
+    model_shape,
+    training_flops_per_token,
+)
 
 Stage = Literal["pretrain", "finetune"]
 # Cheapest communication first: the first that fits is the suggestion.
 STRATEGIES = ("ddp", "zero1", "zero2", "fsdp", "zero3", "zero2-offload", "zero3-offload")
 CUDA_CONTEXT = 1 * GIB
+# Bytes per token and unit of width one decoder layer keeps for backward in a compiled step (bf16): measured on the
+# CPU with torch.compile's inductor, 43.6 for the Llama-1B shape and 44.5 for GPT-2 124M; 40 holds whole steps,
+# with their loss, within 6% of the measured peak (docs/plan.md). Korthikanti et al. (2022) count 34.
+COMPILED_LAYER_BYTES = 40.0
 
 
 @dataclass
@@ -85,6 +99,10 @@ class ModelSize:
     vocab: int
     layers: int
     width: int
+    intermediate: int = 0  # the MLP's width (0: 4 x width)
+    kv_width: int = 0  # keys' (and values') width per token: grouped-query attention's is smaller (0: width)
+    gated: bool = True  # a gated MLP with RMSNorm (Llama, Qwen, Mistral...), or GPT-2's GELU MLP and LayerNorm
+    qk_norm_width: int = 0  # queries' and keys' width per token where each is normalized (Qwen3, OLMo 2)
 
 
 def recipe_stage(cfg: RunConfig) -> Stage:
@@ -130,24 +148,24 @@ def model_size(cfg: RunConfig, vocab: int, stage: Stage) -> ModelSize:
                 trainable += cfg.finetune.lora.r * (module.in_features + module.out_features)
     layers, width = model_shape(model.config)
     vocab = int(model.get_input_embeddings().weight.shape[0])
-    return ModelSize(total, trainable, matmul_parameters(model, total), vocab, layers, width)
-
-
-@dataclass
-class _Vocabulary:
-    """What build_model reads from a tokenizer: its size and special ids."""
-
-    size: int
-    bos_token_id: int = 0
-    eos_token_id: int = 0
-    pad_token_id: int = 1
-
-    def __len__(self) -> int:
-        return self.size
+    config = model.config
+    heads = int(getattr(config, "num_attention_heads", 0) or getattr(config, "n_head", 0) or 1)
+    head_dim = int(getattr(config, "head_dim", 0) or width // heads)
+    kv_width = int(getattr(config, "num_key_value_heads", 0) or heads) * head_dim
+    gated = hasattr(config, "intermediate_size")  # GPT-2's configs name theirs n_inner
+    intermediate = int(getattr(config, "intermediate_size", 0) or getattr(config, "n_inner", 0) or 4 * width)
+    top_k = getattr(config, "num_experts_per_tok", None)
+    if isinstance(top_k, int) and idle_expert_parameters(model):  # a token runs through top_k experts' MLPs
+        expert = int(getattr(config, "moe_intermediate_size", 0) or intermediate)
+        intermediate = top_k * expert + int(getattr(config, "shared_expert_intermediate_size", 0) or 0)
+    qk_norm = any(name.endswith(".q_norm") for name, _ in model.named_modules())
+    qk_norm_width = heads * head_dim + kv_width if qk_norm else 0
+    matmul = matmul_parameters(model, total)
+    return ModelSize(total, trainable, matmul, vocab, layers, width, intermediate, kv_width, gated, qk_norm_width)
 
 
 def _meta_model(cfg: RunConfig, vocab: int) -> Any:
-    from llmkit.models import build_model, extend_context
+    from llmkit.models import Vocabulary, build_model, extend_context
 
     if cfg.model.init_from:
         from transformers import AutoConfig, AutoModelForCausalLM
@@ -162,7 +180,7 @@ def _meta_model(cfg: RunConfig, vocab: int) -> Any:
         if cfg.model.rope_scaling != "none":
             extend_context(config, cfg.model.rope_scaling, cfg.model.rope_factor, cfg.model.init_from)
         return AutoModelForCausalLM.from_config(config)
-    return build_model(cfg.model, _Vocabulary(vocab))
+    return build_model(cfg.model, Vocabulary(vocab))
 
 
 def estimate_memory(
@@ -176,15 +194,20 @@ def estimate_memory(
 ) -> Memory:
     """Bytes per GPU under `strategy` (see the module docstring for every term); `teacher`: a live distillation
     teacher, whole on every GPU in the compute dtype, with its logits."""
+    from llmkit.train.strategies import compiles
+
     compute_bytes = memory_dtype(cfg)
     weights, gradients, optimizer = _sharded_state(*_training_state(cfg, size, stage), strategy, max(gpus, 1))
     micro, seq = cfg.train.micro_batch_size, _sequence(cfg, stage)
     scale = 2.0 if cfg.precision.dtype == "fp32" else 1.0
-    per_layer = 34.0 * seq * micro * size.width * scale
+    compiled = strategy == "ddp" and compiles(cfg, cuda=True)  # as the run would decide on a GPU
+    per_token = COMPILED_LAYER_BYTES * size.width * scale if compiled else eager_layer_bytes(size, scale)
     if gradient_checkpointing:
-        activations = 2.0 * seq * micro * size.width * scale * size.layers + per_layer
+        activations = seq * micro * (2.0 * size.width * scale * size.layers + per_token)
     else:
-        activations = per_layer * size.layers
+        activations = seq * micro * per_token * size.layers
+    if not compiled and strategy == "ddp" and scale == 1.0:  # autocast's 16-bit copies of the trained matrices
+        activations += 2.0 * min(size.matmul, size.trainable)
     if stage == "finetune" and _task(cfg).keeps_base(cfg):  # a frozen copy of the start (GRPO's KL reference)
         weights += compute_bytes * size.total
     if teacher is not None:  # its weights, its logits, and one chunk of both sides' float32 log-softmax
@@ -194,7 +217,7 @@ def estimate_memory(
         activations += compute_bytes * micro * seq * teacher.vocab + 16.0 * ROWS_PER_CHUNK * teacher.vocab
     if cfg.train.activation_offload:  # saved in CPU memory: the GPU holds one layer's while it computes
         activations = activations / max(size.layers, 1)
-    activations += _logits_bytes(cfg, stage, strategy, micro * seq * size.vocab)
+    activations += _logits_bytes(cfg, stage, strategy, compiled, micro * seq, size)
     return Memory(weights, gradients, optimizer, activations)
 
 
@@ -243,23 +266,45 @@ def _sharded_state(
     return weights, gradients, optimizer
 
 
-def _logits_bytes(cfg: RunConfig, stage: Stage, strategy: str, logits: int) -> float:
+def _logits_bytes(cfg: RunConfig, stage: Stage, strategy: str, compiled: bool, tokens: int, size: ModelSize) -> float:
     """The loss's logits: none (a classification head); whole (distillation, tasks that need them), with their
     gradient and the float32 log-softmax; whole with their gradient (a compiled step's plain loss, ZeRO-3/FSDP); or
-    one chunk of the fused head (float32 and its 16-bit copy)."""
+    the fused head's one chunk (its 16-bit and float32 logits and logsumexp's float32 temporary) and, when the head
+    trains, its weight's float32 gradient, computed in the forward pass and kept for backward."""
     from llmkit.losses import CHUNK_ELEMENTS
-    from llmkit.train.strategies import compiles
 
     compute_bytes = memory_dtype(cfg)
     head = "whole" if cfg.distill.teacher else _task(cfg).logits if stage == "finetune" else "fused"
-    compiled = strategy == "ddp" and compiles(cfg, cuda=True)  # as the run would decide on a GPU
+    logits = tokens * size.vocab
     if head == "none":  # a classification head: no vocabulary logits
         return 0.0
     if head == "whole":
         return (2.0 * compute_bytes + 4.0) * logits
-    if strategy in ("zero3", "fsdp", "zero3-offload") or compiled:
+    if compiled:  # the 16-bit logits, their gradient written mostly over them
+        return 1.5 * compute_bytes * logits
+    if strategy in ("zero3", "fsdp", "zero3-offload"):
         return 2.0 * compute_bytes * logits
-    return 6.0 * min(logits, CHUNK_ELEMENTS)
+    head_trains = stage == "pretrain" or cfg.finetune.method == "full"
+    return 10.0 * min(logits, CHUNK_ELEMENTS) + (4.0 * size.vocab * size.width if head_trains else 0.0)
+
+
+def eager_layer_bytes(size: ModelSize, scale: float = 1.0) -> float:
+    """Bytes per token one decoder layer keeps for backward when it runs eagerly: under 16-bit autocast, or in
+    float32 (`scale` 2), counted operator by operator in transformers' layers.
+
+    Llama-style (RMSNorm, gated MLP): each norm's float32 input and normalized copy; the projections' inputs (the
+    16-bit copies autocast makes for q, k, v, gate and up, or the two norms' float32 outputs); attention's q, k, v
+    and output, o_proj's input, and the MLP's gate, up, activation and product. GPT-2-style: each LayerNorm's
+    float32 input, the projections' inputs, q/k/v, the attention output and its merged copy, and five tensors of
+    the MLP's width in GELU's tanh form. Normalized queries and keys add their float32 input and 16-bit output.
+    Measured on the CPU within 5% (docs/plan.md). A compiled step keeps less (COMPILED_LAYER_BYTES x width): the
+    compiler recomputes the cheap ones."""
+    h, kv, i = size.width, size.kv_width or size.width, size.intermediate or 4 * size.width
+    if size.gated:
+        projection_inputs = 10.0 * h if scale == 1.0 else 8.0 * h
+        qk_norms = 6.0 * size.qk_norm_width
+        return 16.0 * h + projection_inputs + qk_norms + scale * (6.0 * h + 4.0 * kv + 8.0 * i)
+    return 8.0 * h + scale * (14.0 * h + 10.0 * i)
 
 
 def _sequence(cfg: RunConfig, stage: Stage) -> int:

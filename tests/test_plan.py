@@ -13,6 +13,7 @@ from llmkit.data.tokenizer import train_bpe
 from llmkit.flops import GIB, count_parameters
 from llmkit.models import attach_lora, build_model
 from llmkit.plan import ModelSize, estimate_memory, plan_run
+from llmkit.train.memory import measure_step_peak
 from tests.conftest import assert_user_error, run_cli
 
 RECIPES = Path(__file__).parent.parent / "recipes"
@@ -74,6 +75,25 @@ def test_sharding_divides_what_each_strategy_shards() -> None:
     assert offload.weights == offload.optimizer == 0
     checkpointed = estimate_memory(cfg, size, "ddp", 8, True, "pretrain")
     assert checkpointed.activations < ddp.activations
+
+
+# A small Llama-style model whose layers hold most of a step's memory, as in a real run: 4 x 256, 2 x 4 x 512 tokens.
+MEASURED_SHAPE = ["model.hidden_size=256", "data.block_size=512", "model.context_length=512", "data.vocab_size=2048",
+                  "train.micro_batch_size=4", "train.grad_accum_steps=2", "precision.dtype=bf16"]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("arch", "compiled"), [("llama", False), ("qwen3", False), ("gpt2", False), ("llama", True), ("gpt2", True)]
+)
+def test_memory_is_within_ten_percent_of_a_measured_step(arch: str, compiled: bool, tmp_path: Path) -> None:
+    """The peak of a real optimizer step (the run's model, loss, fused AdamW, bf16 autocast, two micro-batches),
+    measured on the CPU as CUDA's allocator counts it on a GPU, against the plan less its CUDA context: eager (as
+    DeepSpeed, FSDP and --no-compile run) and compiled (the default on a GPU)."""
+    sets = [*MEASURED_SHAPE, f"model.arch={arch}", f"train.compile={compiled}", f"data.dataset_dir={tmp_path}"]
+    cfg = load_config(RECIPES / "tiny-cpu.yaml", sets + (["model.n_kv_heads=null"] if arch == "gpt2" else []))
+    plan = plan_run(cfg)
+    measured = measure_step_peak(cfg, 2048, compiled)
+    assert plan.memory.total - plan.memory.overhead == pytest.approx(measured, rel=0.10)
 
 
 def test_time_and_cost_follow_the_stated_formula() -> None:

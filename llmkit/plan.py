@@ -268,9 +268,10 @@ def _sharded_state(
 
 def _logits_bytes(cfg: RunConfig, stage: Stage, strategy: str, compiled: bool, tokens: int, size: ModelSize) -> float:
     """The loss's logits: none (a classification head); whole (distillation, tasks that need them), with their
-    gradient and the float32 log-softmax; whole with their gradient (a compiled step's plain loss, ZeRO-3/FSDP); or
-    the fused head's one chunk (its 16-bit and float32 logits and logsumexp's float32 temporary) and, when the head
-    trains, its weight's float32 gradient, computed in the forward pass and kept for backward."""
+    gradient and the float32 log-softmax; a compiled step's, in the compute dtype, their gradient written mostly
+    over them; whole with their gradient (ZeRO-3/FSDP, whose head is not fused); or the fused head's one chunk (its
+    16-bit and float32 logits and logsumexp's float32 temporary) and, when the head trains, its weight's float32
+    gradient, computed in the forward pass and kept for backward."""
     from llmkit.losses import CHUNK_ELEMENTS
 
     compute_bytes = memory_dtype(cfg)
@@ -280,7 +281,7 @@ def _logits_bytes(cfg: RunConfig, stage: Stage, strategy: str, compiled: bool, t
         return 0.0
     if head == "whole":
         return (2.0 * compute_bytes + 4.0) * logits
-    if compiled:  # the 16-bit logits, their gradient written mostly over them
+    if compiled:
         return 1.5 * compute_bytes * logits
     if strategy in ("zero3", "fsdp", "zero3-offload"):
         return 2.0 * compute_bytes * logits

@@ -1,4 +1,5 @@
-"""llmkit plan: estimates checked against real models on CPU (parameters, weight/gradient/optimizer bytes)."""
+"""llmkit plan: estimates checked against real models on CPU (parameters, weight/gradient/optimizer bytes, the
+measured peak of a whole step)."""
 
 from __future__ import annotations
 

@@ -339,7 +339,7 @@ def freeze_except(model: Any, top_layers: int | None, name_parts: list[str]) -> 
     """Train only the top `top_layers` transformer blocks, the final norm and head, and named parameters."""
     if top_layers is None and not name_parts:
         raise UserError("method freeze needs finetune.freeze_top_layers or finetune.trainable_modules")
-    layers = _block_list(model)
+    layers = block_list(model)
     if top_layers is not None and top_layers > len(layers):
         raise UserError(f"finetune.freeze_top_layers={top_layers} but the model has {len(layers)} layers")
     for parameter in model.parameters():
@@ -355,7 +355,8 @@ def freeze_except(model: Any, top_layers: int | None, name_parts: list[str]) -> 
             parameter.requires_grad = True
 
 
-def _block_list(model: Any) -> Any:
+def block_list(model: Any) -> Any:
+    """The model's transformer blocks: its longest ModuleList."""
     import torch
 
     lists = [m for m in model.modules() if isinstance(m, torch.nn.ModuleList) and len(m) > 0]

@@ -13,8 +13,9 @@ Everything is computed from the recipe, and stated so a reader can check it:
   strategy shards them; frozen weights (LoRA, freeze) in the compute dtype (2 bytes in bf16/fp16; QLoRA's
   4-bit matrices about 0.55 bytes); activations per layer and token: in a compiled step (train.compile, on by
   default on GPUs for ddp) COMPILED_LAYER_BYTES x width, else what the layer's operators keep (eager_layer_bytes)
-  plus autocast's 16-bit copies of the trained matrices; in fp32 about twice; only each layer's input with
-  gradient checkpointing; for the real model's shape (a fine-tune's base model, not the recipe's defaults); the
+  plus autocast's 16-bit copies of the trained matrices (a frozen layer keeps less; LoRA's adapters their inputs;
+  frozen layers below every trained one nothing); in fp32 about twice; only each layer's input with gradient
+  checkpointing; for the real model's shape (a fine-tune's base model, not the recipe's defaults); the
   loss's logits: one chunk at a time with the fused head (llmkit.losses) and the head's float32 gradient, or the
   whole batch's in the compute dtype in a compiled step and under ZeRO-3/FSDP; plus 1 GiB of CUDA context. The
   estimate is checked against the peak of a real step measured on the CPU (llmkit.train.memory), which matches
@@ -103,6 +104,9 @@ class ModelSize:
     kv_width: int = 0  # keys' (and values') width per token: grouped-query attention's is smaller (0: width)
     gated: bool = True  # a gated MLP with RMSNorm (Llama, Qwen, Mistral...), or GPT-2's GELU MLP and LayerNorm
     qk_norm_width: int = 0  # queries' and keys' width per token where each is normalized (Qwen3, OLMo 2)
+    adapted_inputs: int = 0  # per layer, the input widths of the projections LoRA adapts (0: no adapters)
+    recorded_layers: int | None = None  # layers whose activations backward keeps (None: all; freeze: fewer)
+    trained_layers: int | None = None  # of those, layers whose own weights train (None: all; LoRA: none)
 
 
 def recipe_stage(cfg: RunConfig) -> Stage:
@@ -123,7 +127,7 @@ def model_size(cfg: RunConfig, vocab: int, stage: Stage) -> ModelSize:
     """The recipe's model (a fine-tune's base model), built on the meta device: counts and shape."""
     import torch
 
-    from llmkit.models import lora_target_modules, model_context
+    from llmkit.models import freeze_except, lora_target_modules, model_context
 
     with torch.device("meta"):
         model = _meta_model(cfg, vocab)
@@ -139,14 +143,22 @@ def model_size(cfg: RunConfig, vocab: int, stage: Stage) -> ModelSize:
             "model's context with model.rope_scaling and model.rope_factor"
         )
     total = count_parameters(model)[1]
-    trainable = total
+    trainable, adapted_inputs = total, 0
+    layers, width = model_shape(model.config)
+    recorded, trained = layers, layers
     if stage == "finetune" and cfg.finetune.method in ("lora", "qlora"):
         targets = set(cfg.finetune.lora.target_modules or lora_target_modules(model))
         trainable = 0
         for name, module in model.named_modules():
-            if name.rsplit(".", 1)[-1] in targets and isinstance(module, torch.nn.Linear):
-                trainable += cfg.finetune.lora.r * (module.in_features + module.out_features)
-    layers, width = model_shape(model.config)
+            if name.rsplit(".", 1)[-1] in targets and _is_projection(module):
+                inputs, outputs = _projection_shape(module)
+                trainable += cfg.finetune.lora.r * (inputs + outputs)
+                adapted_inputs += inputs
+        trained = 0
+    elif stage == "finetune" and cfg.finetune.method == "freeze":
+        freeze_except(model, cfg.finetune.freeze_top_layers, cfg.finetune.trainable_modules)
+        trainable = count_parameters(model)[0]
+        recorded, trained = _recorded_layers(model)
     vocab = int(model.get_input_embeddings().weight.shape[0])
     config = model.config
     heads = int(getattr(config, "num_attention_heads", 0) or getattr(config, "n_head", 0) or 1)
@@ -161,7 +173,47 @@ def model_size(cfg: RunConfig, vocab: int, stage: Stage) -> ModelSize:
     qk_norm = any(name.endswith(".q_norm") for name, _ in model.named_modules())
     qk_norm_width = heads * head_dim + kv_width if qk_norm else 0
     matmul = matmul_parameters(model, total)
-    return ModelSize(total, trainable, matmul, vocab, layers, width, intermediate, kv_width, gated, qk_norm_width)
+    return ModelSize(
+        total,
+        trainable,
+        matmul,
+        vocab,
+        layers,
+        width,
+        intermediate,
+        kv_width,
+        gated,
+        qk_norm_width,
+        adapted_inputs // max(layers, 1),
+        recorded,
+        trained,
+    )
+
+
+def _is_projection(module: Any) -> bool:
+    """A linear layer LoRA adapts: torch's Linear, or GPT-2's Conv1D (its weight is [in, out])."""
+    import torch
+
+    return isinstance(module, torch.nn.Linear) or type(module).__name__ == "Conv1D"
+
+
+def _projection_shape(module: Any) -> tuple[int, int]:
+    import torch
+
+    if isinstance(module, torch.nn.Linear):
+        return module.in_features, module.out_features
+    return int(module.weight.shape[0]), int(module.weight.shape[1])
+
+
+def _recorded_layers(model: Any) -> tuple[int, int]:
+    """(blocks whose activations backward keeps, blocks that train): from the lowest block with a trained parameter
+    up, or every block when the input embedding trains (a frozen block below every trained one is not recorded)."""
+    from llmkit.models import block_list
+
+    trains = [any(p.requires_grad for p in block.parameters()) for block in block_list(model)]
+    if model.get_input_embeddings().weight.requires_grad:
+        return len(trains), sum(trains)
+    return (len(trains) - trains.index(True) if True in trains else 0), sum(trains)
 
 
 def _meta_model(cfg: RunConfig, vocab: int) -> Any:
@@ -201,11 +253,17 @@ def estimate_memory(
     micro, seq = cfg.train.micro_batch_size, _sequence(cfg, stage)
     scale = 2.0 if cfg.precision.dtype == "fp32" else 1.0
     compiled = strategy == "ddp" and compiles(cfg, cuda=True)  # as the run would decide on a GPU
-    per_token = COMPILED_LAYER_BYTES * size.width * scale if compiled else eager_layer_bytes(size, scale)
+    dropout = stage == "finetune" and cfg.finetune.method in ("lora", "qlora") and cfg.finetune.lora.dropout > 0
+    layers = size.layers if size.recorded_layers is None else size.recorded_layers
+    trained = layers if size.trained_layers is None else size.trained_layers
+    kept = []  # per token, of a layer that trains and of one that does not
+    for frozen in (False, True):
+        eager = eager_layer_bytes(size, scale, frozen, dropout)
+        kept.append(min(COMPILED_LAYER_BYTES * size.width * scale, eager) if compiled else eager)
     if gradient_checkpointing:
-        activations = seq * micro * (2.0 * size.width * scale * size.layers + per_token)
+        activations = seq * micro * (2.0 * size.width * scale * layers + max(kept[0] if trained else 0, kept[1]))
     else:
-        activations = seq * micro * per_token * size.layers
+        activations = seq * micro * (trained * kept[0] + (layers - trained) * kept[1])
     if not compiled and strategy == "ddp" and scale == 1.0:  # autocast's 16-bit copies of the trained matrices
         activations += 2.0 * min(size.matmul, size.trainable)
     if stage == "finetune" and _task(cfg).keeps_base(cfg):  # a frozen copy of the start (GRPO's KL reference)
@@ -289,7 +347,7 @@ def _logits_bytes(cfg: RunConfig, stage: Stage, strategy: str, compiled: bool, t
     return 10.0 * min(logits, CHUNK_ELEMENTS) + (4.0 * size.vocab * size.width if head_trains else 0.0)
 
 
-def eager_layer_bytes(size: ModelSize, scale: float = 1.0) -> float:
+def eager_layer_bytes(size: ModelSize, scale: float = 1.0, frozen: bool = False, dropout: bool = False) -> float:
     """Bytes per token one decoder layer keeps for backward when it runs eagerly: under 16-bit autocast, or in
     float32 (`scale` 2), counted operator by operator in transformers' layers.
 
@@ -298,13 +356,25 @@ def eager_layer_bytes(size: ModelSize, scale: float = 1.0) -> float:
     and output, o_proj's input, and the MLP's gate, up, activation and product. GPT-2-style: each LayerNorm's
     float32 input, the projections' inputs, q/k/v, the attention output and its merged copy, and five tensors of
     the MLP's width in GELU's tanh form. Normalized queries and keys add their float32 input and 16-bit output.
+
+    A `frozen` layer's projections keep no inputs (their weights take no gradient), and with LoRA's frozen 16-bit
+    embedding the residual stream is 16-bit, so each RMSNorm keeps only its float32 copy; each adapter keeps its own
+    16-bit input and, with `dropout`, the dropout's mask (a byte per element on a GPU; the CPU's dropout keeps a
+    float32 one).
+
     Measured on the CPU within 5% (docs/plan.md). A compiled step keeps less (COMPILED_LAYER_BYTES x width): the
     compiler recomputes the cheap ones."""
     h, kv, i = size.width, size.kv_width or size.width, size.intermediate or 4 * size.width
+    adapters = size.adapted_inputs * (2.0 * scale + (1.0 if dropout else 0.0))
     if size.gated:
-        projection_inputs = 10.0 * h if scale == 1.0 else 8.0 * h
         qk_norms = 6.0 * size.qk_norm_width
+        if frozen:
+            norms = 8.0 * h if size.adapted_inputs else 16.0 * h
+            return norms + qk_norms + scale * (4.0 * h + 4.0 * kv + 6.0 * i) + adapters
+        projection_inputs = 10.0 * h if scale == 1.0 else 8.0 * h
         return 16.0 * h + projection_inputs + qk_norms + scale * (6.0 * h + 4.0 * kv + 8.0 * i)
+    if frozen:
+        return 8.0 * h + scale * (8.0 * h + 8.0 * i) + adapters
     return 8.0 * h + scale * (14.0 * h + 10.0 * i)
 
 

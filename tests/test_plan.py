@@ -12,7 +12,7 @@ import torch
 from llmkit.config import load_config
 from llmkit.data.tokenizer import train_bpe
 from llmkit.flops import GIB, count_parameters
-from llmkit.models import attach_lora, build_model
+from llmkit.models import Vocabulary, attach_lora, build_model
 from llmkit.plan import ModelSize, estimate_memory, plan_run
 from llmkit.train.memory import measure_step_peak
 from tests.conftest import assert_user_error, run_cli
@@ -49,10 +49,11 @@ def test_weight_gradient_and_optimizer_bytes_match_a_real_adamw_step() -> None:
     assert plan.memory.optimizer == states
 
 
-def test_lora_trainable_count_matches_peft(tmp_path: Path) -> None:
-    cfg = load_config(RECIPES / "tiny-cpu.yaml", ["data.vocab_size=1000"])
-    tokenizer = type("Vocab", (), {"__len__": lambda self: 1000, "bos_token_id": 0, "eos_token_id": 0,
-                                   "pad_token_id": 1})()  # fmt: skip
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])  # GPT-2's projections are Conv1D, not Linear
+def test_lora_trainable_count_matches_peft(arch: str, tmp_path: Path) -> None:
+    sets = ["data.vocab_size=1000", f"model.arch={arch}", *(["model.n_kv_heads=null"] if arch == "gpt2" else [])]
+    cfg = load_config(RECIPES / "tiny-cpu.yaml", sets)
+    tokenizer = Vocabulary(1000)
     build_model(cfg.model, tokenizer).save_pretrained(tmp_path / "base")
     lora = load_config(RECIPES / "sft-lora.yaml", [f"model.init_from={tmp_path / 'base'}", "finetune.lora.r=4",
                                                    "finetune.max_length=128"])  # the base's context  # fmt: skip
@@ -94,6 +95,27 @@ def test_memory_is_within_ten_percent_of_a_measured_step(arch: str, compiled: bo
     cfg = load_config(RECIPES / "tiny-cpu.yaml", sets + (["model.n_kv_heads=null"] if arch == "gpt2" else []))
     plan = plan_run(cfg)
     measured = measure_step_peak(cfg, 2048, compiled)
+    assert plan.memory.total - plan.memory.overhead == pytest.approx(measured, rel=0.10)
+
+
+@pytest.mark.parametrize(
+    ("arch", "method", "top_layers"), [("llama", "lora", 0), ("gpt2", "lora", 0), ("llama", "freeze", 2)]
+)
+def test_a_fine_tunes_memory_is_within_ten_percent_of_a_measured_step(
+    arch: str, method: str, top_layers: int, tmp_path: Path
+) -> None:
+    """As above for fine-tuning a saved base: frozen weights in bf16, LoRA's adapters on every projection (GPT-2's
+    Conv1D too), or only the top blocks trained (the frozen ones below are not recorded). LoRA without dropout: the
+    CPU's dropout keeps a float32 mask where a GPU's keeps a byte per element."""
+    shape = MEASURED_SHAPE[:3] + [f"model.arch={arch}", "model.tie_embeddings=false"]
+    base = load_config(RECIPES / "tiny-cpu.yaml", shape + (["model.n_kv_heads=null"] if arch == "gpt2" else []))
+    build_model(base.model, Vocabulary(2048)).save_pretrained(tmp_path / "base")
+    cfg = load_config(RECIPES / "sft-lora.yaml", [
+        f"model.init_from={tmp_path / 'base'}", "finetune.max_length=512", *MEASURED_SHAPE[4:], "train.compile=false",
+        f"finetune.method={method}", "finetune.lora.dropout=0", f"finetune.freeze_top_layers={top_layers or 'null'}",
+    ])  # fmt: skip
+    plan = plan_run(cfg)
+    measured = measure_step_peak(cfg, 2048, compiled=False, finetune=True)
     assert plan.memory.total - plan.memory.overhead == pytest.approx(measured, rel=0.10)
 
 

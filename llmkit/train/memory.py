@@ -28,19 +28,26 @@ from llmkit.train.step import MicroStep
 from llmkit.train.strategies import Strategy
 
 
-def measure_step_peak(cfg: RunConfig, vocab: int, compiled: bool) -> int:
-    """Peak bytes of tensors alive during one optimizer step of `cfg`'s pretraining run on the CPU."""
+def measure_step_peak(cfg: RunConfig, vocab: int, compiled: bool, finetune: bool = False) -> int:
+    """Peak bytes of tensors alive during one optimizer step of `cfg`'s run on the CPU: pretraining, or with
+    `finetune` a language-model fine-tune of `model.init_from` by `finetune.method` (full, lora or freeze) on rows of
+    `finetune.max_length` tokens, its frozen weights in the compute dtype as the run holds them."""
     from torch.profiler import ProfilerActivity, profile
 
     torch.manual_seed(0)
-    model = build_model(cfg.model, Vocabulary(vocab)).train()
+    if finetune:
+        model = _fine_tuned(cfg)
+        sequence = cfg.finetune.max_length
+    else:
+        model = build_model(cfg.model, Vocabulary(vocab)).train()
+        sequence = cfg.data.block_size
     single_process = cast(Strategy, SimpleNamespace(whole_weights=True, offloads_optimizer=False))
     loss_fn = language_model_loss(model, single_process)
     optimizer = build_optimizer(model, cfg.optimizer)
     bf16 = cfg.precision.dtype in ("bf16", "fp8")
     autocast = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if bf16 else nullcontext
     step = MicroStep(loss_fn, autocast, cfg.train.compile_backend if compiled else None)
-    ids = torch.randint(0, vocab, (cfg.train.micro_batch_size, cfg.data.block_size))
+    ids = torch.randint(0, vocab, (cfg.train.micro_batch_size, sequence))
     batch = {"input_ids": ids, "labels": ids}
 
     def optimizer_step() -> None:
@@ -66,6 +73,21 @@ def measure_step_peak(cfg: RunConfig, vocab: int, compiled: bool) -> int:
         live += change
         peak = max(peak, live)
     return alive + peak
+
+
+def _fine_tuned(cfg: RunConfig) -> Any:
+    from transformers import AutoModelForCausalLM
+
+    from llmkit.models import attach_lora, freeze_except, place_weights
+    from llmkit.train.setup import compute_dtype
+
+    model = AutoModelForCausalLM.from_pretrained(str(cfg.model.init_from)).train()
+    if cfg.finetune.method == "lora":
+        model = attach_lora(model, cfg.finetune.lora, "CAUSAL_LM", [])
+    elif cfg.finetune.method == "freeze":
+        freeze_except(model, cfg.finetune.freeze_top_layers, cfg.finetune.trainable_modules)
+    place_weights(model, compute_dtype(cfg))
+    return model
 
 
 def _state_tensors(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:

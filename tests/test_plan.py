@@ -11,7 +11,7 @@ import torch
 
 from llmkit.config import load_config
 from llmkit.data.tokenizer import train_bpe
-from llmkit.flops import GIB, count_parameters
+from llmkit.flops import GIB, GPU_TYPES, count_parameters
 from llmkit.models import Vocabulary, attach_lora, build_model
 from llmkit.plan import ModelSize, estimate_memory, plan_run
 from llmkit.train.memory import measure_step_peak
@@ -117,6 +117,33 @@ def test_a_fine_tunes_memory_is_within_ten_percent_of_a_measured_step(
     plan = plan_run(cfg)
     measured = measure_step_peak(cfg, 2048, compiled=False, finetune=True)
     assert plan.memory.total - plan.memory.overhead == pytest.approx(measured, rel=0.10)
+
+
+@pytest.mark.parametrize(
+    ("recipe", "gpu_type", "gpus", "sets"),
+    [
+        ("gpt2-124m.yaml", "a10", 1, []),
+        ("llama-1b.yaml", "h100", 8, []),
+        ("llama-1b.yaml", "a100-40", 8, ["train.micro_batch_size=4", "train.grad_accum_steps=8"]),
+        ("sft-lora.yaml", "a10", 1, []),
+        ("dpo-lora.yaml", "a10", 1, []),
+    ],
+)
+def test_the_gpu_recipes_fit_the_hardware_their_about_names(
+    recipe: str, gpu_type: str, gpus: int, sets: list[str], tmp_path: Path
+) -> None:
+    """What each GPU recipe says it needs (24 GB, 8 x 80 GB or 40 GB at micro-batch 4), for its ~1B base where it
+    fine-tunes one (TinyLlama's shape, from a config file: the hub is not reachable here)."""
+    from transformers import LlamaConfig
+
+    LlamaConfig(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=22,
+                num_attention_heads=32, num_key_value_heads=4, max_position_embeddings=2048,
+                tie_word_embeddings=False).save_pretrained(tmp_path / "base")  # fmt: skip
+    base = [f"model.init_from={tmp_path / 'base'}"] if "lora" in recipe else []
+    cfg = load_config(RECIPES / recipe, [*base, *sets, f"data.dataset_dir={tmp_path}"])
+    plan = plan_run(cfg, gpus=gpus, gpu_type=gpu_type)
+    assert plan.fits, plan.suggestion
+    assert str(GPU_TYPES[gpu_type][1] // GIB) in cfg.about
 
 
 def test_time_and_cost_follow_the_stated_formula() -> None:

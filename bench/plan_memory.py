@@ -39,7 +39,8 @@ def main() -> None:
         vocab = args.vocab or cfg.data.vocab_size
         start = time.perf_counter()
         measured[layers] = measure_step_peak(cfg, vocab, args.compile)
-        plan = estimate_memory(cfg, model_size(cfg, vocab, "pretrain"), "ddp", 1, False, "pretrain")
+        checkpointing = cfg.train.gradient_checkpointing
+        plan = estimate_memory(cfg, model_size(cfg, vocab, "pretrain"), "ddp", 1, checkpointing, "pretrain")
         estimate = plan.total - plan.overhead
         print(f"| {layers} | {measured[layers] / GIB:.3f} GiB | {estimate / GIB:.3f} GiB | "
               f"{estimate / measured[layers]:.3f} | {time.perf_counter() - start:.0f} |")  # fmt: skip

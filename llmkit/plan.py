@@ -127,7 +127,7 @@ def model_size(cfg: RunConfig, vocab: int, stage: Stage) -> ModelSize:
     """The recipe's model (a fine-tune's base model), built on the meta device: counts and shape."""
     import torch
 
-    from llmkit.models import freeze_except, lora_target_modules, model_context
+    from llmkit.models import model_context
 
     with torch.device("meta"):
         model = _meta_model(cfg, vocab)
@@ -143,51 +143,59 @@ def model_size(cfg: RunConfig, vocab: int, stage: Stage) -> ModelSize:
             "model's context with model.rope_scaling and model.rope_factor"
         )
     total = count_parameters(model)[1]
-    trainable, adapted_inputs = total, 0
     layers, width = model_shape(model.config)
-    recorded, trained = layers, layers
+    trainable, adapted_inputs, recorded, trained = _what_trains(model, cfg, stage, total, layers)
+    return ModelSize(
+        total,
+        trainable,
+        matmul_parameters(model, total),
+        int(model.get_input_embeddings().weight.shape[0]),
+        layers,
+        width,
+        **_layer_shape(model, width),
+        adapted_inputs=adapted_inputs,
+        recorded_layers=recorded,
+        trained_layers=trained,
+    )
+
+
+def _what_trains(model: Any, cfg: RunConfig, stage: Stage, total: int, layers: int) -> tuple[int, int, int, int]:
+    """(trainable parameters, input widths LoRA adapts per layer, layers backward records, layers that train)."""
+    from llmkit.models import freeze_except, lora_target_modules
+
     if stage == "finetune" and cfg.finetune.method in ("lora", "qlora"):
         targets = set(cfg.finetune.lora.target_modules or lora_target_modules(model))
-        trainable = 0
+        trainable = adapted_inputs = 0
         for name, module in model.named_modules():
             if name.rsplit(".", 1)[-1] in targets and _is_projection(module):
                 inputs, outputs = _projection_shape(module)
                 trainable += cfg.finetune.lora.r * (inputs + outputs)
                 adapted_inputs += inputs
-        trained = 0
-    elif stage == "finetune" and cfg.finetune.method == "freeze":
+        return trainable, adapted_inputs // max(layers, 1), layers, 0
+    if stage == "finetune" and cfg.finetune.method == "freeze":
         freeze_except(model, cfg.finetune.freeze_top_layers, cfg.finetune.trainable_modules)
-        trainable = count_parameters(model)[0]
-        recorded, trained = _recorded_layers(model)
-    vocab = int(model.get_input_embeddings().weight.shape[0])
+        return count_parameters(model)[0], 0, *_recorded_layers(model)
+    return total, 0, layers, layers
+
+
+def _layer_shape(model: Any, width: int) -> dict[str, Any]:
+    """What a layer's activations scale with, from the model's config: see ModelSize."""
     config = model.config
     heads = int(getattr(config, "num_attention_heads", 0) or getattr(config, "n_head", 0) or 1)
     head_dim = int(getattr(config, "head_dim", 0) or width // heads)
     kv_width = int(getattr(config, "num_key_value_heads", 0) or heads) * head_dim
-    gated = hasattr(config, "intermediate_size")  # GPT-2's configs name theirs n_inner
     intermediate = int(getattr(config, "intermediate_size", 0) or getattr(config, "n_inner", 0) or 4 * width)
     top_k = getattr(config, "num_experts_per_tok", None)
     if isinstance(top_k, int) and idle_expert_parameters(model):  # a token runs through top_k experts' MLPs
         expert = int(getattr(config, "moe_intermediate_size", 0) or intermediate)
         intermediate = top_k * expert + int(getattr(config, "shared_expert_intermediate_size", 0) or 0)
     qk_norm = any(name.endswith(".q_norm") for name, _ in model.named_modules())
-    qk_norm_width = heads * head_dim + kv_width if qk_norm else 0
-    matmul = matmul_parameters(model, total)
-    return ModelSize(
-        total,
-        trainable,
-        matmul,
-        vocab,
-        layers,
-        width,
-        intermediate,
-        kv_width,
-        gated,
-        qk_norm_width,
-        adapted_inputs // max(layers, 1),
-        recorded,
-        trained,
-    )
+    return {
+        "intermediate": intermediate,
+        "kv_width": kv_width,
+        "gated": hasattr(config, "intermediate_size"),  # GPT-2's configs name theirs n_inner
+        "qk_norm_width": heads * head_dim + kv_width if qk_norm else 0,
+    }
 
 
 def _is_projection(module: Any) -> bool:
@@ -260,11 +268,16 @@ def estimate_memory(
     for frozen in (False, True):
         eager = eager_layer_bytes(size, scale, frozen, dropout)
         kept.append(min(COMPILED_LAYER_BYTES * size.width * scale, eager) if compiled else eager)
-    if gradient_checkpointing:
-        activations = seq * micro * (2.0 * size.width * scale * layers + max(kept[0] if trained else 0, kept[1]))
+    logits = _logits_bytes(cfg, stage, strategy, compiled, micro * seq, size)
+    if gradient_checkpointing:  # each layer's input: the residual stream, float32 beside float32 master weights
+        stream = 2.0 if size.adapted_inputs and scale == 1.0 else 4.0  # (16-bit from LoRA's frozen embedding)
+        activations = seq * micro * stream * size.width * layers
+        # and one layer's full set, recomputed in backward, or the loss's logits at the end of forward
+        logits = max(logits, seq * micro * max(kept[0] if trained else 0, kept[1]))
     else:
         activations = seq * micro * (trained * kept[0] + (layers - trained) * kept[1])
-    if not compiled and strategy == "ddp" and scale == 1.0:  # autocast's 16-bit copies of the trained matrices
+    # autocast's 16-bit copies of the trained matrices (a compiled step recomputes them, unless it checkpoints)
+    if strategy == "ddp" and scale == 1.0 and (not compiled or gradient_checkpointing):
         activations += 2.0 * min(size.matmul, size.trainable)
     if stage == "finetune" and _task(cfg).keeps_base(cfg):  # a frozen copy of the start (GRPO's KL reference)
         weights += compute_bytes * size.total
@@ -275,8 +288,7 @@ def estimate_memory(
         activations += compute_bytes * micro * seq * teacher.vocab + 16.0 * ROWS_PER_CHUNK * teacher.vocab
     if cfg.train.activation_offload:  # saved in CPU memory: the GPU holds one layer's while it computes
         activations = activations / max(size.layers, 1)
-    activations += _logits_bytes(cfg, stage, strategy, compiled, micro * seq, size)
-    return Memory(weights, gradients, optimizer, activations)
+    return Memory(weights, gradients, optimizer, activations + logits)
 
 
 def _training_state(cfg: RunConfig, size: ModelSize, stage: Stage) -> tuple[float, float, float]:
@@ -403,6 +415,7 @@ def plan_run(
     stage: str | None = None,
 ) -> Plan:
     planned = _stage(stage) if stage is not None else recipe_stage(cfg)
+    gradient_checkpointing = gradient_checkpointing or cfg.train.gradient_checkpointing  # the flag, or the recipe
     _check_request(cfg, planned, gpus, gpu_type, strategy, mfu, price_per_gpu_hour, train_tokens)
     rows, forwards = _task(cfg).plan_shape(cfg) if planned == "finetune" else (1, 0)
     if rows > 1:  # the model sees this many rows per micro-batch row (GRPO's answers)

@@ -25,7 +25,11 @@ def plan_command(
     mfu: Annotated[float, typer.Option(help="Model FLOPs utilization assumed for the time estimate.")] = 0.4,
     price_per_gpu_hour: Annotated[float | None, typer.Option(help="Price of one GPU-hour, for the cost.")] = None,
     gradient_checkpointing: Annotated[
-        bool, typer.Option("--gradient-checkpointing", help="Estimate with activation checkpointing.")
+        bool,
+        typer.Option(
+            "--gradient-checkpointing",
+            help="Estimate with activation checkpointing (as when the recipe sets train.gradient_checkpointing).",
+        ),
     ] = False,
     train_tokens: Annotated[int | None, typer.Option(help="Tokens per epoch, when the recipe budgets epochs.")] = None,
     stage: Annotated[

@@ -1,7 +1,8 @@
-"""The peak memory of a pretraining run's optimizer step, measured on the CPU: what `llmkit plan` is checked against.
+"""The peak memory of a run's optimizer step, measured on the CPU: what `llmkit plan` is checked against.
 
-The step is the run's own: the recipe's model, its loss fused with the output head, the recipe's optimizer, bf16
-autocast, compiled or eager, `train.grad_accum_steps` micro-batches of `train.micro_batch_size` blocks and the
+The step is the run's own: the recipe's model (or its fine-tuned base, with LoRA's adapters or frozen blocks and
+frozen weights in the compute dtype), its loss fused with the output head, the recipe's optimizer, autocast in the
+run's precision, compiled or eager, `train.grad_accum_steps` micro-batches of `train.micro_batch_size` blocks and the
 gradient clip. torch.profiler records every tensor allocation and release; the peak of live bytes during the
 second optimizer step (the first creates the optimizer's states, and compiles), plus what was alive before it
 (weights and optimizer states), is what `torch.cuda.max_memory_allocated` reports for the same step on a GPU: the
@@ -21,9 +22,9 @@ from typing import Any, cast
 import torch
 
 from llmkit.config import RunConfig
-from llmkit.models import Vocabulary, build_model
+from llmkit.models import Vocabulary, attach_lora, build_model, freeze_except, place_weights
 from llmkit.train.optimizers import build_optimizer
-from llmkit.train.setup import language_model_loss
+from llmkit.train.setup import compute_dtype, enable_gradient_checkpointing, language_model_loss
 from llmkit.train.step import MicroStep
 from llmkit.train.strategies import Strategy
 
@@ -41,11 +42,13 @@ def measure_step_peak(cfg: RunConfig, vocab: int, compiled: bool, finetune: bool
     else:
         model = build_model(cfg.model, Vocabulary(vocab)).train()
         sequence = cfg.data.block_size
+    if cfg.train.gradient_checkpointing:
+        enable_gradient_checkpointing(model)
     single_process = cast(Strategy, SimpleNamespace(whole_weights=True, offloads_optimizer=False))
     loss_fn = language_model_loss(model, single_process)
     optimizer = build_optimizer(model, cfg.optimizer)
-    bf16 = cfg.precision.dtype in ("bf16", "fp8")
-    autocast = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if bf16 else nullcontext
+    dtype = compute_dtype(cfg)
+    autocast = (lambda: torch.autocast("cpu", dtype=dtype)) if dtype != torch.float32 else nullcontext
     step = MicroStep(loss_fn, autocast, cfg.train.compile_backend if compiled else None)
     ids = torch.randint(0, vocab, (cfg.train.micro_batch_size, sequence))
     batch = {"input_ids": ids, "labels": ids}
@@ -77,9 +80,6 @@ def measure_step_peak(cfg: RunConfig, vocab: int, compiled: bool, finetune: bool
 
 def _fine_tuned(cfg: RunConfig) -> Any:
     from transformers import AutoModelForCausalLM
-
-    from llmkit.models import attach_lora, freeze_except, place_weights
-    from llmkit.train.setup import compute_dtype
 
     model = AutoModelForCausalLM.from_pretrained(str(cfg.model.init_from)).train()
     if cfg.finetune.method == "lora":

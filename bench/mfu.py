@@ -134,7 +134,7 @@ def _plan_against(args: argparse.Namespace, work: Path, allocated: float) -> str
     estimate = (memory.total - memory.overhead) / 2**30
     return (
         f"plan {estimate:.1f} GiB without CUDA context, llmkit's peak {allocated:.1f} GiB allocated: "
-        f"{estimate / allocated:.2f}x (one micro-batch a step: the plan's gradients are not all held at its peak)"
+        f"{estimate / allocated:.2f}x"
     )
 
 

@@ -58,10 +58,14 @@ class Memory:
     optimizer: float
     activations: float
     overhead: float = CUDA_CONTEXT
+    # Gradients and activations never alive together: one process stepping after every micro-batch creates the
+    # gradients during backward while it frees the activations, so its peak holds the larger of the two.
+    not_together: float = 0.0
 
     @property
     def total(self) -> float:
-        return self.weights + self.gradients + self.optimizer + self.activations + self.overhead
+        held = self.weights + self.gradients + self.optimizer + self.activations - self.not_together
+        return held + self.overhead
 
 
 @dataclass
@@ -288,7 +292,11 @@ def estimate_memory(
         activations += compute_bytes * micro * seq * teacher.vocab + 16.0 * ROWS_PER_CHUNK * teacher.vocab
     if cfg.train.activation_offload:  # saved in CPU memory: the GPU holds one layer's while it computes
         activations = activations / max(size.layers, 1)
-    return Memory(weights, gradients, optimizer, activations + logits)
+    activations += logits
+    single_step = strategy == "ddp" and gpus <= 1 and cfg.train.grad_accum_steps == 1
+    return Memory(
+        weights, gradients, optimizer, activations, not_together=min(gradients, activations) if single_step else 0.0
+    )
 
 
 def _training_state(cfg: RunConfig, size: ModelSize, stage: Stage) -> tuple[float, float, float]:

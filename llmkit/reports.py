@@ -269,7 +269,9 @@ def print_plan(plan: Any) -> None:
             f"{memory.total / gib:.1f} GiB = weights {memory.weights / gib:.1f}"
             f" + gradients {memory.gradients / gib:.1f}"
             f" + optimizer {memory.optimizer / gib:.1f} + activations {memory.activations / gib:.1f}"
-            f" + CUDA context {memory.overhead / gib:.1f}" + ("" if plan.fits else "  (does not fit)"),
+            + (f" - {memory.not_together / gib:.1f} not held at once" if memory.not_together >= 0.05 * gib else "")
+            + f" + CUDA context {memory.overhead / gib:.1f}"
+            + ("" if plan.fits else "  (does not fit)"),
         ),
         ("by strategy", ", ".join(f"{name} {total / gib:.1f}" for name, total in plan.by_strategy.items()) + " GiB"),
         ("suggestion", plan.suggestion),

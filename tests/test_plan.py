@@ -85,19 +85,21 @@ MEASURED_SHAPE = ["model.hidden_size=256", "data.block_size=512", "model.context
 
 
 @pytest.mark.parametrize(
-    ("arch", "compiled", "checkpointing"),
-    [("llama", False, False), ("qwen3", False, False), ("gpt2", False, False), ("llama", True, False),
-     ("gpt2", True, False), ("llama", False, True)],
+    ("arch", "compiled", "settings"),
+    [("llama", False, ()), ("qwen3", False, ()), ("gpt2", False, ()), ("llama", True, ()), ("gpt2", True, ()),
+     ("llama", False, ("train.gradient_checkpointing=true",)),
+     ("llama", False, ("train.grad_accum_steps=1", "train.micro_batch_size=1"))],
 )  # fmt: skip
 def test_memory_is_within_ten_percent_of_a_measured_step(
-    arch: str, compiled: bool, checkpointing: bool, tmp_path: Path
+    arch: str, compiled: bool, settings: tuple[str, ...], tmp_path: Path
 ) -> None:
     """The peak of a real optimizer step (the run's model, loss, fused AdamW, bf16 autocast, two micro-batches),
     measured on the CPU as CUDA's allocator counts it on a GPU, against the plan less its CUDA context: eager (as
-    DeepSpeed, FSDP and --no-compile run), compiled (the default on a GPU), and with the recipe's gradient
-    checkpointing (which the plan reads from the recipe, not only from --gradient-checkpointing)."""
+    DeepSpeed, FSDP and --no-compile run), compiled (the default on a GPU), with the recipe's gradient
+    checkpointing (which the plan reads from the recipe, not only from --gradient-checkpointing), and stepping
+    after every micro-batch (gradients and activations are then never all alive at once)."""
     sets = [*MEASURED_SHAPE, f"model.arch={arch}", f"train.compile={compiled}", f"data.dataset_dir={tmp_path}",
-            f"train.gradient_checkpointing={checkpointing}"]  # fmt: skip
+            *settings]  # fmt: skip
     cfg = load_config(RECIPES / "tiny-cpu.yaml", sets + (["model.n_kv_heads=null"] if arch == "gpt2" else []))
     plan = plan_run(cfg)
     measured = measure_step_peak(cfg, 2048, compiled)

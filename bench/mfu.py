@@ -131,7 +131,7 @@ def _plan_against(args: argparse.Namespace, work: Path, allocated: float) -> str
 
     cfg = _config(args, work)
     memory = estimate_memory(cfg, model_size(cfg, args.vocab, "pretrain"), "ddp", 1, False, "pretrain")
-    estimate = (memory.total - memory.overhead) / 2**30
+    estimate = memory.held / 2**30
     return (
         f"plan {estimate:.1f} GiB without CUDA context, llmkit's peak {allocated:.1f} GiB allocated: "
         f"{estimate / allocated:.2f}x"

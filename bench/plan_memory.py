@@ -38,10 +38,10 @@ def main() -> None:
         cfg = load_config(args.recipe, [*args.set, f"model.n_layers={layers}", f"train.compile={args.compile}"])
         vocab = args.vocab or cfg.data.vocab_size
         start = time.perf_counter()
-        measured[layers] = measure_step_peak(cfg, vocab, args.compile)
+        measured[layers] = measure_step_peak(cfg, vocab)
         checkpointing = cfg.train.gradient_checkpointing
         plan = estimate_memory(cfg, model_size(cfg, vocab, "pretrain"), "ddp", 1, checkpointing, "pretrain")
-        estimate = plan.total - plan.overhead
+        estimate = plan.held
         print(f"| {layers} | {measured[layers] / GIB:.3f} GiB | {estimate / GIB:.3f} GiB | "
               f"{estimate / measured[layers]:.3f} | {time.perf_counter() - start:.0f} |")  # fmt: skip
     if len(measured) > 1:

@@ -63,9 +63,13 @@ class Memory:
     not_together: float = 0.0
 
     @property
+    def held(self) -> float:
+        """What the tensors take at the peak: what `torch.cuda.max_memory_allocated` measures."""
+        return self.weights + self.gradients + self.optimizer + self.activations - self.not_together
+
+    @property
     def total(self) -> float:
-        held = self.weights + self.gradients + self.optimizer + self.activations - self.not_together
-        return held + self.overhead
+        return self.held + self.overhead
 
 
 @dataclass

@@ -29,8 +29,9 @@ from llmkit.train.step import MicroStep
 from llmkit.train.strategies import Strategy
 
 
-def measure_step_peak(cfg: RunConfig, vocab: int, compiled: bool, finetune: bool = False) -> int:
-    """Peak bytes of tensors alive during one optimizer step of `cfg`'s run on the CPU: pretraining, or with
+def measure_step_peak(cfg: RunConfig, vocab: int, finetune: bool = False) -> int:
+    """Peak bytes of tensors alive during one optimizer step of `cfg`'s run on the CPU, compiled when
+    `train.compile` is true (auto is off on a CPU): pretraining, or with
     `finetune` a language-model fine-tune of `model.init_from` by `finetune.method` (full, lora or freeze) on rows of
     `finetune.max_length` tokens, its frozen weights in the compute dtype as the run holds them."""
     from torch.profiler import ProfilerActivity, profile
@@ -49,7 +50,7 @@ def measure_step_peak(cfg: RunConfig, vocab: int, compiled: bool, finetune: bool
     optimizer = build_optimizer(model, cfg.optimizer)
     dtype = compute_dtype(cfg)
     autocast = (lambda: torch.autocast("cpu", dtype=dtype)) if dtype != torch.float32 else nullcontext
-    step = MicroStep(loss_fn, autocast, cfg.train.compile_backend if compiled else None)
+    step = MicroStep(loss_fn, autocast, cfg.train.compile_backend if cfg.train.compile is True else None)
     ids = torch.randint(0, vocab, (cfg.train.micro_batch_size, sequence))
     batch = {"input_ids": ids, "labels": ids}
 

@@ -11,6 +11,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -82,3 +83,44 @@ def test_a_killed_compiled_run_resumes_bitwise(tiny_dataset: Path, tmp_path: Pat
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     a, b = load_file(whole / "final" / "model.safetensors"), load_file(killed / "final" / "model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("method", ["full", "lora"])
+def test_a_checkpointed_compiled_step_is_one_graph_with_the_eager_gradients(method: str) -> None:
+    """Gradient checkpointing (what `llmkit plan` suggests for long rows) under torch.compile and bf16 autocast:
+    the step is one graph, never recompiled (it was broken at every layer: by transformers' hooks inside the
+    recomputed layers and by the hook that makes the embeddings' output require a gradient), and its gradients are
+    the eager step's. Inductor for the full model, the same graph traced only for LoRA."""
+    from llmkit.config import LoraConfig, load_config
+    from llmkit.models import Vocabulary, attach_lora, build_model
+    from llmkit.train.setup import enable_gradient_checkpointing, language_model_loss
+    from llmkit.train.step import MicroStep
+
+    cfg = load_config(Path(__file__).parent.parent / "recipes" / "tiny-cpu.yaml", ["data.vocab_size=512"])
+    torch.manual_seed(0)
+    model = build_model(cfg.model, Vocabulary(512)).train()
+    if method == "lora":
+        model = attach_lora(model, LoraConfig(r=4, dropout=0.0), "CAUSAL_LM", [])
+    enable_gradient_checkpointing(model)
+    loss_fn = language_model_loss(model, SimpleNamespace(whole_weights=True))  # type: ignore[arg-type]
+    autocast = lambda: torch.autocast("cpu", dtype=torch.bfloat16)  # noqa: E731
+    trained = [p for p in model.parameters() if p.requires_grad]
+
+    def gradients(step: MicroStep, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        total, targets = step(model, batch)
+        (total / targets).backward()
+        flat = torch.cat([p.grad.flatten() for p in trained])  # type: ignore[union-attr]
+        model.zero_grad(set_to_none=True)
+        return flat
+
+    clear_compile_counters()
+    compiled = MicroStep(loss_fn, autocast, "inductor" if method == "full" else "aot_eager")
+    eager = MicroStep(loss_fn, autocast, None)
+    for seed in range(2):
+        ids = torch.randint(0, 512, (2, 64), generator=torch.Generator().manual_seed(seed))
+        batch = {"input_ids": ids, "labels": ids}
+        expected = gradients(eager, batch)
+        assert torch.linalg.vector_norm(gradients(compiled, batch) - expected) < 0.02 * torch.linalg.vector_norm(
+            expected
+        )
+    assert_one_graph()

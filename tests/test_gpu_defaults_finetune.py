@@ -45,6 +45,10 @@ def teacher(tiny_run: Path, chats: Path, tmp_path_factory: pytest.TempPathFactor
 # path -> (its arguments, the compile settings). LoRA dropout is off: compiled dropout draws other masks than eager.
 PATHS = {
     "sft-lora": (["--method", "lora", "--set", "finetune.lora.dropout=0"], GPU_DEFAULTS),
+    "sft-lora-checkpointed": (
+        ["--method", "lora", "--set", "finetune.lora.dropout=0", "--gradient-checkpointing"],
+        TRACED,
+    ),
     "sft-full": ([], TRACED),
     "sft-freeze": (["--method", "freeze", "--set", "finetune.freeze_top_layers=1"], TRACED),
     "dpo-lora": (["--task", "dpo", "--method", "lora", "--set", "finetune.lora.dropout=0"], TRACED),

@@ -127,10 +127,10 @@ def _finetune(
     model = _load_base(task.load_model(source, cfg, token, data, tokenizer), cfg, tokenizer, chat)
     if task.keeps_base(cfg):
         data.details["base"] = _frozen_copy(model, cfg, strategy)
-    if cfg.train.gradient_checkpointing:
-        enable_gradient_checkpointing(model)
     liger = apply_kernels(model, cfg) if task.kernels else False
     model = _apply_method(model, cfg, task, chat.added_tokens if chat else 0, tokenizer, checkpoint)
+    if cfg.train.gradient_checkpointing:
+        enable_gradient_checkpointing(model)
     # Frozen weights in the compute dtype, trained ones in float32 (DeepSpeed and FSDP place weights themselves).
     weight_bytes = {} if strategy.places_weights else place_weights(model, compute_dtype(cfg))
     speedups = describe_speedups(liger, apply_float8(model, cfg))

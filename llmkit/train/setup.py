@@ -238,10 +238,20 @@ def language_model_loss(model: Any, strategy: Strategy, liger: bool = False) -> 
 
 
 def enable_gradient_checkpointing(model: Any) -> None:
-    """Keep only each layer's input and recompute the rest in the backward pass (non-reentrant, LoRA-safe)."""
+    """Keep only each layer's input and recompute the rest in the backward pass. Call it on the model as it trains
+    (after LoRA is attached).
+
+    Non-reentrant checkpointing computes the adapters' gradients whether or not a layer's input requires one, so
+    the hook transformers and peft add to make the embeddings' output require a gradient (which reentrant
+    checkpointing needs) is removed: inside a compiled step its `requires_grad_` broke the graph."""
     if not getattr(model, "supports_gradient_checkpointing", False):
         raise UserError(f"{type(model).__name__} does not support gradient checkpointing")
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):  # newer transformers, where the older name warns
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    model.disable_input_require_grads()
     model.config.use_cache = False
 
 

@@ -133,6 +133,11 @@ class MicroStep:
     its mean loss (coefficient x loss x the micro-batch's targets, so one micro-batch's normalized loss equals the
     model's own `loss` with labels).
 
+    Under gradient checkpointing the compiled step stays one graph: the side effects inside a recomputed layer are
+    forward hooks that record outputs (transformers' output capture, which records nothing in training, and the
+    routers' logits, which the eager recomputation records again and the next micro-batch drops), so the compiled
+    backward does not replay them (torch stops the graph at each layer unless told so).
+
     `fixed_shapes`: every micro-batch has one shape (packed pretraining blocks), so the graph is specialized to it;
     otherwise (fine-tuning rows of any length) the sequence length is marked dynamic from the first step, so new
     lengths reuse the graph instead of recompiling it. A compilation that fails (no C++ compiler, an unsupported
@@ -178,7 +183,8 @@ class MicroStep:
         if not self.fixed_shapes:
             _mark_dynamic(batch)
         try:
-            return self.compiled(model, batch)
+            with torch._dynamo.config.patch(skip_fwd_side_effects_in_bwd_under_checkpoint=True):
+                return self.compiled(model, batch)
         except Exception as exc:
             if not _compile_failure(exc):
                 raise

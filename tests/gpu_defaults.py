@@ -12,7 +12,7 @@ from llmkit.losses import causal_lm_nll
 from llmkit.train.loader import validation_batches
 
 # torch.compile with inductor and bf16 autocast: what a CUDA run gets by default.
-GPU_DEFAULTS = ["--compile", "--precision", "bf16"]
+GPU_DEFAULTS = ["--compile", "--precision", "bf16", "--set", "train.read_ahead=true"]
 # The same graph traced without generating code: for the paths whose compiled step differs only in the loss.
 TRACED = [*GPU_DEFAULTS, "--set", "train.compile_backend=aot_eager"]
 

@@ -19,7 +19,7 @@ from llmkit.atomic import file_sha256
 from llmkit.config import ScheduleConfig, TrainConfig, load_config
 from llmkit.data.store import open_dataset
 from llmkit.train.checkpoint import COMPLETE, complete_checkpoints
-from llmkit.train.loader import BlockLoader
+from llmkit.train.loader import BlockLoader, ReadAhead
 from llmkit.train.schedules import lr_at
 from llmkit.train.setup import steps_for_budget
 from tests.conftest import run_cli, tiny_train_args
@@ -316,6 +316,29 @@ def test_loader_position_restores_exactly_and_covers_each_epoch(tiny_dataset: Pa
     ranks = [BlockLoader(split, micro_batch_size=2, seed=3, rank=r, world=2) for r in range(2)]
     together = np.concatenate([r.next_indices() for r in ranks])
     assert np.array_equal(together, BlockLoader(split, micro_batch_size=4, seed=3).next_indices())
+
+
+def test_reading_ahead_on_a_thread_hands_out_what_reading_each_step_does(tiny_dataset: Path) -> None:
+    """train.read_ahead (on for CUDA GPUs, off on CPU): the same batches in the same order, and after each step the
+    position of the step handed out, not of the step read ahead (what a checkpoint saves)."""
+    import threading
+
+    split = open_dataset(tiny_dataset).split("train")
+    outcomes = []
+    for background in (True, False):
+        reader = ReadAhead(BlockLoader(split, micro_batch_size=2, seed=5), per_step=3, pin=False, background=background)
+        steps = []
+        for _ in range(4):
+            batches = [reader.next_batch()["input_ids"] for _ in range(3)]
+            steps.append((torch.cat(batches), reader.position.state_dict()))
+        threads = {t.name.split("_")[0] for t in threading.enumerate()}
+        assert ("llmkit-read-ahead" in threads) == background
+        reader.close()
+        outcomes.append(steps)
+    (ahead, in_step), fresh = outcomes, BlockLoader(split, micro_batch_size=2, seed=5)
+    for (tokens, position), (expected, expected_position) in zip(ahead, in_step, strict=True):
+        assert torch.equal(tokens, expected) and position == expected_position
+        assert torch.equal(tokens, torch.cat([fresh.next_batch()["input_ids"] for _ in range(3)]))
 
 
 def test_gradient_checkpointing_keeps_the_losses(tiny_dataset: Path, tmp_path: Path) -> None:

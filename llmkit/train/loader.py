@@ -112,7 +112,8 @@ class BatchSource(Protocol):
 class ReadAhead:
     """A loader that reads the next optimizer step's micro-batches on a background thread while this step computes
     (memory-mapped reads, packing, a teacher cache's rows, and on CUDA the copy into pinned memory), so the device
-    never waits for its input.
+    never waits for its input. With `background` off (train.read_ahead, off on CPU by default: there the step
+    computes on the cores the thread would take) each step is read when it starts, in the same way.
 
     Its `position` is the wrapped loader's after the last step handed out, not after the step read ahead: a
     checkpoint saves exactly what today's loop consumed, and a resumed run reads the read-ahead step again. The
@@ -120,11 +121,11 @@ class ReadAhead:
     thread changes nothing in what is read. The loop takes a step's micro-batches all at once, at its start.
     """
 
-    def __init__(self, source: BatchSource, per_step: int, pin: bool) -> None:
+    def __init__(self, source: BatchSource, per_step: int, pin: bool, background: bool = True) -> None:
         self.source, self.per_step, self.pin = source, per_step, pin
         self.position = copy.copy(source.position)
         self._step: list[dict[str, torch.Tensor]] = []
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="llmkit-read-ahead")
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="llmkit-read-ahead") if background else None
         self._next: Future[tuple[list[dict[str, torch.Tensor]], LoaderPosition]] | None = None
 
     def _read(self) -> tuple[list[dict[str, torch.Tensor]], LoaderPosition]:
@@ -136,12 +137,14 @@ class ReadAhead:
     def next_batch(self) -> dict[str, torch.Tensor]:
         if not self._step:
             self._step, self.position = self._next.result() if self._next is not None else self._read()
-            self._next = self._pool.submit(self._read)
+            if self._pool is not None:
+                self._next = self._pool.submit(self._read)
         return self._step.pop(0)
 
     def close(self) -> None:
         """Stop reading ahead (a read under way finishes; its step is dropped)."""
-        self._pool.shutdown(wait=True, cancel_futures=True)
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
 
 
 def validation_batches(

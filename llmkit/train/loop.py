@@ -119,7 +119,9 @@ class _Run:
 
 def fit(job: TrainJob) -> FitResult:
     cfg, acc = job.cfg, job.accelerator
-    reader = ReadAhead(job.loader, cfg.train.grad_accum_steps, pin=acc.device.type == "cuda")
+    cuda = acc.device.type == "cuda"
+    background = cuda if cfg.train.read_ahead == "auto" else cfg.train.read_ahead
+    reader = ReadAhead(job.loader, cfg.train.grad_accum_steps, pin=cuda, background=background)
     job = replace(job, loader=reader)
     resume_step = job.resume.step if job.resume else None
     config = yaml.safe_load(job.config_yaml)  # secrets already removed

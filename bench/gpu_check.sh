@@ -4,6 +4,8 @@
 #
 #   here:      python bench/offline_wheels.py --have NODE-FREEZE --python 3.12 --extras gpu --add trl --out .whl
 #   the node:  bash bench/gpu_check.sh [tests] [gpt2] [llama] [lora] [grpo] [grpo-vllm]   (logs in $OUT, or ./gpu-check)
+# QLoRA's GPU tests run only where bitsandbytes imports: `--extras qlora` adds its 41 MiB wheel, more than fits beside
+# the others in one device call's 64 MiB; carry it in a call of its own.
 #
 # Parts, with their time limits (the first compilation of a 124M or 1B model takes one to two minutes per process,
 # which sets most of them; measured on one H200 on 2026-12-04, where limits a third of these cut every part off):

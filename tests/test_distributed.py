@@ -80,7 +80,8 @@ def test_two_processes_at_batch_b_match_one_process_at_2b(tiny_dataset: Path, tm
     from tests.conftest import run_cli
 
     common = ["--max-steps", "6", *TINY_MODEL, "--set", "logging.every_steps=1", "--set", "train.eval_every=1000",
-              "--set", "logging.report_to=[]", "--set", "checkpoint.every_steps=1000"]  # fmt: skip
+              "--set", "logging.report_to=[]", "--set", "checkpoint.every_steps=1000",
+              "--set", "train.read_ahead=true"]  # fmt: skip
     env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
     two = subprocess.run(
         [sys.executable, "-m", "llmkit", "pretrain", "--data", str(tiny_dataset), "--out", str(tmp_path / "two"),

@@ -112,6 +112,29 @@ def test_frozen_lora_base_is_bf16_on_the_gpu_and_memory_is_reported(tiny_run: Pa
     assert 0 < memory["peak_allocated_gib"] <= memory["peak_reserved_gib"]
 
 
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_qlora_on_the_gpu_learns_and_saves_an_adapter_plain_peft_loads(
+    checkpointing: bool, tiny_run: Path, tmp_path: Path
+) -> None:
+    """QLoRA (4-bit NF4 base, bitsandbytes) with the CUDA defaults (compiled step, bf16): the loss falls, the
+    adapter loads in plain peft with every tensor, and gradient checkpointing is what the run asked for."""
+    pytest.importorskip("bitsandbytes")
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text("".join(json.dumps({"prompt": f"Say {i}.", "completion": f"{i} it is."}) + "\n" for i in range(64)))
+    out = tmp_path / "qlora"
+    result = run_cli("finetune", "--model", tiny_run, "--data", rows, "--out", out, "--method", "qlora",
+                     "--max-steps", "12", "--max-length", "64", "--lr", "3e-3", "--set", "logging.every_steps=1",
+                     *(["--gradient-checkpointing"] if checkpointing else []))  # fmt: skip
+    assert result.exit_code == 0, result.stderr
+    losses = [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()
+              if "loss" in json.loads(line)]  # fmt: skip
+    assert losses[-1] < losses[0]
+    plain_load(out / "final", base=tiny_run)
+    from llmkit.train.tasks.base import load_quantized
+
+    assert not load_quantized(tiny_run, None).is_gradient_checkpointing  # peft's default would turn it on
+
+
 def test_liger_kernels_keep_the_losses(tiny_dataset: Path, tmp_path: Path) -> None:
     """model.kernels=liger (RMSNorm, SwiGLU and the fused linear cross-entropy in Triton) trains the same
     curve as PyTorch's kernels, within bf16 rounding."""

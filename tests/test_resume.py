@@ -35,6 +35,7 @@ def resume_args(data: Path, out: Path, steps: int) -> list[str]:
         "--set", "checkpoint.keep_last=10", "--set", "logging.data_trace=true", "--set", "logging.report_to=[]",
         "--set", "logging.plot=false", "--set", "schedule.warmup_steps=3",
         "--set", "train.deterministic=true",  # bitwise on a GPU too (CPU runs are bitwise without it)
+        "--set", "train.read_ahead=true",  # the next step read on a thread while this one computes, as on a GPU
     ]  # fmt: skip
 
 

@@ -125,7 +125,9 @@ class Task(ABC):
 
 
 def load_quantized(source: str | Path, token: str | None) -> Any:
-    """A causal LM in 4-bit NF4 (QLoRA), prepared for training adapters on it."""
+    """A causal LM in 4-bit NF4 (QLoRA), prepared for training adapters on it. Gradient checkpointing is the run's
+    own setting (train.gradient_checkpointing, enabled with the adapters attached), not peft's default of always on:
+    what `llmkit plan` counts is what runs."""
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     quantization = BitsAndBytesConfig(
@@ -140,7 +142,7 @@ def load_quantized(source: str | Path, token: str | None) -> Any:
         raise UserError(f"method qlora needs bitsandbytes: pip install bitsandbytes ({exc})") from None
     from peft import prepare_model_for_kbit_training
 
-    return prepare_model_for_kbit_training(model)
+    return prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
 
 
 def split_examples(cfg: RunConfig, formats: RowFormats | None = None) -> tuple[list[Example], list[Example], str]:

@@ -32,7 +32,7 @@ demo: install
 	$(BIN)/llmkit generate $(DEMO_DIR)/export --prompt "Once upon a time" --max-new-tokens 60 --seed 0
 
 test: install
-	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile --durations=15
 
 # Before a release: the suite on the newest versions pyproject.toml allows (a venv of its own, no constraints).
 test-latest:

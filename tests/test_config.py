@@ -56,6 +56,10 @@ def test_wrong_value_names_the_key_and_value() -> None:
         load_config(None, ["train.micro_batch_size=-1"])
     with pytest.raises(UserError, match=r"'precision.dtype'"):
         load_config(None, ["precision.dtype=fp4"])
+    with pytest.raises(
+        UserError, match=r"config key 'train.read_ahead': should be a valid boolean or 'auto' \(got 'maybe'\)"
+    ):
+        load_config(None, ["train.read_ahead=maybe"])
 
 
 def test_cross_field_rules() -> None:

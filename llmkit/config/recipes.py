@@ -243,6 +243,14 @@ def _describe(exc: ValidationError, source: str) -> str:
         valid = _fields_at(loc[:-1])
         return f"{source}: unknown config key '{key}'{did_you_mean(loc[-1], valid)}"
     message = error["msg"].removeprefix("Value error, ")
+    # A value no member of a union takes (true, false or auto): pydantic files one error per member, each under a
+    # tag appended to the key; name the key itself, with what each member accepts.
+    members = [
+        e for e in exc.errors() if [str(p) for p in e["loc"][:-1]] == loc[:-1] and e.get("input") == error.get("input")
+    ]
+    if len(loc) > 1 and len(members) > 1:
+        loc, key = loc[:-1], ".".join(loc[:-1])
+        message = "should be " + " or ".join(e["msg"].removeprefix("Input should be ").split(",")[0] for e in members)
     if not key:
         return f"{source}: {message}"
     given = error.get("input")

@@ -121,7 +121,7 @@ class ReadAhead:
     thread changes nothing in what is read. The loop takes a step's micro-batches all at once, at its start.
     """
 
-    def __init__(self, source: BatchSource, per_step: int, pin: bool, background: bool = True) -> None:
+    def __init__(self, source: BatchSource, per_step: int, pin: bool, background: bool) -> None:
         self.source, self.per_step, self.pin = source, per_step, pin
         self.position = copy.copy(source.position)
         self._step: list[dict[str, torch.Tensor]] = []

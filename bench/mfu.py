@@ -9,8 +9,9 @@ the same model, data, batch and optimizer, each contender in a process of its ow
 
 Contenders: `llmkit` (pretrain, compiled when --compile: the CUDA default), `llmkit-eager` (pretrain without
 compile, where Liger's kernels apply on CUDA), `llmkit-fp8` (with --fp8), `trainer` (transformers.Trainer) and
-`loop` (the hand-written loop). Each runs in a fresh Python process (bench/_cli.py), so no kernel patch, compile
-cache or allocator state of one reaches another.
+`loop` (the hand-written loop). Each runs in a fresh Python process (bench/_cli.py), so no kernel patch, compiled
+code in memory or allocator state of one reaches another (torch.compile's cache on disk is shared: it changes how long
+a compilation takes, not the steady state timed).
 
 GPT-2 is the recipe's GPT-2 small (12 x 768, context 1024) with nanoGPT's padded 50,304-row vocabulary and no
 dropout (as nanoGPT pretrains it), so its size matches the usual 124M figures; `--arch llama` is
@@ -28,6 +29,12 @@ AdamW, clipping, a cosine schedule, the model's own loss, optional torch.compile
 `--fp8` adds llmkit with `precision.dtype: fp8` (torchao float8 matmuls in the body's linear layers) from the same
 weights and data order, prints its speed-up over llmkit's bf16 run and the loss-curve parity check: the largest
 relative difference between the two runs' losses at every logged step.
+
+`--warm-only N` times nothing: it runs each contender for 20 steps, N processes at a time, and drops their figures.
+What it leaves is torch.compile's cache on disk (inductor's and AOTAutograd's, shared by every process of the
+machine's user), so a timed run of the same shapes afterwards compiles from the cache: seconds instead of the one to
+two minutes a 124M or 1B model's first compilation takes. Timed figures are steady state either way; this only
+shortens the wall time (bench/gpu_check.sh warms the benches beside the GPU tests).
 """
 
 from __future__ import annotations
@@ -40,6 +47,7 @@ import statistics
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
@@ -73,6 +81,8 @@ def main() -> None:
     parser.add_argument("--contenders", default=None, help=f"comma-separated, of: {', '.join(CONTENDERS)}")
     parser.add_argument("--peak", type=float, default=None, help="peak FLOP/s per device (default: from its name)")
     parser.add_argument("--timeout", type=float, default=900, help="seconds each contender may take")
+    parser.add_argument("--warm-only", type=int, metavar="N", default=None,
+                        help="only fill the compile cache: 20 steps each, N at a time, no figures")  # fmt: skip
     parser.add_argument("--work", type=Path, default=None, help=argparse.SUPPRESS)  # set for a contender's process
     parser.add_argument("--run", choices=CONTENDERS, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--result", type=Path, default=None, help=argparse.SUPPRESS)
@@ -83,8 +93,10 @@ def main() -> None:
             setattr(args, name, default)
     if args.run:
         return report(_contender(args), args.result)
+    if args.warm_only:
+        args.steps = min(args.steps, 20)  # two 10-step windows: every contender gets to its figures
     peak = args.peak or _device_peak()
-    if peak is None:
+    if peak is None and not args.warm_only:
         raise SystemExit("unknown device peak: pass --peak FLOP/s")
     contenders = (args.contenders or "llmkit,trainer,loop" + (",llmkit-fp8" if args.fp8 else "")).split(",")
     unknown = sorted(set(contenders) - set(CONTENDERS))
@@ -96,12 +108,14 @@ def main() -> None:
     print(f"device: {device}; {args.arch} {args.layers} x {args.hidden}, {params / 1e6:.1f}M parameters, "
           f"vocab {args.vocab}")  # fmt: skip
     print(f"{args.steps} steps of {args.batch} x {args.block} tokens, {_precision()}"
-          f"{', compiled' if args.compile else ''}; {flops / 1e9:.3f} GFLOP per token; peak {peak / 1e12:.0f} TFLOP/s",
-          flush=True)  # fmt: skip
+          f"{', compiled' if args.compile else ''}; {flops / 1e9:.3f} GFLOP per token"
+          f"{f'; peak {peak / 1e12:.0f} TFLOP/s' if peak else ''}", flush=True)  # fmt: skip
 
     forwarded = [f"--{key}={getattr(args, key)}" for key in ("arch", "steps", "batch", "layers", "hidden", "block",
                                                              "vocab")]  # fmt: skip
     forwarded += [f"--work={work}", *(["--compile"] if args.compile else [])]
+    if args.warm_only:
+        return _warm(contenders, forwarded, args.timeout, args.warm_only)
     results = {}
     for name in contenders:
         result = run_apart(__file__, name, forwarded, args.timeout)
@@ -123,6 +137,20 @@ def main() -> None:
         worst = max(abs(fp8[step] / loss - 1) for step, loss in curve.items())
         print(f"fp8 loss curve vs {_precision()}: largest difference {worst:.2%} over {len(curve)} logged steps")
     (work / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+
+
+def _warm(contenders: list[str], forwarded: list[str], timeout: float, at_once: int) -> None:
+    """Run the contenders `at_once` at a time (each in its own process, as timed runs are) for what their first
+    compilation leaves on disk; print how long each took."""
+
+    def run(name: str) -> str:
+        start = time.perf_counter()
+        done = run_apart(__file__, name, forwarded, timeout) is not None
+        return f"warmed {name}: {'done' if done else 'failed'} in {time.perf_counter() - start:.0f} s"
+
+    with ThreadPoolExecutor(max(1, at_once)) as pool:
+        for line in pool.map(run, contenders):
+            print(line, flush=True)
 
 
 def _plan_against(args: argparse.Namespace, work: Path, allocated: float) -> str:
@@ -155,8 +183,9 @@ def _config(args: argparse.Namespace, work: Path) -> RunConfig:
         *([f"model.n_kv_heads={max(1, heads // 8)}", f"model.intermediate_size={_llama_mlp(args.hidden)}",
            "data.tokenizer=null"] if args.arch == "llama" else []),
         f"model.context_length={args.block}", f"data.block_size={args.block}", "data.vocab_size=8192",
-        f"data.dataset_dir={work / 'data'}", f"out_dir={work / 'run'}", f"train.max_steps={args.steps}",
-        "train.max_tokens=null", f"train.micro_batch_size={args.batch}", "train.grad_accum_steps=1",
+        f"data.dataset_dir={work / 'data'}", f"out_dir={work / 'runs' / (args.run or 'llmkit')}",
+        f"train.max_steps={args.steps}", "train.max_tokens=null", f"train.micro_batch_size={args.batch}",
+        "train.grad_accum_steps=1",
         "train.eval_every=1000000", "checkpoint.every_steps=null", "logging.every_steps=10",
         "logging.report_to=[]", "logging.plot=false", "schedule.warmup_steps=10", f"train.compile={args.compile}",
         "train.gradient_checkpointing=false", "data.sources=[builtin:stories]", f"precision.dtype={_precision()}",
@@ -202,7 +231,7 @@ def _llmkit(args: argparse.Namespace, compile: bool | None = None, precision: st
     train = cfg.train.model_copy(update={"compile": args.compile if compile is None else compile})
     dtype = cfg.precision.model_copy(update={"dtype": precision or cfg.precision.dtype})
     result = pretrain(cfg.model_copy(update={"train": train, "precision": dtype}), overwrite=True)
-    records = [json.loads(line) for line in (args.work / "run" / "metrics.jsonl").read_text().splitlines()]
+    records = [json.loads(line) for line in (Path(cfg.out_dir) / "metrics.jsonl").read_text().splitlines()]
     losses = {r["step"]: r["loss"] for r in records if "loss" in r}
     return float(result.steady_tokens_per_second or result.tokens_per_second), losses
 

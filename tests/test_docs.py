@@ -42,7 +42,7 @@ OTHER_TOOLS = {"--nproc", "--nproc_per_node", "--multi", "--multi_gpu", "--num",
                "--generated", "--originals", "--thresholds", "--side", "--fp8", "--docs", "--user", "--have",
                "--python", "--extras", "--add", "--no-index", "--find-links", "--no-build-isolation",
                "--format", "--contenders", "--timeout", "--compile-sampling", "--num-iterations",
-               "--proof", "--vllm", "--vllm-correction", "--no-checkpointing"}  # fmt: skip
+               "--proof", "--vllm", "--vllm-correction", "--no-checkpointing", "--warm-only"}  # fmt: skip
 
 
 def test_every_option_and_config_key_the_docs_name_exists() -> None:

@@ -2,7 +2,9 @@
 # The GPU check on a bare GPU node with no internet (issue 27): install the carried wheels, then run the parts asked
 # for (default: tests gpt2 llama lora) and print one table.
 #
-#   here:      python bench/offline_wheels.py --have NODE-FREEZE --python 3.12 --extras gpu --add trl --out .whl
+#   here:      python bench/offline_wheels.py --have bench/gpu-node-packages.txt --python 3.12 --extras gpu \
+#                --add trl --out .whl      (the lent machines' packages; 22 wheels, 52 MiB on 2026-12-07, which with
+#                                           the 2 MiB working tree fits a device call's 64 MiB: carry .whl)
 #   the node:  bash bench/gpu_check.sh [tests] [gpt2] [llama] [lora] [grpo] [grpo-vllm]   (logs in $OUT, or ./gpu-check)
 # QLoRA's GPU tests run only where bitsandbytes imports: `--extras qlora` adds its 41 MiB wheel, more than fits beside
 # the others in one device call's 64 MiB; carry it in a call of its own.

@@ -309,7 +309,7 @@ def test_secrets_never_reach_the_run_directory(small_dataset: Path, tmp_path: Pa
 
 def test_interrupted_data_prep_leaves_nothing_that_looks_complete(tmp_path: Path) -> None:
     out = tmp_path / "data"
-    args = ["data-prep", "builtin:stories", "--out", out, "--set", "data.builtin_docs=400000", "--vocab-size", "400"]
+    args = ["data-prep", "builtin:stories", "--out", out, "--set", "data.builtin_docs=100000", "--vocab-size", "400"]
     proc = llmkit_subprocess(*args, "--set", "data.tokenizer_train_docs=2000")  # killed soon after the tokenizer
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and not list(tmp_path.glob(".data.tmp-*/tokenizer")):

@@ -84,6 +84,8 @@ def print_fit_summary(result: Any) -> None:
                 f"{result.steady_from_step:,} (training steps only: no warm-up, validation or checkpoints)",
             )
         )
+    if result.compiled and result.first_step_seconds is not None:
+        rows.append(("first step", f"{result.first_step_seconds:.1f}s, compiling the training step (torch.compile)"))
     if result.mfu is not None:
         rows.append(
             ("MFU", f"{result.mfu:.1%} in the steady state (6N + attention FLOPs over the devices' dense bf16 peak)")

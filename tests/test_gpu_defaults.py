@@ -43,13 +43,16 @@ def test_compiled_bf16_pretraining_saves_the_weights_it_trained(arch: str, tiny_
     result = run_cli("pretrain", *tiny_train_args(tiny_dataset, out, steps=20), *ARCH[arch])
     assert result.exit_code == 0, result.stderr + result.stdout
     assert_one_graph()  # validation and checkpoints every 10 steps run eagerly: nothing recompiles
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["compiled"] is True and summary["first_step_seconds"] > 0  # the wait, said before and after it
+    assert "first step compiles the training step" in result.stdout and "compiling the training step" in result.stdout
     final = plain_load(out / "final")
     for checkpoint in sorted((out / "checkpoints").glob("step-*")):
         plain_load(checkpoint / "model")
     ids = torch.arange(32).reshape(1, 32) % 300
     last = plain_load(out / "checkpoints" / "step-00000020" / "model")
     torch.testing.assert_close(logits_of(last, ids), logits_of(final, ids))
-    measured = json.loads((out / "summary.json").read_text())["val_loss"]
+    measured = summary["val_loss"]
     assert val_loss(final, tiny_dataset, micro=8, batches=4) == pytest.approx(measured, rel=1e-2)
     assert measured < 0.9 * math.log(final.config.vocab_size)
     report = tmp_path / "eval.json"

@@ -154,6 +154,8 @@ class FitResult:
     already_finished: bool = False  # resumed a finished run: nothing was changed
     steady_tokens_per_second: float | None = None  # see Throughput; None for a run too short to have one
     steady_from_step: int | None = None
+    first_step_seconds: float | None = None  # this invocation's first step on the host: compilation, when compiled
+    compiled: bool = False  # the training step ran compiled to the end (train.compile)
     memory: dict[str, float] = field(default_factory=dict)  # peak memory in GiB (see peak_memory)
     evaluation: dict[str, Any] = field(default_factory=dict)  # the last validation's figures (this invocation's)
 

@@ -98,6 +98,7 @@ class _Run:
     grad_norm: float = math.nan  # the last step's
     pending: list[_Outcome] = field(default_factory=list)  # steps the host has not read yet
     clock: float = field(default_factory=time.perf_counter)  # start of the current timing window
+    first_step_seconds: float | None = None  # this invocation's first step, on the host (compilation included)
 
     @classmethod
     def begin(cls, job: TrainJob) -> _Run:
@@ -132,12 +133,17 @@ def fit(job: TrainJob) -> FitResult:
     interrupted, start = None, time.perf_counter()
     job.model.train()
 
+    compiling = job.micro_step.compiled is not None
+    if compiling and acc.is_main_process:
+        info("torch.compile: the first step compiles the training step (over a minute for a 1B model on a GPU; "
+             "seconds when the same shapes were compiled before, from the cache on disk)")  # fmt: skip
     bar = progress_bar("training", job.total_steps, unit="steps", enabled=acc.is_main_process)
     with stop_signals() as signals, bar as update, closing(reader):
         signals.run_dir, signals.phase = job.run_dir, "training"
-        update(run.step, "resuming" if job.resume else "")
+        update(run.step, "compiling the step" if compiling else "resuming" if job.resume else "")
         while run.step < job.total_steps and not (job.resume and job.resume.stopped_early):
             lr = _train_step(job, run, trace)
+            run.first_step_seconds = run.first_step_seconds or time.perf_counter() - start
             timed_out = deadline is not None and time.monotonic() >= deadline
             interrupted = _agree(acc, signals.reason or ("time limit" if timed_out else None))
             if _check_due(job, run, interrupted):
@@ -337,6 +343,8 @@ def _finish(job: TrainJob, run: _Run, metrics: MetricsLog, interrupted: str | No
         run_tokens=run.tokens - (resume.tokens if resume else 0),
         steady_tokens_per_second=run.throughput.steady_rate,
         steady_from_step=first_step - 1 + run.throughput.steady_from if run.throughput.steady_from else None,
+        first_step_seconds=run.first_step_seconds,
+        compiled=job.micro_step.compiled is not None,
         memory=peak_memory(acc.device),
         evaluation=run.evaluation,
     )

@@ -70,7 +70,11 @@ warm() {
   shift
   named "$name" || return 0
   local t0=$(date +%s)
-  timeout --signal=KILL "$PHASE1" "$@" >"$WORK/warm-$name.log" 2>&1
+  if [ $((PHASE1_END - t0)) -lt 30 ]; then
+    echo "| warm $name | skipped: phase 1 spent | |" >"$WORK/warm-$name.row"
+    return 0
+  fi
+  timeout --signal=KILL $((PHASE1_END - t0)) "$@" >"$WORK/warm-$name.log" 2>&1
   local status=$(outcome $?) took=$(($(date +%s) - t0))
   local figures=$(grep -E "^warmed|^llmkit finetune" "$WORK/warm-$name.log" | sed 's/  */ /g' | tr '\n' ';')
   echo "| warm $name | $status, ${took}s | $figures |" >"$WORK/warm-$name.row"
@@ -104,6 +108,7 @@ memory=$(nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits 2>/de
 llama_at_once=1
 [ "${memory:-0}" -ge 122000 ] && llama_at_once=3 # MiB: an H200's 141 GiB hold three 1B runs beside the rest
 PHASE1=$(($(left) < 300 ? $(left) : 300))
+PHASE1_END=$(($(date +%s) + PHASE1))
 select=()
 $PY -c "import deepspeed" >/dev/null 2>&1 || select=(-k "not zero3")
 echo "== phase 1 (untimed, at most ${PHASE1}s): tests beside the benches' first compilations"

@@ -133,14 +133,10 @@ def fit(job: TrainJob) -> FitResult:
     interrupted, start = None, time.perf_counter()
     job.model.train()
 
-    compiling = job.micro_step.compiled is not None
-    if compiling and acc.is_main_process:
-        info("torch.compile: the first step compiles the training step (over a minute for a 1B model on a GPU; "
-             "seconds when the same shapes were compiled before, from the cache on disk)")  # fmt: skip
     bar = progress_bar("training", job.total_steps, unit="steps", enabled=acc.is_main_process)
     with stop_signals() as signals, bar as update, closing(reader):
         signals.run_dir, signals.phase = job.run_dir, "training"
-        update(run.step, "compiling the step" if compiling else "resuming" if job.resume else "")
+        update(run.step, _starting(job))
         while run.step < job.total_steps and not (job.resume and job.resume.stopped_early):
             lr = _train_step(job, run, trace)
             run.first_step_seconds = run.first_step_seconds or time.perf_counter() - start
@@ -284,6 +280,17 @@ def _settle(job: TrainJob, run: _Run, metrics: MetricsLog) -> None:
             metrics.log({"step": outcome.step, "tokens": tokens, "skipped_step": 1})
             run.window.add(None, outcome.tokens)
         run.loss, run.grad_norm, tokens = loss, norm, tokens + outcome.tokens
+
+
+def _starting(job: TrainJob) -> str:
+    """The bar's text before the first step. A compiled step's first call compiles it (over a minute for a 1B
+    model on a GPU; seconds for shapes compiled before, from torch's cache on disk): that is said first."""
+    if job.micro_step.compiled is None:
+        return "resuming" if job.resume else ""
+    if job.accelerator.is_main_process:
+        info("torch.compile: the first step compiles the training step (over a minute for a 1B model on a GPU; "
+             "seconds when the same shapes were compiled before, from the cache on disk)")  # fmt: skip
+    return "compiling the step"
 
 
 def _progress_text(run: _Run, lr: float) -> str:

@@ -74,7 +74,9 @@ warm() {
     echo "| warm $name | skipped: phase 1 spent | |" >"$WORK/warm-$name.row"
     return 0
   fi
-  timeout --signal=KILL $((PHASE1_END - t0)) "$@" >"$WORK/warm-$name.log" 2>&1
+  # expandable segments: side by side, each process holds only what it uses (the timed runs keep the default)
+  PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True timeout --signal=KILL $((PHASE1_END - t0)) "$@" \
+    >"$WORK/warm-$name.log" 2>&1
   local status=$(outcome $?) took=$(($(date +%s) - t0))
   local figures=$(grep -E "^warmed|^llmkit finetune" "$WORK/warm-$name.log" | sed 's/  */ /g' | tr '\n' ';')
   echo "| warm $name | $status, ${took}s | $figures |" >"$WORK/warm-$name.row"
@@ -106,7 +108,8 @@ echo "| --- | --- | --- |" >>"$OUT/table.md"
 # Phase 1: the GPU tests, and beside them the benches' first compilations.
 memory=$(nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits 2>/dev/null | head -n 1)
 llama_at_once=1
-[ "${memory:-0}" -ge 122000 ] && llama_at_once=3 # MiB: an H200's 141 GiB hold three 1B runs beside the rest
+# MiB: an H200's 140 GiB hold three 1B runs (28 GiB each by `llmkit plan`) beside the rest (about 25 GiB)
+[ "${memory:-0}" -ge 122000 ] && llama_at_once=3
 PHASE1=$(($(left) < 300 ? $(left) : 300))
 PHASE1_END=$(($(date +%s) + PHASE1))
 select=()

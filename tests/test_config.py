@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -60,6 +61,28 @@ def test_wrong_value_names_the_key_and_value() -> None:
         UserError, match=r"config key 'train.read_ahead': should be a valid boolean or 'auto' \(got 'maybe'\)"
     ):
         load_config(None, ["train.read_ahead=maybe"])
+
+
+def test_an_error_names_where_the_bad_value_was_set(tmp_path: Path) -> None:
+    """The recipe file at the key's line, the --set that gave it, or the command-line option: not the recipe for a
+    value it never held."""
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("# a recipe\ntrain:\n  max_steps: 10\n  compile: maybe\nmodel:\n  n_heads: 4\n")
+    with pytest.raises(UserError, match=rf"^{re.escape(str(recipe))}:4: config key 'train.compile': should be"):
+        load_config(recipe)
+    recipe.write_text("train:\n  max_steps: 10\n")
+    with pytest.raises(UserError, match=r"^--set train.compile=maybe: config key 'train.compile'"):
+        load_config(recipe, ["train.compile=maybe"])
+    with pytest.raises(UserError, match=r"^--set train.bogus=1: unknown config key 'train.bogus'"):
+        load_config(recipe, ["train.bogus=1"])
+    with pytest.raises(UserError, match=r"^command-line option: config key 'train.micro_batch_size'.*got -1"):
+        load_config(recipe, [], {"train.micro_batch_size": -1})
+    # a cross-field rule: the section's line in the file, or the --set of a key inside it
+    recipe.write_text("train:\n  max_steps: 10\nmodel:\n  hidden_size: 30\n  n_heads: 4\n")
+    with pytest.raises(UserError, match=rf"^{re.escape(str(recipe))}:3: config key 'model': .*not divisible"):
+        load_config(recipe)
+    with pytest.raises(UserError, match=r"^--set model.hidden_size=30: config key 'model'"):
+        load_config(None, ["model.hidden_size=30"])
 
 
 def test_cross_field_rules() -> None:

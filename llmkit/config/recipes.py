@@ -160,13 +160,16 @@ def _read_renamed(raw: dict[str, Any], source: str) -> None:
             )
 
 
-def build_config(raw: dict[str, Any], source: str = "config") -> RunConfig:
-    """Validate a raw mapping into a RunConfig; errors name the dotted key and suggest the closest one."""
-    _read_renamed(raw, source)
+def build_config(raw: dict[str, Any], source: str | None = None, origins: dict[str, str] | None = None) -> RunConfig:
+    """Validate a raw mapping into a RunConfig; errors name the dotted key and suggest the closest one.
+
+    An error names where the bad key came from: its entry in `origins` (dotted key -> what set it: a `--set`, a
+    flag), else the recipe file `source` at the key's line, else nothing more than the key."""
+    _read_renamed(raw, source or "config")
     try:
         return RunConfig.model_validate(raw)
     except ValidationError as exc:
-        raise UserError(_describe(exc, source)) from None
+        raise UserError(_describe(exc, source, origins or {})) from None
 
 
 def load_config(
@@ -174,12 +177,15 @@ def load_config(
 ) -> RunConfig:
     """Resolve defaults < YAML < --set overrides < typed flags (dotted keys; None means 'not given')."""
     raw = read_yaml(path) if path is not None else {}
+    origins: dict[str, str] = {}
     for assignment in overrides or []:
         apply_override(raw, assignment)
+        origins[assignment.partition("=")[0].strip()] = f"--set {assignment}"
     for key, value in (flags or {}).items():
         if value is not None:
             apply_override(raw, f"{key}={yaml.safe_dump(value, default_flow_style=True).strip()}")
-    config = build_config(raw, str(path) if path is not None else "config")
+            origins[key] = "command-line option"
+    config = build_config(raw, str(path) if path is not None else None, origins)
     if path is not None:
         config._recipe = str(yaml_path(path))
     return config
@@ -234,14 +240,15 @@ def _redact(node: Any) -> Any:
     return node
 
 
-def _describe(exc: ValidationError, source: str) -> str:
-    """One line for the first validation error."""
+def _describe(exc: ValidationError, source: str | None, origins: dict[str, str]) -> str:
+    """One line for the first validation error, starting with where the key was set."""
     error = exc.errors()[0]
     loc = [str(part) for part in error["loc"]]
     key = ".".join(loc)
+    where = _origin(loc, origins) or _file_line(source, loc)
     if error["type"] == "extra_forbidden":
         valid = _fields_at(loc[:-1])
-        return f"{source}: unknown config key '{key}'{did_you_mean(loc[-1], valid)}"
+        return f"{where}unknown config key '{key}'{did_you_mean(loc[-1], valid)}"
     message = error["msg"].removeprefix("Value error, ")
     # A value no member of a union takes (true, false or auto): pydantic files one error per member, each under a
     # tag appended to the key; name the key itself, with what each member accepts.
@@ -252,11 +259,48 @@ def _describe(exc: ValidationError, source: str) -> str:
         loc, key = loc[:-1], ".".join(loc[:-1])
         message = "should be " + " or ".join(e["msg"].removeprefix("Input should be ").split(",")[0] for e in members)
     if not key:
-        return f"{source}: {message}"
+        return f"{where}{message}"
     given = error.get("input")
     secret = SECRET_NAME.search(loc[-1])
     shown = "" if isinstance(given, dict) or given is None or secret else f" (got {_short_repr(given)})"
-    return f"{source}: config key '{key}': {message}{shown}"
+    return f"{where}config key '{key}': {message}{shown}"
+
+
+def _origin(loc: list[str], origins: dict[str, str]) -> str:
+    """What set the key at `loc`, as the line's start: the `--set` or option that gave it or a section above it (the
+    last one given wins, as in the config); for a rule over a section's keys, every `--set` of a key in it; '' if
+    none did."""
+    key = ".".join(loc)
+    above = [origin for k, origin in origins.items() if k == key or key.startswith(f"{k}.")]
+    if above:
+        return f"{above[-1]}: "
+    inside = [o for k, o in origins.items() if k.startswith(f"{key}.") and o.startswith("--set")] if key else []
+    return f"{', '.join(inside)}: " if inside else ""
+
+
+def _file_line(source: str | None, loc: list[str]) -> str:
+    """'FILE:LINE: ' for the key at `loc` in the recipe file `source` (the line of the deepest part of it the file
+    has), 'FILE: ' when the file lacks even its section, '' for no file."""
+    if source is None:
+        return ""
+    try:
+        node = yaml.compose(yaml_path(source).read_text(encoding="utf-8-sig"), Loader=yaml.SafeLoader)
+    except (OSError, UnicodeDecodeError, yaml.YAMLError, UserError):
+        return ""
+    line = None
+    for part in loc:
+        if isinstance(node, yaml.MappingNode):
+            found = [(k, v) for k, v in node.value if isinstance(k, yaml.ScalarNode) and k.value == part]
+            if not found:
+                break
+            key_node, node = found[-1]
+            line = key_node.start_mark.line + 1
+        elif isinstance(node, yaml.SequenceNode) and part.isdigit() and int(part) < len(node.value):
+            node = node.value[int(part)]
+            line = node.start_mark.line + 1
+        else:
+            break
+    return f"{source}:{line}: " if line else f"{source}: "
 
 
 def _short_repr(value: Any) -> str:

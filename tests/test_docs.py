@@ -35,14 +35,21 @@ def test_readme_shows_the_two_commands_and_links_docs() -> None:
 
 
 # Options of other tools the docs show (torchrun, accelerate, sbatch, tensorboard, mlflow, the benches).
+# Options of the tools the docs show beside llmkit (torchrun, accelerate, pip, docker, slurm, mlflow, transformers);
+# the benches' own options are read from bench/*.py.
 OTHER_TOOLS = {"--nproc", "--nproc_per_node", "--multi", "--multi_gpu", "--num", "--num_processes", "--port",
                "--use", "--use_deepspeed", "--config_file", "--requeue", "--signal", "--logdir", "--backend-store-uri",
-               "--arch", "--block", "--layers", "--peak", "--rows", "--size", "--steps", "--vocab",
-               "--work", "--build-arg", "--continuous-batching", "--files", "--docs-per-file", "--scale",
-               "--generated", "--originals", "--thresholds", "--side", "--fp8", "--docs", "--user", "--have",
-               "--python", "--extras", "--add", "--no-index", "--find-links", "--no-build-isolation",
-               "--format", "--contenders", "--timeout", "--compile-sampling", "--num-iterations",
-               "--proof", "--vllm", "--vllm-correction", "--no-checkpointing", "--warm-only"}  # fmt: skip
+               "--build-arg", "--continuous-batching", "--user", "--no-index", "--find-links",
+               "--no-build-isolation", "--format"}  # fmt: skip
+
+
+def bench_options() -> set[str]:
+    """Every option a bench script's argparse takes (with its --no- form, for the boolean ones)."""
+    import re
+
+    found = {m for path in (ROOT / "bench").glob("*.py")
+             for m in re.findall(r'add_argument\(\s*"(--[a-z0-9-]+)"', path.read_text())}  # fmt: skip
+    return found | {f"--no-{option[2:]}" for option in found}
 
 
 def test_every_option_and_config_key_the_docs_name_exists() -> None:
@@ -70,6 +77,7 @@ def test_every_option_and_config_key_the_docs_name_exists() -> None:
                 walk(field.annotation, f"{prefix}{name}.")
 
     walk(RunConfig)
+    benches = bench_options()
     sections = sorted({key.split(".")[0] for key in keys if "." in key})
     key_pattern = re.compile(rf"(?<![\w./-])(?:{'|'.join(sections)})\.[a-z_]+(?:\.[a-z_]+)*(?![\w/-])")
     file_like = re.compile(r"\.(?:pt|py|md|jsonl|gguf|onnx|safetensors|lrr|load_universal)$")  # files; a typo's example
@@ -77,7 +85,7 @@ def test_every_option_and_config_key_the_docs_name_exists() -> None:
         if doc.name == "config.md":
             continue
         text = doc.read_text()
-        for option in set(re.findall(r"(?<![\w-])--[a-z][a-z0-9_-]+", text)) - options - OTHER_TOOLS:
+        for option in set(re.findall(r"(?<![\w-])--[a-z][a-z0-9_-]+", text)) - options - OTHER_TOOLS - benches:
             raise AssertionError(f"{doc.name} names {option}, which no llmkit command has")
         for key in {m.group(0) for m in key_pattern.finditer(text)} - keys:
             assert file_like.search(key), f"{doc.name} names config key {key}, which the schema does not have"

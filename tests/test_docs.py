@@ -34,7 +34,6 @@ def test_readme_shows_the_two_commands_and_links_docs() -> None:
         assert link in readme and (ROOT / link).is_file(), link
 
 
-# Options of other tools the docs show (torchrun, accelerate, sbatch, tensorboard, mlflow, the benches).
 # Options of the tools the docs show beside llmkit (torchrun, accelerate, pip, docker, slurm, mlflow, transformers);
 # the benches' own options are read from bench/*.py.
 OTHER_TOOLS = {"--nproc", "--nproc_per_node", "--multi", "--multi_gpu", "--num", "--num_processes", "--port",

@@ -160,6 +160,9 @@ def _read_renamed(raw: dict[str, Any], source: str) -> None:
             )
 
 
+OPTION = "command-line option"  # what set a key given by a typed flag (the flags arrive as dotted keys)
+
+
 def build_config(raw: dict[str, Any], source: str | None = None, origins: dict[str, str] | None = None) -> RunConfig:
     """Validate a raw mapping into a RunConfig; errors name the dotted key and suggest the closest one.
 
@@ -184,7 +187,7 @@ def load_config(
     for key, value in (flags or {}).items():
         if value is not None:
             apply_override(raw, f"{key}={yaml.safe_dump(value, default_flow_style=True).strip()}")
-            origins[key] = "command-line option"
+            origins[key] = OPTION
     config = build_config(raw, str(path) if path is not None else None, origins)
     if path is not None:
         config._recipe = str(yaml_path(path))
@@ -274,7 +277,7 @@ def _origin(loc: list[str], origins: dict[str, str]) -> str:
     above = [origin for k, origin in origins.items() if k == key or key.startswith(f"{k}.")]
     if above:
         return f"{above[-1]}: "
-    inside = [o for k, o in origins.items() if k.startswith(f"{key}.") and o.startswith("--set")] if key else []
+    inside = [o for k, o in origins.items() if k.startswith(f"{key}.") and o != OPTION] if key else []
     return f"{', '.join(inside)}: " if inside else ""
 
 

@@ -4,11 +4,13 @@ contender reaches the next."""
 
 from __future__ import annotations
 
+import argparse
 import json
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +22,14 @@ def llmkit(*args: str) -> float:
     if result.returncode != 0:
         sys.exit(f"llmkit {' '.join(args)} failed:\n{result.stderr[-3000:]}")
     return time.perf_counter() - start
+
+
+def apart_arguments(parser: argparse.ArgumentParser, names: Iterable[str]) -> None:
+    """The hidden options `run_apart` passes a contender's process: --run NAME, --result FILE, and --work DIR (the
+    files the parent prepared)."""
+    parser.add_argument("--run", choices=list(names), help=argparse.SUPPRESS)
+    parser.add_argument("--result", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--work", type=Path, help=argparse.SUPPRESS)
 
 
 def run_apart(script: str, name: str, args: list[str], timeout: float) -> dict[str, Any] | None:

@@ -22,7 +22,7 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
 import torch  # noqa: E402
-from _cli import report, run_apart  # noqa: E402  (bench/_cli.py)
+from _cli import apart_arguments, report, run_apart  # noqa: E402  (bench/_cli.py)
 
 from llmkit.config import RunConfig, load_config  # noqa: E402
 from llmkit.eval.classification import evaluate_classifier  # noqa: E402
@@ -62,9 +62,7 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=800)
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--batch", type=int, default=16)
-    parser.add_argument("--run", choices=["trainer", "llmkit"], help=argparse.SUPPRESS)
-    parser.add_argument("--result", type=Path, help=argparse.SUPPRESS)
-    parser.add_argument("--work", type=Path, help=argparse.SUPPRESS)
+    apart_arguments(parser, ["trainer", "llmkit"])
     args = parser.parse_args()
     work = args.work or Path(tempfile.mkdtemp(prefix="llmkit-bench-"))
     cfg = bench_config(work, args)

@@ -22,7 +22,7 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
 
-from _cli import report, run_apart  # noqa: E402  (bench/_cli.py)
+from _cli import apart_arguments, report, run_apart  # noqa: E402  (bench/_cli.py)
 
 from llmkit.config import DataConfig  # noqa: E402
 from llmkit.data.corpus import STORIES, generate  # noqa: E402
@@ -35,9 +35,7 @@ def main() -> None:
     parser.add_argument("--docs", type=int, default=200_000)
     parser.add_argument("--files", type=int, default=4)
     parser.add_argument("--num-proc", type=int, default=2)
-    parser.add_argument("--run", choices=["map", "llmkit"], help=argparse.SUPPRESS)
-    parser.add_argument("--result", type=Path, help=argparse.SUPPRESS)
-    parser.add_argument("--work", type=Path, help=argparse.SUPPRESS)
+    apart_arguments(parser, ["map", "llmkit"])
     args = parser.parse_args()
     work = args.work or Path(tempfile.mkdtemp(prefix="llmkit-bench-"))
     files = [work / f"part-{i}.jsonl" for i in range(args.files)]

@@ -34,7 +34,7 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
 import torch  # noqa: E402
-from _cli import report, run_apart  # noqa: E402  (bench/_cli.py)
+from _cli import apart_arguments, report, run_apart  # noqa: E402  (bench/_cli.py)
 
 SIZES = {"small": ["model.n_layers=4", "model.hidden_size=128", "model.n_heads=4", "model.n_kv_heads=2"],
          "1b": ["model.n_layers=22", "model.hidden_size=2048", "model.n_heads=32", "model.n_kv_heads=4",
@@ -68,9 +68,7 @@ def main() -> None:
                         help="gradient checkpointing for both (default: on, as TRL's SFTConfig has it)")  # fmt: skip
     parser.add_argument("--timeout", type=float, default=3600, help="seconds each contender may take")
     parser.add_argument("--contenders", default=",".join(CONTENDERS), help="comma-separated, of: llmkit, trl")
-    parser.add_argument("--run", choices=CONTENDERS, help=argparse.SUPPRESS)
-    parser.add_argument("--result", type=Path, help=argparse.SUPPRESS)
-    parser.add_argument("--work", type=Path, help=argparse.SUPPRESS)
+    apart_arguments(parser, CONTENDERS)
     args = parser.parse_args()
     if args.run:
         report(run_one(args), args.result)

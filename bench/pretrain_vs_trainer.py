@@ -19,7 +19,7 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
 import torch  # noqa: E402
-from _cli import report, run_apart  # noqa: E402  (bench/_cli.py)
+from _cli import apart_arguments, report, run_apart  # noqa: E402  (bench/_cli.py)
 
 from llmkit.config import RunConfig, load_config  # noqa: E402
 from llmkit.data.prep import prepare_dataset  # noqa: E402
@@ -36,9 +36,7 @@ def main() -> None:
     parser.add_argument("--hidden", type=int, default=128)
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--block", type=int, default=128)
-    parser.add_argument("--run", choices=["trainer", "llmkit"], help=argparse.SUPPRESS)
-    parser.add_argument("--result", type=Path, help=argparse.SUPPRESS)
-    parser.add_argument("--work", type=Path, help=argparse.SUPPRESS)
+    apart_arguments(parser, ["trainer", "llmkit"])
     args = parser.parse_args()
     work = args.work or Path(tempfile.mkdtemp(prefix="llmkit-bench-"))
     cfg = bench_config(work, args)

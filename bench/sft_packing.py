@@ -21,7 +21,7 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
 import torch  # noqa: E402
-from _cli import report, run_apart  # noqa: E402  (bench/_cli.py)
+from _cli import apart_arguments, report, run_apart  # noqa: E402  (bench/_cli.py)
 
 from llmkit.config import RunConfig, load_config  # noqa: E402
 from llmkit.data.corpus import ANIMAL_COLORS, color_chats  # noqa: E402
@@ -42,9 +42,7 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=1500)
     parser.add_argument("--max-length", type=int, default=256)
     parser.add_argument("--batch", type=int, default=8, help="examples per Trainer batch; llmkit rows per batch / 2")
-    parser.add_argument("--run", choices=["trainer", "llmkit"], help=argparse.SUPPRESS)
-    parser.add_argument("--result", type=Path, help=argparse.SUPPRESS)
-    parser.add_argument("--work", type=Path, help=argparse.SUPPRESS)
+    apart_arguments(parser, ["trainer", "llmkit"])
     args = parser.parse_args()
     work = args.work or Path(tempfile.mkdtemp(prefix="llmkit-bench-"))
     cfg = bench_config(work, args)

@@ -75,7 +75,7 @@ def run_llmkit(files: list[Path], work: Path, num_proc: int) -> tuple[float, int
     load_tokenizer(work / "tokenizer")
     cfg = DataConfig(
         sources=[str(p) for p in files], tokenizer=str(work / "tokenizer"), block_size=128,
-        val_fraction=0.01, num_proc=num_proc, workers=num_proc,  # processes curating, then tokenizing
+        val_fraction=0.01, workers=num_proc,
     )  # fmt: skip
     start = time.perf_counter()
     result = prepare_dataset(cfg, work / f"llmkit-{num_proc}")

@@ -155,7 +155,7 @@ def test_same_inputs_reuse_and_changed_inputs_rebuild(tmp_path: Path) -> None:
     source = write_jsonl(tmp_path / "in.jsonl", corpus(300))
     first = prepare_dataset(data_config(source), tmp_path / "ds")
     assert not first.reused
-    again = prepare_dataset(data_config(source, num_proc=2, batch_docs=7), tmp_path / "ds")
+    again = prepare_dataset(data_config(source, workers=2, batch_docs=7), tmp_path / "ds")
     assert again.reused and again.manifest["fingerprint"] == first.manifest["fingerprint"]
     write_jsonl(source, corpus(300, seed=1))  # same path, new content
     changed = prepare_dataset(data_config(source), tmp_path / "ds")
@@ -171,7 +171,7 @@ def test_worker_processes_give_identical_output(tmp_path: Path) -> None:
     tokenizer.save_pretrained(tmp_path / "tok")
     one = prepare_dataset(data_config(source, tokenizer=str(tmp_path / "tok")), tmp_path / "one")
     two = prepare_dataset(
-        data_config(source, tokenizer=str(tmp_path / "tok"), num_proc=2, batch_docs=25), tmp_path / "two"
+        data_config(source, tokenizer=str(tmp_path / "tok"), workers=2, batch_docs=25), tmp_path / "two"
     )
     assert one.manifest["fingerprint"] == two.manifest["fingerprint"]
     for split in ("train", "val"):

@@ -62,7 +62,9 @@ def data_prep_command(
     text_field: Annotated[str | None, typer.Option(help="Field holding the text (jsonl/json/csv/parquet).")] = None,
     encoding: EncodingOpt = None,
     val_fraction: Annotated[float | None, typer.Option(help="Fraction of documents for validation.")] = None,
-    num_proc: Annotated[int | None, typer.Option(help="Tokenizer worker processes.")] = None,
+    workers: Annotated[
+        int | None, typer.Option("--workers", "--num-proc", help="Processes curating, then tokenizing.")
+    ] = None,
     seed: SeedOpt = None,
     overwrite: OverwriteOpt = False,
 ) -> None:
@@ -85,7 +87,7 @@ def data_prep_command(
         "data.text_field": text_field,
         "data.encoding": encoding,
         "data.val_fraction": val_fraction,
-        "data.num_proc": num_proc,
+        "data.workers": workers,
         "data.seed": seed,
     }
     cfg = load_config(config, overrides, flags)

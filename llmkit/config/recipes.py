@@ -143,8 +143,18 @@ def _tensorboard_to_report_to(section: dict[str, Any], value: Any) -> str:
     return f"logging.report_to: {section['report_to']}"
 
 
+def _num_proc_to_workers(section: dict[str, Any], value: Any) -> str:
+    if "workers" in section:
+        return f"data.workers: {section['workers']} (given too, so it wins)"
+    section["workers"] = value
+    return f"data.workers: {value}"
+
+
 # Keys old recipes still use: (section, old key) -> how to read it into today's keys, returning what it became.
-RENAMED: dict[tuple[str, str], Any] = {("logging", "tensorboard"): _tensorboard_to_report_to}
+RENAMED: dict[tuple[str, str], Any] = {
+    ("logging", "tensorboard"): _tensorboard_to_report_to,
+    ("data", "num_proc"): _num_proc_to_workers,  # one knob for the processes of curation and of tokenization
+}
 
 
 def _read_renamed(raw: dict[str, Any], source: str) -> None:

@@ -202,7 +202,6 @@ class DataConfig(Section):
     dedup: bool = Field(True, description="Drop exact duplicate documents (after cleaning).")
     builtin_docs: int = Field(20000, ge=1, description="Documents drawn from a builtin: source.")
     seed: int = Field(0, description="Seed for the built-in corpus and the train/validation split.")
-    num_proc: int = Field(1, ge=1, description="Tokenizer worker processes (each also uses Rust threads).")
     batch_docs: int = Field(2000, ge=1, description="Documents per tokenization batch.")
     tokenizer_train_docs: int | None = Field(
         200_000, ge=1, description="Documents used to train a new tokenizer (unset: all of them)."
@@ -217,7 +216,10 @@ class DataConfig(Section):
         "(2: each twice, 0.5: every other one); unnamed sources weigh 1.",
     )
     workers: int = Field(
-        1, ge=1, description="Processes curating shards in parallel (one shard per input file); same output."
+        1,
+        ge=1,
+        description="Processes that curate the shards (one per input file), then tokenize (at most the machine's "
+        "cores); same output.",
     )
     executor: Literal["local", "ray"] = Field(
         "local",

@@ -15,6 +15,7 @@ import hashlib
 import json
 import math
 import multiprocessing
+import os
 import shutil
 import time
 from collections import Counter, deque
@@ -257,10 +258,11 @@ def _tokenize_and_pack(
             if pending[split].texts:
                 yield split, pending[split]
 
+    processes = min(cfg.workers, os.cpu_count() or 1)  # a Ray cluster's workers are not this machine's cores
     start = time.perf_counter()
     docs_done = tokens_done = 0
     with progress_bar("tokenizing", corpus.packed_documents, unit="docs") as update:
-        for split, count, tokens in _encode_stream(batches(), tokenizer, tokenizer_file, cfg.num_proc):
+        for split, count, tokens in _encode_stream(batches(), tokenizer, tokenizer_file, processes):
             writers[split].add(tokens)
             docs_done += count
             tokens_done += len(tokens)
@@ -308,22 +310,22 @@ def split_long(text: str, limit: int = PIECE_CHARS) -> Iterator[tuple[str, bool]
 
 
 def _encode_stream(
-    batches: Iterator[tuple[str, Batch]], tokenizer: PreTrainedTokenizerBase, tokenizer_file: Path, num_proc: int
+    batches: Iterator[tuple[str, Batch]], tokenizer: PreTrainedTokenizerBase, tokenizer_file: Path, processes: int
 ) -> Iterator[tuple[str, int, np.ndarray]]:
-    """Tokenize batches in order: in this process, or in `num_proc` workers with a bounded queue."""
+    """Tokenize batches in order: in this process, or in `processes` workers with a bounded queue."""
     eos = int(tokenizer.eos_token_id)
-    if num_proc <= 1:
+    if processes <= 1:
         backend = tokenizer.backend_tokenizer
         for split, batch in batches:
             yield split, batch.documents, encode_batch(backend, batch.texts, eos, batch.ends)
         return
     context = multiprocessing.get_context("spawn")
-    with context.Pool(num_proc, initializer=_init_worker, initargs=(str(tokenizer_file), eos)) as pool:
+    with context.Pool(processes, initializer=_init_worker, initargs=(str(tokenizer_file), eos)) as pool:
         window: deque[tuple[str, int, Any]] = deque()
         for split, batch in batches:
             job = pool.apply_async(_encode_in_worker, (batch.texts, batch.ends))
             window.append((split, batch.documents, job))
-            if len(window) >= 2 * num_proc:
+            if len(window) >= 2 * processes:
                 first_split, count, job = window.popleft()
                 yield first_split, count, job.get()
         while window:

@@ -261,7 +261,7 @@ def _tokenize_and_pack(
     processes = min(cfg.workers, os.cpu_count() or 1)  # a Ray cluster's workers are not this machine's cores
     start = time.perf_counter()
     docs_done = tokens_done = 0
-    with progress_bar("tokenizing", corpus.packed_documents, unit="docs") as update:
+    with progress_bar(f"tokenizing on {processes} process(es)", corpus.packed_documents, unit="docs") as update:
         for split, count, tokens in _encode_stream(batches(), tokenizer, tokenizer_file, processes):
             writers[split].add(tokens)
             docs_done += count

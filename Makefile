@@ -5,10 +5,8 @@ BIN    := $(VENV)/bin
 # A pinned CPU-capable torch keeps set-up fast; override on a GPU node, e.g. `make TORCH_SPEC=torch demo`.
 TORCH_SPEC ?= torch==2.13.0
 DEMO_DIR ?= demo-out
-# Test files run on this many worker processes (pytest-xdist), a file's tests on one worker with its fixtures,
-# handed out in collection order: tests/conftest.py puts the longest files first.
+# Test files run on this many worker processes (pytest-xdist), a file's tests on one worker with its fixtures.
 TEST_WORKERS ?= 2
-PYTEST_ARGS = -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
 
 EXTRAS := dev,deepspeed,eval,export,trackers,serve,ray
 # GRPO's optional vLLM sampler, tested by `make test-vllm` (CPU build; `make VLLM_SPEC=vllm test-vllm` on a GPU node).
@@ -34,7 +32,7 @@ demo: install
 	$(BIN)/llmkit generate $(DEMO_DIR)/export --prompt "Once upon a time" --max-new-tokens 60 --seed 0
 
 test: install
-	$(BIN)/python -m pytest $(PYTEST_ARGS) --durations=15
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile --durations=15
 
 # Before a release: the suite on the newest versions pyproject.toml allows (a venv of its own, no constraints).
 test-latest:
@@ -43,7 +41,7 @@ test-latest:
 	.venv-latest/bin/python -m pip install --quiet "$(TORCH_SPEC)"
 	.venv-latest/bin/python -m pip install --quiet --upgrade -e ".[$(EXTRAS)]"
 	.venv-latest/bin/python -m pip freeze --exclude-editable > .venv-latest/versions.txt
-	.venv-latest/bin/python -m pytest $(PYTEST_ARGS)
+	.venv-latest/bin/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 
 # The suite on the oldest versions pyproject.toml allows: each runtime dependency and extra at its floor (the
 # torch floor too, a CUDA build where no CPU wheel is at hand), everything else at the newest its ranges allow.
@@ -62,7 +60,7 @@ test-oldest:
 	$(PYTHON) -c "$$FLOORS" $(EXTRAS) | sort -u > .venv-oldest/floors.txt
 	.venv-oldest/bin/python -m pip install --quiet --constraint .venv-oldest/floors.txt -e ".[$(EXTRAS)]"
 	.venv-oldest/bin/python -m pip freeze --exclude-editable > .venv-oldest/versions.txt
-	.venv-oldest/bin/python -m pytest $(PYTEST_ARGS)
+	.venv-oldest/bin/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 
 # The tests of GRPO sampled by vLLM (skipped by `make test`, which has no vLLM): a venv of its own, because vLLM
 # pins torch and transformers itself.

@@ -99,15 +99,7 @@ def fresh_compile_cache() -> None:
     torch._dynamo.reset()
 
 
-# The files that take longest (minutes each on 2 cores), longest first. `make test` hands files to its workers in
-# collection order (--no-loadscope-reorder), so these start first and no worker is left alone with one at the end.
-LONGEST_FIRST = ["test_zero.py", "test_plan.py", "test_gpu_defaults.py", "test_grpo.py"]
-LONGEST_FIRST += ["test_gpu_defaults_finetune.py", "test_nothing_lost.py", "test_distributed.py"]
-
-
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    rank = {name: place for place, name in enumerate(LONGEST_FIRST)}
-    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: each file's tests keep their order
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA device")

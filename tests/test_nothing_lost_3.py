@@ -88,22 +88,25 @@ def test_a_truncated_archive_beside_a_good_file_is_one_line(suffix: str, tmp_pat
 
 
 @pytest.mark.parametrize(
-    ("old", "note", "read"),
+    ("key", "old", "note", "read"),
     [
-        ("logging:\n  tensorboard: false\n  report_to: [mlflow]\n", "['mlflow']", "report_to:\n  - mlflow"),
-        ("data:\n  num_proc: 3\n", "data.workers: 3", "workers: 3"),
-        ("data:\n  num_proc: 3\n  workers: 5\n", "data.workers: 5 (given too, so it wins)", "workers: 5"),
+        ("logging.tensorboard", "logging:\n  tensorboard: false\n  report_to: [mlflow]\n", "['mlflow']",
+         "report_to:\n  - mlflow"),
+        ("data.num_proc", "data:\n  num_proc: 3\n", "data.workers: 3", "workers: 3"),
+        ("data.num_proc", "data:\n  num_proc: 3\n  workers: 5\n", "data.workers: 5 (given too, so it wins)",
+         "workers: 5"),
     ],
-)
-def test_an_old_recipe_key_is_read_with_one_deprecation_line(old: str, note: str, read: str, tmp_path: Path) -> None:
+)  # fmt: skip
+def test_an_old_recipe_key_is_read_with_one_deprecation_line(
+    key: str, old: str, note: str, read: str, tmp_path: Path
+) -> None:
     recipe = tmp_path / "old.yaml"
     recipe.write_text(old)
     result = run_cli("config", "show", recipe)
     assert result.exit_code == 0, result.stderr
     lines = [line for line in result.stderr.splitlines() if line.strip()]
-    key = old.split(":")[0] + "." + old.split("\n")[1].split(":")[0].strip()
     assert len(lines) == 1 and f"{key} is deprecated" in lines[0] and note in lines[0], lines
-    assert read in result.stdout and "num_proc" not in result.stdout
+    assert read in result.stdout and key.split(".")[1] not in result.stdout
 
 
 def test_a_yaml_alias_bomb_is_one_short_line(tmp_path: Path) -> None:

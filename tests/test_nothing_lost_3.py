@@ -90,13 +90,21 @@ def test_a_truncated_archive_beside_a_good_file_is_one_line(suffix: str, tmp_pat
 @pytest.mark.parametrize(
     ("key", "old", "note", "read"),
     [
-        ("logging.tensorboard", "logging:\n  tensorboard: false\n  report_to: [mlflow]\n", "['mlflow']",
-         "report_to:\n  - mlflow"),
+        (
+            "logging.tensorboard",
+            "logging:\n  tensorboard: false\n  report_to: [mlflow]\n",
+            "['mlflow']",
+            "report_to:\n  - mlflow",
+        ),
         ("data.num_proc", "data:\n  num_proc: 3\n", "data.workers: 3", "workers: 3"),
-        ("data.num_proc", "data:\n  num_proc: 3\n  workers: 5\n", "data.workers: 5 (given too, so it wins)",
-         "workers: 5"),
+        (
+            "data.num_proc",
+            "data:\n  num_proc: 3\n  workers: 5\n",
+            "data.workers: 5 (given too, so it wins)",
+            "workers: 5",
+        ),
     ],
-)  # fmt: skip
+)
 def test_an_old_recipe_key_is_read_with_one_deprecation_line(
     key: str, old: str, note: str, read: str, tmp_path: Path
 ) -> None:

@@ -10,6 +10,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -509,10 +510,12 @@ def test_vllm_samples_with_the_weights_being_trained(tmp_path: Path) -> None:
 def test_grpo_sampled_by_vllm_resumes_bitwise(heads_of_32: Path, prompts: Path, tmp_path: Path) -> None:
     """With engine vllm a run killed inside an accumulation window resumes (a new engine, handed the checkpoint's
     weights) to the uninterrupted run's weights, to the bit; its adapter loads in plain peft, from a compiled bf16
-    run too. (That it learns is bench/grpo_proof.py --engine vllm: docs/rl.md.)"""
+    run too, and no run leaves the engine's config folder behind (a killed one, one that ends with os._exit).
+    (That it learns is bench/grpo_proof.py --engine vllm: docs/rl.md.)"""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
+    engine_folders = set(Path(tempfile.gettempdir()).glob("llmkit-vllm-*"))
     model = heads_of_32
     extra = ["--set", "finetune.grpo.engine=vllm", "--set", "train.grad_accum_steps=2",
              "--set", "checkpoint.every_steps=2"]  # fmt: skip
@@ -533,6 +536,7 @@ def test_grpo_sampled_by_vllm_resumes_bitwise(heads_of_32: Path, prompts: Path, 
                                   *TRACED, steps=2))  # fmt: skip
     assert compiled.exit_code == 0, compiled.stderr + compiled.stdout
     plain_load(tmp_path / "compiled" / "final", model / "final")
+    assert set(Path(tempfile.gettempdir()).glob("llmkit-vllm-*")) == engine_folders
 
 
 @pytest.mark.slow

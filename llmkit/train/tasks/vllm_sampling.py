@@ -86,8 +86,6 @@ class VllmSampler:
         base: Any = policy.get_base_model() if isinstance(policy, PeftModel) else policy
         config = base.config.__class__.from_dict(base.config.to_dict())
         config.architectures = [type(base).__name__]
-        self.dir = tempfile.TemporaryDirectory(prefix="llmkit-vllm-")
-        config.save_pretrained(self.dir.name)
         # vLLM seeds the process's random generators and, on CPU, takes torch's threads down to one and replaces
         # torch.set_num_threads: what the training run had is given back, so sampling by vLLM leaves it unchanged
         states, threads, set_threads = (
@@ -96,10 +94,13 @@ class VllmSampler:
             torch.set_num_threads,
         )
         cuda = list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
+        # the config's folder is read while the engine is built; removed then (a training command ends with
+        # os._exit, which runs no finalizer)
         try:
-            with torch.random.fork_rng(devices=cuda):
+            with torch.random.fork_rng(devices=cuda), tempfile.TemporaryDirectory(prefix="llmkit-vllm-") as folder:
+                config.save_pretrained(folder)
                 self.llm = LLM(
-                    model=self.dir.name,
+                    model=folder,
                     skip_tokenizer_init=True,
                     load_format="dummy",
                     dtype=str(dtype).removeprefix("torch."),

@@ -5,7 +5,9 @@ contender reaches the next."""
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -22,6 +24,14 @@ def llmkit(*args: str) -> float:
     if result.returncode != 0:
         sys.exit(f"llmkit {' '.join(args)} failed:\n{result.stderr[-3000:]}")
     return time.perf_counter() - start
+
+
+def scratch(prefix: str) -> Path:
+    """A temporary directory for a bench's models, data and runs, removed when the bench exits: a 1B bench writes
+    tens of GB, and runs left behind fill a GPU node's disk."""
+    work = Path(tempfile.mkdtemp(prefix=prefix))
+    atexit.register(shutil.rmtree, work, ignore_errors=True)
+    return work
 
 
 def apart_arguments(parser: argparse.ArgumentParser, names: Iterable[str]) -> None:

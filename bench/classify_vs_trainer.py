@@ -14,7 +14,6 @@ import argparse
 import json
 import os
 import random
-import tempfile
 import time
 from pathlib import Path
 
@@ -22,7 +21,7 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
 import torch  # noqa: E402
-from _cli import apart_arguments, report, run_apart  # noqa: E402  (bench/_cli.py)
+from _cli import apart_arguments, report, run_apart, scratch  # noqa: E402  (bench/_cli.py)
 
 from llmkit.config import RunConfig, load_config  # noqa: E402
 from llmkit.eval.classification import evaluate_classifier  # noqa: E402
@@ -64,7 +63,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=16)
     apart_arguments(parser, ["trainer", "llmkit"])
     args = parser.parse_args()
-    work = args.work or Path(tempfile.mkdtemp(prefix="llmkit-bench-"))
+    work = args.work or scratch("llmkit-bench-")
     cfg = bench_config(work, args)
     if args.run == "trainer":
         report({"seconds": run_trainer(cfg, work, args)}, args.result)

@@ -23,9 +23,10 @@ import json
 import os
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
+
+from _cli import scratch  # bench/_cli.py (run as python bench/NAME.py)
 
 THRESHOLD, NGRAMS, NUM_PERM = 0.8, 5, 128
 
@@ -51,7 +52,7 @@ def main() -> None:
         print(json.dumps({"seconds": time.perf_counter() - start, "removed": removed}))
         return
 
-    work = Path(tempfile.mkdtemp(prefix="llmkit-curate-bench-"))
+    work = scratch("llmkit-curate-bench-")
     if args.generated:
         for docs in (args.generated, 10 * args.generated):
             f = measure("generated", work, 0, 1, ["--generated", str(docs)])

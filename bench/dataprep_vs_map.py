@@ -15,14 +15,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import tempfile
 import time
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
 
-from _cli import apart_arguments, report, run_apart  # noqa: E402  (bench/_cli.py)
+from _cli import apart_arguments, report, run_apart, scratch  # noqa: E402  (bench/_cli.py)
 
 from llmkit.config import DataConfig  # noqa: E402
 from llmkit.data.corpus import STORIES, generate  # noqa: E402
@@ -37,7 +36,7 @@ def main() -> None:
     parser.add_argument("--num-proc", type=int, default=2)
     apart_arguments(parser, ["map", "llmkit"])
     args = parser.parse_args()
-    work = args.work or Path(tempfile.mkdtemp(prefix="llmkit-bench-"))
+    work = args.work or scratch("llmkit-bench-")
     files = [work / f"part-{i}.jsonl" for i in range(args.files)]
     if args.run:
         run = run_datasets_map if args.run == "map" else run_llmkit

@@ -14,10 +14,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import tempfile
 from pathlib import Path
 
-from _cli import llmkit  # bench/_cli.py (run as python bench/NAME.py)
+from _cli import llmkit, scratch  # bench/_cli.py (run as python bench/NAME.py)
 
 MODEL = {
     "teacher": ["model.n_layers=4", "model.hidden_size=256", "model.n_heads=4", "model.n_kv_heads=2"],
@@ -50,7 +49,7 @@ def main() -> None:
     parser.add_argument("--top-k", type=int, default=16)
     parser.add_argument("--work", type=Path, default=None, help="keep runs here (default: a temporary directory)")
     args = parser.parse_args()
-    work = args.work or Path(tempfile.mkdtemp(prefix="llmkit-distill-"))
+    work = args.work or scratch("llmkit-distill-")
     work.mkdir(parents=True, exist_ok=True)
     if not (work / "data" / "manifest.json").is_file():
         llmkit("data-prep", "builtin:stories", "--out", str(work / "data"), "--vocab-size", "2048",
@@ -83,7 +82,8 @@ def main() -> None:
         print(f"| {label} | {steps} | {report['bits_per_char']:.4f} | {report['bits_per_char_over_floor']:.4f} "
               f"| {took} |")  # fmt: skip
     print(f"| entropy floor of these documents | | {floor:.4f} | 1.0000 | |")
-    print(f"\nruns in {work}")
+    if args.work:
+        print(f"\nruns in {work}")
 
 
 if __name__ == "__main__":

@@ -23,9 +23,10 @@ import random
 import resource
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
+
+from _cli import scratch  # bench/_cli.py (run as python bench/NAME.py)
 
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
@@ -84,7 +85,7 @@ def main() -> None:
     from llmkit.models import build_model
 
     cuda = torch.cuda.is_available()
-    work = Path(tempfile.mkdtemp(prefix="llmkit-dpo-"))
+    work = scratch("llmkit-dpo-")
     rows = write_pairs(work / "pairs.jsonl", args.rows, seed=0)
     tokenizer = train_bpe([r["prompt"] + r["chosen"] for r in rows], vocab_size=args.vocab)
     real = sum(len(tokenizer(r["prompt"] + r[k])["input_ids"]) + 1 for r in rows for k in ("chosen", "rejected"))

@@ -15,11 +15,10 @@ import argparse
 import json
 import statistics
 import sys
-import tempfile
 import time
-from pathlib import Path
 
 import torch
+from _cli import scratch  # bench/_cli.py (run as python bench/NAME.py)
 
 from llmkit.export.export import export_model
 from llmkit.export.onnx import onnx_logits
@@ -43,7 +42,7 @@ def main() -> None:
     parser.add_argument("--run", default="demo-out/run")
     parser.add_argument("--probe", default="recipes/tasks/stories-sample.jsonl", help="in-domain probe text")
     args = parser.parse_args()
-    work = Path(tempfile.mkdtemp(prefix="llmkit-export-bench-"))
+    work = scratch("llmkit-export-bench-")
     reports = {}
     print(f"{'format':<22}{'size MiB':>10}{'max |dlogit|':>14}{'greedy':>9}{'ppl change':>12}")
     for fmt, dtype, quantize in EXPORTS:

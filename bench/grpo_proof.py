@@ -1,6 +1,6 @@
 """GRPO, proved on answers a program can check (docs/rl.md).
 
-    python bench/grpo_proof.py                  # the lookup: about 4 minutes on 2 CPU cores
+    python bench/grpo_proof.py                  # the lookup: about 3 minutes on 2 CPU cores
     python bench/grpo_proof.py --proof facts    # three facts per answer, held-out questions: about 6 minutes
     python bench/grpo_proof.py --work runs/     # keep the runs
     python bench/grpo_proof.py --engine vllm    # GRPO's answers sampled by vLLM (installed apart)

@@ -25,7 +25,6 @@ import json
 import os
 import resource
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -33,7 +32,7 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
 import torch  # noqa: E402
-from _cli import report, run_apart  # noqa: E402  (bench/_cli.py)
+from _cli import report, run_apart, scratch  # noqa: E402  (bench/_cli.py)
 
 SIZES = {"small": ["model.n_layers=4", "model.hidden_size=128", "model.n_heads=4", "model.n_kv_heads=2"],
          "1b": ["model.n_layers=22", "model.hidden_size=2048", "model.n_heads=32", "model.n_kv_heads=4",
@@ -92,7 +91,7 @@ def main() -> None:
     from llmkit.models import build_model
 
     cuda = torch.cuda.is_available()
-    work = Path(tempfile.mkdtemp(prefix="llmkit-grpo-"))
+    work = scratch("llmkit-grpo-")
     rows = write_prompts(work / "prompts.jsonl", args.steps * args.prompts)
     (work / "bench_reward.py").write_text(REWARD)
     tokenizer = train_bpe([r["prompt"] for r in write_prompts(work / "corpus.jsonl", 2000)], vocab_size=args.vocab)

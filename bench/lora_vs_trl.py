@@ -26,7 +26,6 @@ import os
 import random
 import resource
 import statistics
-import tempfile
 import time
 from pathlib import Path
 
@@ -34,7 +33,7 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
 import torch  # noqa: E402
-from _cli import apart_arguments, report, run_apart  # noqa: E402  (bench/_cli.py)
+from _cli import apart_arguments, report, run_apart, scratch  # noqa: E402  (bench/_cli.py)
 
 SIZES = {"small": ["model.n_layers=4", "model.hidden_size=128", "model.n_heads=4", "model.n_kv_heads=2"],
          "1b": ["model.n_layers=22", "model.hidden_size=2048", "model.n_heads=32", "model.n_kv_heads=4",
@@ -82,7 +81,7 @@ def main() -> None:
     from llmkit.models import build_model
 
     cuda = torch.cuda.is_available()
-    work = Path(tempfile.mkdtemp(prefix="llmkit-lora-"))
+    work = scratch("llmkit-lora-")
     rows = write_rows(work / "rows.jsonl", args.rows, seed=0)
     tokenizer = train_bpe([r["prompt"] + " " + r["completion"] for r in rows[:2000]], vocab_size=args.vocab)
     base_cfg = load_config(None, [*SIZES[args.size], f"model.context_length={args.max_length}"])

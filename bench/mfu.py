@@ -45,7 +45,6 @@ import math
 import os
 import statistics
 import sys
-import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -56,7 +55,7 @@ os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _cli import report, run_apart  # noqa: E402  (bench/_cli.py)
+from _cli import report, run_apart, scratch  # noqa: E402  (bench/_cli.py)
 
 from llmkit.config import RunConfig, load_config  # noqa: E402
 from llmkit.data.store import open_dataset  # noqa: E402
@@ -102,7 +101,7 @@ def main() -> None:
     unknown = sorted(set(contenders) - set(CONTENDERS))
     if unknown:
         raise SystemExit(f"--contenders: unknown {', '.join(unknown)} (choose from {', '.join(CONTENDERS)})")
-    work = Path(tempfile.mkdtemp(prefix="llmkit-mfu-"))
+    work = scratch("llmkit-mfu-")
     flops, params = _prepare(args, work)
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
     print(f"device: {device}; {args.arch} {args.layers} x {args.hidden}, {params / 1e6:.1f}M parameters, "

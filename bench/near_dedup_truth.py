@@ -16,9 +16,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import tempfile
 from pathlib import Path
 
+from _cli import scratch  # bench/_cli.py (run as python bench/NAME.py)
 from transformers import AutoTokenizer
 
 from llmkit.config import DataConfig, NearDedupConfig
@@ -35,7 +35,7 @@ def main() -> None:
     parser.add_argument("--thresholds", type=float, nargs="+", default=[0.6, 0.7, 0.8, 0.9])
     parser.add_argument("--graded", type=int, default=1000, help="Pages with one graded copy each (0: skip).")
     args = parser.parse_args()
-    work = Path(tempfile.mkdtemp(prefix="llmkit-near-dedup-"))
+    work = scratch("llmkit-near-dedup-")
     planted_table(args, work)
     if args.graded:
         graded_table(args, work)

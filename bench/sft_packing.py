@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import tempfile
 import time
 from pathlib import Path
 
@@ -21,7 +20,7 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
 import torch  # noqa: E402
-from _cli import apart_arguments, report, run_apart  # noqa: E402  (bench/_cli.py)
+from _cli import apart_arguments, report, run_apart, scratch  # noqa: E402  (bench/_cli.py)
 
 from llmkit.config import RunConfig, load_config  # noqa: E402
 from llmkit.data.corpus import ANIMAL_COLORS, color_chats  # noqa: E402
@@ -44,7 +43,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8, help="examples per Trainer batch; llmkit rows per batch / 2")
     apart_arguments(parser, ["trainer", "llmkit"])
     args = parser.parse_args()
-    work = args.work or Path(tempfile.mkdtemp(prefix="llmkit-bench-"))
+    work = args.work or scratch("llmkit-bench-")
     cfg = bench_config(work, args)
     if args.run:
         report(run_trainer(cfg, work, args.batch) if args.run == "trainer" else run_llmkit(cfg, work), args.result)

@@ -94,33 +94,35 @@ class VllmSampler:
             torch.set_num_threads,
         )
         cuda = list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
-        # the config's folder is read while the engine is built; removed then (a training command ends with
+        # the config's folder is read while the engine is built, and removed then (a training command ends with
         # os._exit, which runs no finalizer)
-        try:
-            with torch.random.fork_rng(devices=cuda), tempfile.TemporaryDirectory(prefix="llmkit-vllm-") as folder:
-                config.save_pretrained(folder)
-                self.llm = LLM(
-                    model=folder,
-                    skip_tokenizer_init=True,
-                    load_format="dummy",
-                    dtype=str(dtype).removeprefix("torch."),
-                    max_model_len=max_length,
-                    gpu_memory_utilization=memory,
-                    enable_prefix_caching=False,  # a cache would outlive the weights it was computed with
-                    # whole prefills only: a chunked one discards a draw, which a seeded CPU generator cannot undo
-                    enable_chunked_prefill=False,
-                    seed=seed,
-                    logprobs_mode="processed_logprobs",  # the drawn tokens' log-probs after temperature, as the loss's
-                    # on several processes each keeps an engine of its own over the launcher's process group
-                    **({"distributed_executor_backend": "external_launcher"} if processes > 1 else {}),
-                )
-        except Exception as error:  # noqa: BLE001 (vLLM's refusals come as any exception)
-            raise UserError(f"finetune.grpo.engine=vllm: vLLM cannot run this model: {_gist(error)}") from None
-        finally:
-            random.setstate(states[0])
-            np.random.set_state(states[1])
-            torch.set_num_threads = set_threads
-            torch.set_num_threads(threads)
+        with tempfile.TemporaryDirectory(prefix="llmkit-vllm-") as folder:
+            config.save_pretrained(folder)
+            try:
+                with torch.random.fork_rng(devices=cuda):
+                    self.llm = LLM(
+                        model=folder,
+                        skip_tokenizer_init=True,
+                        load_format="dummy",
+                        dtype=str(dtype).removeprefix("torch."),
+                        max_model_len=max_length,
+                        gpu_memory_utilization=memory,
+                        enable_prefix_caching=False,  # a cache would outlive the weights it was computed with
+                        # whole prefills only: a chunked one discards a draw, which a seeded CPU generator cannot undo
+                        enable_chunked_prefill=False,
+                        seed=seed,
+                        # the drawn tokens' log-probs after temperature, as the loss's
+                        logprobs_mode="processed_logprobs",
+                        # on several processes each keeps an engine of its own over the launcher's process group
+                        **({"distributed_executor_backend": "external_launcher"} if processes > 1 else {}),
+                    )
+            except Exception as error:  # noqa: BLE001 (vLLM's refusals come as any exception)
+                raise UserError(f"finetune.grpo.engine=vllm: vLLM cannot run this model: {_gist(error)}") from None
+            finally:
+                random.setstate(states[0])
+                np.random.set_state(states[1])
+                torch.set_num_threads = set_threads
+                torch.set_num_threads(threads)
 
     def sync(self, policy: Any) -> None:
         # (vLLM's reload restores its loaders on weights it has repacked for its kernels, then repacks again)

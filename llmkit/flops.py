@@ -6,28 +6,33 @@ each other. The formula and its sources are in docs/plan.md.
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 GIB = 2**30
-# Dense bf16 tensor-core peak (FLOP/s) and memory per GPU type.
+# Dense bf16 tensor-core peak (FLOP/s) and memory per GPU type (NVIDIA's data sheets; B200 as in HGX, at 1 kW).
 GPU_TYPES: dict[str, tuple[float, float]] = {
+    "b200": (2250e12, 180 * GIB),
     "h200": (989e12, 141 * GIB),
     "h100": (989e12, 80 * GIB),
     "a100": (312e12, 80 * GIB),
     "a100-40": (312e12, 40 * GIB),
     "l40s": (362e12, 48 * GIB),
+    "l40": (181e12, 48 * GIB),
     "a10": (125e12, 24 * GIB),
+    "l4": (121e12, 24 * GIB),
     "rtx4090": (165e12, 24 * GIB),
     "v100": (125e12, 32 * GIB),
 }
 
 
 def device_peak_flops(device_name: str) -> float | None:
-    """Dense bf16 peak of a CUDA device from its name ("NVIDIA H100 80GB HBM3" -> h100), None when unknown."""
-    name = device_name.lower().replace(" ", "")
-    for gpu_type in sorted(GPU_TYPES, key=len, reverse=True):
-        if gpu_type.split("-")[0] in name:
-            return GPU_TYPES[gpu_type][0]
+    """Dense bf16 peak of a CUDA device from its name ("NVIDIA H100 80GB HBM3" -> h100; the Grace superchips
+    GH200 and GB200 as their GPU), None when unknown. A type is a whole word: an L40 is not an L4."""
+    name = device_name.lower().replace("rtx ", "rtx")
+    for gpu_type, (peak, _) in GPU_TYPES.items():
+        if re.search(rf"(?<![a-z0-9])g?{gpu_type.split('-')[0]}(?![0-9])", name):
+            return peak
     return None
 
 

@@ -33,8 +33,18 @@ class Sampling:
     top_p: float = 1.0
 
     def check(self) -> None:
-        if self.temperature < 0 or not 0 < self.top_p <= 1 or self.top_k < 0 or self.max_new_tokens < 1:
-            raise UserError("need temperature >= 0, 0 < top-p <= 1, top-k >= 0 and max-new-tokens >= 1")
+        wrong = [
+            f"--{name} {value:g} (need {need})"
+            for name, value, ok, need in (
+                ("max-new-tokens", self.max_new_tokens, self.max_new_tokens >= 1, ">= 1"),
+                ("temperature", self.temperature, self.temperature >= 0, ">= 0; 0 is greedy"),
+                ("top-k", self.top_k, self.top_k >= 0, ">= 0; 0 keeps every token"),
+                ("top-p", self.top_p, 0 < self.top_p <= 1, "in (0, 1]"),
+            )
+            if not ok
+        ]
+        if wrong:
+            raise UserError("; ".join(wrong))
 
 
 @dataclass

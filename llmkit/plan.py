@@ -511,8 +511,10 @@ def _check_request(
         raise UserError(f"--gpu-type {gpu_type}: choose one of {', '.join(GPU_TYPES)}")
     if strategy not in STRATEGIES:
         raise UserError(f"--strategy {strategy}: choose one of {', '.join(STRATEGIES)}")
-    if not 0 < mfu <= 1 or gpus < 1:
-        raise UserError("need 0 < --mfu <= 1 and --gpus >= 1")
+    if not 0 < mfu <= 1:
+        raise UserError(f"--mfu {mfu:g}: give the fraction of the peak a run reaches, above 0 and at most 1 (0.4)")
+    if gpus < 1:
+        raise UserError(f"--gpus {gpus}: must be at least 1")
     for name, value in (("--price-per-gpu-hour", price_per_gpu_hour), ("--train-tokens", train_tokens)):
         if value is not None and not value > 0:  # also refuses nan
             raise UserError(f"{name} {value}: must be a positive number")

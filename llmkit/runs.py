@@ -38,6 +38,15 @@ def find_tokenizer_dir(model_dir: Path) -> Path:
     return model_dir  # a hub name, or a directory without one: loading reports it
 
 
+def model_reads(model: str | Path) -> list[Path]:
+    """What scoring `model` reads, for the report-path check (llmkit.outputs.check_report_paths): the model's folder,
+    its tokenizer's, and the run's summary.json (validation loss); not the run folder itself, where RUN/eval.json
+    is the report a model card picks up."""
+    model_dir = resolve_model_dir(model)
+    run_files = [folder / "summary.json" for folder in (model_dir, model_dir.parent, model_dir.parent.parent)]
+    return [model_dir, find_tokenizer_dir(model_dir), *run_files]
+
+
 def scoring_kind(model_dir: Path) -> str | None:
     """ "a reward model" or "a classifier" when the directory's model scores text (a sequence-classification head:
     `--task reward`, `--task classify`, any HF ...ForSequenceClassification), else None (a causal LM)."""

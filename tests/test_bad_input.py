@@ -184,7 +184,7 @@ CASES = {
     "resume path is not a checkpoint": (
         lambda d, data: ["pretrain", "--data", data, "--resume", d, "--out", d / "ds"], ["not a checkpoint"]),
     "bad sampling options": (
-        lambda d, data: ["generate", d, "--prompt", "x", "--top-p", "0"], ["top-p"]),
+        lambda d, data: ["generate", d, "--prompt", "x", "--top-p", "0"], ["error: --top-p 0 (need in (0, 1])"]),
 }  # fmt: skip
 
 

@@ -257,7 +257,15 @@ def test_export_format_errors(tiny_run: Path, tmp_path: Path) -> None:
     if llama_cpp_missing():
         assert_user_error(run_cli("export", tiny_run, "--out", tmp_path / "f", "--format", "gguf", "--dtype", "q4_k_m"),
                           "--dtype q4_k_m: k-quants", "pip install llama-cpp-python")  # fmt: skip
-    assert not any((tmp_path / name).exists() for name in "abcdefg")
+    text = tmp_path / "notes.txt"
+    text.write_text("not a report")
+    assert_user_error(run_cli("export", tiny_run, "--out", tmp_path / "h", "--eval-report", text),
+                      "notes.txt: not valid JSON")  # fmt: skip
+    text.write_text('{"metrics": {"note": "none"}}')
+    assert_user_error(run_cli("export", tiny_run, "--out", tmp_path / "i", "--eval-report", text),
+                      "not an llmkit eval report")  # fmt: skip
+    assert_user_error(run_cli("export", tiny_run, "--out", tmp_path / "j", "--public"), "goes with --push-to-hub")
+    assert not any((tmp_path / name).exists() for name in "abcdefghij")
 
 
 LLAMA_CPP_CHECK = """

@@ -101,6 +101,18 @@ def test_eval_reports_never_overwrite_inputs_or_folders(run_copy: Path, tmp_path
     assert_user_error(run_cli("eval", run_copy, "--data", text, "--report", folder), "is a folder")
     assert text.read_text().startswith("Once upon") and list(folder.iterdir()) == []
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temporary file left
+    run_before = snapshot(run_copy)
+    config = run_copy / "final" / "config.json"
+    assert_user_error(run_cli("eval", run_copy, "--data", text, "--markdown", config), f"is inside {run_copy}")
+    summary = run_copy / "summary.json"  # the run's validation loss, which monitor's drift reads
+    assert_user_error(run_cli("eval", run_copy, "--data", text, "--junit", summary), "is an input")
+    assert snapshot(run_copy) == run_before
+    beside = run_cli("eval", run_copy, "--data", text, "--report", run_copy / "eval.json")  # what export's card reads
+    assert beside.exit_code == 0, beside.stderr
+    # a gate or a limit that cannot be read fails before the model is even looked for, not after the scoring
+    missing = tmp_path / "no-such-model"
+    assert_user_error(run_cli("eval", missing, "--data", text, "--gate", "perplexity<<3"), "perplexity<<3")
+    assert_user_error(run_cli("eval", missing, "--data", text, "--max-regression", "-1"), "--max-regression -1")
 
 
 def test_an_output_inside_the_source_folder_is_never_read_as_data(corpus: Path) -> None:

@@ -18,13 +18,16 @@ from tests.test_nothing_lost import small_disk, snapshot  # noqa: F401 (small_di
 from tests.test_serve import Server, chat_model, start_server  # noqa: F401 (fixtures)
 
 
-def test_no_report_replaces_the_request_log_it_reports_on(tmp_path: Path) -> None:
+def test_no_report_replaces_the_request_log_it_reports_on(tiny_run: Path, tmp_path: Path) -> None:
     log = tmp_path / "requests.jsonl"
     log.write_text(json.dumps({"time": 1.0, "status": 200, "latency_s": 0.1}) + "\n")
-    before = snapshot(log)
+    before, run_before = snapshot(log), snapshot(tiny_run)
     for flag in ("--report", "--markdown", "--junit"):
         assert_user_error(run_cli("monitor", log, flag, log), f"{log}: is an input of this command")
-    assert snapshot(log) == before
+    inside = tiny_run / "final" / "config.json"  # the served model's own files, read for drift
+    assert_user_error(run_cli("monitor", log, "--model", tiny_run, "--junit", inside), "which this command reads")
+    assert snapshot(log) == before and snapshot(tiny_run) == run_before
+    assert_user_error(run_cli("monitor", log, "--gate", "p99<<2"), "--gate 'p99<<2'", "e.g. 'p99_latency_s<=2'")
     for bad in ("0", "-1"):  # 0 scored every prompt, -1 all but one
         assert_user_error(run_cli("monitor", log, "--max-prompts", bad), f"--max-prompts {bad}", "at least 1")
 

@@ -184,6 +184,8 @@ def test_plan_cli_prints_and_writes_json() -> None:
     data = json.loads(run_cli("plan", RECIPES / "gpt2-124m.yaml", "--json").stdout)
     assert {"parameters", "flops_per_token", "memory", "hours", "suggestion", "by_strategy"} <= set(data)
     assert_user_error(run_cli("plan", RECIPES / "gpt2-124m.yaml", "--gpu-type", "tpu"), "--gpu-type tpu")
+    assert_user_error(run_cli("plan", RECIPES / "gpt2-124m.yaml", "--mfu", "40"), "--mfu 40: give the fraction")
+    assert_user_error(run_cli("plan", RECIPES / "gpt2-124m.yaml", "--gpus", "0"), "--gpus 0: must be at least 1")
 
 
 @pytest.mark.parametrize("recipe", ["tiny-cpu.yaml", "gpt2-124m.yaml"])
@@ -201,6 +203,10 @@ def test_training_reports_the_plans_flops_and_mfu_counts_every_device(recipe: st
     assert device_peak_flops("NVIDIA H100 80GB HBM3") == 989e12
     assert device_peak_flops("NVIDIA A100-SXM4-40GB") == 312e12
     assert device_peak_flops("Tesla T4") is None
+    assert device_peak_flops("NVIDIA B200") == device_peak_flops("NVIDIA GB200") == 2250e12
+    assert device_peak_flops("NVIDIA GH200 480GB") == 989e12
+    assert device_peak_flops("NVIDIA L40") == 181e12 and device_peak_flops("NVIDIA L4") == 121e12  # not the L4's
+    assert device_peak_flops("NVIDIA GeForce RTX 4090") == 165e12
     assert mfu(8 * 100_000, 1e9, 989e12, devices=8) == pytest.approx(mfu(100_000, 1e9, 989e12, devices=1))
     assert mfu(395_600, 1e9, 989e12, devices=1) == pytest.approx(0.4)
 

@@ -22,7 +22,7 @@ from llmkit.train.checkpoint import COMPLETE, complete_checkpoints
 from llmkit.train.loader import BlockLoader, ReadAhead
 from llmkit.train.schedules import lr_at
 from llmkit.train.setup import steps_for_budget
-from tests.conftest import run_cli, tiny_train_args
+from tests.conftest import assert_user_error, run_cli, tiny_train_args
 
 
 def read_metrics(run: Path) -> list[dict]:
@@ -198,6 +198,9 @@ def test_generate_streams_and_is_seeded(tiny_run: Path) -> None:
     assert first.stdout.startswith("Once upon a time") and first.stdout == second.stdout
     greedy = run_cli("generate", str(tiny_run), "--prompt", "One day", "--temperature", "0", "--max-new-tokens", "8")
     assert greedy.exit_code == 0 and greedy.stdout.startswith("One day")
+    bad = run_cli("generate", str(tiny_run), "--prompt", "One day", "--top-p", "1.5", "--max-new-tokens", "0")
+    assert_user_error(bad, "--max-new-tokens 0 (need >= 1)", "--top-p 1.5 (need in (0, 1])")
+    assert "temperature" not in bad.stderr and "top-k" not in bad.stderr
 
 
 def test_init_from_continues_training(tiny_run: Path, tiny_dataset: Path, tmp_path: Path) -> None:

@@ -12,6 +12,7 @@ import torch
 from transformers import AutoModelForCausalLM, LlamaConfig
 
 from llmkit.compress.prune import PruneSpec, importance, parameters, prune, resolve
+from llmkit.errors import UserError
 from tests.conftest import assert_nothing_written, assert_user_error, run_cli
 
 
@@ -51,6 +52,10 @@ def test_grouped_query_attention_keeps_its_groups_and_a_target_picks_the_counts(
     assert spec.mlp is not None and spec.mlp % 8 == 0
     depth = resolve(PruneSpec(target_params=0.8, axis="depth"), model)
     assert depth.drop_layers == 1
+    with pytest.raises(UserError, match="nothing to remove"):
+        resolve(PruneSpec(target_params=1.0, axis="depth"), model)
+    with pytest.raises(UserError, match=rf"--target-params 1.5 \(2 of the model's {total:,} parameters\): would drop"):
+        resolve(PruneSpec(target_params=1.5, axis="depth"), model)  # above 1 it is a count
     ids = torch.randint(0, 64, (2, 16))
     with pytest.raises(Exception, match="multiple of the 2 key/value groups"):
         prune(model, PruneSpec(heads=3), importance(model, [ids]))

@@ -144,9 +144,10 @@ def monitor_command(
     """
     from llmkit.outputs import check_report_paths
     from llmkit.reports import print_monitor_report
+    from llmkit.runs import model_reads
     from llmkit.serve.monitor import monitor
 
-    check_report_paths([report, markdown, junit], [source, model])
+    check_report_paths([report, markdown, junit], [source, *(model_reads(model) if model else [])])
     result = monitor(source, since, model, list(gate or []), max_prompts)
     print_monitor_report(result)
     finish_checks(result, report, markdown, junit)

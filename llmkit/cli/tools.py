@@ -10,6 +10,7 @@ import typer
 
 from llmkit.cli.app import app, config_app, recipes_app, user_errors_exit_2
 from llmkit.cli.options import SetOpt
+from llmkit.flops import GPU_TYPES
 
 
 @app.command("plan")
@@ -18,7 +19,7 @@ def plan_command(
     recipe: Annotated[Path, typer.Argument(metavar="RECIPE", help="Recipe YAML file.")],
     overrides: SetOpt = None,
     gpus: Annotated[int, typer.Option(help="GPUs in the run.")] = 1,
-    gpu_type: Annotated[str, typer.Option(help="h100, h200, a100, a100-40, l40s, a10, rtx4090 or v100.")] = "h100",
+    gpu_type: Annotated[str, typer.Option(help=f"One of {', '.join(GPU_TYPES)}.")] = "h100",
     strategy: Annotated[
         str, typer.Option(help="ddp, zero1, zero2, fsdp, zero3, zero2-offload or zero3-offload.")
     ] = "ddp",

@@ -133,12 +133,16 @@ def resolve(spec: PruneSpec, model: Any) -> PruneSpec:
         raise UserError("--target-params picks the counts itself: drop --drop-layers/--heads/--mlp/--hidden")
     total = parameters(model)
     target = spec.target_params * total if spec.target_params <= 1 else spec.target_params
+    # a count reads as one (1.5 is 2 parameters), so every refusal says what the target came to
+    asked = f"--target-params {spec.target_params:g} ({target:,.0f} of the model's {total:,} parameters)"
+    if target >= total:
+        raise UserError(f"{asked}: nothing to remove; give a fraction below 1 or a smaller count")
     layers = layers_of(model)
     per_layer = sum(p.numel() for p in layers[0].parameters())
     if spec.axis == "depth":
         drop = math.ceil((total - target) / per_layer)
         if drop >= len(layers):
-            raise UserError(f"--target-params {spec.target_params:g}: would drop every block; choose a larger target")
+            raise UserError(f"{asked}: would drop every block; choose a larger target")
         return PruneSpec(drop_layers=max(drop, 0))
     if model.config.model_type != "llama":
         raise UserError("width pruning handles Llama-architecture models; use --axis depth for this one")
@@ -148,7 +152,7 @@ def resolve(spec: PruneSpec, model: Any) -> PruneSpec:
     keep = math.floor((width - max(total - target, 0) / per_channel) / step) * step
     if keep < width // 4:
         raise UserError(
-            f"--target-params {spec.target_params:g}: the MLP alone would keep {max(keep, 0)} of {width} channels "
+            f"{asked}: the MLP alone would keep {max(keep, 0)} of {width} channels "
             "(less than a quarter); give --heads and --hidden as well, or --axis depth"
         )
     return PruneSpec(mlp=keep)

@@ -46,17 +46,23 @@ def lower_is_better(metric: str) -> bool:
     return metric.rsplit(".", 1)[-1] in LOWER_IS_BETTER
 
 
+def parse_gate(gate: str, example: str = "colors.acc>=0.8") -> tuple[str, str, str, float]:
+    """(metric, op, the limit as written, the limit); called on every gate before the evaluation too, so a typo
+    fails in a second rather than after an hour of scoring."""
+    match = GATE.match(gate)
+    if not match:
+        raise UserError(f"--gate {gate!r}: expected METRIC OP VALUE, e.g. '{example}' (OP: >= <= > < ==)")
+    metric, op, text = match.groups()
+    try:
+        return metric, op, text, float(text)
+    except ValueError:
+        raise UserError(f"--gate {gate!r}: {text!r} is not a number") from None
+
+
 def check_gates(gates: list[str], metrics: dict[str, float]) -> list[Check]:
     checks = []
     for gate in gates:
-        match = GATE.match(gate)
-        if not match:
-            raise UserError(f"--gate {gate!r}: expected METRIC OP VALUE, e.g. 'colors.acc>=0.8' (OP: >= <= > < ==)")
-        metric, op, text = match.groups()
-        try:
-            limit = float(text)
-        except ValueError:
-            raise UserError(f"--gate {gate!r}: {text!r} is not a number") from None
+        metric, op, text, limit = parse_gate(gate)
         if metric not in metrics:
             known = ", ".join(sorted(metrics)) or "none"
             raise UserError(

@@ -53,10 +53,10 @@ def evaluate_model(
     `reports` are the files the caller will write: checked before any work, so a bad path fails in a second,
     not after the evaluation, and never names an input."""
     from llmkit.data.task_files import load_task_files
-    from llmkit.eval.gates import read_baseline
+    from llmkit.eval.gates import parse_gate, read_baseline
     from llmkit.eval.tasks import flat_metrics, run_tasks
     from llmkit.export.formats import export_format
-    from llmkit.runs import resolve_model_dir
+    from llmkit.runs import model_reads, resolve_model_dir
 
     _check_request(
         data is not None,
@@ -70,8 +70,15 @@ def evaluate_model(
             "--limit": (limit, 1),
         },
     )
-    check_report_paths([*(reports or []), *([scores] if scores else [])], [model, data, baseline, *(task_files or [])])
+    if not max_regression >= 0:
+        raise UserError(f"--max-regression {max_regression:g}: must be 0 or more (how much worse a metric may get)")
+    for gate in gates or []:
+        parse_gate(gate)
+    reads = [*model_reads(model), data, baseline, *(task_files or [])]
+    check_report_paths([*(reports or []), *([scores] if scores else [])], reads)
     task_specs, file_gates = load_task_files(list(task_files or []))  # bad task files fail before the model loads
+    for gate in file_gates:
+        parse_gate(gate)
     old_metrics = read_baseline(baseline) if baseline is not None else None
     model_dir = resolve_model_dir(model)
     exported = export_format(model_dir)

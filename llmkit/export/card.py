@@ -8,6 +8,8 @@ from typing import Any
 
 import yaml
 
+from llmkit.config import read_json_mapping
+from llmkit.errors import UserError
 from llmkit.export.formats import FORMATS
 
 
@@ -133,11 +135,26 @@ def _data(config: dict[str, Any] | None, files: dict[str, Path]) -> list[str]:
     return lines
 
 
+def eval_report_metrics(path: Path) -> tuple[dict[str, Any], dict[str, float]]:
+    """An `llmkit eval --report` file and its numeric metrics; one line naming the file when it is not one
+    (export checks it before any work, so a wrong file fails in a second, not after the parity check)."""
+    report = read_json_mapping(path, "evaluation report not found")
+    metrics = report.get("metrics", report)  # reports before tasks existed kept the metrics at the top level
+    numbers = {
+        str(k): v
+        for k, v in (metrics.items() if isinstance(metrics, dict) else [])
+        if isinstance(v, (int, float)) and not isinstance(v, bool)
+    }
+    if not numbers:
+        raise UserError(f"{path}: not an llmkit eval report (no metrics in it); write one with llmkit eval --report")
+    return report, numbers
+
+
 def _evaluation(path: Path | None) -> list[str]:
     if path is None:
         return ["No evaluation report was given (`llmkit export --eval-report eval.json`, or RUN/eval.json)."]
-    report = json.loads(Path(path).read_text())
-    metrics = report.get("metrics") or {k: v for k, v in report.items() if isinstance(v, float)}
+    report, metrics = eval_report_metrics(path)
     rows = ["| metric | value |", "| --- | ---: |"] + [f"| {k} | {v:.4f} |" for k, v in metrics.items()]
-    verdict = {True: "All gates passed.", False: "Some gates FAILED."}.get(report.get("passed"), "")
+    passed = report.get("passed")
+    verdict = "All gates passed." if passed is True else "Some gates FAILED." if passed is False else ""
     return [f"From `{path}`. {verdict}".strip(), "", *rows]

@@ -27,7 +27,7 @@ import torch
 from llmkit.atomic import atomic_directory, write_json, write_text
 from llmkit.data.tokenizer import load_tokenizer
 from llmkit.errors import GATE_FAILED_EXIT, UserError
-from llmkit.export.card import model_card
+from llmkit.export.card import eval_report_metrics, find_run_files, model_card
 from llmkit.export.formats import FORMATS, Written, check_quantizer, model_logits
 from llmkit.export.gguf import K_QUANTS, llama_cpp_missing
 from llmkit.export.parity import Tolerance, failures, measure, probe_batch, probe_texts
@@ -59,6 +59,8 @@ def export_model(
     public: bool = False,
 ) -> dict[str, Any]:
     dtype = _check_request(fmt, dtype, quantize, ladder, tolerance)
+    if public and not push_to_hub:
+        raise UserError("--public makes the uploaded repository public: it goes with --push-to-hub OWNER/NAME")
     out = Path(out)
     model_dir = resolve_model_dir(source)
     refuse_scoring_model(model_dir, "exported yet (its scoring head would be lost)")
@@ -71,8 +73,9 @@ def export_model(
     check_output(out, [source, model_dir, eval_report, probe_data])
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise UserError(f"{out}: already exists and is not empty; pass --overwrite to replace it")
-    if eval_report is not None and not eval_report.is_file():
-        raise UserError(f"{eval_report}: evaluation report not found")
+    evaluation = eval_report or find_run_files(model_dir).get("eval.json")  # what the model card will show
+    if evaluation is not None:
+        eval_report_metrics(evaluation)
     if push_to_hub:
         check_push(push_to_hub)
     with output_lock(out):

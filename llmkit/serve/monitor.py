@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from llmkit.errors import UserError, parse_duration, shorten
-from llmkit.eval.gates import check_gates, checks_as_dicts
+from llmkit.eval.gates import check_gates, checks_as_dicts, parse_gate
 from llmkit.serve.metrics import (
     DURATION,
     GENERATION_TOKENS,
@@ -246,6 +246,8 @@ def monitor(source: str, since: str | None, model: str | None, gates: list[str],
     """The monitor's report: metrics, gates and verdict, in the shape `llmkit eval` reports have."""
     if max_prompts < 1:  # 0 used to score every prompt, and -1 all but one
         raise UserError(f"--max-prompts {max_prompts}: must be at least 1 (the newest prompts scored for drift)")
+    for gate in gates:  # a typo fails before the log is read and its prompts scored
+        parse_gate(gate, example="p99_latency_s<=2")
     if source.startswith(("http://", "https://")):
         if since or model:
             raise UserError("--since and --model read the request log; give its path instead of a /metrics URL")

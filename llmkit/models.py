@@ -269,6 +269,7 @@ def lora_target_modules(model: Any) -> list[str]:
 def attach_lora(model: Any, cfg: Any, task_type: str, new_token_ids: list[int]) -> Any:
     """Wrap `model` with LoRA (or DoRA) adapters; newly added tokens get trainable embedding rows."""
     from peft import LoraConfig, get_peft_model
+    from transformers.pytorch_utils import Conv1D
 
     embedding_name = _embedding_module_name(model)
     config = LoraConfig(
@@ -276,6 +277,8 @@ def attach_lora(model: Any, cfg: Any, task_type: str, new_token_ids: list[int]) 
         lora_alpha=cfg.alpha,
         lora_dropout=cfg.dropout,
         target_modules=cfg.target_modules or lora_target_modules(model),
+        # GPT-2's projections are Conv1D, weights stored (in, out): PEFT would switch this on itself, with a warning
+        fan_in_fan_out=any(isinstance(module, Conv1D) for module in model.modules()),
         use_dora=cfg.dora,
         use_rslora=cfg.rslora,
         init_lora_weights=True if cfg.init == "default" else cfg.init,

@@ -147,6 +147,9 @@ def test_eval_bad_input(tiny_run: Path, tmp_path: Path) -> None:
     task.write_text("name: t\nkind: multiple_choice\ndata: items.jsonl\n")
     assert_user_error(run_cli("eval", tiny_run, "--tasks", task, "--gate", "t.acc=>0.5"), "expected METRIC OP VALUE")
     assert_user_error(run_cli("eval", tiny_run, "--tasks", task, "--gate", "t.accc>=0.5"), "no metric 't.accc'")
+    task.write_text("name: t\nkind: multiple_choice\ndata: items.jsonl\ngates: t.acc=>0.5\n")  # one rule, mistyped
+    assert_user_error(run_cli("eval", tiny_run, "--tasks", task), f"{task}: gates: 't.acc=>0.5': expected METRIC OP")
+    task.write_text("name: t\nkind: multiple_choice\ndata: items.jsonl\n")
     assert_user_error(
         run_cli("eval", tiny_run, "--tasks", task, "--baseline", tmp_path / "old.json"), "old.json: baseline report"
     )

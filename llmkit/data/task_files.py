@@ -7,6 +7,7 @@ the task file) or inline (`items:`). docs/eval.md documents every field.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -17,6 +18,7 @@ from llmkit.data.readers import read_records, resolve_sources
 from llmkit.errors import UserError
 
 TaskKind = Literal["multiple_choice", "generation", "perplexity", "classification"]
+GATE = re.compile(r"^\s*([A-Za-z0-9_.\-]+)\s*(>=|<=|==|>|<)\s*([-+0-9.eE]+)\s*$")
 
 
 class TaskSpec(BaseModel):
@@ -43,6 +45,20 @@ class TaskSpec(BaseModel):
     base: str = Field(".", exclude=True)
 
 
+def parse_gate(gate: str, where: str = "", example: str = "colors.acc>=0.8") -> tuple[str, str, str, float]:
+    """A gate `METRIC OP VALUE` as (metric, op, the limit as written, the limit). Read where it enters (a --gate,
+    a task file's `gates:`), so a typo fails in a second rather than after an hour of scoring; `where` names it."""
+    where = where or f"--gate {gate!r}"
+    match = GATE.match(gate)
+    if not match:
+        raise UserError(f"{where}: expected METRIC OP VALUE, e.g. '{example}' (OP: >= <= > < ==)")
+    metric, op, text = match.groups()
+    try:
+        return metric, op, text, float(text)
+    except ValueError:
+        raise UserError(f"{where}: {text!r} is not a number") from None
+
+
 def load_task_files(paths: list[Path]) -> tuple[list[TaskSpec], list[str]]:
     """Tasks and gates from task files (a file may include others)."""
     tasks: list[TaskSpec] = []
@@ -63,7 +79,10 @@ def _load(path: Path, tasks: list[TaskSpec], gates: list[str], seen: set[Path]) 
     seen = seen | {path.resolve()}
     raw = read_yaml(path)
     entries = raw.pop("tasks", None)
-    gates += [str(gate) for gate in raw.pop("gates", []) or []]
+    listed = raw.pop("gates", None) or []
+    for gate in [listed] if isinstance(listed, str) else listed if isinstance(listed, list) else [listed]:
+        parse_gate(str(gate), f"{path}: gates: {gate!r}")
+        gates.append(str(gate))
     if entries is None:
         entries = [raw] if raw else []
     elif raw:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import math
 import operator
-import re
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -18,6 +17,7 @@ from typing import Any
 from xml.sax.saxutils import escape, quoteattr
 
 from llmkit.config import read_json_mapping
+from llmkit.data.task_files import parse_gate
 from llmkit.errors import UserError, did_you_mean
 
 OPERATORS: dict[str, Callable[[float, float], bool]] = {
@@ -27,7 +27,6 @@ OPERATORS: dict[str, Callable[[float, float], bool]] = {
     ">": operator.gt,
     "<": operator.lt,
 }
-GATE = re.compile(r"^\s*([A-Za-z0-9_.\-]+)\s*(>=|<=|==|>|<)\s*([-+0-9.eE]+)\s*$")
 LOWER_IS_BETTER = ("loss", "perplexity", "bits_per_token", "bits_per_char", "bits_per_char_over_floor")
 
 
@@ -44,19 +43,6 @@ class Check:
 
 def lower_is_better(metric: str) -> bool:
     return metric.rsplit(".", 1)[-1] in LOWER_IS_BETTER
-
-
-def parse_gate(gate: str, example: str = "colors.acc>=0.8") -> tuple[str, str, str, float]:
-    """(metric, op, the limit as written, the limit); called on every gate before the evaluation too, so a typo
-    fails in a second rather than after an hour of scoring."""
-    match = GATE.match(gate)
-    if not match:
-        raise UserError(f"--gate {gate!r}: expected METRIC OP VALUE, e.g. '{example}' (OP: >= <= > < ==)")
-    metric, op, text = match.groups()
-    try:
-        return metric, op, text, float(text)
-    except ValueError:
-        raise UserError(f"--gate {gate!r}: {text!r} is not a number") from None
 
 
 def check_gates(gates: list[str], metrics: dict[str, float]) -> list[Check]:

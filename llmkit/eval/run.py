@@ -52,8 +52,8 @@ def evaluate_model(
 
     `reports` are the files the caller will write: checked before any work, so a bad path fails in a second,
     not after the evaluation, and never names an input."""
-    from llmkit.data.task_files import load_task_files
-    from llmkit.eval.gates import parse_gate, read_baseline
+    from llmkit.data.task_files import load_task_files, parse_gate
+    from llmkit.eval.gates import read_baseline
     from llmkit.eval.tasks import flat_metrics, run_tasks
     from llmkit.export.formats import export_format
     from llmkit.runs import model_reads, resolve_model_dir
@@ -77,8 +77,6 @@ def evaluate_model(
     reads = [*model_reads(model), data, baseline, *(task_files or [])]
     check_report_paths([*(reports or []), *([scores] if scores else [])], reads)
     task_specs, file_gates = load_task_files(list(task_files or []))  # bad task files fail before the model loads
-    for gate in file_gates:
-        parse_gate(gate)
     old_metrics = read_baseline(baseline) if baseline is not None else None
     model_dir = resolve_model_dir(model)
     exported = export_format(model_dir)

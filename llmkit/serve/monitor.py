@@ -20,8 +20,9 @@ from typing import Any
 
 import numpy as np
 
+from llmkit.data.task_files import parse_gate
 from llmkit.errors import UserError, parse_duration, shorten
-from llmkit.eval.gates import check_gates, checks_as_dicts, parse_gate
+from llmkit.eval.gates import check_gates, checks_as_dicts
 from llmkit.serve.metrics import (
     DURATION,
     GENERATION_TOKENS,

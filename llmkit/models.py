@@ -272,11 +272,13 @@ def attach_lora(model: Any, cfg: Any, task_type: str, new_token_ids: list[int]) 
     from transformers.pytorch_utils import Conv1D
 
     embedding_name = _embedding_module_name(model)
+    targets = cfg.target_modules or lora_target_modules(model)
+    _check_lora_targets(model, targets, embedding_name if new_token_ids else None)
     config = LoraConfig(
         r=cfg.r,
         lora_alpha=cfg.alpha,
         lora_dropout=cfg.dropout,
-        target_modules=cfg.target_modules or lora_target_modules(model),
+        target_modules=targets,
         # GPT-2's projections are Conv1D, weights stored (in, out): PEFT would switch this on itself, with a warning
         fan_in_fan_out=any(isinstance(module, Conv1D) for module in model.modules()),
         use_dora=cfg.dora,
@@ -285,12 +287,33 @@ def attach_lora(model: Any, cfg: Any, task_type: str, new_token_ids: list[int]) 
         task_type=task_type,
         trainable_token_indices={embedding_name: new_token_ids} if new_token_ids else None,
     )
-    model = get_peft_model(model, config)
+    try:
+        model = get_peft_model(model, config)
+    except ValueError as exc:  # a module type LoRA cannot adapt (a norm, say)
+        raise UserError(f"finetune.lora.target_modules {targets}: {str(exc).splitlines()[0]}") from None
     if cfg.init != "default":  # the base now holds the residual: keep the initial adapter to save plain LoRA
         from peft import get_peft_model_state_dict
 
         model.llmkit_initial_adapter = {k: v.detach().clone() for k, v in get_peft_model_state_dict(model).items()}
     return model
+
+
+def _check_lora_targets(model: Any, targets: list[str], new_token_embedding: str | None) -> None:
+    """Each name in finetune.lora.target_modules must match a module as PEFT matches it (the whole name or its end
+    after a dot): PEFT itself fails only when none matches, so a misspelt one was dropped in silence. The embedding
+    whose new chat-template rows are trained already cannot take LoRA as well (PEFT refuses the pair)."""
+    names = [name for name, _ in model.named_modules() if name]
+    missing = [t for t in targets if not any(name == t or name.endswith(f".{t}") for name in names)]
+    if missing:
+        raise UserError(
+            f"finetune.lora.target_modules: {', '.join(missing)} matches no module of this model "
+            f"(its projections: {', '.join(lora_target_modules(model))})"
+        )
+    if new_token_embedding in targets:
+        raise UserError(
+            f"finetune.lora.target_modules: {new_token_embedding} is the embedding, whose rows for the chat "
+            "template's new tokens are trained as they are; leave it out"
+        )
 
 
 def save_pretrained(model: Any, path: str | Path, **kwargs: Any) -> None:

@@ -164,6 +164,28 @@ def test_lora_and_freeze_train_a_fraction(
         assert (out / "final" / "adapter_config.json").is_file()
 
 
+def test_lora_names_a_target_that_matches_nothing() -> None:
+    """PEFT fails only when no target matches: a misspelt one beside a right one was dropped without a word."""
+    from transformers import LlamaConfig
+
+    from llmkit.config.schema import LoraConfig
+    from llmkit.errors import UserError
+    from llmkit.models import attach_lora
+
+    def tiny() -> torch.nn.Module:
+        return AutoModelForCausalLM.from_config(LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32,
+                                                            num_hidden_layers=1, num_attention_heads=2))  # fmt: skip
+
+    with pytest.raises(UserError, match="v_porj matches no module of this model .its projections: q_proj, k_proj"):
+        attach_lora(tiny(), LoraConfig(target_modules=["q_proj", "v_porj"]), "CAUSAL_LM", [])
+    with pytest.raises(UserError, match="embed_tokens is the embedding, whose rows for the chat template's new"):
+        attach_lora(tiny(), LoraConfig(target_modules=["q_proj", "embed_tokens"]), "CAUSAL_LM", [62, 63])
+    with pytest.raises(UserError, match=r"target_modules \['norm'\]: "):  # PEFT's reason follows
+        attach_lora(tiny(), LoraConfig(target_modules=["norm"]), "CAUSAL_LM", [])
+    adapted = attach_lora(tiny(), LoraConfig(target_modules=["layers.0.self_attn.q_proj"]), "CAUSAL_LM", [])
+    assert sum("lora_A" in name for name, _ in adapted.named_parameters()) == 1  # PEFT's own matching: a full name
+
+
 def test_padding_is_still_available(tiny_run: Path, chat_rows: Path, tmp_path: Path) -> None:
     result = run_cli(*ft_args(tiny_run, chat_rows, tmp_path / "pad", "--no-packing", steps=4))
     assert result.exit_code == 0, result.stderr

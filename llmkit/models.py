@@ -368,6 +368,13 @@ def freeze_except(model: Any, top_layers: int | None, name_parts: list[str]) -> 
     layers = block_list(model)
     if top_layers is not None and top_layers > len(layers):
         raise UserError(f"finetune.freeze_top_layers={top_layers} but the model has {len(layers)} layers")
+    names = [name for name, _ in model.named_parameters()]
+    unmatched = [part for part in name_parts if not any(part in name for name in names)]
+    if unmatched:  # else a misspelt name trains only the head, without a word
+        raise UserError(
+            f"finetune.trainable_modules: {', '.join(unmatched)} is in no parameter's name (they read like "
+            f"{names[len(names) // 2]})"
+        )
     for parameter in model.parameters():
         parameter.requires_grad = False
     trained = list(layers[len(layers) - top_layers :]) if top_layers else []

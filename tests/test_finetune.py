@@ -164,13 +164,13 @@ def test_lora_and_freeze_train_a_fraction(
         assert (out / "final" / "adapter_config.json").is_file()
 
 
-def test_lora_names_a_target_that_matches_nothing() -> None:
+def test_lora_and_freeze_name_a_module_that_matches_nothing() -> None:
     """PEFT fails only when no target matches: a misspelt one beside a right one was dropped without a word."""
     from transformers import LlamaConfig
 
     from llmkit.config.schema import LoraConfig
     from llmkit.errors import UserError
-    from llmkit.models import attach_lora
+    from llmkit.models import attach_lora, freeze_except
 
     def tiny() -> torch.nn.Module:
         return AutoModelForCausalLM.from_config(LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32,
@@ -184,6 +184,13 @@ def test_lora_names_a_target_that_matches_nothing() -> None:
         attach_lora(tiny(), LoraConfig(target_modules=["norm"]), "CAUSAL_LM", [])
     adapted = attach_lora(tiny(), LoraConfig(target_modules=["layers.0.self_attn.q_proj"]), "CAUSAL_LM", [])
     assert sum("lora_A" in name for name, _ in adapted.named_parameters()) == 1  # PEFT's own matching: a full name
+    with pytest.raises(UserError, match="trainable_modules: q_porj is in no parameter's name"):
+        freeze_except(tiny(), None, ["q_porj", "v_proj"])  # method freeze: only the head would have trained
+    frozen = tiny()
+    freeze_except(frozen, None, ["v_proj"])
+    assert {name for name, p in frozen.named_parameters() if p.requires_grad} >= {
+        "model.layers.0.self_attn.v_proj.weight"
+    }
 
 
 def test_padding_is_still_available(tiny_run: Path, chat_rows: Path, tmp_path: Path) -> None:

@@ -63,21 +63,23 @@ def check_writable(path: str | Path, flag: str = "--out") -> None:
         )
 
 
-def check_report_paths(reports: Iterable[Path | None], reads: Iterable[Any]) -> None:
-    """Every command that writes a report (eval, monitor) checks its paths first: a report is a file, not a folder,
-    never one of the command's inputs (a request log, an eval file) nor inside one (`--markdown run/final/config.json`
-    would replace the model's config), and not inside an existing file."""
+def check_report_paths(
+    reports: Iterable[Path | None], reads: Iterable[Any], what: str = "report", example: str = "report.json"
+) -> None:
+    """Every command that writes a report (eval, monitor, serve's request log) checks its paths first: a report is a
+    file, not a folder, never one of the command's inputs (a request log, an eval file) nor inside one
+    (`--markdown run/final/config.json` would replace the model's config), and not inside an existing file."""
     sources = [(read, _real(read)) for read in reads if read is not None and Path(read).exists()]
     for path in (path for path in reports if path is not None):
         if path.is_dir():
-            raise UserError(f"{path}: is a folder; give a file name for the report (e.g. {path / 'report.json'})")
+            raise UserError(f"{path}: is a folder; give a file name for the {what} (e.g. {path / example})")
         target = _real(path)
         for read, source in sources:
             if target == source:
-                raise UserError(f"{path}: is an input of this command; write the report elsewhere")
+                raise UserError(f"{path}: is an input of this command; write the {what} elsewhere")
             if source in target.parents:
-                raise UserError(f"{path}: is inside {read}, which this command reads; write the report elsewhere")
-        check_writable(path, "report")
+                raise UserError(f"{path}: is inside {read}, which this command reads; write the {what} elsewhere")
+        check_writable(path, what)
 
 
 def lock_path(out: str | Path) -> Path:

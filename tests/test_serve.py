@@ -413,7 +413,15 @@ def test_what_cannot_be_served_is_one_line_before_listening(tmp_path: Path, tiny
     assert_user_error(run_cli("serve", tiny_run, "--max-batch", "0"), "--max-batch")
     (tmp_path / "a-file").write_text("")
     unwritable = run_cli("serve", tiny_run, "--port", "0", "--request-log", tmp_path / "a-file" / "requests.jsonl")
-    assert_user_error(unwritable, "--request-log", "cannot write there")
+    assert_user_error(unwritable, "--request-log", "a-file is a file, not a folder")
+    # the log is appended to: never one of the model's files, nor a file of the user's that is not a request log
+    inside = run_cli("serve", tiny_run, "--port", "0", "--request-log", tiny_run / "final" / "config.json")
+    assert_user_error(inside, "config.json: is inside", "write the --request-log elsewhere")
+    rows = tmp_path / "train.jsonl"
+    rows.write_text('{"text": "a user\'s own rows"}\n')
+    theirs = run_cli("serve", tiny_run, "--port", "0", "--request-log", rows)
+    assert_user_error(theirs, "--request-log", "holds something other than a request log")
+    assert rows.read_text() == '{"text": "a user\'s own rows"}\n'
     gguf = tmp_path / "gguf"
     gguf.mkdir()
     (gguf / "config.json").write_text("{}")

@@ -139,6 +139,27 @@ class Record:
                 histogram.observe(value)
 
 
+def _refuse_other_files(path: Path) -> None:
+    """The log is appended to: a file already there must be a request log (its first line one), not a user's
+    data that requests would be written into."""
+    try:
+        with path.open("rb") as file:
+            first = file.readline(1 << 16)
+    except OSError:
+        return  # none yet, or not a file: opening it says what is wrong
+    if not first.strip():
+        return
+    try:
+        row = json.loads(first)
+    except ValueError:
+        row = None
+    if not (isinstance(row, dict) and {"time", "endpoint", "status"} <= set(row)):
+        raise UserError(
+            f"--request-log {path}: holds something other than a request log (its first line is not one); "
+            "give another path, or move that file"
+        )
+
+
 class RequestLog:
     """Appends one JSON line per finished request, each in one write, so readers never see half a line.
 
@@ -151,6 +172,7 @@ class RequestLog:
         self.fd: int | None = None
         self.failures = 0
         if path is not None:
+            _refuse_other_files(path)
             try:
                 path.parent.mkdir(parents=True, exist_ok=True)
                 self.fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)

@@ -136,11 +136,15 @@ def serve(
     missing = [name for name in ("starlette", "uvicorn", "prometheus_client") if importlib.util.find_spec(name) is None]
     if missing:
         raise UserError(f"llmkit serve needs {', '.join(missing)}: pip install 'llmkit[serve]'")
+    from llmkit.outputs import check_report_paths
+    from llmkit.runs import model_reads
     from llmkit.serve.app import ServerState, build_app
     from llmkit.serve.engines import servable_dir
     from llmkit.serve.metrics import RequestLog
 
     check_prompt_limit(limits, context_of(servable_dir(model)))  # before anything listens, where the config says
+    if request_log is not None:  # appended to: never one of the model's files
+        check_report_paths([request_log], model_reads(model), "--request-log", "requests.jsonl")
     sock = bind(host, port)
     import uvicorn
 

@@ -54,7 +54,9 @@ def test_missing_csv_column_lists_the_columns(tmp_path: Path) -> None:
 def test_unknown_config_key_in_a_file_and_in_set(tmp_path: Path) -> None:
     recipe = tmp_path / "r.yaml"
     recipe.write_text("optimizer:\n  lrr: 0.1\n")
-    assert_user_error(run_cli("pretrain", "--config", recipe), "unknown config key 'optimizer.lrr'", "'lr'")
+    assert_user_error(
+        run_cli("pretrain", "--config", recipe), "unknown config key 'optimizer.lrr'", "did you mean 'optimizer.lr'"
+    )
     assert_user_error(run_cli("pretrain", "--set", "trian.max_steps=3"), "'trian'", "did you mean 'train'")
 
 

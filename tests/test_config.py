@@ -48,8 +48,10 @@ def test_unknown_top_level_key_suggests_the_closest(tmp_path: Path) -> None:
 def test_unknown_nested_key_suggests_the_closest(tmp_path: Path) -> None:
     with pytest.raises(UserError, match=r"unknown config key 'optimizer.learning_rat'"):
         load_config(None, ["optimizer.learning_rat=0.1"])
-    with pytest.raises(UserError, match=r"'train.max_step' \(did you mean 'max_steps'\?\)"):
+    with pytest.raises(UserError, match=r"'train.max_step' \(did you mean 'train.max_steps'\?\)"):
         load_config(None, ["train.max_step=5"])
+    with pytest.raises(UserError, match=r"'train.lr' \(did you mean 'optimizer.lr'\?\)"):  # the right name elsewhere
+        load_config(None, ["train.lr=1e-4"])
 
 
 def test_wrong_value_names_the_key_and_value() -> None:

@@ -16,7 +16,7 @@ from pydantic import (
 )
 
 from llmkit.config.schema import RunConfig, Section
-from llmkit.errors import UserError, did_you_mean
+from llmkit.errors import UserError, closest
 
 
 class _StrictLoader(yaml.SafeLoader):
@@ -260,8 +260,12 @@ def _describe(exc: ValidationError, source: str | None, origins: dict[str, str])
     key = ".".join(loc)
     where = _origin(loc, origins) or _file_line(source, loc)
     if error["type"] == "extra_forbidden":
-        valid = _fields_at(loc[:-1])
-        return f"{where}unknown config key '{key}'{did_you_mean(loc[-1], valid)}"
+        near = closest(loc[-1], _fields_at(loc[:-1]))
+        # else the name may be right and the section not (train.lr is optimizer.lr)
+        elsewhere = [dotted for dotted in _all_keys(RunConfig) if dotted.rsplit(".", 1)[-1] == loc[-1]]
+        suggestions = [".".join([*loc[:-1], near])] if near else elsewhere
+        hint = f" (did you mean {' or '.join(repr(s) for s in suggestions)}?)" if suggestions else ""
+        return f"{where}unknown config key '{key}'{hint}"
     message = error["msg"].removeprefix("Value error, ")
     # A value no member of a union takes (true, false or auto): pydantic files one error per member, each under a
     # tag appended to the key; name the key itself, with what each member accepts.
@@ -323,6 +327,18 @@ def _short_repr(value: Any) -> str:
     short = reprlib.Repr()
     short.maxstring, short.maxother, short.maxlist, short.maxdict, short.maxlevel = 80, 80, 6, 6, 3
     return short.repr(value)
+
+
+def _all_keys(model: type[BaseModel], prefix: str = "") -> list[str]:
+    """Every dotted key of a section and the sections inside it."""
+    keys = []
+    for name, field in model.model_fields.items():
+        annotation = field.annotation
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            keys += _all_keys(annotation, f"{prefix}{name}.")
+        elif not field.exclude:
+            keys.append(f"{prefix}{name}")
+    return keys
 
 
 def _fields_at(path: list[str]) -> list[str]:

@@ -52,15 +52,18 @@ def did_you_mean(word: str, options: Iterable[str]) -> str:
 def parse_duration(text: str, option: str = "--max-time") -> float:
     """Seconds from '3600', '90s', '90m', '2h', '1d' or 'H:MM:SS' (`option` names it in the error)."""
     value = text.strip().lower()
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
     try:
         if ":" in value:
             seconds = 0.0
             for part in value.split(":"):
                 seconds = seconds * 60 + float(part)
-            return seconds
-        units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
-        if value and value[-1] in units:
-            return float(value[:-1]) * units[value[-1]]
-        return float(value)
+        elif value and value[-1] in units:
+            seconds = float(value[:-1]) * units[value[-1]]
+        else:
+            seconds = float(value)
     except ValueError:
         raise UserError(f"{option} {text!r}: expected seconds, 90m, 2h, 1d or H:MM:SS") from None
+    if not 0 < seconds < float("inf"):  # also nan: '--since -5m' read every request, '--max-time inf' no limit
+        raise UserError(f"{option} {text!r}: give a time above 0, e.g. 90m")
+    return seconds

@@ -180,6 +180,8 @@ CASES = {
         lambda d, data: ["pretrain", "--config", d / "none.yaml", "--out", d / "ds"], ["config file not found"]),
     "bad --max-time": (
         lambda d, data: ["pretrain", "--max-time", "soon", "--out", d / "ds"], ["--max-time 'soon'"]),
+    "no --max-time": (
+        lambda d, data: ["pretrain", "--max-time", "-5m", "--out", d / "ds"], ["'-5m': give a time above 0"]),
     "resume and overwrite together": (
         lambda d, data: ["pretrain", "--data", data, "--resume", "auto", "--overwrite", "--out", d / "ds"],
         ["contradict"]),

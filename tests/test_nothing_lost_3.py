@@ -28,6 +28,7 @@ def test_no_report_replaces_the_request_log_it_reports_on(tiny_run: Path, tmp_pa
     assert_user_error(run_cli("monitor", log, "--model", tiny_run, "--junit", inside), "which this command reads")
     assert snapshot(log) == before and snapshot(tiny_run) == run_before
     assert_user_error(run_cli("monitor", log, "--gate", "p99<<2"), "--gate 'p99<<2'", "e.g. 'p99_latency_s<=2'")
+    assert_user_error(run_cli("monitor", log, "--since=-5m"), "--since '-5m': give a time above 0")  # read them all
     for bad in ("0", "-1"):  # 0 scored every prompt, -1 all but one
         assert_user_error(run_cli("monitor", log, "--max-prompts", bad), f"--max-prompts {bad}", "at least 1")
 

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from llmkit.errors import UserError
+from llmkit.errors import UserError, shorten
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -41,6 +41,9 @@ def train_bpe(texts: Iterable[str], vocab_size: int) -> Any:
     return PreTrainedTokenizerFast(tokenizer_object=backend, bos_token=EOS, eos_token=EOS, pad_token=PAD)
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+
+
 def load_tokenizer(name_or_path: str | Path, trust_remote_code: bool = False, require_eos: bool = True) -> Any:
     """Load a fast tokenizer from a local directory or the hub, with a clear error when it cannot.
 
@@ -52,11 +55,18 @@ def load_tokenizer(name_or_path: str | Path, trust_remote_code: bool = False, re
     from llmkit.hub import prepare_hub_access
 
     prepare_hub_access(name_or_path)
+    path = Path(name_or_path)
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(name_or_path), trust_remote_code=trust_remote_code)
     except Exception as exc:  # OSError offline, ValueError for unknown types, HTTP errors from the hub
-        where = "local directory" if Path(name_or_path).exists() else "hub name (offline or not found?)"
-        raise UserError(f"{name_or_path}: cannot load a tokenizer from this {where}: {type(exc).__name__}") from None
+        if path.is_dir() and not any((path / name).is_file() for name in TOKENIZER_FILES):
+            raise UserError(
+                f"{name_or_path}: no tokenizer in this folder (no {', '.join(TOKENIZER_FILES)}); give the folder "
+                "one was saved in, e.g. RUN/final or RUN/tokenizer"
+            ) from None
+        where = "local directory" if path.exists() else "hub name (offline or not found?)"
+        reason = shorten(str(exc).strip().splitlines()[0], 160) if str(exc).strip() else type(exc).__name__
+        raise UserError(f"{name_or_path}: cannot load a tokenizer from this {where}: {reason}") from None
     if not getattr(tokenizer, "is_fast", False):
         raise UserError(f"{name_or_path}: llmkit needs a fast (Rust `tokenizers`) tokenizer")
     if require_eos and tokenizer.eos_token_id is None:

@@ -183,7 +183,7 @@ def _config(args: argparse.Namespace, work: Path) -> RunConfig:
            "data.tokenizer=null"] if args.arch == "llama" else []),
         f"model.context_length={args.block}", f"data.block_size={args.block}", "data.vocab_size=8192",
         f"data.dataset_dir={work / 'data'}", f"out_dir={work / 'runs' / (args.run or 'llmkit')}",
-        f"train.max_steps={args.steps}", "train.max_tokens=null", f"train.micro_batch_size={args.batch}",
+        f"train.max_steps={args.steps}", f"train.micro_batch_size={args.batch}",
         "train.grad_accum_steps=1",
         "train.eval_every=1000000", "checkpoint.every_steps=null", "logging.every_steps=10",
         "logging.report_to=[]", "logging.plot=false", "schedule.warmup_steps=10", f"train.compile={args.compile}",

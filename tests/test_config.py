@@ -54,6 +54,19 @@ def test_unknown_nested_key_suggests_the_closest(tmp_path: Path) -> None:
         load_config(None, ["train.lr=1e-4"])
 
 
+def test_a_budget_on_the_command_line_replaces_the_recipes(tmp_path: Path) -> None:
+    """Every recipe budgets its run; `--max-steps 20` on one that budgets epochs or tokens was refused as two."""
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("train:\n  max_epochs: 10\n")
+    by_flag = load_config(recipe, flags={"train.max_steps": 20, "train.max_tokens": None}).train
+    assert (by_flag.max_steps, by_flag.max_tokens, by_flag.max_epochs) == (20, None, None)
+    by_set = load_config(recipe, ["train.max_tokens=5000"]).train
+    assert (by_set.max_steps, by_set.max_tokens, by_set.max_epochs) == (None, 5000, None)
+    assert load_config(recipe, ["optimizer.lr=1e-4"]).train.max_epochs == 10  # no budget given: the recipe's
+    with pytest.raises(UserError, match="set only one of max_steps, max_tokens, max_epochs"):
+        load_config(recipe, ["train.max_tokens=5000"], {"train.max_steps": 20})  # two given here: which one?
+
+
 def test_wrong_value_names_the_key_and_value() -> None:
     with pytest.raises(UserError, match=r"config key 'train.micro_batch_size'.*got -1"):
         load_config(None, ["train.micro_batch_size=-1"])

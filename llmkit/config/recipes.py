@@ -170,6 +170,8 @@ def _read_renamed(raw: dict[str, Any], source: str) -> None:
             )
 
 
+# A run has one budget: one given on the command line replaces the recipe's, whichever kind it is.
+BUDGETS = ("train.max_steps", "train.max_tokens", "train.max_epochs")
 OPTION = "command-line option"  # what set a key given by a typed flag (the flags arrive as dotted keys)
 
 
@@ -198,6 +200,10 @@ def load_config(
         if value is not None:
             apply_override(raw, f"{key}={yaml.safe_dump(value, default_flow_style=True).strip()}")
             origins[key] = OPTION
+    if any(key in origins for key in BUDGETS):  # `--max-steps 20` on a recipe that budgets epochs: a new budget
+        for key in BUDGETS:
+            if key not in origins:
+                apply_override(raw, f"{key}=null")
     config = build_config(raw, str(path) if path is not None else None, origins)
     if path is not None:
         config._recipe = str(yaml_path(path))
@@ -356,9 +362,10 @@ def _fields_at(path: list[str]) -> list[str]:
 REFERENCE_HEADER = """# Configuration reference
 
 Every training command reads one typed configuration (`llmkit/config.py`). A recipe YAML sets any of these keys;
-`--set dotted.key=value` overrides them; typed flags (`--lr`, `--max-steps`, ...) override both. An unknown key is an
-error that names it and suggests the closest valid key. See a recipe fully resolved with
-`llmkit config show recipes/tiny-cpu.yaml`.
+`--set dotted.key=value` overrides them; typed flags (`--lr`, `--max-steps`, ...) override both. A run has one
+budget (`train.max_steps`, `max_tokens` or `max_epochs`): one given on the command line replaces the recipe's, of
+whichever kind. An unknown key is an error that names it and suggests the closest valid key. See a recipe fully
+resolved with `llmkit config show recipes/tiny-cpu.yaml`.
 
 This page is generated from the schema by `make docs` (`llmkit config keys`); a test checks it is current.
 """

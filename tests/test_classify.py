@@ -81,6 +81,10 @@ def test_a_validation_label_never_seen_in_training_is_refused(classifier: Path, 
     result = run_cli("finetune", "--task", "classify", "--model", minilm(),
                      "--data", classifier / "train.jsonl", "--val-file", val, "--out", tmp_path / "o")  # fmt: skip
     assert_user_error(result, f"{val}:2", "'neutral'", "never appears in the training rows", "negative, positive")
+    mixed = tmp_path / "mixed.jsonl"
+    mixed.write_text("".join(json.dumps({"text": f"row {i}", "label": i % 2 or "no"}) + "\n" for i in range(4)))
+    result = run_cli("finetune", "--task", "classify", "--model", minilm(), "--data", mixed, "--out", tmp_path / "o")
+    assert_user_error(result, f"labels mix strings and integers ({mixed}:1 has 'no', {mixed}:2 has 1)")
     assert not (tmp_path / "o").exists()
 
 

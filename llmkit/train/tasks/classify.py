@@ -87,7 +87,11 @@ class LabelMap:
     def from_examples(cls, examples: list[Example]) -> LabelMap:
         labels = {e.label for e in examples}
         if len({type(label) for label in labels}) > 1:
-            raise UserError("labels mix strings and integers; use one kind for every row")
+            first: dict[type, Example] = {}  # the first row of each kind
+            for example in examples:
+                first.setdefault(type(example.label), example)
+            rows = ", ".join(f"{e.where} has {e.label!r}" for e in first.values())
+            raise UserError(f"labels mix strings and integers ({rows}); use one kind for every row")
         ordered = sorted(labels)
         if len(ordered) < 2:
             raise UserError(f"classification needs at least 2 labels in the training rows, found {ordered}")

@@ -10,6 +10,7 @@ import os
 import random
 import re
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -411,6 +412,12 @@ def test_what_cannot_be_served_is_one_line_before_listening(tmp_path: Path, tiny
     if importlib.util.find_spec("vllm") is None:
         assert_user_error(run_cli("serve", tiny_run, "--engine", "vllm"), "pip install vllm")
     assert_user_error(run_cli("serve", tiny_run, "--max-batch", "0"), "--max-batch")
+    assert_user_error(run_cli("serve", tiny_run, "--host", "10.255.255.1"), "cannot listen there", "check --host")
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = str(taken.getsockname()[1])
+        assert_user_error(run_cli("serve", tiny_run, "--port", port), "cannot listen there", "pick another port")
     (tmp_path / "a-file").write_text("")
     unwritable = run_cli("serve", tiny_run, "--port", "0", "--request-log", tmp_path / "a-file" / "requests.jsonl")
     assert_user_error(unwritable, "--request-log", "a-file is a file, not a folder")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import importlib.util
 import math
 import os
@@ -40,9 +41,9 @@ def bind(host: str, port: int) -> socket.socket:
         sock.bind((host, port))
     except OSError as exc:
         sock.close()
-        raise UserError(
-            f"--host {host} --port {port}: cannot listen there ({exc.strerror}); pick another port"
-        ) from None
+        # a name that does not resolve, or an address not on this machine, is the host's fault; a taken port the port's
+        fix = "pick another port" if exc.errno in (errno.EADDRINUSE, errno.EACCES) else "check --host"
+        raise UserError(f"--host {host} --port {port}: cannot listen there ({exc.strerror}); {fix}") from None
     sock.listen(2048)
     sock.set_inheritable(True)
     return sock

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from llmkit.config import SEED_MAX
 from llmkit.data.tokenizer import load_tokenizer
 from llmkit.errors import UserError
 from llmkit.models import load_trained_model, model_context
@@ -45,6 +46,11 @@ class Sampling:
         ]
         if wrong:
             raise UserError("; ".join(wrong))
+
+
+def check_seed(seed: int | None) -> None:
+    if seed is not None and not 0 <= seed <= SEED_MAX:
+        raise UserError(f"--seed {seed}: give a number from 0 to {SEED_MAX}")
 
 
 @dataclass
@@ -158,6 +164,7 @@ def generate_text(
 ) -> str:
     """The model's answer to `prompt` (chat models) or its continuation (pretrained models)."""
     sampling.check()
+    check_seed(seed)
     generator = load_generator(model_path)
     if seed is not None:
         torch.manual_seed(seed)
@@ -177,6 +184,7 @@ def chat_loop(
 ) -> int:
     """A REPL over the model's own chat template; returns the number of turns. /reset clears, /exit leaves."""
     sampling.check()
+    check_seed(seed)
     generator = load_generator(model_path)
     if not generator.is_chat:
         raise UserError(f"{model_path}: the tokenizer has no chat template; use `llmkit generate` for this model")

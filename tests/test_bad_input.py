@@ -191,6 +191,10 @@ CASES = {
         ["contradict"]),
     "resume path is not a checkpoint": (
         lambda d, data: ["pretrain", "--data", data, "--resume", d, "--out", d / "ds"], ["not a checkpoint"]),
+    "a seed numpy cannot take": (
+        lambda d, data: ["pretrain", "--data", data, "--seed", "-1", "--out", d / "ds"], ["'train.seed'", "got -1"]),
+    "a seed generate cannot take": (
+        lambda d, data: ["generate", d, "--prompt", "x", "--seed", str(2**64)], ["--seed 18446744073709551616: give"]),
     "bad sampling options": (
         lambda d, data: ["generate", d, "--prompt", "x", "--top-p", "0"], ["error: --top-p 0 (need in (0, 1])"]),
 }  # fmt: skip

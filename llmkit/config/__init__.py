@@ -24,6 +24,7 @@ from llmkit.config.recipes import (
 from llmkit.config.schema import (
     MAX_MIX_EPOCHS,
     READS,
+    SEED_MAX,
     AugmentConfig,
     CheckpointConfig,
     DataConfig,
@@ -68,6 +69,7 @@ __all__ = [
     "READS",
     "REFERENCE_HEADER",
     "RunConfig",
+    "SEED_MAX",
     "SECRET_NAME",
     "ScheduleConfig",
     "Section",

@@ -21,6 +21,7 @@ from llmkit.errors import did_you_mean
 # Marks a field that names a path the commands read (model, data, tokenizer, teacher, cache, task files): what
 # `input_paths` collects, so an output directory can never swallow one of them (llmkit.outputs.check_output).
 READS: dict[str, Any] = {"reads": True}
+SEED_MAX = 2**32 - 1  # what numpy's generators take (torch's would take more)
 
 
 class Section(BaseModel):
@@ -143,7 +144,7 @@ class NearDedupConfig(Section):
     )
     ngrams: int = Field(5, ge=1, description="Words per shingle.")
     num_perm: int = Field(128, ge=8, le=1024, description="MinHash permutations (split into LSH bands for threshold).")
-    seed: int = Field(1, description="Seed of the MinHash permutations.")
+    seed: int = Field(1, ge=0, le=SEED_MAX, description="Seed of the MinHash permutations.")
 
 
 class DecontaminateConfig(Section):
@@ -201,7 +202,7 @@ class DataConfig(Section):
     max_chars: int | None = Field(None, ge=1, description="Drop documents longer than this after cleaning.")
     dedup: bool = Field(True, description="Drop exact duplicate documents (after cleaning).")
     builtin_docs: int = Field(20000, ge=1, description="Documents drawn from a builtin: source.")
-    seed: int = Field(0, description="Seed for the built-in corpus and the train/validation split.")
+    seed: int = Field(0, ge=0, le=SEED_MAX, description="Seed for the built-in corpus and the train/validation split.")
     batch_docs: int = Field(2000, ge=1, description="Documents per tokenization batch.")
     tokenizer_train_docs: int | None = Field(
         200_000, ge=1, description="Documents used to train a new tokenizer (unset: all of them)."
@@ -274,7 +275,7 @@ class TrainConfig(Section):
         None, ge=1, description="Stop after this many validations without improvement (unset: never)."
     )
     early_stopping_min_delta: float = Field(0.0, ge=0, description="Improvement needed to reset patience.")
-    seed: int = Field(0, description="Seed for initialization and data order.")
+    seed: int = Field(0, ge=0, le=SEED_MAX, description="Seed for initialization and data order.")
     max_bad_steps: int = Field(
         0, ge=0, description="Skip up to this many steps with a non-finite loss or gradient norm instead of stopping."
     )
@@ -571,7 +572,7 @@ class AugmentConfig(Section):
     swap: float = Field(0.1, ge=0, le=1, description="Chance that a word swaps places with the next one.")
     insert: float = Field(0.1, ge=0, le=1, description="Chance of inserting a word of the row after each word.")
     delete: float = Field(0.1, ge=0, le=1, description="Chance of deleting each word.")
-    seed: int = Field(0, description="Seed of the augmentation.")
+    seed: int = Field(0, ge=0, le=SEED_MAX, description="Seed of the augmentation.")
 
 
 class FinetuneConfig(Section):

@@ -73,6 +73,23 @@ def test_classification_gates_fail_with_exit_1(classifier: Path) -> None:
     assert failed.exit_code == 1 and "gate failed: macro_f1" in failed.stderr
 
 
+def test_a_classifier_reads_its_text_where_the_user_says(classifier: Path) -> None:
+    """--text-field and --encoding reach a classifier's rows (both were dropped); the perplexity options are refused
+    rather than ignored."""
+    rows = [json.loads(line) for line in write_rows(classifier / "plain.jsonl", 20, seed=11).read_text().splitlines()]
+    latin = classifier / "sentences.jsonl"
+    latin.write_bytes("".join(json.dumps({"sentence": r["text"] + " Très", "label": r["label"]}, ensure_ascii=False)
+                              + "\n" for r in rows).encode("latin-1"))  # fmt: skip
+    plain = run_cli("eval", classifier / "run", "--data", latin)
+    assert_user_error(plain, "not valid utf-8")
+    read = run_cli("eval", classifier / "run", "--data", latin, "--text-field", "sentence", "--encoding", "latin-1",
+                   "--report", classifier / "sentences.json")  # fmt: skip
+    assert read.exit_code == 0, read.stderr
+    assert json.loads((classifier / "sentences.json").read_text())["examples"] == 20
+    refused = run_cli("eval", classifier / "run", "--data", latin, "--text-field", "sentence", "--max-batches", "1")
+    assert_user_error(refused, "--max-batches: for a language model's perplexity", "is a classifier")
+
+
 def test_a_validation_label_never_seen_in_training_is_refused(classifier: Path, tmp_path: Path) -> None:
     val = tmp_path / "val.jsonl"
     val.write_text(

@@ -113,6 +113,10 @@ def test_eval_reports_bits_per_char_against_the_floor(tiny_run: Path, tiny_datas
     assert report["entropy_floor_bits_per_char"] == manifest["entropy"]["bits_per_char"]["val"]
     assert report["bits_per_char"] > report["entropy_floor_bits_per_char"]
     assert "entropy floor" in result.stdout
+    # options that would change nothing here are refused, not dropped: the blocks are scored as they were packed
+    ignored = run_cli("eval", tiny_run, "--data", tiny_dataset, "--seq-len", "16", "--text-field", "body")
+    assert_user_error(ignored, "--seq-len and --text-field: for raw text", "is a prepared dataset")
+    assert_user_error(run_cli("eval", tiny_run, "--data", tiny_dataset, "--limit", "5"), "--limit counts the items of")
 
 
 def test_eval_gate_fails_with_exit_1_naming_the_metric(tiny_run: Path, tiny_dataset: Path) -> None:

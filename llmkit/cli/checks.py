@@ -44,8 +44,10 @@ def eval_command(
     seq_len: Annotated[int | None, typer.Option(help="Window length for raw text (default: model context).")] = None,
     max_batches: Annotated[int | None, typer.Option(help="Score at most this many batches.")] = None,
     limit: Annotated[int | None, typer.Option(help="Harness: score only the first N items of each task.")] = None,
-    text_field: Annotated[str, typer.Option(help="Field holding the text in JSONL/CSV/parquet.")] = "text",
-    encoding: Annotated[str, typer.Option(help="Text encoding of a raw --data file.")] = "utf-8",
+    text_field: Annotated[
+        str | None, typer.Option(help="Field holding the text in JSONL/CSV/parquet (default: text).")
+    ] = None,
+    encoding: Annotated[str | None, typer.Option(help="Text encoding of a raw --data file (default: utf-8).")] = None,
     task: Annotated[
         str, typer.Option(help="What --data is scored as: auto (by the model) or reward (pairs or candidates).")
     ] = "auto",
@@ -61,7 +63,7 @@ def eval_command(
     from llmkit.eval.run import evaluate_model
 
     sugar = [("perplexity<=", max_perplexity), ("accuracy>=", min_accuracy), ("macro_f1>=", min_f1)]
-    gates = [*(gate or []), *(f"{rule}{limit!r}" for rule, limit in sugar if limit is not None)]
+    gates = [*(gate or []), *(f"{rule}{value!r}" for rule, value in sugar if value is not None)]
     result = evaluate_model(
         model,
         data,

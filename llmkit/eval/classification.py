@@ -8,6 +8,8 @@ import numpy as np
 
 from llmkit.scoring import classification_metrics
 
+MAX_LENGTH = 512  # tokens of a row scored; longer rows are cut
+
 
 def is_classifier(model_dir: Any) -> bool:
     """Does this model directory hold a sequence classifier (its config names one)?"""
@@ -21,8 +23,11 @@ def is_classifier(model_dir: Any) -> bool:
     return any(name.endswith("ForSequenceClassification") for name in architectures)
 
 
-def evaluate_classifier(model_dir: Any, data: Any, batch_size: int = 32, max_length: int = 512) -> dict[str, Any]:
-    """Accuracy, macro precision/recall/F1, the confusion matrix and ROC-AUC on text + label rows."""
+def evaluate_classifier(
+    model_dir: Any, data: Any, batch_size: int = 32, text_field: str = "text", encoding: str = "utf-8"
+) -> dict[str, Any]:
+    """Accuracy, macro precision/recall/F1, the confusion matrix and ROC-AUC on text + label rows (the text under
+    `text_field`)."""
     import time
 
     import torch
@@ -42,7 +47,7 @@ def evaluate_classifier(model_dir: Any, data: Any, batch_size: int = 32, max_len
     rows = [
         example
         for source in resolve_sources([str(data)])
-        for _, example in normalize(read_records(source), "classification", {})
+        for _, example in normalize(read_records(source, encoding=encoding), "classification", {"text": text_field})
     ]
     unknown = [row for row in rows if str(row.label) not in ids]
     if unknown:
@@ -56,7 +61,7 @@ def evaluate_classifier(model_dir: Any, data: Any, batch_size: int = 32, max_len
         for first in range(0, len(order), batch_size):
             chunk = order[first : first + batch_size]
             batch = tokenizer(
-                [rows[i].text for i in chunk], truncation=True, max_length=max_length, padding=True, return_tensors="pt"
+                [rows[i].text for i in chunk], truncation=True, max_length=MAX_LENGTH, padding=True, return_tensors="pt"
             )
             probabilities[chunk] = torch.softmax(model(**batch).logits.float(), dim=-1).numpy()
             update(len(chunk))

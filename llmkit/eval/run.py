@@ -41,8 +41,8 @@ def evaluate_model(
     seq_len: int | None = None,
     max_batches: int | None = None,
     limit: int | None = None,
-    text_field: str = "text",
-    encoding: str = "utf-8",
+    text_field: str | None = None,
+    encoding: str | None = None,
     reports: list[Path] | None = None,
     task: str = "auto",
     scores: Path | None = None,
@@ -70,6 +70,8 @@ def evaluate_model(
             "--limit": (limit, 1),
         },
     )
+    _check_raw_text_options(data, bool(harness), {"--seq-len": seq_len, "--text-field": text_field,
+                                                  "--encoding": encoding, "--limit": limit})  # fmt: skip
     if not max_regression >= 0:
         raise UserError(f"--max-regression {max_regression:g}: must be 0 or more (how much worse a metric may get)")
     for gate in gates or []:
@@ -142,6 +144,20 @@ def _check_request(data: bool, tasks: bool, task: str, scores: bool, counts: dic
             raise UserError(f"{name} {value}: must be at least {least}")
 
 
+def _check_raw_text_options(data: str | None, harness: bool, given: dict[str, Any]) -> None:
+    """Options that would do nothing are refused rather than dropped: the user believes they took effect."""
+    from llmkit.data.store import MANIFEST
+
+    if given["--limit"] is not None and not harness:
+        raise UserError("--limit counts the items of --harness tasks; --max-batches limits --data")
+    raw_only = [flag for flag in ("--seq-len", "--text-field", "--encoding") if given[flag] is not None]
+    if raw_only and data is not None and (Path(data) / MANIFEST).is_file():
+        raise UserError(
+            f"{' and '.join(raw_only)}: for raw text; {data} is a prepared dataset, whose validation blocks are "
+            "scored as they were packed"
+        )
+
+
 def _evaluate_data(
     model: str,
     model_dir: Path,
@@ -149,23 +165,34 @@ def _evaluate_data(
     batch_size: int,
     seq_len: int | None,
     max_batches: int | None,
-    field: str,
-    encoding: str,
+    field: str | None,
+    encoding: str | None,
     task: str = "auto",
     scores: Path | None = None,
 ) -> dict[str, Any]:
+    """--data scored as the model reads it: pairs or candidates for a reward model, labelled rows for a classifier,
+    text for a language model. `field` and `encoding` are None when not given; an option the model's kind of scoring
+    has no use for is refused, not dropped."""
     from llmkit.eval.classification import evaluate_classifier, is_classifier
     from llmkit.eval.perplexity import evaluate
     from llmkit.eval.reward import evaluate_reward
     from llmkit.scoring import is_reward_dir
 
-    if task == "reward" or is_reward_dir(model_dir):
-        return evaluate_reward(model_dir, data, batch_size, scores, encoding)
+    reward = task == "reward" or is_reward_dir(model_dir)
+    classifier = not reward and is_classifier(model_dir)
+    # a classifier reads its text from --text-field; only a language model cuts windows or stops after some batches
+    unused = {"--seq-len": seq_len, "--max-batches": max_batches, "--text-field": field if reward else None}
+    given = [flag for flag, value in unused.items() if value is not None]
+    if (reward or classifier) and given:
+        kind = "a reward model, scoring each pair or candidate" if reward else "a classifier, scoring each row"
+        raise UserError(f"{' and '.join(given)}: for a language model's perplexity; {model_dir} is {kind}")
+    if reward:
+        return evaluate_reward(model_dir, data, batch_size, scores, encoding or "utf-8")
     if scores is not None:
         raise UserError(f"--scores: {model_dir} is not a reward model; only a reward model scores candidates")
-    if is_classifier(model_dir):
-        return evaluate_classifier(model_dir, data, batch_size=max(batch_size, 32))
-    return evaluate(model, data, batch_size, seq_len, max_batches, field, encoding)
+    if classifier:
+        return evaluate_classifier(model_dir, data, max(batch_size, 32), field or "text", encoding or "utf-8")
+    return evaluate(model, data, batch_size, seq_len, max_batches, field or "text", encoding or "utf-8")
 
 
 def write_reports(result: dict[str, Any], report: Path | None, markdown: Path | None, junit: Path | None) -> None:

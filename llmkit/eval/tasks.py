@@ -201,7 +201,7 @@ def run_tasks(model_dir: Path, tasks: list[TaskSpec], batch_size: int = 16) -> d
             if task.kind == "classification":
                 if not classifier:
                     raise UserError(f"{model_dir}: not a classifier (no label map): cannot run task {task.name}")
-                report = evaluate_classifier(model_dir, path, batch_size=max(batch_size, 32))
+                report = evaluate_classifier(model_dir, path, max(batch_size, 32), task.text_field)
                 metrics = {"accuracy": report["accuracy"], "macro_f1": report["macro_f1"], "items": report["examples"]}
             else:
                 report = evaluate(model_dir, path, batch_size=batch_size, text_field=task.text_field)

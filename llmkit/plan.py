@@ -240,15 +240,35 @@ def _meta_model(cfg: RunConfig, vocab: int) -> Any:
 
         from llmkit.hub import prepare_hub_access
 
-        prepare_hub_access(cfg.model.init_from)
+        source = _config_source(cfg.model.init_from)
+        prepare_hub_access(source)
         try:
-            config = AutoConfig.from_pretrained(cfg.model.init_from, trust_remote_code=cfg.model.trust_remote_code)
+            config = AutoConfig.from_pretrained(source, trust_remote_code=cfg.model.trust_remote_code)
         except Exception as exc:  # OSError offline, ValueError for unknown model types
-            raise UserError(f"{cfg.model.init_from}: cannot read this model's config ({type(exc).__name__})") from None
+            reason = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+            raise UserError(
+                f"model.init_from {cfg.model.init_from}: cannot read the model's config ({reason})"
+            ) from None
         if cfg.model.rope_scaling != "none":
             extend_context(config, cfg.model.rope_scaling, cfg.model.rope_factor, cfg.model.init_from)
         return AutoModelForCausalLM.from_config(config)
     return build_model(cfg.model, Vocabulary(vocab))
+
+
+def _config_source(init_from: str) -> str:
+    """Where the shape of the model a run starts from is read, as training reads it: a run directory means its final
+    model, a checkpoint its model/, a LoRA run its base (merged, it has the base's shape); a hub name is itself."""
+    from llmkit.config import read_json_mapping
+    from llmkit.runs import resolve_model_dir
+
+    model_dir = resolve_model_dir(init_from)
+    adapter = model_dir / "adapter_config.json"
+    if not adapter.is_file():
+        return str(model_dir)
+    base = read_json_mapping(adapter, "missing").get("base_model_name_or_path")
+    if not base:
+        raise UserError(f"{adapter}: names no base model (base_model_name_or_path)")
+    return str(base)
 
 
 def estimate_memory(

@@ -4,6 +4,7 @@ measured peak of a whole step)."""
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -332,5 +333,15 @@ def test_continued_pretraining_is_planned_as_pretraining_and_the_stage_can_be_na
     shown = json.loads(run_cli("plan", RECIPES / "tiny-cpu.yaml", "--set", f"model.init_from={tmp_path / 'base'}",
                                "--set", "finetune.max_length=128", "--stage", "finetune", "--json").stdout)  # fmt: skip
     assert shown["tokens_per_step"] == finetune.tokens_per_step
+    # read as training reads it: a run directory means its final model, a LoRA run its base (both failed here)
+    shutil.copytree(tmp_path / "base", tmp_path / "run" / "final")
+    (tmp_path / "lora").mkdir()
+    (tmp_path / "lora" / "adapter_config.json").write_text(
+        json.dumps({"base_model_name_or_path": str(tmp_path / "base")})
+    )
+    for source in ("run", "lora"):
+        other = load_config(RECIPES / "tiny-cpu.yaml", ["data.vocab_size=1000", f"model.init_from={tmp_path / source}",
+                                                        "finetune.max_length=128"])  # fmt: skip
+        assert plan_run(other, stage="finetune").parameters == finetune.parameters, source
     assert_user_error(run_cli("plan", RECIPES / "tiny-cpu.yaml", "--stage", "finetune"), "model.init_from")
     assert_user_error(run_cli("plan", RECIPES / "tiny-cpu.yaml", "--stage", "sft"), "--stage sft")

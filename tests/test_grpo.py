@@ -299,7 +299,8 @@ def test_bad_rewards_are_one_line(tiny_run: Path, prompts: Path, tmp_path: Path)
     assert_user_error(grpo("b", "--reward", "no_such_module:f"), "no_such_module:f", "cannot import")
     assert_user_error(grpo("c", "--reward", str(prompts / "missing.yaml")), "missing.yaml")
     assert_user_error(grpo("d", "--reward", "word.yaml@heavy"), "the weight after @")
-    for name in "abcd":
+    assert_user_error(grpo("e", "--reward", "word.yaml@nan"), "the weight after @ must be a finite number")
+    for name in "abcde":
         assert_nothing_written(tmp_path, name)
     (prompts / "f").mkdir()
     (prompts / "f" / "word.yaml").write_text(TASK_FILE.replace("name: word", "name: word2"))

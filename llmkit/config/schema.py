@@ -3,6 +3,7 @@ default, its check and its description (the documentation of that key: `llmkit c
 
 from __future__ import annotations
 
+import math
 from typing import Any, Literal
 
 from pydantic import (
@@ -559,9 +560,11 @@ class GrpoConfig(Section):
         for spec in rewards:
             _, _, weight = spec.rpartition("@") if "@" in spec else (spec, "", "1")
             try:
-                float(weight)
+                finite = math.isfinite(float(weight))
             except ValueError:
-                raise ValueError(f"reward {spec!r}: the weight after @ must be a number") from None
+                finite = False
+            if not finite:  # nan or inf made every loss nan at the first step
+                raise ValueError(f"reward {spec!r}: the weight after @ must be a finite number")
         return rewards
 
 

@@ -38,13 +38,32 @@ def find_tokenizer_dir(model_dir: Path) -> Path:
     return model_dir  # a hub name, or a directory without one: loading reports it
 
 
+# What a training run writes at its root; a report written beside them (RUN/eval.json, which a model card picks up)
+# must not replace one.
+RUN_RECORDS = ("config.yaml", "summary.json", "metrics.jsonl", "data_stats.json", "data_trace.jsonl", "loss.png",
+               "tensorboard", "checkpoints", "final", "tokenizer")  # fmt: skip
+
+
 def model_reads(model: str | Path) -> list[Path]:
-    """What scoring `model` reads, for the report-path check (llmkit.outputs.check_report_paths): the model's folder,
-    its tokenizer's, and the run's summary.json (validation loss); not the run folder itself, where RUN/eval.json
-    is the report a model card picks up."""
+    """The files a report about `model` must never replace (llmkit.outputs.check_report_paths): the model's folder,
+    its tokenizer's, and the records of the run it belongs to; not the rest of the run folder."""
     model_dir = resolve_model_dir(model)
-    run_files = [folder / "summary.json" for folder in (model_dir, model_dir.parent, model_dir.parent.parent)]
-    return [model_dir, find_tokenizer_dir(model_dir), *run_files]
+    run = _run_of(model_dir)
+    return [model_dir, find_tokenizer_dir(model_dir), *([run / name for name in RUN_RECORDS] if run else [])]
+
+
+def _run_of(model_dir: Path) -> Path | None:
+    """The run directory of RUN/final or RUN/checkpoints/step-N/model, else None."""
+    if model_dir.name == "final":
+        return model_dir.parent
+    if model_dir.name == "model" and model_dir.parent.parent.name == "checkpoints":
+        return model_dir.parents[2]
+    return None
+
+
+def run_summaries(model_dir: Path) -> list[Path]:
+    """Where the summary.json of the run a model came from may be: beside it, in the run, or above a checkpoint."""
+    return [folder / "summary.json" for folder in (model_dir, model_dir.parent, model_dir.parent.parent)]
 
 
 def scoring_kind(model_dir: Path) -> str | None:

@@ -231,8 +231,9 @@ def drift(records: list[dict[str, Any]], model: str | Path, limit: int) -> dict[
 
 
 def validation_perplexity(model_dir: Path) -> float:
-    for candidate in (model_dir, model_dir.parent, model_dir.parent.parent):
-        summary = candidate / "summary.json"
+    from llmkit.runs import run_summaries
+
+    for summary in run_summaries(model_dir):
         if summary.is_file():
             loss = json.loads(summary.read_text(encoding="utf-8")).get("val_loss")
             if isinstance(loss, (int, float)) and math.isfinite(loss):

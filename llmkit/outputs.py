@@ -70,7 +70,11 @@ def check_report_paths(
     file, not a folder, never one of the command's inputs (a request log, an eval file) nor inside one
     (`--markdown run/final/config.json` would replace the model's config), and not inside an existing file."""
     sources = [(read, _real(read)) for read in reads if read is not None and Path(read).exists()]
-    for path in (path for path in reports if path is not None):
+    paths = [path for path in reports if path is not None]
+    twice = [path for number, path in enumerate(paths) if _real(path) in {_real(p) for p in paths[:number]}]
+    if twice:  # the last written would replace the others
+        raise UserError(f"{twice[0]}: named for two reports; give each its own file")
+    for path in paths:
         if path.is_dir():
             raise UserError(f"{path}: is a folder; give a file name for the {what} (e.g. {path / example})")
         target = _real(path)

@@ -107,6 +107,8 @@ def test_eval_reports_never_overwrite_inputs_or_folders(run_copy: Path, tmp_path
     summary = run_copy / "summary.json"  # the run's validation loss, which monitor's drift reads
     assert_user_error(run_cli("eval", run_copy, "--data", text, "--junit", summary), "is an input")
     assert snapshot(run_copy) == run_before
+    same = tmp_path / "r.json"
+    assert_user_error(run_cli("eval", run_copy, "--data", text, "--report", same, "--junit", same), "two reports")
     beside = run_cli("eval", run_copy, "--data", text, "--report", run_copy / "eval.json")  # what export's card reads
     assert beside.exit_code == 0, beside.stderr
     # a gate or a limit that cannot be read fails before the model is even looked for, not after the scoring

@@ -44,7 +44,7 @@ RUN_RECORDS = ("config.yaml", "summary.json", "metrics.jsonl", "data_stats.json"
                "tensorboard", "checkpoints", "final", "tokenizer")  # fmt: skip
 
 
-def model_reads(model: str | Path) -> list[Path]:
+def model_files(model: str | Path) -> list[Path]:
     """The files a report about `model` must never replace (llmkit.outputs.check_report_paths): the model's folder,
     its tokenizer's, and the records of the run it belongs to; not the rest of the run folder."""
     model_dir = resolve_model_dir(model)

@@ -144,10 +144,10 @@ def monitor_command(
     """
     from llmkit.outputs import check_report_paths
     from llmkit.reports import print_monitor_report
-    from llmkit.runs import model_reads, resolve_model_dir, run_summaries
+    from llmkit.runs import model_files, resolve_model_dir, run_summaries
     from llmkit.serve.monitor import monitor
 
-    reads = [*model_reads(model), *run_summaries(resolve_model_dir(model))] if model else []  # drift reads them
+    reads = [*model_files(model), *run_summaries(resolve_model_dir(model))] if model else []  # drift reads them
     check_report_paths([report, markdown, junit], [source, *reads])
     result = monitor(source, since, model, list(gate or []), max_prompts)
     print_monitor_report(result)

@@ -56,7 +56,7 @@ def evaluate_model(
     from llmkit.eval.gates import read_baseline
     from llmkit.eval.tasks import flat_metrics, run_tasks
     from llmkit.export.formats import export_format
-    from llmkit.runs import model_reads, resolve_model_dir
+    from llmkit.runs import model_files, resolve_model_dir
 
     _check_request(
         data is not None,
@@ -76,7 +76,7 @@ def evaluate_model(
         raise UserError(f"--max-regression {max_regression:g}: must be 0 or more (how much worse a metric may get)")
     for gate in gates or []:
         parse_gate(gate)
-    reads = [*model_reads(model), data, baseline, *(task_files or [])]
+    reads = [*model_files(model), data, baseline, *(task_files or [])]
     check_report_paths([*(reports or []), *([scores] if scores else [])], reads)
     task_specs, file_gates = load_task_files(list(task_files or []))  # bad task files fail before the model loads
     old_metrics = read_baseline(baseline) if baseline is not None else None

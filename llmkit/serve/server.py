@@ -138,14 +138,14 @@ def serve(
     if missing:
         raise UserError(f"llmkit serve needs {', '.join(missing)}: pip install 'llmkit[serve]'")
     from llmkit.outputs import check_report_paths
-    from llmkit.runs import model_reads
+    from llmkit.runs import model_files
     from llmkit.serve.app import ServerState, build_app
     from llmkit.serve.engines import servable_dir
     from llmkit.serve.metrics import RequestLog
 
     check_prompt_limit(limits, context_of(servable_dir(model)))  # before anything listens, where the config says
     if request_log is not None:  # appended to: never one of the model's files
-        check_report_paths([request_log], model_reads(model), "--request-log", "requests.jsonl")
+        check_report_paths([request_log], model_files(model), "--request-log", "requests.jsonl")
     sock = bind(host, port)
     import uvicorn
 

@@ -37,6 +37,13 @@ def shorten(text: str, limit: int = 400) -> str:
     return f"{text[:half]} ...[{len(text) - 2 * half:,} characters cut]... {text[-half:]}"
 
 
+def first_line(exc: BaseException, limit: int = 200, empty: str | None = None) -> str:
+    """A library's reason for refusing, for a one-line error: the first line of its message, cut to `limit`
+    characters; `empty` (else the exception's type) when it gave none."""
+    text = str(exc).strip()
+    return text.splitlines()[0][:limit] if text else empty or type(exc).__name__
+
+
 def closest(word: str, options: Iterable[str]) -> str | None:
     """The closest valid spelling of `word`, if one is close enough to suggest."""
     matches = difflib.get_close_matches(word, list(options), n=1, cutoff=0.6)

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from llmkit.config import ModelConfig
-from llmkit.errors import UserError
+from llmkit.errors import UserError, first_line
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -112,7 +112,7 @@ def load_model(
         raise
     except Exception as exc:  # OSError offline or missing files, ValueError for unknown architectures
         where = "directory" if Path(name_or_path).exists() else "hub name (offline or not found?)"
-        reason = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
+        reason = first_line(exc)
         raise UserError(f"{name_or_path}: cannot load a causal LM from this {where}: {reason}") from None
 
 
@@ -290,7 +290,7 @@ def attach_lora(model: Any, cfg: Any, task_type: str, new_token_ids: list[int]) 
     try:
         model = get_peft_model(model, config)
     except ValueError as exc:  # a module type LoRA cannot adapt (a norm, say)
-        raise UserError(f"finetune.lora.target_modules {targets}: {str(exc).splitlines()[0]}") from None
+        raise UserError(f"finetune.lora.target_modules {targets}: {first_line(exc)}") from None
     if cfg.init != "default":  # the base now holds the residual: keep the initial adapter to save plain LoRA
         from peft import get_peft_model_state_dict
 
@@ -454,7 +454,7 @@ def load_classifier(source: str | Path, labels: Any, trust_remote_code: bool = F
             token=token,
         )
     except Exception as exc:  # OSError offline or missing files, ValueError for unsupported architectures
-        reason = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
+        reason = first_line(exc)
         raise UserError(f"{source}: cannot load a sequence classifier from this model: {reason}") from None
     if model.config.pad_token_id is None:  # decoders find each row's last token through the pad id
         model.config.pad_token_id = model.config.eos_token_id

@@ -30,7 +30,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
 from llmkit.config import RunConfig
-from llmkit.errors import UserError
+from llmkit.errors import UserError, first_line
 from llmkit.flops import (
     GIB,
     GPU_TYPES,
@@ -245,7 +245,7 @@ def _meta_model(cfg: RunConfig, vocab: int) -> Any:
         try:
             config = AutoConfig.from_pretrained(source, trust_remote_code=cfg.model.trust_remote_code)
         except Exception as exc:  # OSError offline, ValueError for unknown model types
-            reason = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+            reason = first_line(exc)
             raise UserError(
                 f"model.init_from {cfg.model.init_from}: cannot read the model's config ({reason})"
             ) from None

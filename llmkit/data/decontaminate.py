@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from llmkit.config import DecontaminateConfig
-from llmkit.errors import UserError
+from llmkit.errors import UserError, first_line
 
 _WORD = re.compile(r"\w+")
 ITEM_FILES = (".jsonl", ".json", ".csv", ".parquet")
@@ -119,7 +119,7 @@ def _harness_items(spec: str) -> Iterator[tuple[str, str]]:
     try:
         tasks = get_task_dict(names, manager)
     except (ConnectionError, OSError) as exc:
-        first = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
+        first = first_line(exc)
         raise UserError(
             f"{HARNESS_PREFIX}{spec}: the task's data is not on disk ({first}); run it once online (the Hugging Face "
             "cache keeps it) or name a task file with local data"

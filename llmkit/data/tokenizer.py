@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from llmkit.errors import UserError, shorten
+from llmkit.errors import UserError, first_line
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -65,7 +65,7 @@ def load_tokenizer(name_or_path: str | Path, trust_remote_code: bool = False, re
                 "one was saved in, e.g. RUN/final or RUN/tokenizer"
             ) from None
         where = "local directory" if path.exists() else "hub name (offline or not found?)"
-        reason = shorten(str(exc).strip().splitlines()[0], 160) if str(exc).strip() else type(exc).__name__
+        reason = first_line(exc, 160)
         raise UserError(f"{name_or_path}: cannot load a tokenizer from this {where}: {reason}") from None
     if not getattr(tokenizer, "is_fast", False):
         raise UserError(f"{name_or_path}: llmkit needs a fast (Rust `tokenizers`) tokenizer")

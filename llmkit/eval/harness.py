@@ -12,7 +12,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from llmkit.errors import UserError
+from llmkit.errors import UserError, first_line
 
 
 def run_harness(model_dir: Path, specs: list[str], batch_size: int, limit: int | None = None) -> dict[str, Any]:
@@ -39,7 +39,7 @@ def run_harness(model_dir: Path, specs: list[str], batch_size: int, limit: int |
     try:
         output = simple_evaluate(model=model, tasks=names, limit=limit, task_manager=manager, log_samples=False)
     except (ConnectionError, OSError, FileNotFoundError) as exc:
-        first = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
+        first = first_line(exc)
         raise UserError(
             f"--harness {','.join(names)}: the task data could not be loaded ({first}); harness tasks read their "
             "data from the Hugging Face Hub: run once online (the cache is reused) or use a local task file"

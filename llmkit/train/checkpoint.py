@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from llmkit.atomic import atomic_directory, file_sha256, full_disk_as_oserror, write_json
-from llmkit.errors import UserError
+from llmkit.errors import UserError, first_line
 from llmkit.train import faults
 
 COMPLETE = "COMPLETE"
@@ -171,7 +171,7 @@ def safe_torch_load(path: Path) -> Any:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        first = str(exc).splitlines()[0][:160] if str(exc) else "unsupported content"
+        first = first_line(exc, 160, empty="unsupported content")
         raise UserError(f"{path}: refused to load: not a plain tensor file, it may carry code ({first})") from None
 
 

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from llmkit.console import info
-from llmkit.errors import UserError
+from llmkit.errors import UserError, first_line
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
@@ -188,7 +188,7 @@ class MicroStep:
         except Exception as exc:
             if not _compile_failure(exc):
                 raise
-            reason = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
+            reason = first_line(exc, 160)
             info(f"torch.compile failed ({type(exc).__name__}: {reason}); training eagerly (--no-compile skips it)")
             self.compiled = None
             return self.eager(model, batch)

@@ -335,15 +335,12 @@ def _short_repr(value: Any) -> str:
     return short.repr(value)
 
 
-def _all_keys(model: type[BaseModel], prefix: str = "") -> list[str]:
+def _all_keys(model: Any, prefix: str = "") -> list[str]:
     """Every dotted key of a section and the sections inside it."""
     keys = []
     for name, field in model.model_fields.items():
-        annotation = field.annotation
-        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-            keys += _all_keys(annotation, f"{prefix}{name}.")
-        elif not field.exclude:
-            keys.append(f"{prefix}{name}")
+        nested = _is_section(field.annotation)
+        keys += _all_keys(field.annotation, f"{prefix}{name}.") if nested else [f"{prefix}{name}"]
     return keys
 
 

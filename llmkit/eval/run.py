@@ -70,8 +70,8 @@ def evaluate_model(
             "--limit": (limit, 1),
         },
     )
-    _check_raw_text_options(data, bool(harness), {"--seq-len": seq_len, "--text-field": text_field,
-                                                  "--encoding": encoding, "--limit": limit})  # fmt: skip
+    if limit is not None and not harness:  # refused rather than dropped: the user believes it took effect
+        raise UserError("--limit counts the items of --harness tasks; --max-batches limits --data")
     if not max_regression >= 0:
         raise UserError(f"--max-regression {max_regression:g}: must be 0 or more (how much worse a metric may get)")
     for gate in gates or []:
@@ -144,20 +144,6 @@ def _check_request(data: bool, tasks: bool, task: str, scores: bool, counts: dic
             raise UserError(f"{name} {value}: must be at least {least}")
 
 
-def _check_raw_text_options(data: str | None, harness: bool, given: dict[str, Any]) -> None:
-    """Options that would do nothing are refused rather than dropped: the user believes they took effect."""
-    from llmkit.data.store import MANIFEST
-
-    if given["--limit"] is not None and not harness:
-        raise UserError("--limit counts the items of --harness tasks; --max-batches limits --data")
-    raw_only = [flag for flag in ("--seq-len", "--text-field", "--encoding") if given[flag] is not None]
-    if raw_only and data is not None and (Path(data) / MANIFEST).is_file():
-        raise UserError(
-            f"{' and '.join(raw_only)}: for raw text; {data} is a prepared dataset, whose validation blocks are "
-            "scored as they were packed"
-        )
-
-
 def _evaluate_data(
     model: str,
     model_dir: Path,
@@ -173,11 +159,19 @@ def _evaluate_data(
     """--data scored as the model reads it: pairs or candidates for a reward model, labelled rows for a classifier,
     text for a language model. `field` and `encoding` are None when not given; an option the model's kind of scoring
     has no use for is refused, not dropped."""
+    from llmkit.data.store import MANIFEST
     from llmkit.eval.classification import evaluate_classifier, is_classifier
     from llmkit.eval.perplexity import evaluate
     from llmkit.eval.reward import evaluate_reward
     from llmkit.scoring import is_reward_dir
 
+    raw_only = {"--seq-len": seq_len, "--text-field": field, "--encoding": encoding}
+    given = [flag for flag, value in raw_only.items() if value is not None]
+    if given and (Path(data) / MANIFEST).is_file():
+        raise UserError(
+            f"{' and '.join(given)}: for raw text; {data} is a prepared dataset, whose validation blocks are "
+            "scored as they were packed"
+        )
     reward = task == "reward" or is_reward_dir(model_dir)
     classifier = not reward and is_classifier(model_dir)
     # a classifier reads its text from --text-field; only a language model cuts windows or stops after some batches

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from llmkit.config import ModelConfig
+from llmkit.config import ModelConfig, read_json_mapping
 from llmkit.errors import UserError, first_line
 
 if TYPE_CHECKING:
@@ -409,7 +409,6 @@ def load_trained_model(model_dir: Path, dtype: Any = None, merge: bool = False) 
     For an adapter, the base named in adapter_config.json is loaded (its embedding grown to the adapter's
     tokenizer when fine-tuning added tokens) and the adapter applied; `merge` folds it into the weights.
     """
-    import json
 
     from llmkit.data.tokenizer import load_tokenizer
     from llmkit.factored import densify, is_factored, load_factored
@@ -420,20 +419,28 @@ def load_trained_model(model_dir: Path, dtype: Any = None, merge: bool = False) 
         if merge:
             densify(model)
         return model
-    adapter_config = Path(model_dir) / "adapter_config.json"
-    if not adapter_config.is_file():
+    base_name = adapter_base(model_dir)
+    if base_name is None:
         return load_model(model_dir, dtype=dtype)
     from peft import PeftModel
 
-    base_name = json.loads(adapter_config.read_text(encoding="utf-8")).get("base_model_name_or_path")
-    if not base_name:
-        raise UserError(f"{adapter_config}: names no base model (base_model_name_or_path)")
     base = load_model(base_name, dtype=dtype)
     tokenizer = load_tokenizer(find_tokenizer_dir(Path(model_dir)))
     if len(tokenizer) > base.get_input_embeddings().weight.shape[0]:
         base.resize_token_embeddings(padded_vocab_size(len(tokenizer)))
     model = PeftModel.from_pretrained(base, str(model_dir))
     return model.merge_and_unload() if merge else model
+
+
+def adapter_base(model_dir: str | Path) -> str | None:
+    """The base model a LoRA adapter directory names (None for a directory of full weights)."""
+    adapter_config = Path(model_dir) / "adapter_config.json"
+    if not adapter_config.is_file():
+        return None
+    base = read_json_mapping(adapter_config, "missing").get("base_model_name_or_path")
+    if not base:
+        raise UserError(f"{adapter_config}: names no base model (base_model_name_or_path)")
+    return str(base)
 
 
 def load_classifier(source: str | Path, labels: Any, trust_remote_code: bool = False, token: str | None = None) -> Any:

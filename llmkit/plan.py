@@ -258,17 +258,11 @@ def _meta_model(cfg: RunConfig, vocab: int) -> Any:
 def _config_source(init_from: str) -> str:
     """Where the shape of the model a run starts from is read, as training reads it: a run directory means its final
     model, a checkpoint its model/, a LoRA run its base (merged, it has the base's shape); a hub name is itself."""
-    from llmkit.config import read_json_mapping
+    from llmkit.models import adapter_base
     from llmkit.runs import resolve_model_dir
 
     model_dir = resolve_model_dir(init_from)
-    adapter = model_dir / "adapter_config.json"
-    if not adapter.is_file():
-        return str(model_dir)
-    base = read_json_mapping(adapter, "missing").get("base_model_name_or_path")
-    if not base:
-        raise UserError(f"{adapter}: names no base model (base_model_name_or_path)")
-    return str(base)
+    return adapter_base(model_dir) or str(model_dir)
 
 
 def estimate_memory(

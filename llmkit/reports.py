@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from rich.table import Table
 
 from llmkit.console import console
+from llmkit.data.readers import RECORD_SUFFIXES, data_suffix
 
 
 def _table(title: str, rows: list[tuple[str, str]]) -> Table:
@@ -49,6 +51,8 @@ def print_prep_summary(result: Any) -> None:
                 f"{manifest['block_size']} ({info['remainder_tokens']:,} remainder tokens dropped)",
             )
         )
+    if note := _no_validation(manifest):
+        rows.append(("validation", note))
     entropy = manifest.get("entropy")
     if entropy:
         rows.append(
@@ -68,6 +72,25 @@ def print_prep_summary(result: Any) -> None:
             )
         )
     console.print(_table(f"dataset {result.path}", rows))
+
+
+def _no_validation(manifest: dict[str, Any]) -> str | None:
+    """Why a dataset that asked for a validation split has no block of it (training then runs without one)."""
+    settings, val = manifest["settings"], manifest["splits"].get("val")
+    if not settings.get("val_fraction") or val is None or val["blocks"]:
+        return None
+    off = "none: training will run without validation or early stopping; "
+    if val["documents"]:
+        return off + f"its {val['tokens']:,} tokens are fewer than one block (lower data.block_size or add data)"
+    whole_files = settings.get("txt_mode") == "file" and any(
+        source["kind"] == "file" and data_suffix(Path(source["name"])) not in RECORD_SUFFIXES
+        for source in manifest["sources"]
+    )
+    hint = " (a text file is one document: data.txt_mode line or blank_line splits it)" if whole_files else ""
+    return off + (
+        f"data.val_fraction {settings['val_fraction']:g} of {manifest['documents']['kept']:,} kept documents put none "
+        f"there{hint}"
+    )
 
 
 def print_fit_summary(result: Any) -> None:

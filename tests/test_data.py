@@ -18,6 +18,7 @@ from llmkit.data.prep import prepare_dataset
 from llmkit.data.readers import read_documents, resolve_sources
 from llmkit.data.store import ShardWriter, open_dataset
 from llmkit.data.tokenizer import char_counts, train_bpe
+from tests.conftest import run_cli
 
 WORDS = [
     "alpha",
@@ -163,6 +164,24 @@ def test_same_inputs_reuse_and_changed_inputs_rebuild(tmp_path: Path) -> None:
     settings = prepare_dataset(data_config(source, block_size=8), tmp_path / "ds")
     assert not settings.reused and settings.manifest["block_size"] == 8
     assert not list(tmp_path.glob(".ds.*"))  # no staging directories left behind
+
+
+def test_the_summary_says_why_a_split_left_no_validation_block(tmp_path: Path) -> None:
+    def summary(source: Path, *args: str, block_size: int = 16) -> str:
+        out = tmp_path / f"ds-{source.name}"
+        sizes = ["--vocab-size", "300", "--block-size", str(block_size)]
+        result = run_cli("data-prep", source, "--out", out, *sizes, *args)
+        assert result.exit_code == 0, result.stderr
+        return " ".join(result.stdout.split())
+
+    book = tmp_path / "book.txt"
+    book.write_text("\n\n".join(corpus(200)))  # one document unless split
+    assert "put none there (a text file is one document: data.txt_mode line or blank_line" in summary(book)
+    assert "validation none" not in summary(book, "--set", "data.txt_mode=blank_line")
+    rows = write_jsonl(tmp_path / "rows.jsonl", corpus(20))  # 10% of 20 short documents: under one block of 128
+    said = summary(rows, block_size=128)
+    assert "validation none: training will run without validation" in said
+    assert "a text file is one document" not in said
 
 
 def test_worker_processes_give_identical_output(tmp_path: Path) -> None:

@@ -327,6 +327,9 @@ def test_undecodable_bytes_are_named_and_encoding_is_explicit(tmp_path: Path) ->
     noise = tmp_path / "noise.txt"
     noise.write_bytes(os.urandom(20_000).replace(b"\n", b" ") + b"\xff")
     assert_user_error(run_cli("data-prep", noise, "--out", tmp_path / "ds"), "noise.txt", "not valid utf-8")
+    wide = tmp_path / "wide.txt"  # as Windows' "Unicode" saves text: UTF-16 with its byte-order mark
+    wide.write_text("Un café au lait.\n" * 50, encoding="utf-16")
+    assert_user_error(run_cli("data-prep", wide, "--out", tmp_path / "ds"), "utf-16 byte-order mark: --encoding utf-16")
     rows = tmp_path / "rows.jsonl"
     rows.write_bytes(b'{"text": "fine"}\n{"text": "caf\xe9"}\n')
     assert_user_error(run_cli("data-prep", rows, "--out", tmp_path / "ds"), "rows.jsonl:2", "offset 30")

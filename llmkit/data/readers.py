@@ -377,10 +377,21 @@ def decode(data: bytes, path: Path, encoding: str, line: int | None = None, offs
     except UnicodeDecodeError as exc:
         where = f"{path}:{line}" if line is not None else str(path)
         bad = data[exc.start : exc.start + 1].hex()
+        marked = next((name for bom, name in _BOMS if offset == 0 and data.startswith(bom)), None)
+        guess = f"it starts with a {marked} byte-order mark: --encoding {marked}" if marked else "e.g. latin-1"
         raise UserError(
             f"{where}: byte 0x{bad} at offset {offset + exc.start} is not valid {encoding}; convert the file to "
-            "UTF-8, or pass --encoding (data.encoding) with its real encoding, e.g. latin-1"
+            f"UTF-8, or pass --encoding (data.encoding) with its real encoding ({guess})"
         ) from None
+
+
+# Byte-order marks of the encodings a file may carry without saying so, UTF-32's before UTF-16's (a prefix of it).
+_BOMS = (
+    (codecs.BOM_UTF32_LE, "utf-32"),
+    (codecs.BOM_UTF32_BE, "utf-32"),
+    (codecs.BOM_UTF16_LE, "utf-16"),
+    (codecs.BOM_UTF16_BE, "utf-16"),
+)
 
 
 def read_lines(path: Path, encoding: str) -> Iterator[tuple[int, str]]:

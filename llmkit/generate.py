@@ -6,8 +6,12 @@ template, exactly as it was trained; a pretrained model continues the raw prompt
 
 from __future__ import annotations
 
+import re
+import signal
 import sys
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -121,8 +125,9 @@ class Generator:
             )
         return ids
 
-    def complete(self, ids: list[int], sampling: Sampling, stream: bool) -> str:
-        from transformers import TextStreamer
+    def complete(self, ids: list[int], sampling: Sampling, stream: bool, stop: Callable[[], bool] | None = None) -> str:
+        """The answer after `ids`; `stop()` true ends it early (the tokens so far are the answer)."""
+        from transformers import StoppingCriteriaList, TextStreamer
 
         max_new_tokens = self.room(ids, sampling)
         input_ids = torch.tensor([ids])
@@ -139,9 +144,37 @@ class Generator:
             pad_token_id=self.tokenizer.pad_token_id,
             eos_token_id=self.stop_ids,
             streamer=streamer,
+            stopping_criteria=StoppingCriteriaList([_Asked(stop)] if stop else []),
             **options,
         )
         return str(self.tokenizer.decode(output[0, len(ids) :], skip_special_tokens=True))
+
+
+class _Asked:
+    """A stopping criterion true once `stop()` is (Ctrl-C in a chat)."""
+
+    def __init__(self, stop: Callable[[], bool]) -> None:
+        self.stop = stop
+
+    def __call__(self, input_ids: torch.Tensor, scores: Any, **kwargs: Any) -> torch.Tensor:
+        return torch.full((input_ids.shape[0],), self.stop(), dtype=torch.bool, device=input_ids.device)
+
+
+@contextmanager
+def ctrl_c_ends_the_answer() -> Iterator[threading.Event]:
+    """While a chat answer streams, the first Ctrl-C ends the answer (the chat goes on); a second one interrupts."""
+    pressed = threading.Event()
+
+    def press(signum: int, frame: Any) -> None:
+        if pressed.is_set():
+            raise KeyboardInterrupt
+        pressed.set()
+
+    previous = signal.signal(signal.SIGINT, press)
+    try:
+        yield pressed
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def load_generator(model_path: str | Path) -> Generator:
@@ -175,6 +208,9 @@ def generate_text(
     return generator.complete(ids, sampling, stream)
 
 
+COMMANDS = "/reset clears the conversation, /exit leaves; Ctrl-C ends an answer"
+
+
 def chat_loop(
     model_path: str | Path,
     sampling: Sampling,
@@ -182,7 +218,8 @@ def chat_loop(
     read: Callable[[str], str] = input,
     seed: int | None = None,
 ) -> int:
-    """A REPL over the model's own chat template; returns the number of turns. /reset clears, /exit leaves."""
+    """A REPL over the model's own chat template; returns the number of turns. A line that is one /word is a
+    command (COMMANDS); Ctrl-C while the model answers ends the answer, at the prompt it leaves."""
     sampling.check()
     check_seed(seed)
     generator = load_generator(model_path)
@@ -201,6 +238,11 @@ def chat_loop(
             break
         if line == "/reset":
             history = history[:1] if system else []
+            print("(conversation cleared)", file=sys.stderr, flush=True)
+            continue
+        if re.fullmatch(r"/(\w+|\?)", line):
+            unknown = "" if line in ("/help", "/?") else f"unknown command {line}; "
+            print(f"({unknown}{COMMANDS})", file=sys.stderr, flush=True)
             continue
         if not line:
             continue
@@ -214,9 +256,12 @@ def chat_loop(
                 flush=True,
             )
             continue
-        sys.stdout.write("model> ")
-        sys.stdout.flush()
-        answer = generator.complete(ids, sampling, stream=True)
+        with ctrl_c_ends_the_answer() as pressed:
+            sys.stdout.write("model> ")
+            sys.stdout.flush()
+            answer = generator.complete(ids, sampling, stream=True, stop=pressed.is_set)
+        if pressed.is_set():
+            print("\n(answer stopped: Ctrl-C)", file=sys.stderr, flush=True)
         history.append({"role": "assistant", "content": answer.strip()})
         turns += 1
     return turns

@@ -408,6 +408,52 @@ def test_chat_keeps_the_conversation_inside_the_context(gpt2_chat_model: Path, c
     assert "oldest message(s) to fit the model's context of 64 tokens" in capsys.readouterr().err
 
 
+def test_ctrl_c_ends_a_chat_answer_and_the_chat_goes_on(
+    gpt2_chat_model: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    """As in other chat tools: Ctrl-C while the model answers keeps what it said and returns to the prompt; at the
+    prompt, or a second time, it interrupts as usual. Commands are one /word; other lines go to the model."""
+    import signal
+
+    from llmkit.generate import Sampling, chat_loop, ctrl_c_ends_the_answer
+
+    class Terminal:  # the user presses Ctrl-C as the first answer begins
+        def __init__(self) -> None:
+            self.text, self.pressed = "", False
+
+        def write(self, text: str) -> None:
+            self.text += text
+            if text == "model> " and not self.pressed:
+                self.pressed = True
+                signal.raise_signal(signal.SIGINT)
+
+        def flush(self) -> None:
+            pass
+
+    def answers(interrupt: bool) -> list[str]:
+        terminal = Terminal()
+        terminal.pressed = not interrupt
+        monkeypatch.setattr(sys, "stdout", terminal)
+        said = iter(["tell me a story", "/bogus", "/reset", "tell me a story", "/exit"])
+        turns = chat_loop(gpt2_chat_model, Sampling(max_new_tokens=12, temperature=0), None, read=lambda _: next(said))
+        assert turns == 2
+        return terminal.text.split("model> ")[1:]
+
+    full = answers(interrupt=False)
+    assert full[0] == full[1] and len(full[0].split()) > 2, full
+    stopped = answers(interrupt=True)
+    err = capsys.readouterr().err
+    assert err.count("(answer stopped: Ctrl-C)") == 1 and "(unknown command /bogus;" in err
+    assert "(conversation cleared)" in err
+    assert len(stopped[0]) < len(full[0]) and stopped[1] == full[1]  # ended early; the next answer is whole
+    with ctrl_c_ends_the_answer() as pressed, pytest.raises(KeyboardInterrupt):
+        signal.raise_signal(signal.SIGINT)
+        assert pressed.is_set()
+        signal.raise_signal(signal.SIGINT)  # a second Ctrl-C interrupts
+    with pytest.raises(KeyboardInterrupt):
+        signal.raise_signal(signal.SIGINT)  # the usual handler is back after the answer
+
+
 # --- 12, 15, 21: recipes and checkpoints of the wrong shape --------------------------------------------------------
 
 

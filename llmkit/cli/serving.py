@@ -59,7 +59,8 @@ def chat_command(
 ) -> None:
     """Talk to a chat model in the terminal (/reset, /exit).
 
-    Through the chat template the model was trained with.
+    Through the chat template the model was trained with. Ctrl-C while the model answers ends the answer and the
+    chat goes on; the oldest turns are dropped when the conversation outgrows the context.
     """
     from llmkit.generate import Sampling, chat_loop
 

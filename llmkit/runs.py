@@ -18,7 +18,8 @@ def resolve_model_dir(path: str | Path) -> Path:
         text = str(path)
         if text.count("/") == 1 and not text.startswith((".", "/", "~")):
             return path
-        raise UserError(f"{path}: model not found (give a run directory, a checkpoint or an HF model directory)")
+        hub = "; a Hub model is named owner/name, e.g. openai-community/gpt2" if "/" not in text else ""
+        raise UserError(f"{path}: model not found (give a run directory, a checkpoint or an HF model directory{hub})")
     for candidate in (path / "final", path / "model", path):
         for name in ("config.json", "adapter_config.json"):
             if (candidate / name).is_file():

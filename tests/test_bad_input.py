@@ -136,6 +136,7 @@ def test_eval_export_generate_on_missing_models(tmp_path: Path, tiny_dataset: Pa
     assert_user_error(run_cli("eval", tmp_path / "nothing", "--data", tiny_dataset), "model not found")
     assert_user_error(run_cli("export", tmp_path, "--out", tmp_path / "x"), "no config.json")
     assert_user_error(run_cli("generate", tmp_path / "nothing", "--prompt", "hi"), "model not found")
+    assert_user_error(run_cli("generate", "gpt2", "--prompt", "hi"), "gpt2: model not found", "named owner/name")
 
 
 def test_export_into_a_non_empty_directory_is_refused(tiny_run: Path, tmp_path: Path) -> None:

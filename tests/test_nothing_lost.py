@@ -348,6 +348,35 @@ def test_undecodable_bytes_are_named_and_encoding_is_explicit(tmp_path: Path) ->
     assert_user_error(unknown, "data.encoding", "unknown text encoding 'klingon'")
 
 
+def test_every_command_that_reads_a_text_file_takes_its_encoding(
+    tiny_run: Path, tiny_dataset: Path, tmp_path: Path
+) -> None:
+    """The undecodable-bytes line says "pass --encoding": export (--probe-data), prune and factor (--data) take it
+    too, and refuse it where no text file is read."""
+    latin = tmp_path / "latin.txt"
+    latin.write_bytes("Un café au lait, s'il vous plaît, merci.\n".encode("latin-1") * 60)
+    assert_user_error(run_cli("export", tiny_run, "--out", tmp_path / "a", "--probe-data", latin), "pass --encoding")
+    exported = run_cli("export", tiny_run, "--out", tmp_path / "b", "--probe-data", latin, "--encoding", "latin-1")
+    assert exported.exit_code == 0, exported.stderr
+    assert json.loads((tmp_path / "b" / "export_report.json").read_text())["probe"] == str(latin)
+    pruned = run_cli("prune", tiny_run, "--out", tmp_path / "c", "--data", latin, "--encoding", "latin-1",
+                     "--mlp", "64", "--batches", "1")  # fmt: skip
+    assert pruned.exit_code == 0, pruned.stderr
+    assert_user_error(run_cli("factor", tiny_run, "--out", tmp_path / "d", "--rank", "8", "--data", latin), "0xe9")
+    factored = run_cli(
+        "factor", tiny_run, "--out", tmp_path / "e", "--rank", "8", "--data", latin, "--encoding", "cp1252"
+    )
+    assert factored.exit_code == 0, factored.stderr
+    assert_user_error(run_cli("export", tiny_run, "--out", tmp_path / "f", "--encoding", "latin-1"), "--probe-data")
+    assert_user_error(run_cli("factor", tiny_run, "--out", tmp_path / "g", "--rank", "8", "--encoding", "latin-1"),
+                      "give --data too")  # fmt: skip
+    dataset = run_cli("prune", tiny_run, "--out", tmp_path / "h", "--data", tiny_dataset, "--encoding", "latin-1",
+                      "--mlp", "64")  # fmt: skip
+    assert_user_error(dataset, "is a prepared dataset, already tokenized")
+    for name in "adfgh":
+        assert_nothing_written(tmp_path, name)
+
+
 @pytest.mark.parametrize("suffix", [".csv", ".jsonl"])
 def test_a_byte_order_mark_is_read_as_one(suffix: str, tmp_path: Path) -> None:
     source = tmp_path / f"bom{suffix}"

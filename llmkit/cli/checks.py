@@ -152,6 +152,7 @@ def export_command(
         str | None,
         typer.Option(help="Text of your domain to probe with (.txt lines, .jsonl 'text'); default built-in."),
     ] = None,
+    encoding: Annotated[str | None, typer.Option(help="Text encoding of --probe-data (default: utf-8).")] = None,
     eval_report: Annotated[Path | None, typer.Option(help="An llmkit eval report to put in the model card.")] = None,
     ladder: Annotated[
         bool,
@@ -189,6 +190,7 @@ def export_command(
         tolerance=tolerance,
         eval_report=eval_report,
         probe_data=probe_data,
+        probe_encoding=encoding,
         ladder=ladder,
         push_to_hub=push_to_hub,
         public=public,
@@ -211,6 +213,7 @@ def prune_command(
     mlp: Annotated[int | None, typer.Option(help="MLP channels to keep per layer (Llama).")] = None,
     hidden: Annotated[int | None, typer.Option(help="Hidden channels to keep (Llama).")] = None,
     batches: Annotated[int, typer.Option(help="Calibration batches of 8 sequences.")] = 16,
+    encoding: Annotated[str | None, typer.Option(help="Text encoding of a --data text file (default: utf-8).")] = None,
     overwrite: OverwriteOpt = False,
 ) -> None:
     """Cut a trained model down by depth or width.
@@ -223,7 +226,7 @@ def prune_command(
     from llmkit.reports import print_prune_report
 
     spec = PruneSpec(drop_layers, heads, mlp, hidden, target_params, axis)
-    print_prune_report(prune_model(source, out, data, spec, batches, overwrite))
+    print_prune_report(prune_model(source, out, data, spec, batches, overwrite, encoding))
 
 
 @app.command("factor")
@@ -239,6 +242,7 @@ def factor_command(
         bool, typer.Option("--dense", help="Write the truncated weights as plain projections (loads anywhere).")
     ] = False,
     data: Annotated[str | None, typer.Option(help="Held-out text to measure perplexity before and after.")] = None,
+    encoding: Annotated[str | None, typer.Option(help="Text encoding of a --data text file (default: utf-8).")] = None,
     overwrite: OverwriteOpt = False,
 ) -> None:
     """Factor block projections into low-rank pairs (truncated SVD).
@@ -250,4 +254,4 @@ def factor_command(
     from llmkit.compress.lowrank import factor_directory
     from llmkit.reports import print_factor_report
 
-    print_factor_report(factor_directory(source, out, rank, energy, dense, data, overwrite))
+    print_factor_report(factor_directory(source, out, rank, energy, dense, data, overwrite, encoding))

@@ -64,7 +64,14 @@ def factor_model(model: Any, rank: int | None = None, energy: float | None = Non
 
 
 def factor_directory(
-    source: str, out: Path, rank: int | None, energy: float | None, dense: bool, data: str | None, overwrite: bool
+    source: str,
+    out: Path,
+    rank: int | None,
+    energy: float | None,
+    dense: bool,
+    data: str | None,
+    overwrite: bool,
+    encoding: str | None = None,
 ) -> dict[str, Any]:
     """`llmkit factor`: load, factor, measure (parameters, held-out perplexity when `data` is given), save."""
     from llmkit.atomic import atomic_directory, write_json
@@ -72,8 +79,10 @@ def factor_directory(
     from llmkit.models import model_context
     from llmkit.outputs import output_lock
 
+    if encoding and not data:
+        raise UserError(f"--encoding {encoding} is the encoding of a --data text file: give --data too")
     model_dir, tokenizer, model = open_source(source, out, data, overwrite)
-    held_out = calibration_text(data, tokenizer, model_context(model) or 512, 8)[1] if data else []
+    held_out = calibration_text(data, tokenizer, model_context(model) or 512, 8, encoding=encoding)[1] if data else []
     before_params = parameters(model)
     before = perplexity(model, held_out) if held_out else None
     ranks = factor_model(model, rank, energy)

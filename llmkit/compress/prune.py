@@ -297,14 +297,21 @@ def _prune_hidden(model: Any, keep: int, scores: Importance) -> dict[str, int]:
 
 # ------------------------------------------------------------------------------------------- text and the command
 def calibration_text(
-    data: str, tokenizer: PreTrainedTokenizerBase, context: int, batches: int, batch: int = 8
+    data: str,
+    tokenizer: PreTrainedTokenizerBase,
+    context: int,
+    batches: int,
+    batch: int = 8,
+    encoding: str | None = None,
 ) -> tuple[list, list]:
     """(calibration batches, held-out batches) of token ids: from a prepared dataset's train and val splits, or from
-    the documents of a text file (the first four fifths calibrate, the rest measure)."""
+    the documents of a text file in `encoding` (the first four fifths calibrate, the rest measure)."""
     from llmkit.data.store import open_dataset
 
     path = Path(data)
     if (path / "manifest.json").is_file():
+        if encoding:
+            raise UserError(f"--encoding {encoding}: {data} is a prepared dataset, already tokenized; drop --encoding")
         dataset = open_dataset(path)
         train, val = dataset.split("train"), dataset.split("val")
         calibrate = [
@@ -318,7 +325,7 @@ def calibration_text(
         return calibrate, held_out
     from llmkit.export.parity import probe_texts
 
-    texts = probe_texts(data, count=batches * batch * 5 // 4 + 1)
+    texts = probe_texts(data, count=batches * batch * 5 // 4 + 1, encoding=encoding)
     rows = [
         ids[:context] for ids in (tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts) if len(ids) > 1
     ]
@@ -364,7 +371,13 @@ def open_source(source: str, out: Path, data: str | None, overwrite: bool) -> tu
 
 
 def prune_model(
-    source: str, out: Path, data: str, spec: PruneSpec, batches: int = 16, overwrite: bool = False
+    source: str,
+    out: Path,
+    data: str,
+    spec: PruneSpec,
+    batches: int = 16,
+    overwrite: bool = False,
+    encoding: str | None = None,
 ) -> dict[str, Any]:
     """Load, score on calibration text, cut, check that the directory loads in plain transformers, and save."""
     from transformers import AutoModelForCausalLM
@@ -383,7 +396,7 @@ def prune_model(
     model_dir, tokenizer, model = open_source(source, out, data, overwrite)
     layers_of(model)
     spec = resolve(spec, model)
-    calibrate, held_out = calibration_text(data, tokenizer, model_context(model) or 512, batches)
+    calibrate, held_out = calibration_text(data, tokenizer, model_context(model) or 512, batches, encoding=encoding)
     before_params, before_ppl = parameters(model), perplexity(model, held_out)
     scores = importance(model, calibrate)
     removed = prune(model, spec, scores)

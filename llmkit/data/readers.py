@@ -381,7 +381,7 @@ def decode(data: bytes, path: Path, encoding: str, line: int | None = None, offs
         guess = f"it starts with a {marked} byte-order mark: --encoding {marked}" if marked else "e.g. latin-1"
         raise UserError(
             f"{where}: byte 0x{bad} at offset {offset + exc.start} is not valid {encoding}; convert the file to "
-            f"UTF-8, or pass --encoding (data.encoding) with its real encoding ({guess})"
+            f"UTF-8, or pass --encoding with its real encoding ({guess})"
         ) from None
 
 

@@ -30,7 +30,7 @@ from llmkit.errors import GATE_FAILED_EXIT, UserError
 from llmkit.export.card import eval_report_metrics, find_run_files, model_card
 from llmkit.export.formats import FORMATS, Written, check_quantizer, model_logits
 from llmkit.export.gguf import K_QUANTS, llama_cpp_missing
-from llmkit.export.parity import Tolerance, failures, measure, probe_batch, probe_texts
+from llmkit.export.parity import BUILTIN_PROBE, Probe, Tolerance, failures, measure, probe_batch, probe_texts
 from llmkit.hub import check_push, push_folder
 from llmkit.models import load_trained_model
 from llmkit.outputs import check_output, output_lock
@@ -54,11 +54,14 @@ def export_model(
     tolerance: dict[str, float | None] | None = None,
     eval_report: Path | None = None,
     probe_data: str | None = None,
+    probe_encoding: str | None = None,
     ladder: bool = False,
     push_to_hub: str | None = None,
     public: bool = False,
 ) -> dict[str, Any]:
     dtype = _check_request(fmt, dtype, quantize, ladder, tolerance)
+    if probe_encoding and not probe_data:
+        raise UserError(f"--encoding {probe_encoding} is the encoding of --probe-data: give --probe-data too")
     if public and not push_to_hub:
         raise UserError("--public makes the uploaded repository public: it goes with --push-to-hub OWNER/NAME")
     out = Path(out)
@@ -78,11 +81,12 @@ def export_model(
         eval_report_metrics(evaluation)
     if push_to_hub:
         check_push(push_to_hub)
+    probe = Probe(probe_texts(probe_data, encoding=probe_encoding), probe_data or BUILTIN_PROBE)
     with output_lock(out):
         if ladder:
-            report = _export_ladder(model_dir, out, tolerance, eval_report, probe_data)
+            report = _export_ladder(model_dir, out, tolerance, eval_report, probe)
         else:
-            report = _export(model_dir, out, fmt, dtype, quantize, adapter, merge, tolerance, eval_report, probe_data)
+            report = _export(model_dir, out, fmt, dtype, quantize, adapter, merge, tolerance, eval_report, probe)
     if push_to_hub:  # only an export that passed its parity check is on disk to be pushed
         url = push_folder(out, push_to_hub, private=not public)
         report["pushed"] = {"repo": push_to_hub, "private": not public, "commit": url}
@@ -132,7 +136,7 @@ def _export(
     merge: bool,
     tolerance: dict[str, float | None] | None,
     eval_report: Path | None,
-    probe_data: str | None,
+    probe: Probe,
 ) -> dict[str, Any]:
     tokenizer = load_tokenizer(find_tokenizer_dir(model_dir))
     reference = load_trained_model(model_dir, dtype=torch.float32).eval()
@@ -148,7 +152,7 @@ def _export(
             setattr(limits, key, value)
     if merge:  # merging changes the arithmetic (W + BA instead of Wx + B(Ax)): allow float rounding, no more
         limits.max_logit_diff += 1e-4
-    ids, mask = probe_batch(tokenizer, probe_texts(probe_data))
+    ids, mask = probe_batch(tokenizer, probe.texts)
 
     with atomic_directory(out) as staging:
         exported = record.writer(
@@ -164,7 +168,7 @@ def _export(
             size_bytes=sum(p.stat().st_size for p in staging.iterdir() if p.suffix == record.weights),
             files=sorted(p.name for p in staging.iterdir()),
             tolerance=limits.__dict__,
-            probe=probe_data or "built-in (8 held-out stories, 4 general sentences)",
+            probe=probe.name,
         )
         problems = failures(report, limits)
         if problems:
@@ -186,7 +190,7 @@ def _export_ladder(
     out: Path,
     tolerance: dict[str, float | None] | None,
     eval_report: Path | None,
-    probe_data: str | None,
+    probe: Probe,
 ) -> dict[str, Any]:
     """Every GGUF level measured against the source; the smallest one inside the bar is written to `out`."""
     import shutil
@@ -201,7 +205,7 @@ def _export_ladder(
     for key, value in (tolerance or {}).items():
         if value is not None:
             setattr(bar, key, value)
-    ids, mask = probe_batch(tokenizer, probe_texts(probe_data))
+    ids, mask = probe_batch(tokenizer, probe.texts)
     skipped = llama_cpp_missing()
     levels = [level for level in LADDER if not (skipped and level in K_QUANTS)]
     if skipped:
@@ -243,7 +247,7 @@ def _export_ladder(
             kind="full",
             files=sorted([p.name for p in staging.iterdir()] + ["export_report.json", "README.md"]),
             tolerance=bar.__dict__,
-            probe=probe_data or "built-in (8 held-out stories, 4 general sentences)",
+            probe=probe.name,
             ladder=rows,
             recommended=best["level"],
             ladder_note=skipped,

@@ -62,18 +62,30 @@ class Tolerance:
         return levels.get(precision) or levels[precision[:2]]  # q5_1, q5_k_m -> q5
 
 
-def probe_texts(path: str | None = None, count: int = 32) -> list[str]:
+BUILTIN_PROBE = "built-in (8 held-out stories, 4 general sentences)"
+
+
+@dataclass(frozen=True)
+class Probe:
+    """The texts an export is checked on (read before any work), and what its report calls them."""
+
+    texts: list[str]
+    name: str
+
+
+def probe_texts(path: str | None = None, count: int = 32, encoding: str | None = None) -> list[str]:
     """The user's text (the first `count` documents of a .txt/.jsonl/.csv/.parquet file, field `text`), or by
-    default held-out stories from the built-in corpus plus a few general sentences."""
+    default held-out stories from the built-in corpus plus a few general sentences (BUILTIN_PROBE)."""
     from llmkit.data.corpus import STORIES, generate
 
     if path is None:
         return [document.text for document in generate(STORIES, 8, seed=20261122)] + GENERIC_PROBES
-    from llmkit.data.readers import read_documents, resolve_sources
+    from llmkit.data.readers import check_encoding, read_documents, resolve_sources
 
+    codec = check_encoding(encoding or "utf-8")
     texts = []
     for source in resolve_sources([path]):
-        for document in read_documents(source, "text", "line", 0, 0):
+        for document in read_documents(source, "text", "line", 0, 0, codec):
             if document.text.strip():
                 texts.append(document.text)
             if len(texts) == count:

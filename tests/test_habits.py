@@ -78,6 +78,11 @@ def test_recipes_are_listed_shown_and_usable_by_name(tmp_path: Path) -> None:
     assert json.loads(run_cli("recipes", "show", "deepspeed/zero3").stdout)["zero_optimization"]["stage"] == 3
     resolved = run_cli("config", "show", "tiny-cpu", "--set", "train.max_steps=7")
     assert resolved.exit_code == 0 and "max_steps: 7" in resolved.stdout
+    as_training_takes_it = run_cli("config", "show", "--config", "tiny-cpu", "--set", "train.max_steps=7")
+    assert as_training_takes_it.stdout == resolved.stdout
+    defaults = run_cli("config", "show")
+    assert defaults.exit_code == 0 and "max_steps: 7" not in defaults.stdout and "n_layers:" in defaults.stdout
+    assert_user_error(run_cli("config", "show", "tiny-cpu", "-c", "sft-full"), "two recipes", "give one")
     assert_user_error(run_cli("recipes", "show", "tiny"), "no bundled recipe 'tiny'", "tiny-cpu")
     assert_user_error(run_cli("config", "show", "no-such-recipe"), "config file not found", "llmkit recipes")
 

@@ -9,7 +9,8 @@ from typing import Annotated
 import typer
 
 from llmkit.cli.app import app, config_app, recipes_app, user_errors_exit_2
-from llmkit.cli.options import SetOpt
+from llmkit.cli.options import ConfigOpt, SetOpt
+from llmkit.errors import UserError
 from llmkit.flops import GPU_TYPES
 
 
@@ -77,13 +78,22 @@ def env_command(as_json: Annotated[bool, typer.Option("--json", help="Print JSON
 @config_app.command("show")
 @user_errors_exit_2
 def config_show_command(
-    file: Annotated[Path, typer.Argument(metavar="FILE", help="Recipe YAML file.")],
+    file: Annotated[
+        Path | None,
+        typer.Argument(metavar="FILE", help="Recipe YAML file or bundled recipe name.", show_default=False),
+    ] = None,
+    config: ConfigOpt = None,
     overrides: SetOpt = None,
 ) -> None:
-    """Print a recipe fully resolved: every key with its value after defaults and overrides."""
+    """Print a recipe fully resolved: every key with its value after defaults and overrides.
+
+    The recipe as FILE or --config, as the training commands take it; with neither, the defaults.
+    """
     from llmkit.config import dump_config, load_config
 
-    print(dump_config(load_config(file, overrides)), end="")
+    if file is not None and config is not None and file != config:
+        raise UserError(f"two recipes, {file} and --config {config}: give one")
+    print(dump_config(load_config(file or config, overrides)), end="")
 
 
 @config_app.command("keys")

@@ -286,7 +286,7 @@ def print_plan(plan: Any) -> None:
     gib = 2**30
     memory = plan.memory
     rows = [
-        ("parameters", f"{plan.parameters / 1e6:,.1f}M total, {plan.trainable / 1e6:,.2f}M trainable"),
+        ("parameters", f"{plan.parameters / 1e6:,.2f}M total, {plan.trainable / 1e6:,.2f}M trainable"),
         ("FLOPs per token", f"{plan.flops_per_token / 1e9:,.2f} GFLOP (training: forward + backward)"),
         ("tokens per step", f"{plan.tokens_per_step:,} on {plan.gpus} x {plan.gpu_type}"),
         (

@@ -83,6 +83,11 @@ def test_recipes_are_listed_shown_and_usable_by_name(tmp_path: Path) -> None:
     defaults = run_cli("config", "show")
     assert defaults.exit_code == 0 and "max_steps: 7" not in defaults.stdout and "n_layers:" in defaults.stdout
     assert_user_error(run_cli("config", "show", "tiny-cpu", "-c", "sft-full"), "two recipes", "give one")
+    planned = run_cli("plan", "--config", "tiny-cpu", "--json")  # as `llmkit pretrain --config tiny-cpu` reads it
+    assert planned.exit_code == 0 and json.loads(planned.stdout) == json.loads(
+        run_cli("plan", "tiny-cpu", "--json").stdout
+    )
+    assert_user_error(run_cli("plan"), "give a recipe: RECIPE or --config")
     assert_user_error(run_cli("recipes", "show", "tiny"), "no bundled recipe 'tiny'", "tiny-cpu")
     assert_user_error(run_cli("config", "show", "no-such-recipe"), "config file not found", "llmkit recipes")
 

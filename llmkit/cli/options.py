@@ -8,12 +8,28 @@ from typing import Annotated
 import typer
 
 from llmkit.catalog import FINETUNE_TASKS
+from llmkit.errors import UserError
 
 SourceArg = Annotated[str, typer.Argument(metavar="SOURCE", help="Run directory, checkpoint or HF model directory.")]
 ModelArg = Annotated[
     str, typer.Argument(metavar="MODEL", help="Run directory, checkpoint, or HF model directory/hub name.")
 ]
 ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", help="Recipe YAML file (see recipes/).")]
+RecipeArg = Annotated[
+    Path | None,
+    typer.Argument(metavar="RECIPE", help="Recipe YAML file or bundled recipe name (or --config).", show_default=False),
+]
+
+
+def one_recipe(recipe: Path | None, config: Path | None, required: bool = False) -> Path | None:
+    """The recipe of a command that takes it as an argument, or as --config like the training commands."""
+    if recipe is not None and config is not None and recipe != config:
+        raise UserError(f"two recipes, {recipe} and --config {config}: give one")
+    if required and recipe is None and config is None:
+        raise UserError("give a recipe: RECIPE or --config (`llmkit recipes` lists the bundled ones)")
+    return recipe or config
+
+
 SetOpt = Annotated[
     list[str] | None,
     typer.Option(

@@ -3,21 +3,20 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 from typing import Annotated
 
 import typer
 
 from llmkit.cli.app import app, config_app, recipes_app, user_errors_exit_2
-from llmkit.cli.options import ConfigOpt, SetOpt
-from llmkit.errors import UserError
+from llmkit.cli.options import ConfigOpt, RecipeArg, SetOpt, one_recipe
 from llmkit.flops import GPU_TYPES
 
 
 @app.command("plan")
 @user_errors_exit_2
 def plan_command(
-    recipe: Annotated[Path, typer.Argument(metavar="RECIPE", help="Recipe YAML file.")],
+    recipe: RecipeArg = None,
+    config: ConfigOpt = None,
     overrides: SetOpt = None,
     gpus: Annotated[int, typer.Option(help="GPUs in the run.")] = 1,
     gpu_type: Annotated[str, typer.Option(help=f"One of {', '.join(GPU_TYPES)}.")] = "h100",
@@ -45,14 +44,15 @@ def plan_command(
 ) -> None:
     """Before a run: parameters, FLOPs, memory per GPU, time and cost.
 
-    Memory by strategy, with the cheapest strategy that fits suggested; a distillation teacher's memory, FLOPs or
-    cache disk included. Every formula is in llmkit/plan.py and docs/plan.md.
+    The recipe as RECIPE or --config, as the training commands take it. Memory by strategy, with the cheapest
+    strategy that fits suggested; a distillation teacher's memory, FLOPs or cache disk included. Every formula is in
+    llmkit/plan.py and docs/plan.md.
     """
     from llmkit.config import load_config
     from llmkit.plan import plan_run
     from llmkit.reports import print_plan
 
-    cfg = load_config(recipe, overrides)
+    cfg = load_config(one_recipe(recipe, config, required=True), overrides)
     plan = plan_run(cfg, gpus, gpu_type, strategy, mfu, price_per_gpu_hour, gradient_checkpointing, train_tokens, stage)
     if as_json:
         print(json.dumps(plan.as_dict(), indent=2))
@@ -78,22 +78,17 @@ def env_command(as_json: Annotated[bool, typer.Option("--json", help="Print JSON
 @config_app.command("show")
 @user_errors_exit_2
 def config_show_command(
-    file: Annotated[
-        Path | None,
-        typer.Argument(metavar="FILE", help="Recipe YAML file or bundled recipe name.", show_default=False),
-    ] = None,
+    recipe: RecipeArg = None,
     config: ConfigOpt = None,
     overrides: SetOpt = None,
 ) -> None:
     """Print a recipe fully resolved: every key with its value after defaults and overrides.
 
-    The recipe as FILE or --config, as the training commands take it; with neither, the defaults.
+    The recipe as RECIPE or --config, as the training commands take it; with neither, the defaults.
     """
     from llmkit.config import dump_config, load_config
 
-    if file is not None and config is not None and file != config:
-        raise UserError(f"two recipes, {file} and --config {config}: give one")
-    print(dump_config(load_config(file or config, overrides)), end="")
+    print(dump_config(load_config(one_recipe(recipe, config), overrides)), end="")
 
 
 @config_app.command("keys")

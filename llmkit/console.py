@@ -50,11 +50,14 @@ def info(message: str) -> None:
 
 
 @contextmanager
-def progress_bar(description: str, total: float | None, unit: str = "it", enabled: bool = True) -> Iterator[Any]:
-    """A progress bar with a custom stats field; yields `update(advance, **fields)`.
+def progress_bar(
+    description: str, total: float | None, unit: str = "it", enabled: bool = True, completed: int = 0
+) -> Iterator[Any]:
+    """A progress bar with a custom stats field; yields `update(advance, **fields)`. `completed`: done before this
+    process began (a resumed run's steps), which the pace and the ETA leave out.
 
-    On a terminal it is a rich bar with ETA; otherwise it prints a plain line at most every 10 seconds
-    and once at the end, so CI logs stay short and readable.
+    On a terminal it is a rich bar with ETA; otherwise it prints a plain line at most every 10 seconds, with the ETA
+    at the pace since the line before, and once at the end, so CI logs stay short and readable.
     """
     if not enabled:
         yield lambda advance=1, stats="": None
@@ -70,7 +73,7 @@ def progress_bar(description: str, total: float | None, unit: str = "it", enable
             TimeRemainingColumn(),
         ]
         with Progress(*columns, console=console, transient=False) as progress:
-            task = progress.add_task(description, total=total, stats="")
+            task = progress.add_task(description, total=total, stats="", completed=completed)
 
             def update(advance: float = 1, stats: str = "") -> None:
                 progress.update(task, advance=advance, stats=stats)
@@ -78,22 +81,34 @@ def progress_bar(description: str, total: float | None, unit: str = "it", enable
             yield update
         return
 
-    done, last, last_stats = 0.0, time.monotonic(), ""
+    done, last, last_done, last_stats = float(completed), time.monotonic(), float(completed), ""
     start = last
 
     def plain_update(advance: float = 1, stats: str = "") -> None:
-        nonlocal done, last, last_stats
+        nonlocal done, last, last_done, last_stats
         done += advance
         last_stats = stats
         now = time.monotonic()
         if now - last >= 10:
-            last = now
-            _print_plain(description, done, total, stats, now - start)
+            rate = (done - last_done) / (now - last)  # since the last line: the recent pace, not start-up's
+            eta = f", ETA {_clock((total - done) / rate)}" if total and rate > 0 and done < total else ""
+            last, last_done = now, done
+            _print_plain(description, done, total, stats, f"{now - start:.1f}s{eta}")
 
     yield plain_update
-    _print_plain(description, done, total, last_stats, time.monotonic() - start)
+    _print_plain(description, done, total, last_stats, f"{time.monotonic() - start:.1f}s")
 
 
-def _print_plain(description: str, done: float, total: float | None, stats: str, elapsed: float) -> None:
+def _print_plain(description: str, done: float, total: float | None, stats: str, times: str) -> None:
     of = f"/{total:.0f}" if total else ""
-    print(f"{description}: {done:.0f}{of} {stats} [{elapsed:.1f}s]", file=sys.stdout, flush=True)
+    print(f"{description}: {done:.0f}{of} {stats} [{times}]", file=sys.stdout, flush=True)
+
+
+def _clock(seconds: float) -> str:
+    """45s, 3m12s, 2h05m."""
+    seconds = round(seconds)
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"

@@ -210,6 +210,36 @@ def test_library_warnings_are_one_whole_line_each(tiny_run: Path, tmp_path: Path
     assert all(line.startswith("warning: ") for line in run.stderr.splitlines() if line.strip()), run.stderr
 
 
+def test_a_log_reads_the_eta_at_the_recent_pace_without_a_resumed_runs_steps(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    """Off a terminal (a Slurm or CI log) progress is a line every 10 s; its ETA is at the pace since the line before
+    (not start-up's) and leaves out the steps a resumed run had already done."""
+    from llmkit import console
+
+    class Clock:  # the seconds the lines are printed at
+        now = 0.0
+
+        @classmethod
+        def monotonic(cls) -> float:
+            return cls.now
+
+    monkeypatch.setattr(console, "time", Clock)
+    with console.progress_bar("training", 400, completed=100) as update:
+        update(0, "starting")
+        for now, steps in ((10, 10), (20, 40), (25, 5), (30, 5)):  # 1 step/s, then 4, then 1
+            Clock.now = now
+            update(steps, "loss 1.0")
+        Clock.now = 31
+    lines = capsys.readouterr().out.splitlines()
+    assert lines == [
+        "training: 110/400 loss 1.0 [10.0s, ETA 4m50s]",  # 290 steps at 1 step/s: not 110 steps in 10 s
+        "training: 150/400 loss 1.0 [20.0s, ETA 1m02s]",  # 250 at 4 steps/s
+        "training: 160/400 loss 1.0 [30.0s, ETA 4m00s]",  # 240 at 1 step/s (10 steps in 10 s)
+        "training: 160/400 loss 1.0 [31.0s]",
+    ]
+
+
 def test_compressed_corpora_read_as_the_plain_files(tmp_path: Path) -> None:
     import zstandard
 

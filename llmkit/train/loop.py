@@ -133,10 +133,10 @@ def fit(job: TrainJob) -> FitResult:
     interrupted, start = None, time.perf_counter()
     job.model.train()
 
-    bar = progress_bar("training", job.total_steps, unit="steps", enabled=acc.is_main_process)
+    bar = progress_bar("training", job.total_steps, unit="steps", enabled=acc.is_main_process, completed=run.step)
     with stop_signals() as signals, bar as update, closing(reader):
         signals.run_dir, signals.phase = job.run_dir, "training"
-        update(run.step, _starting(job))
+        update(0, _starting(job))
         while run.step < job.total_steps and not (job.resume and job.resume.stopped_early):
             lr = _train_step(job, run, trace)
             run.first_step_seconds = run.first_step_seconds or time.perf_counter() - start

@@ -47,6 +47,44 @@ def check_output(out: str | Path, reads: Iterable[str | Path | None], flag: str 
     check_writable(out, flag)
 
 
+# What marks a directory as one llmkit wrote: a prepared dataset, an export, a pruned or factored model, a checkpoint;
+# and a run: its config.yaml beside what a run writes with it.
+OUTPUT_MARKERS = (
+    "manifest.json",
+    "export_report.json",
+    "prune_report.json",
+    "factor_report.json",
+    "trainer_state.json",
+)
+RUN_MARKERS = ("tokenizer", "metrics.jsonl", "checkpoints", "final")
+
+
+def llmkit_wrote(directory: Path) -> bool:
+    """A directory llmkit wrote (dataset, run, checkpoint, export, pruned or factored model)."""
+    if (directory / "config.yaml").is_file() and any((directory / marker).exists() for marker in RUN_MARKERS):
+        return True
+    return any((directory / marker).is_file() for marker in OUTPUT_MARKERS)
+
+
+def replaces(out: Path, overwrite: bool, flag: str = "--out") -> bool:
+    """Whether writing `out` replaces a directory there. Without --overwrite that is refused; a folder llmkit did not
+    write is refused even with it: --overwrite replaces llmkit's own outputs, never a user's files."""
+    if not out.is_dir() or not any(out.iterdir()):
+        return False
+    if not llmkit_wrote(out):
+        names = sorted(path.name for path in out.iterdir())
+        shown = ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")
+        raise UserError(
+            f"{flag} {out}: holds files llmkit did not write ({shown}); choose another {flag} (--overwrite replaces "
+            "only what llmkit wrote)"
+        )
+    if not overwrite:
+        raise UserError(
+            f"{flag} {out}: holds an earlier output; pass --overwrite to replace it or choose another {flag}"
+        )
+    return True
+
+
 def check_writable(path: str | Path, flag: str = "--out") -> None:
     """Refuse, before any work, a path whose nearest existing folder cannot be written (read-only, not yours)."""
     target = _real(path)

@@ -69,13 +69,22 @@ def test_output_directory_holding_a_run_is_refused(tiny_dataset: Path, tiny_run:
     assert (tiny_run / "metrics.jsonl").read_bytes() == metrics
 
 
-def test_non_dataset_output_directory_is_refused(tmp_path: Path) -> None:
+def test_a_folder_llmkit_did_not_write_is_never_replaced(tiny_run: Path, tiny_dataset: Path, tmp_path: Path) -> None:
+    """--overwrite replaces an earlier output of llmkit's; a user's own folder is refused even with it."""
     out = tmp_path / "mine"
     out.mkdir()
     (out / "notes.txt").write_text("precious")
-    result = run_cli("data-prep", *tiny_data_args(out, docs=50))
-    assert_user_error(result, "not empty", "--overwrite")
-    assert (out / "notes.txt").read_text() == "precious"
+    for command in (
+        ["data-prep", *tiny_data_args(out, docs=50)],
+        ["pretrain", *tiny_train_args(tiny_dataset, out, steps=2)],
+        ["export", tiny_run, "--out", out],
+        ["prune", tiny_run, "--out", out, "--data", tiny_dataset, "--mlp", "32"],
+        ["factor", tiny_run, "--out", out, "--rank", "4"],
+    ):
+        for overwrite in ([], ["--overwrite"]):
+            line = assert_user_error(run_cli(*command, *overwrite), "holds files llmkit did not write (notes.txt)")
+            assert "--overwrite replaces only what llmkit wrote" in line
+    assert [p.name for p in out.iterdir()] == ["notes.txt"] and (out / "notes.txt").read_text() == "precious"
 
 
 def test_missing_dataset_for_pretrain(tmp_path: Path) -> None:
@@ -143,8 +152,12 @@ def test_export_into_a_non_empty_directory_is_refused(tiny_run: Path, tmp_path: 
     out = tmp_path / "out"
     out.mkdir()
     (out / "keep.txt").write_text("x")
-    assert_user_error(run_cli("export", tiny_run, "--out", out), "not empty", "--overwrite")
+    assert_user_error(run_cli("export", tiny_run, "--out", out), "holds files llmkit did not write")
     assert (out / "keep.txt").read_text() == "x"
+    (out / "keep.txt").unlink()
+    assert run_cli("export", tiny_run, "--out", out).exit_code == 0  # an empty folder is filled
+    assert_user_error(run_cli("export", tiny_run, "--out", out), "holds an earlier output; pass --overwrite")
+    assert run_cli("export", tiny_run, "--out", out, "--overwrite").exit_code == 0
 
 
 def test_the_installed_console_script_prints_one_line_and_exits_2(tmp_path: Path) -> None:

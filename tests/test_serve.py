@@ -380,11 +380,14 @@ def test_monitor_reports_percentiles_errors_and_prompt_drift(tiny_run: Path, tmp
     from_metrics = json.loads(scraped.read_text())["metrics"]
     assert from_metrics["requests"] == 25 and from_metrics["error_rate"] == pytest.approx(1 / 25)
     assert from_metrics["p50_latency_s"] > 0 and from_metrics["resident_memory_gib"] > 0
+    log.write_bytes(b"")  # as logrotate's copytruncate empties it: the next line starts the file, whole
+    client.completions.create(model="tiny", prompt=stories[0], max_tokens=2, temperature=0)
+    assert len(server.records()) == 1 and log.read_bytes().count(b"\n") == 1
     code, output = server.stop()
     assert code == 0, output
 
     log.write_text(log.read_text() + "{half a line\n")
-    assert_user_error(run_cli("monitor", log), f"{log}:26")
+    assert_user_error(run_cli("monitor", log), f"{log}:2")
 
 
 def test_a_gguf_export_is_served_by_llama_cpp(tiny_run: Path, tmp_path: Path, start_server) -> None:

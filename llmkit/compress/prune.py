@@ -359,13 +359,12 @@ def open_source(source: str, out: Path, data: str | None, overwrite: bool) -> tu
     model to `out`, after the output checks every writing command makes."""
     from llmkit.data.tokenizer import load_tokenizer
     from llmkit.models import load_trained_model
-    from llmkit.outputs import check_output
+    from llmkit.outputs import check_output, replaces
     from llmkit.runs import find_tokenizer_dir, resolve_model_dir
 
     model_dir = resolve_model_dir(source)
     check_output(out, [source, model_dir, data])
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise UserError(f"{out}: already exists and is not empty; pass --overwrite to replace it")
+    replaces(out, overwrite)
     tokenizer = load_tokenizer(find_tokenizer_dir(model_dir))
     return model_dir, tokenizer, load_trained_model(model_dir, dtype=torch.float32, merge=True).eval()
 

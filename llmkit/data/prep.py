@@ -38,7 +38,7 @@ from llmkit.data.readers import Source, check_unchanged, resolve_sources
 from llmkit.data.store import FORMAT_VERSION, MANIFEST, SPLITS, ShardWriter, token_dtype
 from llmkit.data.tokenizer import load_tokenizer, tokenizer_hash, train_bpe
 from llmkit.errors import UserError
-from llmkit.outputs import check_output, output_lock
+from llmkit.outputs import check_output, output_lock, replaces
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -127,8 +127,8 @@ def _prepare(cfg: DataConfig, out: Path, groups: list[list[Source]], overwrite: 
         manifest = _read_manifest(manifest_path)
         if manifest.get("fingerprint") == fingerprint:
             return PrepResult(out, manifest, reused=True)
-    elif out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise UserError(f"{out}: directory is not empty and holds no llmkit dataset; pass --overwrite to replace it")
+    else:
+        replaces(out, overwrite)
 
     start = time.perf_counter()
     remove_stale_staging(out.parent, f".{out.name}.tmp-*")  # left by an interrupted run

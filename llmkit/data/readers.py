@@ -23,6 +23,7 @@ from typing import Any, BinaryIO
 from llmkit.atomic import file_sha256
 from llmkit.data.corpus import BUILTIN_CORPORA, generate
 from llmkit.errors import UserError, did_you_mean
+from llmkit.outputs import llmkit_wrote
 
 SUFFIXES = {".txt", ".text", ".md", ".jsonl", ".json", ".csv", ".parquet"}
 # Compressed text files are read as they stream (file.jsonl.gz is a .jsonl file); parquet compresses inside.
@@ -91,19 +92,12 @@ def resolve_sources(specs: list[str], skip: list[str | Path] | None = None) -> l
     return sources
 
 
-# Files that mark a directory as llmkit's output: a prepared dataset, a run, an export.
-OUTPUT_MARKERS = ("manifest.json", "export_report.json", "trainer_state.json")
-RUN_MARKERS = ("checkpoints", "metrics.jsonl")
-
-
 def is_llmkit_output(directory: Path) -> bool:
     """A directory llmkit wrote (dataset, run, checkpoint, export) or is writing (a hidden staging directory)."""
     name = directory.name
     if name.startswith(".") and (".tmp-" in name or ".old-" in name):
         return True
-    if (directory / "config.yaml").is_file() and any((directory / m).exists() for m in RUN_MARKERS):
-        return True
-    return any((directory / marker).is_file() for marker in OUTPUT_MARKERS)
+    return llmkit_wrote(directory)
 
 
 def _walk(folder: Path, skip: list[Path]) -> list[Path]:

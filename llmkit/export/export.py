@@ -33,7 +33,7 @@ from llmkit.export.gguf import K_QUANTS, llama_cpp_missing
 from llmkit.export.parity import BUILTIN_PROBE, Probe, Tolerance, failures, measure, probe_batch, probe_texts
 from llmkit.hub import check_push, push_folder
 from llmkit.models import load_trained_model
-from llmkit.outputs import check_output, output_lock
+from llmkit.outputs import check_output, output_lock, replaces
 from llmkit.runs import find_tokenizer_dir, refuse_scoring_model, resolve_model_dir
 
 
@@ -74,8 +74,7 @@ def export_model(
     if adapter and not merge and dtype != "float32":
         raise UserError("--dtype applies to full or merged models; add --merge-lora to export this adapter as one")
     check_output(out, [source, model_dir, eval_report, probe_data])
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise UserError(f"{out}: already exists and is not empty; pass --overwrite to replace it")
+    replaces(out, overwrite)
     evaluation = eval_report or find_run_files(model_dir).get("eval.json")  # what the model card will show
     if evaluation is not None:
         eval_report_metrics(evaluation)

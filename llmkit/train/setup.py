@@ -14,12 +14,11 @@ import torch
 
 from llmkit.config import RunConfig, TrainConfig
 from llmkit.errors import UserError
+from llmkit.outputs import llmkit_wrote, replaces
 from llmkit.train.strategies import Strategy, accelerator_options, check_available, compiles, use_cuda
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
-
-RUN_MARKERS = ("config.yaml", "metrics.jsonl", "checkpoints", "final")
 
 
 def claim_run_dir(
@@ -33,15 +32,7 @@ def claim_run_dir(
     run_dir = Path(path)
     if run_dir.exists() and not run_dir.is_dir():
         raise UserError(f"{run_dir}: exists and is a file; choose another --out")
-    replace = False
-    if run_dir.is_dir() and any(run_dir.iterdir()):
-        holds_run = any((run_dir / marker).exists() for marker in RUN_MARKERS)
-        if not overwrite and not (holds_run and restart_unsaved_run):
-            what = "already holds a run" if holds_run else "is not empty"
-            raise UserError(
-                f"{run_dir}: output directory {what}; pass --overwrite to replace it or choose another --out"
-            )
-        replace = True
+    replace = replaces(run_dir, overwrite or (restart_unsaved_run and llmkit_wrote(run_dir)))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         if replace:

@@ -87,9 +87,11 @@ def load_model(
     dtype: Any = None,
     token: str | None = None,
     rope: tuple[str, float] | None = None,
+    attn_implementation: str | None = None,
 ) -> Any:
     """Load a causal LM from safetensors (a local directory or a hub name), with one-line errors; `rope`:
-    (scaling type, factor) to extend its context (see `extend_context`)."""
+    (scaling type, factor) to extend its context (see `extend_context`); `attn_implementation`: the attention kernel
+    to train with (model.attn_implementation; none saved in a model directory, so a resumed run names it again)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from llmkit.hub import prepare_hub_access
@@ -107,6 +109,7 @@ def load_model(
             use_safetensors=True,
             dtype=dtype,
             token=token,
+            attn_implementation=attn_implementation,
         )
     except UserError:
         raise
@@ -443,7 +446,13 @@ def adapter_base(model_dir: str | Path) -> str | None:
     return str(base)
 
 
-def load_classifier(source: str | Path, labels: Any, trust_remote_code: bool = False, token: str | None = None) -> Any:
+def load_classifier(
+    source: str | Path,
+    labels: Any,
+    trust_remote_code: bool = False,
+    token: str | None = None,
+    attn_implementation: str | None = None,
+) -> Any:
     """A sequence-classification model on any HF encoder or decoder, with the label map in its config."""
     from transformers import AutoModelForSequenceClassification
 
@@ -459,6 +468,7 @@ def load_classifier(source: str | Path, labels: Any, trust_remote_code: bool = F
             trust_remote_code=trust_remote_code,
             use_safetensors=True,
             token=token,
+            attn_implementation=attn_implementation,
         )
     except Exception as exc:  # OSError offline or missing files, ValueError for unsupported architectures
         reason = first_line(exc)

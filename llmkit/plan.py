@@ -252,7 +252,8 @@ def _meta_model(cfg: RunConfig, vocab: int) -> Any:
         if cfg.model.rope_scaling != "none":
             extend_context(config, cfg.model.rope_scaling, cfg.model.rope_factor, cfg.model.init_from)
         return AutoModelForCausalLM.from_config(config)
-    return build_model(cfg.model, Vocabulary(vocab))
+    # The attention kernel changes no count, and flash-attn need not be installed where the plan is made.
+    return build_model(cfg.model.model_copy(update={"attn_implementation": "sdpa"}), Vocabulary(vocab))
 
 
 def _config_source(init_from: str) -> str:

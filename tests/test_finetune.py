@@ -220,7 +220,26 @@ def test_finetune_bad_input(tiny_run: Path, tmp_path: Path) -> None:
     )
     too_long = run_cli(*ft_args(tiny_run, good, tmp_path / "o", "--max-length", "65"))
     assert_user_error(too_long, "finetune.max_length 65 exceeds the context", "64 tokens", "--max-length 64")
+    flash = run_cli(*ft_args(tiny_run, good, tmp_path / "o", "--set", "model.attn_implementation=flash_attention_2"))
+    assert_user_error(flash, "model.attn_implementation=flash_attention_2 needs a CUDA GPU", "use sdpa")
     assert_nothing_written(tmp_path, "o")
+
+
+def test_the_attention_kernel_asked_for_is_the_one_training_loads(tiny_run: Path) -> None:
+    """model.attn_implementation reaches a fine-tune's base, a continued pretraining's and a resumed run's model
+    (a model directory saves none, so each load names it); the plan counts a flash-attention recipe anywhere."""
+    from llmkit.config import load_config
+    from llmkit.models import load_model
+    from llmkit.train.tasks import get_task
+
+    cfg = load_config(None, ["model.attn_implementation=eager"])
+    for task in ("sft", "dpo"):
+        base = get_task(task).load_model(tiny_run / "final", cfg, None, None, None)  # type: ignore[arg-type]
+        assert base.config._attn_implementation == "eager"
+    assert load_model(tiny_run / "final").config._attn_implementation == "sdpa"
+    assert load_model(tiny_run / "final", attn_implementation="eager").config._attn_implementation == "eager"
+    plan = run_cli("plan", "tiny-cpu", "--set", "model.attn_implementation=flash_attention_2")
+    assert plan.exit_code == 0, plan.stderr
 
 
 @pytest.fixture(scope="module")

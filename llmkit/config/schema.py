@@ -63,7 +63,9 @@ class ModelConfig(Section):
         json_schema_extra=READS,
     )
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = Field(
-        "sdpa", description="Attention kernel; sdpa uses PyTorch's fused attention."
+        "sdpa",
+        description="Attention kernel training runs with (a model built here, a fine-tune's base, a resumed run); sdpa "
+        "is PyTorch's fused attention; flash_attention_2 needs a CUDA GPU and the flash-attn package.",
     )
     kernels: Literal["auto", "liger", "none"] = Field(
         "auto",

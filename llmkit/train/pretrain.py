@@ -104,13 +104,14 @@ def _pretrain(
 
     set_seed(cfg.train.seed)
     if checkpoint is not None:
-        model = load_model(checkpoint / "model")
+        model = load_model(checkpoint / "model", attn_implementation=cfg.model.attn_implementation)
     elif cfg.model.init_from:
         model = load_model(
             cfg.model.init_from,
             trust_remote_code=cfg.model.trust_remote_code,
             token=_token(cfg),
             rope=rope_request(cfg),
+            attn_implementation=cfg.model.attn_implementation,
         )
         router_balance(model)  # an unknown balancing loss is refused before anything is written
     elif cfg.model.rope_scaling != "none":

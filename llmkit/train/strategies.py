@@ -286,6 +286,24 @@ def deepspeed_template(strategy: str) -> dict[str, Any]:
     }
 
 
+def check_attention(cfg: RunConfig) -> None:
+    """FlashAttention-2 runs on a CUDA GPU with the flash-attn package; anywhere else transformers raises a traceback
+    when the model loads."""
+    if cfg.model.attn_implementation != "flash_attention_2":
+        return
+    from transformers.utils import is_flash_attn_2_available
+
+    if not use_cuda(cfg):
+        problem = "needs a CUDA GPU"
+    elif not is_flash_attn_2_available():
+        problem = "needs the flash-attn package (pip install flash-attn --no-build-isolation)"
+    else:
+        return
+    raise UserError(
+        f"model.attn_implementation=flash_attention_2 {problem}; use sdpa, PyTorch's fused attention (the default)"
+    )
+
+
 def use_cuda(cfg: RunConfig) -> bool:
     """Whether this run trains on CUDA GPUs: there are some, and distributed.device is not cpu."""
     return cfg.distributed.device != "cpu" and torch.cuda.is_available()
@@ -348,6 +366,7 @@ def check_available(cfg: RunConfig, world_size: int = 1, finetuning: bool = Fals
             "distributed.strategy=fsdp needs CUDA GPUs (Accelerate runs FSDP on GPUs only); on CPU use zero3, "
             "which shards weights, gradients and optimizer states the same way"
         )
+    check_attention(cfg)
     launch.world_size()  # a WORLD_SIZE that is not a count is one line here (Accelerate reads it with a traceback)
     compiles(cfg)  # refuses what cannot be compiled
     check_optimizer(cfg, finetuning)

@@ -79,9 +79,16 @@ class Task(ABC):
     ) -> Any:
         from llmkit.models import load_model, rope_request
 
+        attn = cfg.model.attn_implementation
         if cfg.finetune.method == "qlora":
-            return load_quantized(source, token)
-        return load_model(source, trust_remote_code=cfg.model.trust_remote_code, token=token, rope=rope_request(cfg))
+            return load_quantized(source, token, attn)
+        return load_model(
+            source,
+            trust_remote_code=cfg.model.trust_remote_code,
+            token=token,
+            rope=rope_request(cfg),
+            attn_implementation=attn,
+        )
 
     def collate(self, pad_id: int, attn_implementation: str) -> Collate:
         return lambda rows, indices=None: collate_rows(rows, pad_id, attn_implementation, indices)
@@ -124,7 +131,7 @@ class Task(ABC):
         return {"template": chat.name if chat else None}
 
 
-def load_quantized(source: str | Path, token: str | None) -> Any:
+def load_quantized(source: str | Path, token: str | None, attn_implementation: str | None = None) -> Any:
     """A causal LM in 4-bit NF4 (QLoRA), prepared for training adapters on it. Gradient checkpointing is the run's
     own setting (train.gradient_checkpointing, enabled with the adapters attached), not peft's default of always on:
     what `llmkit plan` counts is what runs."""
@@ -137,7 +144,9 @@ def load_quantized(source: str | Path, token: str | None) -> Any:
         bnb_4bit_use_double_quant=True,
     )
     try:
-        model = AutoModelForCausalLM.from_pretrained(str(source), quantization_config=quantization, token=token)
+        model = AutoModelForCausalLM.from_pretrained(
+            str(source), quantization_config=quantization, token=token, attn_implementation=attn_implementation
+        )
     except ImportError as exc:
         raise UserError(f"method qlora needs bitsandbytes: pip install bitsandbytes ({exc})") from None
     from peft import prepare_model_for_kbit_training

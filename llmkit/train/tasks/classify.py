@@ -57,7 +57,9 @@ class Classify(Task):
     ) -> Any:
         from llmkit.models import load_classifier
 
-        model = load_classifier(source, data.details["labels"], cfg.model.trust_remote_code, token)
+        model = load_classifier(
+            source, data.details["labels"], cfg.model.trust_remote_code, token, cfg.model.attn_implementation
+        )
         model.config.pad_token_id = tokenizer.pad_token_id  # decoders find each row's last token by it
         return model
 

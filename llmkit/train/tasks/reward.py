@@ -92,7 +92,8 @@ class Reward(Task):
     ) -> Any:
         from llmkit.models import load_classifier
 
-        model = load_classifier(source, LabelMap([REWARD_LABEL], {}), cfg.model.trust_remote_code, token)
+        labels = LabelMap([REWARD_LABEL], {})
+        model = load_classifier(source, labels, cfg.model.trust_remote_code, token, cfg.model.attn_implementation)
         model.config.pad_token_id = tokenizer.pad_token_id  # the head finds each row's last token by it
         return model
 

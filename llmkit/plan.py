@@ -14,7 +14,8 @@ Everything is computed from the recipe, and stated so a reader can check it:
   4-bit matrices about 0.55 bytes); activations per layer and token: in a compiled step (train.compile, on by
   default on GPUs for ddp) COMPILED_LAYER_BYTES x width, else what the layer's operators keep (eager_layer_bytes)
   plus autocast's 16-bit copies of the trained matrices (a frozen layer keeps less; LoRA's adapters their inputs;
-  frozen layers below every trained one nothing); in fp32 about twice; only each layer's input with gradient
+  frozen layers below every trained one nothing); eager attention's probabilities (eager_attention_bytes); in fp32
+  about twice; only each layer's input with gradient
   checkpointing; for the real model's shape (a fine-tune's base model, not the recipe's defaults); the
   loss's logits: one chunk at a time with the fused head (llmkit.losses) and the head's float32 gradient, or the
   whole batch's in the compute dtype in a compiled step and under ZeRO-3/FSDP; plus 1 GiB of CUDA context. The
@@ -112,6 +113,7 @@ class ModelSize:
     kv_width: int = 0  # keys' (and values') width per token: grouped-query attention's is smaller (0: width)
     gated: bool = True  # a gated MLP with RMSNorm (Llama, Qwen, Mistral...), or GPT-2's GELU MLP and LayerNorm
     qk_norm_width: int = 0  # queries' and keys' width per token where each is normalized (Qwen3, OLMo 2)
+    heads: int = 0  # attention heads: eager attention keeps each one's row of scores per token
     adapted_inputs: int = 0  # per layer, the input widths of the projections LoRA adapts (0: no adapters)
     recorded_layers: int | None = None  # layers whose activations backward keeps (None: all; freeze: fewer)
     trained_layers: int | None = None  # of those, layers whose own weights train (None: all; LoRA: none)
@@ -203,6 +205,7 @@ def _layer_shape(model: Any, width: int) -> dict[str, Any]:
         "kv_width": kv_width,
         "gated": hasattr(config, "intermediate_size"),  # GPT-2's configs name theirs n_inner
         "qk_norm_width": heads * head_dim + kv_width if qk_norm else 0,
+        "heads": heads,
     }
 
 
@@ -291,6 +294,8 @@ def estimate_memory(
     for frozen in (False, True):
         eager = eager_layer_bytes(size, scale, frozen, dropout)
         kept.append(min(COMPILED_LAYER_BYTES * size.width * scale, eager) if compiled else eager)
+    if cfg.model.attn_implementation == "eager":  # compiled or not, fused attention's memory saving is gone
+        kept = [layer + eager_attention_bytes(size, seq, scale) for layer in kept]
     logits = _logits_bytes(cfg, stage, strategy, compiled, micro * seq, size)
     if gradient_checkpointing:  # each layer's input: the residual stream, float32 beside float32 master weights
         stream = 2.0 if size.adapted_inputs and scale == 1.0 else 4.0  # (16-bit from LoRA's frozen embedding)
@@ -415,6 +420,14 @@ def eager_layer_bytes(size: ModelSize, scale: float = 1.0, frozen: bool = False,
     if frozen:
         return 8.0 * h + scale * (8.0 * h + 8.0 * i) + adapters
     return 8.0 * h + scale * (14.0 * h + 10.0 * i)
+
+
+def eager_attention_bytes(size: ModelSize, sequence: int, scale: float = 1.0) -> float:
+    """Bytes per token one layer keeps with model.attn_implementation=eager: its row of attention probabilities in
+    every head, over the whole sequence, as the float32 softmax output and (under 16-bit autocast) the 16-bit copy
+    the product with the values reads. sdpa and flash attention keep none (they recompute them in backward).
+    Measured on the CPU, eager and compiled (docs/plan.md)."""
+    return size.heads * sequence * (6.0 if scale == 1.0 else 4.0)
 
 
 def _sequence(cfg: RunConfig, stage: Stage) -> int:

@@ -19,6 +19,29 @@ def test_missing_file(tmp_path: Path) -> None:
     assert_nothing_written(tmp_path, "ds")
 
 
+def test_a_source_named_twice_is_refused(tmp_path: Path, tiny_run: Path) -> None:
+    """A file named twice, or a folder and a file in it, would be read twice (its weight silently doubled), and a
+    --val-file among the training files would validate on rows the model trains on."""
+    rows = tmp_path / "rows" / "chat.jsonl"
+    rows.parent.mkdir()
+    rows.write_text("".join(json.dumps({"prompt": f"Q{i}?", "completion": f" A{i}."}) + "\n" for i in range(40)))
+    for twice in ([rows, rows], [rows.parent, rows], ["builtin:stories", "builtin:stories"]):
+        line = assert_user_error(run_cli("data-prep", *twice, "--out", tmp_path / "ds"), "data.mix")
+        assert "named twice" in line or f"reached through both {rows.parent} and {rows}" in line
+    assert_nothing_written(tmp_path, "ds")
+    validate = ["finetune", "--model", tiny_run, "--data", rows.parent, "--val-file", rows, "--out", tmp_path / "ft"]
+    assert_user_error(run_cli(*validate), "reached through both --data and --val-file", "rows the model trains on")
+    assert_nothing_written(tmp_path, "ft")
+
+
+def test_llmkits_own_outputs_are_not_read_as_rows_or_text(tmp_path: Path, tiny_run: Path, tiny_dataset: Path) -> None:
+    """A prepared dataset given to finetune was read as rows (its manifest.json, 'cannot detect the data format')."""
+    tokens = run_cli("finetune", "--model", tiny_run, "--data", tiny_dataset, "--out", tmp_path / "ft")
+    assert_user_error(tokens, "is a prepared dataset", "llmkit pretrain --data")
+    assert_user_error(run_cli("data-prep", tiny_run, "--out", tmp_path / "ds"), "is an llmkit output (a run")
+    assert_nothing_written(tmp_path, "ft")
+
+
 def test_nothing_left_after_filtering(tmp_path: Path) -> None:
     source = tmp_path / "in.jsonl"
     source.write_text('{"text": "short"}\n{"text": "tiny"}\n{"text": "   "}\n')

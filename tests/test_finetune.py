@@ -220,7 +220,9 @@ def test_finetune_bad_input(tiny_run: Path, tmp_path: Path) -> None:
     )
     too_long = run_cli(*ft_args(tiny_run, good, tmp_path / "o", "--max-length", "65"))
     assert_user_error(too_long, "finetune.max_length 65 exceeds the context", "64 tokens", "--max-length 64")
-    flash = run_cli(*ft_args(tiny_run, good, tmp_path / "o", "--set", "model.attn_implementation=flash_attention_2"))
+    flash = run_cli(
+        *ft_args(tiny_run, good, tmp_path / "o", "--set", "model.attn_implementation=flash_attention_2", "--cpu")
+    )
     assert_user_error(flash, "model.attn_implementation=flash_attention_2 needs a CUDA GPU", "use sdpa")
     assert_nothing_written(tmp_path, "o")
 

@@ -34,7 +34,7 @@ from llmkit.console import console, progress_bar
 from llmkit.data import curate
 from llmkit.data.corpus import BUILTIN_CORPORA, entropy_rate
 from llmkit.data.decontaminate import Contamination, load_contamination
-from llmkit.data.readers import Source, check_unchanged, resolve_sources
+from llmkit.data.readers import Source, check_unchanged, refuse_shared_files, resolve_sources
 from llmkit.data.store import FORMAT_VERSION, MANIFEST, SPLITS, ShardWriter, token_dtype
 from llmkit.data.tokenizer import load_tokenizer, tokenizer_hash, train_bpe
 from llmkit.errors import UserError
@@ -102,6 +102,7 @@ def prepare_dataset(
     """
     out = Path(out)
     groups = [resolve_sources([spec], skip=[out]) for spec in cfg.sources]
+    refuse_shared_files(list(zip(cfg.sources, groups, strict=True)))
     sources = [source for group in groups for source in group]
     files = [s.name for s in sources if s.kind == "file"]
     check_output(out, [*files, *input_paths(cfg, skip=["dataset_dir", "sources"]), *reads])

@@ -78,18 +78,33 @@ def resolve_sources(specs: list[str], skip: list[str | Path] | None = None) -> l
     """
     if not specs:
         raise UserError("no data sources given: pass files, folders or globs (or set data.sources)")
-    sources: list[Source] = []
+    groups: list[tuple[str, list[Source]]] = []
     for spec in specs:
         if spec.startswith(BUILTIN_PREFIX):
             name = spec.removeprefix(BUILTIN_PREFIX)
             if name not in BUILTIN_CORPORA:
                 raise UserError(f"unknown built-in corpus '{spec}'{did_you_mean(name, BUILTIN_CORPORA)}")
-            sources.append(Source("builtin", name))
+            groups.append((spec, [Source("builtin", name)]))
         elif spec.startswith(HUB_PREFIX):
-            sources.append(Source("hub", spec.removeprefix(HUB_PREFIX)))
+            groups.append((spec, [Source("hub", spec.removeprefix(HUB_PREFIX))]))
         else:
-            sources.extend(_file_sources(spec, [Path(os.path.realpath(d)) for d in skip or []]))
-    return sources
+            groups.append((spec, _file_sources(spec, [Path(os.path.realpath(d)) for d in skip or []])))
+    refuse_shared_files(groups)
+    return [source for _, sources in groups for source in sources]
+
+
+def refuse_shared_files(groups: list[tuple[str, list[Source]]], hint: str = "") -> None:
+    """Refuse a file that two inputs both reach (a file named twice, a folder and a file in it): it would be read
+    twice, silently doubling its weight, or validate on training rows. `groups`: (what the user named, its files)."""
+    seen: dict[str, tuple[int, str]] = {}
+    for number, (named, sources) in enumerate(groups):
+        for source in sources:
+            real = os.path.realpath(source.name) if source.kind == "file" else f"{source.kind}:{source.name}"
+            first, before = seen.setdefault(real, (number, named))
+            if first != number:
+                how = "named twice" if before == named else f"reached through both {before} and {named}"
+                shown = source.name if source.kind == "file" else named
+                raise UserError(f"{shown}: {how}; {hint or 'name each source once (data.mix gives one more weight)'}")
 
 
 def is_llmkit_output(directory: Path) -> bool:
@@ -183,6 +198,13 @@ def _file_sources(spec: str, skip: list[Path]) -> list[Source]:
         if not paths:
             raise UserError(f"{spec}: no files match this pattern")
     elif path.is_dir():
+        if is_llmkit_output(path):
+            what = (
+                "a prepared dataset (data-prep's tokens: `llmkit pretrain --data` reads it)"
+                if (path / "manifest.json").is_file()
+                else "an llmkit output (a run, checkpoint or export)"
+            )
+            raise UserError(f"{spec}: is {what}, not files of text or rows to read; give the source files")
         paths = _walk(path, skip)
         if not paths:
             raise UserError(f"{spec}: folder holds no {', '.join(sorted(SUFFIXES))} files (or .gz/.zst of them)")

@@ -21,7 +21,7 @@ import torch
 from llmkit.config import RunConfig
 from llmkit.data.cleaning import is_validation
 from llmkit.data.formats import Example, RowFormats, normalize
-from llmkit.data.readers import read_records, resolve_sources
+from llmkit.data.readers import read_records, refuse_shared_files, resolve_sources
 from llmkit.errors import UserError
 from llmkit.train.job import LossFn, Objective
 from llmkit.train.packing import collate_rows
@@ -158,9 +158,13 @@ def split_examples(cfg: RunConfig, formats: RowFormats | None = None) -> tuple[l
     """Training and validation rows: a validation file, or a fraction held out by row content."""
     ft = cfg.finetune
     encoding = cfg.data.encoding
-    examples, fmt = read_examples(resolve_sources(cfg.data.sources), ft.format, ft.columns, encoding, formats)
+    sources = resolve_sources(cfg.data.sources)
+    examples, fmt = read_examples(sources, ft.format, ft.columns, encoding, formats)
     if ft.val_file:
-        val_examples, _ = read_examples(resolve_sources([ft.val_file]), fmt, ft.columns, encoding, formats)
+        val_sources = resolve_sources([ft.val_file])
+        scored = "validation would score rows the model trains on: give rows kept out of --data"
+        refuse_shared_files([("--data", sources), ("--val-file", val_sources)], scored)
+        val_examples, _ = read_examples(val_sources, fmt, ft.columns, encoding, formats)
         return examples, val_examples, fmt
     held_out = [is_validation(identity(e), cfg.data.val_fraction, cfg.data.seed) for e in examples]
     train = [e for e, out in zip(examples, held_out, strict=True) if not out]

@@ -14,7 +14,9 @@ GIB = 2**30
 GPU_TYPES: dict[str, tuple[float, float]] = {
     "b200": (2250e12, 180 * GIB),
     "h200": (989e12, 141 * GIB),
-    "h100": (989e12, 80 * GIB),
+    "h100-nvl": (835e12, 94 * GIB),
+    "h100-pcie": (756e12, 80 * GIB),
+    "h100": (989e12, 80 * GIB),  # SXM
     "a100": (312e12, 80 * GIB),
     "a100-40": (312e12, 40 * GIB),
     "l40s": (362e12, 48 * GIB),
@@ -27,11 +29,15 @@ GPU_TYPES: dict[str, tuple[float, float]] = {
 
 
 def device_peak_flops(device_name: str) -> float | None:
-    """Dense bf16 peak of a CUDA device from its name ("NVIDIA H100 80GB HBM3" -> h100; the Grace superchips
-    GH200 and GB200 as their GPU), None when unknown. A type is a whole word: an L40 is not an L4."""
+    """Dense bf16 peak of a CUDA device from its name ("NVIDIA H100 80GB HBM3" -> h100, "NVIDIA H100 PCIe" ->
+    h100-pcie; the Grace superchips GH200 and GB200 as their GPU), None when unknown. A type is a whole word: an L40
+    is not an L4. A form (pcie, nvl) must be named too; a size (a100-40) changes the memory, not the peak."""
     name = device_name.lower().replace("rtx ", "rtx")
     for gpu_type, (peak, _) in GPU_TYPES.items():
-        if re.search(rf"(?<![a-z0-9])g?{gpu_type.split('-')[0]}(?![0-9])", name):
+        chip, *form = gpu_type.split("-")
+        if re.search(rf"(?<![a-z0-9])g?{chip}(?![0-9])", name) and all(
+            word.isdigit() or re.search(rf"(?<![a-z0-9]){word}(?![a-z0-9])", name) for word in form
+        ):
             return peak
     return None
 

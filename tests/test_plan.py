@@ -204,6 +204,7 @@ def test_training_reports_the_plans_flops_and_mfu_counts_every_device(recipe: st
     model = build_model(cfg.model, tokenizer)
     assert model_flops_per_token(model, cfg.data.block_size) == plan_run(cfg).flops_per_token
     assert device_peak_flops("NVIDIA H100 80GB HBM3") == 989e12
+    assert device_peak_flops("NVIDIA H100 PCIe") == 756e12 and device_peak_flops("NVIDIA H100 NVL") == 835e12
     assert device_peak_flops("NVIDIA A100-SXM4-40GB") == 312e12
     assert device_peak_flops("Tesla T4") is None
     assert device_peak_flops("NVIDIA B200") == device_peak_flops("NVIDIA GB200") == 2250e12

@@ -90,8 +90,10 @@ def test_an_error_names_where_the_bad_value_was_set(tmp_path: Path) -> None:
         load_config(recipe, ["train.compile=maybe"])
     with pytest.raises(UserError, match=r"^--set train.bogus=1: unknown config key 'train.bogus'"):
         load_config(recipe, ["train.bogus=1"])
-    with pytest.raises(UserError, match=r"^command-line option: config key 'train.micro_batch_size'.*got -1"):
-        load_config(recipe, [], {"train.micro_batch_size": -1})
+    with pytest.raises(UserError, match=r"^--micro-batch-size -1: config key 'train.micro_batch_size'.*got -1"):
+        load_config(recipe, [], {"train.micro_batch_size": -1})  # a typed option, named for its key
+    with pytest.raises(UserError, match=r"^--out 12: config key 'out_dir'"):
+        load_config(recipe, [], {"out_dir": 12}, {"out_dir": "--out"})  # or as the command names it
     # a cross-field rule: the section's line in the file, or the --set of a key inside it
     recipe.write_text("train:\n  max_steps: 10\nmodel:\n  hidden_size: 30\n  n_heads: 4\n")
     with pytest.raises(UserError, match=rf"^{re.escape(str(recipe))}:3: config key 'model': .*not divisible"):

@@ -90,7 +90,7 @@ def data_prep_command(
         "data.workers": workers,
         "data.seed": seed,
     }
-    cfg = load_config(config, overrides, flags)
+    cfg = load_config(config, overrides, flags, {"data.sources": "SOURCES", "data.dataset_dir": "--out"})
     recipe = input_paths(cfg, skip=["data.dataset_dir"])  # the recipe file among them
     print_prep_summary(prepare_dataset(cfg.data, cfg.data.dataset_dir, overwrite=overwrite, reads=recipe))
 
@@ -151,7 +151,10 @@ def pretrain_command(
         "distributed.device": "cpu" if cpu else None,
     }
     launch = (num_processes, num_machines, machine_rank, main_process_ip, main_process_port, accelerate_config)
-    _train("pretrain", config, overrides, flags, launch, overwrite, resume, resume_fallback, allow_config_change)
+    options = {**TRAINING_OPTIONS, "data.dataset_dir": "--data"}
+    _train(
+        "pretrain", config, overrides, (flags, options), launch, overwrite, resume, resume_fallback, allow_config_change
+    )
 
 
 @app.command("finetune")
@@ -231,7 +234,21 @@ def finetune_command(
         "distributed.device": "cpu" if cpu else None,
     }
     launch = (num_processes, num_machines, machine_rank, main_process_ip, main_process_port, accelerate_config)
-    _train("finetune", config, overrides, flags, launch, overwrite, resume, resume_fallback, allow_config_change)
+    options = {**TRAINING_OPTIONS, "model.init_from": "--model", "data.sources": "--data"}
+    _train(
+        "finetune", config, overrides, (flags, options), launch, overwrite, resume, resume_fallback, allow_config_change
+    )
+
+
+# The options of pretrain and finetune whose names are not their config key's last part (--max-steps).
+TRAINING_OPTIONS = {
+    "out_dir": "--out",
+    "precision.dtype": "--precision",
+    "distributed.device": "--cpu",
+    "train.max_epochs": "--epochs",
+    "finetune.grpo.rewards": "--reward",
+    "finetune.chat_template": "--template",
+}
 
 
 def _shared_training_flags(
@@ -272,7 +289,7 @@ def _train(
     command: str,
     config: Path | None,
     overrides: list[str] | None,
-    flags: dict[str, Any],
+    flags: tuple[dict[str, Any], dict[str, str]],
     launch: tuple[Any, ...],
     overwrite: bool,
     resume: str | None,
@@ -281,7 +298,8 @@ def _train(
 ) -> None:
     """Relaunch under accelerate when more processes are asked for; else resolve the config, run, report.
     `command` (pretrain or finetune) is imported here, once the stop signals are handled: torch's import takes
-    seconds, and a SIGTERM during it used to end the process with 143 instead of 75."""
+    seconds, and a SIGTERM during it used to end the process with 143 instead of 75. `flags`: the typed options as
+    config keys, and the names of those not named for their key."""
     import importlib
 
     from llmkit.config import load_config
@@ -290,7 +308,7 @@ def _train(
     from llmkit.train.strategies import check_available, launch_mode
     from llmkit.train.trackers import check_trackers
 
-    cfg = load_config(config, overrides, flags)  # a bad config fails here, before any process starts
+    cfg = load_config(config, overrides, *flags)  # a bad config fails here, before any process starts
     processes, machines, machine_rank, ip, port, accelerate_config = launch
     check_available(cfg, (processes or 1) * (machines or 1), command == "finetune", processes or 1)
     check_trackers(cfg.logging.report_to)

@@ -172,7 +172,13 @@ def _read_renamed(raw: dict[str, Any], source: str) -> None:
 
 # A run has one budget: one given on the command line replaces the recipe's, whichever kind it is.
 BUDGETS = ("train.max_steps", "train.max_tokens", "train.max_epochs")
-OPTION = "command-line option"  # what set a key given by a typed flag (the flags arrive as dotted keys)
+
+
+def _as_typed(option: str, value: Any) -> str:
+    """A flag as the user typed it: --max-steps 20, --compile, --no-packing, SOURCES a.txt b.txt."""
+    if isinstance(value, bool):
+        return option if value else option.replace("--", "--no-", 1)
+    return f"{option} {' '.join(map(str, value)) if isinstance(value, list) else value}"
 
 
 def build_config(raw: dict[str, Any], source: str | None = None, origins: dict[str, str] | None = None) -> RunConfig:
@@ -188,9 +194,14 @@ def build_config(raw: dict[str, Any], source: str | None = None, origins: dict[s
 
 
 def load_config(
-    path: str | Path | None, overrides: list[str] | None = None, flags: dict[str, Any] | None = None
+    path: str | Path | None,
+    overrides: list[str] | None = None,
+    flags: dict[str, Any] | None = None,
+    options: dict[str, str] | None = None,
 ) -> RunConfig:
-    """Resolve defaults < YAML < --set overrides < typed flags (dotted keys; None means 'not given')."""
+    """Resolve defaults < YAML < --set overrides < typed flags (dotted keys; None means 'not given').
+
+    An error in a flag's value names its option: `options[key]`, else the key's last part (--max-steps)."""
     raw = read_yaml(path) if path is not None else {}
     origins: dict[str, str] = {}
     for assignment in overrides or []:
@@ -199,7 +210,7 @@ def load_config(
     for key, value in (flags or {}).items():
         if value is not None:
             apply_override(raw, f"{key}={yaml.safe_dump(value, default_flow_style=True).strip()}")
-            origins[key] = OPTION
+            origins[key] = _as_typed((options or {}).get(key) or "--" + key.rsplit(".", 1)[-1].replace("_", "-"), value)
     if any(key in origins for key in BUDGETS):  # `--max-steps 20` on a recipe that budgets epochs: a new budget
         for key in BUDGETS:
             if key not in origins:
@@ -297,7 +308,7 @@ def _origin(loc: list[str], origins: dict[str, str]) -> str:
     above = [origin for k, origin in origins.items() if k == key or key.startswith(f"{k}.")]
     if above:
         return f"{above[-1]}: "
-    inside = [o for k, o in origins.items() if k.startswith(f"{key}.") and o != OPTION] if key else []
+    inside = [o for k, o in origins.items() if k.startswith(f"{key}.") and o.startswith("--set ")] if key else []
     return f"{', '.join(inside)}: " if inside else ""
 
 

@@ -415,6 +415,8 @@ def test_what_cannot_be_served_is_one_line_before_listening(tmp_path: Path, tiny
     if importlib.util.find_spec("vllm") is None:
         assert_user_error(run_cli("serve", tiny_run, "--engine", "vllm"), "pip install vllm")
     assert_user_error(run_cli("serve", tiny_run, "--max-batch", "0"), "--max-batch")
+    assert_user_error(run_cli("serve", tiny_run, "--tensor-parallel", "2"), "more only with --engine vllm")
+    assert_user_error(run_cli("serve", tiny_run, "--model-name", " "), "--model-name is empty")
     assert_user_error(run_cli("serve", tiny_run, "--host", "10.255.255.1"), "cannot listen there", "check --host")
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))

@@ -130,6 +130,13 @@ def serve(
     if engine not in ENGINES:
         raise UserError(f"--engine {engine}: choose one of {', '.join(ENGINES)}")
     check_limits(limits, port)
+    if tensor_parallel < 1 or (tensor_parallel > 1 and engine != "vllm"):
+        raise UserError(
+            f"--tensor-parallel {tensor_parallel}: the GPUs one model is split over, at least 1, and more only with "
+            "--engine vllm (the transformers engine serves on one device)"
+        )
+    if name is not None and not name.strip():
+        raise UserError("--model-name is empty: give the name clients send as 'model' (default: the directory's)")
     name = name or served_name(model)
     api_key = key[0] if key else None
     if engine == "vllm":

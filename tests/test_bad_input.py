@@ -142,6 +142,20 @@ def test_liger_kernels_without_cuda_are_refused(tiny_dataset: Path, tmp_path: Pa
     assert_nothing_written(tmp_path, "run")
 
 
+def test_launch_and_resume_options_that_cannot_apply_are_refused(tiny_dataset: Path, tmp_path: Path) -> None:
+    """--num-processes 0 ran one process, a port out of range or a rank beyond the machines was passed on, and the
+    resume options without --resume did nothing."""
+    for option, fragment in (
+        (["--num-processes", "0"], "--num-processes 0, --num-machines 1: each must be at least 1"),
+        (["--main-process-port", "99999"], "a port is 1 to 65535"),
+        (["--num-machines", "2", "--machine-rank", "2", "--main-process-ip", "10.0.0.1"], "is 0 to 1"),
+        (["--resume-fallback"], "--resume-fallback changes how a run resumes: it goes with --resume"),
+        (["--allow-config-change"], "--allow-config-change changes how a run resumes"),
+    ):
+        assert_user_error(run_cli("pretrain", *tiny_train_args(tiny_dataset, tmp_path / "run"), *option), fragment)
+    assert_nothing_written(tmp_path, "run")
+
+
 def test_compile_where_it_cannot_run_is_refused(tiny_dataset: Path, tmp_path: Path) -> None:
     args = [*tiny_train_args(tiny_dataset, tmp_path / "run"), "--compile"]
     liger = run_cli("pretrain", *args, "--set", "model.kernels=liger")

@@ -39,7 +39,7 @@ from llmkit.cli.options import (
     TeacherOpt,
     TrainOnPromptOpt,
 )
-from llmkit.errors import PREEMPTED_EXIT, parse_duration
+from llmkit.errors import PREEMPTED_EXIT, UserError, parse_duration
 
 
 @app.command("data-prep")
@@ -309,6 +309,9 @@ def _train(
     from llmkit.train.trackers import check_trackers
 
     cfg = load_config(config, overrides, *flags)  # a bad config fails here, before any process starts
+    for given, option in ((resume_fallback, "--resume-fallback"), (allow_config_change, "--allow-config-change")):
+        if given and resume is None:
+            raise UserError(f"{option} changes how a run resumes: it goes with --resume (auto or a checkpoint)")
     processes, machines, machine_rank, ip, port, accelerate_config = launch
     check_available(cfg, (processes or 1) * (machines or 1), command == "finetune", processes or 1)
     check_trackers(cfg.logging.report_to)

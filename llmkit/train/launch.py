@@ -60,9 +60,14 @@ def relaunch(
     (from `accelerate config`) is handed to `accelerate launch --config_file`; the launch options given here
     override its values. `cpu` hides the GPUs from the processes (distributed.device=cpu).
     """
-    processes, machines = num_processes or 1, num_machines or 1
+    processes = 1 if num_processes is None else num_processes
+    machines = 1 if num_machines is None else num_machines
     if processes < 1 or machines < 1:
-        raise UserError("--num-processes and --num-machines must be at least 1")
+        raise UserError(f"--num-processes {processes}, --num-machines {machines}: each must be at least 1")
+    if machine_rank is not None and not 0 <= machine_rank < machines:
+        raise UserError(f"--machine-rank {machine_rank}: a rank of {machines} machine(s) is 0 to {machines - 1}")
+    if main_process_port is not None and not 0 < main_process_port < 65536:
+        raise UserError(f"--main-process-port {main_process_port}: a port is 1 to 65535")
     if accelerate_config is not None and not accelerate_config.is_file():
         raise UserError(f"{accelerate_config}: accelerate config file not found (write one with `accelerate config`)")
     wanted = processes > 1 or machines > 1 or single_process_launch is not None or accelerate_config is not None

@@ -31,6 +31,7 @@ def test_no_report_replaces_the_request_log_it_reports_on(tiny_run: Path, tmp_pa
     assert_user_error(run_cli("monitor", log, "--since=-5m"), "--since '-5m': give a time above 0")  # read them all
     for bad in ("0", "-1"):  # 0 scored every prompt, -1 all but one
         assert_user_error(run_cli("monitor", log, "--max-prompts", bad), f"--max-prompts {bad}", "at least 1")
+    assert_user_error(run_cli("monitor", log, "--max-prompts", "5"), "--max-prompts 5", "needs --model")  # unused
 
 
 def test_overwrite_never_deletes_an_input_the_recipe_or_a_flag_names(

@@ -133,7 +133,9 @@ def monitor_command(
         list[str] | None,
         typer.Option("--gate", metavar="RULE", help="METRIC OP VALUE, e.g. 'p99_latency_s<=2' (repeatable)."),
     ] = None,
-    max_prompts: Annotated[int, typer.Option(help="With --model: score the last N logged prompts.")] = 1000,
+    max_prompts: Annotated[
+        int | None, typer.Option(help="With --model: score the last N logged prompts (default 1000).")
+    ] = None,
     report: ReportOpt = None,
     markdown: MarkdownOpt = None,
     junit: JunitOpt = None,

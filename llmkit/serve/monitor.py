@@ -244,10 +244,17 @@ def validation_perplexity(model_dir: Path) -> float:
     )
 
 
-def monitor(source: str, since: str | None, model: str | None, gates: list[str], max_prompts: int) -> dict[str, Any]:
+MAX_PROMPTS = 1000  # the newest logged prompts drift scores by default
+
+
+def monitor(
+    source: str, since: str | None, model: str | None, gates: list[str], max_prompts: int | None = None
+) -> dict[str, Any]:
     """The monitor's report: metrics, gates and verdict, in the shape `llmkit eval` reports have."""
-    if max_prompts < 1:  # 0 used to score every prompt, and -1 all but one
+    if max_prompts is not None and max_prompts < 1:  # 0 used to score every prompt, and -1 all but one
         raise UserError(f"--max-prompts {max_prompts}: must be at least 1 (the newest prompts scored for drift)")
+    if max_prompts is not None and not model:
+        raise UserError(f"--max-prompts {max_prompts}: the prompts scored for drift, which needs --model")
     for gate in gates:  # a typo fails before the log is read and its prompts scored
         parse_gate(gate, example="p99_latency_s<=2")
     if source.startswith(("http://", "https://")):
@@ -258,7 +265,7 @@ def monitor(source: str, since: str | None, model: str | None, gates: list[str],
         records = read_log(Path(source), since)
         metrics = summarize(records)
         if model:
-            metrics.update(drift(records, model, max_prompts))
+            metrics.update(drift(records, model, max_prompts or MAX_PROMPTS))
     checks = checks_as_dicts(check_gates(gates, metrics))
     passed = all(check["passed"] for check in checks)
     return {

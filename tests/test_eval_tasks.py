@@ -98,6 +98,7 @@ def test_reports_gates_and_regressions(tiny_run: Path, tmp_path: Path) -> None:
         "regression failed: mc.acc" in regressed.stderr and "regression failed: stories.perplexity" in regressed.stderr
     )
     assert "regression failed: mc.acc_norm" not in regressed.stderr  # unchanged metrics pass
+    assert_user_error(run_cli(*args, "--max-regression", "0.01"), "--max-regression 0.01", "give --baseline")
     cases = ET.parse(out["xml"]).getroot().findall("testsuite/testcase")
     failed = sorted(case.get("name") for case in cases if case.find("failure") is not None)
     assert failed == ["regression mc.acc", "regression stories.perplexity"]

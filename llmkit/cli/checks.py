@@ -32,8 +32,9 @@ def eval_command(
     ] = None,
     baseline: Annotated[Path | None, typer.Option(help="An earlier JSON report to compare with.")] = None,
     max_regression: Annotated[
-        float, typer.Option(help="With --baseline: fail if a metric got worse by more than this (absolute).")
-    ] = 0.0,
+        float | None,
+        typer.Option(help="With --baseline: fail if a metric got worse by more than this (absolute; default 0)."),
+    ] = None,
     report: ReportOpt = None,
     markdown: MarkdownOpt = None,
     junit: JunitOpt = None,

@@ -36,7 +36,7 @@ def evaluate_model(
     harness: list[str] | None = None,
     gates: list[str] | None = None,
     baseline: Path | None = None,
-    max_regression: float = 0.0,
+    max_regression: float | None = None,
     batch_size: int = 8,
     seq_len: int | None = None,
     max_batches: int | None = None,
@@ -72,8 +72,12 @@ def evaluate_model(
     )
     if limit is not None and not harness:  # refused rather than dropped: the user believes it took effect
         raise UserError("--limit counts the items of --harness tasks; --max-batches limits --data")
-    if not max_regression >= 0:
+    if max_regression is not None and not max_regression >= 0:
         raise UserError(f"--max-regression {max_regression:g}: must be 0 or more (how much worse a metric may get)")
+    if max_regression is not None and baseline is None:
+        raise UserError(
+            f"--max-regression {max_regression:g}: how much worse than --baseline a metric may get; give --baseline"
+        )
     for gate in gates or []:
         parse_gate(gate)
     reads = [*model_files(model), data, baseline, *(task_files or [])]
@@ -104,7 +108,7 @@ def evaluate_model(
         result["harness"] = run_harness(model_dir, harness, batch_size, limit)
         metrics.update(flat_metrics({f"harness.{name}": values for name, values in result["harness"].items()}))
 
-    result.update(_judge(metrics, [*file_gates, *(gates or [])], old_metrics, baseline, max_regression))
+    result.update(_judge(metrics, [*file_gates, *(gates or [])], old_metrics, baseline, max_regression or 0.0))
     return result
 
 

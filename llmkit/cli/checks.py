@@ -9,7 +9,7 @@ from typing import Annotated, Any
 import typer
 
 from llmkit.cli.app import app, user_errors_exit_2
-from llmkit.cli.options import JunitOpt, MarkdownOpt, ModelArg, OverwriteOpt, ReportOpt, SourceArg
+from llmkit.cli.options import EncodingOpt, JunitOpt, MarkdownOpt, ModelArg, OverwriteOpt, ReportOpt, SourceArg
 from llmkit.errors import GATE_FAILED_EXIT
 
 
@@ -48,7 +48,7 @@ def eval_command(
     text_field: Annotated[
         str | None, typer.Option(help="Field holding the text in JSONL/CSV/parquet (default: text).")
     ] = None,
-    encoding: Annotated[str | None, typer.Option(help="Text encoding of a raw --data file (default: utf-8).")] = None,
+    encoding: EncodingOpt = None,
     task: Annotated[
         str, typer.Option(help="What --data is scored as: auto (by the model) or reward (pairs or candidates).")
     ] = "auto",
@@ -153,7 +153,7 @@ def export_command(
         str | None,
         typer.Option(help="Text of your domain to probe with (.txt lines, .jsonl 'text'); default built-in."),
     ] = None,
-    encoding: Annotated[str | None, typer.Option(help="Text encoding of --probe-data (default: utf-8).")] = None,
+    encoding: EncodingOpt = None,
     eval_report: Annotated[Path | None, typer.Option(help="An llmkit eval report to put in the model card.")] = None,
     ladder: Annotated[
         bool,
@@ -214,7 +214,7 @@ def prune_command(
     mlp: Annotated[int | None, typer.Option(help="MLP channels to keep per layer (Llama).")] = None,
     hidden: Annotated[int | None, typer.Option(help="Hidden channels to keep (Llama).")] = None,
     batches: Annotated[int, typer.Option(help="Calibration batches of 8 sequences.")] = 16,
-    encoding: Annotated[str | None, typer.Option(help="Text encoding of a --data text file (default: utf-8).")] = None,
+    encoding: EncodingOpt = None,
     overwrite: OverwriteOpt = False,
 ) -> None:
     """Cut a trained model down by depth or width.
@@ -243,7 +243,7 @@ def factor_command(
         bool, typer.Option("--dense", help="Write the truncated weights as plain projections (loads anywhere).")
     ] = False,
     data: Annotated[str | None, typer.Option(help="Held-out text to measure perplexity before and after.")] = None,
-    encoding: Annotated[str | None, typer.Option(help="Text encoding of a --data text file (default: utf-8).")] = None,
+    encoding: EncodingOpt = None,
     overwrite: OverwriteOpt = False,
 ) -> None:
     """Factor block projections into low-rank pairs (truncated SVD).
